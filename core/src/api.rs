@@ -1,0 +1,151 @@
+//! The JSON types of the HTTP API (`/v1/...`), shared by the scheduler (server) and the CLI
+//! (client). Request types deny unknown fields so a typo is a 400 that names the field.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::UnixMillis;
+use crate::ids::{BackendId, KeyRef};
+use crate::lifecycle::BackendState;
+
+/// `POST /v1/connect`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectRequest {
+    /// Without a key, a new backend is always started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<KeyRef>,
+    /// Without a spawn, the cluster's configured default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spawn: Option<SpawnSpec>,
+    /// The user the token is issued to; empty if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// A public backend needs no token.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub public: bool,
+}
+
+/// What to run for a backend. Every field is optional; the cluster default fills gaps.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnSpec {
+    /// An executable and its arguments (process runtime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// A container image (Docker runtime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+}
+
+/// Reservations and caps for a backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+}
+
+/// Answer to `POST /v1/connect`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnectResponse {
+    pub backend_id: BackendId,
+    pub key: Option<KeyRef>,
+    /// False when an existing live backend was returned.
+    pub spawned: bool,
+    pub status: String,
+    /// Where clients reach the backend through the proxy.
+    pub url: String,
+    pub token: String,
+    /// `GET` this for the backend's record; append `/events` for a live stream.
+    pub status_url: String,
+}
+
+/// A backend as the API shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendView {
+    pub id: BackendId,
+    pub key: Option<KeyRef>,
+    pub epoch: u64,
+    /// Flattened: `status` plus `reason` when terminating or terminated.
+    #[serde(flatten)]
+    pub state: BackendState,
+    pub drone: Option<String>,
+    pub address: Option<SocketAddr>,
+    pub public: bool,
+    pub user: Option<String>,
+    pub idle_timeout_s: Option<u64>,
+    pub lifetime_s: Option<u64>,
+    pub created_at: UnixMillis,
+    pub updated_at: UnixMillis,
+    pub ready_at: Option<UnixMillis>,
+    pub terminated_at: Option<UnixMillis>,
+    /// A human-readable note on the last transition (e.g. why it failed).
+    pub message: Option<String>,
+}
+
+/// `GET /v1/backends`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendList {
+    pub backends: Vec<BackendView>,
+}
+
+/// `POST /v1/backends/{id}/terminate`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminateRequest {
+    /// Kill at once instead of a graceful stop.
+    #[serde(default)]
+    pub hard: bool,
+}
+
+/// Every API error: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        ErrorBody {
+            error: ErrorDetail {
+                code: code.into(),
+                message: message.into(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_request_denies_unknown_fields() {
+        let e = serde_json::from_str::<ConnectRequest>(r#"{"kee": {"name": "a"}}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `kee`"));
+        let r: ConnectRequest =
+            serde_json::from_str(r#"{"key": {"name": "a"}, "spawn": {"idle_timeout_s": 5}}"#)
+                .unwrap();
+        assert_eq!(r.key.unwrap().namespace, "default");
+        assert_eq!(r.spawn.unwrap().idle_timeout_s, Some(5));
+    }
+}

@@ -1,0 +1,63 @@
+//! The scheduler ⇄ drone protocol. In `hangar dev` these messages travel over in-process
+//! channels; between hosts they travel over a persistent connection with the same shapes.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::Resources;
+use crate::ids::BackendId;
+
+/// Everything a drone needs to start one backend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SpawnCommand {
+    pub backend: BackendId,
+    /// `namespace/name` of the key, if any (a label and `HANGAR_KEY`).
+    pub key: Option<String>,
+    /// The fencing epoch of the key (`HANGAR_EPOCH`).
+    pub epoch: u64,
+    pub command: Option<Vec<String>>,
+    pub image: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub resources: Resources,
+    /// How long the backend may take to answer its readiness probe.
+    pub startup_timeout_ms: u64,
+}
+
+/// Scheduler → drone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum SchedulerMessage {
+    Spawn(SpawnCommand),
+    /// Stop a backend; `hard` kills at once, otherwise a grace period precedes the kill.
+    Terminate { backend: BackendId, hard: bool },
+}
+
+/// What happened to a backend on a drone. Reported in order per backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum BackendEvent {
+    /// The drone accepted the spawn and is starting it.
+    Starting,
+    /// The process runs at `address`; readiness is being probed.
+    Waiting { address: SocketAddr },
+    /// The readiness probe succeeded.
+    Ready { address: SocketAddr },
+    /// The backend did not become ready in time (it is being stopped).
+    StartupTimeout,
+    /// The backend could not be started at all.
+    SpawnFailed { message: String },
+    /// The process exited; `exit_code` is `None` when it was killed by a signal we did not send.
+    Exited { exit_code: Option<i32> },
+}
+
+/// Drone → scheduler.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DroneMessage {
+    Event {
+        backend: BackendId,
+        event: BackendEvent,
+    },
+}

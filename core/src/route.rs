@@ -1,0 +1,287 @@
+//! Routes: the table the scheduler publishes and the proxy (and DNS) read, and the pure
+//! functions that find which backend a request names.
+//!
+//! A [`RouteTable`] is an immutable snapshot: the scheduler builds a new one on every change
+//! and publishes it whole; readers never see a half-applied update.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::BackendId;
+
+/// The cookie naming a backend.
+pub const BACKEND_COOKIE: &str = "hangar-backend";
+/// The header naming a backend.
+pub const BACKEND_HEADER: &str = "x-hangar-backend";
+/// The cookie carrying a token.
+pub const TOKEN_COOKIE: &str = "hangar-token";
+/// The query parameter carrying a token.
+pub const TOKEN_QUERY: &str = "hangar_token";
+
+/// What the proxy may do with requests for a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteState {
+    /// Scheduled, starting or waiting: requests wait until it is ready (bounded).
+    Starting,
+    /// Ready at `address`.
+    Ready,
+    /// Terminating or terminated: requests get 410.
+    Gone,
+}
+
+/// One backend's route.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub backend: BackendId,
+    pub state: RouteState,
+    /// Where the backend listens; set once it is waiting or ready.
+    pub address: Option<SocketAddr>,
+    /// A public backend needs no token.
+    pub public: bool,
+}
+
+/// An immutable snapshot of every known route, with the store revision it reflects.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteTable {
+    pub revision: u64,
+    routes: HashMap<BackendId, Route>,
+}
+
+impl RouteTable {
+    pub fn new(revision: u64, routes: impl IntoIterator<Item = Route>) -> Self {
+        RouteTable {
+            revision,
+            routes: routes
+                .into_iter()
+                .map(|r| (r.backend.clone(), r))
+                .collect(),
+        }
+    }
+
+    pub fn get(&self, backend: &str) -> Option<&Route> {
+        self.routes.get(backend)
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    pub fn routes(&self) -> impl Iterator<Item = &Route> {
+        self.routes.values()
+    }
+
+    /// Live routes (starting or ready): what DNS answers for.
+    pub fn is_live(&self, backend: &str) -> bool {
+        self.get(backend)
+            .is_some_and(|r| r.state != RouteState::Gone)
+    }
+}
+
+/// How a request named its backend (a metrics label and a debugging aid).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteMode {
+    Host,
+    Header,
+    Cookie,
+}
+
+impl RouteMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteMode::Host => "host",
+            RouteMode::Header => "header",
+            RouteMode::Cookie => "cookie",
+        }
+    }
+}
+
+/// The parts of a request that can name a backend.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RequestNames<'a> {
+    pub host: Option<&'a str>,
+    pub header: Option<&'a str>,
+    /// Every `Cookie` header value, in order.
+    pub cookies: &'a [&'a str],
+}
+
+/// Finds the backend a request names: the Host `<id>.<domain>` first, then the
+/// `x-hangar-backend` header, then the `hangar-backend` cookie. Returns `None` if nothing
+/// names one. Allocates only when the Host label has upper-case letters.
+pub fn resolve<'a>(names: &RequestNames<'a>, domain: &str) -> Option<(Cow<'a, str>, RouteMode)> {
+    if let Some(host) = names.host
+        && let Some(label) = host_label(host, domain)
+    {
+        let label = if label.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(label.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(label)
+        };
+        return Some((label, RouteMode::Host));
+    }
+    if let Some(h) = names.header {
+        let h = h.trim();
+        if !h.is_empty() {
+            return Some((Cow::Borrowed(h), RouteMode::Header));
+        }
+    }
+    for c in names.cookies {
+        if let Some(v) = cookie_value(c, BACKEND_COOKIE) {
+            return Some((Cow::Borrowed(v), RouteMode::Cookie));
+        }
+    }
+    None
+}
+
+/// If `host` (optionally with `:port`) is `<label>.<domain>` with a single label, returns it.
+pub fn host_label<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
+    let host = strip_port(host);
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.len() <= domain.len() + 1 {
+        return None;
+    }
+    let split = host.len() - domain.len();
+    let (head, tail) = host.split_at(split);
+    if !tail.eq_ignore_ascii_case(domain) {
+        return None;
+    }
+    let label = head.strip_suffix('.')?;
+    if label.is_empty() || label.contains('.') {
+        return None;
+    }
+    Some(label)
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // IPv6 literal: never a backend name.
+        return host;
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// The value of cookie `name` in one `Cookie` header value (`a=1; b=2`).
+pub fn cookie_value<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+    header.split(';').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k.trim() == name).then(|| v.trim().trim_matches('"'))
+    })
+}
+
+/// The value of query parameter `name` in a query string, percent-decoding not needed for
+/// tokens (base64url and '.' only).
+pub fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })
+}
+
+/// `query` without parameter `name` (all occurrences); `None` if nothing remains.
+pub fn strip_query_param(query: &str, name: &str) -> Option<String> {
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let k = pair.split_once('=').map_or(*pair, |(k, _)| k);
+            k != name && !pair.is_empty()
+        })
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("&"))
+}
+
+/// A `Cookie` header value without cookie `name`; `None` if nothing remains.
+pub fn strip_cookie(header: &str, name: &str) -> Option<String> {
+    let kept: Vec<&str> = header
+        .split(';')
+        .map(str::trim)
+        .filter(|pair| {
+            let k = pair.split_once('=').map_or(*pair, |(k, _)| k).trim();
+            k != name && !pair.is_empty()
+        })
+        .collect();
+    (!kept.is_empty()).then(|| kept.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "hangar.localhost";
+
+    fn names<'a>(
+        host: Option<&'a str>,
+        header: Option<&'a str>,
+        cookies: &'a [&'a str],
+    ) -> RequestNames<'a> {
+        RequestNames {
+            host,
+            header,
+            cookies,
+        }
+    }
+
+    #[test]
+    fn resolution_table() {
+        let cases: &[(Option<&str>, Option<&str>, &[&str], Option<(&str, RouteMode)>)] = &[
+            (Some("b1.hangar.localhost"), None, &[], Some(("b1", RouteMode::Host))),
+            (Some("b1.hangar.localhost:8080"), None, &[], Some(("b1", RouteMode::Host))),
+            (Some("B1.Hangar.Localhost"), None, &[], Some(("b1", RouteMode::Host))),
+            (Some("b1.hangar.localhost."), None, &[], Some(("b1", RouteMode::Host))),
+            (Some("a.b1.hangar.localhost"), None, &[], None),
+            (Some("hangar.localhost"), None, &[], None),
+            (Some("b1.other.example"), None, &[], None),
+            (Some("xhangar.localhost"), None, &[], None),
+            (Some("127.0.0.1:8080"), Some("b2"), &[], Some(("b2", RouteMode::Header))),
+            (Some("127.0.0.1"), Some("  "), &["hangar-backend=b3"], Some(("b3", RouteMode::Cookie))),
+            (None, None, &["a=1; hangar-backend=b4; c=2"], Some(("b4", RouteMode::Cookie))),
+            (None, None, &["a=1", "hangar-backend=\"b5\""], Some(("b5", RouteMode::Cookie))),
+            // Host wins over header and cookie.
+            (Some("b1.hangar.localhost"), Some("b2"), &["hangar-backend=b3"], Some(("b1", RouteMode::Host))),
+            (Some("[::1]:80"), None, &["hangar-backendx=b9"], None),
+            (None, None, &[], None),
+        ];
+        for (host, header, cookies, want) in cases {
+            let got = resolve(&names(*host, *header, cookies), D);
+            let got = got.as_ref().map(|(s, m)| (s.as_ref(), *m));
+            assert_eq!(got, *want, "host={host:?} header={header:?} cookies={cookies:?}");
+        }
+    }
+
+    #[test]
+    fn query_and_cookie_helpers() {
+        assert_eq!(query_value("a=1&hangar_token=t.x&b", TOKEN_QUERY), Some("t.x"));
+        assert_eq!(query_value("a=1", TOKEN_QUERY), None);
+        assert_eq!(strip_query_param("a=1&hangar_token=t&b=2", TOKEN_QUERY).as_deref(), Some("a=1&b=2"));
+        assert_eq!(strip_query_param("hangar_token=t", TOKEN_QUERY), None);
+        assert_eq!(strip_cookie("a=1; hangar-token=x; b=2", TOKEN_COOKIE).as_deref(), Some("a=1; b=2"));
+        assert_eq!(strip_cookie("hangar-token=x", TOKEN_COOKIE), None);
+    }
+
+    #[test]
+    fn table_lookup() {
+        let id = BackendId::parse("b1").unwrap();
+        let t = RouteTable::new(
+            7,
+            [Route {
+                backend: id.clone(),
+                state: RouteState::Gone,
+                address: None,
+                public: false,
+            }],
+        );
+        assert_eq!(t.revision, 7);
+        assert_eq!(t.get("b1").unwrap().state, RouteState::Gone);
+        assert!(!t.is_live("b1"));
+        assert!(t.get("b2").is_none());
+    }
+}
