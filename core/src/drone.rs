@@ -31,7 +31,10 @@ pub struct SpawnCommand {
 pub enum SchedulerMessage {
     Spawn(SpawnCommand),
     /// Stop a backend; `hard` kills at once, otherwise a grace period precedes the kill.
-    Terminate { backend: BackendId, hard: bool },
+    Terminate {
+        backend: BackendId,
+        hard: bool,
+    },
 }
 
 /// What happened to a backend on a drone. Reported in order per backend.

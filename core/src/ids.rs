@@ -22,7 +22,9 @@ pub enum BackendIdError {
     Empty,
     #[error("backend id is longer than 63 characters")]
     TooLong,
-    #[error("backend id may contain only lowercase letters, digits and '-', and may not start or end with '-'")]
+    #[error(
+        "backend id may contain only lowercase letters, digits and '-', and may not start or end with '-'"
+    )]
     BadCharacter,
 }
 

@@ -112,9 +112,7 @@ impl fmt::Display for TerminationReason {
             TerminationReason::Drained => f.write_str("drained"),
             TerminationReason::Lost => f.write_str("lost"),
             TerminationReason::StartupTimeout => f.write_str("startup_timeout"),
-            TerminationReason::Failed {
-                exit_code: Some(c),
-            } => write!(f, "failed(exit code {c})"),
+            TerminationReason::Failed { exit_code: Some(c) } => write!(f, "failed(exit code {c})"),
             TerminationReason::Failed { exit_code: None } => f.write_str("failed"),
         }
     }
@@ -163,7 +161,12 @@ mod tests {
             term(TerminationReason::Idle),
         ];
         for w in chain.windows(2) {
-            assert!(check_transition(&w[0], &w[1]).is_ok(), "{} -> {}", w[0], w[1]);
+            assert!(
+                check_transition(&w[0], &w[1]).is_ok(),
+                "{} -> {}",
+                w[0],
+                w[1]
+            );
         }
         // Skipping states forward is allowed (a spawn that fails goes straight to Terminated).
         assert!(check_transition(&Scheduled, &term(TerminationReason::Lost)).is_ok());
@@ -177,10 +180,7 @@ mod tests {
             (Ready, Ready),
             (Waiting, Scheduled),
             (term(TerminationReason::Requested), Ready),
-            (
-                term(TerminationReason::Idle),
-                term(TerminationReason::Lost),
-            ),
+            (term(TerminationReason::Idle), term(TerminationReason::Lost)),
             (
                 Terminating {
                     reason: TerminationReason::Idle,
@@ -196,13 +196,14 @@ mod tests {
 
     #[test]
     fn serde_shape() {
-        let s = serde_json::to_value(term(TerminationReason::Failed { exit_code: Some(3) }))
-            .unwrap();
+        let s =
+            serde_json::to_value(term(TerminationReason::Failed { exit_code: Some(3) })).unwrap();
         assert_eq!(
             s,
             serde_json::json!({"status": "terminated", "reason": {"kind": "failed", "exit_code": 3}})
         );
-        let r: BackendState = serde_json::from_value(serde_json::json!({"status": "ready"})).unwrap();
+        let r: BackendState =
+            serde_json::from_value(serde_json::json!({"status": "ready"})).unwrap();
         assert_eq!(r, Ready);
         assert!(Ready.is_live() && !term(TerminationReason::Idle).is_live());
         assert!(Waiting.is_starting() && !Ready.is_starting());

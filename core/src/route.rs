@@ -55,10 +55,7 @@ impl RouteTable {
     pub fn new(revision: u64, routes: impl IntoIterator<Item = Route>) -> Self {
         RouteTable {
             revision,
-            routes: routes
-                .into_iter()
-                .map(|r| (r.backend.clone(), r))
-                .collect(),
+            routes: routes.into_iter().map(|r| (r.backend.clone(), r)).collect(),
         }
     }
 
@@ -230,40 +227,104 @@ mod tests {
         }
     }
 
+    type Case<'a> = (
+        Option<&'a str>,
+        Option<&'a str>,
+        &'a [&'a str],
+        Option<(&'a str, RouteMode)>,
+    );
+
     #[test]
     fn resolution_table() {
-        let cases: &[(Option<&str>, Option<&str>, &[&str], Option<(&str, RouteMode)>)] = &[
-            (Some("b1.hangar.localhost"), None, &[], Some(("b1", RouteMode::Host))),
-            (Some("b1.hangar.localhost:8080"), None, &[], Some(("b1", RouteMode::Host))),
-            (Some("B1.Hangar.Localhost"), None, &[], Some(("b1", RouteMode::Host))),
-            (Some("b1.hangar.localhost."), None, &[], Some(("b1", RouteMode::Host))),
+        let cases: &[Case<'_>] = &[
+            (
+                Some("b1.hangar.localhost"),
+                None,
+                &[],
+                Some(("b1", RouteMode::Host)),
+            ),
+            (
+                Some("b1.hangar.localhost:8080"),
+                None,
+                &[],
+                Some(("b1", RouteMode::Host)),
+            ),
+            (
+                Some("B1.Hangar.Localhost"),
+                None,
+                &[],
+                Some(("b1", RouteMode::Host)),
+            ),
+            (
+                Some("b1.hangar.localhost."),
+                None,
+                &[],
+                Some(("b1", RouteMode::Host)),
+            ),
             (Some("a.b1.hangar.localhost"), None, &[], None),
             (Some("hangar.localhost"), None, &[], None),
             (Some("b1.other.example"), None, &[], None),
             (Some("xhangar.localhost"), None, &[], None),
-            (Some("127.0.0.1:8080"), Some("b2"), &[], Some(("b2", RouteMode::Header))),
-            (Some("127.0.0.1"), Some("  "), &["hangar-backend=b3"], Some(("b3", RouteMode::Cookie))),
-            (None, None, &["a=1; hangar-backend=b4; c=2"], Some(("b4", RouteMode::Cookie))),
-            (None, None, &["a=1", "hangar-backend=\"b5\""], Some(("b5", RouteMode::Cookie))),
+            (
+                Some("127.0.0.1:8080"),
+                Some("b2"),
+                &[],
+                Some(("b2", RouteMode::Header)),
+            ),
+            (
+                Some("127.0.0.1"),
+                Some("  "),
+                &["hangar-backend=b3"],
+                Some(("b3", RouteMode::Cookie)),
+            ),
+            (
+                None,
+                None,
+                &["a=1; hangar-backend=b4; c=2"],
+                Some(("b4", RouteMode::Cookie)),
+            ),
+            (
+                None,
+                None,
+                &["a=1", "hangar-backend=\"b5\""],
+                Some(("b5", RouteMode::Cookie)),
+            ),
             // Host wins over header and cookie.
-            (Some("b1.hangar.localhost"), Some("b2"), &["hangar-backend=b3"], Some(("b1", RouteMode::Host))),
+            (
+                Some("b1.hangar.localhost"),
+                Some("b2"),
+                &["hangar-backend=b3"],
+                Some(("b1", RouteMode::Host)),
+            ),
             (Some("[::1]:80"), None, &["hangar-backendx=b9"], None),
             (None, None, &[], None),
         ];
         for (host, header, cookies, want) in cases {
             let got = resolve(&names(*host, *header, cookies), D);
             let got = got.as_ref().map(|(s, m)| (s.as_ref(), *m));
-            assert_eq!(got, *want, "host={host:?} header={header:?} cookies={cookies:?}");
+            assert_eq!(
+                got, *want,
+                "host={host:?} header={header:?} cookies={cookies:?}"
+            );
         }
     }
 
     #[test]
     fn query_and_cookie_helpers() {
-        assert_eq!(query_value("a=1&hangar_token=t.x&b", TOKEN_QUERY), Some("t.x"));
+        assert_eq!(
+            query_value("a=1&hangar_token=t.x&b", TOKEN_QUERY),
+            Some("t.x")
+        );
         assert_eq!(query_value("a=1", TOKEN_QUERY), None);
-        assert_eq!(strip_query_param("a=1&hangar_token=t&b=2", TOKEN_QUERY).as_deref(), Some("a=1&b=2"));
+        assert_eq!(
+            strip_query_param("a=1&hangar_token=t&b=2", TOKEN_QUERY).as_deref(),
+            Some("a=1&b=2")
+        );
         assert_eq!(strip_query_param("hangar_token=t", TOKEN_QUERY), None);
-        assert_eq!(strip_cookie("a=1; hangar-token=x; b=2", TOKEN_COOKIE).as_deref(), Some("a=1; b=2"));
+        assert_eq!(
+            strip_cookie("a=1; hangar-token=x; b=2", TOKEN_COOKIE).as_deref(),
+            Some("a=1; b=2")
+        );
         assert_eq!(strip_cookie("hangar-token=x", TOKEN_COOKIE), None);
     }
 

@@ -28,7 +28,9 @@ pub struct Claims {
 /// Why a token was refused. Each variant becomes a distinct 401 message in the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
-    #[error("no token: send it as 'Authorization: Bearer <token>', a hangar_token query parameter or a hangar-token cookie")]
+    #[error(
+        "no token: send it as 'Authorization: Bearer <token>', a hangar_token query parameter or a hangar-token cookie"
+    )]
     Missing,
     #[error("malformed token: it is not a Hangar token; use the token returned by /v1/connect")]
     Malformed,
@@ -166,7 +168,10 @@ mod tests {
         assert_eq!(other.verify(&t, "b1", 10), Err(TokenError::BadSignature));
         assert_eq!(k.verify("garbage", "b1", 10), Err(TokenError::Malformed));
         assert_eq!(k.verify("v1.!!!.abc", "b1", 10), Err(TokenError::Malformed));
-        assert_eq!(k.verify(&"v1.".repeat(500), "b1", 10), Err(TokenError::Malformed));
+        assert_eq!(
+            k.verify(&"v1.".repeat(500), "b1", 10),
+            Err(TokenError::Malformed)
+        );
         // Tampering with the payload (another backend, longer expiry) breaks the signature.
         let forged_payload = B64.encode("b1\nalice\n999999");
         let tag = t.rsplit('.').next().unwrap();
@@ -180,7 +185,10 @@ mod tests {
         let k2 = TokenKey::from_hex(&k.to_hex()).unwrap();
         let t = k.sign("b", "u", 5);
         assert!(k2.verify(&t, "b", 1).is_ok());
-        assert_eq!(TokenKey::from_hex("abc").unwrap_err(), TokenKeyError::BadLength(3));
+        assert_eq!(
+            TokenKey::from_hex("abc").unwrap_err(),
+            TokenKeyError::BadLength(3)
+        );
         assert_eq!(
             TokenKey::from_hex(&"zz".repeat(32)).unwrap_err(),
             TokenKeyError::NotHex

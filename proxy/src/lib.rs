@@ -1,1 +1,23 @@
-//! placeholder
+//! hangar-proxy: Hangar's data plane.
+//!
+//! Accepts client connections, finds the backend a request names (Host `<id>.<domain>`,
+//! `x-hangar-backend` header or `hangar-backend` cookie), checks the signed token without a
+//! round trip, waits (bounded) for a starting backend, and forwards the request or upgraded
+//! connection to the backend's address. It reads routes from an immutable snapshot published by
+//! the scheduler ([`RouteHandle`]) and records per-backend activity ([`ActivityTracker`]) that
+//! the scheduler uses for idle timeouts. It never calls the scheduler or a container runtime
+//! on the request path, so live sessions keep working while the control plane is away.
+
+mod activity;
+mod config;
+mod error;
+mod forward;
+mod listener;
+mod route_table;
+mod service;
+
+pub use activity::{ActivityGuard, ActivityTracker};
+pub use config::ProxyConfig;
+pub use error::ProxyError;
+pub use listener::{Proxy, ProxyRunError};
+pub use route_table::RouteHandle;

@@ -1,0 +1,390 @@
+//! The request path: name → route → token → wait for ready → forward (or upgrade).
+//!
+//! Reads the route snapshot once per request and never holds it across an `.await`; verifies
+//! tokens locally; waits for starting backends on the route handle's change signal.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use hangar_core::BackendId;
+use hangar_core::route::{
+    self, RequestNames, Route, RouteState, TOKEN_COOKIE, TOKEN_QUERY, cookie_value, strip_cookie,
+    strip_query_param,
+};
+use hangar_core::token::TokenError;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio_util::task::TaskTracker;
+
+use crate::activity::ActivityTracker;
+use crate::config::ProxyConfig;
+use crate::error::ProxyError;
+use crate::forward::{
+    GuardedBody, ProxyBody, UpstreamClient, is_upgrade, strip_hangar_headers, strip_hop_by_hop,
+};
+use crate::route_table::RouteHandle;
+
+/// State shared by every connection of one proxy.
+pub(crate) struct Shared {
+    pub(crate) config: ProxyConfig,
+    pub(crate) routes: Arc<RouteHandle>,
+    pub(crate) activity: Arc<ActivityTracker>,
+    pub(crate) client: UpstreamClient,
+    /// Owns the copy tasks of upgraded connections so shutdown can wait for them.
+    pub(crate) tasks: TaskTracker,
+}
+
+/// Where the request's token came from: decides what is stripped and whether a cookie is set.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TokenSource {
+    Bearer,
+    Query,
+    Cookie,
+}
+
+const X_HANGAR_BACKEND_ID: header::HeaderName =
+    header::HeaderName::from_static("x-hangar-backend-id");
+const X_HANGAR_USER: header::HeaderName = header::HeaderName::from_static("x-hangar-user");
+const X_HANGAR_ERROR: header::HeaderName = header::HeaderName::from_static("x-hangar-error");
+const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: header::HeaderName = header::HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: header::HeaderName = header::HeaderName::from_static("x-forwarded-host");
+
+/// Serves one request; never fails (errors become responses).
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+    match proxy(&shared, req, peer).await {
+        Ok(resp) => Ok(resp),
+        Err(e) => {
+            tracing::debug!(error = %e, code = e.code(), blame = ?e.blame(), "proxy error");
+            Ok(error_response(&e))
+        }
+    }
+}
+
+pub(crate) fn error_response(e: &ProxyError) -> Response<ProxyBody> {
+    let body = format!("hangar: {e}\n");
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *resp.status_mut() = e.status();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(X_HANGAR_ERROR, HeaderValue::from_static(e.code()));
+    resp
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Finds the route the request names.
+fn find_route(shared: &Shared, req: &Request<Incoming>) -> Result<Route, ProxyError> {
+    let headers = req.headers();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().host());
+    let header_name = headers
+        .get(route::BACKEND_HEADER)
+        .and_then(|v| v.to_str().ok());
+    // Requests rarely carry more than one Cookie header; more than eight are ignored.
+    let mut cookie_buf = [""; 8];
+    let mut n = 0;
+    for v in headers
+        .get_all(header::COOKIE)
+        .iter()
+        .take(cookie_buf.len())
+    {
+        if let Ok(s) = v.to_str() {
+            cookie_buf[n] = s;
+            n += 1;
+        }
+    }
+    let names = RequestNames {
+        host,
+        header: header_name,
+        cookies: &cookie_buf[..n],
+    };
+    let Some((name, _mode)) = route::resolve(&names, &shared.config.domain) else {
+        return Err(ProxyError::NoBackendNamed {
+            domain: shared.config.domain.clone(),
+        });
+    };
+    let table = shared.routes.load();
+    match table.get(&name) {
+        Some(r) => Ok(r.clone()),
+        None => Err(ProxyError::UnknownBackend(name.into_owned())),
+    }
+}
+
+/// Finds and verifies the token; returns the user and where the token came from.
+fn check_token(
+    shared: &Shared,
+    req: &Request<Incoming>,
+    backend: &BackendId,
+) -> Result<(String, Option<(TokenSource, String)>), ProxyError> {
+    let headers = req.headers();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        // A bearer token that is not a Hangar token belongs to the backend.
+        .filter(|t| t.starts_with("v1."));
+    let (token, source) = if let Some(t) = bearer {
+        (t, TokenSource::Bearer)
+    } else if let Some(t) = req
+        .uri()
+        .query()
+        .and_then(|q| route::query_value(q, TOKEN_QUERY))
+    {
+        (t, TokenSource::Query)
+    } else if let Some(t) = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|c| cookie_value(c, TOKEN_COOKIE))
+    {
+        (t, TokenSource::Cookie)
+    } else {
+        return Err(ProxyError::Token(TokenError::Missing));
+    };
+    let claims = shared
+        .config
+        .token_key
+        .verify(token, backend.as_str(), unix_now())
+        .map_err(ProxyError::Token)?;
+    let query_token = (source == TokenSource::Query).then(|| token.to_string());
+    Ok((claims.user, Some((source, query_token.unwrap_or_default()))))
+}
+
+/// Waits until `backend` is ready, gone or the start wait runs out.
+async fn wait_ready(shared: &Shared, backend: &BackendId) -> Result<SocketAddr, ProxyError> {
+    let deadline = tokio::time::Instant::now() + shared.config.start_wait;
+    let mut changes = shared.routes.subscribe();
+    loop {
+        // Subscribed before reading, so a publish between the read and the wait is not missed.
+        let state = {
+            let table = shared.routes.load();
+            table.get(backend.as_str()).map(|r| (r.state, r.address))
+        };
+        match state {
+            None => return Err(ProxyError::UnknownBackend(backend.to_string())),
+            Some((RouteState::Gone, _)) => return Err(ProxyError::Gone(backend.to_string())),
+            Some((RouteState::Ready, Some(addr))) => return Ok(addr),
+            Some(_) => {}
+        }
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => {}
+            // The route handle went away (shutdown) or the wait ran out.
+            Ok(Err(_)) | Err(_) => {
+                return Err(ProxyError::StartTimeout {
+                    backend: backend.to_string(),
+                    waited: shared.config.start_wait,
+                });
+            }
+        }
+    }
+}
+
+async fn proxy(
+    shared: &Arc<Shared>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let route = find_route(shared, &req)?;
+    let (user, token_source) = if route.public {
+        (String::new(), None)
+    } else {
+        check_token(shared, &req, &route.backend)?
+    };
+    let address = match (route.state, route.address) {
+        (RouteState::Ready, Some(addr)) => addr,
+        (RouteState::Gone, _) => return Err(ProxyError::Gone(route.backend.to_string())),
+        _ => wait_ready(shared, &route.backend).await?,
+    };
+    let guard = shared.activity.begin(&route.backend);
+
+    // Rewrite the request for the backend.
+    let upgrade = is_upgrade(req.headers());
+    let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let path_and_query = {
+        let uri = req.uri();
+        let path = uri.path();
+        match (uri.query(), token_source.as_ref()) {
+            (Some(q), Some((TokenSource::Query, _))) => match strip_query_param(q, TOKEN_QUERY) {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            },
+            (Some(q), _) => format!("{path}?{q}"),
+            (None, _) => path.to_string(),
+        }
+    };
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(address.to_string())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    {
+        let h = req.headers_mut();
+        strip_hop_by_hop(h, upgrade);
+        strip_hangar_headers(h);
+        match token_source.as_ref().map(|(s, _)| *s) {
+            Some(TokenSource::Bearer) => {
+                h.remove(header::AUTHORIZATION);
+            }
+            Some(TokenSource::Cookie) => strip_token_cookie(h),
+            _ => {}
+        }
+        if let Ok(v) = HeaderValue::from_str(route.backend.as_str()) {
+            h.insert(X_HANGAR_BACKEND_ID, v);
+        }
+        if !user.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&user)
+        {
+            h.insert(X_HANGAR_USER, v);
+        }
+        if let Some(host) = original_host {
+            if !h.contains_key(header::HOST) {
+                h.insert(header::HOST, host.clone());
+            }
+            h.insert(X_FORWARDED_HOST, host);
+        }
+        append_forwarded_for(h, peer);
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let backend = route.backend.clone();
+    let sent = tokio::time::timeout(
+        shared.config.upstream_response_timeout,
+        shared.client.request(req),
+    )
+    .await;
+    let mut resp = match sent {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) if e.is_connect() => {
+            return Err(ProxyError::UpstreamConnect {
+                backend: backend.to_string(),
+                detail: error_chain(&e),
+            });
+        }
+        Ok(Err(e)) => {
+            return Err(ProxyError::Upstream {
+                backend: backend.to_string(),
+                detail: error_chain(&e),
+            });
+        }
+        Err(_) => {
+            return Err(ProxyError::UpstreamTimeout {
+                backend: backend.to_string(),
+                waited: shared.config.upstream_response_timeout,
+            });
+        }
+    };
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        // The guard moves into the copy task: an open WebSocket keeps the backend busy.
+        shared.tasks.spawn(async move {
+            let _guard = guard;
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client, upstream)) => {
+                    let mut client = TokioIo::new(client);
+                    let mut upstream = TokioIo::new(upstream);
+                    if let Err(e) = tokio::io::copy_bidirectional_with_sizes(
+                        &mut client,
+                        &mut upstream,
+                        16 * 1024,
+                        16 * 1024,
+                    )
+                    .await
+                    {
+                        tracing::debug!(backend = %backend, error = %e, "upgraded connection ended");
+                    }
+                }
+                Err(e) => tracing::debug!(backend = %backend, error = %e, "upgrade failed"),
+            }
+        });
+        let (parts, body) = resp.into_parts();
+        return Ok(Response::from_parts(
+            parts,
+            Either::Left(GuardedBody::new(body, None)),
+        ));
+    }
+
+    strip_hop_by_hop(resp.headers_mut(), false);
+    if let Some((TokenSource::Query, token)) = token_source
+        && let Ok(v) = HeaderValue::from_str(&format!(
+            "{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Lax"
+        ))
+    {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    let (parts, body) = resp.into_parts();
+    Ok(Response::from_parts(
+        parts,
+        Either::Left(GuardedBody::new(body, Some(guard))),
+    ))
+}
+
+/// Removes the token cookie from every Cookie header (the backend never sees the token).
+fn strip_token_cookie(h: &mut http::HeaderMap) {
+    let values: Vec<String> = h
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| strip_cookie(v, TOKEN_COOKIE))
+        .collect();
+    h.remove(header::COOKIE);
+    for v in values {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.append(header::COOKIE, v);
+        }
+    }
+}
+
+fn append_forwarded_for(h: &mut http::HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let value = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        h.insert(X_FORWARDED_FOR, v);
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
