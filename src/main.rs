@@ -1,1 +1,72 @@
-fn main() {}
+//! `hangar`: one binary for every role. Parses the command line, validates configuration
+//! before binding anything, wires the libraries together and handles signals.
+
+mod cli;
+mod client;
+mod demo_backend;
+mod dev;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Exit code for bad configuration or usage (sysexits EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+/// An error that should exit with [`EXIT_CONFIG`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    init_tracing(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn init_tracing(cli: &cli::Cli) {
+    use tracing_subscriber::EnvFilter;
+    let default = match &cli.command {
+        cli::Command::Dev(_) => "info",
+        cli::Command::DemoBackend => "warn",
+        _ => "warn",
+    };
+    let filter = EnvFilter::try_from_env("HANGAR_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        cli::Command::Dev(args) => dev::run(args).await.map(|()| ExitCode::SUCCESS),
+        cli::Command::DemoBackend => demo_backend::run().await.map(|()| ExitCode::SUCCESS),
+        cli::Command::Connect(args) => client::connect(args).await,
+        cli::Command::Ls(args) => client::ls(args).await,
+        cli::Command::Status(args) => client::status(args).await,
+        cli::Command::Terminate(args) => client::terminate(args).await,
+    }
+}

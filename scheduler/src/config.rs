@@ -1,0 +1,67 @@
+//! The scheduler's configuration: plain data; the binary builds and validates it.
+
+use std::time::Duration;
+
+/// What a connect without `spawn` runs, and limits applied when a spawn leaves them out.
+#[derive(Clone, Debug, Default)]
+pub struct SpawnDefaults {
+    /// The command the process runtime runs (in dev: `hangar demo-backend`).
+    pub command: Option<Vec<String>>,
+    /// The image the Docker runtime runs.
+    pub image: Option<String>,
+    pub idle_timeout_s: Option<u64>,
+    pub lifetime_s: Option<u64>,
+}
+
+/// Scheduler configuration.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// The cluster domain (`<backend>.<domain>`).
+    pub domain: String,
+    /// The proxy's public URL scheme and port, for the URLs handed to clients
+    /// (`http://<backend>.<domain>:<port>/`). `None` port means the scheme's default.
+    pub proxy_scheme: String,
+    pub proxy_port: Option<u16>,
+    /// The API's own base URL (`http://127.0.0.1:7070`), for `status_url`.
+    pub api_base_url: String,
+    pub defaults: SpawnDefaults,
+    /// How long issued tokens are valid.
+    pub token_ttl: Duration,
+    /// How long a backend may take from spawn to ready before it is stopped.
+    pub startup_timeout: Duration,
+    /// How often the reconciler compares desired and observed state.
+    pub reconcile_interval: Duration,
+    /// Records of terminated backends are removed after this (their route answers 410 until
+    /// then, and 404 after).
+    pub terminated_retention: Duration,
+    /// How long a backend may stay terminating before the stop is repeated as a kill.
+    pub terminate_timeout: Duration,
+}
+
+impl SchedulerConfig {
+    pub fn new(domain: impl Into<String>, api_base_url: impl Into<String>) -> Self {
+        SchedulerConfig {
+            domain: domain.into(),
+            proxy_scheme: "http".into(),
+            proxy_port: None,
+            api_base_url: api_base_url.into(),
+            defaults: SpawnDefaults {
+                idle_timeout_s: Some(300),
+                ..SpawnDefaults::default()
+            },
+            token_ttl: Duration::from_secs(24 * 3600),
+            startup_timeout: Duration::from_secs(60),
+            reconcile_interval: Duration::from_millis(500),
+            terminated_retention: Duration::from_secs(24 * 3600),
+            terminate_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The URL clients use to reach `backend` through the proxy.
+    pub fn backend_url(&self, backend: &str) -> String {
+        match self.proxy_port {
+            Some(p) => format!("{}://{backend}.{}:{p}/", self.proxy_scheme, self.domain),
+            None => format!("{}://{backend}.{}/", self.proxy_scheme, self.domain),
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! API errors: one type, mapped to a status and the `{"error": {"code", "message"}}` body in
+//! one place.
+
+use axum::Json;
+use axum::response::{IntoResponse, Response};
+use hangar_core::api::ErrorBody;
+use http::StatusCode;
+
+use crate::store::StoreError;
+
+/// Everything the API can answer with besides success.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed JSON, unknown fields, invalid values: the message names the field.
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// Nowhere to run the backend, or a dependency is down: retry later.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("store failed: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) | ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Store(_) => "store_unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if matches!(self, ApiError::Internal(_) | ApiError::Store(_)) {
+            tracing::error!(error = %self, "api request failed");
+        }
+        (
+            self.status(),
+            Json(ErrorBody::new(self.code(), self.to_string())),
+        )
+            .into_response()
+    }
+}

@@ -1,0 +1,298 @@
+//! The reconciler: on a period, compares every backend record with what should be (idle and
+//! lifetime limits, startup deadline, the agent run that owns it, stops that never completed,
+//! retention of terminated records) and corrects it. Level-triggered: whatever edge was
+//! missed, even across restarts, the next pass recovers it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hangar_core::{BackendState, TerminationReason, UnixMillis};
+use tokio_util::sync::CancellationToken;
+
+use crate::lifecycle::stop_overdue;
+use crate::records::{BACKENDS_PREFIX, BackendRecord};
+use crate::scheduler::Inner;
+
+/// What the reconciler decides for one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Nothing,
+    Terminate(TerminationReason),
+    /// The stop was requested long ago and has not completed: repeat it as a kill.
+    Kill,
+    /// The record names an agent run that no longer exists.
+    Lost,
+    /// Terminated long enough ago to forget.
+    Remove,
+}
+
+/// Inputs that are not in the record.
+#[derive(Debug, Clone, Copy)]
+pub struct Observed {
+    /// `(last_active, open)` from the proxies, if any reported this backend.
+    pub activity: Option<(UnixMillis, u64)>,
+    /// The run id of the record's drone if it is connected.
+    pub drone_run_matches: Option<bool>,
+    pub now: UnixMillis,
+}
+
+/// Limits the decision depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub startup_timeout: Duration,
+    pub terminate_timeout: Duration,
+    pub retention: Duration,
+}
+
+/// Decides what to do with one record. A pure function: tested without IO or time.
+pub fn decide(rec: &BackendRecord, obs: Observed, limits: Limits) -> Action {
+    let now = obs.now;
+    let elapsed = |since: UnixMillis| Duration::from_millis(now.saturating_sub(since));
+    match &rec.state {
+        BackendState::Terminated { .. } => {
+            let at = rec.terminated_at.unwrap_or(rec.updated_at);
+            if elapsed(at) >= limits.retention {
+                Action::Remove
+            } else {
+                Action::Nothing
+            }
+        }
+        _ if obs.drone_run_matches == Some(false) => Action::Lost,
+        BackendState::Terminating { .. } => {
+            let at = rec.terminating_at.unwrap_or(rec.updated_at);
+            if stop_overdue(at, now, limits.terminate_timeout) {
+                Action::Kill
+            } else {
+                Action::Nothing
+            }
+        }
+        state => {
+            if let Some(l) = rec.spawn.lifetime_s
+                && elapsed(rec.created_at) >= Duration::from_secs(l)
+            {
+                return Action::Terminate(TerminationReason::Lifetime);
+            }
+            if state.is_starting() {
+                // The drone enforces the startup timeout; this catches a drone that never
+                // answered at all (with slack so the drone's own verdict normally wins).
+                if elapsed(rec.created_at) >= limits.startup_timeout + Duration::from_secs(10) {
+                    return Action::Terminate(TerminationReason::StartupTimeout);
+                }
+                return Action::Nothing;
+            }
+            if let Some(idle) = rec.spawn.idle_timeout_s {
+                let (last, open) = obs.activity.unwrap_or((0, 0));
+                let last = last.max(rec.ready_at.unwrap_or(rec.created_at));
+                if open == 0 && elapsed(last) >= Duration::from_secs(idle) {
+                    return Action::Terminate(TerminationReason::Idle);
+                }
+            }
+            Action::Nothing
+        }
+    }
+}
+
+pub(crate) struct Reconciler {
+    inner: Arc<Inner>,
+}
+
+impl Reconciler {
+    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+        Reconciler { inner }
+    }
+
+    pub(crate) async fn run(self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(self.inner.config.reconcile_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.pass().await {
+                tracing::warn!(error = %e, "reconciler pass failed; retrying next period");
+            }
+        }
+    }
+
+    /// One pass over every record.
+    pub(crate) async fn pass(&self) -> Result<(), crate::error::ApiError> {
+        let inner = &self.inner;
+        let listing = inner.store.list(BACKENDS_PREFIX).await?;
+        let limits = Limits {
+            startup_timeout: inner.config.startup_timeout,
+            terminate_timeout: inner.config.terminate_timeout,
+            retention: inner.config.terminated_retention,
+        };
+        for kv in listing.kvs {
+            let Ok(rec) = serde_json::from_slice::<BackendRecord>(&kv.value) else {
+                continue;
+            };
+            let drone_run_matches = rec
+                .drone
+                .as_deref()
+                .and_then(|d| inner.drones.get(d))
+                .map(|c| Some(&c.run_id) == rec.drone_run_id.as_ref());
+            let obs = Observed {
+                activity: inner.activity.get(rec.id.as_str()),
+                drone_run_matches,
+                now: inner.clock.now_ms(),
+            };
+            match decide(&rec, obs, limits) {
+                Action::Nothing => {}
+                Action::Terminate(reason) => {
+                    inner.terminate(rec.id.as_str(), reason, false).await?;
+                }
+                Action::Kill => {
+                    tracing::warn!(backend = %rec.id, "stop did not complete in time; killing");
+                    inner.send_terminate(&rec, true).await?;
+                }
+                Action::Lost => {
+                    let run = rec.drone_run_id.clone().unwrap_or_default();
+                    inner
+                        .mark_lost(
+                            rec.id.as_str(),
+                            &run,
+                            "its drone's agent restarted and no longer runs it",
+                        )
+                        .await?;
+                }
+                Action::Remove => {
+                    inner
+                        .store
+                        .delete_if_revision(&kv.key, kv.mod_revision)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::ResolvedSpawn;
+    use hangar_core::BackendId;
+
+    const S: u64 = 1000;
+
+    fn rec(state: BackendState, idle: Option<u64>, lifetime: Option<u64>) -> BackendRecord {
+        BackendRecord {
+            id: BackendId::parse("b1").unwrap(),
+            key: None,
+            epoch: 1,
+            spawn: ResolvedSpawn {
+                command: None,
+                image: None,
+                env: Default::default(),
+                idle_timeout_s: idle,
+                lifetime_s: lifetime,
+                resources: Default::default(),
+            },
+            user: None,
+            public: false,
+            state,
+            drone: Some("local".into()),
+            drone_run_id: Some("r1".into()),
+            address: None,
+            created_at: 0,
+            updated_at: 0,
+            ready_at: Some(1 * S),
+            terminated_at: None,
+            terminating_at: None,
+            message: None,
+        }
+    }
+
+    fn obs(now: u64, activity: Option<(u64, u64)>) -> Observed {
+        Observed {
+            activity,
+            drone_run_matches: Some(true),
+            now,
+        }
+    }
+
+    const L: Limits = Limits {
+        startup_timeout: Duration::from_secs(60),
+        terminate_timeout: Duration::from_secs(30),
+        retention: Duration::from_secs(3600),
+    };
+
+    #[test]
+    fn idle_counts_from_last_activity_and_respects_open_connections() {
+        let r = rec(BackendState::Ready, Some(10), None);
+        let idle = Action::Terminate(TerminationReason::Idle);
+        // No traffic: idle counts from ready_at (1 s).
+        assert_eq!(decide(&r, obs(10 * S, None), L), Action::Nothing);
+        assert_eq!(decide(&r, obs(11 * S, None), L), idle);
+        // Traffic at 20 s moves the deadline to 30 s.
+        assert_eq!(
+            decide(&r, obs(29 * S, Some((20 * S, 0))), L),
+            Action::Nothing
+        );
+        assert_eq!(decide(&r, obs(30 * S, Some((20 * S, 0))), L), idle);
+        // An open WebSocket keeps it alive however long ago it started.
+        assert_eq!(
+            decide(&r, obs(999 * S, Some((20 * S, 1))), L),
+            Action::Nothing
+        );
+        // No idle timeout: never idle.
+        let r = rec(BackendState::Ready, None, None);
+        assert_eq!(decide(&r, obs(999 * S, None), L), Action::Nothing);
+    }
+
+    #[test]
+    fn lifetime_applies_even_when_busy() {
+        let r = rec(BackendState::Ready, Some(10), Some(5));
+        assert_eq!(decide(&r, obs(4 * S, Some((4 * S, 3))), L), Action::Nothing);
+        assert_eq!(
+            decide(&r, obs(5 * S, Some((5 * S, 3))), L),
+            Action::Terminate(TerminationReason::Lifetime)
+        );
+    }
+
+    #[test]
+    fn lost_runs_stuck_starts_overdue_stops_and_retention() {
+        let r = rec(BackendState::Ready, None, None);
+        let mut o = obs(5 * S, None);
+        o.drone_run_matches = Some(false);
+        assert_eq!(decide(&r, o, L), Action::Lost);
+        // Disconnected drone (unknown): left to lease expiry.
+        o.drone_run_matches = None;
+        assert_eq!(decide(&r, o, L), Action::Nothing);
+
+        let r = rec(BackendState::Scheduled, None, None);
+        assert_eq!(decide(&r, obs(69 * S, None), L), Action::Nothing);
+        assert_eq!(
+            decide(&r, obs(70 * S, None), L),
+            Action::Terminate(TerminationReason::StartupTimeout)
+        );
+
+        let mut r = rec(
+            BackendState::Terminating {
+                reason: TerminationReason::Requested,
+            },
+            None,
+            None,
+        );
+        r.terminating_at = Some(10 * S);
+        assert_eq!(decide(&r, obs(39 * S, None), L), Action::Nothing);
+        assert_eq!(decide(&r, obs(40 * S, None), L), Action::Kill);
+
+        let mut r = rec(
+            BackendState::Terminated {
+                reason: TerminationReason::Idle,
+            },
+            None,
+            None,
+        );
+        r.terminated_at = Some(10 * S);
+        assert_eq!(decide(&r, obs(3609 * S, None), L), Action::Nothing);
+        assert_eq!(decide(&r, obs(3610 * S, None), L), Action::Remove);
+        // A terminated record is never "lost" again.
+        let mut o = obs(20 * S, None);
+        o.drone_run_matches = Some(false);
+        assert_eq!(decide(&r, o, L), Action::Nothing);
+    }
+}

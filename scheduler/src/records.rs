@@ -1,0 +1,113 @@
+//! Store records and their key layout. Records are JSON so that an operator can read them
+//! with `etcdctl get` and so that fields can be added without a migration.
+
+use serde::{Deserialize, Serialize};
+
+use hangar_core::api::{BackendView, Resources};
+use hangar_core::route::{Route, RouteState};
+use hangar_core::{BackendId, BackendState, KeyRef, UnixMillis};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+/// Prefix of every backend record.
+pub const BACKENDS_PREFIX: &str = "/hangar/backends/";
+/// Prefix of every key record.
+pub const KEYS_PREFIX: &str = "/hangar/keys/";
+
+pub fn backend_key(id: &str) -> String {
+    format!("{BACKENDS_PREFIX}{id}")
+}
+
+pub fn key_key(key: &KeyRef) -> String {
+    format!("{KEYS_PREFIX}{}/{}", key.namespace, key.name)
+}
+
+/// What the backend runs, resolved against the cluster defaults at connect time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResolvedSpawn {
+    pub command: Option<Vec<String>>,
+    pub image: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub idle_timeout_s: Option<u64>,
+    pub lifetime_s: Option<u64>,
+    #[serde(default)]
+    pub resources: Resources,
+}
+
+/// One backend: its spec, where it runs and where it is in its life.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendRecord {
+    pub id: BackendId,
+    pub key: Option<KeyRef>,
+    /// The key's fencing epoch when this backend was assigned to it.
+    pub epoch: u64,
+    pub spawn: ResolvedSpawn,
+    pub user: Option<String>,
+    pub public: bool,
+    pub state: BackendState,
+    pub drone: Option<String>,
+    /// The agent process the backend was handed to; events from any other run are stale.
+    pub drone_run_id: Option<String>,
+    pub address: Option<SocketAddr>,
+    pub created_at: UnixMillis,
+    pub updated_at: UnixMillis,
+    pub ready_at: Option<UnixMillis>,
+    pub terminated_at: Option<UnixMillis>,
+    /// When terminating began (for repeating a stop that does not complete).
+    #[serde(default)]
+    pub terminating_at: Option<UnixMillis>,
+    pub message: Option<String>,
+}
+
+impl BackendRecord {
+    pub fn view(&self) -> BackendView {
+        BackendView {
+            id: self.id.clone(),
+            key: self.key.clone(),
+            epoch: self.epoch,
+            state: self.state.clone(),
+            drone: self.drone.clone(),
+            address: self.address,
+            public: self.public,
+            user: self.user.clone(),
+            idle_timeout_s: self.spawn.idle_timeout_s,
+            lifetime_s: self.spawn.lifetime_s,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            ready_at: self.ready_at,
+            terminated_at: self.terminated_at,
+            message: self.message.clone(),
+        }
+    }
+
+    /// The proxy's view of this backend.
+    pub fn route(&self) -> Route {
+        let state = match &self.state {
+            BackendState::Ready => RouteState::Ready,
+            s if s.is_starting() => RouteState::Starting,
+            _ => RouteState::Gone,
+        };
+        Route {
+            backend: self.id.clone(),
+            state,
+            address: self.address,
+            public: self.public,
+        }
+    }
+
+    /// True while this backend holds its key: not yet terminating or terminated.
+    pub fn holds_key(&self) -> bool {
+        !matches!(
+            self.state,
+            BackendState::Terminating { .. } | BackendState::Terminated { .. }
+        )
+    }
+}
+
+/// A key's assignment: the backend that owns it and the fencing epoch, which only grows.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub backend: BackendId,
+    pub epoch: u64,
+}

@@ -1,0 +1,166 @@
+//! The `Scheduler`: shared state of the control plane and its background tasks (route feed,
+//! reconciler, drone event pumps).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use dashmap::DashMap;
+use hangar_core::activity::ActivityBatch;
+use hangar_core::drone::{DroneMessage, SchedulerMessage};
+use hangar_core::route::RouteTable;
+use hangar_core::token::TokenKey;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::activity::ActivityBook;
+use crate::clock::Clock;
+use crate::config::SchedulerConfig;
+use crate::drones::{DroneConn, DroneRegistry};
+use crate::store::Store;
+
+/// Commands buffered per drone before a send waits.
+const DRONE_CHANNEL: usize = 1024;
+
+pub(crate) struct Inner {
+    pub(crate) config: SchedulerConfig,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) token_key: TokenKey,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) drones: DroneRegistry,
+    pub(crate) activity: ActivityBook,
+    /// Live backends per drone, refreshed by the route feed; read by placement.
+    pub(crate) route_load: DashMap<String, usize>,
+    /// The latest route table; the route feed is its only writer.
+    pub(crate) routes: watch::Sender<Arc<RouteTable>>,
+    /// Set once the route feed has published its first table (readiness).
+    pub(crate) routes_ready: AtomicBool,
+    pub(crate) tasks: TaskTracker,
+    pub(crate) cancel: CancellationToken,
+}
+
+/// The control plane. Cheap to clone.
+#[derive(Clone)]
+pub struct Scheduler {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl Scheduler {
+    pub fn new(
+        config: SchedulerConfig,
+        store: Arc<dyn Store>,
+        token_key: TokenKey,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Scheduler {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                token_key,
+                clock,
+                drones: DroneRegistry::default(),
+                activity: ActivityBook::default(),
+                route_load: DashMap::new(),
+                routes: watch::channel(Arc::new(RouteTable::default())).0,
+                routes_ready: AtomicBool::new(false),
+                tasks: TaskTracker::new(),
+                cancel: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// Starts the route feed and the reconciler. They stop when `cancel` fires; await
+    /// [`Scheduler::wait`] afterwards.
+    pub async fn start(&self, cancel: CancellationToken) -> Result<(), crate::store::StoreError> {
+        let inner = self.inner.clone();
+        // Publish the first table before returning, so a proxy wired afterwards starts with
+        // every known route (and restarts never serve an empty table).
+        let feed = crate::route_feed::RouteFeed::new(inner.clone());
+        let initial = feed.load().await?;
+        let c = cancel.clone();
+        self.inner
+            .tasks
+            .spawn(async move { feed.run(initial, c).await });
+        let reconciler = crate::reconciler::Reconciler::new(inner.clone());
+        // One pass before serving: records left by a previous run (backends that died with
+        // it) are closed before any request can be routed to them.
+        if let Err(e) = reconciler.pass().await {
+            tracing::warn!(error = %e, "first reconciler pass failed; it will be retried");
+        }
+        let c = cancel.clone();
+        self.inner
+            .tasks
+            .spawn(async move { reconciler.run(c).await });
+        let own = self.inner.cancel.clone();
+        self.inner.tasks.spawn(async move {
+            cancel.cancelled().await;
+            own.cancel();
+        });
+        Ok(())
+    }
+
+    /// Waits for every background task to finish (after cancellation).
+    pub async fn wait(&self) {
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+
+    /// Follows the route table: the proxy and DNS subscribe here.
+    pub fn routes(&self) -> watch::Receiver<Arc<RouteTable>> {
+        self.inner.routes.subscribe()
+    }
+
+    /// Merges activity reported by a proxy.
+    pub fn report_activity(&self, batch: &ActivityBatch) {
+        self.inner.activity.record(batch);
+    }
+
+    /// True once routes are loaded and at least one drone is attached.
+    pub fn is_ready(&self) -> bool {
+        self.inner.routes_ready.load(Ordering::Acquire) && !self.inner.drones.is_empty()
+    }
+
+    /// Attaches a drone whose agent runs in this process (dev mode) or whose session has been
+    /// established. Returns the channel the agent reads commands from and the one it sends
+    /// events on. Events are applied in order by a tracked task.
+    pub fn attach_drone(
+        &self,
+        name: &str,
+        run_id: &str,
+        runtime: &str,
+    ) -> (mpsc::Receiver<SchedulerMessage>, mpsc::Sender<DroneMessage>) {
+        let (cmd_tx, cmd_rx) = mpsc::channel(DRONE_CHANNEL);
+        let (ev_tx, mut ev_rx) = mpsc::channel::<DroneMessage>(DRONE_CHANNEL);
+        self.inner.drones.insert(DroneConn {
+            name: name.to_string(),
+            run_id: run_id.to_string(),
+            runtime: runtime.to_string(),
+            tx: cmd_tx,
+        });
+        let inner = self.inner.clone();
+        let (name, run_id) = (name.to_string(), run_id.to_string());
+        self.inner.tasks.spawn(async move {
+            loop {
+                // After shutdown begins no event is applied: backends stopped by a shutting
+                // down agent stay recorded under its run and are closed as lost on restart.
+                let msg = tokio::select! {
+                    _ = inner.cancel.cancelled() => break,
+                    m = ev_rx.recv() => m,
+                };
+                let Some(msg) = msg else { break };
+                let DroneMessage::Event { backend, event } = msg;
+                if let Err(e) = inner.apply_event(&name, &run_id, &backend, event).await {
+                    tracing::error!(backend = %backend, error = %e, "cannot apply drone event");
+                }
+            }
+            inner.drones.remove(&name, &run_id);
+            tracing::info!(drone = %name, run_id = %run_id, "drone detached");
+        });
+        (cmd_rx, ev_tx)
+    }
+
+    /// The scheduler's configuration.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.inner.config
+    }
+}

@@ -1,0 +1,135 @@
+//! The command line: roles (`dev`, `demo-backend`) and client verbs against the API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hangar",
+    version,
+    about = "Session backends on demand: one backend per document, room or user, behind a fast proxy"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// The Hangar API to talk to.
+    #[arg(
+        long = "api",
+        env = "HANGAR_API",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    pub api_url: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run everything in one process on loopback: store, scheduler, proxy and a local drone
+    /// running the built-in demo backend.
+    Dev(DevArgs),
+    /// The built-in demo backend (listens on $PORT); started by drones, not by hand.
+    DemoBackend,
+    /// Get the backend for a key (started if needed) and print its URL and token.
+    Connect(ConnectArgs),
+    /// List backends.
+    Ls(LsArgs),
+    /// Show one backend.
+    Status(IdArgs),
+    /// Stop a backend.
+    Terminate(TerminateArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DevArgs {
+    /// Where the API listens.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub api: SocketAddr,
+    /// Where the proxy listens.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub proxy: SocketAddr,
+    /// Where state (store, token key, backend logs) lives.
+    #[arg(long, default_value = "./.hangar")]
+    pub data_dir: PathBuf,
+    /// The cluster domain: backends are reached at <id>.<domain>.
+    #[arg(long, default_value = "hangar.localhost")]
+    pub domain: String,
+    /// Token signing key, 64 hex characters; generated once into the data directory if absent.
+    #[arg(long, env = "HANGAR_TOKEN_KEY", hide_env_values = true)]
+    pub token_key: Option<String>,
+    /// Default idle timeout for backends, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub idle_timeout: u64,
+    /// How long a request for a starting backend waits for it, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub start_wait: u64,
+    /// How long a backend may take to become ready, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub startup_timeout: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The key (document, room, user) the backend belongs to.
+    pub key: String,
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// Run this command instead of the default backend (repeat for arguments, or give one
+    /// string split on spaces).
+    #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+    pub command: Option<Vec<String>>,
+    /// Run this container image (docker drones).
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Idle timeout in seconds.
+    #[arg(long)]
+    pub idle_timeout: Option<u64>,
+    /// Lifetime limit in seconds.
+    #[arg(long)]
+    pub lifetime: Option<u64>,
+    /// The user the token is issued to.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// No token needed to reach the backend.
+    #[arg(long)]
+    pub public: bool,
+    /// Wait until the backend is ready, showing its progress.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Only backends in this status (scheduled, starting, waiting, ready, terminating,
+    /// terminated, live).
+    #[arg(long)]
+    pub status: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct IdArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub id: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TerminateArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub id: String,
+    /// Kill at once instead of stopping gracefully.
+    #[arg(long)]
+    pub hard: bool,
+}

@@ -1,0 +1,227 @@
+//! Client verbs (`connect`, `ls`, `status`, `terminate`) against the HTTP API.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use hangar_core::api::{
+    BackendList, BackendView, ConnectRequest, ConnectResponse, ErrorBody, SpawnSpec,
+    TerminateRequest,
+};
+use hangar_core::{BackendState, KeyRef};
+use serde::de::DeserializeOwned;
+
+use crate::cli::{ClientArgs, ConnectArgs, IdArgs, LsArgs, TerminateArgs};
+
+/// How often `connect --wait` polls the backend's status.
+const WAIT_POLL: Duration = Duration::from_millis(100);
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    fn new(args: &ClientArgs) -> anyhow::Result<Self> {
+        let base = args.api_url.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            return Err(crate::ConfigError(format!(
+                "--api {base:?} must be an http:// or https:// URL"
+            ))
+            .into());
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Api { http, base })
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let resp = req.send().await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the Hangar API at {}: {e} (is `hangar dev` running? set --api or HANGAR_API)",
+                self.base
+            )
+        })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.context("cannot read the API's answer")?;
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| format!("{} ({})", b.error.message, b.error.code))
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            anyhow::bail!("the API answered {status}: {msg}");
+        }
+        serde_json::from_slice(&bytes).context("the API's answer is not what this client expects")
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    async fn post<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+pub async fn connect(args: ConnectArgs) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&args.client)?;
+    let command = args.command.map(|c| {
+        if c.len() == 1 {
+            c[0].split_whitespace().map(str::to_string).collect()
+        } else {
+            c
+        }
+    });
+    let spawn = SpawnSpec {
+        command,
+        image: args.image,
+        idle_timeout_s: args.idle_timeout,
+        lifetime_s: args.lifetime,
+        ..SpawnSpec::default()
+    };
+    let req = ConnectRequest {
+        key: Some(KeyRef::new(args.namespace, args.key)),
+        spawn: (spawn != SpawnSpec::default()).then_some(spawn),
+        user: args.user,
+        public: args.public,
+    };
+    let mut resp: ConnectResponse = api.post("/v1/connect", &req).await?;
+    if args.wait {
+        let view = wait_ready(&api, &resp, !args.client.json).await?;
+        resp.status = view.state.name().to_string();
+        if !view.state.is_live() || view.state != BackendState::Ready {
+            let why = view.message.unwrap_or_default();
+            eprintln!("error: backend {} ended as {}: {why}", view.id, view.state);
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    if args.client.json {
+        print_json(&resp)?;
+    } else {
+        println!(
+            "backend  {} ({})",
+            resp.backend_id,
+            if resp.spawned { "new" } else { "existing" }
+        );
+        println!("status   {}", resp.status);
+        println!("url      {}", resp.url);
+        println!("token    {}", resp.token);
+        println!(
+            "try      curl -H 'Authorization: Bearer {}' {}",
+            resp.token, resp.url
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Polls the backend until it is ready or ended, showing a spinner with the state on a TTY.
+async fn wait_ready(api: &Api, resp: &ConnectResponse, show: bool) -> anyhow::Result<BackendView> {
+    let tty = show && std::io::stderr().is_terminal();
+    let frames = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+    let mut last = String::new();
+    let path = format!("/v1/backends/{}", resp.backend_id);
+    for i in 0usize.. {
+        let view: BackendView = api.get(&path).await?;
+        let name = view.state.to_string();
+        if tty {
+            eprint!("\r{} {} {:<40}", frames[i % frames.len()], view.id, name);
+            let _ = std::io::stderr().flush();
+        } else if show && name != last {
+            eprintln!("{} {}", view.id, name);
+        }
+        last = name;
+        if view.state == BackendState::Ready || !view.state.is_live() {
+            if tty {
+                eprintln!();
+            }
+            return Ok(view);
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
+    unreachable!("the loop above only ends by returning")
+}
+
+pub async fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&args.client)?;
+    let path = match &args.status {
+        Some(s) => format!("/v1/backends?status={s}"),
+        None => "/v1/backends".to_string(),
+    };
+    let list: BackendList = api.get(&path).await?;
+    if args.client.json {
+        print_json(&list)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<15} {:<28} {:<24} {:<8}", "ID", "STATUS", "KEY", "DRONE");
+    for b in &list.backends {
+        println!(
+            "{:<15} {:<28} {:<24} {:<8}",
+            b.id,
+            b.state.to_string(),
+            b.key
+                .as_ref()
+                .map(|k| k.to_string())
+                .unwrap_or_else(|| "-".into()),
+            b.drone.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_view(v: &BackendView) {
+    println!("id          {}", v.id);
+    println!("status      {}", v.state);
+    if let Some(k) = &v.key {
+        println!("key         {k} (epoch {})", v.epoch);
+    }
+    println!("drone       {}", v.drone.as_deref().unwrap_or("-"));
+    println!(
+        "address     {}",
+        v.address
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into())
+    );
+    if let Some(m) = &v.message {
+        println!("message     {m}");
+    }
+}
+
+pub async fn status(args: IdArgs) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&args.client)?;
+    let view: BackendView = api.get(&format!("/v1/backends/{}", args.id)).await?;
+    if args.client.json {
+        print_json(&view)?;
+    } else {
+        print_view(&view);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn terminate(args: TerminateArgs) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&args.client)?;
+    let view: BackendView = api
+        .post(
+            &format!("/v1/backends/{}/terminate", args.id),
+            &TerminateRequest { hard: args.hard },
+        )
+        .await?;
+    if args.client.json {
+        print_json(&view)?;
+    } else {
+        print_view(&view);
+    }
+    Ok(ExitCode::SUCCESS)
+}

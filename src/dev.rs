@@ -1,0 +1,277 @@
+//! `hangar dev`: store, scheduler, proxy and a local drone with the process runtime, in one
+//! process on loopback. Validates configuration, binds the listeners, wires the route feed and
+//! activity reports between scheduler and proxy, and shuts everything down on a signal.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hangar_core::activity::ActivityBatch;
+use hangar_core::token::TokenKey;
+use hangar_proxy::{Proxy, ProxyConfig};
+use hangar_scheduler::drone::agent::{Agent, AgentConfig};
+use hangar_scheduler::drone::runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
+use hangar_scheduler::store::embedded::EmbeddedStore;
+use hangar_scheduler::{Scheduler, SchedulerConfig, SystemClock};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ConfigError;
+use crate::cli::DevArgs;
+
+/// How often the proxy's activity is handed to the scheduler (bounds idle-timeout precision).
+const ACTIVITY_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Validated dev configuration.
+struct DevConfig {
+    args: DevArgs,
+    token_key: TokenKey,
+}
+
+fn validate(args: DevArgs) -> anyhow::Result<DevConfig> {
+    let domain = args.domain.trim_end_matches('.').to_ascii_lowercase();
+    if domain.is_empty()
+        || !domain
+            .split('.')
+            .all(|l| hangar_core::ids::validate_label(l).is_ok())
+    {
+        return Err(ConfigError(format!(
+            "--domain {:?} is not a valid DNS name (labels of lowercase letters, digits and '-')",
+            args.domain
+        ))
+        .into());
+    }
+    if args.idle_timeout == 0 || args.start_wait == 0 || args.startup_timeout == 0 {
+        return Err(ConfigError(
+            "--idle-timeout, --start-wait and --startup-timeout must be at least 1 second".into(),
+        )
+        .into());
+    }
+    std::fs::create_dir_all(&args.data_dir).map_err(|e| {
+        ConfigError(format!(
+            "cannot create data directory {}: {e}",
+            args.data_dir.display()
+        ))
+    })?;
+    let token_key = match &args.token_key {
+        Some(hex) => TokenKey::from_hex(hex)
+            .map_err(|e| ConfigError(format!("--token-key / HANGAR_TOKEN_KEY: {e}")))?,
+        None => load_or_create_key(&args.data_dir.join("token.key"))?,
+    };
+    Ok(DevConfig {
+        args: DevArgs { domain, ..args },
+        token_key,
+    })
+}
+
+/// Reads the token key from the data directory, generating it on first use (mode 0600).
+fn load_or_create_key(path: &Path) -> anyhow::Result<TokenKey> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => TokenKey::from_hex(&s).map_err(|e| {
+            ConfigError(format!(
+                "token key file {} is corrupt ({e}); delete it to generate a new one (issued tokens stop working)",
+                path.display()
+            ))
+            .into()
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = TokenKey::generate();
+            write_private(path, key.to_hex().as_bytes())
+                .with_context(|| format!("cannot write token key file {}", path.display()))?;
+            Ok(key)
+        }
+        Err(e) => Err(ConfigError(format!("cannot read token key file {}: {e}", path.display())).into()),
+    }
+}
+
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        ConfigError(format!(
+            "cannot listen for the {what} on {addr}: {e} (choose another address with --{what})"
+        ))
+        .into()
+    })
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let cfg = validate(args)?;
+    let args = &cfg.args;
+    let data_dir: PathBuf = args.data_dir.clone();
+    let store = EmbeddedStore::open_default(data_dir.join("state.redb"))
+        .await
+        .map_err(|e| {
+            ConfigError(format!(
+                "{e} (is another hangar using data directory {}?)",
+                data_dir.display()
+            ))
+        })?;
+
+    let api_listener = bind(args.api, "api").await?;
+    let proxy_listener = bind(args.proxy, "proxy").await?;
+    let api_addr = api_listener.local_addr()?;
+    let proxy_addr = proxy_listener.local_addr()?;
+
+    let exe = std::env::current_exe().context("cannot find the hangar executable")?;
+    let demo_command = vec![
+        exe.to_string_lossy().into_owned(),
+        "demo-backend".to_string(),
+    ];
+
+    let mut sched_cfg = SchedulerConfig::new(&args.domain, format!("http://{api_addr}"));
+    sched_cfg.proxy_port = Some(proxy_addr.port());
+    sched_cfg.defaults.command = Some(demo_command.clone());
+    sched_cfg.defaults.idle_timeout_s = Some(args.idle_timeout);
+    sched_cfg.startup_timeout = Duration::from_secs(args.startup_timeout);
+    let scheduler = Scheduler::new(
+        sched_cfg,
+        store,
+        cfg.token_key.clone(),
+        Arc::new(SystemClock),
+    );
+
+    // The embedded drone: a new run id for every process, so records from a previous run are
+    // recognised as lost.
+    let run_id = format!("run-{}", hangar_core::BackendId::generate());
+    let (commands, events) = scheduler.attach_drone("local", &run_id, "process");
+    let runtime = Arc::new(ProcessRuntime::new(ProcessRuntimeConfig {
+        default_command: Some(demo_command),
+        log_dir: Some(data_dir.join("logs")),
+        ..ProcessRuntimeConfig::default()
+    }));
+    std::fs::create_dir_all(data_dir.join("logs")).context("cannot create the logs directory")?;
+    let agent = Agent::new(runtime, AgentConfig::default());
+
+    let cancel = CancellationToken::new();
+    scheduler
+        .start(cancel.clone())
+        .await
+        .context("cannot load state from the store")?;
+
+    let mut proxy_cfg = ProxyConfig::new(&args.domain, cfg.token_key.clone());
+    proxy_cfg.start_wait = Duration::from_secs(args.start_wait);
+    let proxy = Arc::new(Proxy::new(proxy_cfg));
+
+    let tasks = TaskTracker::new();
+    // Route feed: scheduler → proxy, one swap per published table.
+    {
+        let mut routes = scheduler.routes();
+        let handle = proxy.routes();
+        let activity = proxy.activity();
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            loop {
+                let table = routes.borrow_and_update().clone();
+                activity.prune(&table);
+                handle.publish(table);
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    changed = routes.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+    }
+    // Activity: proxy → scheduler, for idle timeouts.
+    {
+        let scheduler = scheduler.clone();
+        let activity = proxy.activity();
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(ACTIVITY_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                scheduler.report_activity(&ActivityBatch {
+                    proxy: "local".into(),
+                    reports: activity.snapshot(),
+                });
+            }
+        });
+    }
+    let agent_cancel = CancellationToken::new();
+    let agent_task = {
+        let c = agent_cancel.clone();
+        tasks.spawn(async move { agent.run(commands, events, c).await })
+    };
+    let api_task = {
+        let scheduler = scheduler.clone();
+        let c = cancel.clone();
+        tasks.spawn(async move { scheduler.serve_api(api_listener, c).await })
+    };
+    let proxy_task = {
+        let proxy = proxy.clone();
+        let c = cancel.clone();
+        tasks.spawn(async move { proxy.run(proxy_listener, c).await })
+    };
+    tasks.close();
+
+    println!("hangar dev: api listening on {api_addr}");
+    println!("hangar dev: proxy listening on {proxy_addr}");
+    println!("hangar dev: data directory {}", data_dir.display());
+    println!();
+    println!("Try it:");
+    println!(
+        "  curl -s -X POST http://{api_addr}/v1/connect -d '{{\"key\": {{\"name\": \"doc-1\"}}}}'"
+    );
+    println!(
+        "  curl -H \"Authorization: Bearer $TOKEN\" http://<backend_id>.{}:{}/count",
+        args.domain,
+        proxy_addr.port()
+    );
+    println!("  or: hangar connect doc-1 --wait --api http://{api_addr}");
+
+    let outcome = tokio::select! {
+        _ = shutdown_signal() => Ok(()),
+        r = api_task => match r {
+            Ok(Ok(())) => Err(anyhow::anyhow!("the api server stopped unexpectedly")),
+            Ok(Err(e)) => Err(anyhow::Error::new(e).context("the api server failed")),
+            Err(e) => Err(anyhow::anyhow!("the api server panicked: {e}")),
+        },
+        r = proxy_task => match r {
+            Ok(Ok(())) => Err(anyhow::anyhow!("the proxy stopped unexpectedly")),
+            Ok(Err(e)) => Err(anyhow::Error::new(e).context("the proxy failed")),
+            Err(e) => Err(anyhow::anyhow!("the proxy panicked: {e}")),
+        },
+    };
+    eprintln!("hangar dev: shutting down");
+    // Stop serving and stop applying drone events first, so the backends stopped below stay
+    // recorded as running: the next start closes them as lost, never as failed.
+    cancel.cancel();
+    scheduler.wait().await;
+    agent_cancel.cancel();
+    let _ = agent_task.await;
+    tasks.wait().await;
+    outcome
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
