@@ -34,6 +34,9 @@ fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
+/// Variables the drone sets for every backend; a spawn may not override them.
+const RESERVED_ENV: [&str; 4] = ["PORT", "HANGAR_BACKEND_ID", "HANGAR_KEY", "HANGAR_EPOCH"];
+
 /// Validates a connect request; errors name the field.
 pub fn validate_connect(req: &ConnectRequest) -> Result<(), ApiError> {
     if let Some(key) = &req.key {
@@ -81,9 +84,10 @@ pub fn validate_connect(req: &ConnectRequest) -> Result<(), ApiError> {
                     "spawn.env has an invalid variable name {k:?}"
                 )));
             }
-            if k == "PORT" || k.starts_with("HANGAR_") {
+            if RESERVED_ENV.contains(&k.as_str()) {
                 return Err(ApiError::BadRequest(format!(
-                    "spawn.env may not set {k}: Hangar sets PORT and HANGAR_* itself"
+                    "spawn.env may not set {k}: Hangar sets {} itself",
+                    RESERVED_ENV.join(", ")
                 )));
             }
         }

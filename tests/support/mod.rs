@@ -1,0 +1,258 @@
+//! Test support: start `hangar dev` in a scratch directory, read the addresses it reports,
+//! talk to its API and proxy, and kill it on drop.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use hangar_core::api::{BackendView, ConnectResponse};
+use hangar_core::token::TokenKey;
+use serde_json::{Value, json};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_hangar");
+
+/// How long a test waits for a condition before failing.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A running `hangar dev`.
+pub struct Dev {
+    child: Child,
+    pub api: SocketAddr,
+    pub proxy: SocketAddr,
+    pub data_dir: PathBuf,
+    pub http: reqwest::Client,
+}
+
+impl Dev {
+    /// Starts `hangar dev` on fresh ports with `data_dir`, plus `extra` arguments, and waits
+    /// until it reports both listeners.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Dev {
+        let mut child = Command::new(BIN)
+            .args([
+                "dev",
+                "--api",
+                "127.0.0.1:0",
+                "--proxy",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(extra)
+            .env("HANGAR_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start hangar dev");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    // Keep draining so the child never blocks on a full pipe.
+                    continue;
+                }
+            }
+        });
+        let (mut api, mut proxy) = (None, None);
+        let deadline = Instant::now() + DEADLINE;
+        while api.is_none() || proxy.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .expect("hangar dev did not report its addresses in time");
+            if let Some(a) = line.strip_prefix("hangar dev: api listening on ") {
+                api = Some(a.trim().parse().expect("api address"));
+            }
+            if let Some(a) = line.strip_prefix("hangar dev: proxy listening on ") {
+                proxy = Some(a.trim().parse().expect("proxy address"));
+            }
+        }
+        Dev {
+            child,
+            api: api.unwrap(),
+            proxy: proxy.unwrap(),
+            data_dir: data_dir.to_path_buf(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub fn api_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    pub fn proxy_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    /// The token key `hangar dev` generated into its data directory.
+    pub fn token_key(&self) -> TokenKey {
+        let hex = std::fs::read_to_string(self.data_dir.join("token.key")).unwrap();
+        TokenKey::from_hex(&hex).unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        send_signal(self.child.id(), libc::SIGTERM);
+        wait_child(&mut self.child, DEADLINE).expect("hangar dev did not exit after SIGTERM")
+    }
+
+    /// `POST /v1/connect` with `body`; returns the status and JSON.
+    pub async fn connect_raw(&self, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.api_url("/v1/connect"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap())
+    }
+
+    pub async fn connect(&self, body: Value) -> ConnectResponse {
+        let (status, v) = self.connect_raw(body).await;
+        assert!(
+            status == 200 || status == 201,
+            "connect failed: {status} {v}"
+        );
+        serde_json::from_value(v).unwrap()
+    }
+
+    pub async fn connect_key(&self, key: &str) -> ConnectResponse {
+        self.connect(json!({"key": {"name": key}})).await
+    }
+
+    pub async fn backend(&self, id: &str) -> BackendView {
+        let r = self
+            .http
+            .get(self.api_url(&format!("/v1/backends/{id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "status of {id}");
+        r.json().await.unwrap()
+    }
+
+    /// Polls the backend until `pred` holds (or fails the test at the deadline).
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        what: &str,
+        pred: impl Fn(&BackendView) -> bool,
+    ) -> BackendView {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let v = self.backend(id).await;
+            if pred(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "backend {id} never became {what}; last: {v:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn wait_ready(&self, id: &str) -> BackendView {
+        self.wait_for(id, "ready", |v| v.state.name() == "ready")
+            .await
+    }
+
+    /// A request through the proxy naming the backend by Host, with a bearer token.
+    pub fn get_by_host(&self, id: &str, token: &str, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .get(self.proxy_url(path))
+            .header(
+                "host",
+                format!("{id}.hangar.localhost:{}", self.proxy.port()),
+            )
+            .bearer_auth(token)
+    }
+
+    pub async fn count(&self, resp: &ConnectResponse) -> u64 {
+        let r = self
+            .get_by_host(resp.backend_id.as_str(), &resp.token, "/count")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn send_signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) with a pid we own (our child) and a valid signal number.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+fn wait_child(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// True while a process with this pid exists (and is not a zombie we could reap).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Runs the `hangar` CLI and returns (exit code, stdout, stderr).
+pub fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().expect("run hangar");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
