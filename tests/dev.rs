@@ -589,7 +589,7 @@ async fn events_stream_every_state_change_until_terminated() {
     let mut states: Vec<String> = Vec::new();
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let mut terminated_sent = false;
-    while !states.last().is_some_and(|s| s == "terminated") {
+    while states.last().is_none_or(|s| s != "terminated") {
         let chunk = tokio::time::timeout_at(deadline, stream.next())
             .await
             .expect("events before the deadline")

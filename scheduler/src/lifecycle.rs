@@ -150,16 +150,16 @@ impl Inner {
             // 1. The key's current assignment, if any, and whether its backend still holds it.
             let mut expect = Expect::Absent;
             let mut epoch = 1;
-            if let Some(key) = &req.key {
-                if let Some(kv) = self.store.get(&key_key(key)).await? {
-                    let kr = decode_key(&kv)?;
-                    expect = Expect::ModRevision(kv.mod_revision);
-                    epoch = kr.epoch + 1;
-                    if let Some(bkv) = self.store.get(&backend_key(kr.backend.as_str())).await? {
-                        let rec = decode_backend(&bkv)?;
-                        if rec.holds_key() {
-                            return Ok(self.response(&rec, false, &user));
-                        }
+            if let Some(key) = &req.key
+                && let Some(kv) = self.store.get(&key_key(key)).await?
+            {
+                let kr = decode_key(&kv)?;
+                expect = Expect::ModRevision(kv.mod_revision);
+                epoch = kr.epoch + 1;
+                if let Some(bkv) = self.store.get(&backend_key(kr.backend.as_str())).await? {
+                    let rec = decode_backend(&bkv)?;
+                    if rec.holds_key() {
+                        return Ok(self.response(&rec, false, &user));
                     }
                 }
             }

@@ -9,7 +9,7 @@ use crate::scheduler::Inner;
 
 /// Picks the candidate with the fewest live backends; ties go to the first by name so that
 /// several deciders agree.
-pub fn choose<'a>(candidates: &'a [(DroneConn, usize)]) -> Option<&'a DroneConn> {
+pub fn choose(candidates: &[(DroneConn, usize)]) -> Option<&DroneConn> {
     candidates
         .iter()
         .min_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.name.cmp(&b.0.name)))

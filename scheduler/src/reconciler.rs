@@ -198,7 +198,7 @@ mod tests {
             address: None,
             created_at: 0,
             updated_at: 0,
-            ready_at: Some(1 * S),
+            ready_at: Some(S),
             terminated_at: None,
             terminating_at: None,
             message: None,

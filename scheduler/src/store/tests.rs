@@ -1,0 +1,385 @@
+//! Tests of [`EmbeddedStore`]: the shared conformance suite plus what only the embedded store
+//! can be made to show (exact revision numbers, restarts, compaction, slow watchers, an
+//! injected lease clock).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::time::Instant;
+
+use super::{EmbeddedOptions, EmbeddedStore, LeaseClock, TokioClock, decode, encode};
+use crate::store::conformance::{assert_no_event, next_event};
+use crate::store::{CasOutcome, Expect, KeyValue, Store, StoreError, WatchEvent};
+
+async fn fresh() -> (Arc<dyn Store>, TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open_default(dir.path().join("store.redb"))
+        .await
+        .unwrap();
+    (store, dir)
+}
+
+crate::store_conformance_tests!(fresh);
+
+async fn open_in(dir: &TempDir) -> Arc<EmbeddedStore> {
+    EmbeddedStore::open_default(dir.path().join("store.redb"))
+        .await
+        .unwrap()
+}
+
+async fn open_with_options(dir: &TempDir, options: EmbeddedOptions) -> Arc<EmbeddedStore> {
+    EmbeddedStore::open_with(dir.path().join("store.redb"), Arc::new(TokioClock), options)
+        .await
+        .unwrap()
+}
+
+fn delete_of(event: WatchEvent) -> (String, u64) {
+    match event {
+        WatchEvent::Delete { key, revision, .. } => (key, revision),
+        other => panic!("expected a delete event, got {other:?}"),
+    }
+}
+
+/// A clock the test moves by hand, independent of tokio time, to show that deadlines are
+/// enforced on every operation and not only by the sweeper.
+struct ManualClock {
+    base: Instant,
+    offset: Mutex<Duration>,
+}
+
+impl ManualClock {
+    fn advance(&self, by: Duration) {
+        *self.offset.lock().unwrap() += by;
+    }
+}
+
+impl LeaseClock for ManualClock {
+    fn now(&self) -> Instant {
+        self.base + *self.offset.lock().unwrap()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn revisions_count_every_write_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_in(&dir).await;
+    assert_eq!(store.revision().await.unwrap(), 0, "an empty store is at 0");
+    assert_eq!(store.list("").await.unwrap().revision, 0);
+
+    assert_eq!(store.put("k", b"1".to_vec(), None).await.unwrap(), 1);
+    assert_eq!(store.put("k", b"2".to_vec(), None).await.unwrap(), 2);
+    assert_eq!(
+        store
+            .compare_and_swap("k", Expect::ModRevision(2), b"3".to_vec(), None)
+            .await
+            .unwrap(),
+        CasOutcome::Written(3)
+    );
+    // Conflicts, missed deletes and lease grants write nothing.
+    assert!(matches!(
+        store
+            .compare_and_swap("k", Expect::Absent, b"x".to_vec(), None)
+            .await
+            .unwrap(),
+        CasOutcome::Conflict(Some(_))
+    ));
+    assert!(!store.delete("missing").await.unwrap());
+    assert!(!store.delete_if_revision("k", 1).await.unwrap());
+    let lease = store.lease_grant(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(store.revision().await.unwrap(), 3);
+
+    assert!(store.delete("k").await.unwrap());
+    assert_eq!(store.revision().await.unwrap(), 4);
+
+    // A lease expiring with three keys bumps the revision three times, one event each.
+    for key in ["l/a", "l/b", "l/c"] {
+        store.put(key, b"v".to_vec(), Some(lease)).await.unwrap();
+    }
+    assert_eq!(store.revision().await.unwrap(), 7);
+    let mut stream = store.watch("l/", 0).await.unwrap();
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let mut deletes = Vec::new();
+    for _ in 0..3 {
+        deletes.push(delete_of(next_event(&mut stream).await));
+    }
+    assert_eq!(
+        deletes,
+        [
+            ("l/a".to_owned(), 8),
+            ("l/b".to_owned(), 9),
+            ("l/c".to_owned(), 10)
+        ]
+    );
+    assert_eq!(store.revision().await.unwrap(), 10);
+}
+
+#[tokio::test]
+async fn state_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (lease, kept, plain, revision) = {
+        let store = open_in(&dir).await;
+        let lease = store.lease_grant(Duration::from_secs(60)).await.unwrap();
+        store.put("a/plain", b"p1".to_vec(), None).await.unwrap();
+        store.put("a/plain", b"p2".to_vec(), None).await.unwrap();
+        store
+            .put("a/leased", b"l".to_vec(), Some(lease))
+            .await
+            .unwrap();
+        store.put("a/gone", b"g".to_vec(), None).await.unwrap();
+        store.delete("a/gone").await.unwrap();
+        let kept = store.get("a/leased").await.unwrap().unwrap();
+        let plain = store.get("a/plain").await.unwrap().unwrap();
+        let revision = store.revision().await.unwrap();
+        (lease, kept, plain, revision)
+    };
+    assert_eq!(revision, 5);
+
+    let store = open_in(&dir).await;
+    assert_eq!(store.revision().await.unwrap(), revision);
+    assert_eq!(
+        store.get("a/plain").await.unwrap(),
+        Some(KeyValue {
+            key: "a/plain".to_owned(),
+            value: b"p2".to_vec(),
+            create_revision: 1,
+            mod_revision: 2,
+            version: 2,
+            lease: None,
+        })
+    );
+    assert_eq!(store.get("a/leased").await.unwrap(), Some(kept.clone()));
+    assert_eq!(store.get("a/gone").await.unwrap(), None);
+    let listing = store.list("a/").await.unwrap();
+    assert_eq!(listing.kvs, [kept, plain]);
+    assert_eq!(listing.revision, revision);
+
+    // History is gone: only a watch from the next revision can be served.
+    assert!(matches!(
+        store.watch("a/", revision).await,
+        Err(StoreError::Compacted { requested, oldest })
+            if requested == revision && oldest == revision + 1
+    ));
+    let mut stream = store.watch("a/", revision + 1).await.unwrap();
+
+    // The lease survived, is still attached to its key, and ids are not reused.
+    store.lease_keep_alive(lease).await.unwrap();
+    let newer = store.lease_grant(Duration::from_secs(60)).await.unwrap();
+    assert!(
+        newer > lease,
+        "lease ids must not be reused after a restart"
+    );
+    store.lease_revoke(lease).await.unwrap();
+    assert_eq!(
+        delete_of(next_event(&mut stream).await),
+        ("a/leased".to_owned(), revision + 1)
+    );
+    assert_eq!(store.revision().await.unwrap(), revision + 1);
+    assert_no_event(&mut stream);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reopened_leases_get_a_fresh_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let lease = {
+        let store = open_in(&dir).await;
+        let lease = store.lease_grant(Duration::from_secs(10)).await.unwrap();
+        store.put("k", b"v".to_vec(), Some(lease)).await.unwrap();
+        // 8 of 10 seconds used up before the "crash".
+        tokio::time::advance(Duration::from_secs(8)).await;
+        lease
+    };
+    let store = open_in(&dir).await;
+    let mut stream = store.watch("", 0).await.unwrap();
+    // 13 s after the grant but only 5 s after the restart: alive.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert!(store.get("k").await.unwrap().is_some());
+    assert_no_event(&mut stream);
+    // 11 s after the restart: expired by the sweeper of the reopened store.
+    tokio::time::advance(Duration::from_secs(6)).await;
+    assert_eq!(
+        delete_of(next_event(&mut stream).await),
+        ("k".to_owned(), 2)
+    );
+    assert!(matches!(
+        store.lease_keep_alive(lease).await,
+        Err(StoreError::LeaseNotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn watch_before_retained_history_is_compacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = EmbeddedOptions {
+        history_capacity: 3,
+        ..EmbeddedOptions::default()
+    };
+    let store = open_with_options(&dir, options).await;
+    for i in 1..=5u64 {
+        assert_eq!(store.put("k", vec![i as u8], None).await.unwrap(), i);
+    }
+    for from in [1, 2] {
+        assert!(matches!(
+            store.watch("k", from).await,
+            Err(StoreError::Compacted { requested, oldest: 3 }) if requested == from
+        ));
+    }
+    let mut stream = store.watch("k", 3).await.unwrap();
+    for revision in 3..=5 {
+        assert_eq!(next_event(&mut stream).await.revision(), revision);
+    }
+    assert_no_event(&mut stream);
+    // A watch from the future waits for it.
+    let mut future = store.watch("k", 7).await.unwrap();
+    store.put("k", b"6".to_vec(), None).await.unwrap();
+    store.put("k", b"7".to_vec(), None).await.unwrap();
+    assert_eq!(next_event(&mut future).await.revision(), 7);
+    assert_no_event(&mut future);
+}
+
+#[tokio::test]
+async fn slow_watcher_is_closed_without_blocking_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = EmbeddedOptions {
+        watch_buffer: 4,
+        ..EmbeddedOptions::default()
+    };
+    let store = open_with_options(&dir, options).await;
+    let mut slow = store.watch("k", 0).await.unwrap();
+    let mut fast = store.watch("k", 0).await.unwrap();
+    for i in 1..=10u64 {
+        assert_eq!(store.put("k", vec![i as u8], None).await.unwrap(), i);
+        // The fast watcher keeps up and is never dropped.
+        assert_eq!(next_event(&mut fast).await.revision(), i);
+    }
+    // The slow one gets what fit, in order, then the end of its stream.
+    for revision in 1..=4 {
+        assert_eq!(slow.recv().await.unwrap().revision(), revision);
+    }
+    assert_eq!(slow.recv().await, None);
+    assert_eq!(store.watcher_count(), 1);
+}
+
+#[tokio::test]
+async fn dropped_watchers_are_cleaned_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_in(&dir).await;
+    let a = store.watch("a/", 0).await.unwrap();
+    let _b = store.watch("b/", 0).await.unwrap();
+    assert_eq!(store.watcher_count(), 2);
+    drop(a);
+    // Noticed on the next event, even one under another prefix...
+    store.put("b/1", b"v".to_vec(), None).await.unwrap();
+    assert_eq!(store.watcher_count(), 1);
+    // ...or at the next registration.
+    let c = store.watch("c/", 0).await.unwrap();
+    drop(c);
+    let _d = store.watch("d/", 0).await.unwrap();
+    assert_eq!(store.watcher_count(), 2);
+}
+
+#[tokio::test]
+async fn expiry_is_enforced_on_access_with_an_injected_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock {
+        base: Instant::now(),
+        offset: Mutex::new(Duration::ZERO),
+    });
+    let store = EmbeddedStore::open(dir.path().join("store.redb"), clock.clone())
+        .await
+        .unwrap();
+    let lease = store.lease_grant(Duration::from_secs(10)).await.unwrap();
+    let other = store.lease_grant(Duration::from_secs(10)).await.unwrap();
+    store.put("k", b"v".to_vec(), Some(lease)).await.unwrap();
+    store.put("o", b"v".to_vec(), Some(other)).await.unwrap();
+
+    // Tokio time has not moved, so the sweeper is still asleep: only the operations see it.
+    clock.advance(Duration::from_secs(9));
+    store.lease_keep_alive(other).await.unwrap();
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(store.get("k").await.unwrap(), None);
+    assert_eq!(
+        store.revision().await.unwrap(),
+        3,
+        "one delete for the expired key"
+    );
+    assert!(
+        store.get("o").await.unwrap().is_some(),
+        "renewed lease survives"
+    );
+    assert!(matches!(
+        store.lease_keep_alive(lease).await,
+        Err(StoreError::LeaseNotFound(_))
+    ));
+    assert!(matches!(
+        store.put("k", b"v".to_vec(), Some(lease)).await,
+        Err(StoreError::LeaseNotFound(_))
+    ));
+
+    // Renewal at the deadline is too late, and deletes the keys before reporting it.
+    clock.advance(Duration::from_secs(10));
+    assert!(matches!(
+        store.lease_keep_alive(other).await,
+        Err(StoreError::LeaseNotFound(_))
+    ));
+    assert_eq!(store.list("").await.unwrap().kvs, []);
+}
+
+#[tokio::test]
+async fn dropping_the_store_closes_streams_and_releases_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_in(&dir).await;
+    store.lease_grant(Duration::from_secs(60)).await.unwrap();
+    let mut stream = store.watch("", 0).await.unwrap();
+    // The file is locked while open.
+    assert!(matches!(
+        EmbeddedStore::open_default(store.path()).await,
+        Err(StoreError::Open { .. })
+    ));
+    drop(store);
+    assert_eq!(stream.recv().await, None);
+    // Reopening right away works: the sweeper did not keep the database alive.
+    let store = open_in(&dir).await;
+    store.put("k", b"v".to_vec(), None).await.unwrap();
+}
+
+#[tokio::test]
+async fn open_reports_the_path_on_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("missing-dir").join("store.redb");
+    match EmbeddedStore::open_default(&path).await {
+        Err(StoreError::Open { path: reported, .. }) => {
+            assert_eq!(reported, path.display().to_string());
+        }
+        other => panic!("expected an open error, got {other:?}"),
+    }
+}
+
+#[test]
+fn records_round_trip_and_corruption_is_detected() {
+    let kv = KeyValue {
+        key: "k".to_owned(),
+        value: b"value".to_vec(),
+        create_revision: 3,
+        mod_revision: u64::MAX,
+        version: 7,
+        lease: Some(42),
+    };
+    assert_eq!(decode("k", &encode(&kv)).unwrap(), kv);
+    let no_lease = KeyValue {
+        lease: None,
+        value: Vec::new(),
+        ..kv.clone()
+    };
+    assert_eq!(decode("k", &encode(&no_lease)).unwrap(), no_lease);
+
+    let bytes = encode(&kv);
+    assert!(matches!(
+        decode("k", &bytes[..10]),
+        Err(StoreError::Backend(_))
+    ));
+    let mut wrong_format = bytes;
+    wrong_format[0] = 99;
+    let error = decode("k", &wrong_format).unwrap_err();
+    assert!(error.to_string().contains("corrupt record"), "{error}");
+}
