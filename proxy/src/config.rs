@@ -21,6 +21,15 @@ pub struct ProxyConfig {
     pub header_read_timeout: Duration,
     /// Idle upstream keep-alive connections kept per backend.
     pub upstream_idle_per_backend: usize,
+    /// Largest request head (request line and headers) accepted; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Client connections served at once; past this the listener stops accepting until one
+    /// closes (back-pressure in the kernel's accept queue, not errors).
+    pub max_connections: usize,
+    /// A TLS handshake that takes longer than this is dropped.
+    pub tls_handshake_timeout: Duration,
+    /// How long shutdown lets in-flight requests finish before dropping connections.
+    pub shutdown_grace: Duration,
 }
 
 impl ProxyConfig {
@@ -34,6 +43,10 @@ impl ProxyConfig {
             upstream_response_timeout: Duration::from_secs(60),
             header_read_timeout: Duration::from_secs(30),
             upstream_idle_per_backend: 32,
+            max_header_bytes: 64 * 1024,
+            max_connections: 10_000,
+            tls_handshake_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }

@@ -15,9 +15,14 @@ mod forward;
 mod listener;
 mod route_table;
 mod service;
+mod tls;
+
+#[cfg(test)]
+mod tests;
 
 pub use activity::{ActivityGuard, ActivityTracker};
 pub use config::ProxyConfig;
 pub use error::ProxyError;
 pub use listener::{Proxy, ProxyRunError};
 pub use route_table::RouteHandle;
+pub use tls::{CertStore, TlsError, TlsFiles};

@@ -1,5 +1,6 @@
-//! The proxy's listener: accepts connections on an already-bound socket, serves HTTP/1.1
-//! (with upgrades) and h2c on each, and shuts down gracefully on a cancellation token.
+//! The proxy's listener: accepts connections on an already-bound socket (plain or TLS), serves
+//! HTTP/1.1 with upgrades and HTTP/2 (h2c with prior knowledge, or `h2` via ALPN) on each, caps
+//! concurrent connections, and shuts down gracefully on a cancellation token.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,8 +8,10 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -17,9 +20,6 @@ use crate::config::ProxyConfig;
 use crate::forward::upstream_client;
 use crate::route_table::RouteHandle;
 use crate::service::{Shared, handle};
-
-/// How long shutdown waits for in-flight requests before dropping connections.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Failures of the accept loop.
 #[derive(Debug, thiserror::Error)]
@@ -57,23 +57,68 @@ impl Proxy {
         self.shared.activity.clone()
     }
 
-    /// Serves connections from `listener` until `shutdown` is cancelled, then stops accepting,
-    /// lets in-flight requests finish (bounded) and returns.
+    /// Serves plain-text connections (HTTP/1.1 and h2c) from `listener` until `shutdown` is
+    /// cancelled, then stops accepting, lets in-flight requests finish (bounded) and returns.
     pub async fn run(
         &self,
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), ProxyRunError> {
+        self.serve(listener, None, shutdown).await
+    }
+
+    /// Like [`Proxy::run`], terminating TLS with `tls` (see `CertStore::server_config`).
+    pub async fn run_tls(
+        &self,
+        listener: TcpListener,
+        tls: Arc<ServerConfig>,
+        shutdown: CancellationToken,
+    ) -> Result<(), ProxyRunError> {
+        self.serve(
+            listener,
+            Some(tokio_rustls::TlsAcceptor::from(tls)),
+            shutdown,
+        )
+        .await
+    }
+
+    fn builder(&self) -> auto::Builder<TokioExecutor> {
+        let cfg = &self.shared.config;
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.shared.config.header_read_timeout)
+            // Also bounds how long an idle keep-alive connection waits for its next request.
+            .header_read_timeout(cfg.header_read_timeout)
+            .max_buf_size(cfg.max_header_bytes.max(8192))
             .keep_alive(true);
-        builder.http2().timer(TokioTimer::new());
-        let graceful = GracefulShutdown::new();
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(cfg.max_header_bytes as u32)
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        builder
+    }
+
+    async fn serve(
+        &self,
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        shutdown: CancellationToken,
+    ) -> Result<(), ProxyRunError> {
+        let builder = Arc::new(self.builder());
         let connections = TaskTracker::new();
+        let slots = Arc::new(Semaphore::new(self.shared.config.max_connections.max(1)));
         loop {
+            // Wait for a free slot before accepting: at the limit, new clients queue in the
+            // kernel's backlog instead of being accepted and starved.
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
@@ -90,19 +135,38 @@ impl Proxy {
             };
             let _ = stream.set_nodelay(true);
             let shared = self.shared.clone();
-            let svc = service_fn(move |req| handle(shared.clone(), req, peer));
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .into_owned();
-            let conn = graceful.watch(conn);
-            connections.spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::trace!(error = %e, "client connection ended with an error");
+            let builder = builder.clone();
+            let stop = shutdown.clone();
+            match &tls {
+                None => {
+                    connections.spawn(async move {
+                        serve_conn(&builder, stop, shared, stream, peer, false).await;
+                        drop(permit);
+                    });
                 }
-            });
+                Some(acceptor) => {
+                    let acceptor = acceptor.clone();
+                    let handshake_timeout = shared.config.tls_handshake_timeout;
+                    connections.spawn(async move {
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+                        {
+                            Ok(Ok(tls_stream)) => {
+                                serve_conn(&builder, stop, shared, tls_stream, peer, true).await;
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
+                        drop(permit);
+                    });
+                }
+            }
         }
         drop(listener);
-        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        // Every connection saw the same token and is finishing its in-flight requests.
+        connections.close();
+        if tokio::time::timeout(self.shared.config.shutdown_grace, connections.wait())
             .await
             .is_err()
         {
@@ -111,6 +175,33 @@ impl Proxy {
         connections.close();
         self.shared.tasks.close();
         Ok(())
+    }
+}
+
+async fn serve_conn<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    shutdown: CancellationToken,
+    shared: Arc<Shared>,
+    io: I,
+    peer: std::net::SocketAddr,
+    tls: bool,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| handle(shared.clone(), req, peer, tls));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            // Finish the request in flight (HTTP/1.1) or the open streams (HTTP/2: GOAWAY),
+            // then close; idle keep-alive connections close at once.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::trace!(error = %e, "client connection ended with an error");
     }
 }
 

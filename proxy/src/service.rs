@@ -60,8 +60,9 @@ pub(crate) async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
     peer: SocketAddr,
+    tls: bool,
 ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
-    match proxy(&shared, req, peer).await {
+    match proxy(&shared, req, peer, tls).await {
         Ok(resp) => Ok(resp),
         Err(e) => {
             tracing::debug!(error = %e, code = e.code(), blame = ?e.blame(), "proxy error");
@@ -205,6 +206,7 @@ async fn proxy(
     shared: &Arc<Shared>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
+    tls: bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let route = find_route(shared, &req)?;
     let (user, token_source) = if route.public {
@@ -272,7 +274,10 @@ async fn proxy(
             h.insert(X_FORWARDED_HOST, host);
         }
         append_forwarded_for(h, peer);
-        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        h.insert(
+            X_FORWARDED_PROTO,
+            HeaderValue::from_static(if tls { "https" } else { "http" }),
+        );
     }
 
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));

@@ -1,0 +1,362 @@
+//! In-process tests of the proxy's listener: h2c, TLS with ALPN and certificate reload, the
+//! header timeout, the header size limit, the connection cap and graceful shutdown. Each test
+//! runs a real upstream and a real proxy on `127.0.0.1:0`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hangar_core::BackendId;
+use hangar_core::route::{Route, RouteState, RouteTable};
+use hangar_core::token::TokenKey;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::{CertStore, Proxy, ProxyConfig, TlsFiles};
+
+const DOMAIN: &str = "hangar.test";
+const ID: &str = "b1";
+
+/// An upstream answering `ok` (and `/slow` after 500 ms), until the test ends.
+async fn upstream(tasks: &TaskTracker) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tasks.spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    if req.uri().path() == "/slow" {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(Bytes::from_static(b"ok")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+struct Running {
+    proxy: Arc<Proxy>,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    done: tokio::task::JoinHandle<()>,
+    _tasks: TaskTracker,
+}
+
+async fn start(mut cfg: ProxyConfig, tls: Option<Arc<rustls::ServerConfig>>) -> Running {
+    let tasks = TaskTracker::new();
+    let up = upstream(&tasks).await;
+    cfg.domain = DOMAIN.into();
+    let proxy = Arc::new(Proxy::new(cfg));
+    proxy.routes().publish(Arc::new(RouteTable::new(
+        1,
+        [Route {
+            backend: BackendId::parse(ID).unwrap(),
+            state: RouteState::Ready,
+            address: Some(up),
+            public: true,
+        }],
+    )));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let (p, s) = (proxy.clone(), shutdown.clone());
+    let done = tokio::spawn(async move {
+        match tls {
+            Some(t) => p.run_tls(l, t, s).await.unwrap(),
+            None => p.run(l, s).await.unwrap(),
+        }
+    });
+    Running {
+        proxy,
+        addr,
+        shutdown,
+        done,
+        _tasks: tasks,
+    }
+}
+
+fn config() -> ProxyConfig {
+    ProxyConfig::new(DOMAIN, TokenKey::generate())
+}
+
+fn get(path: &str) -> Request<Empty<Bytes>> {
+    Request::builder()
+        .uri(format!("http://{ID}.{DOMAIN}{path}"))
+        .header("host", format!("{ID}.{DOMAIN}"))
+        .body(Empty::new())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn h2c_with_prior_knowledge() {
+    let r = start(config(), None).await;
+    let s = TcpStream::connect(r.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        let resp = send.send_request(get("/")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+    }
+}
+
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: rcgen::Certificate,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap();
+        Pki {
+            dir: tempfile::tempdir().unwrap(),
+            ca,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// Writes a leaf certificate for `*.DOMAIN` to cert.pem/key.pem; returns its DER.
+    fn write_leaf(&self) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec![format!("*.{DOMAIN}")]).unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        write_atomic(&self.dir.path().join("cert.pem"), cert.pem().as_bytes());
+        write_atomic(
+            &self.dir.path().join("key.pem"),
+            key.serialize_pem().as_bytes(),
+        );
+        cert.der().to_vec()
+    }
+
+    fn files(&self) -> Vec<TlsFiles> {
+        vec![TlsFiles {
+            cert: self.dir.path().join("cert.pem"),
+            key: self.dir.path().join("key.pem"),
+        }]
+    }
+
+    fn client(&self, alpn: &[u8]) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.der().clone()).unwrap();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = vec![alpn.to_vec()];
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    }
+}
+
+fn write_atomic(path: &Path, data: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).unwrap();
+    std::fs::rename(tmp, path).unwrap();
+}
+
+async fn tls_connect(
+    pki: &Pki,
+    addr: SocketAddr,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(format!("{ID}.{DOMAIN}")).unwrap();
+    pki.client(alpn).connect(name, s).await.unwrap()
+}
+
+#[tokio::test]
+async fn tls_serves_http1_and_http2_by_alpn_and_reloads_without_dropping_connections() {
+    let pki = Pki::new();
+    let first_der = pki.write_leaf();
+    let store = CertStore::load(pki.files()).unwrap();
+    let r = start(config(), Some(store.server_config().unwrap())).await;
+
+    // HTTP/2 via ALPN.
+    let tls = tls_connect(&pki, r.addr, b"h2").await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = h2.send_request(get("/")).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    // HTTP/1.1 via ALPN, kept open across a certificate reload.
+    let tls = tls_connect(&pki, r.addr, b"http/1.1").await;
+    let served = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    assert_eq!(served, first_der);
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = h1.send_request(get("/")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap();
+
+    let second_der = pki.write_leaf();
+    assert_ne!(first_der, second_der);
+    store.reload().unwrap();
+
+    // The open connection keeps working...
+    let resp = h1.send_request(get("/")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // ...and new handshakes get the new certificate.
+    let tls = tls_connect(&pki, r.addr, b"http/1.1").await;
+    assert_eq!(
+        tls.get_ref().1.peer_certificates().unwrap()[0].to_vec(),
+        second_der
+    );
+
+    // A broken file keeps the previous certificate in service.
+    std::fs::write(pki.dir.path().join("cert.pem"), b"not a certificate").unwrap();
+    let err = store.reload().unwrap_err();
+    assert!(err.to_string().contains("cert.pem"), "{err}");
+    let tls = tls_connect(&pki, r.addr, b"http/1.1").await;
+    assert_eq!(
+        tls.get_ref().1.peer_certificates().unwrap()[0].to_vec(),
+        second_der
+    );
+}
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_by_the_header_timeout() {
+    let mut cfg = config();
+    cfg.header_read_timeout = Duration::from_millis(300);
+    let r = start(cfg, None).await;
+    let mut s = TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: b1.hangar.test\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    // The server closes the connection (possibly after a 408); reading hits EOF.
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "connection was not closed");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(started.elapsed() >= Duration::from_millis(250));
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431() {
+    let mut cfg = config();
+    cfg.max_header_bytes = 16 * 1024;
+    let r = start(cfg, None).await;
+    let mut s = TcpStream::connect(r.addr).await.unwrap();
+    let big = "a".repeat(64 * 1024);
+    let req = format!("GET / HTTP/1.1\r\nHost: b1.hangar.test\r\nX-Big: {big}\r\n\r\n");
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+}
+
+#[tokio::test]
+async fn the_connection_cap_applies_back_pressure_and_recovers() {
+    let mut cfg = config();
+    cfg.max_connections = 2;
+    let r = start(cfg, None).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let s = TcpStream::connect(r.addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let resp = send.send_request(get("/")).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        held.push(send);
+    }
+    // A third client is queued (the kernel accepts the TCP connection, the proxy does not
+    // serve it) while two connections are open...
+    let s = TcpStream::connect(r.addr).await.unwrap();
+    let (mut third, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let pending = third.send_request(get("/"));
+    tokio::pin!(pending);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), pending.as_mut())
+            .await
+            .is_err(),
+        "served past the connection cap"
+    );
+    // ...and is served as soon as one closes.
+    held.pop();
+    let resp = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("served after a slot freed")
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_completes_a_slow_request() {
+    let r = start(config(), None).await;
+    let s = TcpStream::connect(r.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let slow = tokio::spawn(async move {
+        let resp = send.send_request(get("/slow")).await.unwrap();
+        let status = resp.status();
+        (status, resp.into_body().collect().await.unwrap().to_bytes())
+    });
+    // Shut down once the request is in flight at the upstream.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while r
+        .proxy
+        .activity()
+        .snapshot()
+        .first()
+        .is_none_or(|a| a.open == 0)
+    {
+        assert!(Instant::now() < deadline, "request never reached the proxy");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    r.shutdown.cancel();
+    let (status, body) = slow.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "ok");
+    tokio::time::timeout(Duration::from_secs(10), r.done)
+        .await
+        .expect("run() returned after the request finished")
+        .unwrap();
+    // New connections are refused after shutdown.
+    assert!(TcpStream::connect(r.addr).await.is_err());
+}
