@@ -1,0 +1,14 @@
+//! The drone: the part of Hangar that runs backends on a host.
+//!
+//! The [`agent::Agent`] receives [`SchedulerMessage`](hangar_core::drone::SchedulerMessage)s,
+//! drives a [`runtime::Runtime`] (one local process per backend, or later a container) and
+//! reports [`BackendEvent`](hangar_core::drone::BackendEvent)s back. In `hangar dev` the agent
+//! runs in the scheduler's process and talks over channels; a remote drone runs the same agent
+//! behind a connection.
+
+pub mod agent;
+pub mod runtime;
+
+pub use agent::{Agent, AgentConfig};
+pub use runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
+pub use runtime::{ExitStatus, ExitWatch, Runtime, RuntimeError, Started};

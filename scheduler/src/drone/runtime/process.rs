@@ -1,0 +1,585 @@
+//! The process runtime: each backend is one local child process.
+//!
+//! Used by `hangar dev`, by tests and on hosts without Docker. Every child gets its own process
+//! group (so that a terminal's Ctrl-C reaches only the agent, which then stops backends in an
+//! orderly way, and so that a kill reaches the backend's own children too) and the
+//! parent-death signal `SIGKILL` (so that children never outlive an agent that is killed -9).
+//!
+//! Each child is owned by one waiter task, which is the only place that reaps it. `stop` never
+//! signals the pid itself: it asks the waiter to, and the waiter only signals a child it has
+//! not reaped yet. That closes the classic race where a pid is reaped, reused by an unrelated
+//! process, and then signalled.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hangar_core::BackendId;
+use hangar_core::drone::SpawnCommand;
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{ExitStatus, Runtime, RuntimeError, Started};
+
+/// Configuration of a [`ProcessRuntime`].
+#[derive(Clone, Debug)]
+pub struct ProcessRuntimeConfig {
+    /// The command run when a spawn gives none (in dev: `[current_exe, "demo-backend"]`).
+    pub default_command: Option<Vec<String>>,
+    /// The address backends listen on; also the host of the address handed to the proxy.
+    pub bind_host: IpAddr,
+    /// If set, each child's stdout and stderr are appended to `<log_dir>/<backend>.log`;
+    /// otherwise they go to `/dev/null`.
+    pub log_dir: Option<PathBuf>,
+}
+
+impl Default for ProcessRuntimeConfig {
+    fn default() -> Self {
+        ProcessRuntimeConfig {
+            default_command: None,
+            bind_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            log_dir: None,
+        }
+    }
+}
+
+/// A signal request from `stop` to a child's waiter task.
+#[derive(Clone, Copy, Debug)]
+enum Signal {
+    /// `SIGTERM` to the backend's main process (it decides how to shut down its children).
+    Term,
+    /// `SIGKILL` to the backend's whole process group.
+    Kill,
+}
+
+/// What the runtime keeps per running child.
+struct ChildEntry {
+    /// Distinguishes this child from a later one started under the same backend id.
+    generation: u64,
+    signals: mpsc::UnboundedSender<Signal>,
+    /// `Some` once the child has exited and been reaped.
+    exited: watch::Receiver<Option<ExitStatus>>,
+}
+
+struct Inner {
+    config: ProcessRuntimeConfig,
+    children: Mutex<HashMap<BackendId, ChildEntry>>,
+    next_generation: AtomicU64,
+    tasks: TaskTracker,
+    /// Cancelled when the [`ProcessRuntime`] is dropped: waiters then kill their children.
+    dropped: CancellationToken,
+}
+
+/// Runs each backend as a child process of this process. See the module docs.
+pub struct ProcessRuntime {
+    inner: Arc<Inner>,
+}
+
+impl ProcessRuntime {
+    pub fn new(config: ProcessRuntimeConfig) -> Self {
+        ProcessRuntime {
+            inner: Arc::new(Inner {
+                config,
+                children: Mutex::new(HashMap::new()),
+                next_generation: AtomicU64::new(1),
+                tasks: TaskTracker::new(),
+                dropped: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// The backends currently running (started and not yet exited).
+    pub fn running(&self) -> Vec<BackendId> {
+        lock(&self.inner.children).keys().cloned().collect()
+    }
+
+    /// Stops every child (`SIGTERM`, then `SIGKILL` after `grace`) and returns once all have
+    /// exited. Used by `hangar dev` on Ctrl-C.
+    pub async fn shutdown(&self, grace: Duration) {
+        let backends = self.running();
+        let stops = backends.iter().map(|backend| async move {
+            match self.stop(backend, grace).await {
+                Ok(()) | Err(RuntimeError::NotRunning { .. }) => {}
+                Err(error) => tracing::warn!(%backend, %error, "cannot stop backend"),
+            }
+        });
+        futures_util::future::join_all(stops).await;
+    }
+
+    fn command_for<'a>(&'a self, cmd: &'a SpawnCommand) -> Result<&'a [String], RuntimeError> {
+        if let Some(image) = &cmd.image {
+            return Err(RuntimeError::ImageUnsupported {
+                image: image.clone(),
+            });
+        }
+        cmd.command
+            .as_deref()
+            .or(self.inner.config.default_command.as_deref())
+            .filter(|argv| !argv.is_empty())
+            .ok_or_else(|| RuntimeError::NoCommand {
+                backend: cmd.backend.clone(),
+            })
+    }
+
+    /// Where the child's stdout and stderr go.
+    fn output(&self, backend: &BackendId) -> io::Result<(Stdio, Stdio)> {
+        let Some(dir) = &self.inner.config.log_dir else {
+            return Ok((Stdio::null(), Stdio::null()));
+        };
+        std::fs::create_dir_all(dir)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{backend}.log")))?;
+        let stderr = file.try_clone()?;
+        Ok((file.into(), stderr.into()))
+    }
+}
+
+impl Drop for ProcessRuntime {
+    fn drop(&mut self) {
+        // Waiter tasks kill their children when they see this. If the tokio runtime is gone
+        // too, `kill_on_drop` still kills each main process when its `Child` is dropped.
+        self.inner.dropped.cancel();
+    }
+}
+
+/// Locks a mutex, recovering from poisoning: the maps stay consistent because no code path
+/// panics while holding the lock.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Finds a free port by binding port 0 and releasing it. There is a window in which another
+/// process could take the port; the backend then fails to bind and exits, which the agent
+/// reports like any other early exit.
+fn allocate_port(host: IpAddr) -> io::Result<u16> {
+    let listener = TcpListener::bind(SocketAddr::new(host, 0))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Makes the child the leader of its own process group and arranges for it to be killed when
+/// the thread that spawned it dies.
+fn configure_child(command: &mut Command) {
+    command.process_group(0);
+    #[cfg(target_os = "linux")]
+    {
+        let parent = std::process::id() as libc::pid_t;
+        #[allow(unsafe_code)]
+        // SAFETY: the closure runs in the forked child before exec and only makes
+        // async-signal-safe system calls (prctl, getppid) and builds io::Errors from raw os
+        // error codes, which does not allocate.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // If the parent died between fork and prctl, the death signal will never come:
+                // give up rather than run an orphan.
+                if libc::getppid() != parent {
+                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+/// `kill(2)` that reports failure as an `io::Error`.
+fn send_signal(pid: libc::pid_t, signal: libc::c_int) -> io::Result<()> {
+    #[allow(unsafe_code)]
+    // SAFETY: kill has no memory-safety preconditions; callers only pass pids (or negated
+    // process-group ids) of children that have not been reaped yet.
+    let rc = unsafe { libc::kill(pid, signal) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Converts a std exit status to ours: a signal-killed process gets 128 + the signal number,
+/// as a shell reports it.
+fn exit_status(status: std::process::ExitStatus) -> ExitStatus {
+    use std::os::unix::process::ExitStatusExt;
+    ExitStatus {
+        code: status
+            .code()
+            .or_else(|| status.signal().map(|signal| 128 + signal)),
+    }
+}
+
+#[async_trait]
+impl Runtime for ProcessRuntime {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    async fn start(&self, cmd: &SpawnCommand) -> Result<Started, RuntimeError> {
+        let argv = self.command_for(cmd)?;
+        let backend = &cmd.backend;
+        let program = argv[0].clone();
+        let spawn_error = |source: io::Error| RuntimeError::Spawn {
+            backend: backend.clone(),
+            program: program.clone(),
+            source,
+        };
+        if lock(&self.inner.children).contains_key(backend) {
+            return Err(spawn_error(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the backend is already running",
+            )));
+        }
+
+        let host = self.inner.config.bind_host;
+        let port = allocate_port(host).map_err(|source| RuntimeError::AllocatePort {
+            backend: backend.clone(),
+            source,
+        })?;
+        let (stdout, stderr) = self.output(backend).map_err(spawn_error)?;
+
+        let mut command = Command::new(&argv[0]);
+        command
+            .args(&argv[1..])
+            .envs(&cmd.env)
+            .env("PORT", port.to_string())
+            .env("HANGAR_BACKEND_ID", backend.as_str())
+            .env("HANGAR_KEY", cmd.key.as_deref().unwrap_or(""))
+            .env("HANGAR_EPOCH", cmd.epoch.to_string())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .kill_on_drop(true);
+        configure_child(&mut command);
+        // Spawning here, on the calling (tokio worker) thread, matters: the parent-death signal
+        // fires when the *thread* that forked the child exits, and worker threads live as long
+        // as the tokio runtime, unlike `spawn_blocking` threads.
+        let child = command.spawn().map_err(spawn_error)?;
+        let Some(pid) = child.id() else {
+            // Only possible if the child was already reaped, which nothing has done yet.
+            return Err(spawn_error(io::Error::other("the child has no pid")));
+        };
+        let pid = pid as libc::pid_t;
+
+        let generation = self.inner.next_generation.fetch_add(1, Ordering::Relaxed);
+        let (signals_tx, signals_rx) = mpsc::unbounded_channel();
+        let (exited_tx, exited_rx) = watch::channel(None);
+        let (exit_tx, exit_rx) = oneshot::channel();
+        lock(&self.inner.children).insert(
+            backend.clone(),
+            ChildEntry {
+                generation,
+                signals: signals_tx,
+                exited: exited_rx,
+            },
+        );
+        let waiter = Waiter {
+            inner: self.inner.clone(),
+            backend: backend.clone(),
+            generation,
+            pid,
+        };
+        self.inner
+            .tasks
+            .spawn(waiter.run(child, signals_rx, exited_tx, exit_tx));
+        tracing::info!(%backend, pid, port, program = %argv[0], "started backend process");
+
+        Ok(Started {
+            backend: backend.clone(),
+            address: SocketAddr::new(host, port),
+            exit: exit_rx,
+        })
+    }
+
+    async fn stop(&self, backend: &BackendId, grace: Duration) -> Result<(), RuntimeError> {
+        let (signals, mut exited) = {
+            let children = lock(&self.inner.children);
+            let entry = children
+                .get(backend)
+                .ok_or_else(|| RuntimeError::NotRunning {
+                    backend: backend.clone(),
+                })?;
+            (entry.signals.clone(), entry.exited.clone())
+        };
+        // A send error means the waiter is finishing: the child has exited, and `exited` says
+        // so (or is about to).
+        if !grace.is_zero() {
+            let _ = signals.send(Signal::Term);
+            let polite = tokio::time::timeout(grace, exited.wait_for(Option::is_some)).await;
+            if polite.is_ok() {
+                return Ok(());
+            }
+            tracing::info!(%backend, ?grace, "backend ignored SIGTERM; killing it");
+        }
+        let _ = signals.send(Signal::Kill);
+        // An error means the waiter ended without publishing, which it never does; either way
+        // the child is gone.
+        let _ = exited.wait_for(Option::is_some).await;
+        Ok(())
+    }
+
+    async fn adopt(&self) -> Result<Vec<Started>, RuntimeError> {
+        // Children die with the agent (parent-death signal), so there is never anything left.
+        Ok(Vec::new())
+    }
+}
+
+/// The task that owns one child: delivers signals to it and reaps it.
+struct Waiter {
+    inner: Arc<Inner>,
+    backend: BackendId,
+    generation: u64,
+    pid: libc::pid_t,
+}
+
+impl Waiter {
+    async fn run(
+        self,
+        mut child: Child,
+        mut signals: mpsc::UnboundedReceiver<Signal>,
+        exited: watch::Sender<Option<ExitStatus>>,
+        exit: oneshot::Sender<ExitStatus>,
+    ) {
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break status,
+                Some(signal) = signals.recv() => self.signal(signal),
+                () = self.inner.dropped.cancelled() => {
+                    self.signal(Signal::Kill);
+                    break child.wait().await;
+                }
+            }
+        };
+        let status = match status {
+            Ok(status) => exit_status(status),
+            Err(error) => {
+                tracing::warn!(backend = %self.backend, %error, "cannot wait for backend process");
+                ExitStatus { code: None }
+            }
+        };
+        // Whatever the main process left behind in its group (workers, a shell's children)
+        // goes with it. The group id cannot have been reused while members remain; if none
+        // remain this fails harmlessly with ESRCH.
+        let _ = send_signal(-self.pid, libc::SIGKILL);
+        tracing::info!(backend = %self.backend, pid = self.pid, code = ?status.code, "backend process exited");
+
+        // Forget the child before announcing the exit, so that whoever reacts to the exit can
+        // start the backend again.
+        {
+            let mut children = lock(&self.inner.children);
+            if children
+                .get(&self.backend)
+                .is_some_and(|entry| entry.generation == self.generation)
+            {
+                children.remove(&self.backend);
+            }
+        }
+        exited.send_replace(Some(status));
+        // The agent may have stopped watching; nothing to do then.
+        let _ = exit.send(status);
+    }
+
+    /// Signals the child. Only called before the child is reaped, so the pid (and the process
+    /// group id, which equals it) still belong to our child.
+    fn signal(&self, signal: Signal) {
+        let result = match signal {
+            Signal::Term => send_signal(self.pid, libc::SIGTERM),
+            Signal::Kill => send_signal(-self.pid, libc::SIGKILL)
+                // The group may be gone if the main process left it; the process itself is not.
+                .or_else(|_| send_signal(self.pid, libc::SIGKILL)),
+        };
+        if let Err(error) = result {
+            // ESRCH: it is a zombie about to be reaped; nothing else is expected.
+            tracing::debug!(backend = %self.backend, ?signal, %error, "cannot signal backend process");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Instant;
+
+    use hangar_core::api::Resources;
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn spawn_command(id: &str, argv: &[&str]) -> SpawnCommand {
+        SpawnCommand {
+            backend: BackendId::parse(id).unwrap(),
+            key: Some("default/doc".to_string()),
+            epoch: 7,
+            command: Some(argv.iter().map(|s| s.to_string()).collect()),
+            image: None,
+            env: BTreeMap::from([("GREETING".to_string(), "hi".to_string())]),
+            resources: Resources::default(),
+            startup_timeout_ms: 10_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn passes_env_and_reports_exit_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = ProcessRuntime::new(ProcessRuntimeConfig {
+            log_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        });
+        let cmd = spawn_command(
+            "penv",
+            &[
+                "sh",
+                "-c",
+                r#"echo "$PORT $HANGAR_BACKEND_ID $HANGAR_KEY $HANGAR_EPOCH $GREETING"; exit 5"#,
+            ],
+        );
+        let started = runtime.start(&cmd).await.unwrap();
+        assert_eq!(started.address.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let status = tokio::time::timeout(WAIT, started.exit)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.code, Some(5));
+        assert!(runtime.running().is_empty());
+        let log = std::fs::read_to_string(dir.path().join("penv.log")).unwrap();
+        assert_eq!(
+            log,
+            format!("{} penv default/doc 7 hi\n", started.address.port())
+        );
+    }
+
+    #[tokio::test]
+    async fn stop_kills_after_grace_when_sigterm_is_ignored() {
+        let runtime = ProcessRuntime::new(ProcessRuntimeConfig::default());
+        // The fifo read only returns once the trap is installed, so SIGTERM cannot come early.
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("ready");
+        let fifo_arg = fifo.to_str().unwrap().to_string();
+        let script = format!(r#"trap "" TERM; echo ready > "{fifo_arg}"; sleep 30"#);
+        let mkfifo = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(mkfifo.success());
+        let started = runtime
+            .start(&spawn_command("pstubborn", &["sh", "-c", &script]))
+            .await
+            .unwrap();
+        let ready = tokio::task::spawn_blocking(move || std::fs::read_to_string(fifo));
+        assert_eq!(
+            tokio::time::timeout(WAIT, ready)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap(),
+            "ready\n"
+        );
+
+        let grace = Duration::from_millis(300);
+        let begin = Instant::now();
+        runtime.stop(&started.backend, grace).await.unwrap();
+        let took = begin.elapsed();
+        assert!(took >= grace, "{took:?}");
+        assert!(took < Duration::from_secs(10), "{took:?}");
+        assert_eq!(started.exit.await.unwrap().code, Some(137));
+        assert!(matches!(
+            runtime.stop(&started.backend, grace).await,
+            Err(RuntimeError::NotRunning { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn stop_with_grace_sends_sigterm() {
+        let runtime = ProcessRuntime::new(ProcessRuntimeConfig::default());
+        let started = runtime
+            .start(&spawn_command("pterm", &["sleep", "30"]))
+            .await
+            .unwrap();
+        runtime
+            .stop(&started.backend, Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(started.exit.await.unwrap().code, Some(128 + libc::SIGTERM));
+    }
+
+    #[tokio::test]
+    async fn refusals() {
+        let runtime = ProcessRuntime::new(ProcessRuntimeConfig::default());
+        let mut cmd = spawn_command("prefuse", &[]);
+        cmd.command = None;
+        assert!(matches!(
+            runtime.start(&cmd).await,
+            Err(RuntimeError::NoCommand { .. })
+        ));
+        cmd.image = Some("nginx".to_string());
+        let error = runtime.start(&cmd).await.unwrap_err();
+        assert!(matches!(error, RuntimeError::ImageUnsupported { .. }));
+        assert!(error.to_string().contains("docker"));
+        let cmd = spawn_command("prefuse", &["/nonexistent/hangar-test-binary"]);
+        assert!(matches!(
+            runtime.start(&cmd).await,
+            Err(RuntimeError::Spawn { .. })
+        ));
+        assert!(runtime.adopt().await.unwrap().is_empty());
+        assert!(matches!(
+            runtime.stop(&cmd.backend, Duration::ZERO).await,
+            Err(RuntimeError::NotRunning { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn default_command_and_shutdown() {
+        let runtime = ProcessRuntime::new(ProcessRuntimeConfig {
+            default_command: Some(vec!["sleep".to_string(), "30".to_string()]),
+            ..Default::default()
+        });
+        let mut exits = Vec::new();
+        for id in ["pdef1", "pdef2"] {
+            let mut cmd = spawn_command(id, &[]);
+            cmd.command = None;
+            exits.push(runtime.start(&cmd).await.unwrap().exit);
+        }
+        // Starting a running backend again is refused.
+        let mut again = spawn_command("pdef1", &[]);
+        again.command = None;
+        assert!(matches!(
+            runtime.start(&again).await,
+            Err(RuntimeError::Spawn { .. })
+        ));
+        assert_eq!(runtime.running().len(), 2);
+        tokio::time::timeout(WAIT, runtime.shutdown(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        for exit in exits {
+            assert_eq!(exit.await.unwrap().code, Some(128 + libc::SIGTERM));
+        }
+        assert!(runtime.running().is_empty());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_runtime_kills_children() {
+        let runtime = ProcessRuntime::new(ProcessRuntimeConfig::default());
+        let started = runtime
+            .start(&spawn_command("pdrop", &["sleep", "30"]))
+            .await
+            .unwrap();
+        drop(runtime);
+        let status = tokio::time::timeout(WAIT, started.exit)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.code, Some(128 + libc::SIGKILL));
+    }
+}
