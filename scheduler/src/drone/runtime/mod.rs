@@ -80,4 +80,10 @@ pub trait Runtime: Send + Sync + 'static {
     /// Backends this runtime finds running that a previous agent process started (re-adoption
     /// after an agent restart). The process runtime has none: its children die with the agent.
     async fn adopt(&self) -> Result<Vec<Started>, RuntimeError>;
+
+    /// Whether the runtime can take work now; `Err` says why not (e.g. the Docker daemon is
+    /// unreachable). A drone whose runtime is unhealthy takes no new backends.
+    async fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
