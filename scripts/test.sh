@@ -14,6 +14,23 @@ if ! command -v python3 >/dev/null 2>&1; then
     echo "scripts/test.sh: installing python3" >&2
     apt-get update -qq && apt-get install -y -qq python3
 fi
+if ! command -v dig >/dev/null 2>&1; then
+    # The DNS process-level tests query `hangar dev` with dig.
+    echo "scripts/test.sh: installing dnsutils (dig)" >&2
+    apt-get update -qq && apt-get install -y -qq dnsutils
+fi
+
+# The Docker runtime's tests run the demo backend as the image hangar-demo:dev, which no
+# registry serves: build it (or find it up to date) first. Without a reachable engine those
+# tests fail when CI is set and report themselves skipped otherwise.
+if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+    echo "scripts/test.sh: building the demo image for the docker tests" >&2
+    ./scripts/demo-image.sh >/dev/null
+elif [[ -n "${CI:-}" ]]; then
+    echo "scripts/test.sh: the docker engine is unreachable: the docker runtime tests will fail; start dockerd" >&2
+else
+    echo "scripts/test.sh: the docker engine is unreachable: skipping the docker runtime tests; start dockerd to run them" >&2
+fi
 
 cargo nextest run --workspace --locked --no-fail-fast "$@"
 cargo test --doc --workspace --locked

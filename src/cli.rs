@@ -1,6 +1,6 @@
 //! The command line: roles (`dev`, `demo-backend`) and client verbs against the API.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -45,6 +45,100 @@ pub enum Command {
     Status(IdArgs),
     /// Stop a backend.
     Terminate(TerminateArgs),
+    /// Run the control plane (scheduler, API, proxy) for network drones.
+    Serve(ServeArgs),
+    /// Run a drone: the agent that runs backends on this host for a scheduler.
+    Drone(DroneArgs),
+    /// List drones with their state, capacity, reservations and backends.
+    Drones(ClientOnlyArgs),
+    /// Stop placing on a drone; with --deadline, terminate what remains then.
+    Drain(DrainArgs),
+    /// Place on a drained drone again.
+    Undrain(NameArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub plane: DevArgs,
+    /// The secret drones must present (also HANGAR_DRONE_SECRET).
+    #[arg(long, env = "HANGAR_DRONE_SECRET", hide_env_values = true)]
+    pub drone_secret: Option<String>,
+    /// Seconds a drone's lease lasts without a heartbeat before the drone is lost.
+    #[arg(long, default_value_t = 10)]
+    pub lease_ttl: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DroneArgs {
+    /// The scheduler's API URL.
+    #[arg(long)]
+    pub scheduler: String,
+    /// This drone's name (lowercase letters, digits, '-').
+    #[arg(long)]
+    pub name: String,
+    /// The scheduler's drone secret (also HANGAR_DRONE_SECRET).
+    #[arg(long, env = "HANGAR_DRONE_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// How backends run: docker containers or local processes.
+    #[arg(long, value_enum, default_value = "docker")]
+    pub runtime: RuntimeKind,
+    /// Where the drone keeps backend logs (process runtime).
+    #[arg(long, default_value = "./.hangar-drone")]
+    pub data_dir: PathBuf,
+    /// CPU millicores offered (default: 1000 per core).
+    #[arg(long)]
+    pub cpu_millis: Option<u64>,
+    /// Memory offered in MB (default: the host's memory).
+    #[arg(long)]
+    pub memory_mb: Option<u64>,
+    /// Backends run at most.
+    #[arg(long, default_value_t = 1000)]
+    pub max_backends: u64,
+    /// The pool this drone serves.
+    #[arg(long, default_value = "default")]
+    pub pool: String,
+    /// Docker endpoint (default: DOCKER_HOST or the local socket).
+    #[arg(long)]
+    pub docker_host: Option<String>,
+    /// Run containers with host networking instead of a published 127.0.0.1 port.
+    #[arg(long)]
+    pub host_network: bool,
+    /// Seconds between SIGTERM and SIGKILL when stopping a backend.
+    #[arg(long, default_value_t = 10)]
+    pub stop_grace: u64,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeKind {
+    Docker,
+    Process,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientOnlyArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NameArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub name: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DrainArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub name: String,
+    /// Terminate backends still running after this long (e.g. 60s, 5m).
+    #[arg(long)]
+    pub deadline: Option<String>,
+    /// Wait until the drone is drained, showing progress.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -73,6 +167,17 @@ pub struct DevArgs {
     /// How long a backend may take to become ready, in seconds.
     #[arg(long, default_value_t = 60)]
     pub startup_timeout: u64,
+    /// Where the authoritative DNS server for the domain listens (UDP and TCP), or `off`.
+    /// [default: 127.0.0.1:5353, skipped with a warning if that port is taken]
+    #[arg(long, value_name = "ADDR|off")]
+    pub dns: Option<String>,
+    /// An address <id>.<domain> resolves to: where clients reach the proxy (repeat for
+    /// several; IPv4 answers A queries, IPv6 AAAA). Default: the proxy's listen address.
+    #[arg(long = "dns-proxy-address", value_name = "IP")]
+    pub dns_proxy_address: Vec<IpAddr>,
+    /// TTL of DNS answers (and of negative answers), in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub dns_ttl: u32,
 }
 
 #[derive(Args, Debug, Clone)]

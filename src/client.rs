@@ -6,13 +6,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hangar_core::api::{
-    BackendList, BackendView, ConnectRequest, ConnectResponse, ErrorBody, SpawnSpec,
-    TerminateRequest,
+    BackendList, BackendView, ConnectRequest, ConnectResponse, DrainRequest, DroneList, DroneView,
+    ErrorBody, SpawnSpec, TerminateRequest,
 };
 use hangar_core::{BackendState, KeyRef};
 use serde::de::DeserializeOwned;
 
-use crate::cli::{ClientArgs, ConnectArgs, IdArgs, LsArgs, TerminateArgs};
+use crate::cli::{
+    ClientArgs, ClientOnlyArgs, ConnectArgs, DrainArgs, IdArgs, LsArgs, NameArgs, TerminateArgs,
+};
 
 /// How often `connect --wait` polls the backend's status.
 const WAIT_POLL: Duration = Duration::from_millis(100);
@@ -222,6 +224,123 @@ pub async fn terminate(args: TerminateArgs) -> anyhow::Result<ExitCode> {
         print_json(&view)?;
     } else {
         print_view(&view);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Parses `60s`, `5m`, `1h` or a bare number of seconds.
+pub fn parse_duration_s(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        _ => (s, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("{s:?} is not a duration: use e.g. 90, 60s, 5m or 1h"))
+}
+
+fn print_drones(list: &DroneList) {
+    println!(
+        "{:<14} {:<13} {:<8} {:<9} {:>10} {:>12} {:>6} {:>10}",
+        "NAME", "STATE", "RUNTIME", "POOL", "CPU(m)", "MEMORY(MB)", "LIVE", "HEARTBEAT"
+    );
+    for d in &list.drones {
+        let cap = d.capacity.unwrap_or_default();
+        let live: u64 = d
+            .backends
+            .iter()
+            .filter(|(s, _)| s.as_str() != "terminated")
+            .map(|(_, n)| n)
+            .sum();
+        println!(
+            "{:<14} {:<13} {:<8} {:<9} {:>10} {:>12} {:>6} {:>10}",
+            d.name,
+            d.state,
+            d.runtime.as_deref().unwrap_or("-"),
+            d.pool.as_deref().unwrap_or("-"),
+            format!("{}/{}", d.reserved.cpu_millis, cap.cpu_millis),
+            format!("{}/{}", d.reserved.memory_mb, cap.memory_mb),
+            live,
+            d.heartbeat_age_ms
+                .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
+                .unwrap_or_else(|| "-".into()),
+        );
+        if let Some(m) = &d.message {
+            println!("    {m}");
+        }
+    }
+}
+
+pub async fn drones(args: ClientOnlyArgs) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&args.client)?;
+    let list: DroneList = api.get("/v1/drones").await?;
+    if args.client.json {
+        print_json(&list)?;
+    } else {
+        print_drones(&list);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn drain(args: DrainArgs) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&args.client)?;
+    let deadline_s = match &args.deadline {
+        Some(d) => Some(parse_duration_s(d).map_err(crate::ConfigError)?),
+        None => None,
+    };
+    let mut view: DroneView = api
+        .post(
+            &format!("/v1/drones/{}/drain", args.name),
+            &DrainRequest { deadline_s },
+        )
+        .await?;
+    if args.wait {
+        let mut last = String::new();
+        while view.state != "drained" {
+            let live: u64 = view
+                .backends
+                .iter()
+                .filter(|(s, _)| s.as_str() != "terminated")
+                .map(|(_, n)| n)
+                .sum();
+            let line = format!("{} {}: {live} live backends", view.name, view.state);
+            if line != last && !args.client.json {
+                eprintln!("{line}");
+                last = line;
+            }
+            tokio::time::sleep(WAIT_POLL * 5).await;
+            let list: DroneList = api.get("/v1/drones").await?;
+            view = list
+                .drones
+                .into_iter()
+                .find(|d| d.name == args.name)
+                .ok_or_else(|| anyhow::anyhow!("drone {} disappeared while draining", args.name))?;
+        }
+    }
+    if args.client.json {
+        print_json(&view)?;
+    } else {
+        println!("{} {}", view.name, view.state);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn undrain(args: NameArgs) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&args.client)?;
+    let view: DroneView = api
+        .post(
+            &format!("/v1/drones/{}/undrain", args.name),
+            &serde_json::json!({}),
+        )
+        .await?;
+    if args.client.json {
+        print_json(&view)?;
+    } else {
+        println!("{} {}", view.name, view.state);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,9 +1,10 @@
 //! `hangar demo-backend`: the built-in session backend used by `hangar dev`, the examples and
 //! the end-to-end tests.
 //!
-//! It is what a real backend looks like to Hangar: it listens on `127.0.0.1:$PORT`, knows its
-//! backend id, key and epoch from the environment, keeps in-memory state (a counter) that only
-//! makes sense if every request of a session reaches the same process, and speaks WebSocket.
+//! It is what a real backend looks like to Hangar: it listens on `127.0.0.1:$PORT` (or
+//! `$HANGAR_BIND:$PORT`), knows its backend id, key and epoch from the environment, keeps
+//! in-memory state (a counter) that only makes sense if every request of a session reaches the
+//! same process, and speaks WebSocket.
 //! A few extra endpoints let tests observe what the proxy forwards and make the process exit.
 //!
 //! | request              | answer                                                     |
@@ -16,12 +17,15 @@
 //! | `GET /headers`       | the request headers, one `name: value` per line            |
 //! | `GET /echo-query`    | the request's query string                                 |
 //!
-//! Environment: `PORT` (required), `HANGAR_BACKEND_ID`, `HANGAR_KEY`, `HANGAR_EPOCH`, and
-//! `HANGAR_DEMO_STARTUP_DELAY_MS` (sleep before listening, so that tests can observe a backend
-//! that is still starting). `SIGTERM` or `SIGINT` shut it down gracefully with exit code 0.
+//! Environment: `PORT` (required), `HANGAR_BIND` (the address to listen on, default
+//! `127.0.0.1`; the Docker runtime sets `0.0.0.0` so that a bridge-networked container is
+//! reachable through its published port), `HANGAR_BACKEND_ID`, `HANGAR_KEY`, `HANGAR_EPOCH`,
+//! and `HANGAR_DEMO_STARTUP_DELAY_MS` (sleep before listening, so that tests can observe a
+//! backend that is still starting). `SIGTERM` or `SIGINT` shut it down gracefully with exit
+//! code 0.
 
 use std::convert::Infallible;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -64,6 +68,7 @@ struct State {
 /// the process with that code once in-flight responses are written).
 pub async fn run() -> anyhow::Result<()> {
     let port = port_from_env()?;
+    let bind = bind_from_env()?;
     let var = |name: &str| std::env::var(name).unwrap_or_default();
     let banner = format!(
         "hangar demo backend {} key {} epoch {}\n",
@@ -84,7 +89,7 @@ pub async fn run() -> anyhow::Result<()> {
         }
     }
 
-    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let address = SocketAddr::new(bind, port);
     let listener = TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
@@ -140,11 +145,21 @@ pub async fn run() -> anyhow::Result<()> {
 
 fn port_from_env() -> anyhow::Result<u16> {
     let Ok(raw) = std::env::var("PORT") else {
-        bail!("PORT is not set: the demo backend listens on 127.0.0.1:$PORT");
+        bail!("PORT is not set: the demo backend listens on $HANGAR_BIND:$PORT");
     };
     match raw.trim().parse::<u16>() {
         Ok(port) if port != 0 => Ok(port),
         _ => bail!("PORT must be a port number between 1 and 65535, got {raw:?}"),
+    }
+}
+
+/// The address to listen on: `HANGAR_BIND`, or loopback when it is not set.
+fn bind_from_env() -> anyhow::Result<IpAddr> {
+    match std::env::var("HANGAR_BIND") {
+        Err(_) => Ok(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        Ok(raw) => raw.trim().parse().with_context(|| {
+            format!("HANGAR_BIND must be an IP address such as 0.0.0.0, got {raw:?}")
+        }),
     }
 }
 

@@ -28,6 +28,52 @@ const ACTIVITY_INTERVAL: Duration = Duration::from_millis(250);
 struct DevConfig {
     args: DevArgs,
     token_key: TokenKey,
+    /// `None` with `--dns off`.
+    dns: Option<DnsSetup>,
+}
+
+/// Where DNS listens when `--dns` is not given.
+const DEFAULT_DNS: &str = "127.0.0.1:5353";
+
+/// The validated DNS server, not bound yet.
+struct DnsSetup {
+    addr: std::net::SocketAddr,
+    server: hangar_dns::DnsServer,
+    /// Whether `--dns` was given. The default port (5353, shared with mDNS responders on many
+    /// desktops) may be taken; then dev runs without DNS and says so, instead of failing.
+    explicit: bool,
+}
+
+/// Validates the DNS flags into a server (nothing bound yet); `None` with `--dns off`.
+fn validate_dns(args: &DevArgs, domain: &str) -> anyhow::Result<Option<DnsSetup>> {
+    let (spec, explicit) = match &args.dns {
+        Some(s) => (s.as_str(), true),
+        None => (DEFAULT_DNS, false),
+    };
+    if spec.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr = spec.parse().map_err(|_| {
+        ConfigError(format!(
+            "--dns {spec:?} is neither an address like {DEFAULT_DNS} nor off"
+        ))
+    })?;
+    let proxy_addresses = if args.dns_proxy_address.is_empty() {
+        vec![args.proxy.ip()]
+    } else {
+        args.dns_proxy_address.clone()
+    };
+    let mut dns = hangar_dns::DnsConfig::new(domain, proxy_addresses);
+    dns.ttl = args.dns_ttl;
+    if !addr.ip().is_unspecified() {
+        dns.nameserver_addresses = vec![addr.ip()];
+    }
+    let server = hangar_dns::DnsServer::new(&dns).map_err(|e| ConfigError(e.to_string()))?;
+    Ok(Some(DnsSetup {
+        addr,
+        server,
+        explicit,
+    }))
 }
 
 fn validate(args: DevArgs) -> anyhow::Result<DevConfig> {
@@ -60,9 +106,11 @@ fn validate(args: DevArgs) -> anyhow::Result<DevConfig> {
             .map_err(|e| ConfigError(format!("--token-key / HANGAR_TOKEN_KEY: {e}")))?,
         None => load_or_create_key(&args.data_dir.join("token.key"))?,
     };
+    let dns = validate_dns(&args, &domain)?;
     Ok(DevConfig {
         args: DevArgs { domain, ..args },
         token_key,
+        dns,
     })
 }
 
@@ -107,7 +155,46 @@ async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListe
     })
 }
 
+/// What `hangar serve` adds to the dev configuration.
+struct ServeOptions {
+    drone_secret: String,
+    lease_ttl: Duration,
+}
+
+/// `hangar dev`: the control plane plus an embedded drone.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    run_plane(args, None).await
+}
+
+/// `hangar serve`: the control plane for network drones (no embedded drone).
+pub async fn run_serve(args: crate::cli::ServeArgs) -> anyhow::Result<()> {
+    let drone_secret = match args.drone_secret {
+        Some(s) if s.len() >= 8 => s,
+        Some(_) => {
+            return Err(ConfigError("--drone-secret must be at least 8 characters".into()).into());
+        }
+        None => {
+            return Err(ConfigError(
+                "give a drone secret with --drone-secret or HANGAR_DRONE_SECRET: drones present it to join".into(),
+            )
+            .into());
+        }
+    };
+    if args.lease_ttl == 0 {
+        return Err(ConfigError("--lease-ttl must be at least 1 second".into()).into());
+    }
+    run_plane(
+        args.plane,
+        Some(ServeOptions {
+            drone_secret,
+            lease_ttl: Duration::from_secs(args.lease_ttl),
+        }),
+    )
+    .await
+}
+
+async fn run_plane(args: DevArgs, serve: Option<ServeOptions>) -> anyhow::Result<()> {
+    let role = if serve.is_some() { "serve" } else { "dev" };
     let cfg = validate(args)?;
     let args = &cfg.args;
     let data_dir: PathBuf = args.data_dir.clone();
@@ -124,6 +211,24 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let proxy_listener = bind(args.proxy, "proxy").await?;
     let api_addr = api_listener.local_addr()?;
     let proxy_addr = proxy_listener.local_addr()?;
+    let dns_sockets = match &cfg.dns {
+        Some(dns) => match hangar_dns::bind(dns.addr).await {
+            Ok(sockets) => Some(sockets),
+            Err(e) if !dns.explicit => {
+                eprintln!(
+                    "hangar dev: dns is off: {e} (choose an address with --dns, e.g. --dns 127.0.0.1:5354)"
+                );
+                None
+            }
+            Err(e) => {
+                return Err(ConfigError(format!(
+                    "{e} (choose another address with --dns, or turn dns off with --dns off)"
+                ))
+                .into());
+            }
+        },
+        None => None,
+    };
 
     let exe = std::env::current_exe().context("cannot find the hangar executable")?;
     let demo_command = vec![
@@ -133,7 +238,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     let mut sched_cfg = SchedulerConfig::new(&args.domain, format!("http://{api_addr}"));
     sched_cfg.proxy_port = Some(proxy_addr.port());
-    sched_cfg.defaults.command = Some(demo_command.clone());
+    // In dev the embedded drone runs the demo backend by default; network drones fill in
+    // their own default (the process runtime's demo backend, or a docker image per spawn).
+    if serve.is_none() {
+        sched_cfg.defaults.command = Some(demo_command.clone());
+    }
+    if let Some(s) = &serve {
+        sched_cfg.drone_secret = Some(s.drone_secret.clone());
+        sched_cfg.lease_ttl = s.lease_ttl;
+    }
     sched_cfg.defaults.idle_timeout_s = Some(args.idle_timeout);
     sched_cfg.startup_timeout = Duration::from_secs(args.startup_timeout);
     let scheduler = Scheduler::new(
@@ -143,17 +256,43 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         Arc::new(SystemClock),
     );
 
-    // The embedded drone: a new run id for every process, so records from a previous run are
-    // recognised as lost.
-    let run_id = format!("run-{}", hangar_core::BackendId::generate());
-    let (commands, events) = scheduler.attach_drone("local", &run_id, "process");
-    let runtime = Arc::new(ProcessRuntime::new(ProcessRuntimeConfig {
-        default_command: Some(demo_command),
-        log_dir: Some(data_dir.join("logs")),
-        ..ProcessRuntimeConfig::default()
-    }));
-    std::fs::create_dir_all(data_dir.join("logs")).context("cannot create the logs directory")?;
-    let agent = Agent::new(runtime, AgentConfig::default());
+    // The embedded drone (dev only): a new run id for every process, so records from a
+    // previous run are recognised as lost.
+    let embedded = if serve.is_none() {
+        let run_id = format!("run-{}", hangar_core::BackendId::generate());
+        let (commands, events) = scheduler
+            .attach_drone(hangar_core::drone::Hello {
+                drone: "local".into(),
+                run_id,
+                // The dev drone does not limit reservations (the process runtime applies no
+                // caps); only the number of backends is bounded.
+                capacity: hangar_core::drone::Capacity {
+                    cpu_millis: u64::from(u32::MAX),
+                    memory_mb: u64::from(u32::MAX),
+                    max_backends: crate::host::DEFAULT_MAX_BACKENDS,
+                },
+                pool: "default".into(),
+                runtime: "process".into(),
+                inventory: Vec::new(),
+                unhealthy: None,
+            })
+            .await
+            .context("cannot register the embedded drone")?;
+        let runtime = Arc::new(ProcessRuntime::new(ProcessRuntimeConfig {
+            default_command: Some(demo_command),
+            log_dir: Some(data_dir.join("logs")),
+            ..ProcessRuntimeConfig::default()
+        }));
+        std::fs::create_dir_all(data_dir.join("logs"))
+            .context("cannot create the logs directory")?;
+        Some((
+            Agent::new(runtime, AgentConfig::default()),
+            commands,
+            events,
+        ))
+    } else {
+        None
+    };
 
     let cancel = CancellationToken::new();
     scheduler
@@ -204,10 +343,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         });
     }
     let agent_cancel = CancellationToken::new();
-    let agent_task = {
+    let agent_task = embedded.map(|(agent, commands, events)| {
         let c = agent_cancel.clone();
         tasks.spawn(async move { agent.run(commands, events, c).await })
-    };
+    });
     let api_task = {
         let scheduler = scheduler.clone();
         let c = cancel.clone();
@@ -218,11 +357,60 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         let c = cancel.clone();
         tasks.spawn(async move { proxy.run(proxy_listener, c).await })
     };
+    // DNS: answers from the same route snapshots as the proxy, and the ACME challenges from
+    // the store's feed.
+    let mut dns_addr = None;
+    let dns_task = match (&cfg.dns, dns_sockets) {
+        (Some(DnsSetup { server: dns, .. }), Some((udp, tcp))) => {
+            dns_addr = Some(udp.local_addr()?);
+            {
+                let dns = dns.clone();
+                let routes = scheduler.routes();
+                let c = cancel.clone();
+                tasks.spawn(async move { dns.follow_routes(routes, c).await });
+            }
+            let feed = scheduler.acme_feed();
+            let mut acme = feed.subscribe();
+            tasks.spawn(feed.run(cancel.clone()));
+            {
+                let dns = dns.clone();
+                let c = cancel.clone();
+                tasks.spawn(async move {
+                    loop {
+                        let snapshot = acme.borrow_and_update().clone();
+                        dns.publish_acme_challenges(
+                            snapshot
+                                .challenges
+                                .iter()
+                                .map(|ch| (ch.name.as_str(), ch.value.as_str())),
+                        );
+                        tokio::select! {
+                            _ = c.cancelled() => return,
+                            changed = acme.changed() => if changed.is_err() { return },
+                        }
+                    }
+                });
+            }
+            let dns = dns.clone();
+            let c = cancel.clone();
+            Some(tasks.spawn(async move { dns.run(udp, tcp, c).await }))
+        }
+        _ => None,
+    };
+    let dns_outcome = async move {
+        match dns_task {
+            Some(task) => task.await,
+            None => std::future::pending().await,
+        }
+    };
     tasks.close();
 
-    println!("hangar dev: api listening on {api_addr}");
-    println!("hangar dev: proxy listening on {proxy_addr}");
-    println!("hangar dev: data directory {}", data_dir.display());
+    println!("hangar {role}: api listening on {api_addr}");
+    println!("hangar {role}: proxy listening on {proxy_addr}");
+    if let Some(addr) = dns_addr {
+        println!("hangar {role}: dns listening on {addr}");
+    }
+    println!("hangar {role}: data directory {}", data_dir.display());
     println!();
     println!("Try it:");
     println!(
@@ -234,6 +422,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         proxy_addr.port()
     );
     println!("  or: hangar connect doc-1 --wait --api http://{api_addr}");
+    if let Some(addr) = dns_addr {
+        println!(
+            "  dig @{} -p {} <backend_id>.{}",
+            addr.ip(),
+            addr.port(),
+            args.domain
+        );
+    }
 
     let outcome = tokio::select! {
         _ = shutdown_signal() => Ok(()),
@@ -247,19 +443,26 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             Ok(Err(e)) => Err(anyhow::Error::new(e).context("the proxy failed")),
             Err(e) => Err(anyhow::anyhow!("the proxy panicked: {e}")),
         },
+        r = dns_outcome => match r {
+            Ok(Ok(())) => Err(anyhow::anyhow!("the dns server stopped unexpectedly")),
+            Ok(Err(e)) => Err(anyhow::Error::new(e).context("the dns server failed")),
+            Err(e) => Err(anyhow::anyhow!("the dns server panicked: {e}")),
+        },
     };
-    eprintln!("hangar dev: shutting down");
+    eprintln!("hangar {role}: shutting down");
     // Stop serving and stop applying drone events first, so the backends stopped below stay
     // recorded as running: the next start closes them as lost, never as failed.
     cancel.cancel();
     scheduler.wait().await;
     agent_cancel.cancel();
-    let _ = agent_task.await;
+    if let Some(t) = agent_task {
+        let _ = t.await;
+    }
     tasks.wait().await;
     outcome
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());

@@ -5,6 +5,8 @@ mod cli;
 mod client;
 mod demo_backend;
 mod dev;
+mod drone;
+mod host;
 
 use std::process::ExitCode;
 
@@ -48,7 +50,7 @@ fn main() -> ExitCode {
 fn init_tracing(cli: &cli::Cli) {
     use tracing_subscriber::EnvFilter;
     let default = match &cli.command {
-        cli::Command::Dev(_) => "info",
+        cli::Command::Dev(_) | cli::Command::Serve(_) | cli::Command::Drone(_) => "info",
         cli::Command::DemoBackend => "warn",
         _ => "warn",
     };
@@ -68,5 +70,10 @@ async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         cli::Command::Ls(args) => client::ls(args).await,
         cli::Command::Status(args) => client::status(args).await,
         cli::Command::Terminate(args) => client::terminate(args).await,
+        cli::Command::Serve(args) => dev::run_serve(args).await.map(|()| ExitCode::SUCCESS),
+        cli::Command::Drone(args) => drone::run(args).await.map(|()| ExitCode::SUCCESS),
+        cli::Command::Drones(args) => client::drones(args).await,
+        cli::Command::Drain(args) => client::drain(args).await,
+        cli::Command::Undrain(args) => client::undrain(args).await,
     }
 }

@@ -46,6 +46,9 @@ pub struct SpawnSpec {
     pub lifetime_s: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Resources>,
+    /// Only drones of this pool may run it (default: `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 /// Reservations and caps for a backend.
@@ -148,4 +151,48 @@ mod tests {
         assert_eq!(r.key.unwrap().namespace, "default");
         assert_eq!(r.spawn.unwrap().idle_timeout_s, Some(5));
     }
+}
+
+/// `POST /v1/drones/{name}/drain`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    /// After this many seconds the remaining backends are terminated (reason `drained`);
+    /// without it, backends end on their own (idle, lifetime) and no new ones are placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_s: Option<u64>,
+}
+
+/// Reservations or usage in the units of [`Resources`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Amounts {
+    pub cpu_millis: u64,
+    pub memory_mb: u64,
+    pub backends: u64,
+}
+
+/// A drone as `GET /v1/drones` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DroneView {
+    pub name: String,
+    /// `ready`, `draining`, `drained`, `unhealthy` or `disconnected`.
+    pub state: String,
+    pub run_id: Option<String>,
+    pub runtime: Option<String>,
+    pub pool: Option<String>,
+    pub capacity: Option<crate::drone::Capacity>,
+    pub reserved: Amounts,
+    /// Backends on this drone by status name.
+    pub backends: BTreeMap<String, u64>,
+    /// Milliseconds since the last heartbeat (in-process drones: 0).
+    pub heartbeat_age_ms: Option<u64>,
+    pub drain_deadline_at: Option<UnixMillis>,
+    /// Why the drone is unhealthy, if it is.
+    pub message: Option<String>,
+}
+
+/// `GET /v1/drones`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DroneList {
+    pub drones: Vec<DroneView>,
 }

@@ -64,3 +64,77 @@ pub enum DroneMessage {
         event: BackendEvent,
     },
 }
+
+/// What a drone offers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub cpu_millis: u64,
+    pub memory_mb: u64,
+    pub max_backends: u64,
+}
+
+/// A backend a drone runs, reported in `Hello` so a restarted agent's backends are re-adopted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryItem {
+    pub backend: BackendId,
+    pub address: SocketAddr,
+    /// The agent run that started it (a previous run, after an agent restart).
+    pub run_id: Option<String>,
+}
+
+/// The first message of a drone session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub drone: String,
+    /// New for every agent process: distinguishes a restarted agent from a reconnecting one.
+    pub run_id: String,
+    pub capacity: Capacity,
+    pub pool: String,
+    /// `"process"` or `"docker"`.
+    pub runtime: String,
+    pub inventory: Vec<InventoryItem>,
+    /// `None` when the runtime can take work; otherwise why not.
+    pub unhealthy: Option<String>,
+}
+
+/// Drone → scheduler over the session connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromDrone {
+    Hello(Hello),
+    /// Renews the drone's lease; carries the runtime's health.
+    Heartbeat {
+        unhealthy: Option<String>,
+    },
+    /// A command was received (and will be handled idempotently).
+    Ack {
+        id: u64,
+    },
+    /// A backend event; `seq` increases per agent run and is acknowledged by the scheduler.
+    Event {
+        seq: u64,
+        backend: BackendId,
+        event: BackendEvent,
+    },
+}
+
+/// Scheduler → drone over the session connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToDrone {
+    /// The session is accepted; heartbeat at this interval, the lease lasts `lease_ttl_ms`.
+    Welcome {
+        lease_ttl_ms: u64,
+        heartbeat_interval_ms: u64,
+    },
+    HeartbeatAck,
+    /// A command to acknowledge with its id.
+    Command {
+        id: u64,
+        message: SchedulerMessage,
+    },
+    /// Events up to and including `seq` are applied; the drone may forget them.
+    EventAck {
+        seq: u64,
+    },
+}

@@ -73,6 +73,16 @@ impl Scheduler {
             .route("/v1/backends/{id}/events", get(backend_events))
             .route("/v1/backends/{id}/terminate", post(terminate))
             .route("/v1/activity", post(activity))
+            .route("/v1/drones", get(crate::drone_api::list))
+            .route("/v1/drones/connect", get(crate::drone_api::connect))
+            .route("/v1/drones/{name}/drain", post(crate::drone_api::drain))
+            .route("/v1/drones/{name}/undrain", post(crate::drone_api::undrain))
+            .route(
+                "/v1/dns/acme-challenge",
+                get(crate::dns_records::list)
+                    .post(crate::dns_records::post)
+                    .delete(crate::dns_records::delete),
+            )
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
             .fallback(|| async {

@@ -36,6 +36,12 @@ pub struct SchedulerConfig {
     pub terminated_retention: Duration,
     /// How long a backend may stay terminating before the stop is repeated as a kill.
     pub terminate_timeout: Duration,
+    /// What a backend reserves on its drone when its spawn gives no resources.
+    pub default_reservation: crate::placement::Need,
+    /// A drone whose session lease is not renewed for this long is lost.
+    pub lease_ttl: Duration,
+    /// The shared secret drones present; `None` refuses every network drone.
+    pub drone_secret: Option<String>,
 }
 
 impl SchedulerConfig {
@@ -54,6 +60,12 @@ impl SchedulerConfig {
             reconcile_interval: Duration::from_millis(500),
             terminated_retention: Duration::from_secs(24 * 3600),
             terminate_timeout: Duration::from_secs(30),
+            default_reservation: crate::placement::Need {
+                cpu_millis: 100,
+                memory_mb: 128,
+            },
+            lease_ttl: Duration::from_secs(10),
+            drone_secret: None,
         }
     }
 

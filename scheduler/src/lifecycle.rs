@@ -126,6 +126,7 @@ impl Inner {
             idle_timeout_s: s.idle_timeout_s.or(d.idle_timeout_s),
             lifetime_s: s.lifetime_s.or(d.lifetime_s),
             resources: s.resources.unwrap_or_default(),
+            pool: s.pool.unwrap_or_else(crate::records::default_pool),
         }
     }
 
@@ -222,8 +223,9 @@ impl Inner {
         ))
     }
 
-    async fn send_spawn(&self, rec: &BackendRecord, drone: &crate::drones::DroneConn) {
-        let cmd = SpawnCommand {
+    /// The spawn command for a backend record.
+    pub(crate) fn spawn_command(&self, rec: &BackendRecord) -> SpawnCommand {
+        SpawnCommand {
             backend: rec.id.clone(),
             key: rec.key.as_ref().map(KeyRef::to_string),
             epoch: rec.epoch,
@@ -232,7 +234,11 @@ impl Inner {
             env: rec.spawn.env.clone(),
             resources: rec.spawn.resources,
             startup_timeout_ms: self.config.startup_timeout.as_millis() as u64,
-        };
+        }
+    }
+
+    async fn send_spawn(&self, rec: &BackendRecord, drone: &crate::drones::DroneConn) {
+        let cmd = self.spawn_command(rec);
         if drone.tx.send(SchedulerMessage::Spawn(cmd)).await.is_err() {
             // The drone went away between placement and send; the reconciler closes the
             // record as lost when the drone's absence is confirmed.

@@ -10,7 +10,11 @@ use hangar_core::{BackendState, TerminationReason, UnixMillis};
 use tokio_util::sync::CancellationToken;
 
 use crate::lifecycle::stop_overdue;
-use crate::records::{BACKENDS_PREFIX, BackendRecord};
+use std::collections::HashMap;
+
+use crate::records::{
+    BACKENDS_PREFIX, BackendRecord, DRAINS_PREFIX, DRONES_PREFIX, DrainRecord, DroneRecord,
+};
 use crate::scheduler::Inner;
 
 /// What the reconciler decides for one record.
@@ -31,8 +35,11 @@ pub enum Action {
 pub struct Observed {
     /// `(last_active, open)` from the proxies, if any reported this backend.
     pub activity: Option<(UnixMillis, u64)>,
-    /// The run id of the record's drone if it is connected.
+    /// Whether the drone's store record (present while its lease lives) names the same agent
+    /// run as the backend record; `None` when the drone has no record (its lease expired).
     pub drone_run_matches: Option<bool>,
+    /// The drone is draining and its deadline has passed.
+    pub drain_deadline_passed: bool,
     pub now: UnixMillis,
 }
 
@@ -57,7 +64,7 @@ pub fn decide(rec: &BackendRecord, obs: Observed, limits: Limits) -> Action {
                 Action::Nothing
             }
         }
-        _ if obs.drone_run_matches == Some(false) => Action::Lost,
+        _ if obs.drone_run_matches != Some(true) => Action::Lost,
         BackendState::Terminating { .. } => {
             let at = rec.terminating_at.unwrap_or(rec.updated_at);
             if stop_overdue(at, now, limits.terminate_timeout) {
@@ -66,6 +73,7 @@ pub fn decide(rec: &BackendRecord, obs: Observed, limits: Limits) -> Action {
                 Action::Nothing
             }
         }
+        _ if obs.drain_deadline_passed => Action::Terminate(TerminationReason::Drained),
         state => {
             if let Some(l) = rec.spawn.lifetime_s
                 && elapsed(rec.created_at) >= Duration::from_secs(l)
@@ -118,6 +126,33 @@ impl Reconciler {
     /// One pass over every record.
     pub(crate) async fn pass(&self) -> Result<(), crate::error::ApiError> {
         let inner = &self.inner;
+        // Serialised with drone admission (see `admit_drone`).
+        let _admission = inner.admission.lock().await;
+        let now = inner.clock.now_ms();
+        let drones: HashMap<String, String> = inner
+            .store
+            .list(DRONES_PREFIX)
+            .await?
+            .kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<DroneRecord>(&kv.value).ok())
+            .map(|d| (d.name, d.run_id))
+            .collect();
+        let drains: HashMap<String, DrainRecord> = inner
+            .store
+            .list(DRAINS_PREFIX)
+            .await?
+            .kvs
+            .iter()
+            .filter_map(|kv| {
+                let name = kv.key.strip_prefix(DRAINS_PREFIX)?.to_string();
+                Some((name, serde_json::from_slice::<DrainRecord>(&kv.value).ok()?))
+            })
+            .collect();
+        inner.drains.retain(|k, _| drains.contains_key(k));
+        for (k, v) in &drains {
+            inner.drains.insert(k.clone(), v.clone());
+        }
         let listing = inner.store.list(BACKENDS_PREFIX).await?;
         let limits = Limits {
             startup_timeout: inner.config.startup_timeout,
@@ -131,12 +166,19 @@ impl Reconciler {
             let drone_run_matches = rec
                 .drone
                 .as_deref()
-                .and_then(|d| inner.drones.get(d))
-                .map(|c| Some(&c.run_id) == rec.drone_run_id.as_ref());
+                .and_then(|d| drones.get(d))
+                .map(|run| Some(run) == rec.drone_run_id.as_ref());
+            let drain_deadline_passed = rec
+                .drone
+                .as_deref()
+                .and_then(|d| drains.get(d))
+                .and_then(|d| d.deadline_at)
+                .is_some_and(|at| now >= at);
             let obs = Observed {
                 activity: inner.activity.get(rec.id.as_str()),
                 drone_run_matches,
-                now: inner.clock.now_ms(),
+                drain_deadline_passed,
+                now,
             };
             match decide(&rec, obs, limits) {
                 Action::Nothing => {}
@@ -153,7 +195,7 @@ impl Reconciler {
                         .mark_lost(
                             rec.id.as_str(),
                             &run,
-                            "its drone's agent restarted and no longer runs it",
+                            "its drone's agent is gone (lease expired or restarted without it)",
                         )
                         .await?;
                 }
@@ -189,6 +231,7 @@ mod tests {
                 idle_timeout_s: idle,
                 lifetime_s: lifetime,
                 resources: Default::default(),
+                pool: "default".into(),
             },
             user: None,
             public: false,
@@ -209,6 +252,7 @@ mod tests {
         Observed {
             activity,
             drone_run_matches: Some(true),
+            drain_deadline_passed: false,
             now,
         }
     }
@@ -258,9 +302,16 @@ mod tests {
         let mut o = obs(5 * S, None);
         o.drone_run_matches = Some(false);
         assert_eq!(decide(&r, o, L), Action::Lost);
-        // Disconnected drone (unknown): left to lease expiry.
+        // No drone record at all: its lease expired.
         o.drone_run_matches = None;
-        assert_eq!(decide(&r, o, L), Action::Nothing);
+        assert_eq!(decide(&r, o, L), Action::Lost);
+        // A drain past its deadline terminates with reason drained.
+        let mut o = obs(5 * S, None);
+        o.drain_deadline_passed = true;
+        assert_eq!(
+            decide(&r, o, L),
+            Action::Terminate(TerminationReason::Drained)
+        );
 
         let r = rec(BackendState::Scheduled, None, None);
         assert_eq!(decide(&r, obs(69 * S, None), L), Action::Nothing);

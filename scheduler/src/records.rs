@@ -33,6 +33,12 @@ pub struct ResolvedSpawn {
     pub lifetime_s: Option<u64>,
     #[serde(default)]
     pub resources: Resources,
+    #[serde(default = "default_pool")]
+    pub pool: String,
+}
+
+pub fn default_pool() -> String {
+    "default".to_string()
 }
 
 /// One backend: its spec, where it runs and where it is in its life.
@@ -110,4 +116,38 @@ impl BackendRecord {
 pub struct KeyRecord {
     pub backend: BackendId,
     pub epoch: u64,
+}
+
+/// Prefix of drone records (each attached to the drone's session lease).
+pub const DRONES_PREFIX: &str = "/hangar/drones/";
+/// Prefix of drain records (not leased: a drain survives reconnects and restarts).
+pub const DRAINS_PREFIX: &str = "/hangar/drains/";
+
+pub fn drone_key(name: &str) -> String {
+    format!("{DRONES_PREFIX}{name}")
+}
+
+pub fn drain_key(name: &str) -> String {
+    format!("{DRAINS_PREFIX}{name}")
+}
+
+/// A connected drone, as long as its lease lives (the key vanishes when it expires).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DroneRecord {
+    pub name: String,
+    pub run_id: String,
+    pub runtime: String,
+    pub pool: String,
+    pub capacity: hangar_core::drone::Capacity,
+    pub connected_at: UnixMillis,
+    /// The session lease; `None` for an in-process drone (dev), which lives with the process.
+    pub lease: Option<u64>,
+}
+
+/// A drain in progress: placement avoids the drone; at `deadline_at` its remaining backends
+/// are terminated with reason `drained`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainRecord {
+    pub started_at: UnixMillis,
+    pub deadline_at: Option<UnixMillis>,
 }

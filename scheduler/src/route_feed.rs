@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hangar_core::BackendId;
+use hangar_core::api::Amounts;
 use hangar_core::route::{Route, RouteTable};
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +24,7 @@ struct Entry {
     route: Route,
     drone: Option<String>,
     live: bool,
+    need: crate::placement::Need,
 }
 
 /// Routes as of a store revision.
@@ -35,11 +37,12 @@ pub(crate) struct RouteFeed {
     inner: Arc<Inner>,
 }
 
-fn entry(rec: &BackendRecord) -> Entry {
+fn entry(inner: &Inner, rec: &BackendRecord) -> Entry {
     Entry {
         route: rec.route(),
         drone: rec.drone.clone(),
         live: rec.state.is_live(),
+        need: inner.need(&rec.spawn),
     }
 }
 
@@ -55,7 +58,7 @@ impl RouteFeed {
         for kv in &listing.kvs {
             match serde_json::from_slice::<BackendRecord>(&kv.value) {
                 Ok(rec) => {
-                    entries.insert(rec.id.clone(), entry(&rec));
+                    entries.insert(rec.id.clone(), entry(&self.inner, &rec));
                 }
                 Err(e) => {
                     tracing::error!(key = %kv.key, error = %e, "skipping unreadable backend record")
@@ -75,10 +78,13 @@ impl RouteFeed {
             state.revision,
             state.entries.values().map(|e| e.route.clone()),
         );
-        let mut load: HashMap<&str, usize> = HashMap::new();
+        let mut load: HashMap<&str, Amounts> = HashMap::new();
         for e in state.entries.values().filter(|e| e.live) {
             if let Some(d) = &e.drone {
-                *load.entry(d.as_str()).or_default() += 1;
+                let l = load.entry(d.as_str()).or_default();
+                l.backends += 1;
+                l.cpu_millis += e.need.cpu_millis;
+                l.memory_mb += e.need.memory_mb;
             }
         }
         self.inner
@@ -91,12 +97,14 @@ impl RouteFeed {
         self.inner.routes_ready.store(true, Ordering::Release);
     }
 
-    fn apply(state: &mut FeedState, ev: WatchEvent) {
+    fn apply(&self, state: &mut FeedState, ev: WatchEvent) {
         state.revision = state.revision.max(ev.revision());
         match ev {
             WatchEvent::Put(kv) => match serde_json::from_slice::<BackendRecord>(&kv.value) {
                 Ok(rec) => {
-                    state.entries.insert(rec.id.clone(), entry(&rec));
+                    state
+                        .entries
+                        .insert(rec.id.clone(), entry(&self.inner, &rec));
                 }
                 Err(e) => {
                     tracing::error!(key = %kv.key, error = %e, "skipping unreadable backend record")
@@ -125,10 +133,10 @@ impl RouteFeed {
                         ev = events.recv() => ev,
                     };
                     let Some(first) = first else { break };
-                    Self::apply(&mut state, first);
+                    self.apply(&mut state, first);
                     // Batch whatever else is already queued into one swap.
                     while let Ok(ev) = events.try_recv() {
-                        Self::apply(&mut state, ev);
+                        self.apply(&mut state, ev);
                     }
                     self.publish(&state);
                 },

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use dashmap::DashMap;
 use hangar_core::activity::ActivityBatch;
-use hangar_core::drone::{DroneMessage, SchedulerMessage};
+use hangar_core::drone::{DroneMessage, Hello, SchedulerMessage};
 use hangar_core::route::RouteTable;
 use hangar_core::token::TokenKey;
 use tokio::sync::{mpsc, watch};
@@ -16,7 +16,8 @@ use tokio_util::task::TaskTracker;
 use crate::activity::ActivityBook;
 use crate::clock::Clock;
 use crate::config::SchedulerConfig;
-use crate::drones::{DroneConn, DroneRegistry};
+use crate::drones::DroneRegistry;
+use crate::error::ApiError;
 use crate::store::Store;
 
 /// Commands buffered per drone before a send waits.
@@ -29,14 +30,20 @@ pub(crate) struct Inner {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) drones: DroneRegistry,
     pub(crate) activity: ActivityBook,
-    /// Live backends per drone, refreshed by the route feed; read by placement.
-    pub(crate) route_load: DashMap<String, usize>,
+    /// Reservations of live backends per drone, refreshed by the route feed; read by
+    /// placement and `GET /v1/drones`.
+    pub(crate) route_load: DashMap<String, hangar_core::api::Amounts>,
+    /// Drains in progress by drone name; mirrors the store's drain records (refreshed by the
+    /// reconciler, updated by the drain API).
+    pub(crate) drains: DashMap<String, crate::records::DrainRecord>,
     /// The latest route table; the route feed is its only writer.
     pub(crate) routes: watch::Sender<Arc<RouteTable>>,
     /// Set once the route feed has published its first table (readiness).
     pub(crate) routes_ready: AtomicBool,
     pub(crate) tasks: TaskTracker,
     pub(crate) cancel: CancellationToken,
+    /// Serialises drone admission, drone loss and reconciler passes (see `admit_drone`).
+    pub(crate) admission: tokio::sync::Mutex<()>,
 }
 
 /// The control plane. Cheap to clone.
@@ -61,10 +68,12 @@ impl Scheduler {
                 drones: DroneRegistry::default(),
                 activity: ActivityBook::default(),
                 route_load: DashMap::new(),
+                drains: DashMap::new(),
                 routes: watch::channel(Arc::new(RouteTable::default())).0,
                 routes_ready: AtomicBool::new(false),
                 tasks: TaskTracker::new(),
                 cancel: CancellationToken::new(),
+                admission: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -91,6 +100,10 @@ impl Scheduler {
         self.inner
             .tasks
             .spawn(async move { reconciler.run(c).await });
+        let c = cancel.clone();
+        self.inner
+            .tasks
+            .spawn(crate::drone_session::watch_drones(inner.clone(), c));
         let own = self.inner.cancel.clone();
         self.inner.tasks.spawn(async move {
             cancel.cancelled().await;
@@ -120,25 +133,17 @@ impl Scheduler {
         self.inner.routes_ready.load(Ordering::Acquire) && !self.inner.drones.is_empty()
     }
 
-    /// Attaches a drone whose agent runs in this process (dev mode) or whose session has been
-    /// established. Returns the channel the agent reads commands from and the one it sends
-    /// events on. Events are applied in order by a tracked task.
-    pub fn attach_drone(
+    /// Attaches a drone whose agent runs in this process (dev mode). Returns the channel the
+    /// agent reads commands from and the one it sends events on; events are applied in order
+    /// by a tracked task until shutdown begins.
+    pub async fn attach_drone(
         &self,
-        name: &str,
-        run_id: &str,
-        runtime: &str,
-    ) -> (mpsc::Receiver<SchedulerMessage>, mpsc::Sender<DroneMessage>) {
-        let (cmd_tx, cmd_rx) = mpsc::channel(DRONE_CHANNEL);
+        hello: Hello,
+    ) -> Result<(mpsc::Receiver<SchedulerMessage>, mpsc::Sender<DroneMessage>), ApiError> {
+        let (cmd_rx, _status) = self.inner.admit_drone(&hello, None).await?;
         let (ev_tx, mut ev_rx) = mpsc::channel::<DroneMessage>(DRONE_CHANNEL);
-        self.inner.drones.insert(DroneConn {
-            name: name.to_string(),
-            run_id: run_id.to_string(),
-            runtime: runtime.to_string(),
-            tx: cmd_tx,
-        });
         let inner = self.inner.clone();
-        let (name, run_id) = (name.to_string(), run_id.to_string());
+        let (name, run_id) = (hello.drone, hello.run_id);
         self.inner.tasks.spawn(async move {
             loop {
                 // After shutdown begins no event is applied: backends stopped by a shutting
@@ -148,15 +153,12 @@ impl Scheduler {
                     m = ev_rx.recv() => m,
                 };
                 let Some(msg) = msg else { break };
-                let DroneMessage::Event { backend, event } = msg;
-                if let Err(e) = inner.apply_event(&name, &run_id, &backend, event).await {
-                    tracing::error!(backend = %backend, error = %e, "cannot apply drone event");
-                }
+                inner.apply_drone_message(&name, &run_id, msg).await;
             }
             inner.drones.remove(&name, &run_id);
             tracing::info!(drone = %name, run_id = %run_id, "drone detached");
         });
-        (cmd_rx, ev_tx)
+        Ok((cmd_rx, ev_tx))
     }
 
     /// The scheduler's configuration.

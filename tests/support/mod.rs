@@ -24,14 +24,24 @@ pub struct Dev {
     child: Child,
     pub api: SocketAddr,
     pub proxy: SocketAddr,
+    /// The DNS listener (UDP and TCP), unless started with `--dns off`.
+    pub dns: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub http: reqwest::Client,
 }
 
 impl Dev {
     /// Starts `hangar dev` on fresh ports with `data_dir`, plus `extra` arguments, and waits
-    /// until it reports both listeners.
+    /// until it reports its listeners. DNS listens on a fresh port too unless `extra` sets
+    /// `--dns`.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Dev {
+        let dns_arg = extra.iter().position(|a| *a == "--dns");
+        let default_dns: &[&str] = if dns_arg.is_some() {
+            &[]
+        } else {
+            &["--dns", "127.0.0.1:0"]
+        };
+        let expect_dns = dns_arg.is_none_or(|i| extra.get(i + 1) != Some(&"off"));
         let mut child = Command::new(BIN)
             .args([
                 "dev",
@@ -42,6 +52,7 @@ impl Dev {
                 "--data-dir",
             ])
             .arg(data_dir)
+            .args(default_dns)
             .args(extra)
             .env("HANGAR_LOG", "info")
             .stdout(Stdio::piped())
@@ -59,9 +70,9 @@ impl Dev {
                 }
             }
         });
-        let (mut api, mut proxy) = (None, None);
+        let (mut api, mut proxy, mut dns) = (None, None, None);
         let deadline = Instant::now() + DEADLINE;
-        while api.is_none() || proxy.is_none() {
+        while api.is_none() || proxy.is_none() || (expect_dns && dns.is_none()) {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = rx
                 .recv_timeout(left)
@@ -72,11 +83,15 @@ impl Dev {
             if let Some(a) = line.strip_prefix("hangar dev: proxy listening on ") {
                 proxy = Some(a.trim().parse().expect("proxy address"));
             }
+            if let Some(a) = line.strip_prefix("hangar dev: dns listening on ") {
+                dns = Some(a.trim().parse().expect("dns address"));
+            }
         }
         Dev {
             child,
             api: api.unwrap(),
             proxy: proxy.unwrap(),
+            dns,
             data_dir: data_dir.to_path_buf(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))

@@ -79,6 +79,9 @@ pub struct Agent {
     runtime: Arc<dyn Runtime>,
     config: Arc<AgentConfig>,
     probe: ProbeClient,
+    /// Backends already adopted by the caller (who needed them for its `Hello`); when set, the
+    /// agent watches these instead of asking the runtime again.
+    adopted: Option<Vec<Started>>,
 }
 
 impl Agent {
@@ -104,7 +107,14 @@ impl Agent {
             runtime,
             config: Arc::new(config),
             probe,
+            adopted: None,
         }
+    }
+
+    /// Watches these already-adopted backends instead of calling [`Runtime::adopt`] at start.
+    pub fn with_adopted(mut self, adopted: Vec<Started>) -> Self {
+        self.adopted = Some(adopted);
+        self
     }
 
     /// Serves scheduler commands until `cancel` fires or `commands` closes, then shuts down:
@@ -129,7 +139,7 @@ impl Agent {
             shutdown: shutdown.clone(),
         };
         tracing::info!(runtime = ctx.runtime.name(), "drone agent running");
-        ctx.adopt_existing().await;
+        ctx.adopt_existing(self.adopted).await;
 
         loop {
             let message = tokio::select! {
@@ -182,13 +192,16 @@ impl Context {
         })
     }
 
-    async fn adopt_existing(&self) {
-        let adopted = match self.runtime.adopt().await {
-            Ok(adopted) => adopted,
-            Err(error) => {
-                tracing::warn!(%error, "cannot re-adopt running backends");
-                return;
-            }
+    async fn adopt_existing(&self, given: Option<Vec<Started>>) {
+        let adopted = match given {
+            Some(adopted) => adopted,
+            None => match self.runtime.adopt().await {
+                Ok(adopted) => adopted,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot re-adopt running backends");
+                    return;
+                }
+            },
         };
         if !adopted.is_empty() {
             tracing::info!(count = adopted.len(), "re-adopted running backends");

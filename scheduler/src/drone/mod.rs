@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod runtime;
+pub mod session;
 
 pub use agent::{Agent, AgentConfig};
 pub use runtime::process::{ProcessRuntime, ProcessRuntimeConfig};

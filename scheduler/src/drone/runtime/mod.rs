@@ -1,7 +1,7 @@
 //! Runtimes: how a drone runs one backend. The process runtime (one local child process per
-//! backend) serves dev mode, tests and hosts without Docker; the Docker runtime comes with the
-//! drones issue. The agent (`drone::agent`) drives a runtime; the runtime never talks to the
-//! scheduler.
+//! backend) serves dev mode, tests and hosts without Docker; the Docker runtime (one container
+//! per backend, through the Docker Engine API) is the production one. The agent
+//! (`drone::agent`) drives a runtime; the runtime never talks to the scheduler.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -11,6 +11,7 @@ use hangar_core::BackendId;
 use hangar_core::drone::SpawnCommand;
 use tokio::sync::oneshot;
 
+pub mod docker;
 pub mod process;
 
 /// How a backend process ended.
@@ -61,6 +62,79 @@ pub enum RuntimeError {
         backend: BackendId,
         #[source]
         source: std::io::Error,
+    },
+    #[error("backend {backend} is already running on this drone")]
+    AlreadyRunning { backend: BackendId },
+    #[error(
+        "no image to run for backend {backend}: give spawn.image or configure the drone's default image"
+    )]
+    NoImage { backend: BackendId },
+    #[error(
+        "image {image} is not present on drone {drone}: build or load it with docker (there is no registry)"
+    )]
+    ImageMissing { image: String, drone: String },
+    #[error("invalid docker host {host:?}: use unix:///path/to/docker.sock or tcp://host:port")]
+    InvalidDockerHost { host: String },
+    #[error("docker daemon unreachable at {host}: {source}: start dockerd or fix --docker-host")]
+    DockerUnreachable {
+        host: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("docker cannot create a container of image {image} for backend {backend}: {source}")]
+    CreateContainer {
+        backend: BackendId,
+        image: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error(
+        "a container named {name} exists that is not backend {backend}'s on this drone: remove it with `docker rm -f {name}`"
+    )]
+    ContainerNameTaken { backend: BackendId, name: String },
+    #[error("docker cannot start the container of backend {backend}: {source}")]
+    StartContainer {
+        backend: BackendId,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("docker cannot inspect the container of backend {backend}: {source}")]
+    InspectContainer {
+        backend: BackendId,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error(
+        "docker published no host port for port {port} of backend {backend}'s container: check the drone's docker networking"
+    )]
+    NoPublishedPort { backend: BackendId, port: u16 },
+    #[error(
+        "the container of backend {backend} exited at once (exit code {code}): check its image and command; its last output: {output:?}"
+    )]
+    ExitedAtStart {
+        backend: BackendId,
+        /// The engine's exit code, or `"unknown"`.
+        code: String,
+        /// The tail of the container's stdout and stderr.
+        output: String,
+    },
+    #[error("docker cannot stop the container of backend {backend}: {source}")]
+    StopContainer {
+        backend: BackendId,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("cannot list the containers of drone {drone}: {source}")]
+    ListContainers {
+        drone: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("cannot read the resource usage of backend {backend}: {source}")]
+    Stats {
+        backend: BackendId,
+        #[source]
+        source: bollard::errors::Error,
     },
 }
 

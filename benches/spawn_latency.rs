@@ -1,0 +1,254 @@
+//! Spawn latency with Docker: the raw floor, i.e. what the engine itself costs to go from
+//! nothing to a backend that answers. One sample is bollard's create + start + inspect (for the
+//! published port) + polling `GET /` through that port until the demo backend answers 200,
+//! exactly what the Docker runtime does plus the agent's readiness probe, with no Hangar in
+//! between. Measured sequentially and with several spawns in flight at once.
+//!
+//! `scripts/demo-image.sh && cargo bench --bench spawn_latency` runs the full measurement;
+//! `-- --runs N` sets the sequential samples (default 30), `-- --concurrency 20,100` the
+//! concurrent scenarios (default 20) and `-- --rounds R` how often each is repeated (default
+//! 3). Without `--bench` (as `cargo test --benches` runs it) it does a short smoke run.
+//!
+//! The "through Hangar" half (connect → Ready through `hangar serve` and a docker drone) goes
+//! next to this one: [`floor_once`] is the reference it is compared with.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+};
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+const IMAGE: &str = "hangar-demo:dev";
+const CONTAINER_PORT: u16 = 8080;
+/// Every container this benchmark creates carries it, so leftovers of an interrupted run are
+/// found and removed by the next.
+const BENCH_LABEL: &str = "hangar.bench";
+/// Bound on one sample: a backend that never answers fails the benchmark instead of hanging.
+const SAMPLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Delay between two attempts of the first request: short, so that it adds little to the
+/// measured latency.
+const POLL_INTERVAL: Duration = Duration::from_millis(1);
+
+type Probe = Client<HttpConnector, Empty<Bytes>>;
+
+/// How long each step of one spawn took.
+#[derive(Clone, Copy, Debug)]
+pub struct FloorSample {
+    pub create: Duration,
+    pub start: Duration,
+    pub inspect: Duration,
+    /// From the start having returned to the first 200.
+    pub first_answer: Duration,
+    /// Create to the first 200.
+    pub total: Duration,
+}
+
+/// One raw spawn: create + start + inspect + the first `GET /` answered 200, as the Docker
+/// runtime and the agent's probe do it but with nothing else. The container is left running;
+/// the caller removes it.
+pub async fn floor_once(docker: &Docker, probe: &Probe, name: &str) -> FloorSample {
+    let port_key = format!("{CONTAINER_PORT}/tcp");
+    let body = ContainerCreateBody {
+        image: Some(IMAGE.to_string()),
+        env: Some(vec![
+            format!("PORT={CONTAINER_PORT}"),
+            "HANGAR_BIND=0.0.0.0".to_string(),
+            format!("HANGAR_BACKEND_ID={name}"),
+        ]),
+        labels: Some(HashMap::from([(BENCH_LABEL.to_string(), "1".to_string())])),
+        exposed_ports: Some(vec![port_key.clone()]),
+        host_config: Some(HostConfig {
+            port_bindings: Some(HashMap::from([(
+                port_key.clone(),
+                Some(vec![PortBinding {
+                    host_ip: Some("127.0.0.1".to_string()),
+                    host_port: None,
+                }]),
+            )])),
+            pids_limit: Some(512),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let begin = Instant::now();
+    let options = CreateContainerOptionsBuilder::new().name(name).build();
+    let id = docker
+        .create_container(Some(options), body)
+        .await
+        .unwrap_or_else(|e| panic!("cannot create {name}: {e}"))
+        .id;
+    let created = Instant::now();
+    docker
+        .start_container(&id, None)
+        .await
+        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+    let started = Instant::now();
+    let info = docker.inspect_container(&id, None).await.unwrap();
+    let host_port: u16 = info
+        .network_settings
+        .and_then(|n| n.ports)
+        .and_then(|ports| ports.get(&port_key).cloned().flatten())
+        .and_then(|bindings| bindings.into_iter().find_map(|b| b.host_port?.parse().ok()))
+        .unwrap_or_else(|| panic!("{name} has no published port"));
+    let inspected = Instant::now();
+    let uri: hyper::Uri = format!(
+        "http://{}/",
+        SocketAddr::from((Ipv4Addr::LOCALHOST, host_port))
+    )
+    .parse()
+    .unwrap();
+    loop {
+        if let Ok(response) = probe.get(uri.clone()).await
+            && response.status() == hyper::StatusCode::OK
+        {
+            break;
+        }
+        assert!(
+            begin.elapsed() < SAMPLE_TIMEOUT,
+            "{name} did not answer within {SAMPLE_TIMEOUT:?}"
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+    let answered = Instant::now();
+    FloorSample {
+        create: created - begin,
+        start: started - created,
+        inspect: inspected - started,
+        first_answer: answered - inspected,
+        total: answered - begin,
+    }
+}
+
+async fn remove_benchmark_containers(docker: &Docker) {
+    let filters = HashMap::from([("label", vec![BENCH_LABEL.to_string()])]);
+    let options = ListContainersOptionsBuilder::new()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let listed = docker.list_containers(Some(options)).await.unwrap();
+    let removals = listed
+        .into_iter()
+        .filter_map(|c| c.id)
+        .map(|id| async move {
+            let options = RemoveContainerOptionsBuilder::new().force(true).build();
+            let _ = docker.remove_container(&id, Some(options)).await;
+        });
+    futures_util::future::join_all(removals).await;
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn report(scenario: &str, samples: &[FloorSample]) {
+    let mut total: Vec<Duration> = samples.iter().map(|s| s.total).collect();
+    total.sort();
+    let median = |f: fn(&FloorSample) -> Duration| {
+        let mut v: Vec<Duration> = samples.iter().map(f).collect();
+        v.sort();
+        percentile(&v, 50.0)
+    };
+    println!(
+        "| {scenario} | {} | {} | {} | {} | {} | {} | {} |",
+        samples.len(),
+        ms(percentile(&total, 50.0)),
+        ms(percentile(&total, 99.0)),
+        ms(median(|s| s.create)),
+        ms(median(|s| s.start)),
+        ms(median(|s| s.inspect)),
+        ms(median(|s| s.first_answer)),
+    );
+}
+
+/// `--name value` from the command line.
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let runs: usize = arg("--runs")
+        .map(|v| v.parse().expect("--runs takes a number"))
+        .unwrap_or(if full { 30 } else { 2 });
+    let rounds: usize = arg("--rounds")
+        .map(|v| v.parse().expect("--rounds takes a number"))
+        .unwrap_or(if full { 3 } else { 1 });
+    let concurrency: Vec<usize> = arg("--concurrency")
+        .map(|v| {
+            v.split(',')
+                .map(|n| {
+                    n.trim()
+                        .parse()
+                        .expect("--concurrency takes numbers: 20,100")
+                })
+                .collect()
+        })
+        .unwrap_or_else(|| vec![if full { 20 } else { 2 }]);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let docker = hangar_scheduler::drone::runtime::docker::engine_client(
+            hangar_scheduler::drone::runtime::docker::DEFAULT_DOCKER_HOST,
+        )
+        .await
+        .expect("the docker engine is unreachable: start dockerd");
+        if docker.inspect_image(IMAGE).await.is_err() {
+            panic!("{IMAGE} is not present: build it with scripts/demo-image.sh");
+        }
+        remove_benchmark_containers(&docker).await;
+        let probe: Probe = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build_http();
+        let pid = std::process::id();
+
+        println!("| Scenario | Samples | p50 | p99 | create p50 | start p50 | inspect p50 | first 200 after start p50 |");
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+        // One warm-up spawn, so that the first sample does not pay for cold caches.
+        floor_once(&docker, &probe, &format!("hangar-bench-{pid}-warmup")).await;
+        remove_benchmark_containers(&docker).await;
+
+        let mut samples = Vec::with_capacity(runs);
+        for i in 0..runs {
+            let name = format!("hangar-bench-{pid}-s{i}");
+            samples.push(floor_once(&docker, &probe, &name).await);
+            // Removal is not part of a spawn; one container at a time keeps the host quiet.
+            remove_benchmark_containers(&docker).await;
+        }
+        report("sequential", &samples);
+
+        for &c in &concurrency {
+            let mut samples = Vec::with_capacity(c * rounds);
+            for round in 0..rounds {
+                let spawns = (0..c).map(|i| {
+                    let name = format!("hangar-bench-{pid}-c{c}-r{round}-{i}");
+                    let (docker, probe) = (&docker, &probe);
+                    async move { floor_once(docker, probe, &name).await }
+                });
+                samples.extend(futures_util::future::join_all(spawns).await);
+                remove_benchmark_containers(&docker).await;
+            }
+            report(&format!("{c} concurrent"), &samples);
+        }
+    });
+}

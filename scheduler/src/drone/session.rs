@@ -1,0 +1,406 @@
+//! The drone's side of the session with the scheduler: connects over a WebSocket, says
+//! `Hello` with what it runs, renews its lease with heartbeats, forwards commands to the
+//! [`Agent`] and its events back, and reconnects with backoff, resending unacknowledged events.
+//!
+//! Self-fencing: if the drone cannot renew its lease for the lease TTL (measured on its own
+//! monotonic clock from the last heartbeat the scheduler acknowledged), the scheduler will
+//! have declared it lost and may have started the same keys elsewhere, so it kills its own
+//! backends: a key never has two live backends.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use hangar_core::BackendId;
+use hangar_core::drone::{
+    BackendEvent, Capacity, DroneMessage, FromDrone, Hello, InventoryItem, SchedulerMessage,
+    ToDrone,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::agent::{Agent, AgentConfig};
+use super::runtime::Runtime;
+
+/// Longest wait between reconnection attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// A connection attempt (TCP, upgrade, hello, welcome) longer than this is abandoned.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The lease TTL assumed before the scheduler has said (for fencing before the first welcome).
+const DEFAULT_TTL: Duration = Duration::from_secs(10);
+/// How long a runtime health check may take before the runtime counts as unhealthy.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A drone's identity and what it offers.
+#[derive(Clone, Debug)]
+pub struct DroneSessionConfig {
+    /// `http://host:port` of the scheduler's API.
+    pub scheduler_url: String,
+    pub name: String,
+    pub secret: String,
+    pub pool: String,
+    pub capacity: Capacity,
+    pub agent: AgentConfig,
+}
+
+/// Why the drone stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DroneSessionError {
+    #[error("the scheduler refused this drone: {0}")]
+    Refused(String),
+    #[error("invalid scheduler url {url:?}: {detail}")]
+    BadUrl { url: String, detail: String },
+}
+
+/// Why one connection attempt failed.
+enum Attempt {
+    /// Retry with backoff.
+    Retry(String),
+    /// Give up: the scheduler will never accept this drone as configured.
+    Fatal(String),
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A fresh agent run id.
+pub fn new_run_id() -> String {
+    format!("run-{}", BackendId::generate())
+}
+
+/// The drone: its agent and its session with the scheduler.
+pub struct DroneSession {
+    config: DroneSessionConfig,
+    runtime: Arc<dyn Runtime>,
+    run_id: String,
+}
+
+async fn health(runtime: &dyn Runtime) -> Option<String> {
+    match tokio::time::timeout(HEALTH_TIMEOUT, runtime.health()).await {
+        Ok(Ok(())) => None,
+        Ok(Err(why)) => Some(why),
+        Err(_) => Some(format!(
+            "the {} runtime did not answer a health check within {HEALTH_TIMEOUT:?}",
+            runtime.name()
+        )),
+    }
+}
+
+impl DroneSession {
+    /// A drone run; `run_id` must be new for every agent process (see [`new_run_id`]).
+    pub fn new(config: DroneSessionConfig, runtime: Arc<dyn Runtime>, run_id: String) -> Self {
+        DroneSession {
+            config,
+            runtime,
+            run_id,
+        }
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    fn ws_url(&self) -> Result<String, DroneSessionError> {
+        let base = self.config.scheduler_url.trim_end_matches('/');
+        let rest = base
+            .strip_prefix("http://")
+            .map(|r| format!("ws://{r}"))
+            .or_else(|| base.strip_prefix("https://").map(|r| format!("wss://{r}")))
+            .ok_or_else(|| DroneSessionError::BadUrl {
+                url: base.to_string(),
+                detail: "it must start with http:// or https://".into(),
+            })?;
+        Ok(format!("{rest}/v1/drones/connect"))
+    }
+
+    /// Runs until `cancel` fires (then stops the agent; backends keep running for the next
+    /// agent run to re-adopt, unless the agent is configured to stop them) or the scheduler
+    /// refuses the drone.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), DroneSessionError> {
+        let url = self.ws_url()?;
+        let adopted = match self.runtime.adopt().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list backends to re-adopt");
+                Vec::new()
+            }
+        };
+        let mut inventory: BTreeMap<BackendId, SocketAddr> = adopted
+            .iter()
+            .map(|s| (s.backend.clone(), s.address))
+            .collect();
+        if !inventory.is_empty() {
+            tracing::info!(
+                count = inventory.len(),
+                "found running backends to re-adopt"
+            );
+        }
+        let agent =
+            Agent::new(self.runtime.clone(), self.config.agent.clone()).with_adopted(adopted);
+        let (cmd_tx, cmd_rx) = mpsc::channel::<SchedulerMessage>(1024);
+        let (ev_tx, mut ev_rx) = mpsc::channel::<DroneMessage>(1024);
+        let tasks = TaskTracker::new();
+        let agent_cancel = CancellationToken::new();
+        {
+            let c = agent_cancel.clone();
+            tasks.spawn(agent.run(cmd_rx, ev_tx, c));
+        }
+        tasks.close();
+
+        let mut ws: Option<Ws> = None;
+        let mut seq: u64 = 0;
+        let mut unacked: BTreeMap<u64, (BackendId, BackendEvent)> = BTreeMap::new();
+        let mut backoff = BACKOFF_MIN;
+        let mut next_attempt = Instant::now();
+        let mut ttl = DEFAULT_TTL;
+        let mut heartbeat_every = ttl / 5;
+        let mut heartbeat_due = Instant::now();
+        // Send times of heartbeats not yet acknowledged; the lease was renewed no earlier than
+        // the send time of the one acknowledged last.
+        let mut in_flight: VecDeque<Instant> = VecDeque::new();
+        let mut renewed_at = Instant::now();
+        let mut fenced = false;
+        let result = loop {
+            if ws.is_none() && Instant::now() >= next_attempt {
+                match self.connect(&url, &inventory).await {
+                    Ok((mut socket, lease_ttl, hb)) => {
+                        ttl = lease_ttl;
+                        heartbeat_every = hb;
+                        backoff = BACKOFF_MIN;
+                        renewed_at = Instant::now();
+                        in_flight.clear();
+                        fenced = false;
+                        heartbeat_due = Instant::now() + heartbeat_every;
+                        tracing::info!(scheduler = %self.config.scheduler_url, run_id = %self.run_id, resend = unacked.len(), "connected to the scheduler");
+                        let mut ok = true;
+                        for (s, (backend, event)) in &unacked {
+                            let m = FromDrone::Event {
+                                seq: *s,
+                                backend: backend.clone(),
+                                event: event.clone(),
+                            };
+                            if send(&mut socket, &m).await.is_err() {
+                                ok = false;
+                                break;
+                            }
+                        }
+                        if ok {
+                            ws = Some(socket);
+                        }
+                    }
+                    Err(Attempt::Fatal(why)) => break Err(DroneSessionError::Refused(why)),
+                    Err(Attempt::Retry(why)) => {
+                        tracing::warn!(scheduler = %self.config.scheduler_url, error = %why, retry_in = ?backoff, "cannot reach the scheduler");
+                        next_attempt = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                }
+            }
+            let fence_at = renewed_at + ttl;
+            let connected = ws.is_some();
+            tokio::select! {
+                _ = cancel.cancelled() => break Ok(()),
+                ev = ev_rx.recv() => {
+                    let Some(DroneMessage::Event { backend, event }) = ev else {
+                        break Ok(());
+                    };
+                    match &event {
+                        BackendEvent::Waiting { address } | BackendEvent::Ready { address } => {
+                            inventory.insert(backend.clone(), *address);
+                        }
+                        BackendEvent::Exited { .. } | BackendEvent::SpawnFailed { .. } => {
+                            inventory.remove(&backend);
+                        }
+                        _ => {}
+                    }
+                    seq += 1;
+                    unacked.insert(seq, (backend.clone(), event.clone()));
+                    if let Some(socket) = ws.as_mut()
+                        && send(socket, &FromDrone::Event { seq, backend, event }).await.is_err()
+                    {
+                        ws = None;
+                        next_attempt = Instant::now();
+                    }
+                }
+                _ = tokio::time::sleep_until(heartbeat_due), if connected => {
+                    heartbeat_due = Instant::now() + heartbeat_every;
+                    let unhealthy = health(self.runtime.as_ref()).await;
+                    in_flight.push_back(Instant::now());
+                    if let Some(socket) = ws.as_mut()
+                        && send(socket, &FromDrone::Heartbeat { unhealthy }).await.is_err()
+                    {
+                        ws = None;
+                        next_attempt = Instant::now();
+                    }
+                }
+                msg = next_message(&mut ws), if connected => {
+                    match msg {
+                        Some(ToDrone::HeartbeatAck) => {
+                            if let Some(sent) = in_flight.pop_front() {
+                                renewed_at = renewed_at.max(sent);
+                            }
+                        }
+                        Some(ToDrone::Command { id, message }) => {
+                            if cmd_tx.send(message).await.is_err() {
+                                break Ok(());
+                            }
+                            if let Some(socket) = ws.as_mut()
+                                && send(socket, &FromDrone::Ack { id }).await.is_err()
+                            {
+                                ws = None;
+                                next_attempt = Instant::now();
+                            }
+                        }
+                        Some(ToDrone::EventAck { seq }) => {
+                            unacked = unacked.split_off(&(seq + 1));
+                        }
+                        Some(ToDrone::Welcome { .. }) => {}
+                        None => {
+                            tracing::warn!("lost the scheduler session; reconnecting");
+                            ws = None;
+                            next_attempt = Instant::now();
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(next_attempt), if !connected => {}
+                _ = tokio::time::sleep_until(fence_at), if !fenced => {
+                    fenced = true;
+                    if !inventory.is_empty() {
+                        tracing::error!(backends = inventory.len(), ttl = ?ttl, "lease not renewed within its TTL: the scheduler has declared this drone lost; stopping every backend here (self-fencing)");
+                    }
+                    for backend in inventory.keys() {
+                        let _ = cmd_tx
+                            .send(SchedulerMessage::Terminate { backend: backend.clone(), hard: true })
+                            .await;
+                    }
+                }
+            }
+        };
+        if let Some(mut socket) = ws.take() {
+            let _ = socket.close(None).await;
+        }
+        agent_cancel.cancel();
+        drop(cmd_tx);
+        tasks.wait().await;
+        result
+    }
+
+    /// One connection attempt: upgrade, hello, welcome.
+    async fn connect(
+        &self,
+        url: &str,
+        inventory: &BTreeMap<BackendId, SocketAddr>,
+    ) -> Result<(Ws, Duration, Duration), Attempt> {
+        let mut req = url
+            .into_client_request()
+            .map_err(|e| Attempt::Fatal(format!("invalid scheduler url {url}: {e}")))?;
+        let auth = format!("Bearer {}", self.config.secret)
+            .parse()
+            .map_err(|_| {
+                Attempt::Fatal("the drone secret has characters a header cannot carry".into())
+            })?;
+        req.headers_mut().insert("authorization", auth);
+        let attempt = async {
+            let (mut socket, _) = match tokio_tungstenite::connect_async(req).await {
+                Ok(x) => x,
+                Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                    let status = resp.status();
+                    let body = resp
+                        .body()
+                        .as_ref()
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .unwrap_or_default();
+                    let msg = serde_json::from_str::<hangar_core::api::ErrorBody>(&body)
+                        .map(|e| e.error.message)
+                        .unwrap_or(body);
+                    return Err(if status == 401 || status == 403 {
+                        Attempt::Fatal(msg)
+                    } else {
+                        Attempt::Retry(format!("{status}: {msg}"))
+                    });
+                }
+                Err(e) => return Err(Attempt::Retry(e.to_string())),
+            };
+            let hello = Hello {
+                drone: self.config.name.clone(),
+                run_id: self.run_id.clone(),
+                capacity: self.config.capacity,
+                pool: self.config.pool.clone(),
+                runtime: self.runtime.name().to_string(),
+                inventory: inventory
+                    .iter()
+                    .map(|(b, a)| InventoryItem {
+                        backend: b.clone(),
+                        address: *a,
+                        run_id: None,
+                    })
+                    .collect(),
+                unhealthy: health(self.runtime.as_ref()).await,
+            };
+            send(&mut socket, &FromDrone::Hello(hello))
+                .await
+                .map_err(|e| Attempt::Retry(e.to_string()))?;
+            loop {
+                match socket.next().await {
+                    Some(Ok(Message::Text(t))) => match serde_json::from_str::<ToDrone>(&t) {
+                        Ok(ToDrone::Welcome {
+                            lease_ttl_ms,
+                            heartbeat_interval_ms,
+                        }) => {
+                            return Ok((
+                                socket,
+                                Duration::from_millis(lease_ttl_ms),
+                                Duration::from_millis(heartbeat_interval_ms.max(10)),
+                            ));
+                        }
+                        _ => return Err(Attempt::Retry("expected a welcome".into())),
+                    },
+                    Some(Ok(Message::Close(frame))) => {
+                        let why = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                        return Err(Attempt::Fatal(format!(
+                            "the scheduler closed the session: {why}"
+                        )));
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(Attempt::Retry(e.to_string())),
+                    None => {
+                        return Err(Attempt::Retry("the scheduler closed the connection".into()));
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(Attempt::Retry(format!(
+                "no answer within {CONNECT_TIMEOUT:?}"
+            ))),
+        }
+    }
+}
+
+async fn send(socket: &mut Ws, m: &FromDrone) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    let text = serde_json::to_string(m).unwrap_or_default();
+    socket.send(Message::text(text)).await
+}
+
+/// The next scheduler message; `None` when the connection is gone.
+async fn next_message(ws: &mut Option<Ws>) -> Option<ToDrone> {
+    let socket = ws.as_mut()?;
+    loop {
+        match socket.next().await? {
+            Ok(Message::Text(t)) => match serde_json::from_str::<ToDrone>(&t) {
+                Ok(m) => return Some(m),
+                Err(e) => tracing::warn!(error = %e, "ignoring a malformed scheduler message"),
+            },
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
