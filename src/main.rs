@@ -50,7 +50,10 @@ fn main() -> ExitCode {
 fn init_tracing(cli: &cli::Cli) {
     use tracing_subscriber::EnvFilter;
     let default = match &cli.command {
-        cli::Command::Dev(_) | cli::Command::Serve(_) | cli::Command::Drone(_) => "info",
+        // hickory logs every query at info; its warnings still show.
+        cli::Command::Dev(_) | cli::Command::Serve(_) | cli::Command::Drone(_) => {
+            "info,hickory_server=warn"
+        }
         cli::Command::DemoBackend => "warn",
         _ => "warn",
     };

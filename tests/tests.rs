@@ -4,5 +4,6 @@
 mod support;
 
 mod dev;
+mod drones;
 
 mod dns;

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -35,6 +37,15 @@ impl Dev {
     /// until it reports its listeners. DNS listens on a fresh port too unless `extra` sets
     /// `--dns`.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Dev {
+        Self::start_role("dev", data_dir, extra)
+    }
+
+    /// Starts `hangar serve` (no embedded drone) like [`Dev::start`].
+    pub fn start_serve(data_dir: &Path, extra: &[&str]) -> Dev {
+        Self::start_role("serve", data_dir, extra)
+    }
+
+    fn start_role(role: &str, data_dir: &Path, extra: &[&str]) -> Dev {
         let dns_arg = extra.iter().position(|a| *a == "--dns");
         let default_dns: &[&str] = if dns_arg.is_some() {
             &[]
@@ -42,15 +53,16 @@ impl Dev {
             &["--dns", "127.0.0.1:0"]
         };
         let expect_dns = dns_arg.is_none_or(|i| extra.get(i + 1) != Some(&"off"));
+        // Fresh ports unless `extra` names one (a restart on the same API address).
+        let mut defaults: Vec<&str> = vec![role];
+        for flag in ["--api", "--proxy"] {
+            if !extra.contains(&flag) {
+                defaults.extend([flag, "127.0.0.1:0"]);
+            }
+        }
+        defaults.push("--data-dir");
         let mut child = Command::new(BIN)
-            .args([
-                "dev",
-                "--api",
-                "127.0.0.1:0",
-                "--proxy",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
+            .args(&defaults)
             .arg(data_dir)
             .args(default_dns)
             .args(extra)
@@ -76,14 +88,17 @@ impl Dev {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = rx
                 .recv_timeout(left)
-                .expect("hangar dev did not report its addresses in time");
-            if let Some(a) = line.strip_prefix("hangar dev: api listening on ") {
+                .expect("hangar did not report its addresses in time");
+            let Some(rest) = line.strip_prefix(&format!("hangar {role}: ")) else {
+                continue;
+            };
+            if let Some(a) = rest.strip_prefix("api listening on ") {
                 api = Some(a.trim().parse().expect("api address"));
             }
-            if let Some(a) = line.strip_prefix("hangar dev: proxy listening on ") {
+            if let Some(a) = rest.strip_prefix("proxy listening on ") {
                 proxy = Some(a.trim().parse().expect("proxy address"));
             }
-            if let Some(a) = line.strip_prefix("hangar dev: dns listening on ") {
+            if let Some(a) = rest.strip_prefix("dns listening on ") {
                 dns = Some(a.trim().parse().expect("dns address"));
             }
         }

@@ -1,0 +1,348 @@
+//! `hangar serve` with network drones: placement over two drones, capacity refusals, wrong
+//! secrets, lost drones, drain, scheduler restart, and the Docker runtime (caps, re-adoption,
+//! missing images, a dead daemon).
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::support::cluster::{
+    Drone, SECRET, containers_of, ensure_demo_image, inspect, remove_containers,
+};
+use crate::support::{BIN, DEADLINE, Dev};
+
+fn serve(dir: &std::path::Path, extra: &[&str]) -> Dev {
+    let mut args = vec!["--drone-secret", SECRET, "--lease-ttl", "2", "--dns", "off"];
+    args.extend_from_slice(extra);
+    Dev::start_serve(&dir.join("serve"), &args)
+}
+
+const SMALL: &[&str] = &["--cpu-millis", "1000", "--memory-mb", "1024"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_spread_over_two_drones_and_what_fits_nowhere_is_a_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = serve(dir.path(), &[]);
+    let _d1 = Drone::start(&serve, "d1", "process", dir.path(), SMALL).await;
+    let _d2 = Drone::start(&serve, "d2", "process", dir.path(), SMALL).await;
+    let mut drones = HashSet::new();
+    for k in ["a", "b", "c", "d"] {
+        let r = serve.connect_key(k).await;
+        let v = serve.wait_ready(r.backend_id.as_str()).await;
+        assert_eq!(serve.count(&r).await, 1, "answers through the proxy");
+        drones.insert(v.drone.unwrap());
+    }
+    assert_eq!(drones.len(), 2, "both drones used: {drones:?}");
+    let d1 = serve.drone("d1").await.unwrap();
+    assert_eq!(d1.reserved.backends, 2);
+    assert_eq!(
+        d1.reserved.cpu_millis, 200,
+        "default reservation is 100m per backend"
+    );
+
+    // Larger than any drone's free memory: 503 naming the reason per drone.
+    let (status, v) = serve
+        .connect_raw(json!({"spawn": {"resources": {"memory_mb": 2048}}}))
+        .await;
+    assert_eq!(status, 503, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("d1 has") && msg.contains("MB free memory, needs 2048"),
+        "{msg}"
+    );
+    // A pool nobody serves.
+    let (status, v) = serve.connect_raw(json!({"spawn": {"pool": "gpu"}})).await;
+    assert_eq!(status, 503);
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("pool"),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drone_with_a_wrong_secret_is_refused_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = serve(dir.path(), &[]);
+    let out = std::process::Command::new(BIN)
+        .args(["drone", "--scheduler"])
+        .arg(format!("http://{}", serve.api))
+        .args([
+            "--name",
+            "bad",
+            "--secret",
+            "not-the-secret",
+            "--runtime",
+            "process",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("bad"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("drone secret is missing or wrong"), "{err}");
+    assert!(serve.drone("bad").await.is_none());
+    // And serve itself refuses to start without a secret (exit 64).
+    let out = std::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--api",
+            "127.0.0.1:0",
+            "--proxy",
+            "127.0.0.1:0",
+            "--dns",
+            "off",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("nosecret"))
+        .env_remove("HANGAR_DRONE_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--drone-secret"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_drone_loses_its_backends_within_ttl_and_keys_move_to_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = serve(dir.path(), &[]);
+    let mut d1 = Drone::start(&serve, "d1", "process", dir.path(), SMALL).await;
+    // Only d1 exists while the backend is placed.
+    let r = serve.connect_key("moving").await;
+    let v = serve.wait_ready(r.backend_id.as_str()).await;
+    assert_eq!(v.drone.as_deref(), Some("d1"));
+    let _d2 = Drone::start(&serve, "d2", "process", dir.path(), SMALL).await;
+
+    // kill -9 the agent (its process backends die with it).
+    d1.kill9();
+    let killed = Instant::now();
+    let lost = serve
+        .wait_for(r.backend_id.as_str(), "lost", |v| {
+            v.state.name() == "terminated"
+        })
+        .await;
+    let took = killed.elapsed();
+    assert_eq!(
+        serde_json::to_value(&lost).unwrap()["reason"],
+        json!({"kind": "lost"})
+    );
+    assert!(
+        took <= Duration::from_secs(4),
+        "lost after {took:?}, limit TTL 2 s + 2 s"
+    );
+    let resp = serve
+        .get_by_host(r.backend_id.as_str(), &r.token, "/count")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 410);
+    let next = serve.connect_key("moving").await;
+    assert!(next.spawned);
+    let nv = serve.wait_ready(next.backend_id.as_str()).await;
+    assert_eq!(nv.drone.as_deref(), Some("d2"));
+    assert_eq!(nv.epoch, lost.epoch + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_cordons_terminates_at_the_deadline_and_reports_drained_only_when_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = serve(dir.path(), &[]);
+    let _d1 = Drone::start(&serve, "d1", "process", dir.path(), SMALL).await;
+    let a = serve.connect_key("on-d1").await;
+    let av = serve.wait_ready(a.backend_id.as_str()).await;
+    assert_eq!(av.drone.as_deref(), Some("d1"));
+    let _d2 = Drone::start(&serve, "d2", "process", dir.path(), SMALL).await;
+
+    let r = serve
+        .http
+        .post(serve.api_url("/v1/drones/d1/drain"))
+        .json(&json!({"deadline_s": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(serve.drone("d1").await.unwrap().state, "draining");
+    // Nothing new lands on d1 (it is also the less loaded one without the drain).
+    for k in ["n1", "n2", "n3"] {
+        let r = serve.connect_key(k).await;
+        let v = serve.wait_ready(r.backend_id.as_str()).await;
+        assert_eq!(
+            v.drone.as_deref(),
+            Some("d2"),
+            "{k} placed on a draining drone"
+        );
+    }
+    // `drained` is reported only once the backend really stopped.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let d = serve.drone("d1").await.unwrap();
+        let b = serve.backend(a.backend_id.as_str()).await;
+        if d.state == "drained" {
+            assert_eq!(
+                b.state.name(),
+                "terminated",
+                "drained before its backend ended"
+            );
+            assert_eq!(
+                serde_json::to_value(&b).unwrap()["reason"],
+                json!({"kind": "drained"})
+            );
+            assert!(
+                std::net::TcpStream::connect(av.address.unwrap()).is_err(),
+                "the backend process still listens"
+            );
+            break;
+        }
+        assert_eq!(d.state, "draining");
+        assert!(Instant::now() < deadline, "never drained");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Undrain: d1 takes work again (it is the emptier drone, so the next backend goes there).
+    let r = serve
+        .http
+        .post(serve.api_url("/v1/drones/d1/undrain"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(serve.drone("d1").await.unwrap().state, "ready");
+    let r = serve.connect_key("after-undrain").await;
+    let v = serve.wait_ready(r.backend_id.as_str()).await;
+    assert_eq!(v.drone.as_deref(), Some("d1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_serve_reloads_everything_and_sessions_keep_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = serve(dir.path(), &[]);
+    let _d1 = Drone::start(&first, "d1", "process", dir.path(), SMALL).await;
+    let r = first.connect_key("survivor").await;
+    first.wait_ready(r.backend_id.as_str()).await;
+    assert_eq!(first.count(&r).await, 1);
+    let api = first.api.to_string();
+    first.terminate();
+    drop(first);
+
+    // Same data directory and API address (the drone reconnects to it).
+    let second = serve(dir.path(), &["--api", &api]);
+    let v = second.backend(r.backend_id.as_str()).await;
+    assert_eq!(v.state.name(), "ready", "record back after restart: {v:?}");
+    second.wait_drone("d1", "ready").await;
+    assert_eq!(second.count(&r).await, 2, "same process, same counter");
+    let again = second.connect_key("survivor").await;
+    assert!(!again.spawned);
+    assert_eq!(again.backend_id, r.backend_id);
+}
+
+struct Cleanup(&'static [&'static str]);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        remove_containers(self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_drones_apply_caps_and_a_restarted_agent_readopts_its_containers() {
+    ensure_demo_image();
+    const NAMES: &[&str] = &["dk-a1", "dk-a2"];
+    remove_containers(NAMES);
+    let _cleanup = Cleanup(NAMES);
+    let dir = tempfile::tempdir().unwrap();
+    let serve = serve(dir.path(), &[]);
+    let mut a1 = Drone::start(
+        &serve,
+        "dk-a1",
+        "docker",
+        dir.path(),
+        &["--stop-grace", "2"],
+    )
+    .await;
+    let r = serve
+        .connect(json!({
+            "key": {"name": "container"},
+            "spawn": {"image": "hangar-demo:dev", "resources": {"cpu_millis": 500, "memory_mb": 64}}
+        }))
+        .await;
+    let v = serve.wait_ready(r.backend_id.as_str()).await;
+    assert_eq!(v.drone.as_deref(), Some("dk-a1"));
+    assert_eq!(serve.count(&r).await, 1);
+    assert_eq!(serve.count(&r).await, 2);
+    let ids = containers_of("dk-a1", false);
+    assert_eq!(ids.len(), 1);
+    assert_eq!(inspect(&ids[0], "{{.HostConfig.NanoCpus}}"), "500000000");
+    assert_eq!(
+        inspect(&ids[0], "{{.HostConfig.Memory}}"),
+        (64u64 << 20).to_string()
+    );
+    assert_ne!(inspect(&ids[0], "{{.HostConfig.PidsLimit}}"), "<nil>");
+    assert_eq!(
+        inspect(&ids[0], "{{index .Config.Labels \"hangar.backend_id\"}}"),
+        r.backend_id.as_str()
+    );
+
+    // kill -9 of the agent alone: the container keeps running; a new agent run adopts it.
+    a1.kill9();
+    let a1 = Drone::start(
+        &serve,
+        "dk-a1",
+        "docker",
+        dir.path(),
+        &["--stop-grace", "2"],
+    )
+    .await;
+    let v2 = serve.wait_ready(r.backend_id.as_str()).await;
+    assert_eq!(v2.id, v.id);
+    assert_eq!(
+        serve.count(&r).await,
+        3,
+        "the session survived the agent restart"
+    );
+    assert_eq!(containers_of("dk-a1", false), ids, "no duplicate container");
+    let rec = serve.drone("dk-a1").await.unwrap();
+    assert_eq!(rec.backends.get("ready"), Some(&1));
+    drop(a1);
+
+    // A missing image: failed, with what to do.
+    let _a2 = Drone::start(&serve, "dk-a2", "docker", dir.path(), &[]).await;
+    let m = serve
+        .connect(json!({"spawn": {"image": "hangar-missing:nope"}}))
+        .await;
+    let mv = serve
+        .wait_for(m.backend_id.as_str(), "failed", |v| {
+            v.state.name() == "terminated"
+        })
+        .await;
+    let message = mv.message.unwrap_or_default();
+    assert!(
+        message.contains("image hangar-missing:nope is not present on drone"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drone_whose_docker_daemon_is_unreachable_is_unhealthy_and_takes_no_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = serve(dir.path(), &[]);
+    let _d = Drone::start_unready(
+        &serve,
+        "dead-docker",
+        dir.path(),
+        &["--docker-host", "unix:///nonexistent/docker.sock"],
+    );
+    let d = serve.wait_drone("dead-docker", "unhealthy").await;
+    let why = d.message.unwrap_or_default();
+    assert!(why.contains("unreachable"), "{why}");
+    let (status, v) = serve
+        .connect_raw(json!({"spawn": {"image": "hangar-demo:dev"}}))
+        .await;
+    assert_eq!(status, 503, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unhealthy"),
+        "{v}"
+    );
+}

@@ -1,0 +1,180 @@
+//! Test support for clusters: `hangar drone` processes attached to a `hangar serve`, and the
+//! Docker engine (the demo image, container listings, inspect).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hangar_core::api::{DroneList, DroneView};
+
+use super::{BIN, DEADLINE, Dev};
+
+/// The secret the test clusters share.
+pub const SECRET: &str = "test-drone-secret";
+
+/// A running `hangar drone`.
+pub struct Drone {
+    child: Child,
+    pub name: String,
+}
+
+impl Drone {
+    /// Starts a drone for `serve` and waits until the scheduler lists it as ready.
+    pub async fn start(
+        serve: &Dev,
+        name: &str,
+        runtime: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Drone {
+        let d = Self::spawn(serve, name, runtime, dir, extra);
+        serve.wait_drone(name, "ready").await;
+        d
+    }
+
+    /// Starts a docker drone without waiting for it to be ready.
+    pub fn start_unready(serve: &Dev, name: &str, dir: &Path, extra: &[&str]) -> Drone {
+        Self::spawn(serve, name, "docker", dir, extra)
+    }
+
+    /// Starts a drone without waiting for it.
+    pub fn spawn(serve: &Dev, name: &str, runtime: &str, dir: &Path, extra: &[&str]) -> Drone {
+        let mut child = Command::new(BIN)
+            .args(["drone", "--scheduler"])
+            .arg(format!("http://{}", serve.api))
+            .args([
+                "--name",
+                name,
+                "--secret",
+                SECRET,
+                "--runtime",
+                runtime,
+                "--data-dir",
+            ])
+            .arg(dir.join(name))
+            .args(extra)
+            .env("HANGAR_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start hangar drone");
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || for _ in BufReader::new(stdout).lines() {});
+        Drone {
+            child,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Drone {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+impl Dev {
+    pub async fn drones(&self) -> Vec<DroneView> {
+        let list: DroneList = self
+            .http
+            .get(self.api_url("/v1/drones"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list.drones
+    }
+
+    pub async fn drone(&self, name: &str) -> Option<DroneView> {
+        self.drones().await.into_iter().find(|d| d.name == name)
+    }
+
+    /// Polls `GET /v1/drones` until `name` is in `state`.
+    pub async fn wait_drone(&self, name: &str, state: &str) -> DroneView {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(d) = self.drone(name).await
+                && d.state == state
+            {
+                return d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "drone {name} never became {state}: {:?}",
+                self.drone(name).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Builds `hangar-demo:dev` with `scripts/demo-image.sh` unless it exists.
+pub fn ensure_demo_image() {
+    let exists = Command::new("docker")
+        .args(["image", "inspect", "hangar-demo:dev"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("docker CLI")
+        .success();
+    if !exists {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let status = Command::new("bash")
+            .arg(root.join("scripts/demo-image.sh"))
+            .status()
+            .expect("run scripts/demo-image.sh");
+        assert!(status.success(), "scripts/demo-image.sh failed");
+    }
+}
+
+/// Container ids carrying `hangar.drone=<drone>`.
+pub fn containers_of(drone: &str, all: bool) -> Vec<String> {
+    let mut cmd = Command::new("docker");
+    cmd.args(["ps", "-q", "--filter"])
+        .arg(format!("label=hangar.drone={drone}"));
+    if all {
+        cmd.arg("-a");
+    }
+    let out = cmd.output().expect("docker ps");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// `docker inspect -f <format> <container>`.
+pub fn inspect(container: &str, format: &str) -> String {
+    let out = Command::new("docker")
+        .args(["inspect", "-f", format, container])
+        .output()
+        .expect("docker inspect");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Removes every container of these drones (test cleanup).
+pub fn remove_containers(drones: &[&str]) {
+    for d in drones {
+        let ids = containers_of(d, true);
+        if !ids.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&ids)
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+}
