@@ -346,3 +346,31 @@ async fn a_drone_whose_docker_daemon_is_unreachable_is_unhealthy_and_takes_no_wo
         "{v}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drone_cut_off_from_the_scheduler_past_its_ttl_stops_its_own_backends() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = serve(dir.path(), &[]);
+    let _d1 = Drone::start(&serve, "fence", "process", dir.path(), SMALL).await;
+    let r = serve.connect_key("fenced").await;
+    let v = serve.wait_ready(r.backend_id.as_str()).await;
+    let addr = v.address.unwrap();
+    assert!(std::net::TcpStream::connect(addr).is_ok());
+    // The scheduler vanishes: the drone cannot renew its 2 s lease and must stop its backend
+    // on its own, since the scheduler (when back) will have declared it lost.
+    serve.kill9();
+    let cut = Instant::now();
+    let deadline = cut + DEADLINE;
+    while std::net::TcpStream::connect(addr).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the backend outlived its drone's lease"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = cut.elapsed();
+    assert!(
+        took <= Duration::from_secs(4),
+        "self-fenced after {took:?}; the lease TTL is 2 s"
+    );
+}
