@@ -152,6 +152,8 @@ fn main() {
                 },
                 address: None,
                 public: false,
+                drone: None,
+                pool: None,
             }),
         )));
         let (udp, tcp) = hangar_dns::bind("127.0.0.1:0".parse().unwrap())

@@ -19,6 +19,8 @@ fn table(n: usize) -> (RouteTable, Vec<BackendId>) {
         state: RouteState::Ready,
         address: Some("127.0.0.1:9000".parse().unwrap()),
         public: false,
+        drone: None,
+        pool: None,
     });
     (RouteTable::new(1, routes), ids)
 }

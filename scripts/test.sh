@@ -14,6 +14,11 @@ if ! command -v python3 >/dev/null 2>&1; then
     echo "scripts/test.sh: installing python3" >&2
     apt-get update -qq && apt-get install -y -qq python3
 fi
+if ! command -v prometheus >/dev/null 2>&1; then
+    # The metrics process-level test scrapes `hangar dev` with a real Prometheus.
+    echo "scripts/test.sh: installing prometheus" >&2
+    apt-get update -qq && apt-get install -y -qq prometheus
+fi
 if ! command -v dig >/dev/null 2>&1; then
     # The DNS process-level tests query `hangar dev` with dig.
     echo "scripts/test.sh: installing dnsutils (dig)" >&2

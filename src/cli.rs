@@ -55,6 +55,54 @@ pub enum Command {
     Drain(DrainArgs),
     /// Place on a drained drone again.
     Undrain(NameArgs),
+    /// List hot backends and drones, with the figures and the reason.
+    Hot(ClientOnlyArgs),
+    /// Run a data-plane proxy that follows a scheduler's route feed.
+    Proxy(ProxyArgs),
+    /// Revoke a token, or every token of a user (or of anyone) for a backend.
+    Revoke(RevokeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProxyArgs {
+    /// The scheduler's API URL.
+    #[arg(long)]
+    pub scheduler: String,
+    /// The scheduler's cluster secret (its --drone-secret; also HANGAR_DRONE_SECRET).
+    #[arg(long, env = "HANGAR_DRONE_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// Where the proxy listens.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub proxy: SocketAddr,
+    /// The cluster domain (as given to the scheduler).
+    #[arg(long, default_value = "hangar.localhost")]
+    pub domain: String,
+    /// The scheduler's token key, 64 hex characters (also HANGAR_TOKEN_KEY).
+    #[arg(long, env = "HANGAR_TOKEN_KEY", hide_env_values = true)]
+    pub token_key: Option<String>,
+    /// This proxy's name in activity reports.
+    #[arg(long, default_value = "proxy")]
+    pub name: String,
+    /// How long a request for a starting backend waits, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub start_wait: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RevokeArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Revoke this one token.
+    #[arg(long, conflicts_with = "backend")]
+    pub token: Option<String>,
+    /// Revoke tokens for this backend (all, or --user's).
+    #[arg(long)]
+    pub backend: Option<String>,
+    /// With --backend: only this user's tokens.
+    #[arg(long, requires = "backend")]
+    pub user: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -107,6 +155,82 @@ pub struct DroneArgs {
     /// Seconds between SIGTERM and SIGKILL when stopping a backend.
     #[arg(long, default_value_t = 10)]
     pub stop_grace: u64,
+    /// How often the backends' CPU and memory use is read and reported (e.g. 5s).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub usage_interval: std::time::Duration,
+    /// Where Prometheus scrapes this drone's own metrics (`GET /metrics`), or `off`.
+    /// [default: 127.0.0.1:7072, skipped with a warning if that port is taken]
+    #[arg(long, value_name = "ADDR|off")]
+    pub metrics: Option<String>,
+    /// Seconds a series is kept after its last update.
+    #[arg(long, default_value_t = 300)]
+    pub metrics_grace: u64,
+}
+
+impl DroneArgs {
+    /// The metrics flags, shaped like the other roles'.
+    pub fn metrics_args(&self) -> MetricsArgs {
+        MetricsArgs {
+            metrics: self.metrics.clone(),
+            metrics_grace: self.metrics_grace,
+        }
+    }
+}
+
+/// Parses `90`, `60s`, `5m` or `1h` into a duration.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    crate::client::parse_duration_s(s).map(std::time::Duration::from_secs)
+}
+
+/// The Prometheus admin listener.
+#[derive(Args, Debug, Clone)]
+pub struct MetricsArgs {
+    /// Where Prometheus scrapes metrics (`GET /metrics`), or `off`.
+    /// [default: 127.0.0.1:7071, skipped with a warning if that port is taken]
+    #[arg(long, value_name = "ADDR|off")]
+    pub metrics: Option<String>,
+    /// Seconds a per-backend or per-drone series is kept after its last update: series of
+    /// ended backends and departed drones leave the scrape after this.
+    #[arg(long, default_value_t = 300)]
+    pub metrics_grace: u64,
+}
+
+/// The hot-shard detector and its remedy.
+#[derive(Args, Debug, Clone)]
+pub struct HotArgs {
+    /// Window over which request and CPU rates are measured (e.g. 30s).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub hot_window: std::time::Duration,
+    /// How long a condition must hold before a backend or drone is flagged hot (and stop
+    /// holding before the flag clears).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub hot_sustain: std::time::Duration,
+    /// A backend is hot when its request rate exceeds this multiple of the median rate of
+    /// the other busy backends of its pool...
+    #[arg(long, default_value_t = 5.0)]
+    pub hot_rate_multiple: f64,
+    /// ...and this many requests per second.
+    #[arg(long, default_value_t = 1.0)]
+    pub hot_min_rate: f64,
+    /// A backend is hot when it uses more than this fraction of its CPU cap.
+    #[arg(long, default_value_t = 0.9)]
+    pub hot_cpu_fraction: f64,
+    /// A drone is hot when its backends use more than this fraction of its CPU...
+    #[arg(long, default_value_t = 0.9)]
+    pub hot_drone_cpu_fraction: f64,
+    /// ...or more than this fraction of its CPU or memory is reserved.
+    #[arg(long, default_value_t = 0.95)]
+    pub hot_drone_reserved_fraction: f64,
+    /// Stop idle backends that share a drone with a hot backend, so that their next connect
+    /// lands on another drone (reason `relocated`).
+    #[arg(long)]
+    pub relieve_hot: bool,
+    /// With --relieve-hot: only backends idle at least this long are moved.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub relieve_min_idle: std::time::Duration,
+    /// With --relieve-hot: at most this many backends are moved per second.
+    #[arg(long, default_value_t = 2)]
+    pub relieve_max: usize,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +302,30 @@ pub struct DevArgs {
     /// TTL of DNS answers (and of negative answers), in seconds.
     #[arg(long, default_value_t = 5)]
     pub dns_ttl: u32,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+    #[command(flatten)]
+    pub hot: HotArgs,
+    /// How often the embedded drone reads its backends' CPU and memory use (dev).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub usage_interval: std::time::Duration,
+}
+
+/// An HTTPS listener for the proxy (in addition to the plain one).
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// Where the proxy listens for HTTPS (HTTP/1.1 and HTTP/2 via ALPN); needs --tls-cert
+    /// and --tls-key. Certificates reload on SIGHUP or when the files change.
+    #[arg(long, value_name = "ADDR")]
+    pub https: Option<SocketAddr>,
+    /// PEM certificate chain (e.g. a wildcard certificate for *.<domain>).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

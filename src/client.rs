@@ -344,3 +344,105 @@ pub async fn undrain(args: NameArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+pub async fn revoke(args: crate::cli::RevokeArgs) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&args.client)?;
+    let body = serde_json::json!({
+        "token": args.token,
+        "backend": args.backend,
+        "user": args.user,
+    });
+    let body: serde_json::Map<String, serde_json::Value> = body
+        .as_object()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, v)| !v.is_null())
+        .collect();
+    let v: serde_json::Value = api.post("/v1/tokens/revoke", &body).await?;
+    if args.client.json {
+        print_json(&v)?;
+    } else {
+        println!("revoked {}", v["revoked"]);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `hangar hot`: what the hot-shard detector flags now, and why.
+pub async fn hot(args: ClientOnlyArgs) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&args.client)?;
+    let list: hangar_core::api::HotList = api.get("/v1/hot").await?;
+    if args.client.json {
+        print_json(&list)?;
+    } else {
+        print_hot(&list);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_hot(list: &hangar_core::api::HotList) {
+    let s = &list.settings;
+    let reasons = |r: &[hangar_core::api::HotReason]| {
+        r.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(",")
+    };
+    let num = |v: Option<f64>, digits: usize| match v {
+        Some(v) => format!("{v:.digits$}"),
+        None => "-".into(),
+    };
+    if list.evaluated_at == 0 {
+        println!("the detector has not run yet");
+        return;
+    }
+    if list.backends.is_empty() && list.drones.is_empty() {
+        println!(
+            "nothing is hot (window {}s, sustained {}s; a backend is hot above {}× its pool's median and {} req/s, or {}% of its CPU cap)",
+            s.window_s,
+            s.sustain_s,
+            s.rate_multiple,
+            s.min_rate,
+            s.cpu_fraction * 100.0
+        );
+    }
+    if !list.backends.is_empty() {
+        println!(
+            "{:<28} {:<12} {:<10} {:>10} {:>12} {:>8} {:>8}  REASONS",
+            "BACKEND", "DRONE", "POOL", "REQ/S", "POOL MEDIAN", "CPU", "CAP"
+        );
+        for b in &list.backends {
+            println!(
+                "{:<28} {:<12} {:<10} {:>10} {:>12} {:>8} {:>8}  {}",
+                b.backend.as_str(),
+                b.drone.as_deref().unwrap_or("-"),
+                b.pool,
+                num(b.requests_per_second, 1),
+                num(b.pool_median_requests_per_second, 1),
+                num(b.cpu_cores, 2),
+                format!("{:.2}", b.cpu_cap_cores),
+                reasons(&b.reasons),
+            );
+        }
+    }
+    if !list.drones.is_empty() {
+        if !list.backends.is_empty() {
+            println!();
+        }
+        println!(
+            "{:<14} {:>10} {:>10} {:>13} {:>13}  REASONS",
+            "DRONE", "CPU", "CAPACITY", "RESERVED CPU", "RESERVED MEM"
+        );
+        for d in &list.drones {
+            println!(
+                "{:<14} {:>10.2} {:>10.2} {:>12.0}% {:>12.0}%  {}",
+                d.drone,
+                d.cpu_cores,
+                d.cpu_capacity_cores,
+                d.reserved_cpu_fraction * 100.0,
+                d.reserved_memory_fraction * 100.0,
+                reasons(&d.reasons),
+            );
+        }
+    }
+    if s.relieve {
+        println!("relocated so far: {}", list.relocated_total);
+    }
+}

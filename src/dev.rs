@@ -30,6 +30,9 @@ struct DevConfig {
     token_key: TokenKey,
     /// `None` with `--dns off`.
     dns: Option<DnsSetup>,
+    /// `None` with `--metrics off`.
+    metrics: Option<crate::metrics::MetricsSetup>,
+    hot: hangar_scheduler::hot::HotConfig,
 }
 
 /// Where DNS listens when `--dns` is not given.
@@ -107,11 +110,36 @@ fn validate(args: DevArgs) -> anyhow::Result<DevConfig> {
         None => load_or_create_key(&args.data_dir.join("token.key"))?,
     };
     let dns = validate_dns(&args, &domain)?;
+    let metrics = crate::metrics::validate(&args.metrics, crate::metrics::DEFAULT_ADDR)?;
+    let hot = hot_config(&args.hot)?;
     Ok(DevConfig {
         args: DevArgs { domain, ..args },
         token_key,
         dns,
+        metrics,
+        hot,
     })
+}
+
+/// The detector's thresholds from the `--hot-*` flags.
+fn hot_config(args: &crate::cli::HotArgs) -> anyhow::Result<hangar_scheduler::hot::HotConfig> {
+    let hot = hangar_scheduler::hot::HotConfig {
+        window: args.hot_window,
+        sustain: args.hot_sustain,
+        rate_multiple: args.hot_rate_multiple,
+        min_rate: args.hot_min_rate,
+        cpu_fraction: args.hot_cpu_fraction,
+        drone_cpu_fraction: args.hot_drone_cpu_fraction,
+        drone_reserved_fraction: args.hot_drone_reserved_fraction,
+        ..Default::default()
+    };
+    hot.validate().map_err(ConfigError)?;
+    if args.relieve_hot && args.relieve_max == 0 {
+        return Err(
+            ConfigError("--relieve-max must be at least 1 with --relieve-hot".into()).into(),
+        );
+    }
+    Ok(hot)
 }
 
 /// Reads the token key from the data directory, generating it on first use (mode 0600).
@@ -208,7 +236,12 @@ async fn run_plane(args: DevArgs, serve: Option<ServeOptions>) -> anyhow::Result
         })?;
 
     let api_listener = bind(args.api, "api").await?;
+    let certs = crate::tls::load(&args.tls)?;
     let proxy_listener = bind(args.proxy, "proxy").await?;
+    let https_listener = match (&args.tls.https, &certs) {
+        (Some(addr), Some(_)) => Some(bind(*addr, "https").await?),
+        _ => None,
+    };
     let api_addr = api_listener.local_addr()?;
     let proxy_addr = proxy_listener.local_addr()?;
     let dns_sockets = match &cfg.dns {
@@ -230,6 +263,17 @@ async fn run_plane(args: DevArgs, serve: Option<ServeOptions>) -> anyhow::Result
         None => None,
     };
 
+    let metrics_listener = match &cfg.metrics {
+        Some(m) => crate::metrics::bind(m, role).await?,
+        None => None,
+    };
+    // Installed before anything records (the scheduler registers gauges when it starts), and
+    // only with a listener: an exporter nobody serves would only accumulate samples.
+    let exporter = match (&metrics_listener, &cfg.metrics) {
+        (Some(_), Some(m)) => Some(crate::metrics::install(m.grace)?),
+        _ => None,
+    };
+
     let exe = std::env::current_exe().context("cannot find the hangar executable")?;
     let demo_command = vec![
         exe.to_string_lossy().into_owned(),
@@ -249,6 +293,13 @@ async fn run_plane(args: DevArgs, serve: Option<ServeOptions>) -> anyhow::Result
     }
     sched_cfg.defaults.idle_timeout_s = Some(args.idle_timeout);
     sched_cfg.startup_timeout = Duration::from_secs(args.startup_timeout);
+    sched_cfg.hot = cfg.hot.clone();
+    if args.hot.relieve_hot {
+        sched_cfg.relieve = Some(hangar_scheduler::monitor::ReliefConfig {
+            min_idle: args.hot.relieve_min_idle,
+            max_per_pass: args.hot.relieve_max,
+        });
+    }
     let scheduler = Scheduler::new(
         sched_cfg,
         store,
@@ -258,6 +309,7 @@ async fn run_plane(args: DevArgs, serve: Option<ServeOptions>) -> anyhow::Result
 
     // The embedded drone (dev only): a new run id for every process, so records from a
     // previous run are recognised as lost.
+    let mut embedded_runtime: Option<Arc<ProcessRuntime>> = None;
     let embedded = if serve.is_none() {
         let run_id = format!("run-{}", hangar_core::BackendId::generate());
         let (commands, events) = scheduler
@@ -283,6 +335,7 @@ async fn run_plane(args: DevArgs, serve: Option<ServeOptions>) -> anyhow::Result
             log_dir: Some(data_dir.join("logs")),
             ..ProcessRuntimeConfig::default()
         }));
+        embedded_runtime = Some(runtime.clone());
         std::fs::create_dir_all(data_dir.join("logs"))
             .context("cannot create the logs directory")?;
         Some((
@@ -305,6 +358,66 @@ async fn run_plane(args: DevArgs, serve: Option<ServeOptions>) -> anyhow::Result
     let proxy = Arc::new(Proxy::new(proxy_cfg));
 
     let tasks = TaskTracker::new();
+    // Metrics: the admin listener; the proxy publishes its per-backend counts before every
+    // scrape.
+    let mut metrics_addr = None;
+    if let (Some(listener), Some(exporter), Some(setup)) =
+        (metrics_listener, exporter, &cfg.metrics)
+    {
+        metrics_addr = Some(listener.local_addr()?);
+        let activity = proxy.activity();
+        activity.set_metrics_grace(setup.grace);
+        let server = crate::metrics::MetricsServer::new(exporter, setup.grace)
+            .collect(move || activity.publish_metrics());
+        tasks.spawn(server.run(listener, cancel.clone()));
+    }
+    // Usage of the embedded drone's backends (CPU, memory): for metrics and the detector.
+    if let Some(runtime) = embedded_runtime {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let collector =
+            hangar_scheduler::drone::usage::UsageCollector::new(runtime, args.usage_interval);
+        tasks.spawn(collector.run(tx, cancel.clone()));
+        let scheduler = scheduler.clone();
+        tasks.spawn(async move {
+            while let Some(usage) = rx.recv().await {
+                scheduler.report_usage("local", &usage);
+            }
+        });
+    }
+    // Revocations: scheduler → proxy.
+    {
+        let mut revocations = scheduler.revocations();
+        let proxy = proxy.clone();
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            loop {
+                let set = revocations.borrow_and_update().clone();
+                proxy.publish_revocations(set);
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    changed = revocations.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+    }
+    // HTTPS listener, with certificate reload on SIGHUP and file changes.
+    if let (Some(listener), Some(store)) = (https_listener, certs) {
+        let tls = store
+            .server_config()
+            .map_err(|e| ConfigError(e.to_string()))?;
+        println!(
+            "hangar {role}: https listening on {}",
+            listener.local_addr()?
+        );
+        crate::tls::spawn_reloader(store, &tasks, cancel.clone());
+        let proxy = proxy.clone();
+        let c = cancel.clone();
+        tasks.spawn(async move {
+            if let Err(e) = proxy.run_tls(listener, tls, c).await {
+                tracing::error!(error = %e, "https listener failed");
+            }
+        });
+    }
     // Route feed: scheduler → proxy, one swap per published table.
     {
         let mut routes = scheduler.routes();
@@ -409,6 +522,9 @@ async fn run_plane(args: DevArgs, serve: Option<ServeOptions>) -> anyhow::Result
     println!("hangar {role}: proxy listening on {proxy_addr}");
     if let Some(addr) = dns_addr {
         println!("hangar {role}: dns listening on {addr}");
+    }
+    if let Some(addr) = metrics_addr {
+        crate::metrics::announce(role, addr);
     }
     println!("hangar {role}: data directory {}", data_dir.display());
     println!();

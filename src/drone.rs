@@ -43,6 +43,18 @@ pub async fn run(args: DroneArgs) -> anyhow::Result<()> {
     if args.max_backends == 0 {
         return Err(ConfigError("--max-backends must be at least 1".into()).into());
     }
+    let metrics_setup =
+        crate::metrics::validate(&args.metrics_args(), crate::metrics::DEFAULT_DRONE_ADDR)?;
+    let metrics_listener = match &metrics_setup {
+        Some(m) => crate::metrics::bind(m, "drone").await?,
+        None => None,
+    };
+    // Installed before the runtime and the session start recording, and only with a
+    // listener: an exporter nobody serves would only accumulate samples.
+    let exporter = match (&metrics_listener, &metrics_setup) {
+        (Some(_), Some(m)) => Some(crate::metrics::install(m.grace)?),
+        _ => None,
+    };
     std::fs::create_dir_all(args.data_dir.join("logs")).map_err(|e| {
         ConfigError(format!(
             "cannot create data directory {}: {e}",
@@ -96,6 +108,7 @@ pub async fn run(args: DroneArgs) -> anyhow::Result<()> {
             pool: args.pool.clone(),
             capacity,
             agent,
+            usage_interval: args.usage_interval,
         },
         runtime,
         run_id.clone(),
@@ -105,12 +118,23 @@ pub async fn run(args: DroneArgs) -> anyhow::Result<()> {
         args.name, args.scheduler
     );
     let cancel = CancellationToken::new();
+    let tasks = tokio_util::task::TaskTracker::new();
+    if let (Some(listener), Some(exporter), Some(setup)) =
+        (metrics_listener, exporter, &metrics_setup)
+    {
+        crate::metrics::announce("drone", listener.local_addr()?);
+        let server = crate::metrics::MetricsServer::new(exporter, setup.grace);
+        tasks.spawn(server.run(listener, cancel.clone()));
+    }
+    tasks.close();
     let c = cancel.clone();
     let signal = tokio::spawn(async move {
         crate::dev::shutdown_signal().await;
         c.cancel();
     });
-    let result = session.run(cancel).await;
+    let result = session.run(cancel.clone()).await;
     signal.abort();
+    cancel.cancel();
+    tasks.wait().await;
     result.map_err(|e| anyhow::anyhow!("{e}"))
 }

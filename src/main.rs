@@ -7,6 +7,9 @@ mod demo_backend;
 mod dev;
 mod drone;
 mod host;
+mod metrics;
+mod proxy_cmd;
+mod tls;
 
 use std::process::ExitCode;
 
@@ -51,9 +54,10 @@ fn init_tracing(cli: &cli::Cli) {
     use tracing_subscriber::EnvFilter;
     let default = match &cli.command {
         // hickory logs every query at info; its warnings still show.
-        cli::Command::Dev(_) | cli::Command::Serve(_) | cli::Command::Drone(_) => {
-            "info,hickory_server=warn"
-        }
+        cli::Command::Dev(_)
+        | cli::Command::Serve(_)
+        | cli::Command::Drone(_)
+        | cli::Command::Proxy(_) => "info,hickory_server=warn",
         cli::Command::DemoBackend => "warn",
         _ => "warn",
     };
@@ -78,5 +82,8 @@ async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         cli::Command::Drones(args) => client::drones(args).await,
         cli::Command::Drain(args) => client::drain(args).await,
         cli::Command::Undrain(args) => client::undrain(args).await,
+        cli::Command::Hot(args) => client::hot(args).await,
+        cli::Command::Proxy(args) => proxy_cmd::run(args).await.map(|()| ExitCode::SUCCESS),
+        cli::Command::Revoke(args) => client::revoke(args).await,
     }
 }

@@ -5,5 +5,7 @@ mod support;
 
 mod dev;
 mod drones;
+mod remote;
 
 mod dns;
+mod metrics;

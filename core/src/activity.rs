@@ -1,4 +1,5 @@
-//! Activity reports: what the proxy tells the scheduler about traffic, for idle timeouts.
+//! Activity reports: what the proxy tells the scheduler about traffic, for idle timeouts and
+//! hot-shard detection.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +14,11 @@ pub struct ActivityReport {
     pub last_active: UnixMillis,
     /// Requests in flight plus open upgraded connections (WebSockets) right now.
     pub open: u64,
+    /// Requests this proxy has forwarded to the backend since it started: a cumulative
+    /// counter (like a Prometheus counter, it restarts at zero with the proxy), from which the
+    /// scheduler derives request rates for hot-shard detection.
+    #[serde(default)]
+    pub requests: u64,
 }
 
 /// A batch of reports from one proxy.

@@ -196,3 +196,85 @@ pub struct DroneView {
 pub struct DroneList {
     pub drones: Vec<DroneView>,
 }
+
+/// Why a backend or a drone is hot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HotReason {
+    /// A backend's request rate is above the configured multiple of its pool's median.
+    RequestRate,
+    /// A backend uses more than the configured fraction of its CPU cap, or a drone's backends
+    /// more than the configured fraction of its CPU capacity.
+    Cpu,
+    /// More than the configured fraction of a drone's CPU or memory is reserved.
+    Reservations,
+}
+
+impl HotReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HotReason::RequestRate => "request_rate",
+            HotReason::Cpu => "cpu",
+            HotReason::Reservations => "reservations",
+        }
+    }
+}
+
+/// A hot backend in `GET /v1/hot`, with the figures it was judged on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HotBackend {
+    pub backend: BackendId,
+    pub drone: Option<String>,
+    pub pool: String,
+    /// What made it hot (the last conditions seen to hold).
+    pub reasons: Vec<HotReason>,
+    /// Requests per second over the window, summed over every proxy; `None` until known.
+    pub requests_per_second: Option<f64>,
+    /// The median request rate of the other backends with traffic in its pool.
+    pub pool_median_requests_per_second: Option<f64>,
+    /// CPU cores in use over the window; `None` until its drone reported usage twice.
+    pub cpu_cores: Option<f64>,
+    /// Its CPU cap (or reservation) in cores.
+    pub cpu_cap_cores: f64,
+    pub hot_since: UnixMillis,
+}
+
+/// A hot drone in `GET /v1/hot`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HotDrone {
+    pub drone: String,
+    pub reasons: Vec<HotReason>,
+    /// CPU cores its backends use over the window.
+    pub cpu_cores: f64,
+    pub cpu_capacity_cores: f64,
+    /// Reserved fractions of its CPU and memory capacity (0 to 1).
+    pub reserved_cpu_fraction: f64,
+    pub reserved_memory_fraction: f64,
+    pub hot_since: UnixMillis,
+}
+
+/// The detector's thresholds, as `GET /v1/hot` reports them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HotSettings {
+    pub window_s: f64,
+    pub sustain_s: f64,
+    pub rate_multiple: f64,
+    pub min_rate: f64,
+    pub cpu_fraction: f64,
+    pub drone_cpu_fraction: f64,
+    pub drone_reserved_fraction: f64,
+    /// Whether idle neighbours of hot backends are relocated (`--relieve-hot`).
+    pub relieve: bool,
+}
+
+/// `GET /v1/hot`: what is hot now and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HotList {
+    /// When the detector last ran; 0 before its first pass.
+    pub evaluated_at: UnixMillis,
+    pub settings: HotSettings,
+    pub backends: Vec<HotBackend>,
+    pub drones: Vec<HotDrone>,
+    /// Backends relocated off hot drones since the scheduler started.
+    pub relocated_total: u64,
+}

@@ -116,6 +116,22 @@ pub enum FromDrone {
         backend: BackendId,
         event: BackendEvent,
     },
+    /// Resource use of the drone's running backends, sent on a period. Not acknowledged: a
+    /// lost report is superseded by the next one (the figures are cumulative or current).
+    Stats {
+        usage: Vec<BackendUsage>,
+    },
+}
+
+/// One backend's resource use, as its drone measured it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendUsage {
+    pub backend: BackendId,
+    /// CPU time used since the backend started, in seconds (user plus system).
+    pub cpu_seconds_total: f64,
+    /// Memory in use, in bytes: a container's usage without reclaimable page cache, or a
+    /// process's resident set.
+    pub memory_bytes: u64,
 }
 
 /// Scheduler → drone over the session connection.

@@ -8,6 +8,7 @@
 pub mod activity;
 pub mod api;
 pub mod drone;
+pub mod feed;
 pub mod ids;
 pub mod lifecycle;
 pub mod route;

@@ -38,6 +38,9 @@ pub enum TerminationReason {
     Requested,
     /// Its drone was drained past the drain deadline.
     Drained,
+    /// It was idle on a drone that also runs a hot backend, and was stopped to relieve that
+    /// drone (`--relieve-hot`): its key's next connect places a new backend elsewhere.
+    Relocated,
     /// Its drone (or the agent process that ran it) disappeared.
     Lost,
     /// It did not become ready within the startup timeout.
@@ -110,6 +113,7 @@ impl fmt::Display for TerminationReason {
             TerminationReason::Lifetime => f.write_str("lifetime"),
             TerminationReason::Requested => f.write_str("requested"),
             TerminationReason::Drained => f.write_str("drained"),
+            TerminationReason::Relocated => f.write_str("relocated"),
             TerminationReason::Lost => f.write_str("lost"),
             TerminationReason::StartupTimeout => f.write_str("startup_timeout"),
             TerminationReason::Failed { exit_code: Some(c) } => write!(f, "failed(exit code {c})"),
@@ -206,6 +210,23 @@ mod tests {
             serde_json::from_value(serde_json::json!({"status": "ready"})).unwrap();
         assert_eq!(r, Ready);
         assert!(Ready.is_live() && !term(TerminationReason::Idle).is_live());
+        let relocated = term(TerminationReason::Relocated);
+        assert_eq!(
+            serde_json::to_value(&relocated).unwrap(),
+            serde_json::json!({"status": "terminated", "reason": {"kind": "relocated"}})
+        );
+        assert_eq!(relocated.to_string(), "terminated(relocated)");
+        // Relocation ends a live backend like any other reason, and is final.
+        assert!(
+            check_transition(
+                &Ready,
+                &Terminating {
+                    reason: TerminationReason::Relocated
+                }
+            )
+            .is_ok()
+        );
+        assert!(check_transition(&relocated, &Ready).is_err());
         assert!(Waiting.is_starting() && !Ready.is_starting());
     }
 }

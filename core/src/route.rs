@@ -7,6 +7,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +43,13 @@ pub struct Route {
     pub address: Option<SocketAddr>,
     /// A public backend needs no token.
     pub public: bool,
+    /// The drone running the backend and the pool it belongs to: the `drone` and `pool`
+    /// labels of its metrics. Shared strings, so cloning a route on the request path never
+    /// allocates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drone: Option<Arc<str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<Arc<str>>,
 }
 
 /// An immutable snapshot of every known route, with the store revision it reflects.
@@ -73,6 +81,35 @@ impl RouteTable {
 
     pub fn routes(&self) -> impl Iterator<Item = &Route> {
         self.routes.values()
+    }
+
+    /// The changes that turn `self` into `newer`: routes added or changed, and removed ids.
+    pub fn diff(&self, newer: &RouteTable) -> (Vec<Route>, Vec<BackendId>) {
+        let upserts = newer
+            .routes
+            .values()
+            .filter(|r| self.routes.get(&r.backend) != Some(r))
+            .cloned()
+            .collect();
+        let removals = self
+            .routes
+            .keys()
+            .filter(|id| !newer.routes.contains_key(*id))
+            .cloned()
+            .collect();
+        (upserts, removals)
+    }
+
+    /// A new table at `revision` with `upserts` applied and `removals` removed.
+    pub fn apply(&self, revision: u64, upserts: &[Route], removals: &[BackendId]) -> RouteTable {
+        let mut routes = self.routes.clone();
+        for id in removals {
+            routes.remove(id);
+        }
+        for r in upserts {
+            routes.insert(r.backend.clone(), r.clone());
+        }
+        RouteTable { revision, routes }
     }
 
     /// Live routes (starting or ready): what DNS answers for.
@@ -329,6 +366,26 @@ mod tests {
     }
 
     #[test]
+    fn diff_then_apply_reproduces_the_newer_table() {
+        let r = |id: &str, state| Route {
+            backend: BackendId::parse(id).unwrap(),
+            state,
+            address: None,
+            public: false,
+            drone: None,
+            pool: None,
+        };
+        let old = RouteTable::new(1, [r("a", RouteState::Starting), r("b", RouteState::Ready)]);
+        let new = RouteTable::new(5, [r("a", RouteState::Ready), r("c", RouteState::Starting)]);
+        let (up, rm) = old.diff(&new);
+        assert_eq!(up.len(), 2);
+        assert_eq!(rm, vec![BackendId::parse("b").unwrap()]);
+        assert_eq!(old.apply(5, &up, &rm), new);
+        let (up, rm) = new.diff(&new);
+        assert!(up.is_empty() && rm.is_empty());
+    }
+
+    #[test]
     fn table_lookup() {
         let id = BackendId::parse("b1").unwrap();
         let t = RouteTable::new(
@@ -338,6 +395,8 @@ mod tests {
                 state: RouteState::Gone,
                 address: None,
                 public: false,
+                drone: None,
+                pool: None,
             }],
         );
         assert_eq!(t.revision, 7);

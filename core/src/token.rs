@@ -25,6 +25,24 @@ pub struct Claims {
     pub expires_at: u64,
 }
 
+/// The backend a token's payload names, without verifying anything: only for choosing which
+/// backend to verify it against.
+pub fn peek_backend(token: &str) -> Option<String> {
+    let (payload, _) = token.strip_prefix(PREFIX)?.split_once('.')?;
+    let bytes = B64.decode(payload).ok()?;
+    let s = String::from_utf8(bytes).ok()?;
+    s.split('\n').next().map(str::to_string)
+}
+
+/// The part of a token that names it uniquely (its signature, base64url), used to revoke one
+/// token. `None` if it is not shaped like a token.
+pub fn token_id(token: &str) -> Option<&str> {
+    token
+        .strip_prefix(PREFIX)?
+        .split_once('.')
+        .map(|(_, tag)| tag)
+}
+
 /// Why a token was refused. Each variant becomes a distinct 401 message in the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
@@ -40,6 +58,8 @@ pub enum TokenError {
     Expired,
     #[error("token is for another backend")]
     WrongBackend,
+    #[error("revoked token: access was revoked; ask /v1/connect for a new one if allowed")]
+    Revoked,
 }
 
 /// Why a token key could not be loaded.
@@ -177,6 +197,16 @@ mod tests {
         let tag = t.rsplit('.').next().unwrap();
         let forged = format!("v1.{forged_payload}.{tag}");
         assert_eq!(k.verify(&forged, "b1", 10), Err(TokenError::BadSignature));
+    }
+
+    #[test]
+    fn ids_and_peeking() {
+        let k = TokenKey::generate();
+        let t = k.sign("b7", "u", 5);
+        assert_eq!(peek_backend(&t).as_deref(), Some("b7"));
+        assert_eq!(token_id(&t), t.rsplit('.').next());
+        assert_eq!(peek_backend("nope"), None);
+        assert_eq!(token_id("nope"), None);
     }
 
     #[test]

@@ -94,6 +94,8 @@ impl TestServer {
                 state: *state,
                 address: None,
                 public: false,
+                drone: None,
+                pool: None,
             }),
         )));
     }

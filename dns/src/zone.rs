@@ -356,6 +356,8 @@ mod tests {
             state,
             address: None,
             public: false,
+            drone: None,
+            pool: None,
         };
         z.publish_routes(Arc::new(RouteTable::new(
             42,

@@ -69,6 +69,7 @@ impl ProxyError {
             ProxyError::Token(TokenError::BadSignature) => "token_forged",
             ProxyError::Token(TokenError::Expired) => "token_expired",
             ProxyError::Token(TokenError::WrongBackend) => "token_wrong_backend",
+            ProxyError::Token(TokenError::Revoked) => "token_revoked",
             ProxyError::Gone(_) => "backend_terminated",
             ProxyError::StartTimeout { .. } => "backend_start_timeout",
             ProxyError::UpstreamConnect { .. } => "upstream_connect",

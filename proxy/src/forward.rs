@@ -1,6 +1,7 @@
 //! Forwarding to backends: the upstream HTTP/1.1 client with its keep-alive pool, header
-//! hygiene (hop-by-hop and `x-hangar-*` stripping), and the response body wrapper that keeps a
-//! backend marked busy until the response has been fully sent.
+//! hygiene (hop-by-hop and `x-hangar-*` stripping), the request body wrapper that counts the
+//! bytes a backend receives, and the response body wrapper that keeps a backend marked busy
+//! until the response has been fully sent (and counts the bytes it sends).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -12,15 +13,71 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::activity::ActivityGuard;
+use crate::activity::{ActivityGuard, ReceivedBytes};
 use crate::config::ProxyConfig;
 
 /// The body of every response the proxy sends: a backend's streamed body, or a small body the
 /// proxy wrote itself (errors).
 pub(crate) type ProxyBody = Either<GuardedBody, Full<Bytes>>;
 
-pub(crate) type UpstreamClient = Client<HttpConnector, Incoming>;
+pub(crate) type UpstreamClient = Client<HttpConnector, CountingBody>;
+
+/// A request body on its way to a backend: counts its bytes, adding them to the backend's
+/// traffic once when it ends (not per frame).
+pub(crate) struct CountingBody {
+    inner: Incoming,
+    bytes: u64,
+    sink: Option<ReceivedBytes>,
+}
+
+impl CountingBody {
+    pub(crate) fn new(inner: Incoming, sink: ReceivedBytes) -> Self {
+        CountingBody {
+            inner,
+            bytes: 0,
+            sink: Some(sink),
+        }
+    }
+}
+
+impl Body for CountingBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &poll
+            && let Some(data) = frame.data_ref()
+        {
+            let n = data.len() as u64;
+            self.bytes += n;
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for CountingBody {
+    fn drop(&mut self) {
+        if let Some(sink) = self.sink.take()
+            && self.bytes > 0
+        {
+            sink.add(self.bytes);
+        }
+    }
+}
 
 pub(crate) fn upstream_client(config: &ProxyConfig) -> UpstreamClient {
     let mut connector = HttpConnector::new();
@@ -57,9 +114,18 @@ impl Body for GuardedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let poll = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = poll {
+        match &poll {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    if let Some(guard) = self._guard.as_mut() {
+                        guard.add_sent(n);
+                    }
+                }
+            }
             // Release the guard as soon as the body ends, not when hyper drops it later.
-            self._guard = None;
+            Poll::Ready(None) => self._guard = None,
+            _ => {}
         }
         poll
     }
@@ -70,6 +136,61 @@ impl Body for GuardedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The client side of an upgraded connection: counts the bytes read from the client and
+/// written to it (plain fields: one task owns it).
+pub(crate) struct CountingIo<T> {
+    inner: T,
+    pub(crate) read: u64,
+    pub(crate) written: u64,
+}
+
+impl<T> CountingIo<T> {
+    pub(crate) fn new(inner: T) -> Self {
+        CountingIo {
+            inner,
+            read: 0,
+            written: 0,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = poll {
+            self.read += (buf.filled().len() - before) as u64;
+        }
+        poll
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = poll {
+            self.written += n as u64;
+        }
+        poll
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

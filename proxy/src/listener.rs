@@ -43,6 +43,7 @@ impl Proxy {
                 activity: Arc::new(ActivityTracker::new()),
                 client,
                 tasks: TaskTracker::new(),
+                revocations: arc_swap::ArcSwap::from_pointee(Default::default()),
             }),
         }
     }
@@ -50,6 +51,11 @@ impl Proxy {
     /// The route handle the route feed publishes into.
     pub fn routes(&self) -> Arc<RouteHandle> {
         self.shared.routes.clone()
+    }
+
+    /// Replaces the set of revoked tokens (from the scheduler's feed).
+    pub fn publish_revocations(&self, revocations: Arc<hangar_core::feed::Revocations>) {
+        self.shared.revocations.store(revocations);
     }
 
     /// Per-backend activity, reported to the scheduler for idle timeouts.

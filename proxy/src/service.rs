@@ -25,7 +25,8 @@ use crate::activity::ActivityTracker;
 use crate::config::ProxyConfig;
 use crate::error::ProxyError;
 use crate::forward::{
-    GuardedBody, ProxyBody, UpstreamClient, is_upgrade, strip_hangar_headers, strip_hop_by_hop,
+    CountingBody, CountingIo, GuardedBody, ProxyBody, UpstreamClient, is_upgrade,
+    strip_hangar_headers, strip_hop_by_hop,
 };
 use crate::route_table::RouteHandle;
 
@@ -37,6 +38,8 @@ pub(crate) struct Shared {
     pub(crate) client: UpstreamClient,
     /// Owns the copy tasks of upgraded connections so shutdown can wait for them.
     pub(crate) tasks: TaskTracker,
+    /// Revoked tokens, replaced whole by the feed (checked only when non-empty).
+    pub(crate) revocations: arc_swap::ArcSwap<hangar_core::feed::Revocations>,
 }
 
 /// Where the request's token came from: decides what is stripped and whether a cookie is set.
@@ -66,6 +69,7 @@ pub(crate) async fn handle(
         Ok(resp) => Ok(resp),
         Err(e) => {
             tracing::debug!(error = %e, code = e.code(), blame = ?e.blame(), "proxy error");
+            shared.activity.count_error(e.code());
             Ok(error_response(&e))
         }
     }
@@ -120,11 +124,13 @@ fn find_route(shared: &Shared, req: &Request<Incoming>) -> Result<Route, ProxyEr
         header: header_name,
         cookies: &cookie_buf[..n],
     };
-    let Some((name, _mode)) = route::resolve(&names, &shared.config.domain) else {
+    let Some((name, mode)) = route::resolve(&names, &shared.config.domain) else {
+        shared.activity.count_request(None);
         return Err(ProxyError::NoBackendNamed {
             domain: shared.config.domain.clone(),
         });
     };
+    shared.activity.count_request(Some(mode));
     let table = shared.routes.load();
     match table.get(&name) {
         Some(r) => Ok(r.clone()),
@@ -169,6 +175,18 @@ fn check_token(
         .token_key
         .verify(token, backend.as_str(), unix_now())
         .map_err(ProxyError::Token)?;
+    {
+        let revoked = shared.revocations.load();
+        if !revoked.is_empty()
+            && revoked.is_revoked(
+                backend.as_str(),
+                &claims.user,
+                hangar_core::token::token_id(token).unwrap_or_default(),
+            )
+        {
+            return Err(ProxyError::Token(TokenError::Revoked));
+        }
+    }
     let query_token = (source == TokenSource::Query).then(|| token.to_string());
     Ok((claims.user, Some((source, query_token.unwrap_or_default()))))
 }
@@ -219,7 +237,7 @@ async fn proxy(
         (RouteState::Gone, _) => return Err(ProxyError::Gone(route.backend.to_string())),
         _ => wait_ready(shared, &route.backend).await?,
     };
-    let guard = shared.activity.begin(&route.backend);
+    let mut guard = shared.activity.begin_route(&route);
 
     // Rewrite the request for the backend.
     let upgrade = is_upgrade(req.headers());
@@ -284,9 +302,18 @@ async fn proxy(
     let backend = route.backend.clone();
     let sent = tokio::time::timeout(
         shared.config.upstream_response_timeout,
-        shared.client.request(req),
+        shared
+            .client
+            .request(req.map(|body| CountingBody::new(body, guard.received_bytes()))),
     )
     .await;
+    if !matches!(sent, Ok(Ok(_))) {
+        // The answer the client gets: 502 or 504 (see the arms below).
+        guard.set_status(match sent {
+            Err(_) => StatusCode::GATEWAY_TIMEOUT.as_u16(),
+            _ => StatusCode::BAD_GATEWAY.as_u16(),
+        });
+    }
     let mut resp = match sent {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) if e.is_connect() => {
@@ -309,16 +336,19 @@ async fn proxy(
         }
     };
 
+    guard.set_status(resp.status().as_u16());
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        // The request is answered; from here the guard counts an open WebSocket.
+        guard.upgraded();
         // The guard moves into the copy task: an open WebSocket keeps the backend busy.
         shared.tasks.spawn(async move {
-            let _guard = guard;
+            let mut guard = guard;
             match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((client, upstream)) => {
-                    let mut client = TokioIo::new(client);
+                    let mut client = CountingIo::new(TokioIo::new(client));
                     let mut upstream = TokioIo::new(upstream);
                     if let Err(e) = tokio::io::copy_bidirectional_with_sizes(
                         &mut client,
@@ -330,6 +360,7 @@ async fn proxy(
                     {
                         tracing::debug!(backend = %backend, error = %e, "upgraded connection ended");
                     }
+                    guard.add_upgraded_bytes(client.read, client.written);
                 }
                 Err(e) => tracing::debug!(backend = %backend, error = %e, "upgrade failed"),
             }

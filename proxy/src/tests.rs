@@ -71,6 +71,8 @@ async fn start(mut cfg: ProxyConfig, tls: Option<Arc<rustls::ServerConfig>>) -> 
             state: RouteState::Ready,
             address: Some(up),
             public: true,
+            drone: None,
+            pool: None,
         }],
     )));
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

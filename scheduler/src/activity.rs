@@ -59,6 +59,7 @@ mod tests {
                 backend: id.clone(),
                 last_active: last,
                 open,
+                requests: 0,
             }],
         };
         book.record(&rep("p1", 100, 2));

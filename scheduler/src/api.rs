@@ -73,6 +73,9 @@ impl Scheduler {
             .route("/v1/backends/{id}/events", get(backend_events))
             .route("/v1/backends/{id}/terminate", post(terminate))
             .route("/v1/activity", post(activity))
+            .route("/v1/routes/feed", get(crate::feed::route_feed))
+            .route("/v1/tokens/revoke", post(crate::feed::revoke))
+            .route("/v1/hot", get(crate::monitor::hot))
             .route("/v1/drones", get(crate::drone_api::list))
             .route("/v1/drones/connect", get(crate::drone_api::connect))
             .route("/v1/drones/{name}/drain", post(crate::drone_api::drain))
@@ -108,7 +111,11 @@ async fn connect(
     State(inner): State<Shared>,
     ApiJson(req): ApiJson<ConnectRequest>,
 ) -> Result<Response, ApiError> {
-    let resp = inner.connect(req).await?;
+    let resp = inner
+        .connect(req)
+        .await
+        .inspect_err(|e| crate::metrics::connect(e.code()))?;
+    crate::metrics::connect(if resp.spawned { "spawned" } else { "reused" });
     let status = if resp.spawned {
         http::StatusCode::CREATED
     } else {
@@ -186,10 +193,14 @@ async fn terminate(
 
 async fn activity(
     State(inner): State<Shared>,
+    headers: http::HeaderMap,
     ApiJson(batch): ApiJson<ActivityBatch>,
-) -> http::StatusCode {
-    inner.activity.record(&batch);
-    http::StatusCode::NO_CONTENT
+) -> Result<http::StatusCode, ApiError> {
+    // Remote proxies report with the cluster secret; without one nobody may report (a forged
+    // report could keep backends alive forever).
+    crate::feed::check_cluster_secret(&inner, &headers)?;
+    inner.record_activity(&batch);
+    Ok(http::StatusCode::NO_CONTENT)
 }
 
 async fn readyz(State(inner): State<Shared>) -> Result<&'static str, ApiError> {

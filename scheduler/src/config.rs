@@ -42,6 +42,12 @@ pub struct SchedulerConfig {
     pub lease_ttl: Duration,
     /// The shared secret drones present; `None` refuses every network drone.
     pub drone_secret: Option<String>,
+    /// The hot-shard detector's thresholds.
+    pub hot: crate::hot::HotConfig,
+    /// Relocate idle neighbours of hot backends (`--relieve-hot`); `None`: never.
+    pub relieve: Option<crate::monitor::ReliefConfig>,
+    /// How often the monitor evaluates the detector and publishes drone and backend gauges.
+    pub monitor_interval: Duration,
 }
 
 impl SchedulerConfig {
@@ -66,6 +72,9 @@ impl SchedulerConfig {
             },
             lease_ttl: Duration::from_secs(10),
             drone_secret: None,
+            hot: crate::hot::HotConfig::default(),
+            relieve: None,
+            monitor_interval: Duration::from_secs(1),
         }
     }
 

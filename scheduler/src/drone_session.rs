@@ -162,6 +162,7 @@ impl Inner {
             capacity: hello.capacity,
             tx,
             status: status.clone(),
+            leased: lease.is_some(),
         });
         tracing::info!(drone = %hello.drone, run_id = %hello.run_id, runtime = %hello.runtime, adopted = wanted.len(), "drone admitted");
         Ok((rx, status))
@@ -317,6 +318,9 @@ pub(crate) async fn serve_session(inner: Arc<Inner>, mut socket: WebSocket) {
                             break "send failed";
                         }
                     }
+                    FromDrone::Stats { usage } => {
+                        inner.record_usage(&hello.drone, &usage);
+                    }
                 }
             }
         }
@@ -378,6 +382,7 @@ pub(crate) async fn watch_drones(inner: Arc<Inner>, cancel: tokio_util::sync::Ca
             if let Ok(Some(_)) = inner.store.get(&key).await {
                 continue;
             }
+            metrics::counter!(crate::metrics::LEASE_EXPIRIES_TOTAL).increment(1);
             if let Err(e) = inner.lose_drone(&rec.name, &rec.run_id).await {
                 tracing::error!(drone = %rec.name, error = %e, "cannot close a lost drone's backends");
             }

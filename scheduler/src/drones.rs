@@ -52,6 +52,9 @@ pub struct DroneConn {
     pub capacity: Capacity,
     pub tx: mpsc::Sender<SchedulerMessage>,
     pub status: Arc<DroneStatus>,
+    /// A network drone with a session lease and heartbeats; `false` for the in-process drone
+    /// of `hangar dev`.
+    pub leased: bool,
 }
 
 /// Every connected drone. A std `RwLock`: held only for map lookups, never across `.await`.

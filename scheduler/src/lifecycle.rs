@@ -215,6 +215,7 @@ impl Inner {
                 }
             }
             self.send_spawn(&rec, &drone).await;
+            metrics::counter!(crate::metrics::SPAWNS_TOTAL).increment(1);
             tracing::info!(backend = %rec.id, key = ?rec.key.as_ref().map(|k| k.to_string()), drone = %drone.name, "backend scheduled");
             return Ok(self.response(&rec, true, &user));
         }
@@ -293,7 +294,18 @@ impl Inner {
                 )
                 .await?
             {
-                CasOutcome::Written(_) => return Ok(Some(next)),
+                CasOutcome::Written(_) => {
+                    if next.state != rec.state {
+                        crate::metrics::state_changed(
+                            &rec.state,
+                            &next.state,
+                            rec.updated_at,
+                            rec.created_at,
+                            next.updated_at,
+                        );
+                    }
+                    return Ok(Some(next));
+                }
                 CasOutcome::Conflict(_) => continue,
             }
         }

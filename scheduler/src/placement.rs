@@ -3,8 +3,9 @@
 //! Filter (connected, healthy, not draining, runtime kind and pool match, enough free CPU and
 //! memory for the reservation, under max backends), then score (least reserved after
 //! placement, then fewest backends) with the power of two choices: two random candidates, the
-//! better wins, so concurrent deciders spread instead of herding onto one drone. Nowhere to
-//! place is a 503 that says why for each drone, never a 500.
+//! better wins, so concurrent deciders spread instead of herding onto one drone. Drones the
+//! hot-shard detector flags are passed over while a cooler drone can take the backend. Nowhere
+//! to place is a 503 that says why for each drone, never a 500.
 
 use std::fmt;
 
@@ -36,6 +37,58 @@ pub enum Refusal {
     Full { max: u64 },
 }
 
+impl Refusal {
+    /// The `reason` label of a placement failure.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refusal::Runtime { .. } => "runtime",
+            Refusal::Pool { .. } => "pool",
+            Refusal::Draining => "draining",
+            Refusal::Unhealthy(_) => "unhealthy",
+            Refusal::Cpu { .. } => "cpu",
+            Refusal::Memory { .. } => "memory",
+            Refusal::Full { .. } => "full",
+        }
+    }
+}
+
+/// The reason a placement failed, for metrics: the most common refusal among the drones
+/// (the first in declaration order on a tie), or `no_drone` when none is connected.
+pub fn failure_reason(refusals: &[Refusal]) -> &'static str {
+    const ORDER: [&str; 7] = [
+        "runtime",
+        "pool",
+        "draining",
+        "unhealthy",
+        "cpu",
+        "memory",
+        "full",
+    ];
+    let mut counts = [0usize; 7];
+    for r in refusals {
+        if let Some(i) = ORDER.iter().position(|l| *l == r.label()) {
+            counts[i] += 1;
+        }
+    }
+    let mut best = None;
+    for (i, n) in counts.iter().enumerate() {
+        if *n > 0 && best.is_none_or(|b: usize| *n > counts[b]) {
+            best = Some(i);
+        }
+    }
+    best.map_or("no_drone", |i| ORDER[i])
+}
+
+/// Keeps only the drones that are not hot, if there are any; returns whether hot drones were
+/// passed over. With nothing but hot drones, placement still uses them (a hot drone is better
+/// than a 503).
+pub fn prefer_cool(admitted: Vec<DroneFacts<'_>>) -> (Vec<DroneFacts<'_>>, bool) {
+    if admitted.iter().all(|d| d.hot) || admitted.iter().all(|d| !d.hot) {
+        return (admitted, false);
+    }
+    (admitted.into_iter().filter(|d| !d.hot).collect(), true)
+}
+
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -62,6 +115,8 @@ pub struct DroneFacts<'a> {
     pub load: Amounts,
     pub draining: bool,
     pub unhealthy: Option<String>,
+    /// Flagged hot by the detector (on CPU or reservations).
+    pub hot: bool,
 }
 
 /// Checks whether a drone can take a backend needing `need`.
@@ -168,6 +223,8 @@ impl Inner {
     pub(crate) fn place(&self, spawn: &ResolvedSpawn) -> Result<DroneConn, ApiError> {
         let drones = self.drones.all();
         if drones.is_empty() {
+            metrics::counter!(crate::metrics::PLACEMENT_FAILURES_TOTAL, "reason" => "no_drone")
+                .increment(1);
             return Err(ApiError::Unavailable(
                 "no drone is connected: start one with `hangar drone`".into(),
             ));
@@ -178,6 +235,7 @@ impl Inner {
             "process"
         };
         let need = self.need(spawn);
+        let hot = self.hot_drones();
         let facts: Vec<DroneFacts<'_>> = drones
             .iter()
             .map(|d| DroneFacts {
@@ -188,19 +246,33 @@ impl Inner {
                 load: self.route_load.get(&d.name).map(|v| *v).unwrap_or_default(),
                 draining: self.drains.contains_key(&d.name),
                 unhealthy: d.status.unhealthy(),
+                hot: hot.contains(&d.name),
             })
             .collect();
         let mut reasons = Vec::new();
+        let mut refusals = Vec::new();
         let admitted: Vec<DroneFacts<'_>> = facts
             .into_iter()
             .filter(|f| match admit(f, need, runtime, &spawn.pool) {
                 Ok(()) => true,
                 Err(r) => {
                     reasons.push(format!("{} {r}", f.name));
+                    refusals.push(r);
                     false
                 }
             })
             .collect();
+        let (admitted, avoided_hot) = prefer_cool(admitted);
+        if avoided_hot {
+            metrics::counter!(crate::metrics::PLACEMENT_HOT_AVOIDED_TOTAL).increment(1);
+        }
+        if admitted.is_empty() {
+            metrics::counter!(
+                crate::metrics::PLACEMENT_FAILURES_TOTAL,
+                "reason" => failure_reason(&refusals)
+            )
+            .increment(1);
+        }
         let mut rng = rand::rng();
         match choose(&admitted, need, |n| rng.random_range(0..n)) {
             Some(f) => drones
@@ -247,6 +319,7 @@ mod tests {
             },
             draining: false,
             unhealthy: None,
+            hot: false,
         }
     }
 
@@ -327,5 +400,58 @@ mod tests {
         );
         assert_eq!(choose(&ds[..1], NEED, |_| 0).unwrap().name, "a");
         assert!(choose(&[], NEED, |_| 0).is_none());
+    }
+
+    #[test]
+    fn hot_drones_are_passed_over_while_a_cool_one_can_take_the_backend() {
+        let mut hot = facts("a", 2000, 2048, 0, 0, 0);
+        hot.hot = true;
+        let cool = facts("b", 2000, 2048, 1500, 0, 5);
+        // The hot drone is the less loaded one, yet the cool one wins.
+        let (kept, avoided) = prefer_cool(vec![hot.clone(), cool.clone()]);
+        assert!(avoided);
+        assert_eq!(kept.iter().map(|d| d.name).collect::<Vec<_>>(), ["b"]);
+        assert_eq!(choose(&kept, NEED, |_| 0).unwrap().name, "b");
+        // Only hot drones: still placed (a hot drone beats a 503).
+        let mut hot2 = facts("c", 2000, 2048, 0, 0, 0);
+        hot2.hot = true;
+        let (kept, avoided) = prefer_cool(vec![hot.clone(), hot2]);
+        assert!(!avoided);
+        assert_eq!(kept.len(), 2);
+        let (kept, avoided) = prefer_cool(vec![cool]);
+        assert!(!avoided && kept.len() == 1);
+    }
+
+    #[test]
+    fn failure_reasons_are_a_bounded_label_set() {
+        assert_eq!(failure_reason(&[]), "no_drone");
+        let cpu = Refusal::Cpu { need: 1, free: 0 };
+        assert_eq!(
+            failure_reason(&[Refusal::Draining, cpu.clone(), cpu.clone()]),
+            "cpu"
+        );
+        // A tie goes to the first in declaration order.
+        assert_eq!(
+            failure_reason(&[Refusal::Full { max: 1 }, Refusal::Draining]),
+            "draining"
+        );
+        let all = [
+            Refusal::Runtime {
+                has: "docker".into(),
+                wanted: "process",
+            },
+            Refusal::Pool {
+                has: "a".into(),
+                wanted: "b".into(),
+            },
+            Refusal::Draining,
+            Refusal::Unhealthy("x".into()),
+            cpu,
+            Refusal::Memory { need: 1, free: 0 },
+            Refusal::Full { max: 1 },
+        ];
+        for r in &all {
+            assert_eq!(failure_reason(std::slice::from_ref(r)), r.label());
+        }
     }
 }

@@ -99,6 +99,8 @@ impl BackendRecord {
             state,
             address: self.address,
             public: self.public,
+            drone: self.drone.as_deref().map(Into::into),
+            pool: Some(self.spawn.pool.as_str().into()),
         }
     }
 

@@ -25,6 +25,9 @@ struct Entry {
     drone: Option<String>,
     live: bool,
     need: crate::placement::Need,
+    /// The state name, and when it became ready (or was created): for the monitor.
+    state: &'static str,
+    since: hangar_core::UnixMillis,
 }
 
 /// Routes as of a store revision.
@@ -43,6 +46,8 @@ fn entry(inner: &Inner, rec: &BackendRecord) -> Entry {
         drone: rec.drone.clone(),
         live: rec.state.is_live(),
         need: inner.need(&rec.spawn),
+        state: rec.state.name(),
+        since: rec.ready_at.unwrap_or(rec.created_at),
     }
 }
 
@@ -93,6 +98,27 @@ impl RouteFeed {
         for (d, n) in load {
             self.inner.route_load.insert(d.to_string(), n);
         }
+        // The live backends for the monitor, labelled like their routes.
+        let directory: crate::monitor::Directory = state
+            .entries
+            .iter()
+            .filter(|(_, e)| e.live)
+            .map(|(id, e)| {
+                let placed = crate::monitor::Placed {
+                    drone: e.route.drone.clone(),
+                    pool: e.route.pool.clone().unwrap_or_else(|| "default".into()),
+                    state: e.state,
+                    cpu_cap_millis: e.need.cpu_millis,
+                    since: e.since,
+                };
+                (id.clone(), placed)
+            })
+            .collect();
+        *self
+            .inner
+            .directory
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(directory);
         self.inner.routes.send_replace(Arc::new(table));
         self.inner.routes_ready.store(true, Ordering::Release);
     }

@@ -42,8 +42,25 @@ pub(crate) struct Inner {
     pub(crate) routes_ready: AtomicBool,
     pub(crate) tasks: TaskTracker,
     pub(crate) cancel: CancellationToken,
+    /// Recent route deltas for remote proxies.
+    pub(crate) deltas: crate::feed::DeltaLog,
+    /// The current set of revoked tokens; `feed::follow_revocations` is its only writer.
+    pub(crate) revocations: watch::Sender<Arc<hangar_core::feed::Revocations>>,
     /// Serialises drone admission, drone loss and reconciler passes (see `admit_drone`).
     pub(crate) admission: tokio::sync::Mutex<()>,
+    /// Live backends with their drone, pool and CPU cap; the route feed is its only writer.
+    /// A std lock held only to clone the `Arc`.
+    pub(crate) directory: std::sync::RwLock<Arc<crate::monitor::Directory>>,
+    /// The hot-shard detector's state. A std mutex: observations and passes are short and
+    /// never await while holding it.
+    pub(crate) hot: std::sync::Mutex<crate::hot::HotDetector>,
+    /// What the detector last found (`GET /v1/hot`, placement); the monitor is its only
+    /// writer.
+    pub(crate) hot_list: std::sync::RwLock<Arc<hangar_core::api::HotList>>,
+    /// Cached handles of per-backend gauges (usage and hotness).
+    pub(crate) backend_series: crate::metrics::BackendSeries,
+    /// Backends relocated off hot drones since start.
+    pub(crate) relocated_total: std::sync::atomic::AtomicU64,
 }
 
 /// The control plane. Cheap to clone.
@@ -59,6 +76,8 @@ impl Scheduler {
         token_key: TokenKey,
         clock: Arc<dyn Clock>,
     ) -> Self {
+        let hot = crate::hot::HotDetector::new(config.hot.clone());
+        let hot_list = Arc::new(crate::monitor::empty_list(&config));
         Scheduler {
             inner: Arc::new(Inner {
                 config,
@@ -74,6 +93,13 @@ impl Scheduler {
                 tasks: TaskTracker::new(),
                 cancel: CancellationToken::new(),
                 admission: tokio::sync::Mutex::new(()),
+                directory: Default::default(),
+                hot: std::sync::Mutex::new(hot),
+                hot_list: std::sync::RwLock::new(hot_list),
+                backend_series: Default::default(),
+                relocated_total: Default::default(),
+                deltas: crate::feed::DeltaLog::default(),
+                revocations: watch::channel(Arc::new(Default::default())).0,
             }),
         }
     }
@@ -104,6 +130,16 @@ impl Scheduler {
         self.inner
             .tasks
             .spawn(crate::drone_session::watch_drones(inner.clone(), c));
+        let monitor = crate::monitor::Monitor::new(inner.clone());
+        let c = cancel.clone();
+        self.inner.tasks.spawn(monitor.run(c));
+        self.inner
+            .tasks
+            .spawn(crate::feed::record_deltas(inner.clone(), cancel.clone()));
+        self.inner.tasks.spawn(crate::feed::follow_revocations(
+            inner.clone(),
+            cancel.clone(),
+        ));
         let own = self.inner.cancel.clone();
         self.inner.tasks.spawn(async move {
             cancel.cancelled().await;
@@ -123,9 +159,20 @@ impl Scheduler {
         self.inner.routes.subscribe()
     }
 
+    /// Follows the set of revoked tokens: proxies subscribe here.
+    pub fn revocations(&self) -> crate::feed::RevocationsRx {
+        self.inner.revocations.subscribe()
+    }
+
     /// Merges activity reported by a proxy.
     pub fn report_activity(&self, batch: &ActivityBatch) {
-        self.inner.activity.record(batch);
+        self.inner.record_activity(batch);
+    }
+
+    /// Records resource use reported by an in-process drone (network drones report over
+    /// their session).
+    pub fn report_usage(&self, drone: &str, usage: &[hangar_core::drone::BackendUsage]) {
+        self.inner.record_usage(drone, usage);
     }
 
     /// True once routes are loaded and at least one drone is attached.

@@ -17,6 +17,8 @@ pub const SECRET: &str = "test-drone-secret";
 pub struct Drone {
     child: Child,
     pub name: String,
+    /// The drone's own metrics listener, once it has reported it.
+    metrics: std::sync::Arc<std::sync::Mutex<Option<std::net::SocketAddr>>>,
 }
 
 impl Drone {
@@ -53,6 +55,11 @@ impl Drone {
                 "--data-dir",
             ])
             .arg(dir.join(name))
+            .args(if extra.contains(&"--metrics") {
+                &[][..]
+            } else {
+                &["--metrics", "127.0.0.1:0"][..]
+            })
             .args(extra)
             .env("HANGAR_LOG", "info")
             .stdout(Stdio::piped())
@@ -60,15 +67,32 @@ impl Drone {
             .spawn()
             .expect("start hangar drone");
         let stdout = child.stdout.take().expect("stdout");
-        std::thread::spawn(move || for _ in BufReader::new(stdout).lines() {});
+        let metrics = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let reported = metrics.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(a) = line.strip_prefix("hangar drone: metrics listening on ")
+                    && let Ok(addr) = a.trim().parse()
+                {
+                    *reported.lock().unwrap() = Some(addr);
+                }
+            }
+        });
         Drone {
             child,
             name: name.to_string(),
+            metrics,
         }
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The drone's metrics listener (it reports it before joining the scheduler).
+    pub fn metrics(&self) -> Option<std::net::SocketAddr> {
+        *self.metrics.lock().unwrap()
     }
 
     /// SIGKILL and reap.
@@ -176,5 +200,60 @@ pub fn remove_containers(drones: &[&str]) {
                 .stdout(Stdio::null())
                 .status();
         }
+    }
+}
+
+/// A running `hangar proxy` following a `hangar serve`.
+pub struct RemoteProxy {
+    child: Child,
+    pub addr: std::net::SocketAddr,
+}
+
+impl RemoteProxy {
+    pub fn start(serve: &Dev) -> RemoteProxy {
+        let key = std::fs::read_to_string(serve.data_dir.join("token.key")).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["proxy", "--scheduler"])
+            .arg(format!("http://{}", serve.api))
+            .args([
+                "--secret",
+                SECRET,
+                "--proxy",
+                "127.0.0.1:0",
+                "--name",
+                "edge",
+            ])
+            .env("HANGAR_TOKEN_KEY", key.trim())
+            .env("HANGAR_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start hangar proxy");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + DEADLINE;
+        let addr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .expect("hangar proxy did not report its address");
+            if let Some(a) = line.strip_prefix("hangar proxy: proxy listening on ") {
+                break a.trim().parse().unwrap();
+            }
+        };
+        RemoteProxy { child, addr }
+    }
+}
+
+impl Drop for RemoteProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod prometheus;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -28,6 +29,8 @@ pub struct Dev {
     pub proxy: SocketAddr,
     /// The DNS listener (UDP and TCP), unless started with `--dns off`.
     pub dns: Option<SocketAddr>,
+    /// The metrics listener (`GET /metrics`), unless started with `--metrics off`.
+    pub metrics: Option<SocketAddr>,
     pub data_dir: PathBuf,
     pub http: reqwest::Client,
 }
@@ -53,6 +56,13 @@ impl Dev {
             &["--dns", "127.0.0.1:0"]
         };
         let expect_dns = dns_arg.is_none_or(|i| extra.get(i + 1) != Some(&"off"));
+        let metrics_arg = extra.iter().position(|a| *a == "--metrics");
+        let default_metrics: &[&str] = if metrics_arg.is_some() {
+            &[]
+        } else {
+            &["--metrics", "127.0.0.1:0"]
+        };
+        let expect_metrics = metrics_arg.is_none_or(|i| extra.get(i + 1) != Some(&"off"));
         // Fresh ports unless `extra` names one (a restart on the same API address).
         let mut defaults: Vec<&str> = vec![role];
         for flag in ["--api", "--proxy"] {
@@ -65,6 +75,7 @@ impl Dev {
             .args(&defaults)
             .arg(data_dir)
             .args(default_dns)
+            .args(default_metrics)
             .args(extra)
             .env("HANGAR_LOG", "info")
             .stdout(Stdio::piped())
@@ -82,9 +93,13 @@ impl Dev {
                 }
             }
         });
-        let (mut api, mut proxy, mut dns) = (None, None, None);
+        let (mut api, mut proxy, mut dns, mut metrics) = (None, None, None, None);
         let deadline = Instant::now() + DEADLINE;
-        while api.is_none() || proxy.is_none() || (expect_dns && dns.is_none()) {
+        while api.is_none()
+            || proxy.is_none()
+            || (expect_dns && dns.is_none())
+            || (expect_metrics && metrics.is_none())
+        {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = rx
                 .recv_timeout(left)
@@ -101,12 +116,16 @@ impl Dev {
             if let Some(a) = rest.strip_prefix("dns listening on ") {
                 dns = Some(a.trim().parse().expect("dns address"));
             }
+            if let Some(a) = rest.strip_prefix("metrics listening on ") {
+                metrics = Some(a.trim().parse().expect("metrics address"));
+            }
         }
         Dev {
             child,
             api: api.unwrap(),
             proxy: proxy.unwrap(),
             dns,
+            metrics,
             data_dir: data_dir.to_path_buf(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod runtime;
 pub mod session;
+pub mod usage;
 
 pub use agent::{Agent, AgentConfig};
 pub use runtime::process::{ProcessRuntime, ProcessRuntimeConfig};

@@ -28,6 +28,24 @@ use tokio_util::task::TaskTracker;
 use super::agent::{Agent, AgentConfig};
 use super::runtime::Runtime;
 
+/// 1 while the drone has a session with the scheduler.
+pub const SESSION_CONNECTED: &str = "hangar_agent_session_connected";
+/// Sessions established with the scheduler (the first, then every reconnect).
+pub const SESSION_CONNECTS_TOTAL: &str = "hangar_agent_session_connects_total";
+
+/// Describes the session's metrics to the installed recorder.
+pub fn describe() {
+    metrics::describe_gauge!(
+        SESSION_CONNECTED,
+        "1 while the drone has a session with its scheduler, else 0."
+    );
+    metrics::describe_counter!(
+        SESSION_CONNECTS_TOTAL,
+        "Sessions the drone established with its scheduler (the first and every reconnect)."
+    );
+    super::usage::describe();
+}
+
 /// Longest wait between reconnection attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -48,6 +66,8 @@ pub struct DroneSessionConfig {
     pub pool: String,
     pub capacity: Capacity,
     pub agent: AgentConfig,
+    /// How often the backends' CPU and memory use is read and reported.
+    pub usage_interval: Duration,
 }
 
 /// Why the drone stopped.
@@ -152,7 +172,16 @@ impl DroneSession {
             let c = agent_cancel.clone();
             tasks.spawn(agent.run(cmd_rx, ev_tx, c));
         }
+        // Usage reports: one pending at most; a newer one replaces what the session could not
+        // send (they are cumulative or current figures, never deltas).
+        let (usage_tx, mut usage_rx) = mpsc::channel::<Vec<hangar_core::drone::BackendUsage>>(1);
+        {
+            let collector =
+                super::usage::UsageCollector::new(self.runtime.clone(), self.config.usage_interval);
+            tasks.spawn(collector.run(usage_tx, agent_cancel.clone()));
+        }
         tasks.close();
+        let connected_gauge = metrics::gauge!(SESSION_CONNECTED);
 
         let mut ws: Option<Ws> = None;
         let mut seq: u64 = 0;
@@ -171,6 +200,7 @@ impl DroneSession {
             if ws.is_none() && Instant::now() >= next_attempt {
                 match self.connect(&url, &inventory).await {
                     Ok((mut socket, lease_ttl, hb)) => {
+                        metrics::counter!(SESSION_CONNECTS_TOTAL).increment(1);
                         ttl = lease_ttl;
                         heartbeat_every = hb;
                         backoff = BACKOFF_MIN;
@@ -205,6 +235,7 @@ impl DroneSession {
             }
             let fence_at = renewed_at + ttl;
             let connected = ws.is_some();
+            connected_gauge.set(if connected { 1.0 } else { 0.0 });
             tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
                 ev = ev_rx.recv() => {
@@ -267,6 +298,14 @@ impl DroneSession {
                             ws = None;
                             next_attempt = Instant::now();
                         }
+                    }
+                }
+                Some(usage) = usage_rx.recv(), if connected => {
+                    if let Some(socket) = ws.as_mut()
+                        && send(socket, &FromDrone::Stats { usage }).await.is_err()
+                    {
+                        ws = None;
+                        next_attempt = Instant::now();
                     }
                 }
                 _ = tokio::time::sleep_until(next_attempt), if !connected => {}

@@ -658,6 +658,9 @@ async fn watch_events(inner: Arc<Inner>) {
         ),
     ]);
     let mut backoff = RESUBSCRIBE_BACKOFF_MIN;
+    // Logged as a warning once, then quietly while the same problem lasts (a daemon that is
+    // down is reported by `health` anyway).
+    let mut last_problem = String::new();
     loop {
         let docker = tokio::select! {
             () = inner.dropped.cancelled() => return,
@@ -682,6 +685,7 @@ async fn watch_events(inner: Arc<Inner>) {
                         event = events.next() => match event {
                             Some(Ok(event)) => {
                                 backoff = RESUBSCRIBE_BACKOFF_MIN;
+                                last_problem.clear();
                                 inner.on_event(event);
                             }
                             Some(Err(error)) => break error.to_string(),
@@ -697,7 +701,12 @@ async fn watch_events(inner: Arc<Inner>) {
             }
             Err(error) => error.to_string(),
         };
-        tracing::warn!(drone = %inner.config.drone, %problem, retry_in = ?backoff, "docker event stream unavailable; subscribing again");
+        if problem == last_problem {
+            tracing::debug!(drone = %inner.config.drone, %problem, retry_in = ?backoff, "docker event stream still unavailable");
+        } else {
+            tracing::warn!(drone = %inner.config.drone, %problem, retry_in = ?backoff, "docker event stream unavailable; subscribing again");
+            last_problem = problem;
+        }
         tokio::select! {
             () = inner.dropped.cancelled() => return,
             () = tokio::time::sleep(backoff) => {}
@@ -949,6 +958,29 @@ impl Runtime for DockerRuntime {
                 self.inner.host
             )),
         }
+    }
+
+    async fn usage(&self) -> Vec<hangar_core::drone::BackendUsage> {
+        /// One-shot stats calls in flight at once: each is a short engine round trip.
+        const CONCURRENT_STATS: usize = 8;
+        futures_util::stream::iter(self.running())
+            .map(|backend| async move {
+                match self.stats(&backend).await {
+                    Ok(s) => Some(hangar_core::drone::BackendUsage {
+                        backend,
+                        cpu_seconds_total: s.cpu_seconds_total,
+                        memory_bytes: s.memory_bytes,
+                    }),
+                    Err(error) => {
+                        tracing::debug!(%backend, %error, "cannot read backend usage");
+                        None
+                    }
+                }
+            })
+            .buffer_unordered(CONCURRENT_STATS)
+            .filter_map(std::future::ready)
+            .collect()
+            .await
     }
 }
 

@@ -357,6 +357,30 @@ async fn missing_image_and_no_image_are_refused_with_what_to_do() {
 }
 
 #[tokio::test]
+async fn a_container_that_exits_at_once_reports_its_code_and_output() {
+    let Some(drone) = TestDrone::new("crash").await else {
+        return;
+    };
+    let docker = engine().await.unwrap();
+    let runtime = drone.runtime();
+    let mut cmd = spawn_command();
+    // `hangar demo-backend --no-such-flag`: the argument parser refuses it with code 2.
+    cmd.command = Some(vec!["--no-such-flag".to_string()]);
+    match runtime.start(&cmd).await {
+        // Usually: gone before its address could be read.
+        Err(RuntimeError::ExitedAtStart { code, output, .. }) => {
+            assert_eq!(code, "2");
+            assert!(output.contains("--no-such-flag"), "{output}");
+        }
+        // Or it exits just after: the exit watch says how.
+        Ok(started) => assert_eq!(exit_code(started.exit).await, Some(2)),
+        Err(other) => panic!("unexpected error: {other}"),
+    }
+    removed(&docker, &format!("hangar-{}", cmd.backend)).await;
+    assert!(runtime.running().is_empty());
+}
+
+#[tokio::test]
 async fn a_new_agent_run_adopts_running_containers_and_removes_exited_ones() {
     let Some(drone) = TestDrone::new("adopt").await else {
         return;

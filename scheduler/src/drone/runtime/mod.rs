@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hangar_core::BackendId;
-use hangar_core::drone::SpawnCommand;
+use hangar_core::drone::{BackendUsage, SpawnCommand};
 use tokio::sync::oneshot;
 
 pub mod docker;
@@ -159,5 +159,12 @@ pub trait Runtime: Send + Sync + 'static {
     /// unreachable). A drone whose runtime is unhealthy takes no new backends.
     async fn health(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    /// CPU time and memory of every backend it runs, read once (Docker: `one-shot` stats;
+    /// processes: `/proc`). Backends it cannot read right now are left out. The default, for
+    /// runtimes that cannot measure, reports nothing.
+    async fn usage(&self) -> Vec<BackendUsage> {
+        Vec::new()
     }
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hangar_core::BackendId;
-use hangar_core::drone::SpawnCommand;
+use hangar_core::drone::{BackendUsage, SpawnCommand};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -65,6 +65,8 @@ enum Signal {
 struct ChildEntry {
     /// Distinguishes this child from a later one started under the same backend id.
     generation: u64,
+    /// The main process, for reading its usage from `/proc`.
+    pid: libc::pid_t,
     signals: mpsc::UnboundedSender<Signal>,
     /// `Some` once the child has exited and been reaped.
     exited: watch::Receiver<Option<ExitStatus>>,
@@ -280,6 +282,7 @@ impl Runtime for ProcessRuntime {
             backend.clone(),
             ChildEntry {
                 generation,
+                pid,
                 signals: signals_tx,
                 exited: exited_rx,
             },
@@ -333,6 +336,62 @@ impl Runtime for ProcessRuntime {
         // Children die with the agent (parent-death signal), so there is never anything left.
         Ok(Vec::new())
     }
+
+    async fn usage(&self) -> Vec<BackendUsage> {
+        let pids: Vec<(BackendId, libc::pid_t)> = lock(&self.inner.children)
+            .iter()
+            .map(|(b, e)| (b.clone(), e.pid))
+            .collect();
+        let (ticks, page) = proc_units();
+        pids.into_iter()
+            .filter_map(|(backend, pid)| {
+                // A child that exits meanwhile has no /proc entry: it is left out.
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+                let (utime, stime) = parse_stat_times(&stat)?;
+                let resident = parse_statm_resident(&statm)?;
+                Some(BackendUsage {
+                    backend,
+                    cpu_seconds_total: (utime + stime) as f64 / ticks as f64,
+                    memory_bytes: resident * page,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Clock ticks per second (the unit of `/proc/<pid>/stat` times) and the page size (the unit
+/// of `/proc/<pid>/statm`).
+fn proc_units() -> (u64, u64) {
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf only reads system configuration; it has no memory-safety preconditions.
+    let (ticks, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (
+        u64::try_from(ticks).ok().filter(|t| *t > 0).unwrap_or(100),
+        u64::try_from(page).ok().filter(|p| *p > 0).unwrap_or(4096),
+    )
+}
+
+/// `utime` and `stime` (fields 14 and 15, in clock ticks) of a `/proc/<pid>/stat` line. The
+/// command name (field 2) is parenthesised and may contain spaces and parentheses, so fields
+/// are counted from the last `)`.
+fn parse_stat_times(stat: &str) -> Option<(u64, u64)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_ascii_whitespace();
+    // `rest` starts at field 3 (state): utime is the 12th field from there.
+    let utime = fields.nth(11)?.parse().ok()?;
+    let stime = fields.next()?.parse().ok()?;
+    Some((utime, stime))
+}
+
+/// The resident set (second field, in pages) of `/proc/<pid>/statm`.
+fn parse_statm_resident(statm: &str) -> Option<u64> {
+    statm.split_ascii_whitespace().nth(1)?.parse().ok()
 }
 
 /// The task that owns one child: delivers signals to it and reaps it.
@@ -581,5 +640,55 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(status.code, Some(128 + libc::SIGKILL));
+    }
+
+    #[test]
+    fn proc_files_parse() {
+        // A command name with spaces and parentheses does not shift the fields.
+        let stat = "4242 (my (odd) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 731 205 0 0 20 0 1 0 99 1000 50";
+        assert_eq!(parse_stat_times(stat), Some((731, 205)));
+        assert_eq!(parse_stat_times("4242 (x) S 1 2"), None);
+        assert_eq!(parse_stat_times("garbage"), None);
+        assert_eq!(parse_statm_resident("1000 250 30 1 0 100 0\n"), Some(250));
+        assert_eq!(parse_statm_resident("1000"), None);
+    }
+
+    #[tokio::test]
+    async fn usage_reads_cpu_time_and_resident_memory_from_proc() {
+        let runtime = ProcessRuntime::new(ProcessRuntimeConfig::default());
+        let busy = spawn_command("pbusy", &["sh", "-c", "while :; do :; done"]);
+        let idle = spawn_command("pidle", &["sleep", "30"]);
+        runtime.start(&busy).await.unwrap();
+        runtime.start(&idle).await.unwrap();
+        // Poll until the busy loop has used a measurable amount of CPU.
+        let deadline = Instant::now() + WAIT;
+        let usage = loop {
+            let usage = runtime.usage().await;
+            let cpu = |id: &BackendId| {
+                usage
+                    .iter()
+                    .find(|u| &u.backend == id)
+                    .map(|u| u.cpu_seconds_total)
+            };
+            if cpu(&busy.backend).is_some_and(|c| c >= 0.1) {
+                break usage;
+            }
+            assert!(Instant::now() < deadline, "no CPU time measured: {usage:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(usage.len(), 2);
+        for u in &usage {
+            assert!(u.memory_bytes > 0, "{u:?}");
+        }
+        let idle_cpu = usage
+            .iter()
+            .find(|u| u.backend == idle.backend)
+            .unwrap()
+            .cpu_seconds_total;
+        assert!(idle_cpu < 0.1, "{idle_cpu}");
+        tokio::time::timeout(WAIT, runtime.shutdown(Duration::ZERO))
+            .await
+            .unwrap();
+        assert!(runtime.usage().await.is_empty());
     }
 }

@@ -1,0 +1,469 @@
+//! The monitor: on a period, runs the hot-shard detector ([`crate::hot`]) over every live
+//! backend and connected drone, publishes per-backend and per-drone gauges, keeps the list
+//! `GET /v1/hot` answers (and placement reads), and, when `--relieve-hot` is on, stops a
+//! bounded number of idle neighbours of hot backends so that their next connect lands on
+//! another drone.
+//!
+//! Its inputs arrive between passes: proxies' activity reports (cumulative request counts)
+//! and drones' usage reports (CPU seconds, memory), both filtered against the directory of
+//! live backends the route feed publishes, so that a report can never create state for a
+//! backend that does not exist.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use hangar_core::activity::ActivityBatch;
+use hangar_core::api::{Amounts, HotList};
+use hangar_core::drone::BackendUsage;
+use hangar_core::{BackendId, TerminationReason, UnixMillis};
+use metrics::{Gauge, Label};
+use tokio_util::sync::CancellationToken;
+
+use crate::hot::{BackendInput, DroneInput, Evaluation, Neighbour, plan_relief};
+use crate::metrics as m;
+use crate::scheduler::Inner;
+
+/// What the relief of hot drones may do (`--relieve-hot`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReliefConfig {
+    /// Only backends idle (nothing open, no request ended) for this long are moved.
+    pub min_idle: Duration,
+    /// At most this many backends are stopped per monitor pass.
+    pub max_per_pass: usize,
+}
+
+impl Default for ReliefConfig {
+    fn default() -> Self {
+        ReliefConfig {
+            min_idle: Duration::from_secs(60),
+            max_per_pass: 2,
+        }
+    }
+}
+
+/// A live backend as the monitor and usage reports need it.
+#[derive(Clone, Debug)]
+pub(crate) struct Placed {
+    pub(crate) drone: Option<Arc<str>>,
+    pub(crate) pool: Arc<str>,
+    /// The state name (`scheduled` … `terminating`).
+    pub(crate) state: &'static str,
+    /// Its CPU cap, or the reservation when it has none, in millicores.
+    pub(crate) cpu_cap_millis: u64,
+    /// When it became ready (or was created, before that): idleness counts from here when no
+    /// proxy has reported traffic.
+    pub(crate) since: UnixMillis,
+}
+
+/// Every live backend, published whole by the route feed (its only writer).
+pub(crate) type Directory = HashMap<BackendId, Placed>;
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Inner {
+    /// The latest directory of live backends.
+    pub(crate) fn directory(&self) -> Arc<Directory> {
+        self.directory
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Merges a proxy's activity: idle timeouts, and request counts for the detector.
+    pub(crate) fn record_activity(&self, batch: &ActivityBatch) {
+        self.activity.record(batch);
+        let now = self.clock.now_ms();
+        let dir = self.directory();
+        let mut hot = lock(&self.hot);
+        for r in &batch.reports {
+            if dir.contains_key(&r.backend) {
+                hot.observe_requests(now, &batch.proxy, &r.backend, r.requests);
+            }
+        }
+    }
+
+    /// Records a drone's usage report: gauges, and CPU for the detector. Reports for
+    /// backends the drone does not run (per the records) are ignored.
+    pub(crate) fn record_usage(&self, drone: &str, usage: &[BackendUsage]) {
+        let now = self.clock.now_ms();
+        let dir = self.directory();
+        let mut hot = lock(&self.hot);
+        for u in usage {
+            let Some(p) = dir.get(&u.backend) else {
+                continue;
+            };
+            if p.drone.as_deref() != Some(drone) || !u.cpu_seconds_total.is_finite() {
+                continue;
+            }
+            hot.observe_cpu(now, &u.backend, u.cpu_seconds_total);
+            self.backend_series.usage(
+                &u.backend,
+                p.drone.as_ref(),
+                &p.pool,
+                u.cpu_seconds_total,
+                u.memory_bytes,
+            );
+        }
+    }
+
+    /// What the detector last found.
+    pub(crate) fn hot_list(&self) -> Arc<HotList> {
+        self.hot_list
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Names of the drones the detector last flagged hot (placement avoids them).
+    pub(crate) fn hot_drones(&self) -> HashSet<String> {
+        self.hot_list()
+            .drones
+            .iter()
+            .map(|d| d.drone.clone())
+            .collect()
+    }
+}
+
+/// The list before the first pass.
+pub(crate) fn empty_list(inner_config: &crate::SchedulerConfig) -> HotList {
+    HotList {
+        evaluated_at: 0,
+        settings: inner_config.hot.settings(inner_config.relieve.is_some()),
+        backends: Vec::new(),
+        drones: Vec::new(),
+        relocated_total: 0,
+    }
+}
+
+/// `GET /v1/hot`.
+pub(crate) async fn hot(State(inner): State<Arc<Inner>>) -> Json<HotList> {
+    Json((*inner.hot_list()).clone())
+}
+
+/// One drone's gauges, registered once per drone (per monitor).
+struct DroneGauges {
+    capacity_cpu: Gauge,
+    capacity_memory: Gauge,
+    capacity_backends: Gauge,
+    reserved_cpu: Gauge,
+    reserved_memory: Gauge,
+    by_state: [Gauge; 5],
+    heartbeat_age: Gauge,
+    cpu_usage: Gauge,
+    hot: Gauge,
+}
+
+impl DroneGauges {
+    fn new(drone: &str, pool: &str) -> Self {
+        let labels = || {
+            vec![
+                Label::new("drone", drone.to_string()),
+                Label::new("pool", pool.to_string()),
+            ]
+        };
+        DroneGauges {
+            capacity_cpu: metrics::gauge!(m::DRONE_CAPACITY_CPU_CORES, labels()),
+            capacity_memory: metrics::gauge!(m::DRONE_CAPACITY_MEMORY_BYTES, labels()),
+            capacity_backends: metrics::gauge!(m::DRONE_CAPACITY_BACKENDS, labels()),
+            reserved_cpu: metrics::gauge!(m::DRONE_RESERVED_CPU_CORES, labels()),
+            reserved_memory: metrics::gauge!(m::DRONE_RESERVED_MEMORY_BYTES, labels()),
+            by_state: m::DRONE_STATES.map(|s| {
+                let mut l = labels();
+                l.push(Label::new("state", s));
+                metrics::gauge!(m::DRONE_BACKENDS, l)
+            }),
+            heartbeat_age: metrics::gauge!(m::DRONE_HEARTBEAT_AGE_SECONDS, labels()),
+            cpu_usage: metrics::gauge!(m::DRONE_CPU_USAGE_CORES, labels()),
+            hot: metrics::gauge!(m::DRONE_HOT, labels()),
+        }
+    }
+
+    fn zero(&self) {
+        for g in [
+            &self.reserved_cpu,
+            &self.reserved_memory,
+            &self.cpu_usage,
+            &self.hot,
+        ] {
+            g.set(0.0);
+        }
+        for g in &self.by_state {
+            g.set(0.0);
+        }
+    }
+}
+
+pub(crate) struct Monitor {
+    inner: Arc<Inner>,
+    /// Gauges of connected drones by name (with the pool they were registered under).
+    drones: HashMap<String, (String, DroneGauges)>,
+    hot_backends: Gauge,
+    hot_drones: Gauge,
+}
+
+impl Monitor {
+    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+        Monitor {
+            inner,
+            drones: HashMap::new(),
+            hot_backends: metrics::gauge!(m::HOT_BACKENDS),
+            hot_drones: metrics::gauge!(m::HOT_DRONES),
+        }
+    }
+
+    pub(crate) async fn run(mut self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(self.inner.config.monitor_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            self.pass().await;
+        }
+    }
+
+    /// One pass: evaluate, publish, relieve.
+    pub(crate) async fn pass(&mut self) {
+        let inner = self.inner.clone();
+        let now = inner.clock.now_ms();
+        let dir = inner.directory();
+        let drones = inner.drones.all();
+        let loads: Vec<Amounts> = drones
+            .iter()
+            .map(|d| {
+                inner
+                    .route_load
+                    .get(&d.name)
+                    .map(|v| *v)
+                    .unwrap_or_default()
+            })
+            .collect();
+        let frac = |used: u64, cap: u64| {
+            if cap == 0 {
+                0.0
+            } else {
+                used as f64 / cap as f64
+            }
+        };
+        let backend_inputs: Vec<BackendInput<'_>> = dir
+            .iter()
+            .map(|(id, p)| BackendInput {
+                id,
+                drone: p.drone.as_deref(),
+                pool: &p.pool,
+                cpu_cap_cores: p.cpu_cap_millis as f64 / 1000.0,
+            })
+            .collect();
+        let drone_inputs: Vec<DroneInput<'_>> = drones
+            .iter()
+            .zip(&loads)
+            .map(|(d, load)| DroneInput {
+                name: &d.name,
+                cpu_capacity_cores: d.capacity.cpu_millis as f64 / 1000.0,
+                reserved_cpu_fraction: frac(load.cpu_millis, d.capacity.cpu_millis),
+                reserved_memory_fraction: frac(load.memory_mb, d.capacity.memory_mb),
+            })
+            .collect();
+        let eval = lock(&inner.hot).evaluate(now, &backend_inputs, &drone_inputs);
+
+        for v in &eval.backends {
+            if let Some(p) = dir.get(&v.view.backend) {
+                inner
+                    .backend_series
+                    .hot(&v.view.backend, p.drone.as_ref(), &p.pool, v.hot);
+            }
+        }
+        inner.backend_series.retain(|id| dir.contains_key(id));
+        self.publish_drones(now, &drones, &loads, &eval, &dir);
+
+        let hot_backends: Vec<_> = eval
+            .backends
+            .iter()
+            .filter(|v| v.hot)
+            .map(|v| v.view.clone())
+            .collect();
+        let hot_drones: Vec<_> = eval
+            .drones
+            .iter()
+            .filter(|v| v.hot)
+            .map(|v| v.view.clone())
+            .collect();
+        self.hot_backends.set(hot_backends.len() as f64);
+        self.hot_drones.set(hot_drones.len() as f64);
+        let mut list = empty_list(&inner.config);
+        list.evaluated_at = now;
+        list.backends = hot_backends;
+        list.backends.sort_by(|a, b| {
+            b.requests_per_second
+                .unwrap_or(0.0)
+                .total_cmp(&a.requests_per_second.unwrap_or(0.0))
+                .then_with(|| a.backend.cmp(&b.backend))
+        });
+        list.drones = hot_drones;
+        list.drones.sort_by(|a, b| a.drone.cmp(&b.drone));
+        list.relocated_total = inner.relocated_total.load(Ordering::Relaxed);
+        *inner
+            .hot_list
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(list);
+
+        if let Some(relief) = inner.config.relieve.clone() {
+            self.relieve(now, &eval, &dir, &drones, &relief).await;
+        }
+    }
+
+    fn publish_drones(
+        &mut self,
+        now: UnixMillis,
+        drones: &[crate::drones::DroneConn],
+        loads: &[Amounts],
+        eval: &Evaluation,
+        dir: &Directory,
+    ) {
+        let mut states: HashMap<&str, [u64; 5]> = HashMap::new();
+        for p in dir.values() {
+            if let Some(d) = p.drone.as_deref()
+                && let Some(i) = m::DRONE_STATES.iter().position(|s| *s == p.state)
+            {
+                states.entry(d).or_default()[i] += 1;
+            }
+        }
+        let connected: HashSet<&str> = drones.iter().map(|d| d.name.as_str()).collect();
+        self.drones.retain(|name, (_, g)| {
+            let keep = connected.contains(name.as_str());
+            if !keep {
+                g.zero();
+            }
+            keep
+        });
+        for (d, load) in drones.iter().zip(loads) {
+            let stale = self
+                .drones
+                .get(&d.name)
+                .is_some_and(|(pool, _)| *pool != d.pool);
+            if stale || !self.drones.contains_key(&d.name) {
+                self.drones.insert(
+                    d.name.clone(),
+                    (d.pool.clone(), DroneGauges::new(&d.name, &d.pool)),
+                );
+            }
+            let (_, g) = &self.drones[&d.name];
+            g.capacity_cpu.set(d.capacity.cpu_millis as f64 / 1000.0);
+            g.capacity_memory
+                .set(d.capacity.memory_mb as f64 * 1024.0 * 1024.0);
+            g.capacity_backends.set(d.capacity.max_backends as f64);
+            g.reserved_cpu.set(load.cpu_millis as f64 / 1000.0);
+            g.reserved_memory
+                .set(load.memory_mb as f64 * 1024.0 * 1024.0);
+            let counts = states.get(d.name.as_str()).copied().unwrap_or_default();
+            for (gauge, n) in g.by_state.iter().zip(counts) {
+                gauge.set(n as f64);
+            }
+            let age = if d.leased {
+                now.saturating_sub(d.status.last_heartbeat()) as f64 / 1000.0
+            } else {
+                0.0
+            };
+            g.heartbeat_age.set(age);
+            let verdict = eval.drones.iter().find(|v| v.view.drone == d.name);
+            g.cpu_usage.set(verdict.map_or(0.0, |v| v.view.cpu_cores));
+            g.hot.set(if verdict.is_some_and(|v| v.hot) {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    }
+
+    async fn relieve(
+        &self,
+        now: UnixMillis,
+        eval: &Evaluation,
+        dir: &Directory,
+        drones: &[crate::drones::DroneConn],
+        relief: &ReliefConfig,
+    ) {
+        let inner = &self.inner;
+        let hot_ids: HashSet<&BackendId> = eval
+            .backends
+            .iter()
+            .filter(|v| v.hot)
+            .map(|v| &v.view.backend)
+            .collect();
+        if hot_ids.is_empty() {
+            return;
+        }
+        let hot_drones: HashSet<&str> = eval
+            .drones
+            .iter()
+            .filter(|v| v.hot)
+            .map(|v| v.view.drone.as_str())
+            .collect();
+        // A drone is only relieved if placement has somewhere else to put its neighbours: a
+        // connected, healthy, undrained, cool drone of the same pool and runtime.
+        let crowded: HashSet<&str> = eval
+            .backends
+            .iter()
+            .filter(|v| v.hot)
+            .filter_map(|v| v.view.drone.as_deref())
+            .filter(|name| {
+                let Some(d) = drones.iter().find(|d| d.name == *name) else {
+                    return false;
+                };
+                drones.iter().any(|o| {
+                    o.name != d.name
+                        && o.pool == d.pool
+                        && o.runtime == d.runtime
+                        && !hot_drones.contains(o.name.as_str())
+                        && !inner.drains.contains_key(&o.name)
+                        && o.status.unhealthy().is_none()
+                })
+            })
+            .collect();
+        if crowded.is_empty() {
+            return;
+        }
+        let neighbours: Vec<Neighbour<'_>> = dir
+            .iter()
+            .filter_map(|(id, p)| {
+                let drone = p.drone.as_deref()?;
+                if !crowded.contains(drone) {
+                    return None;
+                }
+                let (last, open) = inner.activity.get(id.as_str()).unwrap_or((0, 0));
+                Some(Neighbour {
+                    id,
+                    drone,
+                    ready: p.state == "ready",
+                    open,
+                    idle_for: Duration::from_millis(now.saturating_sub(last.max(p.since))),
+                    hot: hot_ids.contains(id),
+                })
+            })
+            .collect();
+        for id in plan_relief(&crowded, &neighbours, relief.min_idle, relief.max_per_pass) {
+            match inner
+                .terminate(id.as_str(), TerminationReason::Relocated, false)
+                .await
+            {
+                Ok(rec) => {
+                    inner.relocated_total.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::RELOCATIONS_TOTAL).increment(1);
+                    tracing::info!(backend = %id, drone = ?rec.drone, "relocating an idle backend off a drone with a hot backend");
+                }
+                Err(e) => tracing::warn!(backend = %id, error = %e, "cannot relocate backend"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "monitor_tests.rs"]
+mod tests;
