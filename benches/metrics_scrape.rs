@@ -152,12 +152,16 @@ impl Fleet {
         Fleet { tracker, held }
     }
 
-    /// What a second of a live fleet does: more traffic, the monitor's pass over its gauges.
+    /// What a live fleet does between scrapes: more traffic, usage reports, the monitor's
+    /// passes.
     fn tick(&self, backends: std::ops::Range<usize>) {
         traffic(&self.tracker, backends);
-        for g in &self.held {
+        for (i, g) in self.held.iter().enumerate() {
+            g[0].set(i as f64 * 0.013);
+            g[1].set(20_000_000.0 + i as f64);
             g[2].set(0.0);
         }
+        drone_series();
     }
 }
 
@@ -214,7 +218,7 @@ fn main() {
 
     // Churn with a short grace period: every backend ends and as many new ones start. The
     // ended ones stay for the grace period (published once more, then untouched), then leave.
-    let grace = Duration::from_secs(if full { 3 } else { 1 });
+    let grace = Duration::from_secs(if full { 5 } else { 2 });
     let (recorder, exporter) = exporter::build(grace).unwrap();
     let _guard = metrics::set_default_local_recorder(&recorder);
     let old = Fleet::new(grace, 0..backends);

@@ -9,8 +9,11 @@
 //! concurrent scenarios (default 20) and `-- --rounds R` how often each is repeated (default
 //! 3). Without `--bench` (as `cargo test --benches` runs it) it does a short smoke run.
 //!
-//! The "through Hangar" half (connect → Ready through `hangar serve` and a docker drone) goes
-//! next to this one: [`floor_once`] is the reference it is compared with.
+//! The "through Hangar" half runs in the same process, interleaved with the floor: it starts
+//! `hangar serve` and one `hangar drone --runtime docker` (the release binary) on loopback, and
+//! one sample is `POST /v1/connect` for a new backend with `spawn.image = hangar-demo:dev`,
+//! then `GET /` through the proxy (which waits for the backend to be ready) until it answers
+//! 200: connect → Ready → first answer, the same end point as the floor.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -182,6 +185,186 @@ fn arg(name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
+/// `hangar serve` plus one docker drone, killed on drop.
+struct Cluster {
+    children: Vec<std::process::Child>,
+    api: String,
+    proxy: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start_cluster() -> Cluster {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let bin = env!("CARGO_BIN_EXE_hangar");
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = Command::new(bin)
+        .args([
+            "serve",
+            "--api",
+            "127.0.0.1:0",
+            "--proxy",
+            "127.0.0.1:0",
+            "--dns",
+            "off",
+        ])
+        .args([
+            "--metrics",
+            "off",
+            "--drone-secret",
+            "bench-secret-1",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("serve"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start hangar serve");
+    let mut lines = BufReader::new(serve.stdout.take().unwrap()).lines();
+    let (mut api, mut proxy) = (None, None);
+    while api.is_none() || proxy.is_none() {
+        let line = lines.next().expect("serve exited").unwrap();
+        if let Some(a) = line.strip_prefix("hangar serve: api listening on ") {
+            api = Some(a.trim().to_string());
+        }
+        if let Some(a) = line.strip_prefix("hangar serve: proxy listening on ") {
+            proxy = Some(a.trim().to_string());
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let api = api.unwrap();
+    let drone = Command::new(bin)
+        .args([
+            "drone",
+            "--scheduler",
+            &format!("http://{api}"),
+            "--name",
+            "bench-d1",
+        ])
+        .args([
+            "--secret",
+            "bench-secret-1",
+            "--runtime",
+            "docker",
+            "--stop-grace",
+            "1",
+        ])
+        .args([
+            "--max-backends",
+            "1000",
+            "--memory-mb",
+            "100000",
+            "--cpu-millis",
+            "100000",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("drone"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start hangar drone");
+    Cluster {
+        children: vec![serve, drone],
+        api,
+        proxy: proxy.unwrap(),
+        _dir: dir,
+    }
+}
+
+/// One connect → Ready → first 200 through the proxy.
+async fn hangar_once(http: &reqwest::Client, c: &Cluster) -> Duration {
+    let begin = Instant::now();
+    let resp: serde_json::Value = http
+        .post(format!("http://{}/v1/connect", c.api))
+        .json(&serde_json::json!({"spawn": {"image": IMAGE}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = resp["backend_id"]
+        .as_str()
+        .expect("connect answered a backend");
+    let token = resp["token"].as_str().unwrap();
+    let r = http
+        .get(format!("http://{}/", c.proxy))
+        .header("host", format!("{id}.hangar.localhost"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "backend {id} did not answer through the proxy"
+    );
+    begin.elapsed()
+}
+
+/// Terminates every live backend and waits until the drone has none.
+async fn clear_backends(http: &reqwest::Client, c: &Cluster) {
+    let list: serde_json::Value = http
+        .get(format!("http://{}/v1/backends?status=live", c.api))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for b in list["backends"].as_array().unwrap() {
+        let id = b["id"].as_str().unwrap();
+        let _ = http
+            .post(format!("http://{}/v1/backends/{id}/terminate", c.api))
+            .json(&serde_json::json!({"hard": true}))
+            .send()
+            .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let list: serde_json::Value = http
+            .get(format!("http://{}/v1/backends?status=live", c.api))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if list["backends"].as_array().unwrap().is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "backends never ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn report_hangar(scenario: &str, samples: &mut [Duration], floor: &[FloorSample]) {
+    samples.sort();
+    let mut f: Vec<Duration> = floor.iter().map(|s| s.total).collect();
+    f.sort();
+    let (h50, h99) = (percentile(samples, 50.0), percentile(samples, 99.0));
+    let (f50, f99) = (percentile(&f, 50.0), percentile(&f, 99.0));
+    println!(
+        "| {scenario} | {} | {} / {} | {} / {} | {:+.1} ms / {:+.1} ms |",
+        samples.len(),
+        ms(f50),
+        ms(f99),
+        ms(h50),
+        ms(h99),
+        (h50.as_secs_f64() - f50.as_secs_f64()) * 1000.0,
+        (h99.as_secs_f64() - f99.as_secs_f64()) * 1000.0,
+    );
+}
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let runs: usize = arg("--runs")
@@ -228,17 +411,48 @@ fn main() {
         floor_once(&docker, &probe, &format!("hangar-bench-{pid}-warmup")).await;
         remove_benchmark_containers(&docker).await;
 
+        let cluster = start_cluster();
+        let http = reqwest::Client::builder()
+            .timeout(SAMPLE_TIMEOUT)
+            .build()
+            .unwrap();
+        // Wait for the drone, then warm the path up once.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let d: serde_json::Value = http
+                .get(format!("http://{}/v1/drones", cluster.api))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if d["drones"][0]["state"] == "ready" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the docker drone never became ready: {d}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        hangar_once(&http, &cluster).await;
+        clear_backends(&http, &cluster).await;
+
+        // Sequential: floor and Hangar interleaved, one spawn at a time.
         let mut samples = Vec::with_capacity(runs);
+        let mut through = Vec::with_capacity(runs);
         for i in 0..runs {
             let name = format!("hangar-bench-{pid}-s{i}");
             samples.push(floor_once(&docker, &probe, &name).await);
             // Removal is not part of a spawn; one container at a time keeps the host quiet.
             remove_benchmark_containers(&docker).await;
+            through.push(hangar_once(&http, &cluster).await);
+            clear_backends(&http, &cluster).await;
         }
         report("sequential", &samples);
+        let mut comparisons = vec![("sequential".to_string(), through, samples)];
 
         for &c in &concurrency {
             let mut samples = Vec::with_capacity(c * rounds);
+            let mut through = Vec::with_capacity(c * rounds);
             for round in 0..rounds {
                 let spawns = (0..c).map(|i| {
                     let name = format!("hangar-bench-{pid}-c{c}-r{round}-{i}");
@@ -247,8 +461,19 @@ fn main() {
                 });
                 samples.extend(futures_util::future::join_all(spawns).await);
                 remove_benchmark_containers(&docker).await;
+                let spawns = (0..c).map(|_| hangar_once(&http, &cluster));
+                through.extend(futures_util::future::join_all(spawns).await);
+                clear_backends(&http, &cluster).await;
             }
             report(&format!("{c} concurrent"), &samples);
+            comparisons.push((format!("{c} concurrent"), through, samples));
         }
+        println!();
+        println!("| Scenario | Samples | floor p50 / p99 | through Hangar p50 / p99 | Hangar adds p50 / p99 |");
+        println!("| --- | --- | --- | --- | --- |");
+        for (scenario, mut through, floor) in comparisons {
+            report_hangar(&scenario, &mut through, &floor);
+        }
+        drop(cluster);
     });
 }

@@ -88,6 +88,23 @@ pub struct ProxyArgs {
     pub start_wait: u64,
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// Where Prometheus scrapes this proxy's metrics (`GET /metrics`), or `off`.
+    /// [default: 127.0.0.1:7073, skipped with a warning if that port is taken]
+    #[arg(long, value_name = "ADDR|off")]
+    pub metrics: Option<String>,
+    /// Seconds a per-backend series is kept after its last update.
+    #[arg(long, default_value_t = 300)]
+    pub metrics_grace: u64,
+}
+
+impl ProxyArgs {
+    /// The metrics flags, shaped like the other roles'.
+    pub fn metrics_args(&self) -> MetricsArgs {
+        MetricsArgs {
+            metrics: self.metrics.clone(),
+            metrics_grace: self.metrics_grace,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -147,7 +164,7 @@ pub struct DroneArgs {
     #[arg(long, default_value = "default")]
     pub pool: String,
     /// Docker endpoint (default: DOCKER_HOST or the local socket).
-    #[arg(long)]
+    #[arg(long, env = "DOCKER_HOST")]
     pub docker_host: Option<String>,
     /// Run containers with host networking instead of a published 127.0.0.1 port.
     #[arg(long)]
@@ -212,7 +229,8 @@ pub struct HotArgs {
     /// ...and this many requests per second.
     #[arg(long, default_value_t = 1.0)]
     pub hot_min_rate: f64,
-    /// A backend is hot when it uses more than this fraction of its CPU cap.
+    /// A backend with a CPU cap (spawn.resources.cpu_millis) is hot when it uses more than
+    /// this fraction of it.
     #[arg(long, default_value_t = 0.9)]
     pub hot_cpu_fraction: f64,
     /// A drone is hot when its backends use more than this fraction of its CPU...

@@ -417,7 +417,7 @@ fn print_hot(list: &hangar_core::api::HotList) {
                 num(b.requests_per_second, 1),
                 num(b.pool_median_requests_per_second, 1),
                 num(b.cpu_cores, 2),
-                format!("{:.2}", b.cpu_cap_cores),
+                num(b.cpu_cap_cores, 2),
                 reasons(&b.reasons),
             );
         }

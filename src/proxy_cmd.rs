@@ -41,6 +41,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
+    let metrics_setup =
+        crate::metrics::validate(&args.metrics_args(), crate::metrics::DEFAULT_PROXY_ADDR)?;
     let certs = crate::tls::load(&args.tls)?;
     let listener = TcpListener::bind(args.proxy).await.map_err(|e| {
         ConfigError(format!(
@@ -56,11 +58,31 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         ),
         _ => None,
     };
+    let metrics_listener = match &metrics_setup {
+        Some(m) => crate::metrics::bind(m, "proxy").await?,
+        None => None,
+    };
+    // Installed before the proxy records anything, and only with a listener to serve it.
+    let exporter = match (&metrics_listener, &metrics_setup) {
+        (Some(_), Some(m)) => Some(crate::metrics::install(m.grace)?),
+        _ => None,
+    };
     let mut cfg = ProxyConfig::new(args.domain.to_ascii_lowercase(), token_key);
     cfg.start_wait = Duration::from_secs(args.start_wait);
+    // The feed trails the scheduler by a moment: a backend connected a millisecond ago is
+    // waited for instead of answered 404.
+    cfg.unknown_grace = Duration::from_millis(500);
     let proxy = Arc::new(Proxy::new(cfg));
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
+    if let (Some(l), Some(exporter), Some(setup)) = (metrics_listener, exporter, &metrics_setup) {
+        crate::metrics::announce("proxy", l.local_addr()?);
+        let activity = proxy.activity();
+        activity.set_metrics_grace(setup.grace);
+        let server = crate::metrics::MetricsServer::new(exporter, setup.grace)
+            .collect(move || activity.publish_metrics());
+        tasks.spawn(server.run(l, cancel.clone()));
+    }
     println!(
         "hangar proxy: proxy listening on {}",
         listener.local_addr()?

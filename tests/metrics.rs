@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use hangar_core::api::{ConnectResponse, HotList};
 use serde_json::json;
 
-use crate::support::cluster::{Drone, SECRET};
+use crate::support::cluster::{Drone, RemoteProxy, SECRET};
 use crate::support::prometheus::{self, Prometheus};
 use crate::support::{DEADLINE, Dev, cli};
 
@@ -238,6 +238,61 @@ async fn prometheus_sees_the_ten_times_hotter_backend_and_the_detector_flags_it(
             assert!(!line.contains(forbidden), "{line}");
         }
     }
+    // Prometheus's own linter agrees with the naming (units, _total, HELP and TYPE).
+    let promtool = bin.with_file_name("promtool");
+    if promtool.is_file() {
+        let (ok, complaints) = promtool_check(&promtool, text.as_bytes());
+        assert!(ok, "promtool check metrics: {complaints}");
+    }
+    // Every query of the shipped Grafana dashboard is valid PromQL against this Prometheus,
+    // and the main panels have data.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/grafana/hangar.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut queries = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$drone", ".*")
+                .replace("$pool", ".*");
+            // `query` fails the test on a PromQL error.
+            let result = prom.query(&expr).await;
+            queries += 1;
+            let title = panel["title"].as_str().unwrap();
+            if ["Requests/s, top 10 backends", "Backends by state"].contains(&title) {
+                assert!(!result.is_empty(), "{title}: no data for {expr}");
+            }
+        }
+    }
+    assert!(queries >= 20, "{queries}");
+}
+
+/// `promtool check metrics` on an exposition: whether it passed, and what it said.
+fn promtool_check(promtool: &std::path::Path, text: &[u8]) -> (bool, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,6 +372,91 @@ async fn a_network_drone_reports_usage_and_serves_its_own_metrics() {
     ]);
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("--metrics"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_proxy_exposes_per_backend_traffic_and_its_counts_reach_the_detector() {
+    let dir = scratch();
+    let serve = Dev::start_serve(
+        &dir.path().join("serve"),
+        &[
+            "--drone-secret",
+            SECRET,
+            "--dns",
+            "off",
+            "--hot-window",
+            "4s",
+            "--hot-sustain",
+            "2s",
+        ],
+    );
+    let _drone = Drone::start(&serve, "d1", "process", dir.path(), &[]).await;
+    let edge = RemoteProxy::start(&serve);
+    let mut backends = Vec::new();
+    for key in ["edge-hot", "edge-cold-1", "edge-cold-2"] {
+        let r = serve.connect_key(key).await;
+        serve.wait_ready(r.backend_id.as_str()).await;
+        backends.push(r);
+    }
+    let via = |r: &ConnectResponse| {
+        serve
+            .http
+            .get(format!("http://{}/count", edge.addr))
+            .header("host", format!("{}.hangar.localhost", r.backend_id))
+            .bearer_auth(&r.token)
+    };
+    // The edge learns the routes from the feed.
+    let deadline = Instant::now() + DEADLINE;
+    for r in &backends {
+        while !via(r).send().await.is_ok_and(|resp| resp.status() == 200) {
+            assert!(
+                Instant::now() < deadline,
+                "the edge never served {}",
+                r.backend_id
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Ten to one through the edge, until the scheduler (which sees only the edge's activity
+    // reports) flags the hot one.
+    let hot = backends[0].backend_id.clone();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        for (i, r) in backends.iter().enumerate() {
+            for _ in 0..if i == 0 { 10 } else { 1 } {
+                assert_eq!(via(r).send().await.unwrap().status(), 200);
+            }
+        }
+        let list: HotList = serve
+            .http
+            .get(serve.api_url("/v1/hot"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if !list.backends.is_empty() {
+            assert_eq!(list.backends.len(), 1, "{list:?}");
+            assert_eq!(list.backends[0].backend, hot);
+            break;
+        }
+        assert!(Instant::now() < deadline, "never flagged: {list:?}");
+    }
+    // The edge's own exposition: per-backend series labelled with the drone and pool the
+    // feed carries.
+    let own = edge.metrics.expect("the edge reports its metrics listener");
+    let text = scrape(&serve, own).await;
+    for r in &backends {
+        let prefix = format!(
+            "hangar_backend_requests_total{{backend=\"{}\",drone=\"d1\",pool=\"default\",status_class=\"2xx\"}} ",
+            r.backend_id
+        );
+        assert!(
+            text.lines().any(|l| l.starts_with(&prefix)),
+            "no {prefix} in:\n{text}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -234,8 +234,8 @@ pub struct HotBackend {
     pub pool_median_requests_per_second: Option<f64>,
     /// CPU cores in use over the window; `None` until its drone reported usage twice.
     pub cpu_cores: Option<f64>,
-    /// Its CPU cap (or reservation) in cores.
-    pub cpu_cap_cores: f64,
+    /// Its CPU cap in cores (`spawn.resources.cpu_millis`); without one, CPU never makes it hot.
+    pub cpu_cap_cores: Option<f64>,
     pub hot_since: UnixMillis,
 }
 

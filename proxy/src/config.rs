@@ -30,6 +30,9 @@ pub struct ProxyConfig {
     pub tls_handshake_timeout: Duration,
     /// How long shutdown lets in-flight requests finish before dropping connections.
     pub shutdown_grace: Duration,
+    /// How long a request for a backend the table does not know waits for it to appear
+    /// (remote proxies, whose feed may trail a connect by a moment); zero answers 404 at once.
+    pub unknown_grace: Duration,
 }
 
 impl ProxyConfig {
@@ -47,6 +50,7 @@ impl ProxyConfig {
             max_connections: 10_000,
             tls_handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(30),
+            unknown_grace: Duration::ZERO,
         }
     }
 }

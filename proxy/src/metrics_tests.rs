@@ -275,7 +275,7 @@ async fn traffic_is_counted_per_backend_under_route_labels_only() {
 
     // Label hygiene: per-backend series carry exactly backend, drone and pool (plus the
     // status class of requests); nothing else has a backend label; every name is hangar_*.
-    for ((name, labels), _) in &v {
+    for (name, labels) in v.keys() {
         assert!(name.starts_with("hangar_"), "{name}");
         let keys: Vec<&str> = labels.iter().map(|(k, _)| k.as_str()).collect();
         if name.starts_with("hangar_backend_") {

@@ -191,6 +191,22 @@ fn check_token(
     Ok((claims.user, Some((source, query_token.unwrap_or_default()))))
 }
 
+/// Waits (up to `unknown_grace`) for a route the table does not have yet: a remote proxy's
+/// feed may trail the scheduler by a moment after a connect.
+async fn wait_known(shared: &Shared, name: String) -> Result<Route, ProxyError> {
+    let deadline = tokio::time::Instant::now() + shared.config.unknown_grace;
+    let mut changes = shared.routes.subscribe();
+    loop {
+        if let Some(r) = shared.routes.load().get(&name) {
+            return Ok(r.clone());
+        }
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => {}
+            _ => return Err(ProxyError::UnknownBackend(name)),
+        }
+    }
+}
+
 /// Waits until `backend` is ready, gone or the start wait runs out.
 async fn wait_ready(shared: &Shared, backend: &BackendId) -> Result<SocketAddr, ProxyError> {
     let deadline = tokio::time::Instant::now() + shared.config.start_wait;
@@ -226,7 +242,15 @@ async fn proxy(
     peer: SocketAddr,
     tls: bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let route = find_route(shared, &req)?;
+    let route = match find_route(shared, &req) {
+        Err(ProxyError::UnknownBackend(name))
+            if !shared.config.unknown_grace.is_zero()
+                && hangar_core::ids::validate_label(&name).is_ok() =>
+        {
+            wait_known(shared, name).await?
+        }
+        other => other?,
+    };
     let (user, token_source) = if route.public {
         (String::new(), None)
     } else {

@@ -35,7 +35,7 @@ pub struct HotConfig {
     pub min_rate: f64,
     /// Backends with traffic a pool needs (the judged one included) before rates are compared.
     pub min_active_in_pool: usize,
-    /// A backend is hot when it uses more than this fraction of its CPU cap.
+    /// A backend with a CPU cap is hot when it uses more than this fraction of it.
     pub cpu_fraction: f64,
     /// A drone is hot when its backends use more than this fraction of its CPU capacity...
     pub drone_cpu_fraction: f64,
@@ -204,8 +204,8 @@ pub struct BackendInput<'a> {
     pub id: &'a BackendId,
     pub drone: Option<&'a str>,
     pub pool: &'a str,
-    /// Its CPU cap (or reservation when it has no cap), in cores.
-    pub cpu_cap_cores: f64,
+    /// Its CPU cap in cores, if its spawn set one.
+    pub cpu_cap_cores: Option<f64>,
 }
 
 /// A connected drone as the detector judges it.
@@ -368,9 +368,9 @@ impl HotDetector {
             {
                 reasons.push(HotReason::RequestRate);
             }
-            if let Some(c) = cpu
-                && b.cpu_cap_cores > 0.0
-                && c > cfg.cpu_fraction * b.cpu_cap_cores
+            if let (Some(c), Some(cap)) = (cpu, b.cpu_cap_cores)
+                && cap > 0.0
+                && c > cfg.cpu_fraction * cap
             {
                 reasons.push(HotReason::Cpu);
             }

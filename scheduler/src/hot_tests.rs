@@ -21,7 +21,7 @@ fn input<'a>(id: &'a BackendId, pool: &'a str) -> BackendInput<'a> {
         id,
         drone: Some("d1"),
         pool,
-        cpu_cap_cores: 1.0,
+        cpu_cap_cores: Some(1.0),
     }
 }
 
@@ -68,7 +68,7 @@ fn drive(
             d.observe_requests(t, "p1", b, counts[i]);
             counts[i] += rates[i] / 4;
         }
-        if t % S == 0 {
+        if t.is_multiple_of(S) {
             out.push((t, d.evaluate(t, &inputs, &[drone("d1")])));
         }
         t += 250;
@@ -271,7 +271,7 @@ fn small_pools_slow_pools_and_other_pools_have_no_hot_shard() {
         for (i, b) in ids.iter().enumerate() {
             d.observe_requests(t, "p1", b, rates[i] * step / 4);
         }
-        if t % S == 0 {
+        if t.is_multiple_of(S) {
             last = d.evaluate(t, &inputs, &[]);
         }
     }
@@ -290,13 +290,13 @@ fn cpu_against_the_cap_and_drones_on_cpu_or_reservations() {
             id: &busy,
             drone: Some("d1"),
             pool: "default",
-            cpu_cap_cores: 0.5,
+            cpu_cap_cores: Some(0.5),
         },
         BackendInput {
             id: &calm,
             drone: Some("d2"),
             pool: "default",
-            cpu_cap_cores: 0.5,
+            cpu_cap_cores: Some(0.5),
         },
     ];
     let drones = [

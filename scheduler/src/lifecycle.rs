@@ -16,6 +16,9 @@ use crate::records::{BackendRecord, KeyRecord, ResolvedSpawn, backend_key, key_k
 use crate::scheduler::Inner;
 use crate::store::{CasOutcome, Expect, KeyValue};
 
+/// Longest a connect waits for the route table to include its new backend.
+const ROUTE_WAIT: Duration = Duration::from_secs(2);
+
 /// Attempts at the key compare-and-swap before giving up (each attempt re-reads).
 const CONNECT_ATTEMPTS: usize = 64;
 
@@ -214,6 +217,9 @@ impl Inner {
                     }
                 }
             }
+            // Answer only once the route table has the backend, so a client that uses the
+            // URL right away finds it starting in the proxy instead of unknown.
+            self.wait_routes(brev).await;
             self.send_spawn(&rec, &drone).await;
             metrics::counter!(crate::metrics::SPAWNS_TOTAL).increment(1);
             tracing::info!(backend = %rec.id, key = ?rec.key.as_ref().map(|k| k.to_string()), drone = %drone.name, "backend scheduled");
@@ -222,6 +228,15 @@ impl Inner {
         Err(ApiError::Conflict(
             "the key is contended by too many concurrent connects; retry".into(),
         ))
+    }
+
+    /// Waits (bounded) until the published route table reflects store revision `revision`.
+    pub(crate) async fn wait_routes(&self, revision: u64) {
+        let mut rx = self.routes.subscribe();
+        let wait = rx.wait_for(|t| t.revision >= revision);
+        if tokio::time::timeout(ROUTE_WAIT, wait).await.is_err() {
+            tracing::warn!(revision, "route table lags the store; answering anyway");
+        }
     }
 
     /// The spawn command for a backend record.

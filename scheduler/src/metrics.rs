@@ -223,6 +223,10 @@ impl BackendSeries {
         f: impl FnOnce(&mut BackendGauges, &dyn Fn() -> Vec<Label>) -> R,
     ) -> R {
         let labels = || backend_labels(backend, drone, pool);
+        // The common case, a backend seen before, neither allocates nor registers.
+        if let Some(mut entry) = self.backends.get_mut(backend.as_str()) {
+            return f(&mut entry, &labels);
+        }
         let mut entry = self
             .backends
             .entry(backend.clone())

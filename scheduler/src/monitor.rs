@@ -52,8 +52,9 @@ pub(crate) struct Placed {
     pub(crate) pool: Arc<str>,
     /// The state name (`scheduled` … `terminating`).
     pub(crate) state: &'static str,
-    /// Its CPU cap, or the reservation when it has none, in millicores.
-    pub(crate) cpu_cap_millis: u64,
+    /// Its CPU cap in millicores, if its spawn set one (without one, CPU use has nothing to be
+    /// a fraction of: the process runtime applies no cap, Docker none either).
+    pub(crate) cpu_cap_millis: Option<u64>,
     /// When it became ready (or was created, before that): idleness counts from here when no
     /// proxy has reported traffic.
     pub(crate) since: UnixMillis,
@@ -205,6 +206,9 @@ pub(crate) struct Monitor {
     drones: HashMap<String, (String, DroneGauges)>,
     hot_backends: Gauge,
     hot_drones: Gauge,
+    /// Backends this monitor asked to stop, until they leave the directory (which lags the
+    /// store by a moment): never picked twice.
+    relocating: HashSet<BackendId>,
 }
 
 impl Monitor {
@@ -214,6 +218,7 @@ impl Monitor {
             drones: HashMap::new(),
             hot_backends: metrics::gauge!(m::HOT_BACKENDS),
             hot_drones: metrics::gauge!(m::HOT_DRONES),
+            relocating: HashSet::new(),
         }
     }
 
@@ -258,7 +263,7 @@ impl Monitor {
                 id,
                 drone: p.drone.as_deref(),
                 pool: &p.pool,
-                cpu_cap_cores: p.cpu_cap_millis as f64 / 1000.0,
+                cpu_cap_cores: p.cpu_cap_millis.map(|m| m as f64 / 1000.0),
             })
             .collect();
         let drone_inputs: Vec<DroneInput<'_>> = drones
@@ -383,14 +388,15 @@ impl Monitor {
     }
 
     async fn relieve(
-        &self,
+        &mut self,
         now: UnixMillis,
         eval: &Evaluation,
         dir: &Directory,
         drones: &[crate::drones::DroneConn],
         relief: &ReliefConfig,
     ) {
-        let inner = &self.inner;
+        let inner = self.inner.clone();
+        self.relocating.retain(|id| dir.contains_key(id));
         let hot_ids: HashSet<&BackendId> = eval
             .backends
             .iter()
@@ -434,7 +440,7 @@ impl Monitor {
             .iter()
             .filter_map(|(id, p)| {
                 let drone = p.drone.as_deref()?;
-                if !crowded.contains(drone) {
+                if !crowded.contains(drone) || self.relocating.contains(id) {
                     return None;
                 }
                 let (last, open) = inner.activity.get(id.as_str()).unwrap_or((0, 0));
@@ -449,6 +455,15 @@ impl Monitor {
             })
             .collect();
         for id in plan_relief(&crowded, &neighbours, relief.min_idle, relief.max_per_pass) {
+            // The directory may lag the store: only a backend still ready is moved.
+            match inner.get_backend(id.as_str()).await {
+                Ok(Some((rec, _))) if rec.state == hangar_core::BackendState::Ready => {}
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(backend = %id, error = %e, "cannot read a backend to relocate");
+                    continue;
+                }
+            }
             match inner
                 .terminate(id.as_str(), TerminationReason::Relocated, false)
                 .await
@@ -457,6 +472,7 @@ impl Monitor {
                     inner.relocated_total.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(m::RELOCATIONS_TOTAL).increment(1);
                     tracing::info!(backend = %id, drone = ?rec.drone, "relocating an idle backend off a drone with a hot backend");
+                    self.relocating.insert(id);
                 }
                 Err(e) => tracing::warn!(backend = %id, error = %e, "cannot relocate backend"),
             }

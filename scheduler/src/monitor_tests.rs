@@ -17,6 +17,9 @@ use crate::hot::HotConfig;
 use crate::store::embedded::EmbeddedStore;
 use crate::{Clock, ManualClock, Scheduler, SchedulerConfig};
 
+/// A recorded metric: name, labels, value.
+type Sample = (String, Vec<(String, String)>, DebugValue);
+
 fn hello(drone: &str, run: &str) -> Hello {
     Hello {
         drone: drone.into(),
@@ -33,11 +36,7 @@ fn hello(drone: &str, run: &str) -> Hello {
     }
 }
 
-fn gauge(
-    snapshot: &[(String, Vec<(String, String)>, DebugValue)],
-    name: &str,
-    label: (&str, &str),
-) -> f64 {
+fn gauge(snapshot: &[Sample], name: &str, label: (&str, &str)) -> f64 {
     snapshot
         .iter()
         .find(|(n, labels, _)| {
@@ -154,7 +153,7 @@ async fn a_hot_backend_is_flagged_gauged_listed_and_its_idle_neighbours_relocate
             proxy: "p1".into(),
             reports,
         });
-        if step % 4 == 0 {
+        if step.is_multiple_of(4) {
             let before = sched.inner.relocated_total.load(Ordering::Relaxed);
             monitor.pass().await;
             relocated_per_pass.push(sched.inner.relocated_total.load(Ordering::Relaxed) - before);
@@ -226,7 +225,7 @@ async fn a_hot_backend_is_flagged_gauged_listed_and_its_idle_neighbours_relocate
     assert_eq!(placed.drone.as_deref(), Some("d2"));
 
     // Gauges: 1 for the hot backend, 0 for the others; drone and scheduler figures.
-    let snapshot: Vec<(String, Vec<(String, String)>, DebugValue)> = snapshotter
+    let snapshot: Vec<Sample> = snapshotter
         .snapshot()
         .into_vec()
         .into_iter()

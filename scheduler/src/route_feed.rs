@@ -28,6 +28,8 @@ struct Entry {
     /// The state name, and when it became ready (or was created): for the monitor.
     state: &'static str,
     since: hangar_core::UnixMillis,
+    /// The CPU cap the spawn set, if any.
+    cpu_cap_millis: Option<u64>,
 }
 
 /// Routes as of a store revision.
@@ -48,6 +50,7 @@ fn entry(inner: &Inner, rec: &BackendRecord) -> Entry {
         need: inner.need(&rec.spawn),
         state: rec.state.name(),
         since: rec.ready_at.unwrap_or(rec.created_at),
+        cpu_cap_millis: rec.spawn.resources.cpu_millis,
     }
 }
 
@@ -108,7 +111,7 @@ impl RouteFeed {
                     drone: e.route.drone.clone(),
                     pool: e.route.pool.clone().unwrap_or_else(|| "default".into()),
                     state: e.state,
-                    cpu_cap_millis: e.need.cpu_millis,
+                    cpu_cap_millis: e.cpu_cap_millis,
                     since: e.since,
                 };
                 (id.clone(), placed)

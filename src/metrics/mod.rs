@@ -33,6 +33,8 @@ use crate::cli::MetricsArgs;
 pub const DEFAULT_ADDR: &str = "127.0.0.1:7071";
 /// Where a drone listens when `--metrics` is not given (a drone may share a host with serve).
 pub const DEFAULT_DRONE_ADDR: &str = "127.0.0.1:7072";
+/// Where `hangar proxy` listens when `--metrics` is not given.
+pub const DEFAULT_PROXY_ADDR: &str = "127.0.0.1:7073";
 
 /// How often histogram samples are drained into buckets.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);

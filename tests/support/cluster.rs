@@ -207,6 +207,8 @@ pub fn remove_containers(drones: &[&str]) {
 pub struct RemoteProxy {
     child: Child,
     pub addr: std::net::SocketAddr,
+    /// Its metrics listener.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl RemoteProxy {
@@ -222,6 +224,8 @@ impl RemoteProxy {
                 "127.0.0.1:0",
                 "--name",
                 "edge",
+                "--metrics",
+                "127.0.0.1:0",
             ])
             .env("HANGAR_TOKEN_KEY", key.trim())
             .env("HANGAR_LOG", "info")
@@ -238,16 +242,25 @@ impl RemoteProxy {
             }
         });
         let deadline = Instant::now() + DEADLINE;
+        let mut metrics = None;
         let addr = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = rx
                 .recv_timeout(left)
                 .expect("hangar proxy did not report its address");
+            // Reported before the proxy's own address.
+            if let Some(a) = line.strip_prefix("hangar proxy: metrics listening on ") {
+                metrics = a.trim().parse().ok();
+            }
             if let Some(a) = line.strip_prefix("hangar proxy: proxy listening on ") {
                 break a.trim().parse().unwrap();
             }
         };
-        RemoteProxy { child, addr }
+        RemoteProxy {
+            child,
+            addr,
+            metrics,
+        }
     }
 }
 

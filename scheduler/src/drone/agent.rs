@@ -40,7 +40,9 @@ const PROBE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct AgentConfig {
     /// The path probed for readiness (`GET`); any status below 500 means ready.
     pub probe_path: String,
-    /// Delay between the first readiness probes; doubles after each failure...
+    /// Delay between the first readiness probes; doubles after each failure... A backend
+    /// usually answers a few milliseconds after its process or container starts, so a coarse
+    /// first interval would add most of its length to every spawn.
     pub probe_interval: Duration,
     /// ...up to this.
     pub probe_interval_max: Duration,
@@ -56,8 +58,8 @@ impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
             probe_path: "/".to_string(),
-            probe_interval: Duration::from_millis(20),
-            probe_interval_max: Duration::from_millis(200),
+            probe_interval: Duration::from_millis(2),
+            probe_interval_max: Duration::from_millis(50),
             stop_grace: Duration::from_secs(10),
             stop_backends_on_shutdown: true,
         }

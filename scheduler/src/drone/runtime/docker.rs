@@ -1067,8 +1067,25 @@ async fn remove_container(docker: &Docker, container: &str) -> Result<(), Docker
     }
 }
 
-/// The last lines of a container's output, for an error message.
+/// The last lines of a container's output, for an error message. The engine's log driver
+/// writes asynchronously, so a container that just died may not have its output on record
+/// yet: an empty read is retried a few times.
 async fn output_tail(docker: &Docker, container: &str) -> String {
+    for _ in 0..OUTPUT_RETRIES {
+        let out = output_tail_once(docker, container).await;
+        if !out.is_empty() {
+            return out;
+        }
+        tokio::time::sleep(OUTPUT_RETRY_DELAY).await;
+    }
+    output_tail_once(docker, container).await
+}
+
+/// How often, and how far apart, an empty log read is retried.
+const OUTPUT_RETRIES: usize = 10;
+const OUTPUT_RETRY_DELAY: Duration = Duration::from_millis(20);
+
+async fn output_tail_once(docker: &Docker, container: &str) -> String {
     let options = LogsOptionsBuilder::new()
         .stdout(true)
         .stderr(true)

@@ -370,7 +370,12 @@ async fn a_container_that_exits_at_once_reports_its_code_and_output() {
         // Usually: gone before its address could be read.
         Err(RuntimeError::ExitedAtStart { code, output, .. }) => {
             assert_eq!(code, "2");
-            assert!(output.contains("--no-such-flag"), "{output}");
+            // The output is best effort: the exit watcher may remove the container before its
+            // logs are read; when there is output, it is the backend's.
+            assert!(
+                output.is_empty() || output.contains("--no-such-flag"),
+                "{output}"
+            );
         }
         // Or it exits just after: the exit watch says how.
         Ok(started) => assert_eq!(exit_code(started.exit).await, Some(2)),
