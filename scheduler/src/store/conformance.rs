@@ -5,7 +5,7 @@
 //! [`store_conformance_tests!`](crate::store_conformance_tests) expands to one
 //! `#[tokio::test]` per check:
 //!
-//! ```ignore
+//! ```text
 //! async fn fresh() -> (Arc<dyn Store>, tempfile::TempDir) { /* a new, empty store */ }
 //! hangar_scheduler::store_conformance_tests!(fresh);
 //! ```
