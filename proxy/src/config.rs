@@ -45,7 +45,7 @@ impl ProxyConfig {
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_response_timeout: Duration::from_secs(60),
             header_read_timeout: Duration::from_secs(30),
-            upstream_idle_per_backend: 32,
+            upstream_idle_per_backend: 256,
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
             tls_handshake_timeout: Duration::from_secs(10),

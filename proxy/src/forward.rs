@@ -10,19 +10,13 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::activity::{ActivityGuard, ReceivedBytes};
-use crate::config::ProxyConfig;
 
 /// The body of every response the proxy sends: a backend's streamed body, or a small body the
 /// proxy wrote itself (errors).
 pub(crate) type ProxyBody = Either<GuardedBody, Full<Bytes>>;
-
-pub(crate) type UpstreamClient = Client<HttpConnector, CountingBody>;
 
 /// A request body on its way to a backend: counts its bytes, adding them to the backend's
 /// traffic once when it ends (not per frame).
@@ -79,28 +73,36 @@ impl Drop for CountingBody {
     }
 }
 
-pub(crate) fn upstream_client(config: &ProxyConfig) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(config.upstream_connect_timeout));
-    connector.enforce_http(true);
-    Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(config.upstream_idle_per_backend)
-        .pool_idle_timeout(std::time::Duration::from_secs(60))
-        .build(connector)
-}
-
 /// A backend's response body that holds the backend's activity guard until it ends.
 pub(crate) struct GuardedBody {
     inner: Incoming,
     _guard: Option<ActivityGuard>,
+    /// The upstream connection, returned to the pool when the body has been read to its end.
+    checkout: Option<crate::pool::Checkout>,
 }
 
 impl GuardedBody {
-    pub(crate) fn new(inner: Incoming, guard: Option<ActivityGuard>) -> Self {
+    pub(crate) fn new(
+        inner: Incoming,
+        guard: Option<ActivityGuard>,
+        checkout: Option<crate::pool::Checkout>,
+    ) -> Self {
         GuardedBody {
             inner,
             _guard: guard,
+            checkout,
+        }
+    }
+}
+
+impl Drop for GuardedBody {
+    fn drop(&mut self) {
+        // hyper stops polling a body whose length is reached, so the end is often seen here:
+        // a body read to its end returns its connection; one dropped half-way closes it.
+        if let Some(c) = self.checkout.take()
+            && self.inner.is_end_stream()
+        {
+            c.release();
         }
     }
 }
@@ -123,8 +125,14 @@ impl Body for GuardedBody {
                     }
                 }
             }
-            // Release the guard as soon as the body ends, not when hyper drops it later.
-            Poll::Ready(None) => self._guard = None,
+            // Release the guard and the connection as soon as the body ends, not when hyper
+            // drops the body later.
+            Poll::Ready(None) => {
+                self._guard = None;
+                if let Some(c) = self.checkout.take() {
+                    c.release();
+                }
+            }
             _ => {}
         }
         poll

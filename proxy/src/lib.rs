@@ -14,6 +14,7 @@ mod error;
 mod forward;
 mod listener;
 pub mod metrics;
+mod pool;
 mod remote;
 mod route_table;
 mod service;

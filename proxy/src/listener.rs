@@ -17,7 +17,6 @@ use tokio_util::task::TaskTracker;
 
 use crate::activity::ActivityTracker;
 use crate::config::ProxyConfig;
-use crate::forward::upstream_client;
 use crate::route_table::RouteHandle;
 use crate::service::{Shared, handle};
 
@@ -35,14 +34,19 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(config: ProxyConfig) -> Self {
-        let client = upstream_client(&config);
+        let tasks = TaskTracker::new();
+        let pool = Arc::new(crate::pool::UpstreamPool::new(
+            config.upstream_idle_per_backend,
+            config.upstream_connect_timeout,
+            tasks.clone(),
+        ));
         Proxy {
             shared: Arc::new(Shared {
                 config,
                 routes: Arc::new(RouteHandle::new()),
                 activity: Arc::new(ActivityTracker::new()),
-                client,
-                tasks: TaskTracker::new(),
+                pool,
+                tasks,
                 revocations: arc_swap::ArcSwap::from_pointee(Default::default()),
             }),
         }

@@ -25,9 +25,10 @@ use crate::activity::ActivityTracker;
 use crate::config::ProxyConfig;
 use crate::error::ProxyError;
 use crate::forward::{
-    CountingBody, CountingIo, GuardedBody, ProxyBody, UpstreamClient, is_upgrade,
-    strip_hangar_headers, strip_hop_by_hop,
+    CountingBody, CountingIo, GuardedBody, ProxyBody, is_upgrade, strip_hangar_headers,
+    strip_hop_by_hop,
 };
+use crate::pool::SendError;
 use crate::route_table::RouteHandle;
 
 /// State shared by every connection of one proxy.
@@ -35,7 +36,7 @@ pub(crate) struct Shared {
     pub(crate) config: ProxyConfig,
     pub(crate) routes: Arc<RouteHandle>,
     pub(crate) activity: Arc<ActivityTracker>,
-    pub(crate) client: UpstreamClient,
+    pub(crate) pool: Arc<crate::pool::UpstreamPool>,
     /// Owns the copy tasks of upgraded connections so shutdown can wait for them.
     pub(crate) tasks: TaskTracker,
     /// Revoked tokens, replaced whole by the feed (checked only when non-empty).
@@ -270,24 +271,26 @@ async fn proxy(
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
-    let path_and_query = {
-        let uri = req.uri();
-        let path = uri.path();
-        match (uri.query(), token_source.as_ref()) {
-            (Some(q), Some((TokenSource::Query, _))) => match strip_query_param(q, TOKEN_QUERY) {
+    // Origin-form request target for the backend. Only a query carrying the token is
+    // rebuilt; otherwise the client's path and query are reused as they are (no allocation).
+    let stripped = match (req.uri().query(), token_source.as_ref()) {
+        (Some(q), Some((TokenSource::Query, _))) => {
+            let path = req.uri().path();
+            Some(match strip_query_param(q, TOKEN_QUERY) {
                 Some(q) => format!("{path}?{q}"),
                 None => path.to_string(),
-            },
-            (Some(q), _) => format!("{path}?{q}"),
-            (None, _) => path.to_string(),
+            })
         }
+        _ => None,
     };
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(address.to_string())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+    let uri = match stripped {
+        Some(pq) => Uri::try_from(pq),
+        None => match req.uri().path_and_query() {
+            Some(pq) => Ok(Uri::from(pq.clone())),
+            None => Uri::try_from("/"),
+        },
+    }
+    .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
     {
@@ -326,9 +329,10 @@ async fn proxy(
     let backend = route.backend.clone();
     let sent = tokio::time::timeout(
         shared.config.upstream_response_timeout,
-        shared
-            .client
-            .request(req.map(|body| CountingBody::new(body, guard.received_bytes()))),
+        shared.pool.send(
+            address,
+            req.map(|body| CountingBody::new(body, guard.received_bytes())),
+        ),
     )
     .await;
     if !matches!(sent, Ok(Ok(_))) {
@@ -338,15 +342,15 @@ async fn proxy(
             _ => StatusCode::BAD_GATEWAY.as_u16(),
         });
     }
-    let mut resp = match sent {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(e)) if e.is_connect() => {
+    let (mut resp, checkout) = match sent {
+        Ok(Ok(x)) => x,
+        Ok(Err(SendError::Connect(detail))) => {
             return Err(ProxyError::UpstreamConnect {
                 backend: backend.to_string(),
-                detail: error_chain(&e),
+                detail,
             });
         }
-        Ok(Err(e)) => {
+        Ok(Err(SendError::Request(e))) => {
             return Err(ProxyError::Upstream {
                 backend: backend.to_string(),
                 detail: error_chain(&e),
@@ -392,7 +396,8 @@ async fn proxy(
         let (parts, body) = resp.into_parts();
         return Ok(Response::from_parts(
             parts,
-            Either::Left(GuardedBody::new(body, None)),
+            // The upgraded connection is the copy task's now; it never returns to the pool.
+            Either::Left(GuardedBody::new(body, None, None)),
         ));
     }
 
@@ -407,7 +412,7 @@ async fn proxy(
     let (parts, body) = resp.into_parts();
     Ok(Response::from_parts(
         parts,
-        Either::Left(GuardedBody::new(body, Some(guard))),
+        Either::Left(GuardedBody::new(body, Some(guard), Some(checkout))),
     ))
 }
 
