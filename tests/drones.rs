@@ -281,6 +281,35 @@ async fn docker_drones_apply_caps_and_a_restarted_agent_readopts_its_containers(
         inspect(&ids[0], "{{index .Config.Labels \"hangar.backend_id\"}}"),
         r.backend_id.as_str()
     );
+    // The container's memory (Docker one-shot stats, reported by the drone) reaches the
+    // scheduler's metrics.
+    let metrics = serve.metrics.expect("serve exposes metrics");
+    let series = format!("hangar_backend_memory_bytes{{backend=\"{}\"", r.backend_id);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let text = serve
+            .http
+            .get(format!("http://{metrics}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = text
+            .lines()
+            .find(|l| l.starts_with(&series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok());
+        if value.is_some_and(|v| v > 0.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no memory figure for the container's backend: {value:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // kill -9 of the agent alone: the container keeps running; a new agent run adopts it.
     a1.kill9();
