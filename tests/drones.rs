@@ -403,3 +403,86 @@ async fn a_drone_cut_off_from_the_scheduler_past_its_ttl_stops_its_own_backends(
         "self-fenced after {took:?}; the lease TTL is 2 s"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_docker_drones_share_backends_and_a_lost_one_hands_its_keys_to_the_other() {
+    ensure_demo_image();
+    const NAMES: &[&str] = &["dk-b1", "dk-b2"];
+    remove_containers(NAMES);
+    let _cleanup = Cleanup(NAMES);
+    let dir = tempfile::tempdir().unwrap();
+    let serve = serve(dir.path(), &[]);
+    let caps = &[
+        "--memory-mb",
+        "512",
+        "--cpu-millis",
+        "2000",
+        "--stop-grace",
+        "1",
+    ];
+    let mut b1 = Drone::start(&serve, "dk-b1", "docker", dir.path(), caps).await;
+    let _b2 = Drone::start(&serve, "dk-b2", "docker", dir.path(), caps).await;
+    let spawn = json!({"image": "hangar-demo:dev", "resources": {"memory_mb": 64}});
+    let mut placed = Vec::new();
+    for k in ["k1", "k2"] {
+        let r = serve
+            .connect(json!({"key": {"name": k}, "spawn": spawn}))
+            .await;
+        let v = serve.wait_ready(r.backend_id.as_str()).await;
+        assert_eq!(serve.count(&r).await, 1, "{k} answers through the proxy");
+        placed.push((r, v.drone.unwrap()));
+    }
+    let drones: HashSet<&str> = placed.iter().map(|(_, d)| d.as_str()).collect();
+    assert_eq!(
+        drones.len(),
+        2,
+        "spread over both docker drones: {drones:?}"
+    );
+    // Larger than either drone's free memory: 503 with the reason per drone.
+    let (status, v) = serve
+        .connect_raw(
+            json!({"spawn": {"image": "hangar-demo:dev", "resources": {"memory_mb": 1024}}}),
+        )
+        .await;
+    assert_eq!(status, 503, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("dk-b1 has") && msg.contains("dk-b2 has"),
+        "{msg}"
+    );
+
+    // kill -9 of dk-b1's agent and its containers: lost within TTL + 2 s, 410, and the key
+    // moves to dk-b2.
+    let (on_b1, _) = placed.iter().find(|(_, d)| d == "dk-b1").unwrap();
+    b1.kill9();
+    remove_containers(&["dk-b1"]);
+    let killed = Instant::now();
+    let lost = serve
+        .wait_for(on_b1.backend_id.as_str(), "lost", |v| {
+            v.state.name() == "terminated"
+        })
+        .await;
+    assert!(
+        killed.elapsed() <= Duration::from_secs(4),
+        "lost after {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(
+        serde_json::to_value(&lost).unwrap()["reason"],
+        json!({"kind": "lost"})
+    );
+    let resp = serve
+        .get_by_host(on_b1.backend_id.as_str(), &on_b1.token, "/count")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 410);
+    let key = on_b1.key.as_ref().unwrap().name.clone();
+    let next = serve
+        .connect(json!({"key": {"name": key}, "spawn": spawn}))
+        .await;
+    assert!(next.spawned);
+    let nv = serve.wait_ready(next.backend_id.as_str()).await;
+    assert_eq!(nv.drone.as_deref(), Some("dk-b2"));
+    assert_eq!(serve.count(&next).await, 1);
+}
