@@ -34,9 +34,32 @@ async fn upstream(tasks: &TaskTracker) -> SocketAddr {
         loop {
             let Ok((s, _)) = l.accept().await else { return };
             tokio::spawn(async move {
-                let svc = service_fn(|req: Request<Incoming>| async move {
+                let svc = service_fn(|mut req: Request<Incoming>| async move {
                     if req.uri().path() == "/slow" {
                         tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    if req.uri().path() == "/echo" && req.headers().contains_key("upgrade") {
+                        // A minimal upgrade: switch protocols, then echo raw bytes.
+                        let upgrade = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            if let Ok(up) = upgrade.await {
+                                let mut io = TokioIo::new(up);
+                                let mut buf = [0u8; 1024];
+                                while let Ok(n) = io.read(&mut buf).await {
+                                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        });
+                        let mut resp =
+                            hyper::Response::new(http_body_util::Full::new(Bytes::new()));
+                        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                        resp.headers_mut()
+                            .insert("connection", "upgrade".parse().unwrap());
+                        resp.headers_mut()
+                            .insert("upgrade", "echo".parse().unwrap());
+                        return Ok::<_, std::convert::Infallible>(resp);
                     }
                     Ok::<_, std::convert::Infallible>(hyper::Response::new(
                         http_body_util::Full::new(Bytes::from_static(b"ok")),
@@ -44,6 +67,7 @@ async fn upstream(tasks: &TaskTracker) -> SocketAddr {
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
+                    .with_upgrades()
                     .await;
             });
         }
@@ -361,4 +385,36 @@ async fn graceful_shutdown_completes_a_slow_request() {
         .unwrap();
     // New connections are refused after shutdown.
     assert!(TcpStream::connect(r.addr).await.is_err());
+}
+
+#[tokio::test]
+async fn upgraded_connections_work_through_tls() {
+    let pki = Pki::new();
+    pki.write_leaf();
+    let store = CertStore::load(pki.files()).unwrap();
+    let r = start(config(), Some(store.server_config().unwrap())).await;
+    let mut tls = tls_connect(&pki, r.addr, b"http/1.1").await;
+    tls.write_all(
+        format!("GET /echo HTTP/1.1\r\nHost: {ID}.{DOMAIN}\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tls.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    for msg in [&b"over tls"[..], &b"and again"[..]] {
+        tls.write_all(msg).await.unwrap();
+        let mut echo = vec![0u8; msg.len()];
+        tls.read_exact(&mut echo).await.unwrap();
+        assert_eq!(echo, msg);
+    }
 }
