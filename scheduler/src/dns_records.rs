@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
@@ -22,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::ApiJson;
 use crate::error::ApiError;
 use crate::scheduler::{Inner, Scheduler};
-use crate::store::{Expect, Revision, Store, StoreResult, WatchEvent};
+use crate::store::{Expect, Revision, Store};
 
 /// Prefix of every ACME challenge record.
 pub const ACME_PREFIX: &str = "/hangar/dns/acme/";
@@ -32,9 +31,6 @@ pub const ACME_LABEL: &str = "_acme-challenge";
 
 /// The longest value accepted: one TXT character-string.
 const MAX_VALUE_LEN: usize = 255;
-
-/// How long to wait before listing again after the store failed.
-const RETRY: Duration = Duration::from_millis(500);
 
 /// The store key of one challenge value.
 pub fn acme_key(name: &str, value: &str) -> String {
@@ -269,32 +265,6 @@ impl AcmeFeed {
         self.tx.subscribe()
     }
 
-    async fn load(&self) -> StoreResult<(BTreeMap<String, AcmeChallenge>, Revision)> {
-        let listing = self.store.list(ACME_PREFIX).await?;
-        let mut records = BTreeMap::new();
-        for kv in listing.kvs {
-            Self::apply(&mut records, WatchEvent::Put(kv));
-        }
-        Ok((records, listing.revision))
-    }
-
-    fn apply(records: &mut BTreeMap<String, AcmeChallenge>, ev: WatchEvent) {
-        match ev {
-            WatchEvent::Put(kv) => match serde_json::from_slice::<AcmeChallenge>(&kv.value) {
-                Ok(rec) => {
-                    records.insert(kv.key, rec);
-                }
-                Err(e) => {
-                    tracing::error!(key = %kv.key, error = %e, "skipping unreadable acme challenge record");
-                    records.remove(&kv.key);
-                }
-            },
-            WatchEvent::Delete { key, .. } => {
-                records.remove(&key);
-            }
-        }
-    }
-
     fn publish(&self, records: &BTreeMap<String, AcmeChallenge>, revision: Revision) {
         // Keys sort by name then value, so the snapshot does too.
         self.tx.send_replace(Arc::new(AcmeSnapshot {
@@ -306,51 +276,13 @@ impl AcmeFeed {
     /// Lists, publishes, then watches and publishes after each batch until `cancel` fires;
     /// lists again whenever the watch breaks or the store fails.
     pub async fn run(self, cancel: CancellationToken) {
-        loop {
-            let (mut records, mut revision) = loop {
-                match self.load().await {
-                    Ok(loaded) => break loaded,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "acme feed cannot list challenges; retrying");
-                        tokio::select! {
-                            _ = cancel.cancelled() => return,
-                            _ = tokio::time::sleep(RETRY) => {}
-                        }
-                    }
-                }
-            };
-            self.publish(&records, revision);
-            let watch = tokio::select! {
-                _ = cancel.cancelled() => return,
-                w = self.store.watch(ACME_PREFIX, revision + 1) => w,
-            };
-            let mut events = match watch {
-                Ok(events) => events,
-                Err(e) => {
-                    tracing::warn!(error = %e, "acme feed watch failed; listing again");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(RETRY) => {}
-                    }
-                    continue;
-                }
-            };
-            loop {
-                let first = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    ev = events.recv() => ev,
-                };
-                let Some(first) = first else { break };
-                revision = revision.max(first.revision());
-                Self::apply(&mut records, first);
-                // Batch whatever else is already queued into one snapshot.
-                while let Ok(ev) = events.try_recv() {
-                    revision = revision.max(ev.revision());
-                    Self::apply(&mut records, ev);
-                }
-                self.publish(&records, revision);
-            }
-        }
+        crate::store::mirror::mirror_prefix(
+            self.store.as_ref(),
+            ACME_PREFIX,
+            cancel,
+            |records, revision| self.publish(records, revision),
+        )
+        .await
     }
 }
 
@@ -358,6 +290,7 @@ impl AcmeFeed {
 mod tests {
     use super::*;
     use crate::store::embedded::EmbeddedStore;
+    use std::time::Duration;
 
     const D: &str = "hangar.localhost";
 

@@ -31,7 +31,6 @@ use tokio_util::sync::CancellationToken;
 use crate::api::ApiJson;
 use crate::error::ApiError;
 use crate::scheduler::Inner;
-use crate::store::WatchEvent;
 
 /// Prefix of revocation records.
 pub const REVOCATIONS_PREFIX: &str = "/hangar/revocations/";
@@ -39,7 +38,6 @@ pub const REVOCATIONS_PREFIX: &str = "/hangar/revocations/";
 const DELTAS_KEPT: usize = 4096;
 /// A ping every so often lets both ends notice a dead connection.
 const PING_EVERY: Duration = Duration::from_secs(5);
-const RETRY: Duration = Duration::from_millis(500);
 
 /// One route delta.
 #[derive(Clone, Debug)]
@@ -130,69 +128,17 @@ pub(crate) async fn record_deltas(inner: Arc<Inner>, cancel: CancellationToken) 
 
 /// Follows revocation records and publishes the set.
 pub(crate) async fn follow_revocations(inner: Arc<Inner>, cancel: CancellationToken) {
-    loop {
-        let listing = match inner.store.list(REVOCATIONS_PREFIX).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list revocations; retrying");
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(RETRY) => continue,
-                }
-            }
-        };
-        let mut items: std::collections::BTreeMap<String, Revocation> = listing
-            .kvs
-            .iter()
-            .filter_map(|kv| Some((kv.key.clone(), serde_json::from_slice(&kv.value).ok()?)))
-            .collect();
-        inner
-            .revocations
-            .send_replace(Arc::new(Revocations::new(items.values().cloned())));
-        let mut events = match inner
-            .store
-            .watch(REVOCATIONS_PREFIX, listing.revision + 1)
-            .await
-        {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch revocations; retrying");
-                continue;
-            }
-        };
-        loop {
-            let ev = tokio::select! {
-                _ = cancel.cancelled() => return,
-                ev = events.recv() => ev,
-            };
-            let Some(ev) = ev else { break };
-            match ev {
-                WatchEvent::Put(kv) => {
-                    if let Ok(r) = serde_json::from_slice(&kv.value) {
-                        items.insert(kv.key, r);
-                    }
-                }
-                WatchEvent::Delete { key, .. } => {
-                    items.remove(&key);
-                }
-            }
-            while let Ok(ev) = events.try_recv() {
-                match ev {
-                    WatchEvent::Put(kv) => {
-                        if let Ok(r) = serde_json::from_slice(&kv.value) {
-                            items.insert(kv.key, r);
-                        }
-                    }
-                    WatchEvent::Delete { key, .. } => {
-                        items.remove(&key);
-                    }
-                }
-            }
+    crate::store::mirror::mirror_prefix::<Revocation>(
+        inner.store.as_ref(),
+        REVOCATIONS_PREFIX,
+        cancel,
+        |items, _| {
             inner
                 .revocations
                 .send_replace(Arc::new(Revocations::new(items.values().cloned())));
-        }
-    }
+        },
+    )
+    .await
 }
 
 /// Checks the cluster secret that drones and remote proxies present.

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 pub mod conformance;
 pub mod embedded;
+pub mod mirror;
 
 /// A store revision: increases by one with every successful write (put, delete, lease expiry
 /// deleting keys counts once per deleted key).
