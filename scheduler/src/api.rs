@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
-use crate::records::{BACKENDS_PREFIX, BackendRecord, backend_key};
+use crate::records::{BackendRecord, backend_key};
 use crate::scheduler::{Inner, Scheduler};
 use crate::store::WatchEvent;
 
@@ -153,12 +153,11 @@ async fn list_backends(
             STATUSES.join(", ")
         )));
     }
-    let listing = inner.store.list(BACKENDS_PREFIX).await?;
-    let mut backends: Vec<BackendRecord> = listing
-        .kvs
-        .iter()
-        .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
-        .filter(|r: &BackendRecord| match q.status.as_deref() {
+    let mut backends: Vec<BackendRecord> = crate::records::list_backends(inner.store.as_ref())
+        .await?
+        .into_iter()
+        .map(|s| s.record)
+        .filter(|r| match q.status.as_deref() {
             None => true,
             Some("live") => r.state.is_live(),
             Some(s) => r.state.name() == s,

@@ -14,10 +14,8 @@ use subtle::ConstantTimeEq;
 use crate::api::ApiJson;
 use crate::drone_session::serve_session;
 use crate::error::ApiError;
-use crate::records::{
-    BACKENDS_PREFIX, BackendRecord, DRAINS_PREFIX, DRONES_PREFIX, DrainRecord, DroneRecord,
-    drain_key,
-};
+use crate::records::{DrainRecord, drain_key};
+use crate::records::{list_backends, list_drains, list_drones};
 use crate::scheduler::Inner;
 
 type Shared = Arc<Inner>;
@@ -54,34 +52,12 @@ pub(crate) async fn connect(
 /// `GET /v1/drones`.
 pub(crate) async fn list(State(inner): State<Shared>) -> Result<Json<DroneList>, ApiError> {
     let now = inner.clock.now_ms();
-    let records: BTreeMap<String, DroneRecord> = inner
-        .store
-        .list(DRONES_PREFIX)
-        .await?
-        .kvs
-        .iter()
-        .filter_map(|kv| serde_json::from_slice::<DroneRecord>(&kv.value).ok())
-        .map(|d| (d.name.clone(), d))
-        .collect();
-    let drains: BTreeMap<String, DrainRecord> = inner
-        .store
-        .list(DRAINS_PREFIX)
-        .await?
-        .kvs
-        .iter()
-        .filter_map(|kv| {
-            Some((
-                kv.key.strip_prefix(DRAINS_PREFIX)?.to_string(),
-                serde_json::from_slice(&kv.value).ok()?,
-            ))
-        })
-        .collect();
+    let records = list_drones(inner.store.as_ref()).await?;
+    let drains = list_drains(inner.store.as_ref()).await?;
     let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     let mut live: BTreeMap<String, u64> = BTreeMap::new();
-    for kv in inner.store.list(BACKENDS_PREFIX).await?.kvs {
-        let Ok(b) = serde_json::from_slice::<BackendRecord>(&kv.value) else {
-            continue;
-        };
+    for b in list_backends(inner.store.as_ref()).await? {
+        let b = b.record;
         let Some(d) = b.drone.clone() else { continue };
         *counts
             .entry(d.clone())

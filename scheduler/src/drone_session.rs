@@ -20,7 +20,8 @@ use tokio::sync::mpsc;
 
 use crate::drones::{DroneConn, DroneStatus};
 use crate::error::ApiError;
-use crate::records::{BACKENDS_PREFIX, BackendRecord, DroneRecord, drone_key};
+use crate::records::list_backends;
+use crate::records::{DroneRecord, drone_key};
 use crate::scheduler::Inner;
 use crate::store::LeaseId;
 
@@ -84,12 +85,9 @@ impl Inner {
             .map(|i| (i.backend.as_str(), i))
             .collect();
         let mut wanted: HashSet<String> = HashSet::new();
-        let listing = self.store.list(BACKENDS_PREFIX).await?;
         let mut resend: Vec<SchedulerMessage> = Vec::new();
-        for kv in &listing.kvs {
-            let Ok(b) = serde_json::from_slice::<BackendRecord>(&kv.value) else {
-                continue;
-            };
+        for b in list_backends(self.store.as_ref()).await? {
+            let b = b.record;
             if b.drone.as_deref() != Some(hello.drone.as_str()) || !b.state.is_live() {
                 continue;
             }
@@ -172,12 +170,9 @@ impl Inner {
     pub(crate) async fn lose_drone(&self, name: &str, run_id: &str) -> Result<usize, ApiError> {
         let _admission = self.admission.lock().await;
         self.drones.remove(name, run_id);
-        let listing = self.store.list(BACKENDS_PREFIX).await?;
         let mut lost = 0;
-        for kv in &listing.kvs {
-            let Ok(b) = serde_json::from_slice::<BackendRecord>(&kv.value) else {
-                continue;
-            };
+        for b in list_backends(self.store.as_ref()).await? {
+            let b = b.record;
             if b.drone.as_deref() == Some(name)
                 && b.drone_run_id.as_deref() == Some(run_id)
                 && b.state.is_live()

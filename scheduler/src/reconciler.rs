@@ -10,11 +10,9 @@ use hangar_core::{BackendState, TerminationReason, UnixMillis};
 use tokio_util::sync::CancellationToken;
 
 use crate::lifecycle::stop_overdue;
-use std::collections::HashMap;
 
-use crate::records::{
-    BACKENDS_PREFIX, BackendRecord, DRAINS_PREFIX, DRONES_PREFIX, DrainRecord, DroneRecord,
-};
+use crate::records::BackendRecord;
+use crate::records::{list_backends, list_drains, list_drones};
 use crate::scheduler::Inner;
 
 /// What the reconciler decides for one record.
@@ -129,45 +127,25 @@ impl Reconciler {
         // Serialised with drone admission (see `admit_drone`).
         let _admission = inner.admission.lock().await;
         let now = inner.clock.now_ms();
-        let drones: HashMap<String, String> = inner
-            .store
-            .list(DRONES_PREFIX)
-            .await?
-            .kvs
-            .iter()
-            .filter_map(|kv| serde_json::from_slice::<DroneRecord>(&kv.value).ok())
-            .map(|d| (d.name, d.run_id))
-            .collect();
-        let drains: HashMap<String, DrainRecord> = inner
-            .store
-            .list(DRAINS_PREFIX)
-            .await?
-            .kvs
-            .iter()
-            .filter_map(|kv| {
-                let name = kv.key.strip_prefix(DRAINS_PREFIX)?.to_string();
-                Some((name, serde_json::from_slice::<DrainRecord>(&kv.value).ok()?))
-            })
-            .collect();
+        let drones = list_drones(inner.store.as_ref()).await?;
+        let drains = list_drains(inner.store.as_ref()).await?;
         inner.drains.retain(|k, _| drains.contains_key(k));
         for (k, v) in &drains {
             inner.drains.insert(k.clone(), v.clone());
         }
-        let listing = inner.store.list(BACKENDS_PREFIX).await?;
+        let backends = list_backends(inner.store.as_ref()).await?;
         let limits = Limits {
             startup_timeout: inner.config.startup_timeout,
             terminate_timeout: inner.config.terminate_timeout,
             retention: inner.config.terminated_retention,
         };
-        for kv in listing.kvs {
-            let Ok(rec) = serde_json::from_slice::<BackendRecord>(&kv.value) else {
-                continue;
-            };
+        for stored in backends {
+            let rec = &stored.record;
             let drone_run_matches = rec
                 .drone
                 .as_deref()
                 .and_then(|d| drones.get(d))
-                .map(|run| Some(run) == rec.drone_run_id.as_ref());
+                .map(|d| Some(&d.run_id) == rec.drone_run_id.as_ref());
             let drain_deadline_passed = rec
                 .drone
                 .as_deref()
@@ -180,14 +158,14 @@ impl Reconciler {
                 drain_deadline_passed,
                 now,
             };
-            match decide(&rec, obs, limits) {
+            match decide(rec, obs, limits) {
                 Action::Nothing => {}
                 Action::Terminate(reason) => {
                     inner.terminate(rec.id.as_str(), reason, false).await?;
                 }
                 Action::Kill => {
                     tracing::warn!(backend = %rec.id, "stop did not complete in time; killing");
-                    inner.send_terminate(&rec, true).await?;
+                    inner.send_terminate(rec, true).await?;
                 }
                 Action::Lost => {
                     let run = rec.drone_run_id.clone().unwrap_or_default();
@@ -202,7 +180,7 @@ impl Reconciler {
                 Action::Remove => {
                     inner
                         .store
-                        .delete_if_revision(&kv.key, kv.mod_revision)
+                        .delete_if_revision(&stored.key, stored.mod_revision)
                         .await?;
                 }
             }

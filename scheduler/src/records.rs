@@ -153,3 +153,64 @@ pub struct DrainRecord {
     pub started_at: UnixMillis,
     pub deadline_at: Option<UnixMillis>,
 }
+
+/// A decoded record with where it is stored (for conditional writes).
+#[derive(Clone, Debug)]
+pub struct Stored<T> {
+    pub key: String,
+    pub mod_revision: crate::store::Revision,
+    pub record: T,
+}
+
+/// Every record under `prefix` that decodes as `T`, in key order; unreadable ones are logged
+/// and skipped.
+pub async fn list_records<T: serde::de::DeserializeOwned>(
+    store: &dyn crate::store::Store,
+    prefix: &str,
+) -> crate::store::StoreResult<Vec<Stored<T>>> {
+    let listing = store.list(prefix).await?;
+    Ok(listing
+        .kvs
+        .into_iter()
+        .filter_map(|kv| match serde_json::from_slice(&kv.value) {
+            Ok(record) => Some(Stored {
+                key: kv.key,
+                mod_revision: kv.mod_revision,
+                record,
+            }),
+            Err(e) => {
+                tracing::error!(key = %kv.key, error = %e, "skipping an unreadable record");
+                None
+            }
+        })
+        .collect())
+}
+
+/// Every backend record.
+pub async fn list_backends(
+    store: &dyn crate::store::Store,
+) -> crate::store::StoreResult<Vec<Stored<BackendRecord>>> {
+    list_records(store, BACKENDS_PREFIX).await
+}
+
+/// Drone records (present while their lease lives), by name.
+pub async fn list_drones(
+    store: &dyn crate::store::Store,
+) -> crate::store::StoreResult<std::collections::BTreeMap<String, DroneRecord>> {
+    Ok(list_records::<DroneRecord>(store, DRONES_PREFIX)
+        .await?
+        .into_iter()
+        .map(|s| (s.record.name.clone(), s.record))
+        .collect())
+}
+
+/// Drains in progress, by drone name.
+pub async fn list_drains(
+    store: &dyn crate::store::Store,
+) -> crate::store::StoreResult<std::collections::BTreeMap<String, DrainRecord>> {
+    Ok(list_records::<DrainRecord>(store, DRAINS_PREFIX)
+        .await?
+        .into_iter()
+        .filter_map(|s| Some((s.key.strip_prefix(DRAINS_PREFIX)?.to_string(), s.record)))
+        .collect())
+}
