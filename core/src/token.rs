@@ -19,7 +19,7 @@ const MAX_TOKEN_LEN: usize = 1024;
 /// The claims a token carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claims {
-    pub backend: String,
+    /// The backend is not repeated here: `verify` has checked it is the one asked for.
     pub user: String,
     /// Expiry, in seconds since the Unix epoch.
     pub expires_at: u64,
@@ -158,7 +158,6 @@ impl TokenKey {
             return Err(TokenError::Expired);
         }
         Ok(Claims {
-            backend: b.to_string(),
             user: u.to_string(),
             expires_at,
         })

@@ -10,8 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use hangar_core::BackendId;
 use hangar_core::route::{
-    self, RequestNames, Route, RouteState, TOKEN_COOKIE, TOKEN_QUERY, cookie_value, strip_cookie,
-    strip_query_param,
+    self, RequestNames, Route, RouteState, RouteTable, TOKEN_COOKIE, TOKEN_QUERY, cookie_value,
+    strip_cookie, strip_query_param,
 };
 use hangar_core::token::TokenError;
 use http::header::{self, HeaderValue};
@@ -139,12 +139,13 @@ fn find_route(shared: &Shared, req: &Request<Incoming>) -> Result<Route, ProxyEr
     }
 }
 
-/// Finds and verifies the token; returns the user and where the token came from.
+/// Finds and verifies the token; returns the user, where the token came from and, when it came
+/// in the query string, the token itself (it becomes a cookie on the response).
 fn check_token(
     shared: &Shared,
     req: &Request<Incoming>,
     backend: &BackendId,
-) -> Result<(String, Option<(TokenSource, String)>), ProxyError> {
+) -> Result<(String, TokenSource, Option<String>), ProxyError> {
     let headers = req.headers();
     let bearer = headers
         .get(header::AUTHORIZATION)
@@ -189,52 +190,59 @@ fn check_token(
         }
     }
     let query_token = (source == TokenSource::Query).then(|| token.to_string());
-    Ok((claims.user, Some((source, query_token.unwrap_or_default()))))
+    Ok((claims.user, source, query_token))
+}
+
+/// Re-evaluates `settle` on the current route table, and again on every publish, until it
+/// returns `Some` or `deadline` passes (`None`). Subscribes before the first read, so a publish
+/// between the read and the wait is not missed.
+async fn wait_on_routes<T>(
+    shared: &Shared,
+    deadline: tokio::time::Instant,
+    mut settle: impl FnMut(&RouteTable) -> Option<T>,
+) -> Option<T> {
+    let mut changes = shared.routes.subscribe();
+    loop {
+        if let Some(t) = settle(&shared.routes.load()) {
+            return Some(t);
+        }
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => {}
+            // The wait ran out or the route handle went away (shutdown).
+            Ok(Err(_)) | Err(_) => return None,
+        }
+    }
 }
 
 /// Waits (up to `unknown_grace`) for a route the table does not have yet: a remote proxy's
 /// feed may trail the scheduler by a moment after a connect.
 async fn wait_known(shared: &Shared, name: String) -> Result<Route, ProxyError> {
     let deadline = tokio::time::Instant::now() + shared.config.unknown_grace;
-    let mut changes = shared.routes.subscribe();
-    loop {
-        if let Some(r) = shared.routes.load().get(&name) {
-            return Ok(r.clone());
-        }
-        match tokio::time::timeout_at(deadline, changes.changed()).await {
-            Ok(Ok(())) => {}
-            _ => return Err(ProxyError::UnknownBackend(name)),
-        }
-    }
+    wait_on_routes(shared, deadline, |t| t.get(&name).cloned())
+        .await
+        .ok_or(ProxyError::UnknownBackend(name))
 }
 
 /// Waits until `backend` is ready, gone or the start wait runs out.
 async fn wait_ready(shared: &Shared, backend: &BackendId) -> Result<SocketAddr, ProxyError> {
     let deadline = tokio::time::Instant::now() + shared.config.start_wait;
-    let mut changes = shared.routes.subscribe();
-    loop {
-        // Subscribed before reading, so a publish between the read and the wait is not missed.
-        let state = {
-            let table = shared.routes.load();
-            table.get(backend.as_str()).map(|r| (r.state, r.address))
-        };
-        match state {
-            None => return Err(ProxyError::UnknownBackend(backend.to_string())),
-            Some((RouteState::Gone, _)) => return Err(ProxyError::Gone(backend.to_string())),
-            Some((RouteState::Ready, Some(addr))) => return Ok(addr),
-            Some(_) => {}
-        }
-        match tokio::time::timeout_at(deadline, changes.changed()).await {
-            Ok(Ok(())) => {}
-            // The route handle went away (shutdown) or the wait ran out.
-            Ok(Err(_)) | Err(_) => {
-                return Err(ProxyError::StartTimeout {
-                    backend: backend.to_string(),
-                    waited: shared.config.start_wait,
-                });
-            }
-        }
-    }
+    wait_on_routes(shared, deadline, |t| match t.get(backend.as_str()) {
+        None => Some(Err(ProxyError::UnknownBackend(backend.to_string()))),
+        Some(r) if r.state == RouteState::Gone => Some(Err(ProxyError::Gone(backend.to_string()))),
+        Some(Route {
+            state: RouteState::Ready,
+            address: Some(addr),
+            ..
+        }) => Some(Ok(*addr)),
+        Some(_) => None,
+    })
+    .await
+    .unwrap_or_else(|| {
+        Err(ProxyError::StartTimeout {
+            backend: backend.to_string(),
+            waited: shared.config.start_wait,
+        })
+    })
 }
 
 async fn proxy(
@@ -252,10 +260,11 @@ async fn proxy(
         }
         other => other?,
     };
-    let (user, token_source) = if route.public {
-        (String::new(), None)
+    let (user, token_source, query_token) = if route.public {
+        (String::new(), None, None)
     } else {
-        check_token(shared, &req, &route.backend)?
+        let (user, source, query_token) = check_token(shared, &req, &route.backend)?;
+        (user, Some(source), query_token)
     };
     let address = match (route.state, route.address) {
         (RouteState::Ready, Some(addr)) => addr,
@@ -273,8 +282,8 @@ async fn proxy(
     });
     // Origin-form request target for the backend. Only a query carrying the token is
     // rebuilt; otherwise the client's path and query are reused as they are (no allocation).
-    let stripped = match (req.uri().query(), token_source.as_ref()) {
-        (Some(q), Some((TokenSource::Query, _))) => {
+    let stripped = match (req.uri().query(), token_source) {
+        (Some(q), Some(TokenSource::Query)) => {
             let path = req.uri().path();
             Some(match strip_query_param(q, TOKEN_QUERY) {
                 Some(q) => format!("{path}?{q}"),
@@ -297,7 +306,7 @@ async fn proxy(
         let h = req.headers_mut();
         strip_hop_by_hop(h, upgrade);
         strip_hangar_headers(h);
-        match token_source.as_ref().map(|(s, _)| *s) {
+        match token_source {
             Some(TokenSource::Bearer) => {
                 h.remove(header::AUTHORIZATION);
             }
@@ -402,7 +411,7 @@ async fn proxy(
     }
 
     strip_hop_by_hop(resp.headers_mut(), false);
-    if let Some((TokenSource::Query, token)) = token_source
+    if let Some(token) = query_token
         && let Ok(v) = HeaderValue::from_str(&format!(
             "{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Lax"
         ))
