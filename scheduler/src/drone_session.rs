@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket};
-use hangar_core::drone::{BackendEvent, DroneMessage, FromDrone, Hello, SchedulerMessage, ToDrone};
+use hangar_core::drone::{BackendEvent, FromDrone, Hello, SchedulerMessage, ToDrone};
 use hangar_core::{BackendId, BackendState};
 use tokio::sync::mpsc;
 
@@ -191,13 +191,9 @@ impl Inner {
         Ok(lost)
     }
 
-    /// Applies one drone message from run `run_id` of `drone`.
-    pub(crate) async fn apply_drone_message(&self, drone: &str, run_id: &str, msg: DroneMessage) {
-        let DroneMessage::Event { backend, event } = msg;
-        self.apply_drone_event(drone, run_id, &backend, event).await;
-    }
-
-    async fn apply_drone_event(
+    /// Applies one event from run `run_id` of `drone`; a failure is logged (the reconciler
+    /// recovers whatever it leaves undone).
+    pub(crate) async fn apply_drone_event(
         &self,
         drone: &str,
         run_id: &str,

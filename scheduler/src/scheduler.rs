@@ -199,8 +199,12 @@ impl Scheduler {
                     _ = inner.cancel.cancelled() => break,
                     m = ev_rx.recv() => m,
                 };
-                let Some(msg) = msg else { break };
-                inner.apply_drone_message(&name, &run_id, msg).await;
+                let Some(DroneMessage::Event { backend, event }) = msg else {
+                    break;
+                };
+                inner
+                    .apply_drone_event(&name, &run_id, &backend, event)
+                    .await;
             }
             inner.drones.remove(&name, &run_id);
             tracing::info!(drone = %name, run_id = %run_id, "drone detached");
