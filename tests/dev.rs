@@ -124,15 +124,7 @@ async fn fifty_concurrent_connects_for_one_key_make_one_backend() {
     }
     assert_eq!(ids.len(), 1, "one backend for the key: {ids:?}");
     assert_eq!(spawned, 1, "exactly one connect spawned it");
-    let list: serde_json::Value = dev
-        .http
-        .get(dev.api_url("/v1/backends"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: serde_json::Value = dev.get_json("/v1/backends").await;
     assert_eq!(list["backends"].as_array().unwrap().len(), 1, "{list}");
 }
 
@@ -475,15 +467,7 @@ async fn graceful_shutdown_stops_backends_and_exits_zero() {
     let mut dev = Dev::start(dir.path(), &[]);
     let a = dev.connect_key("g").await;
     let v = dev.wait_ready(a.backend_id.as_str()).await;
-    let list: serde_json::Value = dev
-        .http
-        .get(dev.api_url("/v1/backends?status=ready"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: serde_json::Value = dev.get_json("/v1/backends?status=ready").await;
     assert_eq!(list["backends"].as_array().unwrap().len(), 1);
     let status = dev.terminate();
     assert!(status.success(), "{status:?}");

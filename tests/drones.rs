@@ -287,15 +287,7 @@ async fn docker_drones_apply_caps_and_a_restarted_agent_readopts_its_containers(
     let series = format!("hangar_backend_memory_bytes{{backend=\"{}\"", r.backend_id);
     let deadline = std::time::Instant::now() + DEADLINE;
     loop {
-        let text = serve
-            .http
-            .get(format!("http://{metrics}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = serve.scrape(metrics).await;
         let value = text
             .lines()
             .find(|l| l.starts_with(&series))

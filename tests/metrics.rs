@@ -23,24 +23,6 @@ fn scratch() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
 
-/// `GET /metrics` from a metrics listener.
-async fn scrape(dev: &Dev, addr: std::net::SocketAddr) -> String {
-    let r = dev
-        .http
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert!(
-        r.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/plain; version=0.0.4")
-    );
-    r.text().await.unwrap()
-}
-
 /// Drives `rounds` of traffic until `stop` is set (bounded by `DEADLINE`): each round sends
 /// ten requests to the first backend and one to each other, one after the other, so the
 /// rates stay ten to one however fast the machine is.
@@ -158,15 +140,7 @@ async fn prometheus_sees_the_ten_times_hotter_backend_and_the_detector_flags_it(
     assert_eq!(hot_now[0].0["pool"], "default");
 
     // /v1/hot agrees, with the figures and the reason.
-    let list: HotList = dev
-        .http
-        .get(dev.api_url("/v1/hot"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: HotList = dev.get_json("/v1/hot").await;
     assert_eq!(list.backends.len(), 1, "{list:?}");
     let b = &list.backends[0];
     assert_eq!(b.backend.as_str(), hot);
@@ -192,7 +166,7 @@ async fn prometheus_sees_the_ten_times_hotter_backend_and_the_detector_flags_it(
 
     // The exposition itself: per-backend series carry backend, drone and pool and never a key
     // or a user; usage reports of the embedded drone arrived; proxy and scheduler counters.
-    let text = scrape(&dev, metrics).await;
+    let text = dev.scrape(metrics).await;
     for id in &ids {
         for name in [
             "hangar_backend_requests_total{",
@@ -216,7 +190,7 @@ async fn prometheus_sees_the_ten_times_hotter_backend_and_the_detector_flags_it(
     );
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let text = scrape(&dev, metrics).await;
+        let text = dev.scrape(metrics).await;
         if ids.iter().all(|id| {
             text.lines().any(|l| {
                 l.starts_with("hangar_backend_memory_bytes{")
@@ -317,7 +291,7 @@ async fn a_network_drone_reports_usage_and_serves_its_own_metrics() {
     // The drone's usage reports travel over its session to the scheduler's exposition.
     let deadline = Instant::now() + DEADLINE;
     let text = loop {
-        let text = scrape(&serve, metrics).await;
+        let text = serve.scrape(metrics).await;
         let has = |name: &str| {
             text.lines().any(|l| {
                 l.starts_with(name)
@@ -340,7 +314,7 @@ async fn a_network_drone_reports_usage_and_serves_its_own_metrics() {
         .expect("the drone reports its metrics listener");
     let deadline = Instant::now() + DEADLINE;
     loop {
-        let text = scrape(&serve, own).await;
+        let text = serve.scrape(own).await;
         if text.contains("hangar_agent_session_connected 1")
             && text.contains("hangar_agent_usage_backends 1")
         {
@@ -427,15 +401,7 @@ async fn a_remote_proxy_exposes_per_backend_traffic_and_its_counts_reach_the_det
                 assert_eq!(via(r).send().await.unwrap().status(), 200);
             }
         }
-        let list: HotList = serve
-            .http
-            .get(serve.api_url("/v1/hot"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list: HotList = serve.get_json("/v1/hot").await;
         if !list.backends.is_empty() {
             assert_eq!(list.backends.len(), 1, "{list:?}");
             assert_eq!(list.backends[0].backend, hot);
@@ -446,7 +412,7 @@ async fn a_remote_proxy_exposes_per_backend_traffic_and_its_counts_reach_the_det
     // The edge's own exposition: per-backend series labelled with the drone and pool the
     // feed carries.
     let own = edge.metrics.expect("the edge reports its metrics listener");
-    let text = scrape(&serve, own).await;
+    let text = serve.scrape(own).await;
     for r in &backends {
         let prefix = format!(
             "hangar_backend_requests_total{{backend=\"{}\",drone=\"d1\",pool=\"default\",status_class=\"2xx\"}} ",
@@ -468,15 +434,7 @@ async fn metrics_can_be_off_and_bad_flags_exit_64() {
     dev.wait_ready(r.backend_id.as_str()).await;
     assert_eq!(dev.count(&r).await, 1);
     // The detector runs without metrics.
-    let list: HotList = dev
-        .http
-        .get(dev.api_url("/v1/hot"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: HotList = dev.get_json("/v1/hot").await;
     assert!(list.backends.is_empty());
 
     let other = scratch();

@@ -110,15 +110,7 @@ impl Drop for Drone {
 
 impl Dev {
     pub async fn drones(&self) -> Vec<DroneView> {
-        let list: DroneList = self
-            .http
-            .get(self.api_url("/v1/drones"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list: DroneList = self.get_json("/v1/drones").await;
         list.drones
     }
 

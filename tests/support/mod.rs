@@ -190,6 +190,36 @@ impl Dev {
         self.connect(json!({"key": {"name": key}})).await
     }
 
+    /// `GET` an API path and decode its JSON answer.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        self.http
+            .get(self.api_url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// `GET /metrics` from a metrics listener, checking the Prometheus text format.
+    pub async fn scrape(&self, addr: SocketAddr) -> String {
+        let r = self
+            .http
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain; version=0.0.4")
+        );
+        r.text().await.unwrap()
+    }
+
     pub async fn backend(&self, id: &str) -> BackendView {
         let r = self
             .http
