@@ -280,6 +280,11 @@ fn start_cluster() -> Cluster {
     }
 }
 
+/// `GET` a URL and decode its JSON answer.
+async fn get_json(http: &reqwest::Client, url: String) -> serde_json::Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 /// One connect → Ready → first 200 through the proxy.
 async fn hangar_once(http: &reqwest::Client, c: &Cluster) -> Duration {
     let begin = Instant::now();
@@ -313,14 +318,8 @@ async fn hangar_once(http: &reqwest::Client, c: &Cluster) -> Duration {
 
 /// Terminates every live backend and waits until the drone has none.
 async fn clear_backends(http: &reqwest::Client, c: &Cluster) {
-    let list: serde_json::Value = http
-        .get(format!("http://{}/v1/backends?status=live", c.api))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: serde_json::Value =
+        get_json(http, format!("http://{}/v1/backends?status=live", c.api)).await;
     for b in list["backends"].as_array().unwrap() {
         let id = b["id"].as_str().unwrap();
         let _ = http
@@ -331,14 +330,8 @@ async fn clear_backends(http: &reqwest::Client, c: &Cluster) {
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let list: serde_json::Value = http
-            .get(format!("http://{}/v1/backends?status=live", c.api))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list: serde_json::Value =
+            get_json(http, format!("http://{}/v1/backends?status=live", c.api)).await;
         if list["backends"].as_array().unwrap().is_empty() {
             return;
         }
@@ -419,14 +412,7 @@ fn main() {
         // Wait for the drone, then warm the path up once.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let d: serde_json::Value = http
-                .get(format!("http://{}/v1/drones", cluster.api))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let d: serde_json::Value = get_json(&http, format!("http://{}/v1/drones", cluster.api)).await;
             if d["drones"][0]["state"] == "ready" {
                 break;
             }

@@ -672,30 +672,24 @@ async fn cli_connect_ls_status_terminate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configuration_exits_64_before_binding() {
     let dir = scratch();
-    let (code, _, err) = cli(&[
-        "dev",
-        "--api",
-        "127.0.0.1:0",
-        "--proxy",
-        "127.0.0.1:0",
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-        "--domain",
-        "not a domain",
-    ]);
+    let data_dir = dir.path().to_str().unwrap();
+    let dev_with = |flag: &str, value: &str| {
+        cli(&[
+            "dev",
+            "--api",
+            "127.0.0.1:0",
+            "--proxy",
+            "127.0.0.1:0",
+            "--data-dir",
+            data_dir,
+            flag,
+            value,
+        ])
+    };
+    let (code, _, err) = dev_with("--domain", "not a domain");
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("--domain"), "{err}");
-    let (code, _, err) = cli(&[
-        "dev",
-        "--api",
-        "127.0.0.1:0",
-        "--proxy",
-        "127.0.0.1:0",
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-        "--token-key",
-        "abc",
-    ]);
+    let (code, _, err) = dev_with("--token-key", "abc");
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("token key"), "{err}");
 }
