@@ -35,8 +35,11 @@ exec 9>"$target_dir/demo-image.lock"
 flock 9
 
 say "building a static hangar binary in $target_dir"
-# Stripped: the image only needs to run, and is 5x smaller without debug info.
+# Stripped: the image only needs to run, and is 5x smaller without debug info. Built without
+# the release profile's whole-program optimisation: the image is a test fixture, and LTO would
+# double its build time.
 RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$target_dir" CARGO_PROFILE_RELEASE_STRIP=debuginfo \
+    CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
     cargo build --release --locked --target "$triple" --bin hangar >&2
 binary="$target_dir/$triple/release/hangar"
 if ldd "$binary" 2>/dev/null | grep -q '=>'; then

@@ -1,4 +1,4 @@
-//! Forwarding to backends: the upstream HTTP/1.1 client with its keep-alive pool, header
+//! Forwarding to backends (the upstream client itself is [`crate::pool`]): header
 //! hygiene (hop-by-hop and `x-hangar-*` stripping), the request body wrapper that counts the
 //! bytes a backend receives, and the response body wrapper that keeps a backend marked busy
 //! until the response has been fully sent (and counts the bytes it sends).
@@ -7,12 +7,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName};
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::activity::{ActivityGuard, ReceivedBytes};
+use crate::pool::UpstreamBody;
 
 /// The body of every response the proxy sends: a backend's streamed body, or a small body the
 /// proxy wrote itself (errors).
@@ -73,43 +74,23 @@ impl Drop for CountingBody {
     }
 }
 
-/// A backend's response body that holds the backend's activity guard until it ends.
+/// A backend's response body that holds the backend's activity guard until it ends and counts
+/// the bytes sent to the client. The upstream connection goes back to the pool from inside
+/// [`UpstreamBody`] when the body has been read to its end.
 pub(crate) struct GuardedBody {
-    inner: Incoming,
-    _guard: Option<ActivityGuard>,
-    /// The upstream connection, returned to the pool when the body has been read to its end.
-    checkout: Option<crate::pool::Checkout>,
+    inner: UpstreamBody,
+    guard: Option<ActivityGuard>,
 }
 
 impl GuardedBody {
-    pub(crate) fn new(
-        inner: Incoming,
-        guard: Option<ActivityGuard>,
-        checkout: Option<crate::pool::Checkout>,
-    ) -> Self {
-        GuardedBody {
-            inner,
-            _guard: guard,
-            checkout,
-        }
-    }
-}
-
-impl Drop for GuardedBody {
-    fn drop(&mut self) {
-        // hyper stops polling a body whose length is reached, so the end is often seen here:
-        // a body read to its end returns its connection; one dropped half-way closes it.
-        if let Some(c) = self.checkout.take()
-            && self.inner.is_end_stream()
-        {
-            c.release();
-        }
+    pub(crate) fn new(inner: UpstreamBody, guard: Option<ActivityGuard>) -> Self {
+        GuardedBody { inner, guard }
     }
 }
 
 impl Body for GuardedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -118,21 +99,14 @@ impl Body for GuardedBody {
         let poll = Pin::new(&mut self.inner).poll_frame(cx);
         match &poll {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let n = data.len() as u64;
-                    if let Some(guard) = self._guard.as_mut() {
-                        guard.add_sent(n);
-                    }
+                if let Some(data) = frame.data_ref()
+                    && let Some(guard) = self.guard.as_mut()
+                {
+                    guard.add_sent(data.len() as u64);
                 }
             }
-            // Release the guard and the connection as soon as the body ends, not when hyper
-            // drops the body later.
-            Poll::Ready(None) => {
-                self._guard = None;
-                if let Some(c) = self.checkout.take() {
-                    c.release();
-                }
-            }
+            // Release the guard as soon as the body ends, not when hyper drops the body later.
+            Poll::Ready(None) => self.guard = None,
             _ => {}
         }
         poll
@@ -213,48 +187,10 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRAILER,
 ];
 
-/// Removes hop-by-hop headers (and those the `Connection` header names). When `upgrade` is
-/// set, keeps `Connection: upgrade` and `Upgrade` so the backend sees the upgrade request.
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // Names listed in Connection are hop-by-hop too.
-    if let Some(conn) = headers.get(header::CONNECTION)
-        && let Ok(conn) = conn.to_str()
-        && conn.contains(',')
-    {
-        let listed: Vec<HeaderName> = conn
-            .split(',')
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .filter(|n| n != header::UPGRADE)
-            .collect();
-        for n in listed {
-            headers.remove(n);
-        }
-    }
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
-    }
-    headers.remove(header::TRANSFER_ENCODING);
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
-    }
-}
-
-/// Removes every inbound `x-hangar-*` header: only the proxy may set them.
-pub(crate) fn strip_hangar_headers(headers: &mut HeaderMap) {
-    let has_any = headers.keys().any(|k| k.as_str().starts_with("x-hangar-"));
-    if !has_any {
-        return;
-    }
-    let names: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-hangar-"))
-        .cloned()
-        .collect();
-    for n in names {
-        headers.remove(n);
-    }
+/// Whether `name` describes one hop only (RFC 9110 §7.6.1), not counting the names a
+/// `Connection` header lists.
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == header::TRANSFER_ENCODING
 }
 
 /// True if the request asks to switch protocols (WebSocket and the like).
@@ -273,31 +209,10 @@ pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HeaderValue;
 
     #[test]
-    fn hop_by_hop_and_hangar_headers_are_stripped() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("x-hangar-user", HeaderValue::from_static("mallory"));
-        h.insert("x-hangar-backend-id", HeaderValue::from_static("b9"));
-        h.insert("x-other", HeaderValue::from_static("kept"));
-        strip_hop_by_hop(&mut h, false);
-        strip_hangar_headers(&mut h);
-        assert!(h.get("x-secret").is_none());
-        assert!(h.get("keep-alive").is_none());
-        assert!(h.get(header::CONNECTION).is_none());
-        assert!(h.get("x-hangar-user").is_none());
-        assert!(h.get("x-hangar-backend-id").is_none());
-        assert_eq!(h.get("x-other").unwrap(), "kept");
-    }
-
-    #[test]
-    fn upgrade_detection_keeps_upgrade_headers() {
+    fn upgrades_need_both_upgrade_and_connection_upgrade() {
         let mut h = HeaderMap::new();
         h.insert(
             header::CONNECTION,
@@ -305,9 +220,6 @@ mod tests {
         );
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         assert!(is_upgrade(&h));
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
-        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
         let mut plain = HeaderMap::new();
         plain.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
         assert!(!is_upgrade(&plain));

@@ -12,6 +12,7 @@ mod activity;
 mod config;
 mod error;
 mod forward;
+mod h1;
 mod listener;
 pub mod metrics;
 mod pool;
@@ -20,6 +21,8 @@ mod route_table;
 mod service;
 mod tls;
 
+#[cfg(test)]
+mod pool_tests;
 #[cfg(test)]
 mod tests;
 

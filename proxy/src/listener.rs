@@ -38,7 +38,6 @@ impl Proxy {
         let pool = Arc::new(crate::pool::UpstreamPool::new(
             config.upstream_idle_per_backend,
             config.upstream_connect_timeout,
-            tasks.clone(),
         ));
         Proxy {
             shared: Arc::new(Shared {

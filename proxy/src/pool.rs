@@ -1,99 +1,290 @@
-//! The upstream connection pool: HTTP/1.1 keep-alive connections to each backend address,
-//! built on hyper's connection-level client (`client::conn::http1`). A connection is checked
-//! out for one request and returns to its backend's idle list when the response body ends;
-//! connections whose backend went away close on their own and are dropped on checkout.
+//! The upstream side: an HTTP/1.1 client written for the proxy path, with keep-alive
+//! connections pooled per backend address.
 //!
-//! Why not hyper-util's pooled client: this path runs for every proxied request, and a pool
-//! keyed directly by socket address, with no URI-derived key, no executor indirection for
-//! checkouts and no background idle reaper, costs less per request.
+//! A request is written and its response head read by the request's own future, on the
+//! client connection's task: no connection task, no channel between the two, no second
+//! header map. The response body ([`UpstreamBody`]) reads straight from the backend's socket
+//! and returns the connection to its backend's idle list the moment the body ends; a body
+//! dropped half-way closes it. Idle connections the backend has closed are noticed on
+//! checkout from the socket's readiness (no system call when nothing happened) and dropped.
+//! Wire-format details are in [`crate::h1`].
 
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Method, Response, StatusCode};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_util::task::TaskTracker;
 
-use crate::forward::CountingBody;
+use crate::h1::{
+    self, ChunkedDecoder, Decoded, RequestFraming, ResponseFraming, ResponseHead, take_bytes,
+};
 
 /// Idle entries are swept of closed connections when the map grows past this many addresses.
 const SWEEP_AT: usize = 1024;
-
-type Sender = SendRequest<CountingBody>;
+/// A connection's read buffer grows by this much when it runs low.
+const READ_CHUNK: usize = 8 * 1024;
+/// Body pieces smaller than this are copied out of the read buffer (which then keeps its
+/// allocation); larger ones are split off without copying.
+const COPY_BELOW: usize = 8 * 1024;
+/// Request body bytes gathered before they are written to the backend.
+const WRITE_BATCH: usize = 64 * 1024;
 
 /// Why a request could not be sent.
 #[derive(Debug)]
 pub(crate) enum SendError {
     /// No connection to the backend (refused, unreachable, timed out).
     Connect(String),
-    /// The connection failed while sending or before response headers arrived.
-    Request(hyper::Error),
+    /// The connection failed while sending or before a complete response head arrived, or
+    /// the backend's response was not valid HTTP/1.1.
+    Request(String),
+    /// The client's request body failed (the client went away or sent a broken body).
+    ClientBody(String),
+}
+
+/// One keep-alive connection to a backend, with its read and write buffers.
+struct Conn {
+    stream: TcpStream,
+    /// Bytes read from the backend and not yet consumed.
+    rbuf: BytesMut,
+    /// The request head (and small body pieces) being written.
+    wbuf: Vec<u8>,
+}
+
+impl Conn {
+    /// Whether the backend closed (or wrote to) this idle connection since it was last used.
+    /// Costs a system call only when the socket has reported an event.
+    fn is_stale(&self) -> bool {
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            // End of stream, stray bytes or an error: unusable.
+            _ => true,
+        }
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes the head in `wbuf` and the body. Small bodies that are already at hand go out
+    /// in the same write as the head.
+    async fn write_request<B>(
+        &mut self,
+        body: &mut B,
+        framing: RequestFraming,
+        started: &mut bool,
+    ) -> Result<(), WriteError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        if framing != RequestFraming::None && !body.is_end_stream() {
+            let chunked = framing == RequestFraming::Chunked;
+            loop {
+                let frame = if self.wbuf.is_empty() {
+                    std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+                } else {
+                    // Take what the client has sent already; write what is gathered before
+                    // waiting for more.
+                    match std::future::poll_fn(|cx| {
+                        Poll::Ready(match Pin::new(&mut *body).poll_frame(cx) {
+                            Poll::Ready(f) => Some(f),
+                            Poll::Pending => None,
+                        })
+                    })
+                    .await
+                    {
+                        Some(f) => f,
+                        None => {
+                            self.flush().await.map_err(WriteError::Upstream)?;
+                            continue;
+                        }
+                    }
+                };
+                match frame {
+                    Some(Ok(frame)) => {
+                        *started = true;
+                        if let Ok(data) = frame.into_data() {
+                            if chunked {
+                                h1::encode_chunk(&mut self.wbuf, &data);
+                            } else {
+                                self.wbuf.extend_from_slice(&data);
+                            }
+                        }
+                    }
+                    Some(Err(e)) => return Err(WriteError::Client(e.into())),
+                    None => {
+                        if chunked {
+                            self.wbuf.extend_from_slice(h1::LAST_CHUNK);
+                        }
+                        break;
+                    }
+                }
+                if self.wbuf.len() >= WRITE_BATCH {
+                    self.flush().await.map_err(WriteError::Upstream)?;
+                }
+            }
+        }
+        self.flush().await.map_err(WriteError::Upstream)
+    }
+
+    /// Reads until a final response head (or `101`) is complete; interim `1xx` heads are
+    /// skipped.
+    async fn read_head(&mut self, method: &Method) -> Result<ResponseHead, ReadError> {
+        let mut got_any = !self.rbuf.is_empty();
+        loop {
+            if !self.rbuf.is_empty() {
+                match h1::parse_response_head(&self.rbuf, method) {
+                    Ok(Some((head, used))) => {
+                        self.rbuf.advance(used);
+                        if head.status.is_informational()
+                            && head.status != StatusCode::SWITCHING_PROTOCOLS
+                        {
+                            continue;
+                        }
+                        return Ok(head);
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(ReadError::Invalid(e)),
+                }
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+                self.rbuf.reserve(READ_CHUNK);
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(ReadError::Io)?;
+            if n == 0 {
+                return Err(if got_any {
+                    ReadError::Truncated
+                } else {
+                    ReadError::ClosedEarly
+                });
+            }
+            got_any = true;
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+enum WriteError {
+    Upstream(io::Error),
+    Client(BoxError),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("the backend closed the connection without answering")]
+    ClosedEarly,
+    #[error("the backend closed the connection in the middle of the response head")]
+    Truncated,
+    #[error("reading the response: {0}")]
+    Io(io::Error),
+    #[error("{0}")]
+    Invalid(h1::H1Error),
 }
 
 /// Keep-alive connections per backend address.
 pub(crate) struct UpstreamPool {
-    /// A std mutex: held only to push or pop a sender, never across an `.await`.
-    idle: Mutex<HashMap<SocketAddr, Vec<Sender>>>,
+    /// A std mutex: held only to push or pop a connection, never across an `.await`.
+    idle: Mutex<HashMap<SocketAddr, Vec<Conn>>>,
     max_idle: usize,
     connect_timeout: Duration,
-    /// Owns the connection tasks.
-    tasks: TaskTracker,
 }
 
-/// A connection in use; give it back with [`Checkout::release`] once its response has ended.
-pub(crate) struct Checkout {
-    pool: Arc<UpstreamPool>,
-    addr: SocketAddr,
-    sender: Sender,
+/// A backend's response: its head, a body that streams from the backend, and for a `101` the
+/// switched connection.
+pub(crate) struct UpstreamResponse {
+    pub(crate) response: Response<UpstreamBody>,
+    pub(crate) upgraded: Option<Upgraded>,
 }
 
-impl Checkout {
-    /// Returns the connection to the idle list (if there is room and it is still open).
-    pub(crate) fn release(self) {
-        if self.sender.is_closed() {
-            return;
+/// How a request body goes to the backend: not at all when it is empty (an explicit
+/// `content-length: 0` is kept), with its length when known, chunked otherwise.
+pub(crate) fn request_framing<B: Body>(body: &B, had_content_length: bool) -> RequestFraming {
+    if body.is_end_stream() {
+        if had_content_length {
+            RequestFraming::Length(0)
+        } else {
+            RequestFraming::None
         }
-        let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() > SWEEP_AT {
-            idle.retain(|_, v| {
-                v.retain(|s| !s.is_closed());
-                !v.is_empty()
-            });
-        }
-        let list = idle.entry(self.addr).or_default();
-        if list.len() < self.pool.max_idle {
-            list.push(self.sender);
+    } else {
+        match body.size_hint().exact() {
+            Some(n) => RequestFraming::Length(n),
+            None => RequestFraming::Chunked,
         }
     }
 }
 
+/// Methods a client may repeat without changing the outcome (RFC 9110 §9.2.2): sent again on
+/// a fresh connection if a reused one closes before answering.
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
 impl UpstreamPool {
-    pub(crate) fn new(max_idle: usize, connect_timeout: Duration, tasks: TaskTracker) -> Self {
+    pub(crate) fn new(max_idle: usize, connect_timeout: Duration) -> Self {
         UpstreamPool {
             idle: Mutex::new(HashMap::new()),
             max_idle,
             connect_timeout,
-            tasks,
         }
     }
 
-    fn take_idle(&self, addr: SocketAddr) -> Option<Sender> {
+    fn take_idle(&self, addr: SocketAddr) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(&addr)?;
-        while let Some(s) = list.pop() {
-            if !s.is_closed() {
-                return Some(s);
+        while let Some(c) = list.pop() {
+            if !c.is_stale() {
+                return Some(c);
             }
         }
         None
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<Sender, SendError> {
+    fn release(&self, addr: SocketAddr, conn: Conn) {
+        if !conn.rbuf.is_empty() || conn.is_stale() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() > SWEEP_AT {
+            idle.retain(|_, v| {
+                v.retain(|c| !c.is_stale());
+                !v.is_empty()
+            });
+        }
+        let list = idle.entry(addr).or_default();
+        if list.len() < self.max_idle {
+            list.push(conn);
+        }
+    }
+
+    /// Idle connections held for `addr`.
+    #[cfg(test)]
+    pub(crate) fn idle_count(&self, addr: SocketAddr) -> usize {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.get(&addr).map_or(0, Vec::len)
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<Conn, SendError> {
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| {
@@ -101,53 +292,267 @@ impl UpstreamPool {
             })?
             .map_err(|e| SendError::Connect(e.to_string()))?;
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| SendError::Connect(e.to_string()))?;
-        self.tasks.spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::trace!(error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        Ok(Conn {
+            stream,
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            wbuf: Vec::with_capacity(1024),
+        })
     }
 
-    /// Sends `req` to `addr` on an idle connection (or a new one) and returns the response
-    /// with the connection, to be released when the response body ends.
-    pub(crate) async fn send(
+    /// Sends `req` (origin-form target, hop-by-hop headers already removed) to `addr` on an
+    /// idle connection or a new one, and returns the response once its head has arrived.
+    pub(crate) async fn send<B>(
         self: &Arc<Self>,
         addr: SocketAddr,
-        mut req: Request<CountingBody>,
-    ) -> Result<(Response<Incoming>, Checkout), SendError> {
-        // A reused connection may have been closed by the backend a moment ago; the request
-        // comes back unsent in that case and goes out on a fresh connection.
-        while let Some(mut sender) = self.take_idle(addr) {
-            if sender.ready().await.is_err() {
-                continue;
+        method: &Method,
+        head: &[u8],
+        framing: RequestFraming,
+        mut body: B,
+    ) -> Result<UpstreamResponse, SendError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let mut body_started = false;
+        loop {
+            let (mut conn, reused) = match self.take_idle(addr) {
+                Some(c) => (c, true),
+                None => (self.connect(addr).await?, false),
+            };
+            // A reused connection the backend closed a moment ago fails before anything of
+            // the request was processed: the request goes out again on another connection.
+            let retry = |started: bool| reused && !started;
+            conn.wbuf.clear();
+            conn.wbuf.extend_from_slice(head);
+            h1::end_request_head(&mut conn.wbuf, framing);
+            match conn
+                .write_request(&mut body, framing, &mut body_started)
+                .await
+            {
+                Ok(()) => {}
+                Err(WriteError::Upstream(_)) if retry(body_started) => continue,
+                Err(WriteError::Upstream(e)) => {
+                    return Err(SendError::Request(format!("sending the request: {e}")));
+                }
+                Err(WriteError::Client(e)) => return Err(SendError::ClientBody(e.to_string())),
             }
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, self.checkout(addr, sender))),
-                Err(mut e) => match e.take_message() {
-                    Some(r) => req = r,
-                    None => return Err(SendError::Request(e.into_error())),
-                },
+            match conn.read_head(method).await {
+                Ok(head) => return self.respond(addr, conn, head),
+                Err(ReadError::ClosedEarly | ReadError::Io(_))
+                    if retry(body_started) && idempotent(method) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(SendError::Request(e.to_string())),
             }
         }
-        let mut sender = self.connect(addr).await?;
-        sender
-            .ready()
-            .await
-            .map_err(|e| SendError::Connect(e.to_string()))?;
-        let resp = sender.send_request(req).await.map_err(SendError::Request)?;
-        Ok((resp, self.checkout(addr, sender)))
     }
 
-    fn checkout(self: &Arc<Self>, addr: SocketAddr, sender: Sender) -> Checkout {
-        Checkout {
-            pool: self.clone(),
-            addr,
-            sender,
+    fn respond(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        mut conn: Conn,
+        head: ResponseHead,
+    ) -> Result<UpstreamResponse, SendError> {
+        if head.status == StatusCode::SWITCHING_PROTOCOLS {
+            let upgraded = Upgraded {
+                prefix: std::mem::take(&mut conn.rbuf).freeze(),
+                stream: conn.stream,
+            };
+            let mut response = Response::new(UpstreamBody::empty());
+            *response.status_mut() = head.status;
+            *response.headers_mut() = head.headers;
+            return Ok(UpstreamResponse {
+                response,
+                upgraded: Some(upgraded),
+            });
         }
+        let kind = match head.framing {
+            ResponseFraming::Empty | ResponseFraming::Length(0) => BodyKind::Done,
+            ResponseFraming::Length(n) => BodyKind::Length(n),
+            ResponseFraming::Chunked => BodyKind::Chunked(ChunkedDecoder::default()),
+            ResponseFraming::Close => BodyKind::Close,
+        };
+        let mut body = UpstreamBody {
+            conn: Some(conn),
+            pool: Some((self.clone(), addr)),
+            keep_alive: head.keep_alive,
+            kind,
+        };
+        if body.is_end_stream() {
+            body.finish();
+        }
+        let mut response = Response::new(body);
+        *response.status_mut() = head.status;
+        *response.headers_mut() = head.headers;
+        Ok(UpstreamResponse {
+            response,
+            upgraded: None,
+        })
+    }
+}
+
+enum BodyKind {
+    Done,
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    Close,
+}
+
+/// A response body read straight from the backend's connection.
+pub(crate) struct UpstreamBody {
+    conn: Option<Conn>,
+    pool: Option<(Arc<UpstreamPool>, SocketAddr)>,
+    keep_alive: bool,
+    kind: BodyKind,
+}
+
+impl UpstreamBody {
+    fn empty() -> Self {
+        UpstreamBody {
+            conn: None,
+            pool: None,
+            keep_alive: false,
+            kind: BodyKind::Done,
+        }
+    }
+
+    /// The body has ended: the connection goes back to the pool if it can carry another
+    /// request.
+    fn finish(&mut self) {
+        self.kind = BodyKind::Done;
+        if let (Some(conn), Some((pool, addr))) = (self.conn.take(), self.pool.as_ref())
+            && self.keep_alive
+        {
+            pool.release(*addr, conn);
+        }
+    }
+
+    fn fail(&mut self, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
+        self.conn = None;
+        self.kind = BodyKind::Done;
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut this.kind {
+                BodyKind::Done => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                BodyKind::Length(left) if !conn.rbuf.is_empty() => {
+                    let n = (*left).min(conn.rbuf.len() as u64) as usize;
+                    let data = take_bytes(&mut conn.rbuf, n, COPY_BELOW);
+                    *left -= n as u64;
+                    if *left == 0 {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                BodyKind::Close if !conn.rbuf.is_empty() => {
+                    let n = conn.rbuf.len();
+                    let data = take_bytes(&mut conn.rbuf, n, COPY_BELOW);
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                BodyKind::Chunked(dec) => match dec.decode(&mut conn.rbuf, COPY_BELOW) {
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::Done) => {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::NeedMore) => {}
+                    Err(e) => return Poll::Ready(Some(Err(this.fail(e)))),
+                },
+                BodyKind::Length(_) | BodyKind::Close => {}
+            }
+            if conn.rbuf.capacity() - conn.rbuf.len() < 1024 {
+                conn.rbuf.reserve(READ_CHUNK);
+            }
+            let read = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut conn.stream),
+                cx,
+                &mut conn.rbuf
+            ));
+            match read {
+                Ok(0) if matches!(this.kind, BodyKind::Close) => {
+                    this.conn = None;
+                    this.kind = BodyKind::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    return Poll::Ready(Some(Err(
+                        this.fail("the backend closed the connection in the middle of the body")
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Some(Err(this.fail(e)))),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.kind, BodyKind::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.kind {
+            BodyKind::Done => SizeHint::with_exact(0),
+            BodyKind::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// A backend connection that switched protocols (`101`): the bytes the backend sent after its
+/// response head come first, then the socket.
+pub(crate) struct Upgraded {
+    prefix: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Upgraded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Upgraded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }

@@ -3,6 +3,7 @@
 //! Reads the route snapshot once per request and never holds it across an `.await`; verifies
 //! tokens locally; waits for starting backends on the route handle's change signal.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,7 +16,7 @@ use hangar_core::route::{
 };
 use hangar_core::token::TokenError;
 use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -24,11 +25,9 @@ use tokio_util::task::TaskTracker;
 use crate::activity::ActivityTracker;
 use crate::config::ProxyConfig;
 use crate::error::ProxyError;
-use crate::forward::{
-    CountingBody, CountingIo, GuardedBody, ProxyBody, is_upgrade, strip_hangar_headers,
-    strip_hop_by_hop,
-};
-use crate::pool::SendError;
+use crate::forward::{self, CountingBody, CountingIo, GuardedBody, ProxyBody, is_upgrade};
+use crate::h1;
+use crate::pool::{SendError, request_framing};
 use crate::route_table::RouteHandle;
 
 /// State shared by every connection of one proxy.
@@ -51,13 +50,8 @@ enum TokenSource {
     Cookie,
 }
 
-const X_HANGAR_BACKEND_ID: header::HeaderName =
-    header::HeaderName::from_static("x-hangar-backend-id");
-const X_HANGAR_USER: header::HeaderName = header::HeaderName::from_static("x-hangar-user");
 const X_HANGAR_ERROR: header::HeaderName = header::HeaderName::from_static("x-hangar-error");
 const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: header::HeaderName = header::HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: header::HeaderName = header::HeaderName::from_static("x-forwarded-host");
 
 /// Serves one request; never fails (errors become responses).
 pub(crate) async fn handle(
@@ -273,120 +267,84 @@ async fn proxy(
     };
     let mut guard = shared.activity.begin_route(&route);
 
-    // Rewrite the request for the backend.
     let upgrade = is_upgrade(req.headers());
-    let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
-        req.uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
-    // Origin-form request target for the backend. Only a query carrying the token is
-    // rebuilt; otherwise the client's path and query are reused as they are (no allocation).
-    let stripped = match (req.uri().query(), token_source) {
-        (Some(q), Some(TokenSource::Query)) => {
-            let path = req.uri().path();
-            Some(match strip_query_param(q, TOKEN_QUERY) {
-                Some(q) => format!("{path}?{q}"),
-                None => path.to_string(),
-            })
-        }
-        _ => None,
-    };
-    let uri = match stripped {
-        Some(pq) => Uri::try_from(pq),
-        None => match req.uri().path_and_query() {
-            Some(pq) => Ok(Uri::from(pq.clone())),
-            None => Uri::try_from("/"),
-        },
-    }
-    .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
-    *req.uri_mut() = uri;
-    *req.version_mut() = Version::HTTP_11;
-    {
-        let h = req.headers_mut();
-        strip_hop_by_hop(h, upgrade);
-        strip_hangar_headers(h);
-        match token_source {
-            Some(TokenSource::Bearer) => {
-                h.remove(header::AUTHORIZATION);
-            }
-            Some(TokenSource::Cookie) => strip_token_cookie(h),
-            _ => {}
-        }
-        if let Ok(v) = HeaderValue::from_str(route.backend.as_str()) {
-            h.insert(X_HANGAR_BACKEND_ID, v);
-        }
-        if !user.is_empty()
-            && let Ok(v) = HeaderValue::from_str(&user)
-        {
-            h.insert(X_HANGAR_USER, v);
-        }
-        if let Some(host) = original_host {
-            if !h.contains_key(header::HOST) {
-                h.insert(header::HOST, host.clone());
-            }
-            h.insert(X_FORWARDED_HOST, host);
-        }
-        append_forwarded_for(h, peer);
-        h.insert(
-            X_FORWARDED_PROTO,
-            HeaderValue::from_static(if tls { "https" } else { "http" }),
-        );
-    }
-
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let head = upstream_head(
+        &parts,
+        &Forwarding {
+            backend: &route.backend,
+            user: &user,
+            token: token_source,
+            peer,
+            tls,
+            upgrade,
+        },
+    );
+    let framing = request_framing(&body, parts.headers.contains_key(header::CONTENT_LENGTH));
     let backend = route.backend.clone();
     let sent = tokio::time::timeout(
         shared.config.upstream_response_timeout,
         shared.pool.send(
             address,
-            req.map(|body| CountingBody::new(body, guard.received_bytes())),
+            &parts.method,
+            &head,
+            framing,
+            CountingBody::new(body, guard.received_bytes()),
         ),
     )
     .await;
-    if !matches!(sent, Ok(Ok(_))) {
-        // The answer the client gets: 502 or 504 (see the arms below).
-        guard.set_status(match sent {
-            Err(_) => StatusCode::GATEWAY_TIMEOUT.as_u16(),
-            _ => StatusCode::BAD_GATEWAY.as_u16(),
-        });
-    }
-    let (mut resp, checkout) = match sent {
+    let upstream = match sent {
         Ok(Ok(x)) => x,
-        Ok(Err(SendError::Connect(detail))) => {
-            return Err(ProxyError::UpstreamConnect {
-                backend: backend.to_string(),
-                detail,
-            });
-        }
-        Ok(Err(SendError::Request(e))) => {
-            return Err(ProxyError::Upstream {
-                backend: backend.to_string(),
-                detail: error_chain(&e),
-            });
+        Ok(Err(e)) => {
+            // The answer the client gets: 502 (or 400 for a broken request body).
+            let err = match e {
+                SendError::Connect(detail) => ProxyError::UpstreamConnect {
+                    backend: backend.to_string(),
+                    detail,
+                },
+                SendError::Request(detail) => ProxyError::Upstream {
+                    backend: backend.to_string(),
+                    detail,
+                },
+                SendError::ClientBody(detail) => {
+                    tracing::debug!(backend = %backend, %detail, "request body failed");
+                    ProxyError::BadRequest("the request body could not be read from the client")
+                }
+            };
+            guard.set_status(err.status().as_u16());
+            return Err(err);
         }
         Err(_) => {
+            guard.set_status(StatusCode::GATEWAY_TIMEOUT.as_u16());
             return Err(ProxyError::UpstreamTimeout {
                 backend: backend.to_string(),
                 waited: shared.config.upstream_response_timeout,
             });
         }
     };
+    let mut resp = upstream.response;
 
     guard.set_status(resp.status().as_u16());
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(client_upgrade) = client_upgrade
-    {
-        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+    if let Some(upstream_io) = upstream.upgraded {
+        let Some(client_upgrade) = client_upgrade else {
+            // The connection is dropped with `upstream_io`.
+            guard.set_status(StatusCode::BAD_GATEWAY.as_u16());
+            return Err(ProxyError::Upstream {
+                backend: backend.to_string(),
+                detail: "the backend switched protocols on a request that asked for no upgrade"
+                    .into(),
+            });
+        };
         // The request is answered; from here the guard counts an open WebSocket.
         guard.upgraded();
         // The guard moves into the copy task: an open WebSocket keeps the backend busy.
         shared.tasks.spawn(async move {
             let mut guard = guard;
-            match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok((client, upstream)) => {
+            match client_upgrade.await {
+                Ok(client) => {
                     let mut client = CountingIo::new(TokioIo::new(client));
-                    let mut upstream = TokioIo::new(upstream);
+                    let mut upstream = upstream_io;
                     if let Err(e) = tokio::io::copy_bidirectional_with_sizes(
                         &mut client,
                         &mut upstream,
@@ -403,14 +361,13 @@ async fn proxy(
             }
         });
         let (parts, body) = resp.into_parts();
+        // The upgraded connection is the copy task's now; the response body is empty.
         return Ok(Response::from_parts(
             parts,
-            // The upgraded connection is the copy task's now; it never returns to the pool.
-            Either::Left(GuardedBody::new(body, None, None)),
+            Either::Left(GuardedBody::new(body, None)),
         ));
     }
 
-    strip_hop_by_hop(resp.headers_mut(), false);
     if let Some(token) = query_token
         && let Ok(v) = HeaderValue::from_str(&format!(
             "{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Lax"
@@ -421,44 +378,230 @@ async fn proxy(
     let (parts, body) = resp.into_parts();
     Ok(Response::from_parts(
         parts,
-        Either::Left(GuardedBody::new(body, Some(guard), Some(checkout))),
+        Either::Left(GuardedBody::new(body, Some(guard))),
     ))
 }
 
-/// Removes the token cookie from every Cookie header (the backend never sees the token).
-fn strip_token_cookie(h: &mut http::HeaderMap) {
-    let values: Vec<String> = h
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .filter_map(|v| strip_cookie(v, TOKEN_COOKIE))
-        .collect();
-    h.remove(header::COOKIE);
-    for v in values {
-        if let Ok(v) = HeaderValue::from_str(&v) {
-            h.append(header::COOKIE, v);
+/// What the proxy adds to or removes from a request on its way to the backend.
+struct Forwarding<'a> {
+    backend: &'a BackendId,
+    /// The token's user (empty for public backends).
+    user: &'a str,
+    /// Where the Hangar token came from: it is removed from there.
+    token: Option<TokenSource>,
+    peer: SocketAddr,
+    tls: bool,
+    upgrade: bool,
+}
+
+/// The most `Connection`-listed header names honoured per request.
+const MAX_CONNECTION_TOKENS: usize = 16;
+
+/// The request head the backend gets, encoded directly (the client's header map is read, never
+/// rebuilt): the client's method and origin-form target (without a `hangar_token` query
+/// parameter) and its end-to-end headers, minus hop-by-hop fields (RFC 9110 §7.6.1), inbound
+/// `x-hangar-*` headers and the Hangar token; plus `x-hangar-backend-id`, `x-hangar-user` and
+/// the `x-forwarded-*` headers. The body framing header is added by the pool.
+fn upstream_head(parts: &http::request::Parts, f: &Forwarding<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    let pq = parts.uri.path_and_query();
+    match (pq.and_then(|pq| pq.query()), f.token) {
+        (Some(q), Some(TokenSource::Query)) => {
+            let path = pq.map_or("/", |pq| pq.path());
+            match strip_query_param(q, TOKEN_QUERY) {
+                Some(q) => h1::write_request_line(&mut out, &parts.method, &format!("{path}?{q}")),
+                None => h1::write_request_line(&mut out, &parts.method, path),
+            }
+        }
+        _ => h1::write_request_line(&mut out, &parts.method, pq.map_or("/", |pq| pq.as_str())),
+    }
+
+    let headers = &parts.headers;
+    let mut listed = [""; MAX_CONNECTION_TOKENS];
+    let mut n_listed = 0;
+    for v in headers.get_all(header::CONNECTION) {
+        for t in v.to_str().unwrap_or("").split(',') {
+            let t = t.trim();
+            if !t.is_empty() && n_listed < listed.len() {
+                listed[n_listed] = t;
+                n_listed += 1;
+            }
         }
     }
+    let listed = &listed[..n_listed];
+    for (name, value) in headers {
+        if forward::is_hop_by_hop(name)
+            || *name == header::CONTENT_LENGTH
+            || *name == header::EXPECT
+            || *name == header::HOST
+            || *name == X_FORWARDED_FOR
+            || name.as_str().starts_with("x-hangar-")
+            || (f.token == Some(TokenSource::Bearer) && *name == header::AUTHORIZATION)
+        {
+            continue;
+        }
+        if *name == header::UPGRADE {
+            if f.upgrade {
+                h1::write_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
+            }
+            continue;
+        }
+        if listed.iter().any(|l| name.as_str().eq_ignore_ascii_case(l)) {
+            continue;
+        }
+        if *name == header::COOKIE && f.token == Some(TokenSource::Cookie) {
+            match value.to_str() {
+                Ok(v) if cookie_value(v, TOKEN_COOKIE).is_some() => {
+                    if let Some(rest) = strip_cookie(v, TOKEN_COOKIE) {
+                        h1::write_header(&mut out, b"cookie", rest.as_bytes());
+                    }
+                }
+                _ => h1::write_header(&mut out, b"cookie", value.as_bytes()),
+            }
+            continue;
+        }
+        h1::write_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if f.upgrade {
+        h1::write_header(&mut out, b"connection", b"upgrade");
+    }
+
+    // HTTP/2 clients name the host in the request target, not in a Host header.
+    let host = headers
+        .get(header::HOST)
+        .map(HeaderValue::as_bytes)
+        .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()));
+    if let Some(host) = host {
+        h1::write_header(&mut out, b"host", host);
+        h1::write_header(&mut out, b"x-forwarded-host", host);
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for prev in headers.get_all(X_FORWARDED_FOR) {
+        out.extend_from_slice(prev.as_bytes());
+        out.extend_from_slice(b", ");
+    }
+    // Writing to a Vec cannot fail.
+    let _ = write!(out, "{}\r\n", f.peer.ip());
+    h1::write_header(
+        &mut out,
+        b"x-forwarded-proto",
+        if f.tls { b"https" } else { b"http" },
+    );
+    h1::write_header(
+        &mut out,
+        b"x-hangar-backend-id",
+        f.backend.as_str().as_bytes(),
+    );
+    if !f.user.is_empty() && h1::is_header_value(f.user.as_bytes()) {
+        h1::write_header(&mut out, b"x-hangar-user", f.user.as_bytes());
+    }
+    out
 }
 
-fn append_forwarded_for(h: &mut http::HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
-    let value = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        h.insert(X_FORWARDED_FOR, v);
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
+    fn head_for(req: Request<()>, token: Option<TokenSource>, user: &str, upgrade: bool) -> String {
+        let (parts, ()) = req.into_parts();
+        let backend = BackendId::parse("b1").unwrap();
+        let f = Forwarding {
+            backend: &backend,
+            user,
+            token,
+            peer: "10.1.2.3:4567".parse().unwrap(),
+            tls: true,
+            upgrade,
+        };
+        String::from_utf8(upstream_head(&parts, &f)).unwrap()
     }
-    s
+
+    #[test]
+    fn the_backend_gets_end_to_end_headers_and_hangars_own_but_never_the_token() {
+        let req = Request::get("/p?a=1&hangar_token=v1.secret&b=2")
+            .header("host", "b1.hangar.test")
+            .header("connection", "keep-alive, x-secret")
+            .header("x-secret", "hop")
+            .header("keep-alive", "timeout=5")
+            .header("te", "trailers")
+            .header("upgrade", "h2c")
+            .header("x-hangar-user", "mallory")
+            .header("x-hangar-backend-id", "b9")
+            .header("x-forwarded-for", "192.0.2.1")
+            .header("content-length", "0")
+            .header("authorization", "Basic kept")
+            .header("cookie", "a=1")
+            .header("x-other", "kept")
+            .body(())
+            .unwrap();
+        let head = head_for(req, Some(TokenSource::Query), "alice", false);
+        assert!(head.starts_with("GET /p?a=1&b=2 HTTP/1.1\r\n"), "{head}");
+        for gone in [
+            "x-secret",
+            "keep-alive",
+            "te:",
+            "upgrade",
+            "mallory",
+            "b9",
+            "v1.secret",
+            "connection",
+            "content-length",
+        ] {
+            assert!(!head.contains(gone), "{gone} was forwarded: {head}");
+        }
+        for kept in [
+            "host: b1.hangar.test\r\n",
+            "x-forwarded-host: b1.hangar.test\r\n",
+            "x-forwarded-for: 192.0.2.1, 10.1.2.3\r\n",
+            "x-forwarded-proto: https\r\n",
+            "x-hangar-backend-id: b1\r\n",
+            "x-hangar-user: alice\r\n",
+            "authorization: Basic kept\r\n",
+            "cookie: a=1\r\n",
+            "x-other: kept\r\n",
+        ] {
+            assert!(head.contains(kept), "{kept:?} missing: {head}");
+        }
+        // The pool adds the framing and the blank line.
+        assert!(head.ends_with("\r\n") && !head.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn bearer_and_cookie_tokens_are_removed_and_upgrades_kept() {
+        let req = Request::get("/ws")
+            .header("host", "b1.hangar.test")
+            .header("authorization", "Bearer v1.secret")
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
+        let head = head_for(req, Some(TokenSource::Bearer), "bob", true);
+        assert!(!head.contains("v1.secret"), "{head}");
+        assert!(head.contains("upgrade: websocket\r\n"), "{head}");
+        assert!(head.contains("connection: upgrade\r\n"), "{head}");
+
+        let req = Request::get("/")
+            .header("host", "b1.hangar.test")
+            .header("cookie", "theme=dark; hangar-token=v1.secret; lang=en")
+            .header("cookie", "hangar-token=v1.other")
+            .body(())
+            .unwrap();
+        let head = head_for(req, Some(TokenSource::Cookie), "bad\r\nx-evil: 1", false);
+        assert!(!head.contains("v1.secret"), "{head}");
+        assert!(!head.contains("v1.other"), "{head}");
+        assert_eq!(head.matches("cookie: ").count(), 1, "{head}");
+        assert!(head.contains("cookie: theme=dark; lang=en\r\n"), "{head}");
+        assert!(
+            !head.contains("x-evil"),
+            "a user that is no header value is left out"
+        );
+        assert!(head.contains("x-forwarded-for: 10.1.2.3\r\n"), "{head}");
+
+        // HTTP/2 clients name the host in the target.
+        let req = Request::get("http://b1.hangar.test/h2").body(()).unwrap();
+        let head = head_for(req, None, "", false);
+        assert!(head.starts_with("GET /h2 HTTP/1.1\r\n"), "{head}");
+        assert!(head.contains("host: b1.hangar.test\r\n"), "{head}");
+        assert!(!head.contains("x-hangar-user"), "{head}");
+    }
 }

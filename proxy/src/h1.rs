@@ -1,0 +1,590 @@
+//! The upstream side's HTTP/1.1 wire format (RFC 9112): request heads, response heads, how a
+//! response body is delimited, and chunked decoding. Pure functions over byte buffers; the
+//! socket work is in [`crate::pool`].
+
+use std::mem::MaybeUninit;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+
+/// The most header lines a backend's response may carry.
+const MAX_RESPONSE_HEADERS: usize = 128;
+/// The largest response head a backend may send, in bytes.
+pub(crate) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// The longest chunk-size or trailer line accepted in a chunked body.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+/// The most trailer bytes accepted (and dropped) at the end of a chunked body.
+const MAX_TRAILERS: usize = 64 * 1024;
+
+/// A backend broke HTTP/1.1.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum H1Error {
+    #[error("malformed response head: {0}")]
+    Head(httparse::Error),
+    #[error("response head larger than {MAX_RESPONSE_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("invalid response header {0:?}")]
+    Header(String),
+    #[error("conflicting or invalid content-length")]
+    ContentLength,
+    #[error("malformed chunked body: {0}")]
+    Chunked(&'static str),
+}
+
+/// How the request body goes to the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RequestFraming {
+    /// No body (and no length header is added).
+    None,
+    /// Exactly this many bytes, announced by `content-length`.
+    Length(u64),
+    /// Unknown length: `transfer-encoding: chunked`.
+    Chunked,
+}
+
+/// Appends a request line for `target` (origin form).
+pub(crate) fn write_request_line(out: &mut Vec<u8>, method: &Method, target: &str) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+}
+
+/// Appends one header line. `value` must be a valid field value (see [`is_header_value`]).
+pub(crate) fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Whether `value` may be sent as a field value: no control characters but tab.
+pub(crate) fn is_header_value(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&c| c == b'\t' || (c >= 0x20 && c != 0x7f))
+}
+
+/// Ends a request head: the body's framing header, then the blank line.
+pub(crate) fn end_request_head(out: &mut Vec<u8>, framing: RequestFraming) {
+    match framing {
+        RequestFraming::None => {}
+        RequestFraming::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa_u64(n, &mut [0; 20]));
+            out.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends one chunk of a chunked request body.
+pub(crate) fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        // A zero-length chunk would end the body.
+        return;
+    }
+    let mut hex = [0u8; 16];
+    let mut n = data.len();
+    let mut i = hex.len();
+    while n > 0 || i == hex.len() {
+        i -= 1;
+        hex[i] = b"0123456789abcdef"[n & 0xf];
+        n >>= 4;
+    }
+    out.extend_from_slice(&hex[i..]);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The last chunk of a chunked request body (no trailers).
+pub(crate) const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// A parsed response head, ready to forward: hop-by-hop fields are already removed (except
+/// on a `101`, whose `Connection` and `Upgrade` the client needs).
+#[derive(Debug)]
+pub(crate) struct ResponseHead {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    /// How the body is delimited.
+    pub(crate) framing: ResponseFraming,
+    /// Whether the connection may carry another request after this response.
+    pub(crate) keep_alive: bool,
+}
+
+/// The most `Connection`-listed names honoured in a response.
+const MAX_CONNECTION_TOKENS: usize = 16;
+
+fn trim(b: &[u8]) -> &[u8] {
+    b.trim_ascii()
+}
+
+/// Parses a response head to the request `method` from the front of `buf`: `Ok(None)` if it is
+/// not complete yet, otherwise the head and how many bytes of `buf` it used.
+pub(crate) fn parse_response_head(
+    buf: &[u8],
+    method: &Method,
+) -> Result<Option<(ResponseHead, usize)>, H1Error> {
+    let mut storage =
+        [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let used = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut storage,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            return if buf.len() > MAX_RESPONSE_HEAD {
+                Err(H1Error::HeadTooLarge)
+            } else {
+                Ok(None)
+            };
+        }
+        Err(e) => return Err(H1Error::Head(e)),
+    };
+    if used > MAX_RESPONSE_HEAD {
+        return Err(H1Error::HeadTooLarge);
+    }
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(H1Error::Head(httparse::Error::Status))?;
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+
+    // Connection options first: they decide keep-alive and name more hop-by-hop fields.
+    let (mut close, mut keep) = (false, false);
+    let mut listed: [&[u8]; MAX_CONNECTION_TOKENS] = [b""; MAX_CONNECTION_TOKENS];
+    let mut n_listed = 0;
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("connection") {
+            for t in h.value.split(|&b| b == b',').map(trim) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    keep = true;
+                } else if !t.is_empty() && n_listed < listed.len() {
+                    listed[n_listed] = t;
+                    n_listed += 1;
+                }
+            }
+        }
+    }
+    let listed = &listed[..n_listed];
+
+    let mut chunked = None;
+    let mut length: Option<u64> = None;
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| H1Error::Header(h.name.to_string()))?;
+        if name == header::TRANSFER_ENCODING {
+            // The last coding of the last field counts (RFC 9112 §6.3).
+            chunked = Some(
+                h.value
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .map(trim)
+                    .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")),
+            );
+        } else if name == header::CONTENT_LENGTH {
+            for part in h.value.split(|&b| b == b',') {
+                let n = std::str::from_utf8(trim(part))
+                    .ok()
+                    .and_then(|p| p.parse::<u64>().ok())
+                    .ok_or(H1Error::ContentLength)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(H1Error::ContentLength);
+                }
+                length = Some(n);
+            }
+        }
+        if !switching
+            && (crate::forward::is_hop_by_hop(&name)
+                || name == header::UPGRADE
+                || listed
+                    .iter()
+                    .any(|l| name.as_str().as_bytes().eq_ignore_ascii_case(l)))
+        {
+            continue;
+        }
+        let value =
+            HeaderValue::from_bytes(h.value).map_err(|_| H1Error::Header(h.name.to_string()))?;
+        headers.append(name, value);
+    }
+
+    let framing = if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        ResponseFraming::Empty
+    } else {
+        match (chunked, length) {
+            (Some(true), _) => ResponseFraming::Chunked,
+            (Some(false), _) => ResponseFraming::Close,
+            (None, Some(n)) => ResponseFraming::Length(n),
+            (None, None) => ResponseFraming::Close,
+        }
+    };
+    let minor = resp.version.unwrap_or(1);
+    let keep_alive =
+        framing != ResponseFraming::Close && if minor >= 1 { !close } else { keep && !close };
+    Ok(Some((
+        ResponseHead {
+            status,
+            headers,
+            framing,
+            keep_alive,
+        },
+        used,
+    )))
+}
+
+/// How a response body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ResponseFraming {
+    /// No body: a HEAD request, or a 1xx, 204 or 304 response.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// Everything until the backend closes the connection.
+    Close,
+}
+
+/// What [`ChunkedDecoder::decode`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Decoded {
+    Data(Bytes),
+    /// The buffer holds no complete piece: read more.
+    NeedMore,
+    /// The last chunk and the trailers have been consumed.
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers(usize),
+    Done,
+}
+
+/// Decodes a chunked body incrementally from a read buffer. Chunk extensions and trailers are
+/// dropped.
+#[derive(Debug)]
+pub(crate) struct ChunkedDecoder {
+    state: ChunkState,
+}
+
+impl Default for ChunkedDecoder {
+    fn default() -> Self {
+        ChunkedDecoder {
+            state: ChunkState::Size,
+        }
+    }
+}
+
+/// Splits off the first line of `buf` (without its line ending), if it is complete.
+fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, H1Error> {
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(i) => {
+            let mut line = buf.split_to(i + 1);
+            line.truncate(i);
+            if line.last() == Some(&b'\r') {
+                line.truncate(i - 1);
+            }
+            Ok(Some(line))
+        }
+        None if buf.len() > MAX_CHUNK_LINE => Err(H1Error::Chunked("line too long")),
+        None => Ok(None),
+    }
+}
+
+impl ChunkedDecoder {
+    /// Consumes from the front of `buf`. Data larger than `copy_below` is split off without
+    /// copying; smaller pieces are copied so the buffer keeps its allocation.
+    pub(crate) fn decode(
+        &mut self,
+        buf: &mut BytesMut,
+        copy_below: usize,
+    ) -> Result<Decoded, H1Error> {
+        loop {
+            match self.state {
+                ChunkState::Size => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    let digits = line
+                        .iter()
+                        .position(|b| !b.is_ascii_hexdigit())
+                        .unwrap_or(line.len());
+                    if digits == 0 || digits > 16 {
+                        return Err(H1Error::Chunked("bad chunk size"));
+                    }
+                    let rest = &line[digits..];
+                    if !rest.is_empty() && !matches!(rest[0], b';' | b' ' | b'\t') {
+                        return Err(H1Error::Chunked("bad chunk size"));
+                    }
+                    let hex = std::str::from_utf8(&line[..digits]).unwrap_or("0");
+                    let size = u64::from_str_radix(hex, 16)
+                        .map_err(|_| H1Error::Chunked("bad chunk size"))?;
+                    self.state = if size == 0 {
+                        ChunkState::Trailers(0)
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+                ChunkState::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let n = (left as usize).min(buf.len());
+                    let data = take_bytes(buf, n, copy_below);
+                    self.state = if left == n as u64 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left - n as u64)
+                    };
+                    return Ok(Decoded::Data(data));
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        if buf.first() == Some(&b'\n') {
+                            buf.advance(1);
+                            self.state = ChunkState::Size;
+                            continue;
+                        }
+                        return Ok(Decoded::NeedMore);
+                    }
+                    if &buf[..2] == b"\r\n" {
+                        buf.advance(2);
+                    } else if buf[0] == b'\n' {
+                        buf.advance(1);
+                    } else {
+                        return Err(H1Error::Chunked("missing CRLF after chunk data"));
+                    }
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers(seen) => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    if line.is_empty() {
+                        self.state = ChunkState::Done;
+                        return Ok(Decoded::Done);
+                    }
+                    let seen = seen + line.len();
+                    if seen > MAX_TRAILERS {
+                        return Err(H1Error::Chunked("trailers too large"));
+                    }
+                    self.state = ChunkState::Trailers(seen);
+                }
+                ChunkState::Done => return Ok(Decoded::Done),
+            }
+        }
+    }
+}
+
+/// Takes `n` bytes off the front of `buf`: copied when small (so `buf` keeps its allocation
+/// for the next read), split off without copying when large.
+pub(crate) fn take_bytes(buf: &mut BytesMut, n: usize, copy_below: usize) -> Bytes {
+    if n < copy_below {
+        let b = Bytes::copy_from_slice(&buf[..n]);
+        buf.advance(n);
+        b
+    } else {
+        buf.split_to(n).freeze()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str) -> ResponseHead {
+        parse_response_head(raw.as_bytes(), &Method::GET)
+            .unwrap()
+            .unwrap()
+            .0
+    }
+
+    #[test]
+    fn response_heads_parse_incrementally_and_reject_garbage() {
+        let raw = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-a: 1\r\nx-a: 2\r\n\r\nabc";
+        for cut in 0..raw.len() - 3 {
+            assert!(
+                parse_response_head(&raw[..cut], &Method::GET)
+                    .unwrap()
+                    .is_none(),
+                "cut {cut}"
+            );
+        }
+        let (h, used) = parse_response_head(raw, &Method::GET).unwrap().unwrap();
+        assert_eq!(used, raw.len() - 3);
+        assert_eq!(h.status, StatusCode::OK);
+        assert_eq!(h.headers.get_all("x-a").iter().count(), 2);
+        let bad = |raw: &[u8]| parse_response_head(raw, &Method::GET).unwrap_err();
+        assert!(matches!(bad(b"HTTP/1.1 2000 OK\r\n\r\n"), H1Error::Head(_)));
+        assert!(matches!(bad(b"hello\r\n\r\n"), H1Error::Head(_)));
+        let huge = format!(
+            "HTTP/1.1 200 OK\r\nx: {}",
+            "a".repeat(MAX_RESPONSE_HEAD + 1)
+        );
+        assert!(matches!(bad(huge.as_bytes()), H1Error::HeadTooLarge));
+        assert!(matches!(
+            bad(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\ncontent-length: 5\r\n\r\n"),
+            H1Error::ContentLength
+        ));
+        assert!(matches!(
+            bad(b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n"),
+            H1Error::ContentLength
+        ));
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let f = |raw: &str, m: Method| {
+            parse_response_head(raw.as_bytes(), &m)
+                .unwrap()
+                .unwrap()
+                .0
+                .framing
+        };
+        use ResponseFraming::*;
+        let cl7 = "HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n";
+        assert_eq!(f(cl7, Method::GET), Length(7));
+        assert_eq!(f(cl7, Method::HEAD), Empty);
+        assert_eq!(f("HTTP/1.1 204 No Content\r\n\r\n", Method::GET), Empty);
+        assert_eq!(
+            f(
+                "HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n",
+                Method::GET
+            ),
+            Empty
+        );
+        assert_eq!(
+            f(
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 3\r\n\r\n",
+                Method::GET
+            ),
+            Chunked
+        );
+        assert_eq!(
+            f(
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+                Method::GET
+            ),
+            Close
+        );
+        assert_eq!(f("HTTP/1.1 200 OK\r\n\r\n", Method::GET), Close);
+        assert_eq!(
+            f(
+                "HTTP/1.1 200 OK\r\ncontent-length: 4, 4\r\n\r\n",
+                Method::GET
+            ),
+            Length(4)
+        );
+    }
+
+    #[test]
+    fn keep_alive_depends_on_version_connection_and_framing() {
+        assert!(head("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").keep_alive);
+        assert!(
+            !head("HTTP/1.1 200 OK\r\nconnection: Close\r\ncontent-length: 0\r\n\r\n").keep_alive
+        );
+        assert!(!head("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n").keep_alive);
+        assert!(
+            head("HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n")
+                .keep_alive
+        );
+        assert!(
+            !head("HTTP/1.1 200 OK\r\n\r\n").keep_alive,
+            "a body delimited by close"
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_response_fields_are_dropped_except_on_101() {
+        let h = head(
+            "HTTP/1.1 200 OK\r\nconnection: keep-alive, x-secret\r\nx-secret: 1\r\nkeep-alive: timeout=5\r\ntransfer-encoding: chunked\r\nupgrade: h2c\r\nproxy-authenticate: Basic\r\nx-other: kept\r\n\r\n",
+        );
+        let names: Vec<&str> = h.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-other"]);
+        assert_eq!(h.framing, ResponseFraming::Chunked);
+        let h = head(
+            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+        );
+        assert_eq!(h.headers.get("upgrade").unwrap(), "websocket");
+        assert_eq!(h.headers.get("connection").unwrap(), "upgrade");
+    }
+
+    fn decode_all(input: &[u8], step: usize) -> Result<Vec<u8>, H1Error> {
+        let mut dec = ChunkedDecoder::default();
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut fed = 0;
+        loop {
+            match dec.decode(&mut buf, 4)? {
+                Decoded::Data(d) => out.extend_from_slice(&d),
+                Decoded::Done => return Ok(out),
+                Decoded::NeedMore => {
+                    if fed == input.len() {
+                        return Err(H1Error::Chunked("truncated"));
+                    }
+                    let end = (fed + step).min(input.len());
+                    buf.extend_from_slice(&input[fed..end]);
+                    fed = end;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_read_sizes() {
+        let body =
+            b"5;ext=1\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-trailer: 1\r\n\r\n";
+        for step in 1..body.len() {
+            assert_eq!(
+                decode_all(body, step).unwrap(),
+                b"helloabcdefghijklmnopqrstuvwxyz",
+                "step {step}"
+            );
+        }
+        // Bare LF line endings are tolerated.
+        assert_eq!(decode_all(b"3\nabc\n0\n\n", 2).unwrap(), b"abc");
+        assert!(decode_all(b"zz\r\n", 10).is_err());
+        assert!(decode_all(b"3\r\nabcX\r\n0\r\n\r\n", 50).is_err());
+        assert!(decode_all(b"3\r\nabc\r\n", 50).is_err(), "no last chunk");
+        let long = format!("{}\r\n", "1".repeat(MAX_CHUNK_LINE + 1));
+        assert!(decode_all(long.as_bytes(), long.len()).is_err());
+        // Bytes after the body stay in the buffer for the next response.
+        let mut dec = ChunkedDecoder::default();
+        let mut buf = BytesMut::from(&b"1\r\na\r\n0\r\n\r\nHTTP/1.1"[..]);
+        assert_eq!(
+            dec.decode(&mut buf, 0).unwrap(),
+            Decoded::Data(Bytes::from_static(b"a"))
+        );
+        assert_eq!(dec.decode(&mut buf, 0).unwrap(), Decoded::Done);
+        assert_eq!(&buf[..], b"HTTP/1.1");
+    }
+}

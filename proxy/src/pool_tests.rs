@@ -1,0 +1,354 @@
+//! The upstream client against scripted raw-TCP backends: every response framing, connection
+//! reuse, idle connections the backend closed, truncated bodies and request body framing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Frame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::h1;
+use crate::pool::{SendError, UpstreamPool, request_framing};
+
+/// One request as the backend saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    head: String,
+    body: Vec<u8>,
+    conn: usize,
+}
+
+/// What the backend does with a request: the bytes to answer and whether to close afterwards.
+type Reply = Box<dyn Fn(&Seen) -> (Vec<u8>, bool) + Send + Sync>;
+
+struct Backend {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    seen: tokio::sync::mpsc::UnboundedReceiver<Seen>,
+}
+
+/// Reads one request (head plus a content-length or chunked body) from `s`.
+async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8(buf[..end + 4].to_vec()).unwrap();
+            buf.drain(..end + 4);
+            let lower = head.to_ascii_lowercase();
+            let body = if let Some(i) = lower.find("content-length: ") {
+                let n: usize = lower[i + 16..].split("\r\n").next()?.parse().ok()?;
+                while buf.len() < n {
+                    read_more(s, buf).await?;
+                }
+                buf.drain(..n).collect()
+            } else if lower.contains("transfer-encoding: chunked") {
+                while !buf.windows(5).any(|w| w == b"0\r\n\r\n") {
+                    read_more(s, buf).await?;
+                }
+                let end = buf.windows(5).position(|w| w == b"0\r\n\r\n").unwrap() + 5;
+                buf.drain(..end).collect()
+            } else {
+                Vec::new()
+            };
+            return Some((head, body));
+        }
+        read_more(s, buf).await?;
+    }
+}
+
+async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
+    let mut chunk = [0u8; 4096];
+    match s.read(&mut chunk).await {
+        Ok(0) | Err(_) => None,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            Some(())
+        }
+    }
+}
+
+async fn backend(reply: Reply) -> Backend {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (tx, seen) = tokio::sync::mpsc::unbounded_channel();
+    let reply = Arc::new(reply);
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let conn = count.fetch_add(1, Ordering::SeqCst) + 1;
+            let (reply, tx) = (reply.clone(), tx.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some((head, body)) = read_request(&mut s, &mut buf).await {
+                    let seen = Seen { head, body, conn };
+                    let (answer, close) = reply(&seen);
+                    let _ = tx.send(seen);
+                    if s.write_all(&answer).await.is_err() || close {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Backend {
+        addr,
+        accepted,
+        seen,
+    }
+}
+
+fn pool() -> Arc<UpstreamPool> {
+    Arc::new(UpstreamPool::new(8, Duration::from_secs(2)))
+}
+
+fn req(method: Method, path: &str) -> Request<Empty<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "b1.test")
+        .body(Empty::new())
+        .unwrap()
+}
+
+/// Sends a request through the pool, its head encoded from its header map.
+async fn send<B>(
+    pool: &Arc<UpstreamPool>,
+    addr: SocketAddr,
+    r: Request<B>,
+) -> Result<crate::pool::UpstreamResponse, SendError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (parts, body) = r.into_parts();
+    let mut head = Vec::new();
+    h1::write_request_line(&mut head, &parts.method, parts.uri.path());
+    for (name, value) in &parts.headers {
+        h1::write_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
+    }
+    let framing = request_framing(&body, false);
+    pool.send(addr, &parts.method, &head, framing, body).await
+}
+
+/// Sends a request and collects the whole response body.
+async fn exchange<B>(
+    pool: &Arc<UpstreamPool>,
+    addr: SocketAddr,
+    r: Request<B>,
+) -> (StatusCode, Vec<u8>)
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let resp = match send(pool, addr, r).await {
+        Ok(r) => r.response,
+        Err(e) => panic!("send failed: {e:?}"),
+    };
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, body.to_vec())
+}
+
+#[tokio::test]
+async fn every_response_framing_arrives_whole_on_one_reused_connection() {
+    let b = backend(Box::new(|s: &Seen| {
+        let path = s.head.split(' ').nth(1).unwrap().to_string();
+        let answer: &[u8] = match path.as_str() {
+            "/length" => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+            "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4;x=y\r\ndefg\r\n0\r\ntrailer: 1\r\n\r\n",
+            "/head" => b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n",
+            "/empty" => b"HTTP/1.1 204 No Content\r\n\r\n",
+            "/continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
+            _ => b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+        };
+        (answer.to_vec(), false)
+    }))
+    .await;
+    let p = pool();
+    assert_eq!(
+        exchange(&p, b.addr, req(Method::GET, "/length")).await,
+        (StatusCode::OK, b"hello".to_vec())
+    );
+    assert_eq!(
+        p.idle_count(b.addr),
+        1,
+        "the connection is back in the pool"
+    );
+    assert_eq!(
+        exchange(&p, b.addr, req(Method::GET, "/chunked")).await,
+        (StatusCode::OK, b"abcdefg".to_vec())
+    );
+    assert_eq!(
+        exchange(&p, b.addr, req(Method::HEAD, "/head")).await,
+        (StatusCode::OK, vec![])
+    );
+    assert_eq!(
+        exchange(&p, b.addr, req(Method::GET, "/empty")).await,
+        (StatusCode::NO_CONTENT, vec![])
+    );
+    assert_eq!(
+        exchange(&p, b.addr, req(Method::GET, "/continue")).await,
+        (StatusCode::CREATED, b"ok".to_vec())
+    );
+    assert_eq!(
+        exchange(&p, b.addr, req(Method::GET, "/nope")).await,
+        (StatusCode::NOT_FOUND, vec![])
+    );
+    assert_eq!(
+        b.accepted.load(Ordering::SeqCst),
+        1,
+        "one connection carried all six"
+    );
+    assert_eq!(p.idle_count(b.addr), 1);
+}
+
+#[tokio::test]
+async fn close_delimited_and_connection_close_responses_are_not_pooled() {
+    let b = backend(Box::new(|s: &Seen| {
+        if s.head.starts_with("GET /until-close") {
+            (b"HTTP/1.1 200 OK\r\n\r\nall of it".to_vec(), true)
+        } else {
+            (
+                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nhi".to_vec(),
+                true,
+            )
+        }
+    }))
+    .await;
+    let p = pool();
+    assert_eq!(
+        exchange(&p, b.addr, req(Method::GET, "/until-close")).await,
+        (StatusCode::OK, b"all of it".to_vec())
+    );
+    assert_eq!(p.idle_count(b.addr), 0);
+    assert_eq!(
+        exchange(&p, b.addr, req(Method::GET, "/close")).await,
+        (StatusCode::OK, b"hi".to_vec())
+    );
+    assert_eq!(p.idle_count(b.addr), 0);
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_idle_connection_the_backend_closed_is_replaced_without_an_error() {
+    // Answers keep-alive but closes every connection right after answering.
+    let mut b = backend(Box::new(|_: &Seen| {
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+            true,
+        )
+    }))
+    .await;
+    let p = pool();
+    for n in 1..=3 {
+        assert_eq!(
+            exchange(&p, b.addr, req(Method::GET, "/")).await,
+            (StatusCode::OK, b"ok".to_vec())
+        );
+        let seen = b.seen.recv().await.unwrap();
+        assert_eq!(seen.conn, n, "request {n} went out on a fresh connection");
+    }
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_body_cut_short_is_an_error_and_the_connection_is_dropped() {
+    let b = backend(Box::new(|_: &Seen| {
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nonly5".to_vec(),
+            true,
+        )
+    }))
+    .await;
+    let p = pool();
+    let resp = send(&p, b.addr, req(Method::GET, "/"))
+        .await
+        .ok()
+        .unwrap()
+        .response;
+    assert!(resp.into_body().collect().await.is_err());
+    assert_eq!(p.idle_count(b.addr), 0);
+
+    let garbage = backend(Box::new(|_: &Seen| (b"SMTP ready\r\n\r\n".to_vec(), true))).await;
+    match send(&p, garbage.addr, req(Method::GET, "/")).await {
+        Err(SendError::Request(detail)) => assert!(detail.contains("malformed"), "{detail}"),
+        Err(e) => panic!("unexpected error {e:?}"),
+        Ok(_) => panic!("garbage was accepted as a response"),
+    }
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    assert!(matches!(
+        send(&p, closed, req(Method::GET, "/")).await,
+        Err(SendError::Connect(_))
+    ));
+}
+
+#[tokio::test]
+async fn request_bodies_go_out_with_their_length_or_chunked() {
+    let mut b = backend(Box::new(|_: &Seen| {
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec(),
+            false,
+        )
+    }))
+    .await;
+    let p = pool();
+    let fixed = Request::post("/upload")
+        .header("host", "b1.test")
+        .body(Full::new(Bytes::from_static(b"0123456789")))
+        .unwrap();
+    assert_eq!(exchange(&p, b.addr, fixed).await.0, StatusCode::OK);
+    let seen = b.seen.recv().await.unwrap();
+    assert!(
+        seen.head.contains("content-length: 10\r\n"),
+        "{}",
+        seen.head
+    );
+    assert_eq!(seen.body, b"0123456789");
+
+    // A body of unknown length, arriving in pieces, goes out chunked.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    let streamed = Request::post("/stream")
+        .header("host", "b1.test")
+        .body(ChannelBody(rx))
+        .unwrap();
+    let sender = tokio::spawn(async move {
+        for piece in [&b"abc"[..], b"", b"defgh"] {
+            tx.send(Bytes::from_static(piece)).await.unwrap();
+        }
+    });
+    assert_eq!(exchange(&p, b.addr, streamed).await.0, StatusCode::OK);
+    sender.await.unwrap();
+    let seen = b.seen.recv().await.unwrap();
+    assert!(
+        seen.head.contains("transfer-encoding: chunked\r\n"),
+        "{}",
+        seen.head
+    );
+    assert_eq!(seen.body, b"3\r\nabc\r\n5\r\ndefgh\r\n0\r\n\r\n");
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
+}
+
+/// A request body of unknown length fed from a channel (a client uploading in pieces).
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.0.poll_recv(cx).map(|d| d.map(|d| Ok(Frame::data(d))))
+    }
+}
