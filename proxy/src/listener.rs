@@ -100,6 +100,9 @@ impl Proxy {
             // Also bounds how long an idle keep-alive connection waits for its next request.
             .header_read_timeout(cfg.header_read_timeout)
             .max_buf_size(cfg.max_header_bytes.max(8192))
+            // One buffer, one iovec: a response head and a small body go out in one plain
+            // write (measured cheaper than writev with two iovecs on loopback).
+            .writev(false)
             .keep_alive(true);
         builder
             .http2()
