@@ -317,7 +317,8 @@ impl UpstreamPool {
         loop {
             let (mut conn, reused) = match self.take_idle(addr) {
                 Some(c) => (c, true),
-                None => (self.connect(addr).await?, false),
+                // Boxed: a rare path that would otherwise enlarge every request's future.
+                None => (Box::pin(self.connect(addr)).await?, false),
             };
             // A reused connection the backend closed a moment ago fails before anything of
             // the request was processed: the request goes out again on another connection.

@@ -250,7 +250,9 @@ async fn proxy(
             if !shared.config.unknown_grace.is_zero()
                 && hangar_core::ids::validate_label(&name).is_ok() =>
         {
-            wait_known(shared, name).await?
+            // Boxed, like the wait below: rare paths that would otherwise make every
+            // request's future larger (and costlier to move).
+            Box::pin(wait_known(shared, name)).await?
         }
         other => other?,
     };
@@ -263,7 +265,7 @@ async fn proxy(
     let address = match (route.state, route.address) {
         (RouteState::Ready, Some(addr)) => addr,
         (RouteState::Gone, _) => return Err(ProxyError::Gone(route.backend.to_string())),
-        _ => wait_ready(shared, &route.backend).await?,
+        _ => Box::pin(wait_ready(shared, &route.backend)).await?,
     };
     let mut guard = shared.activity.begin_route(&route);
 
