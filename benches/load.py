@@ -7,7 +7,9 @@ Each target is pinned the same way: the proxy and the backend share core 0, the 
 - req/s and p50/p99 latency at saturation (oha with -c connections, no rate limit);
 - p50/p99 at a fixed 5,000 req/s, and what the proxy adds over the direct backend;
 - req/s per CPU-second of the proxy process (its utime+stime over the saturation run);
-- memory per idle keep-alive client connection (RSS growth with 1,000 idle connections).
+- memory per idle keep-alive client connection: RSS growth with 1,000 idle connections, and
+  again with 1,000 more once the first ones have closed (steady state: the allocator reuses
+  what the first burst reserved; nginx preallocates its connection structures).
 
 Hangar runs as `hangar dev` with tokens checked (Authorization: Bearer) and Host routing;
 nginx 1.22 is configured the same way (Host routing, upstream keep-alive, access log off,
@@ -214,14 +216,14 @@ http {{
                       f"p99 {fixed['p99']:.3f} | non-200 {sat['non200'] + fixed['non200']}",
                       file=sys.stderr)
         mem = {
-            "hangar": idle_memory(proxy, host, [auth], hangar_pids),
-            "nginx": idle_memory(nginx_port, host, [], nginx_pids),
+            "hangar": [idle_memory(proxy, host, [auth], hangar_pids) for _ in range(2)],
+            "nginx": [idle_memory(nginx_port, host, [], nginx_pids) for _ in range(2)],
         }
 
         med = statistics.median
         d50 = med(r["p50"] for r in results["direct"]["fixed"])
         d99 = med(r["p99"] for r in results["direct"]["fixed"])
-        print(f"| Target | req/s at saturation | p50 / p99 at saturation (ms) | p50 / p99 at {args.rate} req/s (ms) | added p50 / p99 (ms) | req/s per proxy CPU-second | memory per idle connection |")
+        print(f"| Target | req/s at saturation | p50 / p99 at saturation (ms) | p50 / p99 at {args.rate} req/s (ms) | added p50 / p99 (ms) | req/s per proxy CPU-second | memory per idle connection (first / next 1,000) |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for name in targets:
             r = results[name]
@@ -232,7 +234,7 @@ http {{
             f99 = med(x["p99"] for x in r["fixed"])
             added = "-" if name == "direct" else f"{f50 - d50:.3f} / {f99 - d99:.3f}"
             per_cpu = f"{med(r['per_cpu']):,.0f}" if r["per_cpu"] else "-"
-            m = f"{mem[name] / 1024:.1f} KB" if name in mem else "-"
+            m = " / ".join(f"{x / 1024:.1f} KB" for x in mem[name]) if name in mem else "-"
             print(f"| {name} | {rps:,.0f} | {s50:.3f} / {s99:.3f} | {f50:.3f} / {f99:.3f} | {added} | {per_cpu} | {m} |")
         bad = sum(x["non200"] for r in results.values() for k in ("sat", "fixed") for x in r[k])
         print(f"\nnon-200 responses in all runs: {bad}")

@@ -20,6 +20,7 @@ mod remote;
 mod route_table;
 mod service;
 mod tls;
+mod token_cache;
 
 #[cfg(test)]
 mod pool_tests;

@@ -47,6 +47,7 @@ impl Proxy {
                 pool,
                 tasks,
                 revocations: arc_swap::ArcSwap::from_pointee(Default::default()),
+                verified: Default::default(),
             }),
         }
     }

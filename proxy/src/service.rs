@@ -40,6 +40,8 @@ pub(crate) struct Shared {
     pub(crate) tasks: TaskTracker,
     /// Revoked tokens, replaced whole by the feed (checked only when non-empty).
     pub(crate) revocations: arc_swap::ArcSwap<hangar_core::feed::Revocations>,
+    /// Tokens verified recently.
+    pub(crate) verified: crate::token_cache::VerifiedTokens,
 }
 
 /// Where the request's token came from: decides what is stripped and whether a cookie is set.
@@ -133,13 +135,14 @@ fn find_route(shared: &Shared, req: &Request<Incoming>) -> Result<Route, ProxyEr
     }
 }
 
-/// Finds and verifies the token; returns the user, where the token came from and, when it came
-/// in the query string, the token itself (it becomes a cookie on the response).
+/// Finds and verifies the token (see [`crate::token_cache`] for tokens verified before);
+/// returns the user, where the token came from and, when it came in the query string, the
+/// token itself (it becomes a cookie on the response).
 fn check_token(
     shared: &Shared,
     req: &Request<Incoming>,
     backend: &BackendId,
-) -> Result<(String, TokenSource, Option<String>), ProxyError> {
+) -> Result<(Arc<str>, TokenSource, Option<String>), ProxyError> {
     let headers = req.headers();
     let bearer = headers
         .get(header::AUTHORIZATION)
@@ -166,17 +169,28 @@ fn check_token(
     } else {
         return Err(ProxyError::Token(TokenError::Missing));
     };
-    let claims = shared
-        .config
-        .token_key
-        .verify(token, backend.as_str(), unix_now())
-        .map_err(ProxyError::Token)?;
+    let now = unix_now();
+    let user = match shared.verified.get(token, backend, now) {
+        Some(user) => user,
+        None => {
+            let claims = shared
+                .config
+                .token_key
+                .verify(token, backend.as_str(), now)
+                .map_err(ProxyError::Token)?;
+            let user: Arc<str> = claims.user.into();
+            shared
+                .verified
+                .insert(token, backend, user.clone(), claims.expires_at);
+            user
+        }
+    };
     {
         let revoked = shared.revocations.load();
         if !revoked.is_empty()
             && revoked.is_revoked(
                 backend.as_str(),
-                &claims.user,
+                &user,
                 hangar_core::token::token_id(token).unwrap_or_default(),
             )
         {
@@ -184,7 +198,7 @@ fn check_token(
         }
     }
     let query_token = (source == TokenSource::Query).then(|| token.to_string());
-    Ok((claims.user, source, query_token))
+    Ok((user, source, query_token))
 }
 
 /// Re-evaluates `settle` on the current route table, and again on every publish, until it
@@ -257,7 +271,7 @@ async fn proxy(
         other => other?,
     };
     let (user, token_source, query_token) = if route.public {
-        (String::new(), None, None)
+        (Arc::<str>::from(""), None, None)
     } else {
         let (user, source, query_token) = check_token(shared, &req, &route.backend)?;
         (user, Some(source), query_token)
