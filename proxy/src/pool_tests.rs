@@ -339,7 +339,7 @@ async fn request_bodies_go_out_with_their_length_or_chunked() {
 }
 
 /// A request body of unknown length fed from a channel (a client uploading in pieces).
-struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+pub(crate) struct ChannelBody(pub(crate) tokio::sync::mpsc::Receiver<Bytes>);
 
 impl hyper::body::Body for ChannelBody {
     type Data = Bytes;
@@ -351,4 +351,58 @@ impl hyper::body::Body for ChannelBody {
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         self.0.poll_recv(cx).map(|d| d.map(|d| Ok(Frame::data(d))))
     }
+}
+
+#[tokio::test]
+async fn large_bodies_stream_intact_both_ways_and_the_connection_is_reused() {
+    // 1 MiB of a pattern that shows any lost, doubled or reordered byte.
+    let big: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let body = big.clone();
+    let mut b = backend(Box::new(move |s: &Seen| {
+        let mut answer = Vec::new();
+        if s.head.starts_with("GET /chunked") {
+            answer.extend_from_slice(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+            for piece in body.chunks(10_000) {
+                answer.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                answer.extend_from_slice(piece);
+                answer.extend_from_slice(b"\r\n");
+            }
+            answer.extend_from_slice(b"0\r\n\r\n");
+        } else if s.head.starts_with("GET /length") {
+            answer.extend_from_slice(
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).as_bytes(),
+            );
+            answer.extend_from_slice(&body);
+        } else {
+            // An upload: answer with its size.
+            let n = s.body.len().to_string();
+            answer.extend_from_slice(
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{n}", n.len()).as_bytes(),
+            );
+        }
+        (answer, false)
+    }))
+    .await;
+    let p = pool();
+    let (status, got) = exchange(&p, b.addr, req(Method::GET, "/length")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        got == big,
+        "content-length body differs ({} bytes)",
+        got.len()
+    );
+    let (_, got) = exchange(&p, b.addr, req(Method::GET, "/chunked")).await;
+    assert!(got == big, "chunked body differs ({} bytes)", got.len());
+    let upload = Request::post("/upload")
+        .header("host", "b1.test")
+        .body(Full::new(Bytes::from(big.clone())))
+        .unwrap();
+    let (_, got) = exchange(&p, b.addr, upload).await;
+    assert_eq!(got, (1u32 << 20).to_string().as_bytes());
+    for _ in 0..3 {
+        let seen = b.seen.recv().await.unwrap();
+        assert_eq!(seen.conn, 1, "every exchange reused the first connection");
+    }
+    assert_eq!(b.seen.try_recv().ok().map(|s| s.body.len()), None);
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
 }

@@ -35,6 +35,19 @@ async fn upstream(tasks: &TaskTracker) -> SocketAddr {
             let Ok((s, _)) = l.accept().await else { return };
             tokio::spawn(async move {
                 let svc = service_fn(|mut req: Request<Incoming>| async move {
+                    if req.uri().path() == "/echo-body" {
+                        // Answers with the body it got and how it was framed.
+                        let framing = if req.headers().contains_key("transfer-encoding") {
+                            "chunked".to_string()
+                        } else {
+                            format!("length {:?}", req.headers().get("content-length"))
+                        };
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let mut resp = hyper::Response::new(http_body_util::Full::new(body));
+                        resp.headers_mut()
+                            .insert("x-framing", framing.parse().unwrap());
+                        return Ok::<_, std::convert::Infallible>(resp);
+                    }
                     if req.uri().path() == "/slow" {
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
@@ -130,21 +143,79 @@ fn get(path: &str) -> Request<Empty<Bytes>> {
         .unwrap()
 }
 
+/// An HTTP/2 (prior knowledge) client connection to `addr`.
+async fn h2c_client<B>(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
 #[tokio::test]
 async fn h2c_with_prior_knowledge() {
     let r = start(config(), None).await;
-    let s = TcpStream::connect(r.addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2c_client(r.addr).await;
     for _ in 0..3 {
         let resp = send.send_request(get("/")).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.version(), http::Version::HTTP_2);
         assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
     }
+}
+
+#[tokio::test]
+async fn request_bodies_reach_the_backend_with_their_framing_over_http1_and_http2() {
+    let r = start(config(), None).await;
+    let payload = Bytes::from(vec![b'x'; 100_000]);
+    let post = |body: http_body_util::Full<Bytes>| {
+        Request::post(format!("http://{ID}.{DOMAIN}/echo-body"))
+            .header("host", format!("{ID}.{DOMAIN}"))
+            .body(body)
+            .unwrap()
+    };
+
+    // HTTP/1.1 with a content-length: forwarded with its length.
+    let s = TcpStream::connect(r.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = send
+        .send_request(post(http_body_util::Full::new(payload.clone())))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-framing"], "length Some(\"100000\")");
+    assert_eq!(
+        resp.into_body().collect().await.unwrap().to_bytes(),
+        payload
+    );
+
+    // HTTP/2 without a content-length: the proxy cannot know the length, so it goes chunked.
+    let mut send = h2c_client(r.addr).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(2);
+    let req = Request::post(format!("http://{ID}.{DOMAIN}/echo-body"))
+        .body(crate::pool_tests::ChannelBody(rx))
+        .unwrap();
+    let writer = tokio::spawn(async move {
+        for _ in 0..10 {
+            tx.send(Bytes::from(vec![b'y'; 10_000])).await.unwrap();
+        }
+    });
+    let resp = send.send_request(req).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-framing"], "chunked");
+    let got = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(got.len(), 100_000);
+    assert!(got.iter().all(|&b| b == b'y'));
 }
 
 struct Pki {
