@@ -70,74 +70,59 @@ impl Conn {
         }
     }
 
-    async fn flush(&mut self) -> io::Result<()> {
-        if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await?;
-            self.wbuf.clear();
-        }
-        Ok(())
-    }
-
-    /// Writes the head in `wbuf` and the body. Small bodies that are already at hand go out
-    /// in the same write as the head.
+    /// Writes the request (head in `wbuf`, then the body). Returns whether the backend
+    /// answered before the whole body was sent: it may refuse an upload (a 413, a 401) without
+    /// reading it, and waiting to finish the upload first would stall until the response
+    /// timeout. The connection cannot carry another request after such an early answer.
     async fn write_request<B>(
         &mut self,
+        method: &Method,
         body: &mut B,
         framing: RequestFraming,
         started: &mut bool,
-    ) -> Result<(), WriteError>
+    ) -> Result<bool, WriteError>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
-        if framing != RequestFraming::None && !body.is_end_stream() {
-            let chunked = framing == RequestFraming::Chunked;
-            loop {
-                let frame = if self.wbuf.is_empty() {
-                    std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
-                } else {
-                    // Take what the client has sent already; write what is gathered before
-                    // waiting for more.
-                    match std::future::poll_fn(|cx| {
-                        Poll::Ready(match Pin::new(&mut *body).poll_frame(cx) {
-                            Poll::Ready(f) => Some(f),
-                            Poll::Pending => None,
-                        })
-                    })
-                    .await
-                    {
-                        Some(f) => f,
-                        None => {
-                            self.flush().await.map_err(WriteError::Upstream)?;
-                            continue;
-                        }
+        let Conn { stream, rbuf, wbuf } = self;
+        if framing == RequestFraming::None || body.is_end_stream() {
+            // No body (the common case): the head alone, in one write.
+            flush(stream, wbuf).await.map_err(WriteError::Upstream)?;
+            return Ok(false);
+        }
+        let (rd, mut wr) = stream.split();
+        let write = write_body(&mut wr, wbuf, body, framing, started);
+        tokio::pin!(write);
+        loop {
+            tokio::select! {
+                biased;
+                done = &mut write => return done.map(|()| false),
+                ready = rd.readable() => {
+                    ready.map_err(WriteError::Upstream)?;
+                    if rbuf.capacity() - rbuf.len() < 1024 {
+                        rbuf.reserve(READ_CHUNK);
                     }
-                };
-                match frame {
-                    Some(Ok(frame)) => {
-                        *started = true;
-                        if let Ok(data) = frame.into_data() {
-                            if chunked {
-                                h1::encode_chunk(&mut self.wbuf, &data);
-                            } else {
-                                self.wbuf.extend_from_slice(&data);
+                    match rd.try_read_buf(rbuf) {
+                        // Closed: stop writing; reading the head reports it.
+                        Ok(0) => return Ok(true),
+                        Ok(_) => {
+                            // Stop at a final head (or a broken one); an interim 1xx stays in
+                            // the buffer for `read_head` and the body goes on.
+                            match h1::parse_response_head(rbuf, method) {
+                                Ok(Some((head, _))) if head.status.is_informational()
+                                    && head.status != StatusCode::SWITCHING_PROTOCOLS => {}
+                                Ok(Some(_)) | Err(_) => return Ok(true),
+                                Ok(None) => {}
                             }
                         }
+                        // A stale readiness report: nothing to read yet.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(WriteError::Upstream(e)),
                     }
-                    Some(Err(e)) => return Err(WriteError::Client(e.into())),
-                    None => {
-                        if chunked {
-                            self.wbuf.extend_from_slice(h1::LAST_CHUNK);
-                        }
-                        break;
-                    }
-                }
-                if self.wbuf.len() >= WRITE_BATCH {
-                    self.flush().await.map_err(WriteError::Upstream)?;
                 }
             }
         }
-        self.flush().await.map_err(WriteError::Upstream)
     }
 
     /// Reads until a final response head (or `101`) is complete; interim `1xx` heads are
@@ -178,6 +163,76 @@ impl Conn {
             got_any = true;
         }
     }
+}
+
+async fn flush<W: AsyncWrite + Unpin>(w: &mut W, wbuf: &mut Vec<u8>) -> io::Result<()> {
+    if !wbuf.is_empty() {
+        w.write_all(wbuf).await?;
+        wbuf.clear();
+    }
+    Ok(())
+}
+
+/// Writes the head in `wbuf` and the body. Small bodies that are already at hand go out in the
+/// same write as the head.
+async fn write_body<W, B>(
+    w: &mut W,
+    wbuf: &mut Vec<u8>,
+    body: &mut B,
+    framing: RequestFraming,
+    started: &mut bool,
+) -> Result<(), WriteError>
+where
+    W: AsyncWrite + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let chunked = framing == RequestFraming::Chunked;
+    loop {
+        let frame = if wbuf.is_empty() {
+            std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+        } else {
+            // Take what the client has sent already; write what is gathered before waiting
+            // for more.
+            match std::future::poll_fn(|cx| {
+                Poll::Ready(match Pin::new(&mut *body).poll_frame(cx) {
+                    Poll::Ready(f) => Some(f),
+                    Poll::Pending => None,
+                })
+            })
+            .await
+            {
+                Some(f) => f,
+                None => {
+                    flush(w, wbuf).await.map_err(WriteError::Upstream)?;
+                    continue;
+                }
+            }
+        };
+        match frame {
+            Some(Ok(frame)) => {
+                *started = true;
+                if let Ok(data) = frame.into_data() {
+                    if chunked {
+                        h1::encode_chunk(wbuf, &data);
+                    } else {
+                        wbuf.extend_from_slice(&data);
+                    }
+                }
+            }
+            Some(Err(e)) => return Err(WriteError::Client(e.into())),
+            None => {
+                if chunked {
+                    wbuf.extend_from_slice(h1::LAST_CHUNK);
+                }
+                break;
+            }
+        }
+        if wbuf.len() >= WRITE_BATCH {
+            flush(w, wbuf).await.map_err(WriteError::Upstream)?;
+        }
+    }
+    flush(w, wbuf).await.map_err(WriteError::Upstream)
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -326,19 +381,23 @@ impl UpstreamPool {
             conn.wbuf.clear();
             conn.wbuf.extend_from_slice(head);
             h1::end_request_head(&mut conn.wbuf, framing);
-            match conn
-                .write_request(&mut body, framing, &mut body_started)
+            let answered_early = match conn
+                .write_request(method, &mut body, framing, &mut body_started)
                 .await
             {
-                Ok(()) => {}
+                Ok(early) => early,
                 Err(WriteError::Upstream(_)) if retry(body_started) => continue,
                 Err(WriteError::Upstream(e)) => {
                     return Err(SendError::Request(format!("sending the request: {e}")));
                 }
                 Err(WriteError::Client(e)) => return Err(SendError::ClientBody(e.to_string())),
-            }
+            };
             match conn.read_head(method).await {
-                Ok(head) => return self.respond(addr, conn, head),
+                Ok(mut head) => {
+                    // Part of the request body is still unsent: the connection is spent.
+                    head.keep_alive &= !answered_early;
+                    return self.respond(addr, conn, head);
+                }
                 Err(ReadError::ClosedEarly | ReadError::Io(_))
                     if retry(body_started) && idempotent(method) =>
                 {

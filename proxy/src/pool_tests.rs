@@ -406,3 +406,40 @@ async fn large_bodies_stream_intact_both_ways_and_the_connection_is_reused() {
     assert_eq!(b.seen.try_recv().ok().map(|s| s.body.len()), None);
     assert_eq!(b.accepted.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn a_backend_that_refuses_an_upload_without_reading_it_answers_at_once() {
+    // Reads the request head only, answers 413 and keeps the connection open without reading
+    // the body (as a server rejecting an upload by its headers does).
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (hold_tx, mut hold_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = Vec::new();
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            read_more(&mut s, &mut buf).await.unwrap();
+        }
+        s.write_all(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 4\r\n\r\nbig!")
+            .await
+            .unwrap();
+        // Keep the socket open (and unread) until the test ends.
+        let _ = hold_tx.send(s);
+    });
+    let p = pool();
+    // Far more than loopback's socket buffers hold.
+    let upload = Request::post("/upload")
+        .header("host", "b1.test")
+        .body(Full::new(Bytes::from(vec![b'u'; 64 << 20])))
+        .unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(20), exchange(&p, addr, upload))
+        .await
+        .expect("the 413 was not passed on while the upload was still being written");
+    assert_eq!(answered, (StatusCode::PAYLOAD_TOO_LARGE, b"big!".to_vec()));
+    assert_eq!(
+        p.idle_count(addr),
+        0,
+        "a connection with an unsent body is not reused"
+    );
+    assert!(hold_rx.recv().await.is_some());
+}
