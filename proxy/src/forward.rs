@@ -196,14 +196,13 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// True if the request asks to switch protocols (WebSocket and the like).
 pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
+        && crate::h1::ConnectionOptions::parse(
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .map(|v| v.as_bytes()),
+        )
+        .upgrade
 }
 
 #[cfg(test)]

@@ -128,11 +128,54 @@ pub(crate) struct ResponseHead {
     pub(crate) keep_alive: bool,
 }
 
-/// The most `Connection`-listed names honoured in a response.
+/// The most `Connection`-listed field names honoured in one message.
 const MAX_CONNECTION_TOKENS: usize = 16;
 
-fn trim(b: &[u8]) -> &[u8] {
-    b.trim_ascii()
+/// What a message's `Connection` fields say (RFC 9110 §7.6.1): `close`, `keep-alive`,
+/// `upgrade`, and the other names they list, which are hop-by-hop fields of that message.
+pub(crate) struct ConnectionOptions<'a> {
+    pub(crate) close: bool,
+    pub(crate) keep_alive: bool,
+    pub(crate) upgrade: bool,
+    listed: [&'a [u8]; MAX_CONNECTION_TOKENS],
+    n_listed: usize,
+}
+
+impl<'a> ConnectionOptions<'a> {
+    /// Reads the values of every `Connection` field of a message.
+    pub(crate) fn parse(values: impl IntoIterator<Item = &'a [u8]>) -> Self {
+        let mut o = ConnectionOptions {
+            close: false,
+            keep_alive: false,
+            upgrade: false,
+            listed: [b""; MAX_CONNECTION_TOKENS],
+            n_listed: 0,
+        };
+        for t in values
+            .into_iter()
+            .flat_map(|v| v.split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+        {
+            if t.eq_ignore_ascii_case(b"close") {
+                o.close = true;
+            } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                o.keep_alive = true;
+            } else if t.eq_ignore_ascii_case(b"upgrade") {
+                o.upgrade = true;
+            } else if !t.is_empty() && o.n_listed < o.listed.len() {
+                o.listed[o.n_listed] = t;
+                o.n_listed += 1;
+            }
+        }
+        o
+    }
+
+    /// Whether field `name` (lower case) is listed, and so hop-by-hop.
+    pub(crate) fn lists(&self, name: &str) -> bool {
+        self.listed[..self.n_listed]
+            .iter()
+            .any(|l| name.as_bytes().eq_ignore_ascii_case(l))
+    }
 }
 
 /// Parses a response head to the request `method` from the front of `buf`: `Ok(None)` if it is
@@ -169,24 +212,12 @@ pub(crate) fn parse_response_head(
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
 
     // Connection options first: they decide keep-alive and name more hop-by-hop fields.
-    let (mut close, mut keep) = (false, false);
-    let mut listed: [&[u8]; MAX_CONNECTION_TOKENS] = [b""; MAX_CONNECTION_TOKENS];
-    let mut n_listed = 0;
-    for h in resp.headers.iter() {
-        if h.name.eq_ignore_ascii_case("connection") {
-            for t in h.value.split(|&b| b == b',').map(trim) {
-                if t.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                    keep = true;
-                } else if !t.is_empty() && n_listed < listed.len() {
-                    listed[n_listed] = t;
-                    n_listed += 1;
-                }
-            }
-        }
-    }
-    let listed = &listed[..n_listed];
+    let connection = ConnectionOptions::parse(
+        resp.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .map(|h| h.value),
+    );
 
     let mut chunked = None;
     let mut length: Option<u64> = None;
@@ -200,12 +231,12 @@ pub(crate) fn parse_response_head(
                 h.value
                     .rsplit(|&b| b == b',')
                     .next()
-                    .map(trim)
+                    .map(<[u8]>::trim_ascii)
                     .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")),
             );
         } else if name == header::CONTENT_LENGTH {
             for part in h.value.split(|&b| b == b',') {
-                let n = std::str::from_utf8(trim(part))
+                let n = std::str::from_utf8(part.trim_ascii())
                     .ok()
                     .and_then(|p| p.parse::<u64>().ok())
                     .ok_or(H1Error::ContentLength)?;
@@ -218,9 +249,7 @@ pub(crate) fn parse_response_head(
         if !switching
             && (crate::forward::is_hop_by_hop(&name)
                 || name == header::UPGRADE
-                || listed
-                    .iter()
-                    .any(|l| name.as_str().as_bytes().eq_ignore_ascii_case(l)))
+                || connection.lists(name.as_str()))
         {
             continue;
         }
@@ -244,8 +273,9 @@ pub(crate) fn parse_response_head(
         }
     };
     let minor = resp.version.unwrap_or(1);
-    let keep_alive =
-        framing != ResponseFraming::Close && if minor >= 1 { !close } else { keep && !close };
+    let keep_alive = framing != ResponseFraming::Close
+        && !connection.close
+        && (minor >= 1 || connection.keep_alive);
     Ok(Some((
         ResponseHead {
             status,

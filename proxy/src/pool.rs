@@ -315,8 +315,10 @@ impl UpstreamPool {
         None
     }
 
+    /// Keeps `conn` for the next request to `addr` (whether the backend has closed it since
+    /// is checked when it is taken out again).
     fn release(&self, addr: SocketAddr, conn: Conn) {
-        if !conn.rbuf.is_empty() || conn.is_stale() {
+        if !conn.rbuf.is_empty() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -396,7 +398,7 @@ impl UpstreamPool {
                 Ok(mut head) => {
                     // Part of the request body is still unsent: the connection is spent.
                     head.keep_alive &= !answered_early;
-                    return self.respond(addr, conn, head);
+                    return Ok(self.respond(addr, conn, head));
                 }
                 Err(ReadError::ClosedEarly | ReadError::Io(_))
                     if retry(body_started) && idempotent(method) =>
@@ -413,42 +415,35 @@ impl UpstreamPool {
         addr: SocketAddr,
         mut conn: Conn,
         head: ResponseHead,
-    ) -> Result<UpstreamResponse, SendError> {
-        if head.status == StatusCode::SWITCHING_PROTOCOLS {
+    ) -> UpstreamResponse {
+        let (body, upgraded) = if head.status == StatusCode::SWITCHING_PROTOCOLS {
             let upgraded = Upgraded {
                 prefix: std::mem::take(&mut conn.rbuf).freeze(),
                 stream: conn.stream,
             };
-            let mut response = Response::new(UpstreamBody::empty());
-            *response.status_mut() = head.status;
-            *response.headers_mut() = head.headers;
-            return Ok(UpstreamResponse {
-                response,
-                upgraded: Some(upgraded),
-            });
-        }
-        let kind = match head.framing {
-            ResponseFraming::Empty | ResponseFraming::Length(0) => BodyKind::Done,
-            ResponseFraming::Length(n) => BodyKind::Length(n),
-            ResponseFraming::Chunked => BodyKind::Chunked(ChunkedDecoder::default()),
-            ResponseFraming::Close => BodyKind::Close,
+            (UpstreamBody::empty(), Some(upgraded))
+        } else {
+            let kind = match head.framing {
+                ResponseFraming::Empty | ResponseFraming::Length(0) => BodyKind::Done,
+                ResponseFraming::Length(n) => BodyKind::Length(n),
+                ResponseFraming::Chunked => BodyKind::Chunked(ChunkedDecoder::default()),
+                ResponseFraming::Close => BodyKind::Close,
+            };
+            let mut body = UpstreamBody {
+                conn: Some(conn),
+                pool: Some((self.clone(), addr)),
+                keep_alive: head.keep_alive,
+                kind,
+            };
+            if body.is_end_stream() {
+                body.finish();
+            }
+            (body, None)
         };
-        let mut body = UpstreamBody {
-            conn: Some(conn),
-            pool: Some((self.clone(), addr)),
-            keep_alive: head.keep_alive,
-            kind,
-        };
-        if body.is_end_stream() {
-            body.finish();
-        }
         let mut response = Response::new(body);
         *response.status_mut() = head.status;
         *response.headers_mut() = head.headers;
-        Ok(UpstreamResponse {
-            response,
-            upgraded: None,
-        })
+        UpstreamResponse { response, upgraded }
     }
 }
 

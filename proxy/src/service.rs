@@ -271,10 +271,10 @@ async fn proxy(
         other => other?,
     };
     let (user, token_source, query_token) = if route.public {
-        (Arc::<str>::from(""), None, None)
+        (None, None, None)
     } else {
         let (user, source, query_token) = check_token(shared, &req, &route.backend)?;
-        (user, Some(source), query_token)
+        (Some(user), Some(source), query_token)
     };
     let address = match (route.state, route.address) {
         (RouteState::Ready, Some(addr)) => addr,
@@ -290,7 +290,7 @@ async fn proxy(
         &parts,
         &Forwarding {
             backend: &route.backend,
-            user: &user,
+            user: user.as_deref().unwrap_or(""),
             token: token_source,
             peer,
             tls,
@@ -410,9 +410,6 @@ struct Forwarding<'a> {
     upgrade: bool,
 }
 
-/// The most `Connection`-listed header names honoured per request.
-const MAX_CONNECTION_TOKENS: usize = 16;
-
 /// The request head the backend gets, encoded directly (the client's header map is read, never
 /// rebuilt): the client's method and origin-form target (without a `hangar_token` query
 /// parameter) and its end-to-end headers, minus hop-by-hop fields (RFC 9110 §7.6.1), inbound
@@ -433,18 +430,12 @@ fn upstream_head(parts: &http::request::Parts, f: &Forwarding<'_>) -> Vec<u8> {
     }
 
     let headers = &parts.headers;
-    let mut listed = [""; MAX_CONNECTION_TOKENS];
-    let mut n_listed = 0;
-    for v in headers.get_all(header::CONNECTION) {
-        for t in v.to_str().unwrap_or("").split(',') {
-            let t = t.trim();
-            if !t.is_empty() && n_listed < listed.len() {
-                listed[n_listed] = t;
-                n_listed += 1;
-            }
-        }
-    }
-    let listed = &listed[..n_listed];
+    let connection = h1::ConnectionOptions::parse(
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    );
     for (name, value) in headers {
         if forward::is_hop_by_hop(name)
             || *name == header::CONTENT_LENGTH
@@ -462,7 +453,7 @@ fn upstream_head(parts: &http::request::Parts, f: &Forwarding<'_>) -> Vec<u8> {
             }
             continue;
         }
-        if listed.iter().any(|l| name.as_str().eq_ignore_ascii_case(l)) {
+        if connection.lists(name.as_str()) {
             continue;
         }
         if *name == header::COOKIE && f.token == Some(TokenSource::Cookie) {
