@@ -143,17 +143,13 @@ fn main() {
         let ids: Vec<String> = (0..ROUTES).map(|i| format!("b{i:08}")).collect();
         dns.publish_routes(Arc::new(RouteTable::new(
             1,
-            ids.iter().enumerate().map(|(i, id)| Route {
-                backend: BackendId::parse(id).unwrap(),
-                state: if i % 2 == 0 {
+            ids.iter().enumerate().map(|(i, id)| {
+                let state = if i % 2 == 0 {
                     RouteState::Ready
                 } else {
                     RouteState::Gone
-                },
-                address: None,
-                public: false,
-                drone: None,
-                pool: None,
+                };
+                Route::new(BackendId::parse(id).unwrap(), state)
             }),
         )));
         let (udp, tcp) = hangar_dns::bind("127.0.0.1:0".parse().unwrap())

@@ -15,12 +15,8 @@ const DOMAIN: &str = "hangar.localhost";
 fn table(n: usize) -> (RouteTable, Vec<BackendId>) {
     let ids: Vec<BackendId> = (0..n).map(|_| BackendId::generate()).collect();
     let routes = ids.iter().map(|id| Route {
-        backend: id.clone(),
-        state: RouteState::Ready,
         address: Some("127.0.0.1:9000".parse().unwrap()),
-        public: false,
-        drone: None,
-        pool: None,
+        ..Route::new(id.clone(), RouteState::Ready)
     });
     (RouteTable::new(1, routes), ids)
 }

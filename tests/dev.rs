@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::support::{DEADLINE, Dev, cli, unix_now};
+use crate::support::{DEADLINE, Dev, cli, count_of, text, unix_now};
 
 fn scratch() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
@@ -36,34 +36,18 @@ async fn connect_routes_by_host_cookie_and_header_to_one_backend() {
 
     // Host, then header, then cookie: the same process answers, so the counter keeps growing.
     let by_host = dev.count(&a).await;
-    let by_header: u64 = dev
-        .http
-        .get(dev.proxy_url("/count"))
-        .header("x-hangar-backend", id)
-        .bearer_auth(&a.token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-        .parse()
-        .unwrap();
-    let by_cookie: u64 = dev
-        .http
-        .get(dev.proxy_url("/count"))
-        .header(
-            "cookie",
-            format!("hangar-backend={id}; hangar-token={}", a.token),
-        )
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-        .parse()
-        .unwrap();
+    let by_header = count_of(
+        dev.http
+            .get(dev.proxy_url("/count"))
+            .header("x-hangar-backend", id)
+            .bearer_auth(&a.token),
+    )
+    .await;
+    let by_cookie = count_of(dev.http.get(dev.proxy_url("/count")).header(
+        "cookie",
+        format!("hangar-backend={id}; hangar-token={}", a.token),
+    ))
+    .await;
     assert_eq!((by_host, by_header, by_cookie), (1, 2, 3));
 
     // The same key gets the same backend; another key another one.
@@ -78,14 +62,7 @@ async fn connect_routes_by_host_cookie_and_header_to_one_backend() {
     assert_eq!(dev.count(&b).await, 1);
 
     // `GET /` names the backend and its key.
-    let text = dev
-        .get_by_host(id, &a.token, "/")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = text(dev.get_by_host(id, &a.token, "/")).await;
     assert!(
         text.contains(id) && text.contains("default/doc-a"),
         "{text}"
@@ -193,16 +170,12 @@ async fn tokens_are_checked_and_errors_name_the_cause() {
     assert_eq!(r.text().await.unwrap(), "a=1&b=2");
 
     // Inbound x-hangar-* headers are replaced by the proxy's own.
-    let headers = dev
-        .get_by_host(id, &a.token, "/headers")
-        .header("x-hangar-user", "mallory")
-        .header("x-hangar-backend-id", "bforged")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let headers = text(
+        dev.get_by_host(id, &a.token, "/headers")
+            .header("x-hangar-user", "mallory")
+            .header("x-hangar-backend-id", "bforged"),
+    )
+    .await;
     assert!(headers.contains("x-hangar-user: alice"), "{headers}");
     assert!(
         headers.contains(&format!("x-hangar-backend-id: {id}")),

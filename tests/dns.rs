@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{DEADLINE, Dev, cli};
+use crate::support::{DEADLINE, Dev, cli, dev_cli};
 
 fn scratch() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
@@ -316,19 +316,7 @@ async fn dns_refuses_other_zones_and_answers_over_tcp() {
 async fn dns_flags_are_validated_before_binding_and_dns_can_be_off() {
     let dir = scratch();
     let data_dir = dir.path().to_str().unwrap();
-    let base = [
-        "dev",
-        "--api",
-        "127.0.0.1:0",
-        "--proxy",
-        "127.0.0.1:0",
-        "--data-dir",
-        data_dir,
-    ];
-    let run = |extra: &[&str]| {
-        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
-        cli(&args)
-    };
+    let run = |extra: &[&str]| dev_cli(data_dir, extra);
     let (code, _, err) = run(&["--dns", "nonsense"]);
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("--dns"), "{err}");

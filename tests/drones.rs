@@ -235,7 +235,18 @@ async fn a_restarted_serve_reloads_everything_and_sessions_keep_answering() {
     assert_eq!(again.backend_id, r.backend_id);
 }
 
+/// Removes the containers of the named docker drones when dropped.
 struct Cleanup(&'static [&'static str]);
+
+impl Cleanup {
+    /// Starts a docker test: the demo image is there and no container of `drones` is left
+    /// from an earlier run; they are removed again when the test ends.
+    fn docker_test(drones: &'static [&'static str]) -> Cleanup {
+        ensure_demo_image();
+        remove_containers(drones);
+        Cleanup(drones)
+    }
+}
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
@@ -245,10 +256,7 @@ impl Drop for Cleanup {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_drones_apply_caps_and_a_restarted_agent_readopts_its_containers() {
-    ensure_demo_image();
-    const NAMES: &[&str] = &["dk-a1", "dk-a2"];
-    remove_containers(NAMES);
-    let _cleanup = Cleanup(NAMES);
+    let _cleanup = Cleanup::docker_test(&["dk-a1", "dk-a2"]);
     let dir = tempfile::tempdir().unwrap();
     let serve = serve(dir.path(), &[]);
     let mut a1 = Drone::start(
@@ -398,10 +406,7 @@ async fn a_drone_cut_off_from_the_scheduler_past_its_ttl_stops_its_own_backends(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_docker_drones_share_backends_and_a_lost_one_hands_its_keys_to_the_other() {
-    ensure_demo_image();
-    const NAMES: &[&str] = &["dk-b1", "dk-b2"];
-    remove_containers(NAMES);
-    let _cleanup = Cleanup(NAMES);
+    let _cleanup = Cleanup::docker_test(&["dk-b1", "dk-b2"]);
     let dir = tempfile::tempdir().unwrap();
     let serve = serve(dir.path(), &[]);
     let caps = &[

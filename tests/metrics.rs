@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::support::cluster::{Drone, RemoteProxy, SECRET};
 use crate::support::prometheus::{self, Prometheus};
-use crate::support::{DEADLINE, Dev, cli};
+use crate::support::{DEADLINE, Dev, cli, dev_cli, text};
 
 /// How long after the traffic starts the hot backend must be flagged, in Prometheus.
 const HOT_WITHIN: Duration = Duration::from_secs(10);
@@ -117,14 +117,7 @@ async fn prometheus_sees_the_ten_times_hotter_backend_and_the_detector_flags_it(
         assert!(
             started.elapsed() < HOT_WITHIN,
             "not seen within {HOT_WITHIN:?}: rates {rates:?}, hot flags {flags:?}, /v1/hot {}",
-            dev.http
-                .get(dev.api_url("/v1/hot"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
+            text(dev.http.get(dev.api_url("/v1/hot"))).await
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
@@ -439,21 +432,7 @@ async fn metrics_can_be_off_and_bad_flags_exit_64() {
 
     let other = scratch();
     let data_dir = other.path().to_str().unwrap();
-    let base = [
-        "dev",
-        "--api",
-        "127.0.0.1:0",
-        "--proxy",
-        "127.0.0.1:0",
-        "--dns",
-        "off",
-        "--data-dir",
-        data_dir,
-    ];
-    let run = |extra: &[&str]| {
-        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
-        cli(&args)
-    };
+    let run = |extra: &[&str]| dev_cli(data_dir, &[&["--dns", "off"], extra].concat());
     for (extra, flag) in [
         (&["--metrics", "nonsense"][..], "--metrics"),
         (&["--metrics-grace", "0"][..], "--metrics-grace"),

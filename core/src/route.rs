@@ -52,6 +52,21 @@ pub struct Route {
     pub pool: Option<Arc<str>>,
 }
 
+impl Route {
+    /// A route to a private backend with no address yet, on no named drone or pool; set the
+    /// other fields with struct update syntax.
+    pub fn new(backend: BackendId, state: RouteState) -> Self {
+        Route {
+            backend,
+            state,
+            address: None,
+            public: false,
+            drone: None,
+            pool: None,
+        }
+    }
+}
+
 /// An immutable snapshot of every known route, with the store revision it reflects.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteTable {
@@ -367,14 +382,7 @@ mod tests {
 
     #[test]
     fn diff_then_apply_reproduces_the_newer_table() {
-        let r = |id: &str, state| Route {
-            backend: BackendId::parse(id).unwrap(),
-            state,
-            address: None,
-            public: false,
-            drone: None,
-            pool: None,
-        };
+        let r = |id: &str, state| Route::new(BackendId::parse(id).unwrap(), state);
         let old = RouteTable::new(1, [r("a", RouteState::Starting), r("b", RouteState::Ready)]);
         let new = RouteTable::new(5, [r("a", RouteState::Ready), r("c", RouteState::Starting)]);
         let (up, rm) = old.diff(&new);
@@ -388,17 +396,7 @@ mod tests {
     #[test]
     fn table_lookup() {
         let id = BackendId::parse("b1").unwrap();
-        let t = RouteTable::new(
-            7,
-            [Route {
-                backend: id.clone(),
-                state: RouteState::Gone,
-                address: None,
-                public: false,
-                drone: None,
-                pool: None,
-            }],
-        );
+        let t = RouteTable::new(7, [Route::new(id.clone(), RouteState::Gone)]);
         assert_eq!(t.revision, 7);
         assert_eq!(t.get("b1").unwrap().state, RouteState::Gone);
         assert!(!t.is_live("b1"));

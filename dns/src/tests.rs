@@ -89,14 +89,9 @@ impl TestServer {
     fn set_routes(&self, revision: u64, routes: &[(&str, RouteState)]) {
         self.routes.send_replace(Arc::new(RouteTable::new(
             revision,
-            routes.iter().map(|(id, state)| Route {
-                backend: BackendId::parse(id).unwrap(),
-                state: *state,
-                address: None,
-                public: false,
-                drone: None,
-                pool: None,
-            }),
+            routes
+                .iter()
+                .map(|(id, state)| Route::new(BackendId::parse(id).unwrap(), *state)),
         )));
     }
 

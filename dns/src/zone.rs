@@ -351,14 +351,7 @@ mod tests {
         );
         cfg.nameserver_addresses = vec!["127.0.0.53".parse().unwrap()];
         let z = Zone::new(&cfg).unwrap();
-        let route = |id: &str, state| Route {
-            backend: BackendId::parse(id).unwrap(),
-            state,
-            address: None,
-            public: false,
-            drone: None,
-            pool: None,
-        };
+        let route = |id: &str, state| Route::new(BackendId::parse(id).unwrap(), state);
         z.publish_routes(Arc::new(RouteTable::new(
             42,
             [

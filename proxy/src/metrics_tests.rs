@@ -202,25 +202,7 @@ async fn traffic_is_counted_per_backend_under_route_labels_only() {
 
     // A WebSocket-style upgrade: counted as one request (1xx) and, while open, as a socket.
     let mut ws = TcpStream::connect(addr).await.unwrap();
-    ws.write_all(
-        format!(
-            "GET /ws HTTP/1.1\r\nhost: {ID}.{DOMAIN}\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        ws.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    crate::tests::switch_protocols(&mut ws, &format!("{ID}.{DOMAIN}"), "/ws").await;
     ws.write_all(b"hello").await.unwrap();
     let mut echo = [0u8; 5];
     ws.read_exact(&mut echo).await.unwrap();

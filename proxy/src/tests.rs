@@ -104,12 +104,9 @@ async fn start(mut cfg: ProxyConfig, tls: Option<Arc<rustls::ServerConfig>>) -> 
     proxy.routes().publish(Arc::new(RouteTable::new(
         1,
         [Route {
-            backend: BackendId::parse(ID).unwrap(),
-            state: RouteState::Ready,
             address: Some(up),
             public: true,
-            drone: None,
-            pool: None,
+            ..Route::new(BackendId::parse(ID).unwrap(), RouteState::Ready)
         }],
     )));
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -216,6 +213,33 @@ async fn request_bodies_reach_the_backend_with_their_framing_over_http1_and_http
     let got = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(got.len(), 100_000);
     assert!(got.iter().all(|&b| b == b'y'));
+}
+
+/// Asks `host` for an `echo` upgrade of `path` on `io` and reads the response head, which must
+/// be a `101`.
+pub(crate) async fn switch_protocols<S>(io: &mut S, host: &str, path: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    io.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        io.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
 }
 
 struct Pki {
@@ -465,23 +489,7 @@ async fn upgraded_connections_work_through_tls() {
     let store = CertStore::load(pki.files()).unwrap();
     let r = start(config(), Some(store.server_config().unwrap())).await;
     let mut tls = tls_connect(&pki, r.addr, b"http/1.1").await;
-    tls.write_all(
-        format!("GET /echo HTTP/1.1\r\nHost: {ID}.{DOMAIN}\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
-            .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        tls.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    switch_protocols(&mut tls, &format!("{ID}.{DOMAIN}"), "/echo").await;
     for msg in [&b"over tls"[..], &b"and again"[..]] {
         tls.write_all(msg).await.unwrap();
         let mut echo = vec![0u8; msg.len()];

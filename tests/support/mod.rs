@@ -269,14 +269,20 @@ impl Dev {
     }
 
     pub async fn count(&self, resp: &ConnectResponse) -> u64 {
-        let r = self
-            .get_by_host(resp.backend_id.as_str(), &resp.token, "/count")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        r.text().await.unwrap().parse().unwrap()
+        count_of(self.get_by_host(resp.backend_id.as_str(), &resp.token, "/count")).await
     }
+}
+
+/// Sends `req` and returns the response body, whatever the status.
+pub async fn text(req: reqwest::RequestBuilder) -> String {
+    req.send().await.unwrap().text().await.unwrap()
+}
+
+/// Sends a `/count` request to the demo backend and returns the count (asserting a 200).
+pub async fn count_of(req: reqwest::RequestBuilder) -> u64 {
+    let r = req.send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap().parse().unwrap()
 }
 
 impl Drop for Dev {
@@ -327,6 +333,22 @@ pub fn unix_now() -> u64 {
 }
 
 /// Runs the `hangar` CLI and returns (exit code, stdout, stderr).
+/// Runs `hangar dev` on free loopback ports with `data_dir` and `extra` flags until it exits
+/// (for configuration errors, which exit before binding anything).
+pub fn dev_cli(data_dir: &str, extra: &[&str]) -> (i32, String, String) {
+    let base = [
+        "dev",
+        "--api",
+        "127.0.0.1:0",
+        "--proxy",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_dir,
+    ];
+    let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+    cli(&args)
+}
+
 pub fn cli(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN).args(args).output().expect("run hangar");
     (
