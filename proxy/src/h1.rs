@@ -2,6 +2,7 @@
 //! response body is delimited, and chunked decoding. Pure functions over byte buffers; the
 //! socket work is in [`crate::pool`].
 
+use std::io::Write as _;
 use std::mem::MaybeUninit;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -70,10 +71,9 @@ pub(crate) fn is_header_value(value: &[u8]) -> bool {
 pub(crate) fn end_request_head(out: &mut Vec<u8>, framing: RequestFraming) {
     match framing {
         RequestFraming::None => {}
+        // Writing to a Vec cannot fail.
         RequestFraming::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa_u64(n, &mut [0; 20]));
-            out.extend_from_slice(b"\r\n");
+            let _ = write!(out, "content-length: {n}\r\n");
         }
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
@@ -86,35 +86,13 @@ pub(crate) fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
         // A zero-length chunk would end the body.
         return;
     }
-    let mut hex = [0u8; 16];
-    let mut n = data.len();
-    let mut i = hex.len();
-    while n > 0 || i == hex.len() {
-        i -= 1;
-        hex[i] = b"0123456789abcdef"[n & 0xf];
-        n >>= 4;
-    }
-    out.extend_from_slice(&hex[i..]);
-    out.extend_from_slice(b"\r\n");
+    let _ = write!(out, "{:x}\r\n", data.len());
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
 }
 
 /// The last chunk of a chunked request body (no trailers).
 pub(crate) const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
-
-fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &buf[i..]
-}
 
 /// A parsed response head, ready to forward: hop-by-hop fields are already removed (except
 /// on a `101`, whose `Connection` and `Upgrade` the client needs).
