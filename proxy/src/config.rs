@@ -17,8 +17,11 @@ pub struct ProxyConfig {
     pub upstream_connect_timeout: Duration,
     /// A backend that has not sent response headers within this is a 504.
     pub upstream_response_timeout: Duration,
-    /// A client that has not sent its request headers within this is cut off.
+    /// A client that has started a request head and not finished it within this is cut off
+    /// (slow clients).
     pub header_read_timeout: Duration,
+    /// A keep-alive client connection with no request in flight is closed after this long.
+    pub keep_alive_timeout: Duration,
     /// Idle upstream keep-alive connections kept per backend.
     pub upstream_idle_per_backend: usize,
     /// Largest request head (request line and headers) accepted; larger gets 431.
@@ -45,6 +48,7 @@ impl ProxyConfig {
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_response_timeout: Duration::from_secs(60),
             header_read_timeout: Duration::from_secs(30),
+            keep_alive_timeout: Duration::from_secs(75),
             upstream_idle_per_backend: 256,
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,

@@ -32,6 +32,12 @@ pub enum ProxyError {
     Upstream { backend: String, detail: String },
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error(
+        "request head larger than {0} bytes or with too many header fields: send fewer or smaller headers"
+    )]
+    HeadTooLarge(usize),
+    #[error("the request head was not complete within {0:?}")]
+    HeadTimeout(Duration),
 }
 
 /// Whose fault a failure is (for logs and metrics).
@@ -56,6 +62,8 @@ impl ProxyError {
             }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::HeadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -76,6 +84,8 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::Upstream { .. } => "upstream_error",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::HeadTooLarge(_) => "request_head_too_large",
+            ProxyError::HeadTimeout(_) => "request_head_timeout",
         }
     }
 
@@ -85,7 +95,9 @@ impl ProxyError {
             | ProxyError::UnknownBackend(_)
             | ProxyError::Token(_)
             | ProxyError::Gone(_)
-            | ProxyError::BadRequest(_) => Blame::Downstream,
+            | ProxyError::BadRequest(_)
+            | ProxyError::HeadTooLarge(_)
+            | ProxyError::HeadTimeout(_) => Blame::Downstream,
             ProxyError::StartTimeout { .. }
             | ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }

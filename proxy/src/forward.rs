@@ -6,10 +6,10 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http::header::{self, HeaderMap, HeaderName};
 use http_body_util::{Either, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::activity::{ActivityGuard, ReceivedBytes};
@@ -21,14 +21,14 @@ pub(crate) type ProxyBody = Either<GuardedBody, Full<Bytes>>;
 
 /// A request body on its way to a backend: counts its bytes, adding them to the backend's
 /// traffic once when it ends (not per frame).
-pub(crate) struct CountingBody {
-    inner: Incoming,
+pub(crate) struct CountingBody<B> {
+    inner: B,
     bytes: u64,
     sink: Option<ReceivedBytes>,
 }
 
-impl CountingBody {
-    pub(crate) fn new(inner: Incoming, sink: ReceivedBytes) -> Self {
+impl<B> CountingBody<B> {
+    pub(crate) fn new(inner: B, sink: ReceivedBytes) -> Self {
         CountingBody {
             inner,
             bytes: 0,
@@ -37,9 +37,9 @@ impl CountingBody {
     }
 }
 
-impl Body for CountingBody {
+impl<B: Body<Data = Bytes> + Unpin> Body for CountingBody<B> {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -64,7 +64,7 @@ impl Body for CountingBody {
     }
 }
 
-impl Drop for CountingBody {
+impl<B> Drop for CountingBody<B> {
     fn drop(&mut self) {
         if let Some(sink) = self.sink.take()
             && self.bytes > 0
@@ -173,6 +173,57 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A connection some of whose bytes were read already: those come first, then the stream's
+/// (a backend's socket after its `101`, a client's after its upgrade request or HTTP/2
+/// preface).
+pub(crate) struct Prefixed<S> {
+    prefix: Bytes,
+    stream: S,
+}
+
+impl<S> Prefixed<S> {
+    pub(crate) fn new(prefix: impl Into<Bytes>, stream: S) -> Self {
+        Prefixed {
+            prefix: prefix.into(),
+            stream,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

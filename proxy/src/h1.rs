@@ -1,6 +1,6 @@
-//! The upstream side's HTTP/1.1 wire format (RFC 9112): request heads, response heads, how a
-//! response body is delimited, and chunked decoding. Pure functions over byte buffers; the
-//! socket work is in [`crate::pool`].
+//! HTTP/1.1 wire format (RFC 9112) for the upstream side: request heads, response heads, how a
+//! response body is delimited, and chunked coding (also used for client bodies). Pure
+//! functions over byte buffers; the socket work is in [`crate::pool`] and [`crate::server`].
 
 use std::io::Write as _;
 use std::mem::MaybeUninit;
@@ -80,15 +80,20 @@ pub(crate) fn end_request_head(out: &mut Vec<u8>, framing: RequestFraming) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Appends one chunk of a chunked request body.
+/// Appends one chunk of a chunked body.
 pub(crate) fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
     if data.is_empty() {
         // A zero-length chunk would end the body.
         return;
     }
-    let _ = write!(out, "{:x}\r\n", data.len());
+    encode_chunk_head(out, data.len());
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
+}
+
+/// Appends the size line of a chunk of `len` (non-zero) bytes; the data and a CRLF follow.
+pub(crate) fn encode_chunk_head(out: &mut Vec<u8>, len: usize) {
+    let _ = write!(out, "{len:x}\r\n");
 }
 
 /// The last chunk of a chunked request body (no trailers).

@@ -18,6 +18,7 @@ pub mod metrics;
 mod pool;
 mod remote;
 mod route_table;
+mod server;
 mod service;
 mod tls;
 mod token_cache;

@@ -1,13 +1,15 @@
 //! The proxy's listener: accepts connections on an already-bound socket (plain or TLS), serves
-//! HTTP/1.1 with upgrades and HTTP/2 (h2c with prior knowledge, or `h2` via ALPN) on each, caps
-//! concurrent connections, and shuts down gracefully on a cancellation token.
+//! HTTP/1.1 with upgrades ([`crate::server`]) and HTTP/2 (h2c with prior knowledge, or `h2` via
+//! ALPN; hyper) on each, caps concurrent connections, and shuts down gracefully on a
+//! cancellation token.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -17,7 +19,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::activity::ActivityTracker;
 use crate::config::ProxyConfig;
+use crate::forward::Prefixed;
 use crate::route_table::RouteHandle;
+use crate::server::{self, Served};
 use crate::service::{Shared, handle};
 
 /// Failures of the accept loop.
@@ -92,21 +96,12 @@ impl Proxy {
         .await
     }
 
-    fn builder(&self) -> auto::Builder<TokioExecutor> {
+    /// hyper's HTTP/2 server, for h2c with prior knowledge and `h2` by ALPN (HTTP/1.1 is
+    /// Hangar's own, [`crate::server`]).
+    fn http2(&self) -> http2::Builder<TokioExecutor> {
         let cfg = &self.shared.config;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
-            .http1()
-            .timer(TokioTimer::new())
-            // Also bounds how long an idle keep-alive connection waits for its next request.
-            .header_read_timeout(cfg.header_read_timeout)
-            .max_buf_size(cfg.max_header_bytes.max(8192))
-            // One buffer, one iovec: a response head and a small body go out in one plain
-            // write (measured cheaper than writev with two iovecs on loopback).
-            .writev(false)
-            .keep_alive(true);
-        builder
-            .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(cfg.max_header_bytes as u32)
             .keep_alive_interval(Some(Duration::from_secs(30)));
@@ -119,7 +114,7 @@ impl Proxy {
         tls: Option<tokio_rustls::TlsAcceptor>,
         shutdown: CancellationToken,
     ) -> Result<(), ProxyRunError> {
-        let builder = Arc::new(self.builder());
+        let builder = Arc::new(self.http2());
         let connections = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(self.shared.config.max_connections.max(1)));
         loop {
@@ -153,7 +148,7 @@ impl Proxy {
             match &tls {
                 None => {
                     connections.spawn(async move {
-                        serve_conn(&builder, stop, shared, stream, peer, false).await;
+                        serve_conn(&builder, stop, shared, stream, peer, false, false).await;
                         drop(permit);
                     });
                 }
@@ -164,7 +159,9 @@ impl Proxy {
                         match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
                         {
                             Ok(Ok(tls_stream)) => {
-                                serve_conn(&builder, stop, shared, tls_stream, peer, true).await;
+                                let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                                serve_conn(&builder, stop, shared, tls_stream, peer, true, h2)
+                                    .await;
                             }
                             Ok(Err(e)) => {
                                 tracing::debug!(%peer, error = %e, "TLS handshake failed")
@@ -191,24 +188,34 @@ impl Proxy {
     }
 }
 
+/// Serves one client connection: HTTP/1.1 with Hangar's own server, HTTP/2 (by ALPN or the
+/// prior-knowledge preface) with hyper's.
 async fn serve_conn<I>(
-    builder: &auto::Builder<TokioExecutor>,
+    h2: &http2::Builder<TokioExecutor>,
     shutdown: CancellationToken,
     shared: Arc<Shared>,
     io: I,
     peer: std::net::SocketAddr,
     tls: bool,
+    alpn_h2: bool,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let io = if alpn_h2 {
+        Prefixed::new(Bytes::new(), io)
+    } else {
+        match server::serve(shared.clone(), io, peer, tls, true, shutdown.clone()).await {
+            Served::Closed => return,
+            Served::Http2(io) => io,
+        }
+    };
     let svc = service_fn(move |req| handle(shared.clone(), req, peer, tls));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    let conn = h2.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
         _ = shutdown.cancelled() => {
-            // Finish the request in flight (HTTP/1.1) or the open streams (HTTP/2: GOAWAY),
-            // then close; idle keep-alive connections close at once.
+            // Finish the open streams (GOAWAY), then close.
             conn.as_mut().graceful_shutdown();
             conn.await
         }

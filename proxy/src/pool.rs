@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Response, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::h1::{
@@ -417,10 +417,7 @@ impl UpstreamPool {
         head: ResponseHead,
     ) -> UpstreamResponse {
         let (body, upgraded) = if head.status == StatusCode::SWITCHING_PROTOCOLS {
-            let upgraded = Upgraded {
-                prefix: std::mem::take(&mut conn.rbuf).freeze(),
-                stream: conn.stream,
-            };
+            let upgraded = Upgraded::new(std::mem::take(&mut conn.rbuf).freeze(), conn.stream);
             (UpstreamBody::empty(), Some(upgraded))
         } else {
             let kind = match head.framing {
@@ -573,41 +570,4 @@ impl Body for UpstreamBody {
 
 /// A backend connection that switched protocols (`101`): the bytes the backend sent after its
 /// response head come first, then the socket.
-pub(crate) struct Upgraded {
-    prefix: Bytes,
-    stream: TcpStream,
-}
-
-impl AsyncRead for Upgraded {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Upgraded {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, data)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
+pub(crate) type Upgraded = crate::forward::Prefixed<TcpStream>;

@@ -3,8 +3,10 @@
 //! Reads the route snapshot once per request and never holds it across an `.await`; verifies
 //! tokens locally; waits for starting backends on the route handle's change signal.
 
+use std::future::Future;
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -18,8 +20,9 @@ use hangar_core::token::TokenError;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::task::TaskTracker;
 
 use crate::activity::ActivityTracker;
@@ -55,19 +58,57 @@ enum TokenSource {
 const X_HANGAR_ERROR: header::HeaderName = header::HeaderName::from_static("x-hangar-error");
 const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
 
-/// Serves one request; never fails (errors become responses).
+/// The client side of a connection that switched protocols.
+pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for T {}
+
+/// Resolves to the client's connection once the `101` has been written to it.
+pub(crate) type ClientUpgrade =
+    Pin<Box<dyn Future<Output = Result<Box<dyn ClientIo>, String>> + Send>>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Serves one request that came through hyper (HTTP/2); never fails (errors become
+/// responses).
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
     peer: SocketAddr,
     tls: bool,
 ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
-    match proxy(&shared, req, peer, tls).await {
-        Ok(resp) => Ok(resp),
+    Ok(respond(&shared, req, peer, tls, |req| {
+        let on = hyper::upgrade::on(req);
+        Box::pin(async move {
+            match on.await {
+                Ok(io) => Ok(Box::new(TokioIo::new(io)) as Box<dyn ClientIo>),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    })
+    .await)
+}
+
+/// Serves one request, from whichever server read it: `on_upgrade` is called for a request
+/// that asks to switch protocols and yields the client connection once the `101` is written.
+/// Never fails: errors become responses.
+pub(crate) async fn respond<B, U>(
+    shared: &Arc<Shared>,
+    req: Request<B>,
+    peer: SocketAddr,
+    tls: bool,
+    on_upgrade: U,
+) -> Response<ProxyBody>
+where
+    B: Body<Data = Bytes> + Unpin + Send,
+    B::Error: Into<BoxError>,
+    U: FnOnce(&mut Request<B>) -> ClientUpgrade,
+{
+    match proxy(shared, req, peer, tls, on_upgrade).await {
+        Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(error = %e, code = e.code(), blame = ?e.blame(), "proxy error");
             shared.activity.count_error(e.code());
-            Ok(error_response(&e))
+            error_response(&e)
         }
     }
 }
@@ -94,7 +135,7 @@ fn unix_now() -> u64 {
 }
 
 /// Finds the route the request names.
-fn find_route(shared: &Shared, req: &Request<Incoming>) -> Result<Route, ProxyError> {
+fn find_route<B>(shared: &Shared, req: &Request<B>) -> Result<Route, ProxyError> {
     let headers = req.headers();
     let host = headers
         .get(header::HOST)
@@ -138,9 +179,9 @@ fn find_route(shared: &Shared, req: &Request<Incoming>) -> Result<Route, ProxyEr
 /// Finds and verifies the token (see [`crate::token_cache`] for tokens verified before);
 /// returns the user, where the token came from and, when it came in the query string, the
 /// token itself (it becomes a cookie on the response).
-fn check_token(
+fn check_token<B>(
     shared: &Shared,
-    req: &Request<Incoming>,
+    req: &Request<B>,
     backend: &BackendId,
 ) -> Result<(Arc<str>, TokenSource, Option<String>), ProxyError> {
     let headers = req.headers();
@@ -253,12 +294,18 @@ async fn wait_ready(shared: &Shared, backend: &BackendId) -> Result<SocketAddr, 
     })
 }
 
-async fn proxy(
+async fn proxy<B, U>(
     shared: &Arc<Shared>,
-    mut req: Request<Incoming>,
+    mut req: Request<B>,
     peer: SocketAddr,
     tls: bool,
-) -> Result<Response<ProxyBody>, ProxyError> {
+    on_upgrade: U,
+) -> Result<Response<ProxyBody>, ProxyError>
+where
+    B: Body<Data = Bytes> + Unpin + Send,
+    B::Error: Into<BoxError>,
+    U: FnOnce(&mut Request<B>) -> ClientUpgrade,
+{
     let route = match find_route(shared, &req) {
         Err(ProxyError::UnknownBackend(name))
             if !shared.config.unknown_grace.is_zero()
@@ -284,7 +331,7 @@ async fn proxy(
     let mut guard = shared.activity.begin_route(&route);
 
     let upgrade = is_upgrade(req.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade = upgrade.then(|| on_upgrade(&mut req));
     let (parts, body) = req.into_parts();
     let head = upstream_head(
         &parts,
@@ -359,7 +406,7 @@ async fn proxy(
             let mut guard = guard;
             match client_upgrade.await {
                 Ok(client) => {
-                    let mut client = CountingIo::new(TokioIo::new(client));
+                    let mut client = CountingIo::new(client);
                     let mut upstream = upstream_io;
                     if let Err(e) = tokio::io::copy_bidirectional_with_sizes(
                         &mut client,

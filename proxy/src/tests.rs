@@ -23,8 +23,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::{CertStore, Proxy, ProxyConfig, TlsFiles};
 
-const DOMAIN: &str = "hangar.test";
-const ID: &str = "b1";
+pub(crate) const DOMAIN: &str = "hangar.test";
+pub(crate) const ID: &str = "b1";
 
 /// An upstream answering `ok` (and `/slow` after 500 ms), until the test ends.
 async fn upstream(tasks: &TaskTracker) -> SocketAddr {
@@ -88,15 +88,15 @@ async fn upstream(tasks: &TaskTracker) -> SocketAddr {
     addr
 }
 
-struct Running {
-    proxy: Arc<Proxy>,
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-    done: tokio::task::JoinHandle<()>,
+pub(crate) struct Running {
+    pub(crate) proxy: Arc<Proxy>,
+    pub(crate) addr: SocketAddr,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) done: tokio::task::JoinHandle<()>,
     _tasks: TaskTracker,
 }
 
-async fn start(mut cfg: ProxyConfig, tls: Option<Arc<rustls::ServerConfig>>) -> Running {
+pub(crate) async fn start(mut cfg: ProxyConfig, tls: Option<Arc<rustls::ServerConfig>>) -> Running {
     let tasks = TaskTracker::new();
     let up = upstream(&tasks).await;
     cfg.domain = DOMAIN.into();
@@ -128,7 +128,7 @@ async fn start(mut cfg: ProxyConfig, tls: Option<Arc<rustls::ServerConfig>>) -> 
     }
 }
 
-fn config() -> ProxyConfig {
+pub(crate) fn config() -> ProxyConfig {
     ProxyConfig::new(DOMAIN, TokenKey::generate())
 }
 

@@ -1,0 +1,805 @@
+//! The client side of HTTP/1.1: Hangar's own connection loop, written for the proxy path.
+//!
+//! One task per client connection reads a request head into the connection's buffer, parses
+//! it in place (header values are slices of that buffer, not copies), runs the request path
+//! ([`crate::service::respond`]) on the same task and writes the response head and body with
+//! as few writes as the body allows (a small body that is already at hand goes out with its
+//! head in one write). The request body streams from the same buffer and socket
+//! ([`ClientBody`]). Pipelined requests are answered in order.
+//!
+//! Limits: the whole head must fit in `max_header_bytes` (431 past it, with at most
+//! [`MAX_REQUEST_HEADERS`] fields); a head must arrive within `header_read_timeout` of its first
+//! byte (408, then close) and a keep-alive connection with no request in flight is closed after
+//! `keep_alive_timeout`. On shutdown an idle connection closes at once and a busy one after its
+//! response. A connection that starts with the HTTP/2 preface is handed back to the listener,
+//! which serves it with hyper's HTTP/2 server (h2c with prior knowledge).
+
+use std::io::{self, Write as _};
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ProxyError;
+use crate::forward::{Prefixed, ProxyBody};
+use crate::h1::{self, ChunkedDecoder, Decoded, take_bytes};
+use crate::service::{ClientIo, ClientUpgrade, Shared};
+
+/// The most header fields a request may carry (more is a 431).
+pub(crate) const MAX_REQUEST_HEADERS: usize = 100;
+/// What a client that speaks HTTP/2 with prior knowledge sends first (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The read buffer grows by this much when it runs low.
+const READ_CHUNK: usize = 8 * 1024;
+/// Body pieces smaller than this are copied out of the read buffer (which keeps its
+/// allocation); larger ones are split off without copying.
+const COPY_BELOW: usize = 8 * 1024;
+/// Response bytes gathered before they are written; larger body pieces are written directly.
+const WRITE_BATCH: usize = 64 * 1024;
+/// After a response that leaves part of a request body unread, the connection is closed; this
+/// much of the rest is read and dropped first (for at most [`LINGER`]) so that the client
+/// gets the response rather than a reset.
+const LINGER_BYTES: usize = 256 * 1024;
+const LINGER: Duration = Duration::from_secs(2);
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// How a connection ended.
+pub(crate) enum Served<I> {
+    /// Closed (by either side, a limit, or shutdown).
+    Closed,
+    /// The client sent the HTTP/2 preface: serve the connection as HTTP/2, starting with the
+    /// bytes already read.
+    Http2(Prefixed<I>),
+}
+
+/// Serves HTTP/1.1 requests on `io` until the client closes, a limit or error ends the
+/// connection, or `shutdown` is cancelled. With `detect_h2`, a connection that starts with the
+/// HTTP/2 preface is returned unserved.
+pub(crate) async fn serve<I>(
+    shared: Arc<Shared>,
+    mut io: I,
+    peer: SocketAddr,
+    tls: bool,
+    detect_h2: bool,
+    shutdown: CancellationToken,
+) -> Served<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cfg = &shared.config;
+    let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+    let mut wbuf: Vec<u8> = Vec::new();
+    // One timer per connection, moved forward (cheaply) for each request.
+    let timer = tokio::time::sleep(cfg.header_read_timeout);
+    tokio::pin!(timer);
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    let mut first = true;
+    loop {
+        // Read and parse the next request head.
+        let mut armed = None;
+        let head = loop {
+            // A new connection that could be opening with the HTTP/2 preface is not parsed as
+            // HTTP/1.1 until it is clear that it is not.
+            let maybe_h2 = first && detect_h2 && {
+                let n = rbuf.len().min(H2_PREFACE.len());
+                rbuf[..n] == H2_PREFACE[..n]
+            };
+            if maybe_h2 && rbuf.len() >= H2_PREFACE.len() {
+                return Served::Http2(Prefixed::new(rbuf.freeze(), io));
+            }
+            if !maybe_h2 && !rbuf.is_empty() {
+                match parse_request(&mut rbuf, cfg.max_header_bytes) {
+                    Ok(Some(head)) => break head,
+                    Ok(None) => {}
+                    Err(e) => {
+                        answer_and_close(&shared, &mut io, &mut wbuf, e).await;
+                        return Served::Closed;
+                    }
+                }
+            }
+
+            // More bytes are needed. Idle (nothing of the next request yet): shutdown closes
+            // the connection, and the keep-alive timeout applies; once a head has started, or
+            // on a new connection, the head must be complete within the header-read timeout.
+            let idle = rbuf.is_empty();
+            if idle && shutdown.is_cancelled() {
+                return Served::Closed;
+            }
+            let phase = if idle && !first {
+                Phase::Idle
+            } else {
+                Phase::Head
+            };
+            if armed != Some(phase) {
+                timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + phase.limit(cfg));
+                armed = Some(phase);
+            }
+            if rbuf.capacity() - rbuf.len() < 1024 {
+                rbuf.reserve(READ_CHUNK);
+            }
+            let event = tokio::select! {
+                biased;
+                r = io.read_buf(&mut rbuf) => match r {
+                    Ok(0) | Err(_) => Wait::Closed,
+                    Ok(_) => Wait::Read,
+                },
+                _ = &mut cancelled, if idle => Wait::Closed,
+                _ = &mut timer => Wait::TimedOut,
+            };
+            match event {
+                Wait::Read => {}
+                Wait::Closed => return Served::Closed,
+                Wait::TimedOut => {
+                    if !idle {
+                        // A slow client: cut off, with a 408 it may read.
+                        let e = ProxyError::HeadTimeout(phase.limit(cfg));
+                        answer_and_close(&shared, &mut io, &mut wbuf, e).await;
+                    }
+                    return Served::Closed;
+                }
+            }
+        };
+        first = false;
+
+        // Run the request path. The request body reads from this connection's buffer and
+        // socket, so it borrows them until the response head is ready.
+        let keep_alive = head.keep_alive;
+        let method_is_head = head.method == Method::HEAD;
+        let version = head.version;
+        let mut body = BodyState::new(head.body, head.expect_continue);
+        let mut upgrade: Option<oneshot::Sender<Box<dyn ClientIo>>> = None;
+        let response = {
+            let mut req = Request::new(ClientBody {
+                io: &mut io,
+                rbuf: &mut rbuf,
+                state: &mut body,
+            });
+            *req.method_mut() = head.method;
+            *req.uri_mut() = head.uri;
+            *req.version_mut() = version;
+            *req.headers_mut() = head.headers;
+            crate::service::respond(&shared, req, peer, tls, |_| {
+                let (tx, rx) = oneshot::channel();
+                upgrade = Some(tx);
+                Box::pin(async move {
+                    rx.await
+                        .map_err(|_| "the client connection closed before the upgrade".into())
+                }) as ClientUpgrade
+            })
+            .await
+        };
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(tx) = upgrade
+        {
+            // The backend switched protocols: write the 101 and hand the socket, with any
+            // bytes the client sent after its request head, to the copy task.
+            encode_head(&mut wbuf, &response, Framing::None, true, version);
+            if io.write_all(&wbuf).await.is_ok() {
+                let _ = tx.send(Box::new(Prefixed::new(rbuf.freeze(), io)));
+            }
+            return Served::Closed;
+        }
+
+        let body_read = body.is_done() || body.skip_buffered(&mut rbuf);
+        let keep = keep_alive && body_read && !shutdown.is_cancelled();
+        match write_response(&mut io, &mut wbuf, response, method_is_head, version, keep).await {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                close(&mut io, &mut rbuf, !body_read).await;
+                return Served::Closed;
+            }
+        }
+        if wbuf.capacity() > 4 * WRITE_BATCH {
+            // A large response grew the buffer: do not keep that much per idle connection.
+            wbuf = Vec::new();
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the first byte of the next request on a keep-alive connection.
+    Idle,
+    /// Waiting for the rest of a request head (or the first on a new connection).
+    Head,
+}
+
+impl Phase {
+    fn limit(self, cfg: &crate::config::ProxyConfig) -> Duration {
+        match self {
+            Phase::Idle => cfg.keep_alive_timeout,
+            Phase::Head => cfg.header_read_timeout,
+        }
+    }
+}
+
+/// What ended a wait for request bytes.
+enum Wait {
+    Read,
+    Closed,
+    TimedOut,
+}
+
+/// Answers a request the proxy refuses before it has a head (400, 408, 431) and closes.
+async fn answer_and_close<I: AsyncWrite + Unpin>(
+    shared: &Shared,
+    io: &mut I,
+    wbuf: &mut Vec<u8>,
+    e: ProxyError,
+) {
+    tracing::debug!(error = %e, code = e.code(), "client request refused");
+    shared.activity.count_error(e.code());
+    let resp = crate::service::error_response(&e);
+    let _ = write_response(io, wbuf, resp, false, Version::HTTP_11, false).await;
+    let _ = io.shutdown().await;
+}
+
+/// Closes the connection after a response; if part of the request body was left unread, reads
+/// and drops a bounded amount of it first so the client reads the response, not a reset.
+async fn close<I: AsyncRead + AsyncWrite + Unpin>(io: &mut I, rbuf: &mut BytesMut, linger: bool) {
+    let _ = io.shutdown().await;
+    if !linger {
+        return;
+    }
+    let drain = async {
+        let mut dropped = 0;
+        loop {
+            rbuf.clear();
+            if rbuf.capacity() < READ_CHUNK {
+                rbuf.reserve(READ_CHUNK);
+            }
+            match io.read_buf(rbuf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    dropped += n;
+                    if dropped >= LINGER_BYTES {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+/// A parsed request head.
+struct RequestHead {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    body: BodyLength,
+    /// Whether the client lets the connection carry another request.
+    keep_alive: bool,
+    /// `Expect: 100-continue` on a request with a body.
+    expect_continue: bool,
+}
+
+/// How a request body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyLength {
+    Length(u64),
+    Chunked,
+}
+
+/// Byte ranges of a head's parts within the buffer it was parsed from.
+#[derive(Clone, Copy, Default)]
+struct Span {
+    start: usize,
+    len: usize,
+}
+
+impl Span {
+    fn of(base: *const u8, part: &[u8]) -> Span {
+        Span {
+            start: part.as_ptr() as usize - base as usize,
+            len: part.len(),
+        }
+    }
+
+    fn slice(self, buf: &Bytes) -> Bytes {
+        buf.slice(self.start..self.start + self.len)
+    }
+}
+
+/// Parses a request head from the front of `buf`: `Ok(None)` if it is not complete yet;
+/// otherwise the head, which is split off `buf` (header values share its memory).
+fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<RequestHead>, ProxyError> {
+    let mut storage =
+        [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_REQUEST_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let used = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut req,
+        buf,
+        &mut storage,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= max_head => {
+            return Err(ProxyError::HeadTooLarge(max_head));
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(ProxyError::HeadTooLarge(max_head));
+        }
+        Err(_) => return Err(ProxyError::BadRequest("malformed request head")),
+    };
+    if used > max_head {
+        return Err(ProxyError::HeadTooLarge(max_head));
+    }
+    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
+        return Err(ProxyError::BadRequest("malformed request head"));
+    };
+    let method = Method::from_bytes(method.as_bytes())
+        .map_err(|_| ProxyError::BadRequest("invalid request method"))?;
+    let version = if minor == 0 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let base = buf.as_ptr();
+    let target = Span::of(base, target.as_bytes());
+    let mut spans = [(Span::default(), Span::default()); MAX_REQUEST_HEADERS];
+    let n = req.headers.len();
+    for (span, h) in spans.iter_mut().zip(req.headers.iter()) {
+        *span = (Span::of(base, h.name.as_bytes()), Span::of(base, h.value));
+    }
+    let head = buf.split_to(used).freeze();
+
+    let uri = Uri::from_maybe_shared(target.slice(&head))
+        .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    let mut headers = HeaderMap::with_capacity(n);
+    let mut length: Option<u64> = None;
+    let mut chunked = None;
+    let mut close = false;
+    let mut keep_alive = false;
+    let mut expect_continue = false;
+    for &(name, value) in &spans[..n] {
+        let name = HeaderName::from_bytes(&head[name.start..name.start + name.len])
+            .map_err(|_| ProxyError::BadRequest("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(value.slice(&head))
+            .map_err(|_| ProxyError::BadRequest("invalid header value"))?;
+        if name == header::CONTENT_LENGTH {
+            for part in value.as_bytes().split(|&b| b == b',') {
+                let n = std::str::from_utf8(part.trim_ascii())
+                    .ok()
+                    .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|p| p.parse::<u64>().ok())
+                    .ok_or(ProxyError::BadRequest("invalid content-length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(ProxyError::BadRequest("conflicting content-length"));
+                }
+                length = Some(n);
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            // The last coding of the last field counts (RFC 9112 §6.3).
+            chunked = Some(
+                value
+                    .as_bytes()
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .map(<[u8]>::trim_ascii)
+                    .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")),
+            );
+        } else if name == header::CONNECTION {
+            let o = h1::ConnectionOptions::parse([value.as_bytes()]);
+            close |= o.close;
+            keep_alive |= o.keep_alive;
+        } else if name == header::EXPECT {
+            expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        }
+        headers.append(name, value);
+    }
+    let body = match (chunked, length) {
+        (Some(_), _) if version == Version::HTTP_10 => {
+            return Err(ProxyError::BadRequest(
+                "transfer-encoding is not allowed in an HTTP/1.0 request",
+            ));
+        }
+        (Some(false), _) => {
+            return Err(ProxyError::BadRequest(
+                "transfer-encoding must end with chunked in a request",
+            ));
+        }
+        (Some(true), Some(_)) => {
+            // Both: the transfer coding wins, and the connection is not trusted with another
+            // request (RFC 9112 §6.3, a smuggling guard).
+            close = true;
+            BodyLength::Chunked
+        }
+        (Some(true), None) => BodyLength::Chunked,
+        (None, n) => BodyLength::Length(n.unwrap_or(0)),
+    };
+    let keep_alive = !close && (version == Version::HTTP_11 || keep_alive);
+    let expect_continue =
+        expect_continue && version == Version::HTTP_11 && body != BodyLength::Length(0);
+    Ok(Some(RequestHead {
+        method,
+        uri,
+        version,
+        headers,
+        body,
+        keep_alive,
+        expect_continue,
+    }))
+}
+
+/// Where a request body stands; lives in the connection loop so that it is known after the
+/// request path is done with the body whether the connection can take another request.
+struct BodyState {
+    kind: BodyKind,
+    /// Bytes of the `100 Continue` answer still to write before reading the body.
+    continue_left: usize,
+}
+
+enum BodyKind {
+    Done,
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    /// The body broke off (the client closed or sent a malformed chunk).
+    Failed,
+}
+
+impl BodyState {
+    fn new(length: BodyLength, expect_continue: bool) -> Self {
+        let kind = match length {
+            BodyLength::Length(0) => BodyKind::Done,
+            BodyLength::Length(n) => BodyKind::Length(n),
+            BodyLength::Chunked => BodyKind::Chunked(ChunkedDecoder::default()),
+        };
+        let continue_left = if expect_continue { CONTINUE.len() } else { 0 };
+        BodyState {
+            kind,
+            continue_left,
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        matches!(self.kind, BodyKind::Done)
+    }
+
+    /// Drops the rest of the body if it is already in `rbuf` (a request answered without
+    /// reading its small body); returns whether the body has ended.
+    fn skip_buffered(&mut self, rbuf: &mut BytesMut) -> bool {
+        match &mut self.kind {
+            BodyKind::Done => true,
+            BodyKind::Failed => false,
+            BodyKind::Length(left) => {
+                if (rbuf.len() as u64) < *left {
+                    return false;
+                }
+                rbuf.advance(*left as usize);
+                self.kind = BodyKind::Done;
+                true
+            }
+            BodyKind::Chunked(dec) => loop {
+                match dec.decode(rbuf, usize::MAX) {
+                    Ok(Decoded::Data(_)) => {}
+                    Ok(Decoded::Done) => {
+                        self.kind = BodyKind::Done;
+                        return true;
+                    }
+                    Ok(Decoded::NeedMore) => return false,
+                    Err(_) => {
+                        self.kind = BodyKind::Failed;
+                        return false;
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// A request body read from the client connection it came on.
+pub(crate) struct ClientBody<'c, I> {
+    io: &'c mut I,
+    rbuf: &'c mut BytesMut,
+    state: &'c mut BodyState,
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Body for ClientBody<'_, I> {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        loop {
+            match &mut this.state.kind {
+                BodyKind::Done => return Poll::Ready(None),
+                BodyKind::Failed => {
+                    return Poll::Ready(Some(Err(io::Error::other("the request body broke off"))));
+                }
+                BodyKind::Length(left) if !this.rbuf.is_empty() => {
+                    let n = (*left).min(this.rbuf.len() as u64) as usize;
+                    let data = take_bytes(this.rbuf, n, COPY_BELOW);
+                    *left -= n as u64;
+                    if *left == 0 {
+                        this.state.kind = BodyKind::Done;
+                    }
+                    this.state.continue_left = 0;
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                BodyKind::Chunked(dec) if !this.rbuf.is_empty() => {
+                    match dec.decode(this.rbuf, COPY_BELOW) {
+                        Ok(Decoded::Data(data)) => {
+                            this.state.continue_left = 0;
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        Ok(Decoded::Done) => {
+                            this.state.kind = BodyKind::Done;
+                            return Poll::Ready(None);
+                        }
+                        Ok(Decoded::NeedMore) => {}
+                        Err(e) => {
+                            this.state.kind = BodyKind::Failed;
+                            return Poll::Ready(Some(Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                e,
+                            ))));
+                        }
+                    }
+                }
+                BodyKind::Length(_) | BodyKind::Chunked(_) => {}
+            }
+            // The client waits for a go-ahead before sending the body.
+            while this.state.continue_left > 0 {
+                let sent = CONTINUE.len() - this.state.continue_left;
+                let n = ready!(Pin::new(&mut *this.io).poll_write(cx, &CONTINUE[sent..]))?;
+                if n == 0 {
+                    return Poll::Ready(Some(Err(io::ErrorKind::WriteZero.into())));
+                }
+                this.state.continue_left -= n;
+            }
+            if this.rbuf.capacity() - this.rbuf.len() < 1024 {
+                this.rbuf.reserve(READ_CHUNK);
+            }
+            let n = match ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut *this.io),
+                cx,
+                this.rbuf
+            )) {
+                Ok(n) => n,
+                Err(e) => {
+                    this.state.kind = BodyKind::Failed;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            };
+            if n == 0 {
+                this.state.kind = BodyKind::Failed;
+                return Poll::Ready(Some(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the client closed the connection in the middle of the request body",
+                ))));
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state.kind {
+            BodyKind::Done => SizeHint::with_exact(0),
+            BodyKind::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// How a response body is delimited on the client connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body is sent (HEAD, 1xx, 204, 304): the backend's headers go as they are.
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (an HTTP/1.0 client and a body of unknown length).
+    Close,
+}
+
+/// Encodes the status line and headers of `resp` into `out` (cleared first), adding the
+/// framing, a `date` if the response has none, and the connection's fate.
+fn encode_head<B>(
+    out: &mut Vec<u8>,
+    resp: &Response<B>,
+    framing: Framing,
+    keep_alive: bool,
+    version: Version,
+) {
+    out.clear();
+    let status = resp.status();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let headers = resp.headers();
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    for (name, value) in headers {
+        if framing != Framing::None
+            && (*name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING)
+        {
+            continue;
+        }
+        if *name == header::CONNECTION && !switching {
+            continue;
+        }
+        h1::write_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if !headers.contains_key(header::DATE) {
+        write_date(out);
+    }
+    match framing {
+        // Writing to a Vec cannot fail.
+        Framing::Length(n) => {
+            let _ = write!(out, "content-length: {n}\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::None | Framing::Close => {}
+    }
+    if switching {
+        // The backend's own Connection and Upgrade fields went out above.
+    } else if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends a `date` header (IMF-fixdate), formatted at most once a second per thread.
+fn write_date(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    thread_local! {
+        static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, text)| {
+        if *at != secs {
+            *at = secs;
+            *text = httpdate::fmt_http_date(now);
+        }
+        h1::write_header(out, b"date", text.as_bytes());
+    });
+}
+
+/// Writes `resp` to the client. Returns whether the connection can carry another request.
+async fn write_response<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    wbuf: &mut Vec<u8>,
+    resp: Response<ProxyBody>,
+    head_request: bool,
+    version: Version,
+    mut keep_alive: bool,
+) -> io::Result<bool> {
+    let status = resp.status();
+    let bodyless = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if bodyless {
+        Framing::None
+    } else {
+        match resp.body().size_hint().exact() {
+            Some(n) => Framing::Length(n),
+            None if version == Version::HTTP_11 => Framing::Chunked,
+            None => {
+                keep_alive = false;
+                Framing::Close
+            }
+        }
+    };
+    encode_head(wbuf, &resp, framing, keep_alive, version);
+    let mut body = resp.into_body();
+    if bodyless {
+        io.write_all(wbuf).await?;
+        return Ok(keep_alive);
+    }
+    let chunked = framing == Framing::Chunked;
+    let mut sent: u64 = 0;
+    loop {
+        // Take what the body has at hand; write what is gathered before waiting for more.
+        let frame = if wbuf.is_empty() {
+            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        } else {
+            match std::future::poll_fn(|cx| {
+                Poll::Ready(match Pin::new(&mut body).poll_frame(cx) {
+                    Poll::Ready(f) => Some(f),
+                    Poll::Pending => None,
+                })
+            })
+            .await
+            {
+                Some(f) => f,
+                None => {
+                    io.write_all(wbuf).await?;
+                    wbuf.clear();
+                    continue;
+                }
+            }
+        };
+        match frame {
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                sent += data.len() as u64;
+                if let Framing::Length(n) = framing
+                    && sent > n
+                {
+                    return Err(io::Error::other(
+                        "the response body is longer than announced",
+                    ));
+                }
+                if chunked {
+                    h1::encode_chunk_head(wbuf, data.len());
+                }
+                if data.len() >= COPY_BELOW {
+                    // Large pieces go out as they are, after what is gathered.
+                    if !wbuf.is_empty() {
+                        io.write_all(wbuf).await?;
+                        wbuf.clear();
+                    }
+                    io.write_all(&data).await?;
+                } else {
+                    wbuf.extend_from_slice(&data);
+                }
+                if chunked {
+                    wbuf.extend_from_slice(b"\r\n");
+                }
+            }
+            Some(Err(e)) => {
+                // The backend's body broke off: the client sees the response end early.
+                tracing::debug!(error = %e, "response body failed");
+                return Err(io::Error::other(e));
+            }
+            None => {
+                if chunked {
+                    wbuf.extend_from_slice(h1::LAST_CHUNK);
+                }
+                break;
+            }
+        }
+        if wbuf.len() >= WRITE_BATCH {
+            io.write_all(wbuf).await?;
+            wbuf.clear();
+        }
+    }
+    if let Framing::Length(n) = framing
+        && sent != n
+    {
+        return Err(io::Error::other(
+            "the response body is shorter than announced",
+        ));
+    }
+    if !wbuf.is_empty() {
+        io.write_all(wbuf).await?;
+        wbuf.clear();
+    }
+    Ok(keep_alive && framing != Framing::Close)
+}
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;

@@ -1,0 +1,351 @@
+//! Tests of Hangar's HTTP/1.1 server side: head parsing, and raw HTTP/1.x clients against a
+//! real proxy and upstream on `127.0.0.1:0` (pipelining, HTTP/1.0, `100-continue`, refused
+//! heads, keep-alive and shutdown).
+
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use http::{Method, StatusCode, Version};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use super::{BodyLength, parse_request};
+use crate::error::ProxyError;
+use crate::tests::{DOMAIN, ID, Running, config, start};
+
+fn parse(raw: &[u8]) -> Result<Option<super::RequestHead>, ProxyError> {
+    parse_request(&mut BytesMut::from(raw), 16 * 1024)
+}
+
+#[test]
+fn heads_parse_incrementally_and_keep_what_follows() {
+    let raw = b"POST /p?q=1 HTTP/1.1\r\nHost: b1.hangar.test\r\nContent-Length: 3\r\nX-A: 1\r\nx-a: 2\r\n\r\nabcGET";
+    let head_len = raw.len() - 6;
+    for cut in 0..head_len {
+        assert!(parse(&raw[..cut]).unwrap().is_none(), "complete at {cut}");
+    }
+    let mut buf = BytesMut::from(&raw[..]);
+    let head = parse_request(&mut buf, 16 * 1024).unwrap().unwrap();
+    assert_eq!(head.method, Method::POST);
+    assert_eq!(head.uri, "/p?q=1");
+    assert_eq!(head.version, Version::HTTP_11);
+    assert_eq!(head.headers["host"], "b1.hangar.test");
+    assert_eq!(head.headers.get_all("x-a").iter().count(), 2);
+    assert_eq!(head.body, BodyLength::Length(3));
+    assert!(head.keep_alive && !head.expect_continue);
+    // The body and the next request stay in the buffer.
+    assert_eq!(&buf[..], b"abcGET");
+}
+
+#[test]
+fn framing_and_keep_alive_follow_rfc_9112() {
+    let head = |raw: &str| parse(raw.as_bytes()).unwrap().unwrap();
+    let h = head("GET / HTTP/1.0\r\n\r\n");
+    assert!(!h.keep_alive, "HTTP/1.0 closes by default");
+    assert_eq!(h.body, BodyLength::Length(0));
+    assert!(head("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").keep_alive);
+    assert!(!head("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n").keep_alive);
+    let h = head("PUT / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+    assert_eq!(h.body, BodyLength::Chunked);
+    assert!(h.keep_alive);
+    // Both framings: chunked wins and the connection is not reused (request smuggling).
+    let h = head("PUT / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n");
+    assert_eq!(h.body, BodyLength::Chunked);
+    assert!(!h.keep_alive);
+    assert!(
+        head("PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n").expect_continue
+    );
+    assert!(
+        !head("GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n").expect_continue,
+        "nothing to wait for without a body"
+    );
+    assert_eq!(
+        head("PUT / HTTP/1.1\r\nContent-Length: 7, 7\r\n\r\n").body,
+        BodyLength::Length(7)
+    );
+}
+
+#[test]
+fn broken_or_oversized_heads_are_refused_with_the_right_status() {
+    let status = |raw: &[u8]| parse(raw).err().map(|e| e.status().as_u16());
+    for bad in [
+        &b"GET / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"GET / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+        b"\x00\x01garbage\r\n\r\n",
+    ] {
+        assert_eq!(status(bad), Some(400), "{}", String::from_utf8_lossy(bad));
+    }
+    // A partial head that has reached the limit, and too many fields.
+    assert_eq!(
+        status(format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(16 * 1024)).as_bytes()),
+        Some(431)
+    );
+    let many: String = (0..super::MAX_REQUEST_HEADERS + 1)
+        .map(|i| format!("x-{i}: 1\r\n"))
+        .collect();
+    assert_eq!(
+        status(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes()),
+        Some(431)
+    );
+}
+
+/// One response read from `r`: status, lower-cased head text and body (content-length or
+/// chunked framing).
+async fn read_response<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> (u16, String, Vec<u8>) {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        let n = r.read_line(&mut line).await.unwrap();
+        assert!(n > 0, "connection closed in a response head: {head}");
+        if line == "\r\n" {
+            break;
+        }
+        head.push_str(&line.to_ascii_lowercase());
+    }
+    let status: u16 = head[9..12].parse().unwrap();
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_string))
+    };
+    let mut body = Vec::new();
+    if let Some(n) = header("content-length") {
+        body.resize(n.trim().parse().unwrap(), 0);
+        r.read_exact(&mut body).await.unwrap();
+    } else if header("transfer-encoding").as_deref() == Some("chunked") {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).await.unwrap();
+            let n = usize::from_str_radix(size.trim(), 16).unwrap();
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    }
+    (status, head, body)
+}
+
+/// Waits for the server to close `r` (end of stream), at most 10 s.
+async fn closed_by_server<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> bool {
+    let mut rest = Vec::new();
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut rest)).await,
+        Ok(Ok(_))
+    ) && rest.is_empty()
+}
+
+/// A raw client connection to the proxy.
+async fn connect(r: &Running) -> BufReader<TcpStream> {
+    BufReader::new(TcpStream::connect(r.addr).await.unwrap())
+}
+
+async fn send(s: &mut BufReader<TcpStream>, raw: impl AsRef<[u8]>) {
+    s.get_mut().write_all(raw.as_ref()).await.unwrap();
+}
+
+/// A GET of `/` for the test backend over `version` (`1.0` or `1.1`), with `extra` header lines.
+fn get(version: &str, extra: &str) -> String {
+    format!("GET / HTTP/{version}\r\nhost: {ID}.{DOMAIN}\r\n{extra}\r\n")
+}
+
+fn post(body: &str, extra: &str) -> String {
+    format!(
+        "POST /echo-body HTTP/1.1\r\nhost: {ID}.{DOMAIN}\r\ncontent-length: {}\r\n{extra}\r\n{body}",
+        body.len()
+    )
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+    let r = start(config(), None).await;
+    let mut s = connect(&r).await;
+    let all = format!(
+        "{}{}GET / HTTP/1.1\r\nhost: {ID}.{DOMAIN}\r\n\r\n{}",
+        post("one", ""),
+        post("two", ""),
+        post("three", "connection: close\r\n")
+    );
+    send(&mut s, all).await;
+    for want in ["one", "two", "ok", "three"] {
+        let (status, head, body) = read_response(&mut s).await;
+        assert_eq!(status, 200, "{head}");
+        assert_eq!(String::from_utf8(body).unwrap(), want);
+        assert!(head.contains("date: "), "a date is added: {head}");
+    }
+    assert!(
+        closed_by_server(&mut s).await,
+        "closed after `connection: close`"
+    );
+}
+
+#[tokio::test]
+async fn http_1_0_clients_get_keep_alive_only_when_they_ask() {
+    let r = start(config(), None).await;
+    let get10 = get("1.0", "connection: keep-alive\r\n");
+    let mut s = connect(&r).await;
+    for _ in 0..2 {
+        send(&mut s, &get10).await;
+        let (status, head, body) = read_response(&mut s).await;
+        assert_eq!((status, &body[..]), (200, &b"ok"[..]));
+        assert!(head.contains("connection: keep-alive"), "{head}");
+    }
+    send(&mut s, get("1.0", "")).await;
+    let (status, head, _) = read_response(&mut s).await;
+    assert_eq!(status, 200);
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(closed_by_server(&mut s).await);
+}
+
+#[tokio::test]
+async fn a_client_that_expects_100_continue_gets_it_before_sending_its_body() {
+    let r = start(config(), None).await;
+    let mut s = connect(&r).await;
+    send(&mut s, format!(
+                "POST /echo-body HTTP/1.1\r\nhost: {ID}.{DOMAIN}\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n"
+            )
+            .as_bytes(),).await;
+    let (status, _, _) = read_response(&mut s).await;
+    assert_eq!(status, 100);
+    send(&mut s, b"hello").await;
+    let (status, head, body) = read_response(&mut s).await;
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(body, b"hello");
+    assert!(
+        head.contains("x-framing: length some(\"5\")"),
+        "the backend never sees the expectation: {head}"
+    );
+}
+
+#[tokio::test]
+async fn chunked_request_bodies_are_decoded_and_reframed() {
+    let r = start(config(), None).await;
+    let mut s = connect(&r).await;
+    send(&mut s, format!(
+                "POST /echo-body HTTP/1.1\r\nhost: {ID}.{DOMAIN}\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n"
+            )
+            .as_bytes(),).await;
+    let (status, head, body) = read_response(&mut s).await;
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(body, b"hello world");
+    assert!(head.contains("x-framing: chunked"), "{head}");
+    // A chunk that breaks the coding: the request fails, the connection closes.
+    send(&mut s, format!(
+                "POST /echo-body HTTP/1.1\r\nhost: {ID}.{DOMAIN}\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"
+            )
+            .as_bytes(),).await;
+    let (status, head, _) = read_response(&mut s).await;
+    assert_eq!(status, 400, "{head}");
+    assert!(closed_by_server(&mut s).await);
+}
+
+#[tokio::test]
+async fn a_refused_request_with_a_small_body_keeps_the_connection() {
+    let r = start(config(), None).await;
+    let mut s = connect(&r).await;
+    // Unknown backend: 404 before the body is read; the body is skipped, not parsed as a
+    // request.
+    let unknown = "POST / HTTP/1.1\r\nhost: nobody.hangar.test\r\ncontent-length: 18\r\n\r\nGET /evil HTTP/1.1";
+    send(&mut s, unknown).await;
+    let (status, head, _) = read_response(&mut s).await;
+    assert_eq!(status, 404, "{head}");
+    assert!(head.contains("x-hangar-error: unknown_backend"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    send(&mut s, post("again", "")).await;
+    let (status, _, body) = read_response(&mut s).await;
+    assert_eq!((status, &body[..]), (200, &b"again"[..]));
+}
+
+#[tokio::test]
+async fn malformed_heads_get_400_and_the_connection_closes() {
+    let r = start(config(), None).await;
+    let mut s = connect(&r).await;
+    send(&mut s, b"GET / HTTP/1.1\r\ncontent-length: 1, 2\r\n\r\n").await;
+    let (status, head, body) = read_response(&mut s).await;
+    assert_eq!(status, 400);
+    assert!(head.contains("x-hangar-error: bad_request"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(String::from_utf8_lossy(&body).contains("content-length"));
+    assert!(closed_by_server(&mut s).await);
+    assert_eq!(
+        r.proxy.activity().len(),
+        0,
+        "a refused head reaches no backend"
+    );
+}
+
+#[tokio::test]
+async fn head_responses_keep_their_length_and_send_no_body() {
+    let r = start(config(), None).await;
+    let mut s = connect(&r).await;
+    send(
+        &mut s,
+        format!("HEAD / HTTP/1.1\r\nhost: {ID}.{DOMAIN}\r\n\r\n"),
+    )
+    .await;
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        s.read_line(&mut line).await.unwrap();
+        if line == "\r\n" {
+            break;
+        }
+        head.push_str(&line.to_ascii_lowercase());
+    }
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-length: 2"), "{head}");
+    // The next response follows the head directly: no body bytes in between.
+    send(&mut s, get("1.1", "")).await;
+    let (status, _, body) = read_response(&mut s).await;
+    assert_eq!((status, &body[..]), (200, &b"ok"[..]));
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_close_after_the_timeout_or_at_shutdown() {
+    let mut cfg = config();
+    cfg.keep_alive_timeout = Duration::from_millis(300);
+    let r = start(cfg, None).await;
+    let mut s = connect(&r).await;
+    send(&mut s, get("1.1", "")).await;
+    assert_eq!(read_response(&mut s).await.0, 200);
+    let idle_since = Instant::now();
+    assert!(closed_by_server(&mut s).await, "idle connection kept open");
+    let idle = idle_since.elapsed();
+    assert!(
+        idle >= Duration::from_millis(250) && idle < Duration::from_secs(5),
+        "{idle:?}"
+    );
+
+    // With the default (75 s) keep-alive, shutdown closes an idle connection at once.
+    let r = start(config(), None).await;
+    let mut s = connect(&r).await;
+    send(&mut s, get("1.1", "")).await;
+    assert_eq!(read_response(&mut s).await.0, 200);
+    r.shutdown.cancel();
+    assert!(closed_by_server(&mut s).await, "idle connection kept open");
+    tokio::time::timeout(Duration::from_secs(10), r.done)
+        .await
+        .expect("run() returned")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_slow_head_gets_408_before_the_connection_closes() {
+    let mut cfg = config();
+    cfg.header_read_timeout = Duration::from_millis(200);
+    let r = start(cfg, None).await;
+    let mut s = connect(&r).await;
+    send(&mut s, format!("GET / HTTP/1.1\r\nhost: {ID}.{DOMAIN}\r\n")).await;
+    let (status, head, _) = read_response(&mut s).await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT.as_u16(), "{head}");
+    assert!(
+        head.contains("x-hangar-error: request_head_timeout"),
+        "{head}"
+    );
+    assert!(closed_by_server(&mut s).await);
+}
