@@ -2,8 +2,12 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use hangar_proxy::ProxyConfig;
+
+use crate::ConfigError;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -88,6 +92,8 @@ pub struct ProxyArgs {
     pub start_wait: u64,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub tuning: ProxyTuningArgs,
     /// Where Prometheus scrapes this proxy's metrics (`GET /metrics`), or `off`.
     /// [default: 127.0.0.1:7073, skipped with a warning if that port is taken]
     #[arg(long, value_name = "ADDR|off")]
@@ -323,12 +329,109 @@ pub struct DevArgs {
     #[command(flatten)]
     pub tls: TlsArgs,
     #[command(flatten)]
+    pub tuning: ProxyTuningArgs,
+    #[command(flatten)]
     pub metrics: MetricsArgs,
     #[command(flatten)]
     pub hot: HotArgs,
     /// How often the embedded drone reads its backends' CPU and memory use (dev).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub usage_interval: std::time::Duration,
+}
+
+/// The proxy's timeouts and limits, shared by every role that runs a proxy (`dev`, `serve`,
+/// `proxy`). The defaults are `ProxyConfig::new`'s (a test keeps them equal); `--start-wait`
+/// stays with each role, in whole seconds, as it always was.
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct ProxyTuningArgs {
+    /// A client that has started a request head and not finished it within this is cut off.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// A keep-alive client connection with no request in flight is closed after this long.
+    #[arg(long, value_name = "DURATION", default_value = "75s", value_parser = parse_duration)]
+    pub keep_alive_timeout: Duration,
+    /// Connecting to a backend longer than this is a 502.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub upstream_connect_timeout: Duration,
+    /// A backend that has not sent response headers within this is a 504.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub upstream_response_timeout: Duration,
+    /// A TLS handshake that takes longer than this is dropped.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+    /// On shutdown, how long in-flight requests may finish before connections are dropped.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Largest request head (request line and headers) accepted, 1024 to 1048576 bytes;
+    /// larger gets 431.
+    #[arg(long, value_name = "BYTES", default_value = "65536")]
+    pub max_header_bytes: usize,
+    /// Client connections served at once; past this, new ones wait in the kernel's accept
+    /// queue until one closes.
+    #[arg(long, value_name = "N", default_value = "10000")]
+    pub max_connections: usize,
+    /// Idle keep-alive connections kept open to each backend (0 keeps none).
+    #[arg(long, value_name = "N", default_value = "256")]
+    pub upstream_idle_per_backend: usize,
+}
+
+/// Smallest `--max-header-bytes`: below this not even a modest request head fits.
+const MIN_HEADER_BYTES: usize = 1024;
+/// Largest `--max-header-bytes` (1 MiB): a request head beyond this is abuse, and each
+/// connection may buffer this much.
+const MAX_HEADER_BYTES: usize = 1024 * 1024;
+
+impl ProxyTuningArgs {
+    /// Checks the flags and writes them into `cfg`; an out-of-range value is a
+    /// [`ConfigError`] naming the flag and the range allowed.
+    pub fn apply(&self, cfg: &mut ProxyConfig) -> Result<(), ConfigError> {
+        for (flag, value) in [
+            ("--header-read-timeout", self.header_read_timeout),
+            ("--keep-alive-timeout", self.keep_alive_timeout),
+            ("--upstream-connect-timeout", self.upstream_connect_timeout),
+            (
+                "--upstream-response-timeout",
+                self.upstream_response_timeout,
+            ),
+            ("--tls-handshake-timeout", self.tls_handshake_timeout),
+            ("--shutdown-grace", self.shutdown_grace),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError(format!(
+                    "{flag} must be at least 1s (e.g. 30s, 5m)"
+                )));
+            }
+        }
+        if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&self.max_header_bytes) {
+            return Err(ConfigError(format!(
+                "--max-header-bytes {} is out of range: allowed {MIN_HEADER_BYTES} to {MAX_HEADER_BYTES} (1 MiB)",
+                self.max_header_bytes
+            )));
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError(
+                "--max-connections must be at least 1 (client connections served at once)".into(),
+            ));
+        }
+        // The proxy counts connections with a semaphore, which cannot hold more permits.
+        let most = tokio::sync::Semaphore::MAX_PERMITS;
+        if self.max_connections > most {
+            return Err(ConfigError(format!(
+                "--max-connections {} is too large: allowed 1 to {most}",
+                self.max_connections
+            )));
+        }
+        cfg.header_read_timeout = self.header_read_timeout;
+        cfg.keep_alive_timeout = self.keep_alive_timeout;
+        cfg.upstream_connect_timeout = self.upstream_connect_timeout;
+        cfg.upstream_response_timeout = self.upstream_response_timeout;
+        cfg.tls_handshake_timeout = self.tls_handshake_timeout;
+        cfg.shutdown_grace = self.shutdown_grace;
+        cfg.max_header_bytes = self.max_header_bytes;
+        cfg.max_connections = self.max_connections;
+        cfg.upstream_idle_per_backend = self.upstream_idle_per_backend;
+        Ok(())
+    }
 }
 
 /// An HTTPS listener for the proxy (in addition to the plain one).
@@ -403,4 +506,172 @@ pub struct TerminateArgs {
     /// Kill at once instead of stopping gracefully.
     #[arg(long)]
     pub hard: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+    use hangar_core::token::TokenKey;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("hangar").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    /// The tuning flags of every role that runs a proxy.
+    fn tuning(args: &[&str]) -> ProxyTuningArgs {
+        match parse(args).command {
+            Command::Dev(a) => a.tuning,
+            Command::Serve(a) => a.plane.tuning,
+            Command::Proxy(a) => a.tuning,
+            other => panic!("{other:?} has no proxy"),
+        }
+    }
+
+    /// The fields the tuning flags set, for comparison (`ProxyConfig` has no `PartialEq`).
+    fn tuned(c: &ProxyConfig) -> (Duration, Duration, Duration, Duration, Duration, Duration) {
+        (
+            c.header_read_timeout,
+            c.keep_alive_timeout,
+            c.upstream_connect_timeout,
+            c.upstream_response_timeout,
+            c.tls_handshake_timeout,
+            c.shutdown_grace,
+        )
+    }
+
+    fn limits(c: &ProxyConfig) -> (usize, usize, usize) {
+        (
+            c.max_header_bytes,
+            c.max_connections,
+            c.upstream_idle_per_backend,
+        )
+    }
+
+    fn config() -> ProxyConfig {
+        ProxyConfig::new("hangar.localhost", TokenKey::generate())
+    }
+
+    const ROLES: [&[&str]; 3] = [
+        &["dev"],
+        &["serve"],
+        &["proxy", "--scheduler", "http://127.0.0.1:7070"],
+    ];
+
+    #[test]
+    fn without_tuning_flags_every_role_gets_proxy_config_defaults() {
+        let defaults = config();
+        for role in ROLES {
+            // Start from values no default has, so a field `apply` forgets shows up too.
+            let mut cfg = config();
+            cfg.header_read_timeout = Duration::from_millis(1);
+            cfg.keep_alive_timeout = Duration::from_millis(1);
+            cfg.upstream_connect_timeout = Duration::from_millis(1);
+            cfg.upstream_response_timeout = Duration::from_millis(1);
+            cfg.tls_handshake_timeout = Duration::from_millis(1);
+            cfg.shutdown_grace = Duration::from_millis(1);
+            cfg.max_header_bytes = 1;
+            cfg.max_connections = 1;
+            cfg.upstream_idle_per_backend = 1;
+            tuning(role).apply(&mut cfg).unwrap();
+            assert_eq!(tuned(&cfg), tuned(&defaults), "{role:?}");
+            assert_eq!(limits(&cfg), limits(&defaults), "{role:?}");
+        }
+        // --start-wait keeps its own flag (whole seconds) with the same default.
+        let start_wait = defaults.start_wait.as_secs();
+        match parse(ROLES[0]).command {
+            Command::Dev(a) => assert_eq!(a.start_wait, start_wait),
+            _ => unreachable!(),
+        }
+        match parse(ROLES[2]).command {
+            Command::Proxy(a) => assert_eq!(a.start_wait, start_wait),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn tuning_flags_reach_the_proxy_config() {
+        let flags = [
+            "--header-read-timeout",
+            "7",
+            "--keep-alive-timeout",
+            "2m",
+            "--upstream-connect-timeout",
+            "3s",
+            "--upstream-response-timeout",
+            "1h",
+            "--tls-handshake-timeout",
+            "4s",
+            "--shutdown-grace",
+            "9s",
+            "--max-header-bytes",
+            "1024",
+            "--max-connections",
+            "1",
+            "--upstream-idle-per-backend",
+            "0",
+        ];
+        for role in ROLES {
+            let args: Vec<&str> = role.iter().chain(&flags).copied().collect();
+            let mut cfg = config();
+            tuning(&args).apply(&mut cfg).unwrap();
+            let s = Duration::from_secs;
+            assert_eq!(
+                tuned(&cfg),
+                (s(7), s(120), s(3), s(3600), s(4), s(9)),
+                "{role:?}"
+            );
+            assert_eq!(limits(&cfg), (1024, 1, 0), "{role:?}");
+        }
+        let mut cfg = config();
+        tuning(&["dev", "--max-header-bytes", "1048576"])
+            .apply(&mut cfg)
+            .unwrap();
+        assert_eq!(cfg.max_header_bytes, 1024 * 1024);
+    }
+
+    #[test]
+    fn out_of_range_tuning_is_a_config_error_naming_the_flag_and_range() {
+        let too_many = usize::MAX.to_string();
+        let cases: &[(&str, &str, &str)] = &[
+            ("--header-read-timeout", "0", "at least 1s"),
+            ("--keep-alive-timeout", "0s", "at least 1s"),
+            ("--upstream-connect-timeout", "0m", "at least 1s"),
+            ("--upstream-response-timeout", "0", "at least 1s"),
+            ("--tls-handshake-timeout", "0", "at least 1s"),
+            ("--shutdown-grace", "0h", "at least 1s"),
+            ("--max-header-bytes", "1023", "allowed 1024 to 1048576"),
+            ("--max-header-bytes", "1048577", "allowed 1024 to 1048576"),
+            ("--max-connections", "0", "at least 1"),
+            ("--max-connections", &too_many, "allowed 1 to"),
+        ];
+        for &(flag, value, range) in cases {
+            for role in ROLES {
+                let args: Vec<&str> = role.iter().chain(&[flag, value]).copied().collect();
+                let mut cfg = config();
+                let err = tuning(&args).apply(&mut cfg).unwrap_err().to_string();
+                assert!(err.starts_with(flag), "{args:?}: {err}");
+                assert!(err.contains(range), "{args:?}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn tuning_values_that_are_not_numbers_or_durations_are_usage_errors() {
+        for args in [
+            ["dev", "--max-connections", "many"],
+            ["dev", "--max-header-bytes", "64k"],
+            ["dev", "--shutdown-grace", "soon"],
+        ] {
+            let err = Cli::try_parse_from(std::iter::once("hangar").chain(args)).unwrap_err();
+            assert!(err.to_string().contains(args[1]), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }

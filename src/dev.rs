@@ -33,6 +33,8 @@ struct DevConfig {
     /// `None` with `--metrics off`.
     metrics: Option<crate::metrics::MetricsSetup>,
     hot: hangar_scheduler::hot::HotConfig,
+    /// The proxy's configuration: domain, key, `--start-wait` and the tuning flags.
+    proxy: ProxyConfig,
 }
 
 /// Where DNS listens when `--dns` is not given.
@@ -112,12 +114,16 @@ fn validate(args: DevArgs) -> anyhow::Result<DevConfig> {
     let dns = validate_dns(&args, &domain)?;
     let metrics = crate::metrics::validate(&args.metrics, crate::metrics::DEFAULT_ADDR)?;
     let hot = hot_config(&args.hot)?;
+    let mut proxy = ProxyConfig::new(&domain, token_key.clone());
+    proxy.start_wait = Duration::from_secs(args.start_wait);
+    args.tuning.apply(&mut proxy)?;
     Ok(DevConfig {
         args: DevArgs { domain, ..args },
         token_key,
         dns,
         metrics,
         hot,
+        proxy,
     })
 }
 
@@ -353,9 +359,7 @@ async fn run_plane(args: DevArgs, serve: Option<ServeOptions>) -> anyhow::Result
         .await
         .context("cannot load state from the store")?;
 
-    let mut proxy_cfg = ProxyConfig::new(&args.domain, cfg.token_key.clone());
-    proxy_cfg.start_wait = Duration::from_secs(args.start_wait);
-    let proxy = Arc::new(Proxy::new(proxy_cfg));
+    let proxy = Arc::new(Proxy::new(cfg.proxy.clone()));
 
     let tasks = TaskTracker::new();
     // Metrics: the admin listener; the proxy publishes its per-backend counts before every

@@ -41,6 +41,12 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
+    let mut cfg = ProxyConfig::new(args.domain.to_ascii_lowercase(), token_key);
+    cfg.start_wait = Duration::from_secs(args.start_wait);
+    args.tuning.apply(&mut cfg)?;
+    // The feed trails the scheduler by a moment: a backend connected a millisecond ago is
+    // waited for instead of answered 404.
+    cfg.unknown_grace = Duration::from_millis(500);
     let metrics_setup =
         crate::metrics::validate(&args.metrics_args(), crate::metrics::DEFAULT_PROXY_ADDR)?;
     let certs = crate::tls::load(&args.tls)?;
@@ -67,11 +73,6 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         (Some(_), Some(m)) => Some(crate::metrics::install(m.grace)?),
         _ => None,
     };
-    let mut cfg = ProxyConfig::new(args.domain.to_ascii_lowercase(), token_key);
-    cfg.start_wait = Duration::from_secs(args.start_wait);
-    // The feed trails the scheduler by a moment: a backend connected a millisecond ago is
-    // waited for instead of answered 404.
-    cfg.unknown_grace = Duration::from_millis(500);
     let proxy = Arc::new(Proxy::new(cfg));
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();

@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::support::{DEADLINE, Dev, cli, count_of, text, unix_now};
+use crate::support::{DEADLINE, Dev, cli, count_of, dev_cli, text, unix_now};
 
 fn scratch() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
@@ -665,4 +665,33 @@ async fn bad_configuration_exits_64_before_binding() {
     let (code, _, err) = dev_with("--token-key", "abc");
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("token key"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_proxy_tuning_exits_64_naming_the_flag() {
+    let dir = scratch();
+    let data_dir = dir.path().to_str().unwrap();
+    let (code, _, err) = dev_cli(data_dir, &["--dns", "off", "--max-connections", "0"]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--max-connections"), "{err}");
+    // `hangar proxy` shares the flags and the check.
+    let key = TokenKey::generate().to_hex();
+    let (code, _, err) = cli(&[
+        "proxy",
+        "--scheduler",
+        "http://127.0.0.1:9",
+        "--secret",
+        "tuning-test-secret",
+        "--token-key",
+        &key,
+        "--proxy",
+        "127.0.0.1:0",
+        "--metrics",
+        "off",
+        "--max-header-bytes",
+        "512",
+    ]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--max-header-bytes"), "{err}");
+    assert!(err.contains("1024 to 1048576"), "{err}");
 }
