@@ -71,7 +71,9 @@ impl Route {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteTable {
     pub revision: u64,
-    routes: HashMap<BackendId, Route>,
+    /// Hashed with foldhash: looked up on every proxied request, and its keys are ids the
+    /// scheduler made, not input an attacker chooses.
+    routes: HashMap<BackendId, Route, foldhash::fast::RandomState>,
 }
 
 impl RouteTable {

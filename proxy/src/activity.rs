@@ -51,7 +51,7 @@ const DEFAULT_SERIES_STALE: Duration = Duration::from_secs(150);
 /// Activity of every backend this proxy has served.
 #[derive(Debug)]
 pub struct ActivityTracker {
-    backends: DashMap<BackendId, Arc<Counters>>,
+    backends: DashMap<BackendId, Arc<Counters>, foldhash::fast::RandomState>,
     metrics: ProxyMetrics,
     /// See [`ActivityTracker::set_metrics_grace`]; milliseconds.
     series_stale_ms: AtomicU64,
@@ -60,7 +60,7 @@ pub struct ActivityTracker {
 impl Default for ActivityTracker {
     fn default() -> Self {
         ActivityTracker {
-            backends: DashMap::new(),
+            backends: DashMap::default(),
             metrics: ProxyMetrics::default(),
             series_stale_ms: AtomicU64::new(DEFAULT_SERIES_STALE.as_millis() as u64),
         }

@@ -15,7 +15,8 @@ pub struct ProxyConfig {
     pub start_wait: Duration,
     /// Connecting to a backend longer than this is a 502.
     pub upstream_connect_timeout: Duration,
-    /// A backend that has not sent response headers within this is a 504.
+    /// A backend that has not sent its response head within this of receiving the whole
+    /// request is a 504.
     pub upstream_response_timeout: Duration,
     /// A client that has started a request head and not finished it within this is cut off
     /// (slow clients).

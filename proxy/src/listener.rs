@@ -22,7 +22,7 @@ use crate::config::ProxyConfig;
 use crate::forward::Prefixed;
 use crate::route_table::RouteHandle;
 use crate::server::{self, Served};
-use crate::service::{Shared, handle};
+use crate::service::{ClientInfo, Shared, handle};
 
 /// Failures of the accept loop.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,7 @@ impl Proxy {
         let pool = Arc::new(crate::pool::UpstreamPool::new(
             config.upstream_idle_per_backend,
             config.upstream_connect_timeout,
+            config.upstream_response_timeout,
         ));
         Proxy {
             shared: Arc::new(Shared {
@@ -209,7 +210,8 @@ async fn serve_conn<I>(
             Served::Http2(io) => io,
         }
     };
-    let svc = service_fn(move |req| handle(shared.clone(), req, peer, tls));
+    let client = Arc::new(ClientInfo::new(peer, tls));
+    let svc = service_fn(move |req| handle(shared.clone(), req, client.clone()));
     let conn = h2.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let result = tokio::select! {

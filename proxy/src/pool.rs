@@ -47,6 +47,8 @@ pub(crate) enum SendError {
     Request(String),
     /// The client's request body failed (the client went away or sent a broken body).
     ClientBody(String),
+    /// The request was sent and no response head arrived within the response timeout.
+    Timeout,
 }
 
 /// One keep-alive connection to a backend, with its read and write buffers.
@@ -56,6 +58,8 @@ struct Conn {
     rbuf: BytesMut,
     /// The request head (and small body pieces) being written.
     wbuf: Vec<u8>,
+    /// Bounds the wait for each response head; one per connection, moved forward per request.
+    timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Conn {
@@ -85,7 +89,9 @@ impl Conn {
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
-        let Conn { stream, rbuf, wbuf } = self;
+        let Conn {
+            stream, rbuf, wbuf, ..
+        } = self;
         if framing == RequestFraming::None || body.is_end_stream() {
             // No body (the common case): the head alone, in one write.
             flush(stream, wbuf).await.map_err(WriteError::Upstream)?;
@@ -125,42 +131,56 @@ impl Conn {
         }
     }
 
-    /// Reads until a final response head (or `101`) is complete; interim `1xx` heads are
-    /// skipped.
-    async fn read_head(&mut self, method: &Method) -> Result<ResponseHead, ReadError> {
-        let mut got_any = !self.rbuf.is_empty();
-        loop {
-            if !self.rbuf.is_empty() {
-                match h1::parse_response_head(&self.rbuf, method) {
-                    Ok(Some((head, used))) => {
-                        self.rbuf.advance(used);
-                        if head.status.is_informational()
-                            && head.status != StatusCode::SWITCHING_PROTOCOLS
-                        {
-                            continue;
+    /// Reads until a final response head (or `101`) is complete, for at most `timeout`;
+    /// interim `1xx` heads are skipped.
+    async fn read_head(
+        &mut self,
+        method: &Method,
+        timeout: Duration,
+    ) -> Result<ResponseHead, ReadError> {
+        let Conn {
+            stream,
+            rbuf,
+            timer,
+            ..
+        } = self;
+        timer.as_mut().reset(tokio::time::Instant::now() + timeout);
+        let read = async {
+            let mut got_any = !rbuf.is_empty();
+            loop {
+                if !rbuf.is_empty() {
+                    match h1::parse_response_head(rbuf, method) {
+                        Ok(Some((head, used))) => {
+                            rbuf.advance(used);
+                            if head.status.is_informational()
+                                && head.status != StatusCode::SWITCHING_PROTOCOLS
+                            {
+                                continue;
+                            }
+                            return Ok(head);
                         }
-                        return Ok(head);
+                        Ok(None) => {}
+                        Err(e) => return Err(ReadError::Invalid(e)),
                     }
-                    Ok(None) => {}
-                    Err(e) => return Err(ReadError::Invalid(e)),
                 }
+                if rbuf.capacity() - rbuf.len() < 1024 {
+                    rbuf.reserve(READ_CHUNK);
+                }
+                let n = stream.read_buf(rbuf).await.map_err(ReadError::Io)?;
+                if n == 0 {
+                    return Err(if got_any {
+                        ReadError::Truncated
+                    } else {
+                        ReadError::ClosedEarly
+                    });
+                }
+                got_any = true;
             }
-            if self.rbuf.capacity() - self.rbuf.len() < 1024 {
-                self.rbuf.reserve(READ_CHUNK);
-            }
-            let n = self
-                .stream
-                .read_buf(&mut self.rbuf)
-                .await
-                .map_err(ReadError::Io)?;
-            if n == 0 {
-                return Err(if got_any {
-                    ReadError::Truncated
-                } else {
-                    ReadError::ClosedEarly
-                });
-            }
-            got_any = true;
+        };
+        tokio::select! {
+            biased;
+            r = read => r,
+            _ = timer.as_mut() => Err(ReadError::TimedOut),
         }
     }
 }
@@ -252,14 +272,18 @@ enum ReadError {
     Io(io::Error),
     #[error("{0}")]
     Invalid(h1::H1Error),
+    #[error("no response head within the response timeout")]
+    TimedOut,
 }
 
 /// Keep-alive connections per backend address.
 pub(crate) struct UpstreamPool {
     /// A std mutex: held only to push or pop a connection, never across an `.await`.
-    idle: Mutex<HashMap<SocketAddr, Vec<Conn>>>,
+    /// Hashed with foldhash (fast; keys are backend addresses from the route table).
+    idle: Mutex<HashMap<SocketAddr, Vec<Conn>, foldhash::fast::RandomState>>,
     max_idle: usize,
     connect_timeout: Duration,
+    response_timeout: Duration,
 }
 
 /// A backend's response: its head, a body that streams from the backend, and for a `101` the
@@ -296,11 +320,18 @@ fn idempotent(m: &Method) -> bool {
 }
 
 impl UpstreamPool {
-    pub(crate) fn new(max_idle: usize, connect_timeout: Duration) -> Self {
+    /// `response_timeout` bounds the wait for a response head once the request has been
+    /// written.
+    pub(crate) fn new(
+        max_idle: usize,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Self {
         UpstreamPool {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::default()),
             max_idle,
             connect_timeout,
+            response_timeout,
         }
     }
 
@@ -353,6 +384,7 @@ impl UpstreamPool {
             stream,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: Vec::with_capacity(1024),
+            timer: Box::pin(tokio::time::sleep(self.response_timeout)),
         })
     }
 
@@ -394,7 +426,7 @@ impl UpstreamPool {
                 }
                 Err(WriteError::Client(e)) => return Err(SendError::ClientBody(e.to_string())),
             };
-            match conn.read_head(method).await {
+            match conn.read_head(method, self.response_timeout).await {
                 Ok(mut head) => {
                     // Part of the request body is still unsent: the connection is spent.
                     head.keep_alive &= !answered_early;
@@ -405,6 +437,7 @@ impl UpstreamPool {
                 {
                     continue;
                 }
+                Err(ReadError::TimedOut) => return Err(SendError::Timeout),
                 Err(e) => return Err(SendError::Request(e.to_string())),
             }
         }

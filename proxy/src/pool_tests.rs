@@ -104,7 +104,11 @@ async fn backend(reply: Reply) -> Backend {
 }
 
 fn pool() -> Arc<UpstreamPool> {
-    Arc::new(UpstreamPool::new(8, Duration::from_secs(2)))
+    Arc::new(UpstreamPool::new(
+        8,
+        Duration::from_secs(2),
+        Duration::from_secs(20),
+    ))
 }
 
 fn req(method: Method, path: &str) -> Request<Empty<Bytes>> {
@@ -442,4 +446,50 @@ async fn a_backend_that_refuses_an_upload_without_reading_it_answers_at_once() {
         "a connection with an unsent body is not reused"
     );
     assert!(hold_rx.recv().await.is_some());
+}
+
+#[tokio::test]
+async fn a_backend_that_never_answers_times_out_and_its_connection_is_dropped() {
+    // A backend that reads requests and never answers.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let pool = Arc::new(UpstreamPool::new(
+        8,
+        Duration::from_secs(2),
+        Duration::from_millis(150),
+    ));
+    let started = std::time::Instant::now();
+    let head = b"GET / HTTP/1.1\r\nhost: b\r\n";
+    let sent = pool
+        .send(
+            addr,
+            &Method::GET,
+            head,
+            h1::RequestFraming::None,
+            Empty::<Bytes>::new(),
+        )
+        .await;
+    assert!(matches!(sent, Err(SendError::Timeout)));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(140) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
+    assert_eq!(
+        pool.idle_count(addr),
+        0,
+        "a timed-out connection is not reused"
+    );
 }

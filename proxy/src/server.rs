@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::ProxyError;
 use crate::forward::{Prefixed, ProxyBody};
 use crate::h1::{self, ChunkedDecoder, Decoded, take_bytes};
-use crate::service::{ClientIo, ClientUpgrade, Shared};
+use crate::service::{ClientInfo, ClientIo, ClientUpgrade, Shared};
 
 /// The most header fields a request may carry (more is a 431).
 pub(crate) const MAX_REQUEST_HEADERS: usize = 100;
@@ -77,7 +77,10 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let cfg = &shared.config;
+    let client = ClientInfo::new(peer, tls);
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+    // Where a head's fields lie in the buffer while it is parsed (kept, not zeroed, per request).
+    let mut spans = Vec::new();
     let mut wbuf: Vec<u8> = Vec::new();
     // One timer per connection, moved forward (cheaply) for each request.
     let timer = tokio::time::sleep(cfg.header_read_timeout);
@@ -99,7 +102,7 @@ where
                 return Served::Http2(Prefixed::new(rbuf.freeze(), io));
             }
             if !maybe_h2 && !rbuf.is_empty() {
-                match parse_request(&mut rbuf, cfg.max_header_bytes) {
+                match parse_request(&mut rbuf, cfg.max_header_bytes, &mut spans) {
                     Ok(Some(head)) => break head,
                     Ok(None) => {}
                     Err(e) => {
@@ -171,7 +174,7 @@ where
             *req.uri_mut() = head.uri;
             *req.version_mut() = version;
             *req.headers_mut() = head.headers;
-            crate::service::respond(&shared, req, peer, tls, |_| {
+            crate::service::respond(&shared, req, &client, |_| {
                 let (tx, rx) = oneshot::channel();
                 upgrade = Some(tx);
                 Box::pin(async move {
@@ -297,7 +300,7 @@ enum BodyLength {
 }
 
 /// Byte ranges of a head's parts within the buffer it was parsed from.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Span {
     start: usize,
     len: usize,
@@ -318,7 +321,11 @@ impl Span {
 
 /// Parses a request head from the front of `buf`: `Ok(None)` if it is not complete yet;
 /// otherwise the head, which is split off `buf` (header values share its memory).
-fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<RequestHead>, ProxyError> {
+fn parse_request(
+    buf: &mut BytesMut,
+    max_head: usize,
+    spans: &mut Vec<(Span, Span)>,
+) -> Result<Option<RequestHead>, ProxyError> {
     let mut storage =
         [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_REQUEST_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -352,11 +359,13 @@ fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<RequestHe
     };
     let base = buf.as_ptr();
     let target = Span::of(base, target.as_bytes());
-    let mut spans = [(Span::default(), Span::default()); MAX_REQUEST_HEADERS];
     let n = req.headers.len();
-    for (span, h) in spans.iter_mut().zip(req.headers.iter()) {
-        *span = (Span::of(base, h.name.as_bytes()), Span::of(base, h.value));
-    }
+    spans.clear();
+    spans.extend(
+        req.headers
+            .iter()
+            .map(|h| (Span::of(base, h.name.as_bytes()), Span::of(base, h.value))),
+    );
     let head = buf.split_to(used).freeze();
 
     let uri = Uri::from_maybe_shared(target.slice(&head))
@@ -367,7 +376,7 @@ fn parse_request(buf: &mut BytesMut, max_head: usize) -> Result<Option<RequestHe
     let mut close = false;
     let mut keep_alive = false;
     let mut expect_continue = false;
-    for &(name, value) in &spans[..n] {
+    for &(name, value) in spans.iter() {
         let name = HeaderName::from_bytes(&head[name.start..name.start + name.len])
             .map_err(|_| ProxyError::BadRequest("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(value.slice(&head))

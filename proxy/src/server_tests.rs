@@ -14,7 +14,7 @@ use crate::error::ProxyError;
 use crate::tests::{DOMAIN, ID, Running, config, start};
 
 fn parse(raw: &[u8]) -> Result<Option<super::RequestHead>, ProxyError> {
-    parse_request(&mut BytesMut::from(raw), 16 * 1024)
+    parse_request(&mut BytesMut::from(raw), 16 * 1024, &mut Vec::new())
 }
 
 #[test]
@@ -25,7 +25,9 @@ fn heads_parse_incrementally_and_keep_what_follows() {
         assert!(parse(&raw[..cut]).unwrap().is_none(), "complete at {cut}");
     }
     let mut buf = BytesMut::from(&raw[..]);
-    let head = parse_request(&mut buf, 16 * 1024).unwrap().unwrap();
+    let head = parse_request(&mut buf, 16 * 1024, &mut Vec::new())
+        .unwrap()
+        .unwrap();
     assert_eq!(head.method, Method::POST);
     assert_eq!(head.uri, "/p?q=1");
     assert_eq!(head.version, Version::HTTP_11);

@@ -4,7 +4,6 @@
 //! tokens locally; waits for starting backends on the route handle's change signal.
 
 use std::future::Future;
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -68,15 +67,30 @@ pub(crate) type ClientUpgrade =
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Where a client connection comes from, as its backend is told (`x-forwarded-for`,
+/// `x-forwarded-proto`): formatted once per connection, not per request.
+pub(crate) struct ClientInfo {
+    ip: String,
+    tls: bool,
+}
+
+impl ClientInfo {
+    pub(crate) fn new(peer: SocketAddr, tls: bool) -> Self {
+        ClientInfo {
+            ip: peer.ip().to_string(),
+            tls,
+        }
+    }
+}
+
 /// Serves one request that came through hyper (HTTP/2); never fails (errors become
 /// responses).
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
-    peer: SocketAddr,
-    tls: bool,
+    client: Arc<ClientInfo>,
 ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
-    Ok(respond(&shared, req, peer, tls, |req| {
+    Ok(respond(&shared, req, &client, |req| {
         let on = hyper::upgrade::on(req);
         Box::pin(async move {
             match on.await {
@@ -94,8 +108,7 @@ pub(crate) async fn handle(
 pub(crate) async fn respond<B, U>(
     shared: &Arc<Shared>,
     req: Request<B>,
-    peer: SocketAddr,
-    tls: bool,
+    client: &ClientInfo,
     on_upgrade: U,
 ) -> Response<ProxyBody>
 where
@@ -103,7 +116,7 @@ where
     B::Error: Into<BoxError>,
     U: FnOnce(&mut Request<B>) -> ClientUpgrade,
 {
-    match proxy(shared, req, peer, tls, on_upgrade).await {
+    match proxy(shared, req, client, on_upgrade).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(error = %e, code = e.code(), blame = ?e.blame(), "proxy error");
@@ -297,8 +310,7 @@ async fn wait_ready(shared: &Shared, backend: &BackendId) -> Result<SocketAddr, 
 async fn proxy<B, U>(
     shared: &Arc<Shared>,
     mut req: Request<B>,
-    peer: SocketAddr,
-    tls: bool,
+    client: &ClientInfo,
     on_upgrade: U,
 ) -> Result<Response<ProxyBody>, ProxyError>
 where
@@ -339,28 +351,26 @@ where
             backend: &route.backend,
             user: user.as_deref().unwrap_or(""),
             token: token_source,
-            peer,
-            tls,
+            client,
             upgrade,
         },
     );
     let framing = request_framing(&body, parts.headers.contains_key(header::CONTENT_LENGTH));
     let backend = route.backend.clone();
-    let sent = tokio::time::timeout(
-        shared.config.upstream_response_timeout,
-        shared.pool.send(
+    let sent = shared
+        .pool
+        .send(
             address,
             &parts.method,
             &head,
             framing,
             CountingBody::new(body, guard.received_bytes()),
-        ),
-    )
-    .await;
+        )
+        .await;
     let upstream = match sent {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => {
-            // The answer the client gets: 502 (or 400 for a broken request body).
+        Ok(x) => x,
+        Err(e) => {
+            // The answer the client gets: 502, 504 (or 400 for a broken request body).
             let err = match e {
                 SendError::Connect(detail) => ProxyError::UpstreamConnect {
                     backend: backend.to_string(),
@@ -374,16 +384,13 @@ where
                     tracing::debug!(backend = %backend, %detail, "request body failed");
                     ProxyError::BadRequest("the request body could not be read from the client")
                 }
+                SendError::Timeout => ProxyError::UpstreamTimeout {
+                    backend: backend.to_string(),
+                    waited: shared.config.upstream_response_timeout,
+                },
             };
             guard.set_status(err.status().as_u16());
             return Err(err);
-        }
-        Err(_) => {
-            guard.set_status(StatusCode::GATEWAY_TIMEOUT.as_u16());
-            return Err(ProxyError::UpstreamTimeout {
-                backend: backend.to_string(),
-                waited: shared.config.upstream_response_timeout,
-            });
         }
     };
     let mut resp = upstream.response;
@@ -452,8 +459,7 @@ struct Forwarding<'a> {
     user: &'a str,
     /// Where the Hangar token came from: it is removed from there.
     token: Option<TokenSource>,
-    peer: SocketAddr,
-    tls: bool,
+    client: &'a ClientInfo,
     upgrade: bool,
 }
 
@@ -534,12 +540,12 @@ fn upstream_head(parts: &http::request::Parts, f: &Forwarding<'_>) -> Vec<u8> {
         out.extend_from_slice(prev.as_bytes());
         out.extend_from_slice(b", ");
     }
-    // Writing to a Vec cannot fail.
-    let _ = write!(out, "{}\r\n", f.peer.ip());
+    out.extend_from_slice(f.client.ip.as_bytes());
+    out.extend_from_slice(b"\r\n");
     h1::write_header(
         &mut out,
         b"x-forwarded-proto",
-        if f.tls { b"https" } else { b"http" },
+        if f.client.tls { b"https" } else { b"http" },
     );
     h1::write_header(
         &mut out,
@@ -559,12 +565,12 @@ mod tests {
     fn head_for(req: Request<()>, token: Option<TokenSource>, user: &str, upgrade: bool) -> String {
         let (parts, ()) = req.into_parts();
         let backend = BackendId::parse("b1").unwrap();
+        let client = ClientInfo::new("10.1.2.3:4567".parse().unwrap(), true);
         let f = Forwarding {
             backend: &backend,
             user,
             token,
-            peer: "10.1.2.3:4567".parse().unwrap(),
-            tls: true,
+            client: &client,
             upgrade,
         };
         String::from_utf8(upstream_head(&parts, &f)).unwrap()

@@ -497,3 +497,29 @@ async fn upgraded_connections_work_through_tls() {
         assert_eq!(echo, msg);
     }
 }
+
+#[tokio::test]
+async fn a_backend_that_does_not_answer_in_time_is_a_504_and_the_client_connection_lives_on() {
+    let mut cfg = config();
+    cfg.upstream_response_timeout = Duration::from_millis(100);
+    let r = start(cfg, None).await;
+    let s = TcpStream::connect(r.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let started = Instant::now();
+    // `/slow` answers after 500 ms.
+    let resp = send.send_request(get("/slow")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(resp.headers()["x-hangar-error"], "upstream_timeout");
+    assert!(
+        started.elapsed() < Duration::from_millis(450),
+        "{:?}",
+        started.elapsed()
+    );
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("did not answer within"));
+    let resp = send.send_request(get("/")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
