@@ -6,6 +6,8 @@ Each target is pinned the same way: the proxy and the backend share core 0, the 
 
 - req/s and p50/p99 latency at saturation (oha with -c connections, no rate limit);
 - p50/p99 at a fixed 5,000 req/s, and what the proxy adds over the direct backend;
+- time per request on one connection, one request at a time (closed loop, no queueing), and
+  what the proxy adds over the direct backend: the proxy's own latency with the least noise;
 - req/s per CPU-second of the proxy process (its utime+stime over the saturation run);
 - memory per idle keep-alive client connection: RSS growth with 1,000 idle connections, and
   again with 1,000 more once the first ones have closed (steady state: the allocator reuses
@@ -16,7 +18,7 @@ nginx 1.22 is configured the same way (Host routing, upstream keep-alive, access
 one worker). Needs: a release build (`cargo build --release`), oha (`cargo install oha
 --locked`), nginx and taskset. Everything stays on 127.0.0.1.
 
-    python3 benches/load.py [--duration 10] [--runs 3] [--connections 50]
+    python3 benches/load.py [--duration 10] [--runs 3] [--connections 50] [--hangar PATH]
 """
 
 import argparse
@@ -125,11 +127,12 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--rate", type=int, default=5000)
+    ap.add_argument("--hangar", default=HANGAR, help="the hangar binary (default: release build)")
     args = ap.parse_args()
     for tool in ("oha", "nginx", "taskset"):
         if not shutil.which(tool):
             sys.exit(f"{tool} is missing: see the docstring for how to install it")
-    if not os.path.exists(HANGAR):
+    if not os.path.exists(args.hangar):
         sys.exit("build first: cargo build --release")
 
     work = tempfile.mkdtemp(prefix="hangar-load-")
@@ -137,7 +140,7 @@ def main():
     try:
         api, proxy = free_port(), free_port()
         dev = subprocess.Popen(
-            ["taskset", "-c", PROXY_CORE, HANGAR, "dev", "--api", f"127.0.0.1:{api}",
+            ["taskset", "-c", PROXY_CORE, args.hangar, "dev", "--api", f"127.0.0.1:{api}",
              "--proxy", f"127.0.0.1:{proxy}", "--dns", "off", "--metrics", "off",
              "--data-dir", os.path.join(work, "dev"), "--idle-timeout", "3600"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -200,7 +203,8 @@ http {{
             "hangar": (f"http://127.0.0.1:{proxy}/count", [f"Host: {host}", auth], hangar_pids),
             "nginx": (f"http://127.0.0.1:{nginx_port}/count", [f"Host: {host}"], nginx_pids),
         }
-        results = {t: {"sat": [], "fixed": [], "per_cpu": []} for t in targets}
+        results = {t: {"sat": [], "fixed": [], "per_cpu": [], "seq": []} for t in targets}
+        seq_bad = 0
         for run in range(args.runs):
             for name, (url, headers, pids) in targets.items():
                 c0 = cpu_seconds(pids) if pids else None
@@ -211,9 +215,13 @@ http {{
                 results[name]["sat"].append(sat)
                 fixed = oha(url, headers, args.duration, args.connections, rate=args.rate)
                 results[name]["fixed"].append(fixed)
+                seq = oha(url, headers, args.duration, 1)
+                results[name]["seq"].append(1e6 / seq["rps"])
+                seq_bad += seq["non200"]
                 print(f"run {run + 1} {name}: {sat['rps']:.0f} req/s p50 {sat['p50']:.3f} ms "
                       f"p99 {sat['p99']:.3f} ms | @{args.rate}/s p50 {fixed['p50']:.3f} "
-                      f"p99 {fixed['p99']:.3f} | non-200 {sat['non200'] + fixed['non200']}",
+                      f"p99 {fixed['p99']:.3f} | one connection {1e6 / seq['rps']:.1f} us/req "
+                      f"| non-200 {sat['non200'] + fixed['non200'] + seq['non200']}",
                       file=sys.stderr)
         mem = {
             "hangar": [idle_memory(proxy, host, [auth], hangar_pids) for _ in range(2)],
@@ -223,8 +231,9 @@ http {{
         med = statistics.median
         d50 = med(r["p50"] for r in results["direct"]["fixed"])
         d99 = med(r["p99"] for r in results["direct"]["fixed"])
-        print(f"| Target | req/s at saturation | p50 / p99 at saturation (ms) | p50 / p99 at {args.rate} req/s (ms) | added p50 / p99 (ms) | req/s per proxy CPU-second | memory per idle connection (first / next 1,000) |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        dseq = med(results["direct"]["seq"])
+        print(f"| Target | req/s at saturation | p50 / p99 at saturation (ms) | p50 / p99 at {args.rate} req/s (ms) | added p50 / p99 (ms) | one connection: µs per request (added) | req/s per proxy CPU-second | memory per idle connection (first / next 1,000) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for name in targets:
             r = results[name]
             rps = med(x["rps"] for x in r["sat"])
@@ -233,10 +242,20 @@ http {{
             f50 = med(x["p50"] for x in r["fixed"])
             f99 = med(x["p99"] for x in r["fixed"])
             added = "-" if name == "direct" else f"{f50 - d50:.3f} / {f99 - d99:.3f}"
+            sq = med(r["seq"])
+            seq = f"{sq:.1f}" if name == "direct" else f"{sq:.1f} ({sq - dseq:+.1f})"
             per_cpu = f"{med(r['per_cpu']):,.0f}" if r["per_cpu"] else "-"
             m = " / ".join(f"{x / 1024:.1f} KB" for x in mem[name]) if name in mem else "-"
-            print(f"| {name} | {rps:,.0f} | {s50:.3f} / {s99:.3f} | {f50:.3f} / {f99:.3f} | {added} | {per_cpu} | {m} |")
-        bad = sum(x["non200"] for r in results.values() for k in ("sat", "fixed") for x in r[k])
+            print(f"| {name} | {rps:,.0f} | {s50:.3f} / {s99:.3f} | {f50:.3f} / {f99:.3f} | {added} | {seq} | {per_cpu} | {m} |")
+        for name in targets:
+            r = results[name]
+            print(f"{name} per run: p99 at {args.rate} req/s "
+                  + ", ".join(f"{x['p99']:.3f}" for x in r["fixed"])
+                  + (" | req/s per CPU-second " + ", ".join(f"{x:,.0f}" for x in r["per_cpu"])
+                     if r["per_cpu"] else "")
+                  + " | µs per request on one connection " + ", ".join(f"{x:.1f}" for x in r["seq"]))
+        bad = seq_bad + sum(
+            x["non200"] for r in results.values() for k in ("sat", "fixed") for x in r[k])
         print(f"\nnon-200 responses in all runs: {bad}")
     finally:
         for p in procs:
