@@ -350,6 +350,9 @@ pub struct ProxyTuningArgs {
     /// A keep-alive client connection with no request in flight is closed after this long.
     #[arg(long, value_name = "DURATION", default_value = "75s", value_parser = parse_duration)]
     pub keep_alive_timeout: Duration,
+    /// A client that sends no request body bytes for this long, mid-body, gets a 408.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub client_body_timeout: Duration,
     /// Connecting to a backend longer than this is a 502.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub upstream_connect_timeout: Duration,
@@ -388,6 +391,7 @@ impl ProxyTuningArgs {
         for (flag, value) in [
             ("--header-read-timeout", self.header_read_timeout),
             ("--keep-alive-timeout", self.keep_alive_timeout),
+            ("--client-body-timeout", self.client_body_timeout),
             ("--upstream-connect-timeout", self.upstream_connect_timeout),
             (
                 "--upstream-response-timeout",
@@ -423,6 +427,7 @@ impl ProxyTuningArgs {
         }
         cfg.header_read_timeout = self.header_read_timeout;
         cfg.keep_alive_timeout = self.keep_alive_timeout;
+        cfg.client_body_timeout = self.client_body_timeout;
         cfg.upstream_connect_timeout = self.upstream_connect_timeout;
         cfg.upstream_response_timeout = self.upstream_response_timeout;
         cfg.tls_handshake_timeout = self.tls_handshake_timeout;
@@ -531,15 +536,16 @@ mod tests {
     }
 
     /// The fields the tuning flags set, for comparison (`ProxyConfig` has no `PartialEq`).
-    fn tuned(c: &ProxyConfig) -> (Duration, Duration, Duration, Duration, Duration, Duration) {
-        (
+    fn tuned(c: &ProxyConfig) -> [Duration; 7] {
+        [
             c.header_read_timeout,
             c.keep_alive_timeout,
+            c.client_body_timeout,
             c.upstream_connect_timeout,
             c.upstream_response_timeout,
             c.tls_handshake_timeout,
             c.shutdown_grace,
-        )
+        ]
     }
 
     fn limits(c: &ProxyConfig) -> (usize, usize, usize) {
@@ -568,6 +574,7 @@ mod tests {
             let mut cfg = config();
             cfg.header_read_timeout = Duration::from_millis(1);
             cfg.keep_alive_timeout = Duration::from_millis(1);
+            cfg.client_body_timeout = Duration::from_millis(1);
             cfg.upstream_connect_timeout = Duration::from_millis(1);
             cfg.upstream_response_timeout = Duration::from_millis(1);
             cfg.tls_handshake_timeout = Duration::from_millis(1);
@@ -598,6 +605,8 @@ mod tests {
             "7",
             "--keep-alive-timeout",
             "2m",
+            "--client-body-timeout",
+            "11s",
             "--upstream-connect-timeout",
             "3s",
             "--upstream-response-timeout",
@@ -620,7 +629,7 @@ mod tests {
             let s = Duration::from_secs;
             assert_eq!(
                 tuned(&cfg),
-                (s(7), s(120), s(3), s(3600), s(4), s(9)),
+                [s(7), s(120), s(11), s(3), s(3600), s(4), s(9)],
                 "{role:?}"
             );
             assert_eq!(limits(&cfg), (1024, 1, 0), "{role:?}");

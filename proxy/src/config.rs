@@ -23,6 +23,9 @@ pub struct ProxyConfig {
     pub header_read_timeout: Duration,
     /// A keep-alive client connection with no request in flight is closed after this long.
     pub keep_alive_timeout: Duration,
+    /// A client that sends no request body bytes for this long, while the body is not
+    /// complete, gets a 408 (slow uploads are fine; stalled ones are cut off).
+    pub client_body_timeout: Duration,
     /// Idle upstream keep-alive connections kept per backend.
     pub upstream_idle_per_backend: usize,
     /// Largest request head (request line and headers) accepted; larger gets 431.
@@ -50,6 +53,7 @@ impl ProxyConfig {
             upstream_response_timeout: Duration::from_secs(60),
             header_read_timeout: Duration::from_secs(30),
             keep_alive_timeout: Duration::from_secs(75),
+            client_body_timeout: Duration::from_secs(60),
             upstream_idle_per_backend: 256,
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,

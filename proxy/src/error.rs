@@ -38,6 +38,8 @@ pub enum ProxyError {
     HeadTooLarge(usize),
     #[error("the request head was not complete within {0:?}")]
     HeadTimeout(Duration),
+    #[error("the request body stalled: no bytes for {0:?}")]
+    BodyTimeout(Duration),
 }
 
 /// Whose fault a failure is (for logs and metrics).
@@ -63,7 +65,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ProxyError::HeadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::HeadTimeout(_) | ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -86,6 +88,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::HeadTooLarge(_) => "request_head_too_large",
             ProxyError::HeadTimeout(_) => "request_head_timeout",
+            ProxyError::BodyTimeout(_) => "request_body_timeout",
         }
     }
 
@@ -97,7 +100,8 @@ impl ProxyError {
             | ProxyError::Gone(_)
             | ProxyError::BadRequest(_)
             | ProxyError::HeadTooLarge(_)
-            | ProxyError::HeadTimeout(_) => Blame::Downstream,
+            | ProxyError::HeadTimeout(_)
+            | ProxyError::BodyTimeout(_) => Blame::Downstream,
             ProxyError::StartTimeout { .. }
             | ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }

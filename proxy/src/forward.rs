@@ -3,56 +3,97 @@
 //! bytes a backend receives, and the response body wrapper that keeps a backend marked busy
 //! until the response has been fully sent (and counts the bytes it sends).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http::header::{self, HeaderMap, HeaderName};
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
 use crate::activity::{ActivityGuard, ReceivedBytes};
 use crate::pool::UpstreamBody;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body of every response the proxy sends: a backend's streamed body, or a small body the
 /// proxy wrote itself (errors).
 pub(crate) type ProxyBody = Either<GuardedBody, Full<Bytes>>;
 
 /// A request body on its way to a backend: counts its bytes, adding them to the backend's
-/// traffic once when it ends (not per frame).
+/// traffic once when it ends (not per frame), and fails with [`BodyStalled`] if the client
+/// sends nothing for `idle` while the body is incomplete.
 pub(crate) struct CountingBody<B> {
     inner: B,
     bytes: u64,
     sink: Option<ReceivedBytes>,
+    idle: Duration,
+    /// Made the first time the body has to wait (bodiless requests never need one), armed
+    /// while waiting.
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
 }
 
+/// The client stopped sending a request body.
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent no request body bytes for {0:?}")]
+pub(crate) struct BodyStalled(pub(crate) Duration);
+
 impl<B> CountingBody<B> {
-    pub(crate) fn new(inner: B, sink: ReceivedBytes) -> Self {
+    pub(crate) fn new(inner: B, sink: ReceivedBytes, idle: Duration) -> Self {
         CountingBody {
             inner,
             bytes: 0,
             sink: Some(sink),
+            idle,
+            timer: None,
+            armed: false,
         }
     }
 }
 
-impl<B: Body<Data = Bytes> + Unpin> Body for CountingBody<B> {
+impl<B> Body for CountingBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let poll = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &poll
-            && let Some(data) = frame.data_ref()
-        {
-            let n = data.len() as u64;
-            self.bytes += n;
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.armed = false;
+                if let Some(Ok(f)) = &frame
+                    && let Some(data) = f.data_ref()
+                {
+                    this.bytes += data.len() as u64;
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let deadline = tokio::time::Instant::now() + this.idle;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if !this.armed {
+                    timer.as_mut().reset(deadline);
+                    this.armed = true;
+                }
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyStalled(this.idle).into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
-        poll
     }
 
     fn is_end_stream(&self) -> bool {

@@ -47,6 +47,8 @@ pub(crate) enum SendError {
     Request(String),
     /// The client's request body failed (the client went away or sent a broken body).
     ClientBody(String),
+    /// The client stopped sending its request body.
+    ClientBodyStalled(std::time::Duration),
     /// The request was sent and no response head arrived within the response timeout.
     Timeout,
 }
@@ -424,7 +426,12 @@ impl UpstreamPool {
                 Err(WriteError::Upstream(e)) => {
                     return Err(SendError::Request(format!("sending the request: {e}")));
                 }
-                Err(WriteError::Client(e)) => return Err(SendError::ClientBody(e.to_string())),
+                Err(WriteError::Client(e)) => {
+                    return Err(match e.downcast_ref::<crate::forward::BodyStalled>() {
+                        Some(stalled) => SendError::ClientBodyStalled(stalled.0),
+                        None => SendError::ClientBody(e.to_string()),
+                    });
+                }
             };
             match conn.read_head(method, self.response_timeout).await {
                 Ok(mut head) => {

@@ -351,3 +351,50 @@ async fn a_slow_head_gets_408_before_the_connection_closes() {
     );
     assert!(closed_by_server(&mut s).await);
 }
+
+#[tokio::test]
+async fn a_stalled_request_body_gets_408_but_a_slow_steady_one_gets_through() {
+    let mut cfg = config();
+    cfg.client_body_timeout = Duration::from_millis(300);
+    let r = start(cfg, None).await;
+
+    // Ten bytes announced, a piece every 100 ms: slower than the whole timeout, never idle
+    // for as long as it.
+    let mut s = connect(&r).await;
+    send(
+        &mut s,
+        format!("POST /echo-body HTTP/1.1\r\nhost: {ID}.{DOMAIN}\r\ncontent-length: 10\r\n\r\n"),
+    )
+    .await;
+    for piece in ["ab", "cd", "ef", "gh", "ij"] {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        send(&mut s, piece).await;
+    }
+    let (status, head, body) = read_response(&mut s).await;
+    assert_eq!(status, 200, "{head}");
+    assert_eq!(body, b"abcdefghij");
+
+    // Three of ten bytes, then nothing.
+    let mut s = connect(&r).await;
+    send(
+        &mut s,
+        format!("POST /echo-body HTTP/1.1\r\nhost: {ID}.{DOMAIN}\r\ncontent-length: 10\r\n\r\nabc"),
+    )
+    .await;
+    let started = Instant::now();
+    let (status, head, _) = tokio::time::timeout(Duration::from_secs(10), read_response(&mut s))
+        .await
+        .expect("a stalled body was waited for without end");
+    let waited = started.elapsed();
+    assert_eq!(status, 408, "{head}");
+    assert!(
+        head.contains("x-hangar-error: request_body_timeout"),
+        "{head}"
+    );
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    assert!(closed_by_server(&mut s).await);
+}

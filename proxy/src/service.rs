@@ -364,7 +364,11 @@ where
             &parts.method,
             &head,
             framing,
-            CountingBody::new(body, guard.received_bytes()),
+            CountingBody::new(
+                body,
+                guard.received_bytes(),
+                shared.config.client_body_timeout,
+            ),
         )
         .await;
     let upstream = match sent {
@@ -384,6 +388,7 @@ where
                     tracing::debug!(backend = %backend, %detail, "request body failed");
                     ProxyError::BadRequest("the request body could not be read from the client")
                 }
+                SendError::ClientBodyStalled(waited) => ProxyError::BodyTimeout(waited),
                 SendError::Timeout => ProxyError::UpstreamTimeout {
                     backend: backend.to_string(),
                     waited: shared.config.upstream_response_timeout,
