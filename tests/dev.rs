@@ -646,23 +646,10 @@ async fn cli_connect_ls_status_terminate() {
 async fn bad_configuration_exits_64_before_binding() {
     let dir = scratch();
     let data_dir = dir.path().to_str().unwrap();
-    let dev_with = |flag: &str, value: &str| {
-        cli(&[
-            "dev",
-            "--api",
-            "127.0.0.1:0",
-            "--proxy",
-            "127.0.0.1:0",
-            "--data-dir",
-            data_dir,
-            flag,
-            value,
-        ])
-    };
-    let (code, _, err) = dev_with("--domain", "not a domain");
+    let (code, _, err) = dev_cli(data_dir, &["--domain", "not a domain"]);
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("--domain"), "{err}");
-    let (code, _, err) = dev_with("--token-key", "abc");
+    let (code, _, err) = dev_cli(data_dir, &["--token-key", "abc"]);
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("token key"), "{err}");
 }

@@ -80,17 +80,17 @@ where
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
-                let deadline = tokio::time::Instant::now() + this.idle;
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 if !this.armed {
-                    timer.as_mut().reset(deadline);
+                    let deadline = tokio::time::Instant::now() + this.idle;
+                    this.timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)))
+                        .as_mut()
+                        .reset(deadline);
                     this.armed = true;
                 }
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(BodyStalled(this.idle).into()))),
-                    Poll::Pending => Poll::Pending,
+                match this.timer.as_mut().map(|t| t.as_mut().poll(cx)) {
+                    Some(Poll::Ready(())) => Poll::Ready(Some(Err(BodyStalled(this.idle).into()))),
+                    _ => Poll::Pending,
                 }
             }
         }

@@ -209,25 +209,9 @@ pub(crate) fn parse_response_head(
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| H1Error::Header(h.name.to_string()))?;
         if name == header::TRANSFER_ENCODING {
-            // The last coding of the last field counts (RFC 9112 §6.3).
-            chunked = Some(
-                h.value
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .map(<[u8]>::trim_ascii)
-                    .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")),
-            );
+            chunked = Some(ends_chunked(h.value));
         } else if name == header::CONTENT_LENGTH {
-            for part in h.value.split(|&b| b == b',') {
-                let n = std::str::from_utf8(part.trim_ascii())
-                    .ok()
-                    .and_then(|p| p.parse::<u64>().ok())
-                    .ok_or(H1Error::ContentLength)?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(H1Error::ContentLength);
-                }
-                length = Some(n);
-            }
+            length = Some(content_length(h.value, length)?);
         }
         if !switching
             && (crate::forward::is_hop_by_hop(&name)
@@ -416,6 +400,106 @@ impl ChunkedDecoder {
             }
         }
     }
+}
+
+/// A message body taken out of a read buffer by its framing: the one decoder for client request
+/// bodies ([`crate::server`]) and backend response bodies ([`crate::pool`]).
+#[derive(Debug)]
+pub(crate) enum BodyDecoder {
+    Done,
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    /// Everything until the connection closes (the reader ends it at end of stream).
+    Close,
+}
+
+impl BodyDecoder {
+    /// The decoder for a body of `length` bytes.
+    pub(crate) fn length(length: u64) -> Self {
+        if length == 0 {
+            BodyDecoder::Done
+        } else {
+            BodyDecoder::Length(length)
+        }
+    }
+
+    pub(crate) fn chunked() -> Self {
+        BodyDecoder::Chunked(ChunkedDecoder::default())
+    }
+
+    /// The next piece of the body at the front of `buf` (see [`take_bytes`] for
+    /// `copy_below`), [`Decoded::NeedMore`] if `buf` holds none, or [`Decoded::Done`].
+    pub(crate) fn decode(
+        &mut self,
+        buf: &mut BytesMut,
+        copy_below: usize,
+    ) -> Result<Decoded, H1Error> {
+        match self {
+            BodyDecoder::Done => Ok(Decoded::Done),
+            _ if buf.is_empty() => Ok(Decoded::NeedMore),
+            BodyDecoder::Length(left) => {
+                let n = (*left).min(buf.len() as u64) as usize;
+                *left -= n as u64;
+                if *left == 0 {
+                    *self = BodyDecoder::Done;
+                }
+                Ok(Decoded::Data(take_bytes(buf, n, copy_below)))
+            }
+            BodyDecoder::Close => {
+                let n = buf.len();
+                Ok(Decoded::Data(take_bytes(buf, n, copy_below)))
+            }
+            BodyDecoder::Chunked(dec) => {
+                let decoded = dec.decode(buf, copy_below)?;
+                if decoded == Decoded::Done {
+                    *self = BodyDecoder::Done;
+                }
+                Ok(decoded)
+            }
+        }
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        matches!(self, BodyDecoder::Done)
+    }
+
+    /// The bytes still to come, when known.
+    pub(crate) fn remaining(&self) -> Option<u64> {
+        match self {
+            BodyDecoder::Done => Some(0),
+            BodyDecoder::Length(n) => Some(*n),
+            BodyDecoder::Chunked(_) | BodyDecoder::Close => None,
+        }
+    }
+}
+
+/// Reads a `content-length` field value (a list of equal lengths is allowed), which must agree
+/// with `seen`, the length of an earlier such field.
+pub(crate) fn content_length(value: &[u8], seen: Option<u64>) -> Result<u64, H1Error> {
+    let mut length = seen;
+    for part in value.split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        let n = std::str::from_utf8(part)
+            .ok()
+            .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|p| p.parse::<u64>().ok())
+            .ok_or(H1Error::ContentLength)?;
+        if length.is_some_and(|l| l != n) {
+            return Err(H1Error::ContentLength);
+        }
+        length = Some(n);
+    }
+    length.ok_or(H1Error::ContentLength)
+}
+
+/// Whether a `transfer-encoding` field value ends with `chunked`: the last coding of the last
+/// field decides how the body is framed (RFC 9112 §6.3).
+pub(crate) fn ends_chunked(value: &[u8]) -> bool {
+    value
+        .rsplit(|&b| b == b',')
+        .next()
+        .map(<[u8]>::trim_ascii)
+        .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
 }
 
 /// Takes `n` bytes off the front of `buf`: copied when small (so `buf` keeps its allocation

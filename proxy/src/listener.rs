@@ -21,7 +21,7 @@ use crate::activity::ActivityTracker;
 use crate::config::ProxyConfig;
 use crate::forward::Prefixed;
 use crate::route_table::RouteHandle;
-use crate::server::{self, Served};
+use crate::server::{self, Served, Shutdown};
 use crate::service::{ClientInfo, Shared, handle};
 
 /// Failures of the accept loop.
@@ -118,6 +118,7 @@ impl Proxy {
         let builder = Arc::new(self.http2());
         let connections = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(self.shared.config.max_connections.max(1)));
+        let stop = Shutdown::new(shutdown.clone());
         loop {
             // Wait for a free slot before accepting: at the limit, new clients queue in the
             // kernel's backlog instead of being accepted and starved.
@@ -145,7 +146,7 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             let shared = self.shared.clone();
             let builder = builder.clone();
-            let stop = shutdown.clone();
+            let stop = stop.clone();
             match &tls {
                 None => {
                     connections.spawn(async move {
@@ -176,6 +177,7 @@ impl Proxy {
         }
         drop(listener);
         // Every connection saw the same token and is finishing its in-flight requests.
+        stop.begin();
         connections.close();
         if tokio::time::timeout(self.shared.config.shutdown_grace, connections.wait())
             .await
@@ -193,7 +195,7 @@ impl Proxy {
 /// prior-knowledge preface) with hyper's.
 async fn serve_conn<I>(
     h2: &http2::Builder<TokioExecutor>,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
     shared: Arc<Shared>,
     io: I,
     peer: std::net::SocketAddr,
@@ -205,7 +207,7 @@ async fn serve_conn<I>(
     let io = if alpn_h2 {
         Prefixed::new(Bytes::new(), io)
     } else {
-        match server::serve(shared.clone(), io, peer, tls, true, shutdown.clone()).await {
+        match server::serve(shared.clone(), io, peer, tls, shutdown.clone()).await {
             Served::Closed => return,
             Served::Http2(io) => io,
         }
@@ -216,7 +218,7 @@ async fn serve_conn<I>(
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = shutdown.cancelled() => {
+        _ = shutdown.token.cancelled() => {
             // Finish the open streams (GOAWAY), then close.
             conn.as_mut().graceful_shutdown();
             conn.await

@@ -23,9 +23,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::h1::{
-    self, ChunkedDecoder, Decoded, RequestFraming, ResponseFraming, ResponseHead, take_bytes,
-};
+use crate::h1::{self, BodyDecoder, Decoded, RequestFraming, ResponseFraming, ResponseHead};
 
 /// Idle entries are swept of closed connections when the map grows past this many addresses.
 const SWEEP_AT: usize = 1024;
@@ -460,17 +458,17 @@ impl UpstreamPool {
             let upgraded = Upgraded::new(std::mem::take(&mut conn.rbuf).freeze(), conn.stream);
             (UpstreamBody::empty(), Some(upgraded))
         } else {
-            let kind = match head.framing {
-                ResponseFraming::Empty | ResponseFraming::Length(0) => BodyKind::Done,
-                ResponseFraming::Length(n) => BodyKind::Length(n),
-                ResponseFraming::Chunked => BodyKind::Chunked(ChunkedDecoder::default()),
-                ResponseFraming::Close => BodyKind::Close,
+            let decoder = match head.framing {
+                ResponseFraming::Empty => BodyDecoder::Done,
+                ResponseFraming::Length(n) => BodyDecoder::length(n),
+                ResponseFraming::Chunked => BodyDecoder::chunked(),
+                ResponseFraming::Close => BodyDecoder::Close,
             };
             let mut body = UpstreamBody {
                 conn: Some(conn),
                 pool: Some((self.clone(), addr)),
                 keep_alive: head.keep_alive,
-                kind,
+                decoder,
             };
             if body.is_end_stream() {
                 body.finish();
@@ -484,19 +482,12 @@ impl UpstreamPool {
     }
 }
 
-enum BodyKind {
-    Done,
-    Length(u64),
-    Chunked(ChunkedDecoder),
-    Close,
-}
-
 /// A response body read straight from the backend's connection.
 pub(crate) struct UpstreamBody {
     conn: Option<Conn>,
     pool: Option<(Arc<UpstreamPool>, SocketAddr)>,
     keep_alive: bool,
-    kind: BodyKind,
+    decoder: BodyDecoder,
 }
 
 impl UpstreamBody {
@@ -505,14 +496,14 @@ impl UpstreamBody {
             conn: None,
             pool: None,
             keep_alive: false,
-            kind: BodyKind::Done,
+            decoder: BodyDecoder::Done,
         }
     }
 
     /// The body has ended: the connection goes back to the pool if it can carry another
     /// request.
     fn finish(&mut self) {
-        self.kind = BodyKind::Done;
+        self.decoder = BodyDecoder::Done;
         if let (Some(conn), Some((pool, addr))) = (self.conn.take(), self.pool.as_ref())
             && self.keep_alive
         {
@@ -522,7 +513,7 @@ impl UpstreamBody {
 
     fn fail(&mut self, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
         self.conn = None;
-        self.kind = BodyKind::Done;
+        self.decoder = BodyDecoder::Done;
         io::Error::new(io::ErrorKind::InvalidData, e)
     }
 }
@@ -540,35 +531,19 @@ impl Body for UpstreamBody {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            match &mut this.kind {
-                BodyKind::Done => {
+            match this.decoder.decode(&mut conn.rbuf, COPY_BELOW) {
+                Ok(Decoded::Data(data)) => {
+                    if this.decoder.is_done() {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Decoded::Done) => {
                     this.finish();
                     return Poll::Ready(None);
                 }
-                BodyKind::Length(left) if !conn.rbuf.is_empty() => {
-                    let n = (*left).min(conn.rbuf.len() as u64) as usize;
-                    let data = take_bytes(&mut conn.rbuf, n, COPY_BELOW);
-                    *left -= n as u64;
-                    if *left == 0 {
-                        this.finish();
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                BodyKind::Close if !conn.rbuf.is_empty() => {
-                    let n = conn.rbuf.len();
-                    let data = take_bytes(&mut conn.rbuf, n, COPY_BELOW);
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                BodyKind::Chunked(dec) => match dec.decode(&mut conn.rbuf, COPY_BELOW) {
-                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Ok(Decoded::Done) => {
-                        this.finish();
-                        return Poll::Ready(None);
-                    }
-                    Ok(Decoded::NeedMore) => {}
-                    Err(e) => return Poll::Ready(Some(Err(this.fail(e)))),
-                },
-                BodyKind::Length(_) | BodyKind::Close => {}
+                Ok(Decoded::NeedMore) => {}
+                Err(e) => return Poll::Ready(Some(Err(this.fail(e)))),
             }
             if conn.rbuf.capacity() - conn.rbuf.len() < 1024 {
                 conn.rbuf.reserve(READ_CHUNK);
@@ -579,9 +554,9 @@ impl Body for UpstreamBody {
                 &mut conn.rbuf
             ));
             match read {
-                Ok(0) if matches!(this.kind, BodyKind::Close) => {
+                Ok(0) if matches!(this.decoder, BodyDecoder::Close) => {
                     this.conn = None;
-                    this.kind = BodyKind::Done;
+                    this.decoder = BodyDecoder::Done;
                     return Poll::Ready(None);
                 }
                 Ok(0) => {
@@ -596,15 +571,13 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.kind, BodyKind::Done)
+        self.decoder.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.kind {
-            BodyKind::Done => SizeHint::with_exact(0),
-            BodyKind::Length(n) => SizeHint::with_exact(n),
-            _ => SizeHint::default(),
-        }
+        self.decoder
+            .remaining()
+            .map_or_else(SizeHint::default, SizeHint::with_exact)
     }
 }
 

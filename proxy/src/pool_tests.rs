@@ -104,10 +104,14 @@ async fn backend(reply: Reply) -> Backend {
 }
 
 fn pool() -> Arc<UpstreamPool> {
+    pool_answering_within(Duration::from_secs(20))
+}
+
+fn pool_answering_within(response_timeout: Duration) -> Arc<UpstreamPool> {
     Arc::new(UpstreamPool::new(
         8,
         Duration::from_secs(2),
-        Duration::from_secs(20),
+        response_timeout,
     ))
 }
 
@@ -465,22 +469,9 @@ async fn a_backend_that_never_answers_times_out_and_its_connection_is_dropped() 
             });
         }
     });
-    let pool = Arc::new(UpstreamPool::new(
-        8,
-        Duration::from_secs(2),
-        Duration::from_millis(150),
-    ));
+    let pool = pool_answering_within(Duration::from_millis(150));
     let started = std::time::Instant::now();
-    let head = b"GET / HTTP/1.1\r\nhost: b\r\n";
-    let sent = pool
-        .send(
-            addr,
-            &Method::GET,
-            head,
-            h1::RequestFraming::None,
-            Empty::<Bytes>::new(),
-        )
-        .await;
+    let sent = send(&pool, addr, req(Method::GET, "/")).await;
     assert!(matches!(sent, Err(SendError::Timeout)));
     let waited = started.elapsed();
     assert!(

@@ -19,10 +19,11 @@ use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Frame, SizeHint};
@@ -32,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ProxyError;
 use crate::forward::{Prefixed, ProxyBody};
-use crate::h1::{self, ChunkedDecoder, Decoded, take_bytes};
+use crate::h1::{self, BodyDecoder, Decoded};
 use crate::service::{ClientInfo, ClientIo, ClientUpgrade, Shared};
 
 /// The most header fields a request may carry (more is a 431).
@@ -53,6 +54,33 @@ const LINGER_BYTES: usize = 256 * 1024;
 const LINGER: Duration = Duration::from_secs(2);
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
+/// Shutdown as a connection sees it: a flag read after every response (an atomic load; the
+/// token's own check takes a lock shared by every connection) and the token, waited on while a
+/// connection is idle.
+#[derive(Clone)]
+pub(crate) struct Shutdown {
+    pub(crate) token: CancellationToken,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Shutdown {
+    pub(crate) fn new(token: CancellationToken) -> Self {
+        Shutdown {
+            token,
+            stopping: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Called once the token is cancelled: connections finish what is in flight and close.
+    pub(crate) fn begin(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+}
+
 /// How a connection ended.
 pub(crate) enum Served<I> {
     /// Closed (by either side, a limit, or shutdown).
@@ -63,15 +91,14 @@ pub(crate) enum Served<I> {
 }
 
 /// Serves HTTP/1.1 requests on `io` until the client closes, a limit or error ends the
-/// connection, or `shutdown` is cancelled. With `detect_h2`, a connection that starts with the
-/// HTTP/2 preface is returned unserved.
+/// connection, or shutdown begins. A connection that starts with the HTTP/2 preface is
+/// returned unserved.
 pub(crate) async fn serve<I>(
     shared: Arc<Shared>,
     mut io: I,
     peer: SocketAddr,
     tls: bool,
-    detect_h2: bool,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 ) -> Served<I>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -85,7 +112,7 @@ where
     // One timer per connection, moved forward (cheaply) for each request.
     let timer = tokio::time::sleep(cfg.header_read_timeout);
     tokio::pin!(timer);
-    let cancelled = shutdown.cancelled();
+    let cancelled = shutdown.token.cancelled();
     tokio::pin!(cancelled);
     let mut first = true;
     loop {
@@ -94,7 +121,7 @@ where
         let head = loop {
             // A new connection that could be opening with the HTTP/2 preface is not parsed as
             // HTTP/1.1 until it is clear that it is not.
-            let maybe_h2 = first && detect_h2 && {
+            let maybe_h2 = first && {
                 let n = rbuf.len().min(H2_PREFACE.len());
                 rbuf[..n] == H2_PREFACE[..n]
             };
@@ -116,7 +143,7 @@ where
             // the connection, and the keep-alive timeout applies; once a head has started, or
             // on a new connection, the head must be complete within the header-read timeout.
             let idle = rbuf.is_empty();
-            if idle && shutdown.is_cancelled() {
+            if idle && shutdown.is_stopping() {
                 return Served::Closed;
             }
             let phase = if idle && !first {
@@ -198,7 +225,7 @@ where
         }
 
         let body_read = body.is_done() || body.skip_buffered(&mut rbuf);
-        let keep = keep_alive && body_read && !shutdown.is_cancelled();
+        let keep = keep_alive && body_read && !shutdown.is_stopping();
         match write_response(&mut io, &mut wbuf, response, method_is_head, version, keep).await {
             Ok(true) => {}
             Ok(false) | Err(_) => {
@@ -382,27 +409,12 @@ fn parse_request(
         let value = HeaderValue::from_maybe_shared(value.slice(&head))
             .map_err(|_| ProxyError::BadRequest("invalid header value"))?;
         if name == header::CONTENT_LENGTH {
-            for part in value.as_bytes().split(|&b| b == b',') {
-                let n = std::str::from_utf8(part.trim_ascii())
-                    .ok()
-                    .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|p| p.parse::<u64>().ok())
-                    .ok_or(ProxyError::BadRequest("invalid content-length"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(ProxyError::BadRequest("conflicting content-length"));
-                }
-                length = Some(n);
-            }
+            length =
+                Some(h1::content_length(value.as_bytes(), length).map_err(|_| {
+                    ProxyError::BadRequest("invalid or conflicting content-length")
+                })?);
         } else if name == header::TRANSFER_ENCODING {
-            // The last coding of the last field counts (RFC 9112 §6.3).
-            chunked = Some(
-                value
-                    .as_bytes()
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .map(<[u8]>::trim_ascii)
-                    .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")),
-            );
+            chunked = Some(h1::ends_chunked(value.as_bytes()));
         } else if name == header::CONNECTION {
             let o = h1::ConnectionOptions::parse([value.as_bytes()]);
             close |= o.close;
@@ -449,66 +461,43 @@ fn parse_request(
 /// Where a request body stands; lives in the connection loop so that it is known after the
 /// request path is done with the body whether the connection can take another request.
 struct BodyState {
-    kind: BodyKind,
+    decoder: BodyDecoder,
+    /// The body broke off (the client closed or sent a malformed chunk).
+    failed: bool,
     /// Bytes of the `100 Continue` answer still to write before reading the body.
     continue_left: usize,
 }
 
-enum BodyKind {
-    Done,
-    Length(u64),
-    Chunked(ChunkedDecoder),
-    /// The body broke off (the client closed or sent a malformed chunk).
-    Failed,
-}
-
 impl BodyState {
     fn new(length: BodyLength, expect_continue: bool) -> Self {
-        let kind = match length {
-            BodyLength::Length(0) => BodyKind::Done,
-            BodyLength::Length(n) => BodyKind::Length(n),
-            BodyLength::Chunked => BodyKind::Chunked(ChunkedDecoder::default()),
+        let decoder = match length {
+            BodyLength::Length(n) => BodyDecoder::length(n),
+            BodyLength::Chunked => BodyDecoder::chunked(),
         };
         let continue_left = if expect_continue { CONTINUE.len() } else { 0 };
         BodyState {
-            kind,
+            decoder,
+            failed: false,
             continue_left,
         }
     }
 
     fn is_done(&self) -> bool {
-        matches!(self.kind, BodyKind::Done)
+        self.decoder.is_done()
     }
 
     /// Drops the rest of the body if it is already in `rbuf` (a request answered without
     /// reading its small body); returns whether the body has ended.
     fn skip_buffered(&mut self, rbuf: &mut BytesMut) -> bool {
-        match &mut self.kind {
-            BodyKind::Done => true,
-            BodyKind::Failed => false,
-            BodyKind::Length(left) => {
-                if (rbuf.len() as u64) < *left {
-                    return false;
-                }
-                rbuf.advance(*left as usize);
-                self.kind = BodyKind::Done;
-                true
+        while !self.failed {
+            match self.decoder.decode(rbuf, 0) {
+                Ok(Decoded::Data(_)) => {}
+                Ok(Decoded::Done) => return true,
+                Ok(Decoded::NeedMore) => return false,
+                Err(_) => self.failed = true,
             }
-            BodyKind::Chunked(dec) => loop {
-                match dec.decode(rbuf, usize::MAX) {
-                    Ok(Decoded::Data(_)) => {}
-                    Ok(Decoded::Done) => {
-                        self.kind = BodyKind::Done;
-                        return true;
-                    }
-                    Ok(Decoded::NeedMore) => return false,
-                    Err(_) => {
-                        self.kind = BodyKind::Failed;
-                        return false;
-                    }
-                }
-            },
         }
+        false
     }
 }
 
@@ -529,42 +518,20 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Body for ClientBody<'_, I> {
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = &mut *self;
         loop {
-            match &mut this.state.kind {
-                BodyKind::Done => return Poll::Ready(None),
-                BodyKind::Failed => {
-                    return Poll::Ready(Some(Err(io::Error::other("the request body broke off"))));
-                }
-                BodyKind::Length(left) if !this.rbuf.is_empty() => {
-                    let n = (*left).min(this.rbuf.len() as u64) as usize;
-                    let data = take_bytes(this.rbuf, n, COPY_BELOW);
-                    *left -= n as u64;
-                    if *left == 0 {
-                        this.state.kind = BodyKind::Done;
-                    }
+            if this.state.failed {
+                return Poll::Ready(Some(Err(io::Error::other("the request body broke off"))));
+            }
+            match this.state.decoder.decode(this.rbuf, COPY_BELOW) {
+                Ok(Decoded::Data(data)) => {
                     this.state.continue_left = 0;
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                BodyKind::Chunked(dec) if !this.rbuf.is_empty() => {
-                    match dec.decode(this.rbuf, COPY_BELOW) {
-                        Ok(Decoded::Data(data)) => {
-                            this.state.continue_left = 0;
-                            return Poll::Ready(Some(Ok(Frame::data(data))));
-                        }
-                        Ok(Decoded::Done) => {
-                            this.state.kind = BodyKind::Done;
-                            return Poll::Ready(None);
-                        }
-                        Ok(Decoded::NeedMore) => {}
-                        Err(e) => {
-                            this.state.kind = BodyKind::Failed;
-                            return Poll::Ready(Some(Err(io::Error::new(
-                                io::ErrorKind::InvalidData,
-                                e,
-                            ))));
-                        }
-                    }
+                Ok(Decoded::Done) => return Poll::Ready(None),
+                Ok(Decoded::NeedMore) => {}
+                Err(e) => {
+                    this.state.failed = true;
+                    return Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::InvalidData, e))));
                 }
-                BodyKind::Length(_) | BodyKind::Chunked(_) => {}
             }
             // The client waits for a go-ahead before sending the body.
             while this.state.continue_left > 0 {
@@ -585,12 +552,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Body for ClientBody<'_, I> {
             )) {
                 Ok(n) => n,
                 Err(e) => {
-                    this.state.kind = BodyKind::Failed;
+                    this.state.failed = true;
                     return Poll::Ready(Some(Err(e)));
                 }
             };
             if n == 0 {
-                this.state.kind = BodyKind::Failed;
+                this.state.failed = true;
                 return Poll::Ready(Some(Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the client closed the connection in the middle of the request body",
@@ -604,11 +571,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Body for ClientBody<'_, I> {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.state.kind {
-            BodyKind::Done => SizeHint::with_exact(0),
-            BodyKind::Length(n) => SizeHint::with_exact(n),
-            _ => SizeHint::default(),
-        }
+        self.state
+            .decoder
+            .remaining()
+            .map_or_else(SizeHint::default, SizeHint::with_exact)
     }
 }
 

@@ -156,11 +156,14 @@ fn get(version: &str, extra: &str) -> String {
     format!("GET / HTTP/{version}\r\nhost: {ID}.{DOMAIN}\r\n{extra}\r\n")
 }
 
+/// A POST to the echo path with the given header lines (framing included) and body bytes.
+fn raw_post(headers: &str, body: &str) -> String {
+    format!("POST /echo-body HTTP/1.1\r\nhost: {ID}.{DOMAIN}\r\n{headers}\r\n{body}")
+}
+
+/// A POST of `body` with its content-length and `extra` header lines.
 fn post(body: &str, extra: &str) -> String {
-    format!(
-        "POST /echo-body HTTP/1.1\r\nhost: {ID}.{DOMAIN}\r\ncontent-length: {}\r\n{extra}\r\n{body}",
-        body.len()
-    )
+    raw_post(&format!("content-length: {}\r\n{extra}", body.len()), body)
 }
 
 #[tokio::test]
@@ -208,10 +211,11 @@ async fn http_1_0_clients_get_keep_alive_only_when_they_ask() {
 async fn a_client_that_expects_100_continue_gets_it_before_sending_its_body() {
     let r = start(config(), None).await;
     let mut s = connect(&r).await;
-    send(&mut s, format!(
-                "POST /echo-body HTTP/1.1\r\nhost: {ID}.{DOMAIN}\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n"
-            )
-            .as_bytes(),).await;
+    send(
+        &mut s,
+        raw_post("content-length: 5\r\nexpect: 100-continue\r\n", ""),
+    )
+    .await;
     let (status, _, _) = read_response(&mut s).await;
     assert_eq!(status, 100);
     send(&mut s, b"hello").await;
@@ -228,19 +232,20 @@ async fn a_client_that_expects_100_continue_gets_it_before_sending_its_body() {
 async fn chunked_request_bodies_are_decoded_and_reframed() {
     let r = start(config(), None).await;
     let mut s = connect(&r).await;
-    send(&mut s, format!(
-                "POST /echo-body HTTP/1.1\r\nhost: {ID}.{DOMAIN}\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n"
-            )
-            .as_bytes(),).await;
+    send(
+        &mut s,
+        raw_post(
+            "transfer-encoding: chunked\r\n",
+            "5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n",
+        ),
+    )
+    .await;
     let (status, head, body) = read_response(&mut s).await;
     assert_eq!(status, 200, "{head}");
     assert_eq!(body, b"hello world");
     assert!(head.contains("x-framing: chunked"), "{head}");
     // A chunk that breaks the coding: the request fails, the connection closes.
-    send(&mut s, format!(
-                "POST /echo-body HTTP/1.1\r\nhost: {ID}.{DOMAIN}\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"
-            )
-            .as_bytes(),).await;
+    send(&mut s, raw_post("transfer-encoding: chunked\r\n", "zz\r\n")).await;
     let (status, head, _) = read_response(&mut s).await;
     assert_eq!(status, 400, "{head}");
     assert!(closed_by_server(&mut s).await);
@@ -361,11 +366,7 @@ async fn a_stalled_request_body_gets_408_but_a_slow_steady_one_gets_through() {
     // Ten bytes announced, a piece every 100 ms: slower than the whole timeout, never idle
     // for as long as it.
     let mut s = connect(&r).await;
-    send(
-        &mut s,
-        format!("POST /echo-body HTTP/1.1\r\nhost: {ID}.{DOMAIN}\r\ncontent-length: 10\r\n\r\n"),
-    )
-    .await;
+    send(&mut s, raw_post("content-length: 10\r\n", "")).await;
     for piece in ["ab", "cd", "ef", "gh", "ij"] {
         tokio::time::sleep(Duration::from_millis(100)).await;
         send(&mut s, piece).await;
@@ -376,11 +377,7 @@ async fn a_stalled_request_body_gets_408_but_a_slow_steady_one_gets_through() {
 
     // Three of ten bytes, then nothing.
     let mut s = connect(&r).await;
-    send(
-        &mut s,
-        format!("POST /echo-body HTTP/1.1\r\nhost: {ID}.{DOMAIN}\r\ncontent-length: 10\r\n\r\nabc"),
-    )
-    .await;
+    send(&mut s, raw_post("content-length: 10\r\n", "abc")).await;
     let started = Instant::now();
     let (status, head, _) = tokio::time::timeout(Duration::from_secs(10), read_response(&mut s))
         .await

@@ -332,7 +332,6 @@ pub fn unix_now() -> u64 {
         .as_secs()
 }
 
-/// Runs the `hangar` CLI and returns (exit code, stdout, stderr).
 /// Runs `hangar dev` on free loopback ports with `data_dir` and `extra` flags until it exits
 /// (for configuration errors, which exit before binding anything).
 pub fn dev_cli(data_dir: &str, extra: &[&str]) -> (i32, String, String) {
@@ -349,6 +348,7 @@ pub fn dev_cli(data_dir: &str, extra: &[&str]) -> (i32, String, String) {
     cli(&args)
 }
 
+/// Runs the `hangar` CLI and returns (exit code, stdout, stderr).
 pub fn cli(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN).args(args).output().expect("run hangar");
     (
