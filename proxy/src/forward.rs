@@ -9,13 +9,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use http::header::{self, HeaderMap, HeaderName};
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
 use crate::activity::{ActivityGuard, ReceivedBytes};
+use crate::head::RequestHead;
 use crate::pool::UpstreamBody;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -268,51 +268,44 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
-/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-];
-
-/// Whether `name` describes one hop only (RFC 9110 §7.6.1), not counting the names a
-/// `Connection` header lists.
-pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || name == header::TRANSFER_ENCODING
+/// Whether field `name` (lower case) describes one hop only (RFC 9110 §7.6.1), not counting
+/// the names a `Connection` field lists.
+pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"connection"
+            | b"keep-alive"
+            | b"proxy-connection"
+            | b"proxy-authenticate"
+            | b"proxy-authorization"
+            | b"te"
+            | b"trailer"
+            | b"transfer-encoding"
+    )
 }
 
 /// True if the request asks to switch protocols (WebSocket and the like).
-pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && crate::h1::ConnectionOptions::parse(
-            headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .map(|v| v.as_bytes()),
-        )
-        .upgrade
+pub(crate) fn is_upgrade(head: &impl RequestHead) -> bool {
+    head.get("upgrade").is_some()
+        && crate::h1::ConnectionOptions::parse(head.get_all("connection")).upgrade
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::header::HeaderValue;
 
     #[test]
     fn upgrades_need_both_upgrade_and_connection_upgrade() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, Upgrade"),
+        let head = |r: http::request::Builder| r.body(()).unwrap().into_parts().0;
+        let ws = head(
+            http::Request::get("/")
+                .header("connection", "keep-alive, Upgrade")
+                .header("upgrade", "websocket"),
         );
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        assert!(is_upgrade(&h));
-        let mut plain = HeaderMap::new();
-        plain.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
-        assert!(!is_upgrade(&plain));
+        assert!(is_upgrade(&ws));
+        assert!(!is_upgrade(&head(
+            http::Request::get("/").header("upgrade", "h2c")
+        )));
+        assert!(is_hop_by_hop(b"te") && !is_hop_by_hop(b"x-te"));
     }
 }

@@ -6,7 +6,6 @@ use std::io::Write as _;
 use std::mem::MaybeUninit;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 
 /// The most header lines a backend's response may carry.
@@ -25,8 +24,6 @@ pub(crate) enum H1Error {
     Head(httparse::Error),
     #[error("response head larger than {MAX_RESPONSE_HEAD} bytes")]
     HeadTooLarge,
-    #[error("invalid response header {0:?}")]
-    Header(String),
     #[error("conflicting or invalid content-length")]
     ContentLength,
     #[error("malformed chunked body: {0}")]
@@ -99,12 +96,16 @@ pub(crate) fn encode_chunk_head(out: &mut Vec<u8>, len: usize) {
 /// The last chunk of a chunked request body (no trailers).
 pub(crate) const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
-/// A parsed response head, ready to forward: hop-by-hop fields are already removed (except
-/// on a `101`, whose `Connection` and `Upgrade` the client needs).
+/// A parsed response head, ready to forward.
 #[derive(Debug)]
 pub(crate) struct ResponseHead {
     pub(crate) status: StatusCode,
-    pub(crate) headers: HeaderMap,
+    /// The header lines to forward (`name: value\r\n`, names lower case): no hop-by-hop
+    /// fields (except on a `101`, whose `Connection` and `Upgrade` the client needs) and no
+    /// framing, except the `content-length` of a response without a body (to a HEAD, a 304).
+    pub(crate) fields: Vec<u8>,
+    /// Whether `fields` holds a `date`.
+    pub(crate) has_date: bool,
     /// How the body is delimited.
     pub(crate) framing: ResponseFraming,
     /// Whether the connection may carry another request after this response.
@@ -154,10 +155,10 @@ impl<'a> ConnectionOptions<'a> {
     }
 
     /// Whether field `name` (lower case) is listed, and so hop-by-hop.
-    pub(crate) fn lists(&self, name: &str) -> bool {
+    pub(crate) fn lists(&self, name: &[u8]) -> bool {
         self.listed[..self.n_listed]
             .iter()
-            .any(|l| name.as_bytes().eq_ignore_ascii_case(l))
+            .any(|l| name.eq_ignore_ascii_case(l))
     }
 }
 
@@ -204,25 +205,33 @@ pub(crate) fn parse_response_head(
 
     let mut chunked = None;
     let mut length: Option<u64> = None;
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    let mut has_date = false;
+    let mut fields = Vec::with_capacity(used);
     for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| H1Error::Header(h.name.to_string()))?;
-        if name == header::TRANSFER_ENCODING {
-            chunked = Some(ends_chunked(h.value));
-        } else if name == header::CONTENT_LENGTH {
-            length = Some(content_length(h.value, length)?);
+        // The name goes out in lower case (as HTTP/2 needs it); it is written first and taken
+        // back if the field is not forwarded.
+        let start = fields.len();
+        fields.extend_from_slice(h.name.as_bytes());
+        fields[start..].make_ascii_lowercase();
+        let name = &fields[start..];
+        match name {
+            b"transfer-encoding" => chunked = Some(ends_chunked(h.value)),
+            b"content-length" => length = Some(content_length(h.value, length)?),
+            _ => {}
         }
-        if !switching
-            && (crate::forward::is_hop_by_hop(&name)
-                || name == header::UPGRADE
-                || connection.lists(name.as_str()))
+        if name == b"content-length"
+            || (!switching
+                && (crate::forward::is_hop_by_hop(name)
+                    || name == b"upgrade"
+                    || connection.lists(name)))
         {
+            fields.truncate(start);
             continue;
         }
-        let value =
-            HeaderValue::from_bytes(h.value).map_err(|_| H1Error::Header(h.name.to_string()))?;
-        headers.append(name, value);
+        has_date |= name == b"date";
+        fields.extend_from_slice(b": ");
+        fields.extend_from_slice(h.value);
+        fields.extend_from_slice(b"\r\n");
     }
 
     let framing = if *method == Method::HEAD
@@ -239,6 +248,10 @@ pub(crate) fn parse_response_head(
             (None, None) => ResponseFraming::Close,
         }
     };
+    if let (ResponseFraming::Empty, Some(n)) = (framing, length) {
+        // No body follows, but the length tells a HEAD or 304 client what one would have.
+        let _ = write!(fields, "content-length: {n}\r\n");
+    }
     let minor = resp.version.unwrap_or(1);
     let keep_alive = framing != ResponseFraming::Close
         && !connection.close
@@ -246,7 +259,8 @@ pub(crate) fn parse_response_head(
     Ok(Some((
         ResponseHead {
             status,
-            headers,
+            fields,
+            has_date,
             framing,
             keep_alive,
         },
@@ -539,7 +553,10 @@ mod tests {
         let (h, used) = parse_response_head(raw, &Method::GET).unwrap().unwrap();
         assert_eq!(used, raw.len() - 3);
         assert_eq!(h.status, StatusCode::OK);
-        assert_eq!(h.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(
+            h.fields, b"x-a: 1\r\nx-a: 2\r\n",
+            "framing is the server's to add"
+        );
         let bad = |raw: &[u8]| parse_response_head(raw, &Method::GET).unwrap_err();
         assert!(matches!(bad(b"HTTP/1.1 2000 OK\r\n\r\n"), H1Error::Head(_)));
         assert!(matches!(bad(b"hello\r\n\r\n"), H1Error::Head(_)));
@@ -625,14 +642,28 @@ mod tests {
         let h = head(
             "HTTP/1.1 200 OK\r\nconnection: keep-alive, x-secret\r\nx-secret: 1\r\nkeep-alive: timeout=5\r\ntransfer-encoding: chunked\r\nupgrade: h2c\r\nproxy-authenticate: Basic\r\nx-other: kept\r\n\r\n",
         );
-        let names: Vec<&str> = h.headers.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, ["x-other"]);
+        assert_eq!(h.fields, b"x-other: kept\r\n");
         assert_eq!(h.framing, ResponseFraming::Chunked);
         let h = head(
             "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
         );
-        assert_eq!(h.headers.get("upgrade").unwrap(), "websocket");
-        assert_eq!(h.headers.get("connection").unwrap(), "upgrade");
+        assert_eq!(h.fields, b"connection: upgrade\r\nupgrade: websocket\r\n");
+    }
+
+    #[test]
+    fn forwarded_names_are_lower_case_and_bodiless_responses_keep_their_length() {
+        let raw = "HTTP/1.1 200 OK\r\nContent-Length: 7\r\nDate: today\r\nX-Mixed: Case\r\n\r\n";
+        let h = head(raw);
+        assert_eq!(h.fields, b"date: today\r\nx-mixed: Case\r\n");
+        assert!(h.has_date);
+        let (h, _) = parse_response_head(raw.as_bytes(), &Method::HEAD)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            h.fields,
+            b"date: today\r\nx-mixed: Case\r\ncontent-length: 7\r\n"
+        );
+        assert!(!head("HTTP/1.1 204 No Content\r\n\r\n").has_date);
     }
 
     fn decode_all(input: &[u8], step: usize) -> Result<Vec<u8>, H1Error> {

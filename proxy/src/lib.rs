@@ -13,6 +13,7 @@ mod config;
 mod error;
 mod forward;
 mod h1;
+mod head;
 mod listener;
 pub mod metrics;
 mod pool;

@@ -18,7 +18,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{Method, Response, StatusCode};
+use http::{Method, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -289,7 +289,8 @@ pub(crate) struct UpstreamPool {
 /// A backend's response: its head, a body that streams from the backend, and for a `101` the
 /// switched connection.
 pub(crate) struct UpstreamResponse {
-    pub(crate) response: Response<UpstreamBody>,
+    pub(crate) head: ResponseHead,
+    pub(crate) body: UpstreamBody,
     pub(crate) upgraded: Option<Upgraded>,
 }
 
@@ -475,10 +476,11 @@ impl UpstreamPool {
             }
             (body, None)
         };
-        let mut response = Response::new(body);
-        *response.status_mut() = head.status;
-        *response.headers_mut() = head.headers;
-        UpstreamResponse { response, upgraded }
+        UpstreamResponse {
+            head,
+            body,
+            upgraded,
+        }
     }
 }
 

@@ -155,11 +155,11 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let resp = match send(pool, addr, r).await {
-        Ok(r) => r.response,
+        Ok(r) => r,
         Err(e) => panic!("send failed: {e:?}"),
     };
-    let status = resp.status();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let status = resp.head.status;
+    let body = resp.body.collect().await.unwrap().to_bytes();
     (status, body.to_vec())
 }
 
@@ -279,8 +279,8 @@ async fn a_body_cut_short_is_an_error_and_the_connection_is_dropped() {
         .await
         .ok()
         .unwrap()
-        .response;
-    assert!(resp.into_body().collect().await.is_err());
+        .body;
+    assert!(resp.collect().await.is_err());
     assert_eq!(p.idle_count(b.addr), 0);
 
     let garbage = backend(Box::new(|_: &Seen| (b"SMTP ready\r\n\r\n".to_vec(), true))).await;

@@ -24,16 +24,16 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ProxyError;
-use crate::forward::{Prefixed, ProxyBody};
+use crate::forward::Prefixed;
 use crate::h1::{self, BodyDecoder, Decoded};
+use crate::head::{ProxyResponse, RawRequest, RequestHead as _, Span};
 use crate::service::{ClientInfo, ClientIo, ClientUpgrade, Shared};
 
 /// The most header fields a request may carry (more is a 431).
@@ -187,21 +187,17 @@ where
         // Run the request path. The request body reads from this connection's buffer and
         // socket, so it borrows them until the response head is ready.
         let keep_alive = head.keep_alive;
-        let method_is_head = head.method == Method::HEAD;
+        let method_is_head = *head.head.method() == Method::HEAD;
         let version = head.version;
         let mut body = BodyState::new(head.body, head.expect_continue);
         let mut upgrade: Option<oneshot::Sender<Box<dyn ClientIo>>> = None;
         let response = {
-            let mut req = Request::new(ClientBody {
+            let body = ClientBody {
                 io: &mut io,
                 rbuf: &mut rbuf,
                 state: &mut body,
-            });
-            *req.method_mut() = head.method;
-            *req.uri_mut() = head.uri;
-            *req.version_mut() = version;
-            *req.headers_mut() = head.headers;
-            crate::service::respond(&shared, req, &client, |_| {
+            };
+            crate::service::respond(&shared, &head.head, body, &client, || {
                 let (tx, rx) = oneshot::channel();
                 upgrade = Some(tx);
                 Box::pin(async move {
@@ -211,8 +207,9 @@ where
             })
             .await
         };
+        spans = head.head.into_fields();
 
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        if response.status == StatusCode::SWITCHING_PROTOCOLS
             && let Some(tx) = upgrade
         {
             // The backend switched protocols: write the 101 and hand the socket, with any
@@ -308,10 +305,8 @@ async fn close<I: AsyncRead + AsyncWrite + Unpin>(io: &mut I, rbuf: &mut BytesMu
 
 /// A parsed request head.
 struct RequestHead {
-    method: Method,
-    uri: Uri,
+    head: RawRequest,
     version: Version,
-    headers: HeaderMap,
     body: BodyLength,
     /// Whether the client lets the connection carry another request.
     keep_alive: bool,
@@ -326,28 +321,9 @@ enum BodyLength {
     Chunked,
 }
 
-/// Byte ranges of a head's parts within the buffer it was parsed from.
-#[derive(Clone, Copy)]
-struct Span {
-    start: usize,
-    len: usize,
-}
-
-impl Span {
-    fn of(base: *const u8, part: &[u8]) -> Span {
-        Span {
-            start: part.as_ptr() as usize - base as usize,
-            len: part.len(),
-        }
-    }
-
-    fn slice(self, buf: &Bytes) -> Bytes {
-        buf.slice(self.start..self.start + self.len)
-    }
-}
-
 /// Parses a request head from the front of `buf`: `Ok(None)` if it is not complete yet;
-/// otherwise the head, which is split off `buf` (header values share its memory).
+/// otherwise the head, which is split off `buf` (field names lower-cased in place; the head
+/// keeps the bytes and where each field lies in them, in `spans`' allocation).
 fn parse_request(
     buf: &mut BytesMut,
     max_head: usize,
@@ -386,43 +362,40 @@ fn parse_request(
     };
     let base = buf.as_ptr();
     let target = Span::of(base, target.as_bytes());
-    let n = req.headers.len();
     spans.clear();
     spans.extend(
         req.headers
             .iter()
             .map(|h| (Span::of(base, h.name.as_bytes()), Span::of(base, h.value))),
     );
+    // httparse checked that names are tokens and values hold no control characters.
+    for (name, _) in spans.iter() {
+        buf[name.range()].make_ascii_lowercase();
+    }
     let head = buf.split_to(used).freeze();
 
-    let uri = Uri::from_maybe_shared(target.slice(&head))
-        .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
-    let mut headers = HeaderMap::with_capacity(n);
     let mut length: Option<u64> = None;
     let mut chunked = None;
     let mut close = false;
     let mut keep_alive = false;
     let mut expect_continue = false;
     for &(name, value) in spans.iter() {
-        let name = HeaderName::from_bytes(&head[name.start..name.start + name.len])
-            .map_err(|_| ProxyError::BadRequest("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(value.slice(&head))
-            .map_err(|_| ProxyError::BadRequest("invalid header value"))?;
-        if name == header::CONTENT_LENGTH {
-            length =
-                Some(h1::content_length(value.as_bytes(), length).map_err(|_| {
+        let value = &head[value.range()];
+        match &head[name.range()] {
+            b"content-length" => {
+                length = Some(h1::content_length(value, length).map_err(|_| {
                     ProxyError::BadRequest("invalid or conflicting content-length")
                 })?);
-        } else if name == header::TRANSFER_ENCODING {
-            chunked = Some(h1::ends_chunked(value.as_bytes()));
-        } else if name == header::CONNECTION {
-            let o = h1::ConnectionOptions::parse([value.as_bytes()]);
-            close |= o.close;
-            keep_alive |= o.keep_alive;
-        } else if name == header::EXPECT {
-            expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+            }
+            b"transfer-encoding" => chunked = Some(h1::ends_chunked(value)),
+            b"connection" => {
+                let o = h1::ConnectionOptions::parse([value]);
+                close |= o.close;
+                keep_alive |= o.keep_alive;
+            }
+            b"expect" => expect_continue = value.eq_ignore_ascii_case(b"100-continue"),
+            _ => {}
         }
-        headers.append(name, value);
     }
     let body = match (chunked, length) {
         (Some(_), _) if version == Version::HTTP_10 => {
@@ -447,11 +420,11 @@ fn parse_request(
     let keep_alive = !close && (version == Version::HTTP_11 || keep_alive);
     let expect_continue =
         expect_continue && version == Version::HTTP_11 && body != BodyLength::Length(0);
+    let head = RawRequest::new(head, method, target, std::mem::take(spans))
+        .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
     Ok(Some(RequestHead {
-        method,
-        uri,
+        head,
         version,
-        headers,
         body,
         keep_alive,
         expect_continue,
@@ -589,36 +562,24 @@ enum Framing {
     Close,
 }
 
-/// Encodes the status line and headers of `resp` into `out` (cleared first), adding the
+/// Encodes the status line and header lines of `resp` into `out` (cleared first), adding the
 /// framing, a `date` if the response has none, and the connection's fate.
-fn encode_head<B>(
+fn encode_head(
     out: &mut Vec<u8>,
-    resp: &Response<B>,
+    resp: &ProxyResponse,
     framing: Framing,
     keep_alive: bool,
     version: Version,
 ) {
     out.clear();
-    let status = resp.status();
+    let status = resp.status;
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let headers = resp.headers();
-    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-    for (name, value) in headers {
-        if framing != Framing::None
-            && (*name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING)
-        {
-            continue;
-        }
-        if *name == header::CONNECTION && !switching {
-            continue;
-        }
-        h1::write_header(out, name.as_str().as_bytes(), value.as_bytes());
-    }
-    if !headers.contains_key(header::DATE) {
+    out.extend_from_slice(&resp.fields);
+    if !resp.has_date {
         write_date(out);
     }
     match framing {
@@ -629,8 +590,8 @@ fn encode_head<B>(
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::None | Framing::Close => {}
     }
-    if switching {
-        // The backend's own Connection and Upgrade fields went out above.
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        // The backend's own Connection and Upgrade fields are among the fields.
     } else if !keep_alive {
         out.extend_from_slice(b"connection: close\r\n");
     } else if version == Version::HTTP_10 {
@@ -660,12 +621,12 @@ fn write_date(out: &mut Vec<u8>) {
 async fn write_response<I: AsyncWrite + Unpin>(
     io: &mut I,
     wbuf: &mut Vec<u8>,
-    resp: Response<ProxyBody>,
+    resp: ProxyResponse,
     head_request: bool,
     version: Version,
     mut keep_alive: bool,
 ) -> io::Result<bool> {
-    let status = resp.status();
+    let status = resp.status;
     let bodyless = head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -673,7 +634,7 @@ async fn write_response<I: AsyncWrite + Unpin>(
     let framing = if bodyless {
         Framing::None
     } else {
-        match resp.body().size_hint().exact() {
+        match resp.body.size_hint().exact() {
             Some(n) => Framing::Length(n),
             None if version == Version::HTTP_11 => Framing::Chunked,
             None => {
@@ -683,7 +644,7 @@ async fn write_response<I: AsyncWrite + Unpin>(
         }
     };
     encode_head(wbuf, &resp, framing, keep_alive, version);
-    let mut body = resp.into_body();
+    let mut body = resp.body;
     if bodyless {
         io.write_all(wbuf).await?;
         return Ok(keep_alive);

@@ -16,7 +16,6 @@ use hangar_core::route::{
     strip_cookie, strip_query_param,
 };
 use hangar_core::token::TokenError;
-use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Incoming};
@@ -29,6 +28,7 @@ use crate::config::ProxyConfig;
 use crate::error::ProxyError;
 use crate::forward::{self, CountingBody, CountingIo, GuardedBody, ProxyBody, is_upgrade};
 use crate::h1;
+use crate::head::{ProxyResponse, RequestHead};
 use crate::pool::{SendError, request_framing};
 use crate::route_table::RouteHandle;
 
@@ -53,9 +53,6 @@ enum TokenSource {
     Query,
     Cookie,
 }
-
-const X_HANGAR_ERROR: header::HeaderName = header::HeaderName::from_static("x-hangar-error");
-const X_FORWARDED_FOR: header::HeaderName = header::HeaderName::from_static("x-forwarded-for");
 
 /// The client side of a connection that switched protocols.
 pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -90,33 +87,41 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
     client: Arc<ClientInfo>,
 ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
-    Ok(respond(&shared, req, &client, |req| {
-        let on = hyper::upgrade::on(req);
+    let (mut parts, body) = req.into_parts();
+    // Taken out now (an extension of the request); awaited only if the backend agrees.
+    let on = is_upgrade(&parts).then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
+    let resp = respond(&shared, &parts, body, &client, || {
         Box::pin(async move {
-            match on.await {
-                Ok(io) => Ok(Box::new(TokioIo::new(io)) as Box<dyn ClientIo>),
-                Err(e) => Err(e.to_string()),
+            match on.flatten() {
+                Some(on) => match on.await {
+                    Ok(io) => Ok(Box::new(TokioIo::new(io)) as Box<dyn ClientIo>),
+                    Err(e) => Err(e.to_string()),
+                },
+                None => Err("this connection cannot switch protocols".into()),
             }
         })
     })
-    .await)
+    .await;
+    Ok(resp.into_http())
 }
 
 /// Serves one request, from whichever server read it: `on_upgrade` is called for a request
 /// that asks to switch protocols and yields the client connection once the `101` is written.
 /// Never fails: errors become responses.
-pub(crate) async fn respond<B, U>(
+pub(crate) async fn respond<H, B, U>(
     shared: &Arc<Shared>,
-    req: Request<B>,
+    head: &H,
+    body: B,
     client: &ClientInfo,
     on_upgrade: U,
-) -> Response<ProxyBody>
+) -> ProxyResponse
 where
+    H: RequestHead,
     B: Body<Data = Bytes> + Unpin + Send,
     B::Error: Into<BoxError>,
-    U: FnOnce(&mut Request<B>) -> ClientUpgrade,
+    U: FnOnce() -> ClientUpgrade,
 {
-    match proxy(shared, req, client, on_upgrade).await {
+    match proxy(shared, head, body, client, on_upgrade).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(error = %e, code = e.code(), blame = ?e.blame(), "proxy error");
@@ -126,18 +131,17 @@ where
     }
 }
 
-pub(crate) fn error_response(e: &ProxyError) -> Response<ProxyBody> {
-    let body = format!("hangar: {e}\n");
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
-    *resp.status_mut() = e.status();
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(X_HANGAR_ERROR, HeaderValue::from_static(e.code()));
-    resp
+pub(crate) fn error_response(e: &ProxyError) -> ProxyResponse {
+    let mut fields = Vec::with_capacity(96);
+    h1::write_header(&mut fields, b"content-type", b"text/plain; charset=utf-8");
+    h1::write_header(&mut fields, b"cache-control", b"no-store");
+    h1::write_header(&mut fields, b"x-hangar-error", e.code().as_bytes());
+    ProxyResponse {
+        status: e.status(),
+        fields,
+        has_date: false,
+        body: Either::Right(Full::new(Bytes::from(format!("hangar: {e}\n")))),
+    }
 }
 
 fn unix_now() -> u64 {
@@ -147,28 +151,25 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// A field value as text (`None` if it is not UTF-8).
+fn text(v: &[u8]) -> Option<&str> {
+    std::str::from_utf8(v).ok()
+}
+
 /// Finds the route the request names.
-fn find_route<B>(shared: &Shared, req: &Request<B>) -> Result<Route, ProxyError> {
-    let headers = req.headers();
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri().host());
-    let header_name = headers
-        .get(route::BACKEND_HEADER)
-        .and_then(|v| v.to_str().ok());
+fn find_route(shared: &Shared, head: &impl RequestHead) -> Result<Route, ProxyError> {
+    let host = head.get("host").and_then(text).or_else(|| head.authority());
+    let header_name = head.get(route::BACKEND_HEADER).and_then(text);
     // Requests rarely carry more than one Cookie header; more than eight are ignored.
     let mut cookie_buf = [""; 8];
     let mut n = 0;
-    for v in headers
-        .get_all(header::COOKIE)
-        .iter()
+    for v in head
+        .get_all("cookie")
+        .filter_map(text)
         .take(cookie_buf.len())
     {
-        if let Ok(s) = v.to_str() {
-            cookie_buf[n] = s;
-            n += 1;
-        }
+        cookie_buf[n] = v;
+        n += 1;
     }
     let names = RequestNames {
         host,
@@ -192,31 +193,28 @@ fn find_route<B>(shared: &Shared, req: &Request<B>) -> Result<Route, ProxyError>
 /// Finds and verifies the token (see [`crate::token_cache`] for tokens verified before);
 /// returns the user, where the token came from and, when it came in the query string, the
 /// token itself (it becomes a cookie on the response).
-fn check_token<B>(
+fn check_token(
     shared: &Shared,
-    req: &Request<B>,
+    head: &impl RequestHead,
     backend: &BackendId,
 ) -> Result<(Arc<str>, TokenSource, Option<String>), ProxyError> {
-    let headers = req.headers();
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+    let bearer = head
+        .get("authorization")
+        .and_then(text)
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         // A bearer token that is not a Hangar token belongs to the backend.
         .filter(|t| t.starts_with("v1."));
     let (token, source) = if let Some(t) = bearer {
         (t, TokenSource::Bearer)
-    } else if let Some(t) = req
-        .uri()
+    } else if let Some(t) = head
         .query()
         .and_then(|q| route::query_value(q, TOKEN_QUERY))
     {
         (t, TokenSource::Query)
-    } else if let Some(t) = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+    } else if let Some(t) = head
+        .get_all("cookie")
+        .filter_map(text)
         .find_map(|c| cookie_value(c, TOKEN_COOKIE))
     {
         (t, TokenSource::Cookie)
@@ -307,18 +305,20 @@ async fn wait_ready(shared: &Shared, backend: &BackendId) -> Result<SocketAddr, 
     })
 }
 
-async fn proxy<B, U>(
+async fn proxy<H, B, U>(
     shared: &Arc<Shared>,
-    mut req: Request<B>,
+    req: &H,
+    body: B,
     client: &ClientInfo,
     on_upgrade: U,
-) -> Result<Response<ProxyBody>, ProxyError>
+) -> Result<ProxyResponse, ProxyError>
 where
+    H: RequestHead,
     B: Body<Data = Bytes> + Unpin + Send,
     B::Error: Into<BoxError>,
-    U: FnOnce(&mut Request<B>) -> ClientUpgrade,
+    U: FnOnce() -> ClientUpgrade,
 {
-    let route = match find_route(shared, &req) {
+    let route = match find_route(shared, req) {
         Err(ProxyError::UnknownBackend(name))
             if !shared.config.unknown_grace.is_zero()
                 && hangar_core::ids::validate_label(&name).is_ok() =>
@@ -332,7 +332,7 @@ where
     let (user, token_source, query_token) = if route.public {
         (None, None, None)
     } else {
-        let (user, source, query_token) = check_token(shared, &req, &route.backend)?;
+        let (user, source, query_token) = check_token(shared, req, &route.backend)?;
         (Some(user), Some(source), query_token)
     };
     let address = match (route.state, route.address) {
@@ -342,11 +342,10 @@ where
     };
     let mut guard = shared.activity.begin_route(&route);
 
-    let upgrade = is_upgrade(req.headers());
-    let client_upgrade = upgrade.then(|| on_upgrade(&mut req));
-    let (parts, body) = req.into_parts();
+    let upgrade = is_upgrade(req);
+    let client_upgrade = upgrade.then(on_upgrade);
     let head = upstream_head(
-        &parts,
+        req,
         &Forwarding {
             backend: &route.backend,
             user: user.as_deref().unwrap_or(""),
@@ -355,13 +354,13 @@ where
             upgrade,
         },
     );
-    let framing = request_framing(&body, parts.headers.contains_key(header::CONTENT_LENGTH));
+    let framing = request_framing(&body, req.get("content-length").is_some());
     let backend = route.backend.clone();
     let sent = shared
         .pool
         .send(
             address,
-            &parts.method,
+            req.method(),
             &head,
             framing,
             CountingBody::new(
@@ -398,9 +397,8 @@ where
             return Err(err);
         }
     };
-    let mut resp = upstream.response;
-
-    guard.set_status(resp.status().as_u16());
+    let mut resp = upstream.head;
+    guard.set_status(resp.status.as_u16());
     if let Some(upstream_io) = upstream.upgraded {
         let Some(client_upgrade) = client_upgrade else {
             // The connection is dropped with `upstream_io`.
@@ -435,26 +433,31 @@ where
                 Err(e) => tracing::debug!(backend = %backend, error = %e, "upgrade failed"),
             }
         });
-        let (parts, body) = resp.into_parts();
         // The upgraded connection is the copy task's now; the response body is empty.
-        return Ok(Response::from_parts(
-            parts,
-            Either::Left(GuardedBody::new(body, None)),
-        ));
+        return Ok(ProxyResponse {
+            status: resp.status,
+            fields: resp.fields,
+            has_date: resp.has_date,
+            body: Either::Left(GuardedBody::new(upstream.body, None)),
+        });
     }
 
     if let Some(token) = query_token
-        && let Ok(v) = HeaderValue::from_str(&format!(
-            "{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Lax"
-        ))
+        && h1::is_header_value(token.as_bytes())
     {
-        resp.headers_mut().append(header::SET_COOKIE, v);
+        resp.fields.extend_from_slice(b"set-cookie: ");
+        resp.fields.extend_from_slice(TOKEN_COOKIE.as_bytes());
+        resp.fields.push(b'=');
+        resp.fields.extend_from_slice(token.as_bytes());
+        resp.fields
+            .extend_from_slice(b"; Path=/; HttpOnly; SameSite=Lax\r\n");
     }
-    let (parts, body) = resp.into_parts();
-    Ok(Response::from_parts(
-        parts,
-        Either::Left(GuardedBody::new(body, Some(guard))),
-    ))
+    Ok(ProxyResponse {
+        status: resp.status,
+        fields: resp.fields,
+        has_date: resp.has_date,
+        body: Either::Left(GuardedBody::new(upstream.body, Some(guard))),
+    })
 }
 
 /// What the proxy adds to or removes from a request on its way to the backend.
@@ -468,82 +471,77 @@ struct Forwarding<'a> {
     upgrade: bool,
 }
 
-/// The request head the backend gets, encoded directly (the client's header map is read, never
+/// The request head the backend gets, encoded directly (the client's head is read, never
 /// rebuilt): the client's method and origin-form target (without a `hangar_token` query
 /// parameter) and its end-to-end headers, minus hop-by-hop fields (RFC 9110 §7.6.1), inbound
 /// `x-hangar-*` headers and the Hangar token; plus `x-hangar-backend-id`, `x-hangar-user` and
 /// the `x-forwarded-*` headers. The body framing header is added by the pool.
-fn upstream_head(parts: &http::request::Parts, f: &Forwarding<'_>) -> Vec<u8> {
+fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
-    let pq = parts.uri.path_and_query();
-    match (pq.and_then(|pq| pq.query()), f.token) {
-        (Some(q), Some(TokenSource::Query)) => {
-            let path = pq.map_or("/", |pq| pq.path());
-            match strip_query_param(q, TOKEN_QUERY) {
-                Some(q) => h1::write_request_line(&mut out, &parts.method, &format!("{path}?{q}")),
-                None => h1::write_request_line(&mut out, &parts.method, path),
+    match (req.query(), f.token) {
+        (Some(q), Some(TokenSource::Query)) => match strip_query_param(q, TOKEN_QUERY) {
+            Some(q) => {
+                h1::write_request_line(&mut out, req.method(), &format!("{}?{q}", req.path()))
             }
-        }
-        _ => h1::write_request_line(&mut out, &parts.method, pq.map_or("/", |pq| pq.as_str())),
+            None => h1::write_request_line(&mut out, req.method(), req.path()),
+        },
+        _ => h1::write_request_line(&mut out, req.method(), req.target()),
     }
 
-    let headers = &parts.headers;
-    let connection = h1::ConnectionOptions::parse(
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .map(HeaderValue::as_bytes),
-    );
-    for (name, value) in headers {
-        if forward::is_hop_by_hop(name)
-            || *name == header::CONTENT_LENGTH
-            || *name == header::EXPECT
-            || *name == header::HOST
-            || *name == X_FORWARDED_FOR
-            || name.as_str().starts_with("x-hangar-")
-            || (f.token == Some(TokenSource::Bearer) && *name == header::AUTHORIZATION)
+    let connection = h1::ConnectionOptions::parse(req.get_all("connection"));
+    let mut host = None;
+    let mut forwarded_for = false;
+    for (name, value) in req.fields() {
+        match name {
+            b"host" => {
+                host.get_or_insert(value);
+                continue;
+            }
+            b"x-forwarded-for" => {
+                forwarded_for = true;
+                continue;
+            }
+            b"content-length" | b"expect" => continue,
+            b"authorization" if f.token == Some(TokenSource::Bearer) => continue,
+            b"upgrade" => {
+                if f.upgrade {
+                    h1::write_header(&mut out, name, value);
+                }
+                continue;
+            }
+            _ => {}
+        }
+        if forward::is_hop_by_hop(name) || name.starts_with(b"x-hangar-") || connection.lists(name)
         {
             continue;
         }
-        if *name == header::UPGRADE {
-            if f.upgrade {
-                h1::write_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
+        if name == b"cookie"
+            && f.token == Some(TokenSource::Cookie)
+            && let Ok(v) = std::str::from_utf8(value)
+            && cookie_value(v, TOKEN_COOKIE).is_some()
+        {
+            if let Some(rest) = strip_cookie(v, TOKEN_COOKIE) {
+                h1::write_header(&mut out, b"cookie", rest.as_bytes());
             }
             continue;
         }
-        if connection.lists(name.as_str()) {
-            continue;
-        }
-        if *name == header::COOKIE && f.token == Some(TokenSource::Cookie) {
-            match value.to_str() {
-                Ok(v) if cookie_value(v, TOKEN_COOKIE).is_some() => {
-                    if let Some(rest) = strip_cookie(v, TOKEN_COOKIE) {
-                        h1::write_header(&mut out, b"cookie", rest.as_bytes());
-                    }
-                }
-                _ => h1::write_header(&mut out, b"cookie", value.as_bytes()),
-            }
-            continue;
-        }
-        h1::write_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
+        h1::write_header(&mut out, name, value);
     }
     if f.upgrade {
         h1::write_header(&mut out, b"connection", b"upgrade");
     }
 
     // HTTP/2 clients name the host in the request target, not in a Host header.
-    let host = headers
-        .get(header::HOST)
-        .map(HeaderValue::as_bytes)
-        .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()));
-    if let Some(host) = host {
+    if let Some(host) = host.or_else(|| req.authority().map(str::as_bytes)) {
         h1::write_header(&mut out, b"host", host);
         h1::write_header(&mut out, b"x-forwarded-host", host);
     }
     out.extend_from_slice(b"x-forwarded-for: ");
-    for prev in headers.get_all(X_FORWARDED_FOR) {
-        out.extend_from_slice(prev.as_bytes());
-        out.extend_from_slice(b", ");
+    if forwarded_for {
+        for prev in req.get_all("x-forwarded-for") {
+            out.extend_from_slice(prev);
+            out.extend_from_slice(b", ");
+        }
     }
     out.extend_from_slice(f.client.ip.as_bytes());
     out.extend_from_slice(b"\r\n");

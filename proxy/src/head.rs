@@ -1,0 +1,270 @@
+//! Request and response heads as the request path sees them, whichever server read the request.
+//!
+//! HTTP/1.1 requests ([`RawRequest`]) keep their head as the bytes the client sent: field
+//! names are lower-cased in place and each field is a pair of spans into those bytes, so no
+//! header map is built and nothing is copied. HTTP/2 requests come from hyper as
+//! [`http::request::Parts`]. Both are read through [`RequestHead`].
+//!
+//! A response ([`ProxyResponse`]) carries its fields as the header lines that go to the client
+//! (`name: value\r\n`, hop-by-hop fields and framing already removed): the HTTP/1.1 server
+//! copies them out in one go; the HTTP/2 side turns them into a header map.
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Uri};
+
+use crate::forward::ProxyBody;
+
+/// What the request path reads of a request head. Field names are lower case.
+pub(crate) trait RequestHead {
+    fn method(&self) -> &Method;
+    /// The target in origin form: path and query (`/` when the request named none).
+    fn target(&self) -> &str;
+    /// The authority of an absolute-form target or an HTTP/2 request.
+    fn authority(&self) -> Option<&str>;
+    /// Every field, as lower-case name and value, in the order the client sent them.
+    fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])>;
+
+    /// The first value of field `name` (lower case).
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        self.fields()
+            .find(|(n, _)| *n == name.as_bytes())
+            .map(|(_, v)| v)
+    }
+
+    /// Every value of field `name` (lower case).
+    fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
+        self.fields()
+            .filter(move |(n, _)| *n == name.as_bytes())
+            .map(|(_, v)| v)
+    }
+
+    /// The query of the target, without the `?`.
+    fn query(&self) -> Option<&str> {
+        self.target().split_once('?').map(|(_, q)| q)
+    }
+
+    /// The path of the target, without the query.
+    fn path(&self) -> &str {
+        let t = self.target();
+        t.split_once('?').map_or(t, |(p, _)| p)
+    }
+}
+
+impl RequestHead for http::request::Parts {
+    fn method(&self) -> &Method {
+        &self.method
+    }
+
+    fn target(&self) -> &str {
+        self.uri.path_and_query().map_or("/", |pq| pq.as_str())
+    }
+
+    fn authority(&self) -> Option<&str> {
+        self.uri.authority().map(|a| a.as_str())
+    }
+
+    fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.headers
+            .iter()
+            .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
+    }
+
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        self.headers.get(name).map(HeaderValue::as_bytes)
+    }
+}
+
+/// A byte range within a buffer.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Span {
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+}
+
+impl Span {
+    /// Where `part` lies within the buffer that starts at `base`.
+    pub(crate) fn of(base: *const u8, part: &[u8]) -> Span {
+        Span {
+            start: part.as_ptr() as usize - base as usize,
+            len: part.len(),
+        }
+    }
+
+    pub(crate) fn range(self) -> std::ops::Range<usize> {
+        self.start..self.start + self.len
+    }
+}
+
+/// An HTTP/1.1 request head: the bytes the client sent (names lower-cased) and where its parts
+/// lie in them.
+pub(crate) struct RawRequest {
+    buf: Bytes,
+    method: Method,
+    /// The origin-form target (`/path?query`), or `None` when `uri` holds another form.
+    target: Option<Span>,
+    /// An absolute-form (or asterisk) target, parsed.
+    uri: Option<Uri>,
+    fields: Vec<(Span, Span)>,
+}
+
+impl RawRequest {
+    /// `buf` holds the head; `target` and `fields` are spans into it, names already lower case.
+    /// A target that is not in origin form must parse as a URI.
+    pub(crate) fn new(
+        buf: Bytes,
+        method: Method,
+        target: Span,
+        fields: Vec<(Span, Span)>,
+    ) -> Result<Self, http::uri::InvalidUri> {
+        let (target, uri) = if buf.get(target.start) == Some(&b'/') {
+            (Some(target), None)
+        } else {
+            let uri = Uri::from_maybe_shared(buf.slice(target.range()))?;
+            (None, Some(uri))
+        };
+        Ok(RawRequest {
+            buf,
+            method,
+            target,
+            uri,
+            fields,
+        })
+    }
+
+    /// Gives back the field list's allocation for the connection's next request.
+    pub(crate) fn into_fields(self) -> Vec<(Span, Span)> {
+        let mut fields = self.fields;
+        fields.clear();
+        fields
+    }
+
+    fn str_at(&self, span: Span) -> &str {
+        // The target was checked by the parser: visible ASCII.
+        std::str::from_utf8(&self.buf[span.range()]).unwrap_or("/")
+    }
+}
+
+impl RequestHead for RawRequest {
+    fn method(&self) -> &Method {
+        &self.method
+    }
+
+    fn target(&self) -> &str {
+        match (self.target, &self.uri) {
+            (Some(span), _) => self.str_at(span),
+            (None, Some(uri)) => uri.path_and_query().map_or("/", |pq| pq.as_str()),
+            (None, None) => "/",
+        }
+    }
+
+    fn authority(&self) -> Option<&str> {
+        self.uri
+            .as_ref()
+            .and_then(Uri::authority)
+            .map(|a| a.as_str())
+    }
+
+    fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields
+            .iter()
+            .map(|&(n, v)| (&self.buf[n.range()], &self.buf[v.range()]))
+    }
+}
+
+/// A response on its way to the client.
+pub(crate) struct ProxyResponse {
+    pub(crate) status: StatusCode,
+    /// Header lines (`name: value\r\n`) that go to the client as they are: no hop-by-hop
+    /// fields (but on a `101`) and no framing, which the server adds.
+    pub(crate) fields: Vec<u8>,
+    /// Whether `fields` holds a `date`.
+    pub(crate) has_date: bool,
+    pub(crate) body: ProxyBody,
+}
+
+impl ProxyResponse {
+    /// The response as hyper's HTTP/2 server takes it.
+    pub(crate) fn into_http(self) -> Response<ProxyBody> {
+        let mut resp = Response::new(self.body);
+        *resp.status_mut() = self.status;
+        let headers = resp.headers_mut();
+        for (name, value) in field_lines(&self.fields) {
+            // Every line was checked when it was written; HTTP/2 has no place for a name
+            // that is not a token.
+            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+                headers.append(n, v);
+            }
+        }
+        resp
+    }
+}
+
+/// The fields of a block of header lines (`name: value\r\n` each).
+pub(crate) fn field_lines(block: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    block
+        .split(|&b| b == b'\n')
+        .filter_map(|line| line.strip_suffix(b"\r"))
+        .filter_map(|line| {
+            let colon = line.iter().position(|&b| b == b':')?;
+            Some((&line[..colon], line[colon + 1..].trim_ascii_start()))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_heads_read_like_parsed_ones() {
+        let buf =
+            Bytes::from_static(b"GET /a?b=1 HTTP/1.1\r\nhost: x\r\ncookie: a\r\ncookie: b\r\n");
+        let f = |s: &[u8]| Span::of(buf.as_ptr(), s);
+        let fields = vec![
+            (f(&buf[21..25]), f(&buf[27..28])),
+            (f(&buf[30..36]), f(&buf[38..39])),
+            (f(&buf[41..47]), f(&buf[49..50])),
+        ];
+        let raw = RawRequest::new(buf.clone(), Method::GET, f(&buf[4..10]), fields).unwrap();
+        assert_eq!(raw.target(), "/a?b=1");
+        assert_eq!((raw.path(), raw.query()), ("/a", Some("b=1")));
+        assert_eq!(raw.get("host"), Some(&b"x"[..]));
+        assert_eq!(raw.get_all("cookie").collect::<Vec<_>>(), [b"a", b"b"]);
+        assert_eq!(raw.get("x-none"), None);
+        assert_eq!(raw.authority(), None);
+
+        let buf = Bytes::from_static(b"http://h.test:8/p?q");
+        let raw = RawRequest::new(
+            buf.clone(),
+            Method::GET,
+            Span::of(buf.as_ptr(), &buf),
+            vec![],
+        )
+        .unwrap();
+        assert_eq!((raw.target(), raw.authority()), ("/p?q", Some("h.test:8")));
+        let buf = Bytes::from_static(b"ht tp://");
+        assert!(
+            RawRequest::new(
+                buf.clone(),
+                Method::GET,
+                Span::of(buf.as_ptr(), &buf),
+                vec![]
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn field_lines_become_a_header_map_for_http2() {
+        let resp = ProxyResponse {
+            status: StatusCode::CREATED,
+            fields: b"x-a: 1\r\nset-cookie: a=b; Path=/\r\nx-a: 2\r\n".to_vec(),
+            has_date: false,
+            body: http_body_util::Either::Right(http_body_util::Full::new(Bytes::new())),
+        }
+        .into_http();
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        assert_eq!(resp.headers().get_all("x-a").iter().count(), 2);
+        assert_eq!(resp.headers()["set-cookie"], "a=b; Path=/");
+    }
+}
