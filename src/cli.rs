@@ -202,7 +202,7 @@ impl DroneArgs {
 
 /// Parses `90`, `60s`, `5m` or `1h` into a duration.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    crate::client::parse_duration_s(s).map(std::time::Duration::from_secs)
+    crate::client::parse_duration(s)
 }
 
 /// The Prometheus admin listener.
@@ -378,6 +378,10 @@ pub struct ProxyTuningArgs {
     pub upstream_idle_per_backend: usize,
 }
 
+/// Longest proxy timeout: a week is already no timeout in practice, and deadlines stay far
+/// from the clock's range.
+const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Smallest `--max-header-bytes`: below this not even a modest request head fits.
 const MIN_HEADER_BYTES: usize = 1024;
 /// Largest `--max-header-bytes` (1 MiB): a request head beyond this is abuse, and each
@@ -400,9 +404,9 @@ impl ProxyTuningArgs {
             ("--tls-handshake-timeout", self.tls_handshake_timeout),
             ("--shutdown-grace", self.shutdown_grace),
         ] {
-            if value.is_zero() {
+            if value.is_zero() || value > MAX_TIMEOUT {
                 return Err(ConfigError(format!(
-                    "{flag} must be at least 1s (e.g. 30s, 5m)"
+                    "{flag} {value:?} is out of range: allowed 1ms to 7 days (e.g. 500ms, 30s, 5m)"
                 )));
             }
         }
@@ -602,7 +606,7 @@ mod tests {
     fn tuning_flags_reach_the_proxy_config() {
         let flags = [
             "--header-read-timeout",
-            "7",
+            "1500ms",
             "--keep-alive-timeout",
             "2m",
             "--client-body-timeout",
@@ -629,7 +633,15 @@ mod tests {
             let s = Duration::from_secs;
             assert_eq!(
                 tuned(&cfg),
-                [s(7), s(120), s(11), s(3), s(3600), s(4), s(9)],
+                [
+                    Duration::from_millis(1500),
+                    s(120),
+                    s(11),
+                    s(3),
+                    s(3600),
+                    s(4),
+                    s(9)
+                ],
                 "{role:?}"
             );
             assert_eq!(limits(&cfg), (1024, 1, 0), "{role:?}");
@@ -645,12 +657,21 @@ mod tests {
     fn out_of_range_tuning_is_a_config_error_naming_the_flag_and_range() {
         let too_many = usize::MAX.to_string();
         let cases: &[(&str, &str, &str)] = &[
-            ("--header-read-timeout", "0", "at least 1s"),
-            ("--keep-alive-timeout", "0s", "at least 1s"),
-            ("--upstream-connect-timeout", "0m", "at least 1s"),
-            ("--upstream-response-timeout", "0", "at least 1s"),
-            ("--tls-handshake-timeout", "0", "at least 1s"),
-            ("--shutdown-grace", "0h", "at least 1s"),
+            ("--header-read-timeout", "0", "allowed 1ms to 7 days"),
+            ("--keep-alive-timeout", "0s", "allowed 1ms to 7 days"),
+            ("--upstream-connect-timeout", "0m", "allowed 1ms to 7 days"),
+            (
+                "--upstream-response-timeout",
+                "0ms",
+                "allowed 1ms to 7 days",
+            ),
+            ("--tls-handshake-timeout", "0", "allowed 1ms to 7 days"),
+            ("--shutdown-grace", "169h", "allowed 1ms to 7 days"),
+            (
+                "--client-body-timeout",
+                "99999999999s",
+                "allowed 1ms to 7 days",
+            ),
             ("--max-header-bytes", "1023", "allowed 1024 to 1048576"),
             ("--max-header-bytes", "1048577", "allowed 1024 to 1048576"),
             ("--max-connections", "0", "at least 1"),
@@ -673,6 +694,8 @@ mod tests {
             ["dev", "--max-connections", "many"],
             ["dev", "--max-header-bytes", "64k"],
             ["dev", "--shutdown-grace", "soon"],
+            ["dev", "--keep-alive-timeout", "1.5s"],
+            ["dev", "--keep-alive-timeout", "18446744073709551615h"],
         ] {
             let err = Cli::try_parse_from(std::iter::once("hangar").chain(args)).unwrap_err();
             assert!(err.to_string().contains(args[1]), "{args:?}: {err}");

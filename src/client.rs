@@ -230,17 +230,37 @@ pub async fn terminate(args: TerminateArgs) -> anyhow::Result<ExitCode> {
 
 /// Parses `60s`, `5m`, `1h` or a bare number of seconds.
 pub fn parse_duration_s(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, 's')) => (&s[..i], 1),
-        Some((i, 'm')) => (&s[..i], 60),
-        Some((i, 'h')) => (&s[..i], 3600),
-        _ => (s, 1),
+    let d = parse_duration(s)?;
+    if d.subsec_nanos() != 0 {
+        return Err(format!(
+            "{s:?} is not a whole number of seconds: use e.g. 90, 60s or 5m"
+        ));
+    }
+    Ok(d.as_secs())
+}
+
+/// Parses a duration: a whole number with an optional unit, `ms`, `s`, `m` or `h` (seconds
+/// without one), e.g. `500ms`, `90`, `60s`, `5m` or `1h`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let (num, unit_ms) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1_000)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60_000)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3_600_000)
+    } else {
+        (t, 1_000)
     };
-    num.trim()
-        .parse::<u64>()
-        .map(|n| n * mult)
-        .map_err(|_| format!("{s:?} is not a duration: use e.g. 90, 60s, 5m or 1h"))
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: use e.g. 500ms, 90, 60s, 5m or 1h"))?;
+    n.checked_mul(unit_ms)
+        .map(std::time::Duration::from_millis)
+        .ok_or_else(|| format!("{s:?} is too long a duration"))
 }
 
 fn print_drones(list: &DroneList) {
@@ -444,5 +464,28 @@ fn print_hot(list: &hangar_core::api::HotList) {
     }
     if s.relieve {
         println!("relocated so far: {}", list.relocated_total);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_take_units_and_refuse_what_they_cannot_hold() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration(" 90 "), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "soon", "1.5s", "-1s", "5d"] {
+            let err = parse_duration(bad).unwrap_err();
+            assert!(err.contains("not a duration"), "{bad:?}: {err}");
+        }
+        let huge = format!("{}h", u64::MAX);
+        assert!(parse_duration(&huge).unwrap_err().contains("too long"));
+        // The drain deadline is whole seconds on the wire.
+        assert_eq!(parse_duration_s("1000ms"), Ok(1));
+        assert!(parse_duration_s("1500ms").unwrap_err().contains("whole number"));
     }
 }

@@ -18,8 +18,8 @@ use std::io::{self, Write as _};
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -192,22 +192,40 @@ where
         let mut body = BodyState::new(head.body, head.expect_continue);
         let mut upgrade: Option<oneshot::Sender<Box<dyn ClientIo>>> = None;
         let response = {
-            let body = ClientBody {
+            // The request body and the watch for a client that goes away share the socket;
+            // both run on this task, so the lock is never contended.
+            let side = Mutex::new(ClientSide {
                 io: &mut io,
                 rbuf: &mut rbuf,
                 state: &mut body,
-            };
-            crate::service::respond(&shared, &head.head, body, &client, || {
-                let (tx, rx) = oneshot::channel();
-                upgrade = Some(tx);
-                Box::pin(async move {
-                    rx.await
-                        .map_err(|_| "the client connection closed before the upgrade".into())
-                }) as ClientUpgrade
-            })
-            .await
+            });
+            let respond = crate::service::respond(
+                &shared,
+                &head.head,
+                ClientBody { side: &side },
+                &client,
+                || {
+                    let (tx, rx) = oneshot::channel();
+                    upgrade = Some(tx);
+                    Box::pin(async move {
+                        rx.await
+                            .map_err(|_| "the client connection closed before the upgrade".into())
+                    }) as ClientUpgrade
+                },
+            );
+            tokio::select! {
+                biased;
+                response = respond => Some(response),
+                () = client_gone(&side, cfg.max_header_bytes) => None,
+            }
         };
         spans = head.head.into_fields();
+        let Some(response) = response else {
+            // Dropping the request path closed its backend connection mid-request (the
+            // request counts as answered with nothing, like nginx's 499).
+            tracing::debug!("the client closed its connection before the response");
+            return Served::Closed;
+        };
 
         if response.status == StatusCode::SWITCHING_PROTOCOLS
             && let Some(tx) = upgrade
@@ -474,22 +492,65 @@ impl BodyState {
     }
 }
 
-/// A request body read from the client connection it came on.
-pub(crate) struct ClientBody<'c, I> {
+/// The client connection while a request is in flight: the socket, what has been read of it,
+/// and where the request body stands.
+struct ClientSide<'c, I> {
     io: &'c mut I,
     rbuf: &'c mut BytesMut,
     state: &'c mut BodyState,
 }
 
-impl<I: AsyncRead + AsyncWrite + Unpin> Body for ClientBody<'_, I> {
+impl<I> ClientSide<'_, I> {
+    fn lock<'a, 'c>(side: &'a Mutex<ClientSide<'c, I>>) -> MutexGuard<'a, ClientSide<'c, I>> {
+        side.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Resolves when the client closes its connection (or it fails) while its request waits for
+/// the backend's response, so that the request is abandoned and its backend connection freed
+/// rather than held until the backend answers (a long poll, a slow backend). Watches only once
+/// the request body has been read: until then the client's bytes are the body's. Bytes that
+/// arrive meanwhile (a pipelined request) are kept for the connection loop, up to `limit`.
+async fn client_gone<I: AsyncRead + Unpin>(side: &Mutex<ClientSide<'_, I>>, limit: usize) {
+    std::future::poll_fn(|cx| {
+        let mut guard = ClientSide::lock(side);
+        let s = &mut *guard;
+        loop {
+            if !s.state.is_done() || s.rbuf.len() >= limit {
+                // Polled again whenever the request path makes progress (same task).
+                return Poll::Pending;
+            }
+            if s.rbuf.capacity() - s.rbuf.len() < 1024 {
+                s.rbuf.reserve(READ_CHUNK);
+            }
+            match ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut *s.io),
+                cx,
+                &mut *s.rbuf
+            )) {
+                Ok(0) | Err(_) => return Poll::Ready(()),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+}
+
+/// A request body read from the client connection it came on.
+pub(crate) struct ClientBody<'s, 'c, I> {
+    side: &'s Mutex<ClientSide<'c, I>>,
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Body for ClientBody<'_, '_, I> {
     type Data = Bytes;
     type Error = io::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        let this = &mut *self;
+        let mut guard = ClientSide::lock(self.side);
+        let this = &mut *guard;
         loop {
             if this.state.failed {
                 return Poll::Ready(Some(Err(io::Error::other("the request body broke off"))));
@@ -540,11 +601,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Body for ClientBody<'_, I> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.state.is_done()
+        ClientSide::lock(self.side).state.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.state
+        ClientSide::lock(self.side)
+            .state
             .decoder
             .remaining()
             .map_or_else(SizeHint::default, SizeHint::with_exact)

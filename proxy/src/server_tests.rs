@@ -2,12 +2,15 @@
 //! real proxy and upstream on `127.0.0.1:0` (pipelining, HTTP/1.0, `100-continue`, refused
 //! heads, keep-alive and shutdown).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use hangar_core::BackendId;
+use hangar_core::route::{Route, RouteState, RouteTable};
 use http::{Method, StatusCode, Version};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 use super::{BodyLength, parse_request};
 use crate::error::ProxyError;
@@ -399,4 +402,64 @@ async fn a_stalled_request_body_gets_408_but_a_slow_steady_one_gets_through() {
         "{waited:?}"
     );
     assert!(closed_by_server(&mut s).await);
+}
+
+/// Reads one request head from a backend's side of a connection (into `buf`, then drops it).
+async fn backend_reads_head(up: &mut TcpStream, buf: &mut Vec<u8>) -> String {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+            buf.drain(..end + 4);
+            return head;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = up.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the proxy closed the backend connection mid-head");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_request_frees_its_backend_connection() {
+    let r = start(config(), None).await;
+    // A backend scripted by the test: it answers only when told to.
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    r.proxy.routes().publish(Arc::new(RouteTable::new(
+        2,
+        [Route {
+            address: Some(backend.local_addr().unwrap()),
+            public: true,
+            ..Route::new(BackendId::parse(ID).unwrap(), RouteState::Ready)
+        }],
+    )));
+    let mut s = connect(&r).await;
+    send(&mut s, get("1.1", "")).await;
+    let (mut up, _) = backend.accept().await.unwrap();
+    let mut buf = Vec::new();
+    backend_reads_head(&mut up, &mut buf).await;
+
+    // A pipelined request sent while the first waits is kept for later, not taken for the
+    // client leaving.
+    send(&mut s, get("1.1", "")).await;
+    for answer in ["one", "two"] {
+        let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n{answer}");
+        up.write_all(resp.as_bytes()).await.unwrap();
+        let (status, head, body) = read_response(&mut s).await;
+        assert_eq!((status, body), (200, answer.as_bytes().to_vec()), "{head}");
+        if answer == "one" {
+            backend_reads_head(&mut up, &mut buf).await;
+        }
+    }
+
+    // The client leaves while its next request waits: the proxy closes the backend connection
+    // at once instead of holding it until the backend answers.
+    send(&mut s, get("1.1", "")).await;
+    backend_reads_head(&mut up, &mut buf).await;
+    drop(s);
+    let mut rest = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), up.read(&mut rest))
+        .await
+        .expect("the backend connection stayed open after its client left")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the backend connection ends, with nothing more sent");
 }
