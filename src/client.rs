@@ -486,6 +486,10 @@ mod tests {
         assert!(parse_duration(&huge).unwrap_err().contains("too long"));
         // The drain deadline is whole seconds on the wire.
         assert_eq!(parse_duration_s("1000ms"), Ok(1));
-        assert!(parse_duration_s("1500ms").unwrap_err().contains("whole number"));
+        assert!(
+            parse_duration_s("1500ms")
+                .unwrap_err()
+                .contains("whole number")
+        );
     }
 }
