@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use hangar_proxy::ProxyConfig;
 
 use crate::ConfigError;
+// Durations on the command line: `500ms`, `90`, `60s`, `5m`, `1h`.
+use crate::client::parse_duration;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -198,11 +200,6 @@ impl DroneArgs {
             metrics_grace: self.metrics_grace,
         }
     }
-}
-
-/// Parses `90`, `60s`, `5m` or `1h` into a duration.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    crate::client::parse_duration(s)
 }
 
 /// The Prometheus admin listener.

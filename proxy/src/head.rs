@@ -78,8 +78,8 @@ impl RequestHead for http::request::Parts {
 /// A byte range within a buffer.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Span {
-    pub(crate) start: usize,
-    pub(crate) len: usize,
+    start: usize,
+    len: usize,
 }
 
 impl Span {
@@ -201,7 +201,7 @@ impl ProxyResponse {
 }
 
 /// The fields of a block of header lines (`name: value\r\n` each).
-pub(crate) fn field_lines(block: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+fn field_lines(block: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
     block
         .split(|&b| b == b'\n')
         .filter_map(|line| line.strip_suffix(b"\r"))

@@ -185,12 +185,40 @@ impl Conn {
     }
 }
 
-async fn flush<W: AsyncWrite + Unpin>(w: &mut W, wbuf: &mut Vec<u8>) -> io::Result<()> {
+/// Writes what is gathered in `wbuf`, if anything, and empties it.
+pub(crate) async fn flush<W: AsyncWrite + Unpin>(w: &mut W, wbuf: &mut Vec<u8>) -> io::Result<()> {
     if !wbuf.is_empty() {
         w.write_all(wbuf).await?;
         wbuf.clear();
     }
     Ok(())
+}
+
+/// The body's next frame, for a writer that gathers small pieces in `wbuf`: when the body has
+/// none at hand, what is gathered is written first, so nothing waits in the buffer while the
+/// body waits for more. Used for request bodies here and response bodies in the server.
+pub(crate) async fn next_frame<B, W>(
+    body: &mut B,
+    w: &mut W,
+    wbuf: &mut Vec<u8>,
+) -> io::Result<Option<Result<Frame<B::Data>, B::Error>>>
+where
+    B: Body + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        // Waits for the body only while nothing is gathered.
+        let at_hand = std::future::poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Ready(f) => Poll::Ready(Some(f)),
+            Poll::Pending if wbuf.is_empty() => Poll::Pending,
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await;
+        match at_hand {
+            Some(f) => return Ok(f),
+            None => flush(w, wbuf).await?,
+        }
+    }
 }
 
 /// Writes the head in `wbuf` and the body. Small bodies that are already at hand go out in the
@@ -209,26 +237,9 @@ where
 {
     let chunked = framing == RequestFraming::Chunked;
     loop {
-        let frame = if wbuf.is_empty() {
-            std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
-        } else {
-            // Take what the client has sent already; write what is gathered before waiting
-            // for more.
-            match std::future::poll_fn(|cx| {
-                Poll::Ready(match Pin::new(&mut *body).poll_frame(cx) {
-                    Poll::Ready(f) => Some(f),
-                    Poll::Pending => None,
-                })
-            })
+        let frame = next_frame(body, w, wbuf)
             .await
-            {
-                Some(f) => f,
-                None => {
-                    flush(w, wbuf).await.map_err(WriteError::Upstream)?;
-                    continue;
-                }
-            }
-        };
+            .map_err(WriteError::Upstream)?;
         match frame {
             Some(Ok(frame)) => {
                 *started = true;

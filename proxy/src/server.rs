@@ -33,7 +33,8 @@ use tokio_util::sync::CancellationToken;
 use crate::error::ProxyError;
 use crate::forward::Prefixed;
 use crate::h1::{self, BodyDecoder, Decoded};
-use crate::head::{ProxyResponse, RawRequest, RequestHead as _, Span};
+use crate::head::{ProxyResponse, RawRequest, RequestHead, Span};
+use crate::pool::{flush, next_frame};
 use crate::service::{ClientInfo, ClientIo, ClientUpgrade, Shared};
 
 /// The most header fields a request may carry (more is a 431).
@@ -321,8 +322,8 @@ async fn close<I: AsyncRead + AsyncWrite + Unpin>(io: &mut I, rbuf: &mut BytesMu
     let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
-/// A parsed request head.
-struct RequestHead {
+/// A parsed request head and what it says about the body and the connection.
+struct ParsedRequest {
     head: RawRequest,
     version: Version,
     body: BodyLength,
@@ -346,7 +347,7 @@ fn parse_request(
     buf: &mut BytesMut,
     max_head: usize,
     spans: &mut Vec<(Span, Span)>,
-) -> Result<Option<RequestHead>, ProxyError> {
+) -> Result<Option<ParsedRequest>, ProxyError> {
     let mut storage =
         [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_REQUEST_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -440,7 +441,7 @@ fn parse_request(
         expect_continue && version == Version::HTTP_11 && body != BodyLength::Length(0);
     let head = RawRequest::new(head, method, target, std::mem::take(spans))
         .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
-    Ok(Some(RequestHead {
+    Ok(Some(ParsedRequest {
         head,
         version,
         body,
@@ -714,27 +715,7 @@ async fn write_response<I: AsyncWrite + Unpin>(
     let chunked = framing == Framing::Chunked;
     let mut sent: u64 = 0;
     loop {
-        // Take what the body has at hand; write what is gathered before waiting for more.
-        let frame = if wbuf.is_empty() {
-            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
-        } else {
-            match std::future::poll_fn(|cx| {
-                Poll::Ready(match Pin::new(&mut body).poll_frame(cx) {
-                    Poll::Ready(f) => Some(f),
-                    Poll::Pending => None,
-                })
-            })
-            .await
-            {
-                Some(f) => f,
-                None => {
-                    io.write_all(wbuf).await?;
-                    wbuf.clear();
-                    continue;
-                }
-            }
-        };
-        match frame {
+        match next_frame(&mut body, io, wbuf).await? {
             Some(Ok(frame)) => {
                 let Ok(data) = frame.into_data() else {
                     continue;
@@ -755,10 +736,7 @@ async fn write_response<I: AsyncWrite + Unpin>(
                 }
                 if data.len() >= COPY_BELOW {
                     // Large pieces go out as they are, after what is gathered.
-                    if !wbuf.is_empty() {
-                        io.write_all(wbuf).await?;
-                        wbuf.clear();
-                    }
+                    flush(io, wbuf).await?;
                     io.write_all(&data).await?;
                 } else {
                     wbuf.extend_from_slice(&data);
@@ -780,8 +758,7 @@ async fn write_response<I: AsyncWrite + Unpin>(
             }
         }
         if wbuf.len() >= WRITE_BATCH {
-            io.write_all(wbuf).await?;
-            wbuf.clear();
+            flush(io, wbuf).await?;
         }
     }
     if let Framing::Length(n) = framing
@@ -791,10 +768,7 @@ async fn write_response<I: AsyncWrite + Unpin>(
             "the response body is shorter than announced",
         ));
     }
-    if !wbuf.is_empty() {
-        io.write_all(wbuf).await?;
-        wbuf.clear();
-    }
+    flush(io, wbuf).await?;
     Ok(keep_alive && framing != Framing::Close)
 }
 

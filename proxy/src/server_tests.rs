@@ -17,7 +17,7 @@ use crate::error::ProxyError;
 use crate::head::RequestHead as _;
 use crate::tests::{DOMAIN, ID, Running, config, start};
 
-fn parse(raw: &[u8]) -> Result<Option<super::RequestHead>, ProxyError> {
+fn parse(raw: &[u8]) -> Result<Option<super::ParsedRequest>, ProxyError> {
     parse_request(&mut BytesMut::from(raw), 16 * 1024, &mut Vec::new())
 }
 

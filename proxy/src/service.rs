@@ -434,12 +434,7 @@ where
             }
         });
         // The upgraded connection is the copy task's now; the response body is empty.
-        return Ok(ProxyResponse {
-            status: resp.status,
-            fields: resp.fields,
-            has_date: resp.has_date,
-            body: Either::Left(GuardedBody::new(upstream.body, None)),
-        });
+        return Ok(forwarded(resp, GuardedBody::new(upstream.body, None)));
     }
 
     if let Some(token) = query_token
@@ -452,12 +447,20 @@ where
         resp.fields
             .extend_from_slice(b"; Path=/; HttpOnly; SameSite=Lax\r\n");
     }
-    Ok(ProxyResponse {
-        status: resp.status,
-        fields: resp.fields,
-        has_date: resp.has_date,
-        body: Either::Left(GuardedBody::new(upstream.body, Some(guard))),
-    })
+    Ok(forwarded(
+        resp,
+        GuardedBody::new(upstream.body, Some(guard)),
+    ))
+}
+
+/// The response the client gets for a backend's head and body.
+fn forwarded(head: h1::ResponseHead, body: GuardedBody) -> ProxyResponse {
+    ProxyResponse {
+        status: head.status,
+        fields: head.fields,
+        has_date: head.has_date,
+        body: Either::Left(body),
+    }
 }
 
 /// What the proxy adds to or removes from a request on its way to the backend.
