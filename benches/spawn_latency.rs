@@ -384,8 +384,8 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let docker = hangar_scheduler::drone::runtime::docker::engine_client(
-            hangar_scheduler::drone::runtime::docker::DEFAULT_DOCKER_HOST,
+        let docker = hangar_drone::runtime::docker::engine_client(
+            hangar_drone::runtime::docker::DEFAULT_DOCKER_HOST,
         )
         .await
         .expect("the docker engine is unreachable: start dockerd");

@@ -9,11 +9,11 @@ use std::time::Duration;
 use anyhow::Context;
 use hangar_core::activity::ActivityBatch;
 use hangar_core::token::TokenKey;
+use hangar_drone::agent::{Agent, AgentConfig};
+use hangar_drone::runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
 use hangar_proxy::{Proxy, ProxyConfig};
-use hangar_scheduler::drone::agent::{Agent, AgentConfig};
-use hangar_scheduler::drone::runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
-use hangar_scheduler::store::embedded::EmbeddedStore;
 use hangar_scheduler::{Scheduler, SchedulerConfig, SystemClock};
+use hangar_store::embedded::EmbeddedStore;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -378,8 +378,7 @@ async fn run_plane(args: DevArgs, serve: Option<ServeOptions>) -> anyhow::Result
     // Usage of the embedded drone's backends (CPU, memory): for metrics and the detector.
     if let Some(runtime) = embedded_runtime {
         let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-        let collector =
-            hangar_scheduler::drone::usage::UsageCollector::new(runtime, args.usage_interval);
+        let collector = hangar_drone::usage::UsageCollector::new(runtime, args.usage_interval);
         tasks.spawn(collector.run(tx, cancel.clone()));
         let scheduler = scheduler.clone();
         tasks.spawn(async move {

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hangar_core::drone::Capacity;
-use hangar_scheduler::drone::agent::AgentConfig;
-use hangar_scheduler::drone::runtime::Runtime;
-use hangar_scheduler::drone::runtime::docker::{DockerNetwork, DockerRuntime, DockerRuntimeConfig};
-use hangar_scheduler::drone::runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
-use hangar_scheduler::drone::session::{DroneSession, DroneSessionConfig, new_run_id};
+use hangar_drone::agent::AgentConfig;
+use hangar_drone::runtime::Runtime;
+use hangar_drone::runtime::docker::{DockerNetwork, DockerRuntime, DockerRuntimeConfig};
+use hangar_drone::runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
+use hangar_drone::session::{DroneSession, DroneSessionConfig, new_run_id};
 use tokio_util::sync::CancellationToken;
 
 use crate::ConfigError;

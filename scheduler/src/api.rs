@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::ApiError;
 use crate::records::{BackendRecord, backend_key};
 use crate::scheduler::{Inner, Scheduler};
-use crate::store::WatchEvent;
+use hangar_store::WatchEvent;
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;

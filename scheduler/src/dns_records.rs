@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::ApiJson;
 use crate::error::ApiError;
 use crate::scheduler::{Inner, Scheduler};
-use crate::store::{Expect, Revision, Store};
+use hangar_store::{Expect, Revision, Store};
 
 /// Prefix of every ACME challenge record.
 pub const ACME_PREFIX: &str = "/hangar/dns/acme/";
@@ -145,8 +145,8 @@ pub async fn set_challenge(
         .compare_and_swap(&key, Expect::Absent, bytes, None)
         .await?
     {
-        crate::store::CasOutcome::Written(_) => Ok((rec, true)),
-        crate::store::CasOutcome::Conflict(existing) => {
+        hangar_store::CasOutcome::Written(_) => Ok((rec, true)),
+        hangar_store::CasOutcome::Conflict(existing) => {
             let existing = existing
                 .and_then(|kv| serde_json::from_slice(&kv.value).ok())
                 .unwrap_or(rec);
@@ -276,7 +276,7 @@ impl AcmeFeed {
     /// Lists, publishes, then watches and publishes after each batch until `cancel` fires;
     /// lists again whenever the watch breaks or the store fails.
     pub async fn run(self, cancel: CancellationToken) {
-        crate::store::mirror::mirror_prefix(
+        hangar_store::mirror::mirror_prefix(
             self.store.as_ref(),
             ACME_PREFIX,
             cancel,
@@ -289,7 +289,7 @@ impl AcmeFeed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::embedded::EmbeddedStore;
+    use hangar_store::embedded::EmbeddedStore;
     use std::time::Duration;
 
     const D: &str = "hangar.localhost";

@@ -23,7 +23,7 @@ use crate::error::ApiError;
 use crate::records::list_backends;
 use crate::records::{DroneRecord, drone_key};
 use crate::scheduler::Inner;
-use crate::store::LeaseId;
+use hangar_store::LeaseId;
 
 /// Commands buffered per drone before a send waits.
 const DRONE_CHANNEL: usize = 1024;
@@ -330,7 +330,7 @@ pub(crate) async fn serve_session(inner: Arc<Inner>, mut socket: WebSocket) {
 /// (for example while the scheduler was down).
 pub(crate) async fn watch_drones(inner: Arc<Inner>, cancel: tokio_util::sync::CancellationToken) {
     use crate::records::DRONES_PREFIX;
-    use crate::store::WatchEvent;
+    use hangar_store::WatchEvent;
     loop {
         let from = match inner.store.revision().await {
             Ok(r) => r + 1,
@@ -422,9 +422,9 @@ mod tests {
         use hangar_core::{BackendState, KeyRef, TerminationReason};
         use tokio_util::sync::CancellationToken;
 
-        use crate::store::Store;
-        use crate::store::embedded::EmbeddedStore;
         use crate::{ManualClock, Scheduler, SchedulerConfig};
+        use hangar_store::Store;
+        use hangar_store::embedded::EmbeddedStore;
 
         fn hello(run: &str) -> Hello {
             Hello {

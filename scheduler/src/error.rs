@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use hangar_core::api::ErrorBody;
 use http::StatusCode;
 
-use crate::store::StoreError;
+use hangar_store::StoreError;
 
 /// Everything the API can answer with besides success.
 #[derive(Debug, thiserror::Error)]

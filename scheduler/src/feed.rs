@@ -128,7 +128,7 @@ pub(crate) async fn record_deltas(inner: Arc<Inner>, cancel: CancellationToken) 
 
 /// Follows revocation records and publishes the set.
 pub(crate) async fn follow_revocations(inner: Arc<Inner>, cancel: CancellationToken) {
-    crate::store::mirror::mirror_prefix::<Revocation>(
+    hangar_store::mirror::mirror_prefix::<Revocation>(
         inner.store.as_ref(),
         REVOCATIONS_PREFIX,
         cancel,

@@ -11,7 +11,6 @@ pub mod api;
 pub mod clock;
 pub mod config;
 pub mod dns_records;
-pub mod drone;
 mod drone_api;
 pub mod drone_session;
 pub mod drones;
@@ -26,7 +25,6 @@ pub mod reconciler;
 pub mod records;
 mod route_feed;
 mod scheduler;
-pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{SchedulerConfig, SpawnDefaults};

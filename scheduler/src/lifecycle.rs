@@ -14,7 +14,7 @@ use hangar_core::{BackendId, BackendState, KeyRef, TerminationReason};
 use crate::error::ApiError;
 use crate::records::{BackendRecord, KeyRecord, ResolvedSpawn, backend_key, key_key};
 use crate::scheduler::Inner;
-use crate::store::{CasOutcome, Expect, KeyValue};
+use hangar_store::{CasOutcome, Expect, KeyValue};
 
 /// Longest a connect waits for the route table to include its new backend.
 const ROUTE_WAIT: Duration = Duration::from_secs(2);

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::hot::HotConfig;
-use crate::store::embedded::EmbeddedStore;
 use crate::{Clock, ManualClock, Scheduler, SchedulerConfig};
+use hangar_store::embedded::EmbeddedStore;
 
 /// A recorded metric: name, labels, value.
 type Sample = (String, Vec<(String, String)>, DebugValue);

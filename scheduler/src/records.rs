@@ -158,16 +158,16 @@ pub struct DrainRecord {
 #[derive(Clone, Debug)]
 pub struct Stored<T> {
     pub key: String,
-    pub mod_revision: crate::store::Revision,
+    pub mod_revision: hangar_store::Revision,
     pub record: T,
 }
 
 /// Every record under `prefix` that decodes as `T`, in key order; unreadable ones are logged
 /// and skipped.
 pub async fn list_records<T: serde::de::DeserializeOwned>(
-    store: &dyn crate::store::Store,
+    store: &dyn hangar_store::Store,
     prefix: &str,
-) -> crate::store::StoreResult<Vec<Stored<T>>> {
+) -> hangar_store::StoreResult<Vec<Stored<T>>> {
     let listing = store.list(prefix).await?;
     Ok(listing
         .kvs
@@ -188,15 +188,15 @@ pub async fn list_records<T: serde::de::DeserializeOwned>(
 
 /// Every backend record.
 pub async fn list_backends(
-    store: &dyn crate::store::Store,
-) -> crate::store::StoreResult<Vec<Stored<BackendRecord>>> {
+    store: &dyn hangar_store::Store,
+) -> hangar_store::StoreResult<Vec<Stored<BackendRecord>>> {
     list_records(store, BACKENDS_PREFIX).await
 }
 
 /// Drone records (present while their lease lives), by name.
 pub async fn list_drones(
-    store: &dyn crate::store::Store,
-) -> crate::store::StoreResult<std::collections::BTreeMap<String, DroneRecord>> {
+    store: &dyn hangar_store::Store,
+) -> hangar_store::StoreResult<std::collections::BTreeMap<String, DroneRecord>> {
     Ok(list_records::<DroneRecord>(store, DRONES_PREFIX)
         .await?
         .into_iter()
@@ -206,8 +206,8 @@ pub async fn list_drones(
 
 /// Drains in progress, by drone name.
 pub async fn list_drains(
-    store: &dyn crate::store::Store,
-) -> crate::store::StoreResult<std::collections::BTreeMap<String, DrainRecord>> {
+    store: &dyn hangar_store::Store,
+) -> hangar_store::StoreResult<std::collections::BTreeMap<String, DrainRecord>> {
     Ok(list_records::<DrainRecord>(store, DRAINS_PREFIX)
         .await?
         .into_iter()

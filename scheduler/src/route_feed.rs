@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::records::{BACKENDS_PREFIX, BackendRecord};
 use crate::scheduler::Inner;
-use crate::store::{Revision, StoreResult, WatchEvent};
+use hangar_store::{Revision, StoreResult, WatchEvent};
 
 /// How long to wait before re-listing after the store failed.
 const RETRY: Duration = Duration::from_millis(500);

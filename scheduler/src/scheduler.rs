@@ -18,7 +18,7 @@ use crate::clock::Clock;
 use crate::config::SchedulerConfig;
 use crate::drones::DroneRegistry;
 use crate::error::ApiError;
-use crate::store::Store;
+use hangar_store::Store;
 
 /// Commands buffered per drone before a send waits.
 const DRONE_CHANNEL: usize = 1024;
@@ -106,7 +106,7 @@ impl Scheduler {
 
     /// Starts the route feed and the reconciler. They stop when `cancel` fires; await
     /// [`Scheduler::wait`] afterwards.
-    pub async fn start(&self, cancel: CancellationToken) -> Result<(), crate::store::StoreError> {
+    pub async fn start(&self, cancel: CancellationToken) -> Result<(), hangar_store::StoreError> {
         let inner = self.inner.clone();
         // Publish the first table before returning, so a proxy wired afterwards starts with
         // every known route (and restarts never serve an empty table).

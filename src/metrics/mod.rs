@@ -106,7 +106,7 @@ pub fn install(grace: Duration) -> anyhow::Result<Exporter> {
         .map_err(|_| anyhow::anyhow!("a metrics recorder is already installed"))?;
     hangar_proxy::metrics::describe();
     hangar_scheduler::metrics::describe();
-    hangar_scheduler::drone::session::describe();
+    hangar_drone::session::describe();
     hangar_dns::metrics::describe();
     Ok(exporter)
 }

@@ -154,7 +154,7 @@ fn exposition_names_and_labels_follow_the_conventions() {
     metrics::with_local_recorder(&recorder, || {
         hangar_proxy::metrics::describe();
         hangar_scheduler::metrics::describe();
-        hangar_scheduler::drone::session::describe();
+        hangar_drone::session::describe();
         hangar_dns::metrics::describe();
         let mut g = tracker.begin_route(&r);
         g.set_status(200);

@@ -1,5 +1,5 @@
-//! The state store: an etcd-shaped key-value API that every piece of scheduler logic is
-//! written against.
+//! hangar-store: the state store, an etcd-shaped key-value API that every piece of scheduler
+//! logic is written against.
 //!
 //! Keys are strings ordered bytewise; values are bytes. Every write bumps a store-wide
 //! revision; each key carries the revision of its creation and of its last modification, and
@@ -8,13 +8,16 @@
 //! under a prefix, in revision order, starting from a given revision.
 //!
 //! Implementations: [`embedded::EmbeddedStore`] (redb file, the default). An etcd-backed
-//! implementation comes with multi-instance `serve`. Both must pass [`conformance`].
+//! implementation comes with multi-instance `serve`. Both must pass the conformance suite
+//! (`conformance`, behind the `conformance` feature so other implementations and tests reuse
+//! it).
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod embedded;
 pub mod mirror;

@@ -9,8 +9,8 @@ use tempfile::TempDir;
 use tokio::time::Instant;
 
 use super::{EmbeddedOptions, EmbeddedStore, LeaseClock, TokioClock, decode, encode};
-use crate::store::conformance::{assert_no_event, next_event};
-use crate::store::{CasOutcome, Expect, KeyValue, Store, StoreError, WatchEvent};
+use crate::conformance::{assert_no_event, next_event};
+use crate::{CasOutcome, Expect, KeyValue, Store, StoreError, WatchEvent};
 
 async fn fresh() -> (Arc<dyn Store>, TempDir) {
     let dir = tempfile::tempdir().unwrap();

@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::*;
-use crate::drone::agent::{Agent, AgentConfig};
+use crate::agent::{Agent, AgentConfig};
 
 const DEMO_IMAGE: &str = "hangar-demo:dev";
 

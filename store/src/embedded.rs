@@ -29,7 +29,7 @@ use redb::{
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
-use super::{
+use crate::{
     CasOutcome, Expect, KeyValue, LeaseId, Listing, Revision, Store, StoreError, StoreResult,
     WatchEvent, WatchStream,
 };
@@ -983,5 +983,5 @@ async fn sweep(shared: Weak<Shared>, wake: Arc<Notify>) {
 }
 
 #[cfg(test)]
-#[path = "tests.rs"]
+#[path = "embedded_tests.rs"]
 mod tests;

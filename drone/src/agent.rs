@@ -465,7 +465,7 @@ mod tests {
     use http_body_util::BodyExt;
 
     use super::*;
-    use crate::drone::runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
+    use crate::runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
 
     /// Generous bound on any single wait, so that a broken test fails rather than hangs.
     const WAIT: Duration = Duration::from_secs(15);

@@ -23,7 +23,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{CasOutcome, Expect, KeyValue, Revision, Store, StoreError, WatchEvent, WatchStream};
+use crate::{CasOutcome, Expect, KeyValue, Revision, Store, StoreError, WatchEvent, WatchStream};
 
 /// How long a check waits for an expected watch event before failing. A bound on a hang, not
 /// a sleep: events normally arrive immediately.
@@ -674,7 +674,7 @@ pub async fn concurrent_cas_single_winner(store: Arc<dyn Store>) {
 /// kept alive until the test ends).
 ///
 /// `store_conformance_tests!(factory)` runs
-/// [`lease_expiry`](crate::store::conformance::lease_expiry) on a paused tokio clock;
+/// [`lease_expiry`](crate::conformance::lease_expiry) on a paused tokio clock;
 /// `store_conformance_tests!(factory, real_time)` runs it with real sleeps (slower; for
 /// backends behind a network client).
 #[macro_export]
@@ -697,7 +697,7 @@ macro_rules! store_conformance_tests {
         #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn conformance_concurrent_cas_single_winner() {
             let (store, _guard) = ($factory)().await;
-            $crate::store::conformance::concurrent_cas_single_winner(store).await;
+            $crate::conformance::concurrent_cas_single_winner(store).await;
         }
     };
     (@each $factory:expr; $($name:ident => $check:ident,)*) => {
@@ -709,7 +709,7 @@ macro_rules! store_conformance_tests {
         #[::tokio::test]
         async fn $name() {
             let (store, _guard) = ($factory)().await;
-            $crate::store::conformance::$check(store).await;
+            $crate::conformance::$check(store).await;
         }
     };
     ($factory:expr) => {
@@ -718,7 +718,7 @@ macro_rules! store_conformance_tests {
         #[::tokio::test(start_paused = true)]
         async fn conformance_lease_expiry() {
             let (store, _guard) = ($factory)().await;
-            $crate::store::conformance::lease_expiry(
+            $crate::conformance::lease_expiry(
                 store,
                 ::std::time::Duration::from_secs(10),
                 ::tokio::time::advance,
@@ -732,7 +732,7 @@ macro_rules! store_conformance_tests {
         #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn conformance_lease_expiry() {
             let (store, _guard) = ($factory)().await;
-            $crate::store::conformance::lease_expiry(
+            $crate::conformance::lease_expiry(
                 store,
                 ::std::time::Duration::from_secs(5),
                 ::tokio::time::sleep,

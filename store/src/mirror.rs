@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
-use super::{Revision, Store, WatchEvent};
+use crate::{Revision, Store, WatchEvent};
 
 /// How long to wait before listing again after the store failed.
 const RETRY: Duration = Duration::from_millis(500);
