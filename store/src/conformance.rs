@@ -23,7 +23,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{CasOutcome, Expect, KeyValue, Revision, Store, StoreError, WatchEvent, WatchStream};
+use crate::{
+    CasOutcome, Compare, Expect, KeyValue, MAX_TXN_OPS, Revision, Store, StoreError, TxnOp,
+    TxnOutcome, WatchEvent, WatchStream,
+};
 
 /// How long a check waits for an expected watch event before failing. A bound on a hang, not
 /// a sleep: events normally arrive immediately.
@@ -669,6 +672,482 @@ pub async fn concurrent_cas_single_winner(store: Arc<dyn Store>) {
     }
 }
 
+fn expect_committed(outcome: TxnOutcome) -> Revision {
+    match outcome {
+        TxnOutcome::Committed(revision) => revision,
+        other => panic!("expected the transaction to commit, got {other:?}"),
+    }
+}
+
+/// A transaction whose compares hold applies all its operations at one revision: the
+/// revision goes up once, every key written carries it, and watchers see the events in
+/// operation order, all at that revision, live and replayed.
+pub async fn txn_commits_all_at_one_revision(store: Arc<dyn Store>) {
+    let prefix = "conf/txn_commit/";
+    let (a, b, c) = (
+        "conf/txn_commit/a",
+        "conf/txn_commit/b",
+        "conf/txn_commit/c",
+    );
+    let missing = "conf/txn_commit/missing";
+    let ra = store.put(a, b"a1".to_vec(), None).await.unwrap();
+    let rc = store.put(c, b"c1".to_vec(), None).await.unwrap();
+    let c_before = store.get(c).await.unwrap().expect("just written");
+    let mut stream = store.watch(prefix, 0).await.unwrap();
+    let before = store.revision().await.unwrap();
+
+    let outcome = store
+        .txn(
+            vec![
+                Compare::mod_revision(a, ra),
+                Compare::absent(b),
+                Compare::create_revision(c, rc),
+            ],
+            vec![
+                TxnOp::put(b, b"b1".to_vec(), None),
+                TxnOp::put(a, b"a2".to_vec(), None),
+                TxnOp::delete(c),
+                // A delete of a missing key is no error and no event.
+                TxnOp::delete(missing),
+            ],
+        )
+        .await
+        .unwrap();
+    let r = expect_committed(outcome);
+    assert_eq!(r, before + 1, "a transaction bumps the revision once");
+    assert_eq!(store.revision().await.unwrap(), r);
+
+    let kv_a = store.get(a).await.unwrap().expect("written by the txn");
+    assert_eq!(
+        kv_a,
+        KeyValue {
+            key: a.to_owned(),
+            value: b"a2".to_vec(),
+            create_revision: ra,
+            mod_revision: r,
+            version: 2,
+            lease: None,
+        }
+    );
+    let kv_b = store.get(b).await.unwrap().expect("created by the txn");
+    assert_eq!(
+        kv_b,
+        KeyValue {
+            key: b.to_owned(),
+            value: b"b1".to_vec(),
+            create_revision: r,
+            mod_revision: r,
+            version: 1,
+            lease: None,
+        }
+    );
+    assert_eq!(store.get(c).await.unwrap(), None);
+    assert_eq!(store.get(missing).await.unwrap(), None);
+    let listing = store.list(prefix).await.unwrap();
+    assert_eq!(listing.kvs, [kv_a.clone(), kv_b.clone()]);
+    assert_eq!(listing.revision, r);
+
+    // Live: in operation order, all at the transaction's revision.
+    let check = |events: [WatchEvent; 3]| {
+        let [first, second, third] = events;
+        assert_eq!(expect_put(first), kv_b);
+        assert_eq!(expect_put(second), kv_a);
+        let (key, revision, prev) = expect_delete(third);
+        assert_eq!((key.as_str(), revision), (c, r));
+        assert_eq!(prev, Some(c_before.clone()));
+    };
+    check([
+        next_event(&mut stream).await,
+        next_event(&mut stream).await,
+        next_event(&mut stream).await,
+    ]);
+    assert_no_event(&mut stream);
+
+    // Replayed from the transaction's revision: all of it, not part.
+    let mut replay = store.watch(prefix, r).await.unwrap();
+    check([
+        next_event(&mut replay).await,
+        next_event(&mut replay).await,
+        next_event(&mut replay).await,
+    ]);
+    assert_no_event(&mut replay);
+
+    // A transaction that changes nothing commits at the current revision without moving it.
+    let empty = store
+        .txn(vec![Compare::exists(a)], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(empty, TxnOutcome::Committed(r));
+    let no_op = store
+        .txn(Vec::new(), vec![TxnOp::delete(missing)])
+        .await
+        .unwrap();
+    assert_eq!(no_op, TxnOutcome::Committed(r));
+    assert_eq!(store.revision().await.unwrap(), r);
+    assert_no_event(&mut stream);
+}
+
+/// One compare that does not hold (here the second of three) makes the whole transaction
+/// fail: nothing is written, the revision does not move, no event is sent, and the outcome
+/// names the failing compare with its key's current value.
+pub async fn txn_is_all_or_nothing(store: Arc<dyn Store>) {
+    let prefix = "conf/txn_fail/";
+    let (a, b, new) = ("conf/txn_fail/a", "conf/txn_fail/b", "conf/txn_fail/new");
+    let ra = store.put(a, b"a1".to_vec(), None).await.unwrap();
+    store.put(b, b"b1".to_vec(), None).await.unwrap();
+    store.put(b, b"b2".to_vec(), None).await.unwrap();
+    let kv_a = store.get(a).await.unwrap().expect("just written");
+    let kv_b = store.get(b).await.unwrap().expect("just written");
+    let mut stream = store.watch(prefix, 0).await.unwrap();
+    let before = store.revision().await.unwrap();
+    let ops = || {
+        vec![
+            TxnOp::put(a, b"a2".to_vec(), None),
+            TxnOp::put(new, b"n".to_vec(), None),
+            TxnOp::delete(b),
+        ]
+    };
+
+    // `b` was written since `ra`: the second compare fails, the third is never reached.
+    let outcome = store
+        .txn(
+            vec![
+                Compare::mod_revision(a, ra),
+                Compare::mod_revision(b, ra),
+                Compare::absent(new),
+            ],
+            ops(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        TxnOutcome::Failed {
+            compare: 1,
+            current: Some(kv_b.clone()),
+        }
+    );
+
+    // A compare on a missing key reports no current value.
+    let outcome = store
+        .txn(
+            vec![Compare::absent(new), Compare::exists("conf/txn_fail/none")],
+            ops(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        TxnOutcome::Failed {
+            compare: 1,
+            current: None,
+        }
+    );
+
+    // As for compare-and-swap, a failed compare wins over a bad lease: the writes are never
+    // looked at.
+    let outcome = store
+        .txn(
+            vec![Compare::absent(a)],
+            vec![TxnOp::put(new, b"n".to_vec(), Some(0xdead_beef))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        TxnOutcome::Failed {
+            compare: 0,
+            current: Some(kv_a.clone()),
+        }
+    );
+
+    assert_eq!(store.revision().await.unwrap(), before);
+    assert_eq!(store.get(a).await.unwrap(), Some(kv_a.clone()));
+    assert_eq!(store.get(b).await.unwrap(), Some(kv_b.clone()));
+    assert_eq!(store.get(new).await.unwrap(), None);
+    assert_no_event(&mut stream);
+
+    // The same operations go through once the compares hold.
+    let r = expect_committed(
+        store
+            .txn(
+                vec![
+                    Compare::mod_revision(a, ra),
+                    Compare::mod_revision(b, kv_b.mod_revision),
+                    Compare::absent(new),
+                ],
+                ops(),
+            )
+            .await
+            .unwrap(),
+    );
+    assert!(r > before);
+    assert_eq!(store.get(b).await.unwrap(), None);
+    let keys: Vec<String> = store
+        .list(prefix)
+        .await
+        .unwrap()
+        .kvs
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
+    assert_eq!(keys, [a, new]);
+}
+
+/// Every kind of compare, holding and not, on an existing and a missing key; and
+/// compare-and-swap with the same conditions.
+pub async fn txn_compare_kinds(store: Arc<dyn Store>) {
+    let key = "conf/txn_kinds/k";
+    let missing = "conf/txn_kinds/missing";
+    let marker = "conf/txn_kinds/marker";
+    let created = store.put(key, b"1".to_vec(), None).await.unwrap();
+    let modified = store.put(key, b"2".to_vec(), None).await.unwrap();
+    let current = store.get(key).await.unwrap().expect("just written");
+
+    let cases = [
+        (key, Expect::Absent, false),
+        (missing, Expect::Absent, true),
+        (key, Expect::Exists, true),
+        (missing, Expect::Exists, false),
+        (key, Expect::ModRevision(modified), true),
+        (key, Expect::ModRevision(created), false),
+        (missing, Expect::ModRevision(modified), false),
+        (key, Expect::CreateRevision(created), true),
+        (key, Expect::CreateRevision(modified), false),
+        (missing, Expect::CreateRevision(created), false),
+        // Revisions of an existing key are never 0.
+        (key, Expect::ModRevision(0), false),
+        (missing, Expect::ModRevision(0), false),
+        (missing, Expect::CreateRevision(0), false),
+    ];
+    for (index, (compared, expect, holds)) in cases.into_iter().enumerate() {
+        let value = index.to_string().into_bytes();
+        let outcome = store
+            .txn(
+                vec![Compare::new(compared, expect)],
+                vec![TxnOp::put(marker, value.clone(), None)],
+            )
+            .await
+            .unwrap();
+        let seen = store.get(compared).await.unwrap();
+        if holds {
+            let r = expect_committed(outcome);
+            let written = store.get(marker).await.unwrap().expect("txn committed");
+            assert_eq!(
+                (written.value, written.mod_revision),
+                (value, r),
+                "{compared} {expect:?}"
+            );
+        } else {
+            assert_eq!(
+                outcome,
+                TxnOutcome::Failed {
+                    compare: 0,
+                    current: seen.clone(),
+                },
+                "{compared} {expect:?}"
+            );
+            assert_ne!(
+                store.get(marker).await.unwrap().map(|kv| kv.value),
+                Some(value),
+                "{compared} {expect:?} wrote"
+            );
+        }
+        assert_eq!(
+            seen.as_ref(),
+            (compared == key).then_some(&current),
+            "compares write nothing"
+        );
+    }
+
+    // Compare-and-swap takes the same conditions.
+    assert_eq!(
+        store
+            .compare_and_swap(missing, Expect::Exists, b"x".to_vec(), None)
+            .await
+            .unwrap(),
+        CasOutcome::Conflict(None)
+    );
+    assert_eq!(
+        store
+            .compare_and_swap(key, Expect::CreateRevision(modified), b"x".to_vec(), None)
+            .await
+            .unwrap(),
+        CasOutcome::Conflict(Some(current.clone()))
+    );
+    let CasOutcome::Written(r3) = store
+        .compare_and_swap(key, Expect::CreateRevision(created), b"3".to_vec(), None)
+        .await
+        .unwrap()
+    else {
+        panic!("CAS on the creation revision must write");
+    };
+    let CasOutcome::Written(r4) = store
+        .compare_and_swap(key, Expect::Exists, b"4".to_vec(), None)
+        .await
+        .unwrap()
+    else {
+        panic!("CAS(Exists) on an existing key must write");
+    };
+    assert!(r4 > r3);
+
+    // The fencing case: after a delete and a re-creation the old creation revision no longer
+    // matches, though the key exists again.
+    assert!(store.delete(key).await.unwrap());
+    let recreated = store.put(key, b"new life".to_vec(), None).await.unwrap();
+    let outcome = store
+        .txn(
+            vec![Compare::create_revision(key, created)],
+            vec![TxnOp::put(marker, b"fenced".to_vec(), None)],
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcome, TxnOutcome::Failed { compare: 0, current: Some(kv) } if kv.create_revision == recreated),
+        "{outcome:?}"
+    );
+    expect_committed(
+        store
+            .txn(
+                vec![Compare::create_revision(key, recreated)],
+                vec![TxnOp::put(marker, b"leader".to_vec(), None)],
+            )
+            .await
+            .unwrap(),
+    );
+}
+
+/// Requests no implementation accepts fail before anything is written, whatever the
+/// compares say: too many compares or operations, a key written twice, a lease that does not
+/// exist.
+pub async fn txn_rejects_bad_requests(store: Arc<dyn Store>) {
+    let prefix = "conf/txn_bad/";
+    let key = |i: usize| format!("conf/txn_bad/{i:03}");
+    let mut stream = store.watch(prefix, 0).await.unwrap();
+    let before = store.revision().await.unwrap();
+
+    let puts = |n: usize| -> Vec<TxnOp> {
+        (0..n)
+            .map(|i| TxnOp::put(key(i), b"v".to_vec(), None))
+            .collect()
+    };
+    match store.txn(Vec::new(), puts(MAX_TXN_OPS + 1)).await {
+        Err(StoreError::TxnTooLarge { ops, .. }) => assert_eq!(ops, MAX_TXN_OPS + 1),
+        other => panic!("expected TxnTooLarge, got {other:?}"),
+    }
+    let compares: Vec<Compare> = (0..=MAX_TXN_OPS).map(|i| Compare::absent(key(i))).collect();
+    match store.txn(compares, puts(1)).await {
+        Err(StoreError::TxnTooLarge { compares, .. }) => assert_eq!(compares, MAX_TXN_OPS + 1),
+        other => panic!("expected TxnTooLarge, got {other:?}"),
+    }
+
+    let a = "conf/txn_bad/a";
+    for ops in [
+        vec![
+            TxnOp::put(a, b"1".to_vec(), None),
+            TxnOp::put(key(1), b"v".to_vec(), None),
+            TxnOp::put(a, b"2".to_vec(), None),
+        ],
+        vec![TxnOp::put(a, b"1".to_vec(), None), TxnOp::delete(a)],
+        vec![TxnOp::delete(a), TxnOp::delete(a)],
+    ] {
+        match store.txn(vec![Compare::absent(a)], ops).await {
+            Err(StoreError::TxnDuplicateKey { key }) => assert_eq!(key, a),
+            other => panic!("expected TxnDuplicateKey, got {other:?}"),
+        }
+    }
+
+    // The lease of the second put does not exist: the first put is not written either.
+    let bogus = 0xdead_beef;
+    match store
+        .txn(
+            vec![Compare::absent(a)],
+            vec![
+                TxnOp::put(a, b"1".to_vec(), None),
+                TxnOp::put(key(1), b"v".to_vec(), Some(bogus)),
+            ],
+        )
+        .await
+    {
+        Err(StoreError::LeaseNotFound(id)) => assert_eq!(id, bogus),
+        other => panic!("expected LeaseNotFound, got {other:?}"),
+    }
+
+    assert_eq!(store.revision().await.unwrap(), before);
+    assert!(store.list(prefix).await.unwrap().kvs.is_empty());
+    assert_no_event(&mut stream);
+
+    // Exactly the limit is fine.
+    let r = expect_committed(store.txn(Vec::new(), puts(MAX_TXN_OPS)).await.unwrap());
+    let listing = store.list(prefix).await.unwrap();
+    assert_eq!(listing.kvs.len(), MAX_TXN_OPS);
+    assert!(listing.kvs.iter().all(|kv| kv.mod_revision == r));
+}
+
+/// Keys put by a transaction with a lease belong to it like any other: revoking the lease
+/// deletes them, and a transaction's put without the lease detaches a key from it.
+pub async fn txn_put_with_lease(store: Arc<dyn Store>) {
+    let prefix = "conf/txn_lease/";
+    let (a, b, plain, detached) = (
+        "conf/txn_lease/a",
+        "conf/txn_lease/b",
+        "conf/txn_lease/plain",
+        "conf/txn_lease/detached",
+    );
+    let lease = store.lease_grant(Duration::from_secs(60)).await.unwrap();
+    store
+        .put(detached, b"d".to_vec(), Some(lease))
+        .await
+        .unwrap();
+
+    let r = expect_committed(
+        store
+            .txn(
+                vec![Compare::absent(a), Compare::absent(b)],
+                vec![
+                    TxnOp::put(a, b"a".to_vec(), Some(lease)),
+                    TxnOp::put(b, b"b".to_vec(), Some(lease)),
+                    TxnOp::put(plain, b"p".to_vec(), None),
+                    TxnOp::put(detached, b"d2".to_vec(), None),
+                ],
+            )
+            .await
+            .unwrap(),
+    );
+    for (key, expected) in [
+        (a, Some(lease)),
+        (b, Some(lease)),
+        (plain, None),
+        (detached, None),
+    ] {
+        let kv = store.get(key).await.unwrap().expect("written by the txn");
+        assert_eq!((kv.lease, kv.mod_revision), (expected, r), "{key}");
+    }
+
+    let mut stream = store.watch(prefix, 0).await.unwrap();
+    store.lease_revoke(lease).await.unwrap();
+    let mut deleted = Vec::new();
+    for _ in 0..2 {
+        let (key, revision, prev) = expect_delete(next_event(&mut stream).await);
+        assert!(revision > r);
+        assert_eq!(prev.and_then(|p| p.lease), Some(lease));
+        deleted.push(key);
+    }
+    deleted.sort();
+    assert_eq!(deleted, [a, b]);
+    assert_no_event(&mut stream);
+
+    let keys: Vec<String> = store
+        .list(prefix)
+        .await
+        .unwrap()
+        .kvs
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
+    assert_eq!(keys, [detached, plain]);
+}
+
 /// Expands to one `#[tokio::test]` per conformance check, each on a fresh store from
 /// `$factory` (`async fn() -> (Arc<dyn Store>, impl Sized)`, the second element being a guard
 /// kept alive until the test ends).
@@ -692,6 +1171,11 @@ macro_rules! store_conformance_tests {
             conformance_watch_from_zero_is_live => watch_from_zero_is_live,
             conformance_watch_multiple_watchers => watch_multiple_watchers,
             conformance_lease_keep_alive_and_revoke => lease_keep_alive_and_revoke,
+            conformance_txn_commits_all_at_one_revision => txn_commits_all_at_one_revision,
+            conformance_txn_is_all_or_nothing => txn_is_all_or_nothing,
+            conformance_txn_compare_kinds => txn_compare_kinds,
+            conformance_txn_rejects_bad_requests => txn_rejects_bad_requests,
+            conformance_txn_put_with_lease => txn_put_with_lease,
         );
 
         #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]

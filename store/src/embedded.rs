@@ -2,9 +2,16 @@
 //!
 //! Durable state (keys with their metadata, the store revision, leases with their TTL, the
 //! lease id counter) lives in redb and every mutation is one write transaction that also
-//! bumps the revision, so a crash can never separate a write from its revision. What does not
-//! need to survive a restart lives in memory: lease deadlines (a restarted store gives every
-//! lease a fresh full TTL, as etcd does), the ring of recent watch events, and the watchers.
+//! bumps the revision, so a crash can never separate a write from its revision. A
+//! [`Store::txn`] is one redb write transaction too, its writes all at one revision. What does
+//! not need to survive a restart lives in memory: lease deadlines (a restarted store gives
+//! every lease a fresh full TTL, as etcd does), the ring of recent watch events, and the
+//! watchers.
+//!
+//! One revision may carry several events (a transaction's). The history ring only ever holds
+//! whole revisions, so a watch from a revision gets all of its events or fails as compacted,
+//! and a watcher is handed all of a commit's events or, if they do not fit its buffer, none
+//! (its stream closes).
 //!
 //! Locking: `writer` serialises write transactions together with the in-memory bookkeeping
 //! that must follow their commit in revision order. It spans an fsync, so it is only ever
@@ -30,8 +37,8 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
 use crate::{
-    CasOutcome, Expect, KeyValue, LeaseId, Listing, Revision, Store, StoreError, StoreResult,
-    WatchEvent, WatchStream,
+    CasOutcome, Compare, Expect, KeyValue, LeaseId, Listing, Revision, Store, StoreError,
+    StoreResult, TxnOp, TxnOutcome, WatchEvent, WatchStream, validate_txn,
 };
 
 /// Key → encoded record (see [`encode`]).
@@ -261,18 +268,52 @@ impl Store for EmbeddedStore {
         let key = key.to_owned();
         self.write(move |shared, txn| {
             let current = txn.get(&key)?;
-            let holds = match (expect, &current) {
-                (Expect::Absent, None) => true,
-                (Expect::ModRevision(revision), Some(kv)) => kv.mod_revision == revision,
-                _ => false,
-            };
             // As in an etcd transaction, a failed comparison never evaluates the write, so a
             // conflict wins over a bad lease.
-            if !holds {
+            if !expect.holds(current.as_ref()) {
                 return Ok(CasOutcome::Conflict(current));
             }
             shared.check_lease(lease)?;
             Ok(CasOutcome::Written(txn.put(&key, value, lease)?))
+        })
+        .await
+    }
+
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> StoreResult<TxnOutcome> {
+        validate_txn(&compares, &ops)?;
+        self.write(move |shared, txn| {
+            // Due leases were expired just before this transaction began, so the compares see
+            // their keys as gone.
+            for (index, compare) in compares.iter().enumerate() {
+                let current = txn.get(&compare.key)?;
+                if !compare.expect.holds(current.as_ref()) {
+                    return Ok(TxnOutcome::Failed {
+                        compare: index,
+                        current,
+                    });
+                }
+            }
+            // Every lease before the first write. A failure later would still write nothing
+            // (the redb transaction is dropped uncommitted), but checking first keeps that
+            // from depending on it.
+            for op in &ops {
+                if let TxnOp::Put { lease, .. } = op {
+                    shared.check_lease(*lease)?;
+                }
+            }
+            txn.one_revision();
+            for op in ops {
+                match op {
+                    TxnOp::Put { key, value, lease } => {
+                        txn.put(&key, value, lease)?;
+                    }
+                    TxnOp::Delete { key } => {
+                        txn.delete(&key)?;
+                    }
+                }
+            }
+            // The revision of the writes, or the current one if nothing changed.
+            Ok(TxnOutcome::Committed(txn.revision))
         })
         .await
     }
@@ -638,10 +679,7 @@ impl Shared {
             }
         }
         state.revision = committed.revision;
-        let capacity = self.options.history_capacity;
-        for event in committed.events {
-            state.publish(event, capacity);
-        }
+        state.publish(committed.events, self.options.history_capacity);
         Ok(())
     }
 
@@ -680,46 +718,72 @@ impl Shared {
 }
 
 impl State {
-    /// Records `event` in the history ring and hands it to every interested watcher.
-    fn publish(&mut self, event: WatchEvent, capacity: usize) {
-        let revision = event.revision();
+    /// Hands one commit's `events` to every interested watcher and records them in the
+    /// history ring.
+    fn publish(&mut self, events: Vec<WatchEvent>, capacity: usize) {
+        let Some(last) = events.last().map(WatchEvent::revision) else {
+            return;
+        };
         self.watchers.retain(|watcher| {
-            if revision < watcher.from || !event.key().starts_with(&watcher.prefix) {
+            let wanted: Vec<&WatchEvent> = events
+                .iter()
+                .filter(|event| {
+                    event.revision() >= watcher.from && event.key().starts_with(&watcher.prefix)
+                })
+                .collect();
+            if wanted.is_empty() {
                 return !watcher.tx.is_closed();
             }
-            match watcher.tx.try_send(event.clone()) {
-                Ok(()) => true,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    // Blocking here would stall every writer behind one slow reader; dropping
-                    // the sender closes its stream, telling it to list and re-watch.
+            // All of a commit or none of it, so no watcher sees half a transaction and then
+            // the end of its stream. This is the only sender and it holds the state lock, so
+            // the room seen here can only grow before the sends below.
+            if watcher.tx.capacity() < wanted.len() {
+                if !watcher.tx.is_closed() {
+                    // Blocking here would stall every writer behind one slow reader;
+                    // dropping the sender closes its stream, telling it to list and re-watch.
                     tracing::warn!(
                         prefix = watcher.prefix,
-                        revision,
+                        revision = last,
                         "watcher fell behind; closing its stream"
                     );
-                    false
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                return false;
             }
+            wanted
+                .into_iter()
+                .all(|event| watcher.tx.try_send(event.clone()).is_ok())
         });
         if capacity == 0 {
-            self.history_start = revision + 1;
+            self.history_start = last + 1;
             return;
         }
-        while self.history.len() >= capacity {
+        self.history.extend(events);
+        while self.history.len() > capacity {
             match self.history.pop_front() {
                 Some(old) => self.history_start = old.revision() + 1,
                 None => break,
             }
         }
-        self.history.push_back(event);
+        // Only whole revisions stay: a revision that lost some of its events can no longer be
+        // replayed, and a watch from a later one would skip the rest anyway.
+        while self
+            .history
+            .front()
+            .is_some_and(|event| event.revision() < self.history_start)
+        {
+            self.history.pop_front();
+        }
     }
 }
 
 /// One write transaction plus the events and in-memory changes it will cause once committed.
 struct Txn {
     txn: WriteTransaction,
+    /// The revision of the last change so far (the store's revision before any change).
     revision: Revision,
+    /// Set by [`Txn::one_revision`] to the revision before the transaction: every change then
+    /// lands at the one after it instead of at a revision of its own.
+    single_revision_base: Option<Revision>,
     dirty: bool,
     events: Vec<WatchEvent>,
     changes: Vec<LeaseChange>,
@@ -732,10 +796,26 @@ impl Txn {
         Ok(Txn {
             txn,
             revision,
+            single_revision_base: None,
             dirty: false,
             events: Vec::new(),
             changes: Vec::new(),
         })
+    }
+
+    /// From now on every change of this transaction lands at one revision, the next one (a
+    /// [`Store::txn`]). Without it each change gets a revision of its own.
+    fn one_revision(&mut self) {
+        self.single_revision_base = Some(self.revision);
+    }
+
+    /// The revision of the next change.
+    fn next_revision(&mut self) -> Revision {
+        self.revision = match self.single_revision_base {
+            Some(base) => base + 1,
+            None => self.revision + 1,
+        };
+        self.revision
     }
 
     fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
@@ -746,8 +826,7 @@ impl Txn {
 
     fn put(&mut self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> StoreResult<Revision> {
         let prev = self.get(key)?;
-        self.revision += 1;
-        let revision = self.revision;
+        let revision = self.next_revision();
         let kv = KeyValue {
             key: key.to_owned(),
             value,
@@ -781,14 +860,14 @@ impl Txn {
             return Ok(false);
         };
         self.txn.open_table(KV).backend()?.remove(key).backend()?;
-        self.revision += 1;
+        let revision = self.next_revision();
         if let Some(lease) = prev.lease {
             self.changes
                 .push(LeaseChange::Detach(lease, key.to_owned()));
         }
         self.events.push(WatchEvent::Delete {
             key: key.to_owned(),
-            revision: self.revision,
+            revision,
             prev: Some(prev),
         });
         self.dirty = true;
@@ -840,6 +919,7 @@ impl Txn {
         let Txn {
             txn,
             revision,
+            single_revision_base: _,
             dirty,
             events,
             changes,

@@ -10,7 +10,9 @@ use tokio::time::Instant;
 
 use super::{EmbeddedOptions, EmbeddedStore, LeaseClock, TokioClock, decode, encode};
 use crate::conformance::{assert_no_event, next_event};
-use crate::{CasOutcome, Expect, KeyValue, Store, StoreError, WatchEvent};
+use crate::{
+    CasOutcome, Compare, Expect, KeyValue, Store, StoreError, TxnOp, TxnOutcome, WatchEvent,
+};
 
 async fn fresh() -> (Arc<dyn Store>, TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -353,6 +355,244 @@ async fn open_reports_the_path_on_failure() {
         }
         other => panic!("expected an open error, got {other:?}"),
     }
+}
+
+fn put_of(event: WatchEvent) -> (String, u64) {
+    match event {
+        WatchEvent::Put(kv) => (kv.key, kv.mod_revision),
+        other => panic!("expected a put event, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn txn_revision_is_exact_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open_in(&dir).await;
+        assert_eq!(store.put("a", b"a1".to_vec(), None).await.unwrap(), 1);
+        assert_eq!(store.put("c", b"c1".to_vec(), None).await.unwrap(), 2);
+        let outcome = store
+            .txn(
+                vec![Compare::mod_revision("a", 1), Compare::absent("b")],
+                vec![
+                    TxnOp::put("b", b"b1".to_vec(), None),
+                    TxnOp::put("a", b"a2".to_vec(), None),
+                    TxnOp::delete("c"),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome, TxnOutcome::Committed(3));
+        // Failed and empty transactions leave it there.
+        assert!(matches!(
+            store
+                .txn(
+                    vec![Compare::absent("a")],
+                    vec![TxnOp::put("x", b"x".to_vec(), None)]
+                )
+                .await
+                .unwrap(),
+            TxnOutcome::Failed { compare: 0, .. }
+        ));
+        assert_eq!(
+            store.txn(Vec::new(), Vec::new()).await.unwrap(),
+            TxnOutcome::Committed(3)
+        );
+        assert_eq!(store.revision().await.unwrap(), 3);
+    }
+
+    let store = open_in(&dir).await;
+    assert_eq!(store.revision().await.unwrap(), 3);
+    let kv = |key: &str, value: &[u8], create_revision, version| KeyValue {
+        key: key.to_owned(),
+        value: value.to_vec(),
+        create_revision,
+        mod_revision: 3,
+        version,
+        lease: None,
+    };
+    assert_eq!(
+        store.list("").await.unwrap().kvs,
+        [kv("a", b"a2", 1, 2), kv("b", b"b1", 3, 1)]
+    );
+    assert_eq!(
+        store
+            .txn(
+                vec![Compare::create_revision("b", 3)],
+                vec![TxnOp::put("b", b"b2".to_vec(), None)]
+            )
+            .await
+            .unwrap(),
+        TxnOutcome::Committed(4)
+    );
+    assert_eq!(store.put("a", b"a3".to_vec(), None).await.unwrap(), 5);
+}
+
+#[tokio::test]
+async fn watch_replay_from_a_txn_revision_gets_all_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = EmbeddedOptions {
+        history_capacity: 4,
+        ..EmbeddedOptions::default()
+    };
+    let store = open_with_options(&dir, options).await;
+    let mut live = store.watch("", 0).await.unwrap();
+    let txn = |keys: &[&str]| {
+        let ops = keys
+            .iter()
+            .map(|key| TxnOp::put(*key, b"v".to_vec(), None))
+            .collect();
+        store.txn(Vec::new(), ops)
+    };
+    let events = async |stream: &mut crate::WatchStream, n: usize| {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(put_of(next_event(stream).await));
+        }
+        assert_no_event(stream);
+        out
+    };
+    let at = |revision: u64, keys: &[&str]| -> Vec<(String, u64)> {
+        keys.iter()
+            .map(|key| ((*key).to_owned(), revision))
+            .collect()
+    };
+
+    assert_eq!(store.put("x", b"1".to_vec(), None).await.unwrap(), 1);
+    assert_eq!(
+        txn(&["t/1", "t/2", "t/3"]).await.unwrap(),
+        TxnOutcome::Committed(2)
+    );
+    let mut from_2 = store.watch("", 2).await.unwrap();
+    assert_eq!(events(&mut from_2, 3).await, at(2, &["t/1", "t/2", "t/3"]));
+    // Only the watch's prefix, still whole.
+    let mut narrow = store.watch("t/2", 2).await.unwrap();
+    assert_eq!(events(&mut narrow, 1).await, at(2, &["t/2"]));
+
+    // Revision 1 drops out of the ring of four: revision 2 is still whole.
+    assert_eq!(store.put("x", b"3".to_vec(), None).await.unwrap(), 3);
+    let mut from_2 = store.watch("", 2).await.unwrap();
+    let mut expected = at(2, &["t/1", "t/2", "t/3"]);
+    expected.extend(at(3, &["x"]));
+    assert_eq!(events(&mut from_2, 4).await, expected);
+
+    // Revision 4 pushes out one event of revision 2, so all of revision 2 goes: a watch from
+    // it is compacted rather than served half.
+    assert_eq!(store.put("x", b"4".to_vec(), None).await.unwrap(), 4);
+    assert!(matches!(
+        store.watch("", 2).await,
+        Err(StoreError::Compacted {
+            requested: 2,
+            oldest: 3
+        })
+    ));
+    let mut from_3 = store.watch("", 3).await.unwrap();
+    assert_eq!(
+        events(&mut from_3, 2).await,
+        [at(3, &["x"]), at(4, &["x"])].concat()
+    );
+
+    // A transaction larger than the ring cannot be replayed at all, but is delivered live.
+    let five = ["u/1", "u/2", "u/3", "u/4", "u/5"];
+    assert_eq!(txn(&five).await.unwrap(), TxnOutcome::Committed(5));
+    assert!(matches!(
+        store.watch("", 5).await,
+        Err(StoreError::Compacted {
+            requested: 5,
+            oldest: 6
+        })
+    ));
+    let mut expected = at(1, &["x"]);
+    expected.extend(at(2, &["t/1", "t/2", "t/3"]));
+    expected.extend(at(3, &["x"]));
+    expected.extend(at(4, &["x"]));
+    expected.extend(at(5, &five));
+    assert_eq!(events(&mut live, expected.len()).await, expected);
+    let mut from_6 = store.watch("", 6).await.unwrap();
+    assert_eq!(store.put("x", b"6".to_vec(), None).await.unwrap(), 6);
+    assert_eq!(events(&mut from_6, 1).await, at(6, &["x"]));
+}
+
+#[tokio::test]
+async fn a_watcher_gets_a_whole_txn_or_none_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = EmbeddedOptions {
+        watch_buffer: 2,
+        ..EmbeddedOptions::default()
+    };
+    let store = open_with_options(&dir, options).await;
+    let mut behind = store.watch("", 0).await.unwrap();
+    assert_eq!(store.put("k", b"1".to_vec(), None).await.unwrap(), 1);
+    let mut keeping_up = store.watch("", 0).await.unwrap();
+    // `behind` has room for one more event, the transaction brings two.
+    let outcome = store
+        .txn(
+            Vec::new(),
+            vec![
+                TxnOp::put("a", b"a".to_vec(), None),
+                TxnOp::put("b", b"b".to_vec(), None),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, TxnOutcome::Committed(2));
+    assert_eq!(
+        put_of(next_event(&mut keeping_up).await),
+        ("a".to_owned(), 2)
+    );
+    assert_eq!(
+        put_of(next_event(&mut keeping_up).await),
+        ("b".to_owned(), 2)
+    );
+    assert_eq!(put_of(behind.recv().await.unwrap()), ("k".to_owned(), 1));
+    assert_eq!(behind.recv().await, None, "closed before the transaction");
+    assert_eq!(store.watcher_count(), 1);
+}
+
+#[tokio::test]
+async fn txn_compares_and_leases_see_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock {
+        base: Instant::now(),
+        offset: Mutex::new(Duration::ZERO),
+    });
+    let store = EmbeddedStore::open(dir.path().join("store.redb"), clock.clone())
+        .await
+        .unwrap();
+    let lease = store.lease_grant(Duration::from_secs(10)).await.unwrap();
+    store
+        .put("leader", b"me".to_vec(), Some(lease))
+        .await
+        .unwrap();
+    let mut stream = store.watch("", 0).await.unwrap();
+
+    // The sweeper has not run (tokio time stands still); the transaction expires the lease
+    // first, at its own revision, and then sees the key gone.
+    clock.advance(Duration::from_secs(11));
+    let outcome = store
+        .txn(
+            vec![Compare::absent("leader")],
+            vec![TxnOp::put("leader", b"you".to_vec(), None)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, TxnOutcome::Committed(3));
+    assert_eq!(
+        delete_of(next_event(&mut stream).await),
+        ("leader".to_owned(), 2)
+    );
+    assert_eq!(
+        put_of(next_event(&mut stream).await),
+        ("leader".to_owned(), 3)
+    );
+    assert!(matches!(
+        store
+            .txn(Vec::new(), vec![TxnOp::put("k", b"v".to_vec(), Some(lease))])
+            .await,
+        Err(StoreError::LeaseNotFound(id)) if id == lease
+    ));
+    assert_eq!(store.revision().await.unwrap(), 3);
+    assert_no_event(&mut stream);
 }
 
 #[test]

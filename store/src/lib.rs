@@ -3,9 +3,14 @@
 //!
 //! Keys are strings ordered bytewise; values are bytes. Every write bumps a store-wide
 //! revision; each key carries the revision of its creation and of its last modification, and
-//! conditional writes compare on the latter. Leases have a TTL and keys attached to a lease
-//! vanish (with a delete event) when it expires or is revoked. Watches deliver every change
-//! under a prefix, in revision order, starting from a given revision.
+//! conditional writes compare on them. Leases have a TTL and keys attached to a lease vanish
+//! (with a delete event) when it expires or is revoked. Watches deliver every change under a
+//! prefix, in revision order, starting from a given revision.
+//!
+//! Writes that must happen together go through [`Store::txn`], shaped like etcd's `Txn`: a
+//! list of [`Compare`]s, then a list of [`TxnOp`]s applied all or nothing at one revision.
+//! It is how a record and its index are written without an orphan window, and how a leader
+//! fences its writes (every write compares the leader key's creation revision).
 //!
 //! Implementations: [`embedded::EmbeddedStore`] (redb file, the default). An etcd-backed
 //! implementation comes with multi-instance `serve`. Both must pass the conformance suite
@@ -22,8 +27,9 @@ pub mod conformance;
 pub mod embedded;
 pub mod mirror;
 
-/// A store revision: increases by one with every successful write (put, delete, lease expiry
-/// deleting keys counts once per deleted key).
+/// A store revision: increases by one with every successful write (put, delete, a committed
+/// [`Store::txn`] once however many keys it writes; lease expiry deleting keys counts once per
+/// deleted key).
 pub type Revision = u64;
 
 /// A lease id (non-zero).
@@ -43,7 +49,8 @@ pub struct KeyValue {
     pub lease: Option<LeaseId>,
 }
 
-/// A change seen by a watch.
+/// A change seen by a watch. The events of one [`Store::txn`] share its revision and arrive in
+/// the order of its operations.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WatchEvent {
     Put(KeyValue),
@@ -72,13 +79,36 @@ impl WatchEvent {
     }
 }
 
-/// The condition of a compare-and-swap.
+/// The condition of a compare-and-swap or of one [`Compare`] of a transaction.
+///
+/// A key that exists has revisions of at least 1, so `ModRevision(0)` and
+/// `CreateRevision(0)` never hold. (etcd reports a missing key's revisions as 0; an etcd
+/// implementation must spell [`Expect::Absent`] as `create == 0` and must not turn
+/// `ModRevision(0)` into `mod == 0`, which would hold on a missing key.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Expect {
     /// The key must not exist.
     Absent,
-    /// The key must exist with exactly this `mod_revision`.
+    /// The key must exist, whatever its revisions.
+    Exists,
+    /// The key must exist with exactly this `mod_revision`: nobody wrote it since.
     ModRevision(Revision),
+    /// The key must exist with exactly this `create_revision`: it was not deleted and created
+    /// again since, whatever was written to it meanwhile. A leader key's creation revision is
+    /// the leader's fencing token.
+    CreateRevision(Revision),
+}
+
+impl Expect {
+    /// Whether the condition holds for a key whose current state is `current`.
+    pub fn holds(self, current: Option<&KeyValue>) -> bool {
+        match (self, current) {
+            (Expect::Absent, None) | (Expect::Exists, Some(_)) => true,
+            (Expect::ModRevision(revision), Some(kv)) => kv.mod_revision == revision,
+            (Expect::CreateRevision(revision), Some(kv)) => kv.create_revision == revision,
+            _ => false,
+        }
+    }
 }
 
 /// Result of a conditional write.
@@ -88,6 +118,120 @@ pub enum CasOutcome {
     Written(Revision),
     /// The condition did not hold; nothing was written. Carries the current value, if any.
     Conflict(Option<KeyValue>),
+}
+
+/// The most compares, and separately the most operations, one [`Store::txn`] may carry:
+/// etcd's default `--max-txn-ops`.
+pub const MAX_TXN_OPS: usize = 128;
+
+/// One condition of a [`Store::txn`]: `expect` must hold for `key`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compare {
+    pub key: String,
+    pub expect: Expect,
+}
+
+impl Compare {
+    pub fn new(key: impl Into<String>, expect: Expect) -> Compare {
+        Compare {
+            key: key.into(),
+            expect,
+        }
+    }
+
+    /// `key` must not exist.
+    pub fn absent(key: impl Into<String>) -> Compare {
+        Compare::new(key, Expect::Absent)
+    }
+
+    /// `key` must exist.
+    pub fn exists(key: impl Into<String>) -> Compare {
+        Compare::new(key, Expect::Exists)
+    }
+
+    /// `key` must exist, last written at `revision`.
+    pub fn mod_revision(key: impl Into<String>, revision: Revision) -> Compare {
+        Compare::new(key, Expect::ModRevision(revision))
+    }
+
+    /// `key` must exist, created at `revision` (the fencing check).
+    pub fn create_revision(key: impl Into<String>, revision: Revision) -> Compare {
+        Compare::new(key, Expect::CreateRevision(revision))
+    }
+}
+
+/// One write of a [`Store::txn`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TxnOp {
+    /// As [`Store::put`]: replaces the value and the lease (none included).
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    },
+    /// As [`Store::delete`]: deleting a missing key is no error and no event.
+    Delete { key: String },
+}
+
+impl TxnOp {
+    pub fn put(key: impl Into<String>, value: impl Into<Vec<u8>>, lease: Option<LeaseId>) -> TxnOp {
+        TxnOp::Put {
+            key: key.into(),
+            value: value.into(),
+            lease,
+        }
+    }
+
+    pub fn delete(key: impl Into<String>) -> TxnOp {
+        TxnOp::Delete { key: key.into() }
+    }
+
+    /// The key the operation writes.
+    pub fn key(&self) -> &str {
+        match self {
+            TxnOp::Put { key, .. } | TxnOp::Delete { key } => key,
+        }
+    }
+}
+
+/// Result of a [`Store::txn`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TxnOutcome {
+    /// Every compare held and every operation was applied, at this revision. If no operation
+    /// changed anything (none given, or only deletes of missing keys), the revision did not
+    /// move and this is the current one.
+    Committed(Revision),
+    /// `compares[compare]` is the first compare that did not hold; nothing was written.
+    /// `current` is that key's current value (`None` if it does not exist).
+    Failed {
+        compare: usize,
+        current: Option<KeyValue>,
+    },
+}
+
+/// Checks the parts of a [`Store::txn`] request that do not depend on the store's state: at
+/// most [`MAX_TXN_OPS`] compares and operations, and no key written twice. Every
+/// implementation calls it before touching anything, so all of them refuse the same requests.
+///
+/// etcd also refuses a put and a delete of the same key; it allows two deletes of one key,
+/// which this refuses too (a request that does it is confused, and refusing is what every
+/// implementation can do alike).
+pub fn validate_txn(compares: &[Compare], ops: &[TxnOp]) -> StoreResult<()> {
+    if compares.len() > MAX_TXN_OPS || ops.len() > MAX_TXN_OPS {
+        return Err(StoreError::TxnTooLarge {
+            compares: compares.len(),
+            ops: ops.len(),
+        });
+    }
+    let mut keys = std::collections::HashSet::with_capacity(ops.len());
+    for op in ops {
+        if !keys.insert(op.key()) {
+            return Err(StoreError::TxnDuplicateKey {
+                key: op.key().to_owned(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Result of listing a prefix: the keys and the store revision the listing reflects (start a
@@ -122,6 +266,15 @@ pub enum StoreError {
         requested: Revision,
         oldest: Revision,
     },
+    #[error(
+        "transaction has {compares} compares and {ops} operations but at most {max} of each are allowed: split the writes into several transactions",
+        max = MAX_TXN_OPS
+    )]
+    TxnTooLarge { compares: usize, ops: usize },
+    #[error(
+        "key {key:?} is written more than once in one transaction: write each key at most once per transaction"
+    )]
+    TxnDuplicateKey { key: String },
     #[error("store is closed")]
     Closed,
 }
@@ -129,7 +282,8 @@ pub enum StoreError {
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// The etcd-shaped store API. All scheduler logic uses only this trait; every write that could
-/// race is conditional ([`Store::compare_and_swap`], [`Store::delete_if_revision`]).
+/// race is conditional ([`Store::compare_and_swap`], [`Store::delete_if_revision`],
+/// [`Store::txn`]).
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// The current value of `key`.
@@ -147,6 +301,24 @@ pub trait Store: Send + Sync + 'static {
         value: Vec<u8>,
         lease: Option<LeaseId>,
     ) -> StoreResult<CasOutcome>;
+
+    /// Atomically: if every compare holds, applies every operation; otherwise writes nothing.
+    ///
+    /// Compares are evaluated in order on the state before the transaction; the first that
+    /// does not hold makes it [`TxnOutcome::Failed`] (no write, no revision, no event).
+    /// Otherwise the operations are applied in order as one write, as in etcd: the revision
+    /// goes up once; every key put gets that `mod_revision` (and `create_revision` if it is
+    /// new, version 1); watchers see the events in operation order, all at that revision; a
+    /// delete of a missing key is no error and no event. A transaction that changes nothing
+    /// (no operations, or only deletes of missing keys) commits at the current revision
+    /// without moving it.
+    ///
+    /// Errors, with nothing written: [`StoreError::TxnTooLarge`] and
+    /// [`StoreError::TxnDuplicateKey`] (see [`validate_txn`]) before anything is read, and
+    /// [`StoreError::LeaseNotFound`] if a put names a lease that is not live. The lease is only
+    /// checked once the compares held: as in etcd (and [`Store::compare_and_swap`]), a failed
+    /// compare wins over a bad lease.
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> StoreResult<TxnOutcome>;
 
     /// Unconditional delete; returns whether the key existed.
     async fn delete(&self, key: &str) -> StoreResult<bool>;
