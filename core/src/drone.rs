@@ -135,6 +135,14 @@ pub struct BackendUsage {
 }
 
 /// Scheduler → drone over the session connection.
+/// WebSocket close code of a session the scheduler refuses for good (a hello that is wrong
+/// as configured): the drone stops instead of retrying unchanged.
+pub const CLOSE_REFUSED: u16 = 1008;
+
+/// WebSocket close code of a session the scheduler cannot admit right now (a store hiccup, an
+/// expired lease while waiting): the drone retries with backoff.
+pub const CLOSE_TRY_AGAIN: u16 = 1013;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToDrone {

@@ -402,10 +402,10 @@ impl DroneSession {
                         _ => return Err(Attempt::Retry("expected a welcome".into())),
                     },
                     Some(Ok(Message::Close(frame))) => {
-                        let why = frame.map(|f| f.reason.to_string()).unwrap_or_default();
-                        return Err(Attempt::Fatal(format!(
-                            "the scheduler closed the session: {why}"
-                        )));
+                        let (code, why) = frame
+                            .map(|f| (u16::from(f.code), f.reason.to_string()))
+                            .unwrap_or((1005, String::new()));
+                        return Err(closed_before_welcome(code, why));
                     }
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => return Err(Attempt::Retry(e.to_string())),
@@ -421,6 +421,19 @@ impl DroneSession {
                 "no answer within {CONNECT_TIMEOUT:?}"
             ))),
         }
+    }
+}
+
+/// What a close before `Welcome` means: only a refusal is final; anything else (the
+/// scheduler could not admit the drone right now, or closed for a reason it did not say) is
+/// retried with backoff.
+fn closed_before_welcome(code: u16, why: String) -> Attempt {
+    if code == hangar_core::drone::CLOSE_REFUSED {
+        Attempt::Fatal(format!("the scheduler refused the session: {why}"))
+    } else {
+        Attempt::Retry(format!(
+            "the scheduler closed the session (code {code}): {why}"
+        ))
     }
 }
 
@@ -440,6 +453,24 @@ async fn next_message(ws: &mut Option<Ws>) -> Option<ToDrone> {
             },
             Ok(Message::Close(_)) | Err(_) => return None,
             Ok(_) => continue,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refusal_before_welcome_is_final() {
+        let refused = closed_before_welcome(hangar_core::drone::CLOSE_REFUSED, "bad name".into());
+        assert!(matches!(refused, Attempt::Fatal(ref m) if m.contains("bad name")));
+        for code in [hangar_core::drone::CLOSE_TRY_AGAIN, 1000, 1005, 1011] {
+            let again = closed_before_welcome(code, "store unavailable".into());
+            assert!(
+                matches!(again, Attempt::Retry(ref m) if m.contains("store unavailable")),
+                "code {code}"
+            );
         }
     }
 }

@@ -2,6 +2,15 @@
 
 use std::time::Duration;
 
+use crate::records::ResolvedSpawn;
+
+/// What a backend reserves on its drone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Need {
+    pub cpu_millis: u64,
+    pub memory_mb: u64,
+}
+
 /// What a connect without `spawn` runs, and limits applied when a spawn leaves them out.
 #[derive(Clone, Debug, Default)]
 pub struct SpawnDefaults {
@@ -37,7 +46,7 @@ pub struct SchedulerConfig {
     /// How long a backend may stay terminating before the stop is repeated as a kill.
     pub terminate_timeout: Duration,
     /// What a backend reserves on its drone when its spawn gives no resources.
-    pub default_reservation: crate::placement::Need,
+    pub default_reservation: Need,
     /// A drone whose session lease is not renewed for this long is lost.
     pub lease_ttl: Duration,
     /// The shared secret drones present; `None` refuses every network drone.
@@ -45,7 +54,7 @@ pub struct SchedulerConfig {
     /// The hot-shard detector's thresholds.
     pub hot: crate::hot::HotConfig,
     /// Relocate idle neighbours of hot backends (`--relieve-hot`); `None`: never.
-    pub relieve: Option<crate::monitor::ReliefConfig>,
+    pub relieve: Option<crate::hot::ReliefConfig>,
     /// How often the monitor evaluates the detector and publishes drone and backend gauges.
     pub monitor_interval: Duration,
 }
@@ -66,7 +75,7 @@ impl SchedulerConfig {
             reconcile_interval: Duration::from_millis(500),
             terminated_retention: Duration::from_secs(24 * 3600),
             terminate_timeout: Duration::from_secs(30),
-            default_reservation: crate::placement::Need {
+            default_reservation: Need {
                 cpu_millis: 100,
                 memory_mb: 128,
             },
@@ -75,6 +84,20 @@ impl SchedulerConfig {
             hot: crate::hot::HotConfig::default(),
             relieve: None,
             monitor_interval: Duration::from_secs(1),
+        }
+    }
+
+    /// What a spawn reserves on its drone: its resources, or the configured default.
+    pub fn need(&self, spawn: &ResolvedSpawn) -> Need {
+        Need {
+            cpu_millis: spawn
+                .resources
+                .cpu_millis
+                .unwrap_or(self.default_reservation.cpu_millis),
+            memory_mb: spawn
+                .resources
+                .memory_mb
+                .unwrap_or(self.default_reservation.memory_mb),
         }
     }
 

@@ -10,17 +10,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::Json;
-use axum::extract::State;
-use axum::response::{IntoResponse, Response};
 use hangar_core::UnixMillis;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::ApiJson;
 use crate::error::ApiError;
-use crate::scheduler::{Inner, Scheduler};
 use hangar_store::{Expect, Revision, Store};
 
 /// Prefix of every ACME challenge record.
@@ -199,37 +194,6 @@ pub async fn list_challenges(store: &dyn Store) -> Result<Vec<AcmeChallenge>, Ap
         .collect())
 }
 
-pub(crate) async fn post(
-    State(inner): State<Arc<Inner>>,
-    ApiJson(req): ApiJson<SetAcmeChallenge>,
-) -> Result<Response, ApiError> {
-    let now = inner.clock.now_ms();
-    let (rec, created) =
-        set_challenge(inner.store.as_ref(), &inner.config.domain, now, req).await?;
-    let status = if created {
-        http::StatusCode::CREATED
-    } else {
-        http::StatusCode::OK
-    };
-    Ok((status, Json(rec)).into_response())
-}
-
-pub(crate) async fn delete(
-    State(inner): State<Arc<Inner>>,
-    ApiJson(req): ApiJson<ClearAcmeChallenges>,
-) -> Result<Json<AcmeCleared>, ApiError> {
-    let deleted = clear_challenges(inner.store.as_ref(), &inner.config.domain, req).await?;
-    Ok(Json(AcmeCleared { deleted }))
-}
-
-pub(crate) async fn list(
-    State(inner): State<Arc<Inner>>,
-) -> Result<Json<AcmeChallengeList>, ApiError> {
-    Ok(Json(AcmeChallengeList {
-        challenges: list_challenges(inner.store.as_ref()).await?,
-    }))
-}
-
 /// Every challenge as of a store revision, by name then value.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AcmeSnapshot {
@@ -242,14 +206,6 @@ pub struct AcmeSnapshot {
 pub struct AcmeFeed {
     store: Arc<dyn Store>,
     tx: watch::Sender<Arc<AcmeSnapshot>>,
-}
-
-impl Scheduler {
-    /// A feed of the ACME challenge records in this scheduler's store; run it with
-    /// [`AcmeFeed::run`].
-    pub fn acme_feed(&self) -> AcmeFeed {
-        AcmeFeed::new(self.inner.store.clone())
-    }
 }
 
 impl AcmeFeed {

@@ -44,6 +44,16 @@ impl ApiError {
         }
     }
 
+    /// Whether the same request may succeed later unchanged (a store hiccup, no drone yet, a
+    /// contended key), as opposed to a refusal.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApiError::Unavailable(_) | ApiError::Conflict(_) => true,
+            ApiError::Store(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::BadRequest(_) => "bad_request",

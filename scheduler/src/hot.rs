@@ -486,6 +486,24 @@ pub fn plan_relief(
         .collect()
 }
 
+/// What the relief of hot drones may do (`--relieve-hot`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReliefConfig {
+    /// Only backends idle (nothing open, no request ended) for this long are moved.
+    pub min_idle: Duration,
+    /// At most this many backends are stopped per monitor pass.
+    pub max_per_pass: usize,
+}
+
+impl Default for ReliefConfig {
+    fn default() -> Self {
+        ReliefConfig {
+            min_idle: Duration::from_secs(60),
+            max_per_pass: 2,
+        }
+    }
+}
+
 #[cfg(test)]
 #[path = "hot_tests.rs"]
 mod tests;

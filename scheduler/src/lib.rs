@@ -1,30 +1,46 @@
 //! hangar-scheduler: Hangar's control plane.
 //!
-//! The HTTP API, the state store, backend lifecycle, placement, the reconciler that enforces
-//! idle and lifetime limits and closes lost backends, the route feed that the proxy follows,
-//! and the drone agent with its runtimes. It never forwards client traffic: that is the
-//! proxy's job, and it never depends on the proxy crate (they meet through `hangar-core`
-//! types wired by the binary).
+//! The HTTP API, drone sessions, backend lifecycle, placement, the reconciler that enforces
+//! idle and lifetime limits and closes lost backends, the route publisher that the proxy
+//! follows, and the hot-shard detector. State lives in a `hangar_store::Store`. It never
+//! forwards client traffic (the proxy's job), never runs backends (the drone's), and never
+//! depends on the proxy or drone crates: they meet through `hangar-core` types wired by the
+//! binary.
+//!
+//! Modules form layers, lowest first, and import only from lower layers:
+//! 1. plain data and pure logic: `clock`, `config`, `error`, `metrics`, `records`, `hot`
+//!    (the detector), the pure parts of `placement` and `reconciler`;
+//! 2. components, each the only writer of its state: `activity`, `drones`, `routes`,
+//!    `drains`, `hot_state`, `revocations`, `dns_records`, `lifecycle`, `placement`,
+//!    `connect`, `drone_session`;
+//! 3. background loops over components: `reconciler`, `monitor`;
+//! 4. HTTP handlers over components: `api`;
+//! 5. the composition root: `scheduler` ([`Scheduler`]).
 
 pub mod activity;
 pub mod api;
 pub mod clock;
 pub mod config;
+pub mod connect;
 pub mod dns_records;
-mod drone_api;
+pub mod drains;
 pub mod drone_session;
 pub mod drones;
 pub mod error;
-pub mod feed;
 pub mod hot;
+pub mod hot_state;
 pub mod lifecycle;
 pub mod metrics;
 pub mod monitor;
 pub mod placement;
 pub mod reconciler;
 pub mod records;
-mod route_feed;
+pub mod revocations;
+pub mod routes;
 mod scheduler;
+
+#[cfg(test)]
+mod tests;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{SchedulerConfig, SpawnDefaults};

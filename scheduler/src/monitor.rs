@@ -4,148 +4,29 @@
 //! bounded number of idle neighbours of hot backends so that their next connect lands on
 //! another drone.
 //!
-//! Its inputs arrive between passes: proxies' activity reports (cumulative request counts)
-//! and drones' usage reports (CPU seconds, memory), both filtered against the directory of
-//! live backends the route feed publishes, so that a report can never create state for a
-//! backend that does not exist.
+//! Its inputs arrive between passes through [`HotShards`]; it is the only one that evaluates
+//! the detector and publishes what it found.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::Json;
-use axum::extract::State;
-use hangar_core::activity::ActivityBatch;
-use hangar_core::api::{Amounts, HotList};
-use hangar_core::drone::BackendUsage;
+use hangar_core::api::Amounts;
 use hangar_core::{BackendId, TerminationReason, UnixMillis};
 use metrics::{Gauge, Label};
 use tokio_util::sync::CancellationToken;
 
+use crate::activity::ActivityBook;
+use crate::clock::Clock;
+use crate::config::SchedulerConfig;
+use crate::drains::Drains;
+use crate::drones::{DroneConn, DroneRegistry};
+pub use crate::hot::ReliefConfig;
 use crate::hot::{BackendInput, DroneInput, Evaluation, Neighbour, plan_relief};
+use crate::hot_state::HotShards;
+use crate::lifecycle::Backends;
 use crate::metrics as m;
-use crate::scheduler::Inner;
-
-/// What the relief of hot drones may do (`--relieve-hot`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct ReliefConfig {
-    /// Only backends idle (nothing open, no request ended) for this long are moved.
-    pub min_idle: Duration,
-    /// At most this many backends are stopped per monitor pass.
-    pub max_per_pass: usize,
-}
-
-impl Default for ReliefConfig {
-    fn default() -> Self {
-        ReliefConfig {
-            min_idle: Duration::from_secs(60),
-            max_per_pass: 2,
-        }
-    }
-}
-
-/// A live backend as the monitor and usage reports need it.
-#[derive(Clone, Debug)]
-pub(crate) struct Placed {
-    pub(crate) drone: Option<Arc<str>>,
-    pub(crate) pool: Arc<str>,
-    /// The state name (`scheduled` … `terminating`).
-    pub(crate) state: &'static str,
-    /// Its CPU cap in millicores, if its spawn set one (without one, CPU use has nothing to be
-    /// a fraction of: the process runtime applies no cap, Docker none either).
-    pub(crate) cpu_cap_millis: Option<u64>,
-    /// When it became ready (or was created, before that): idleness counts from here when no
-    /// proxy has reported traffic.
-    pub(crate) since: UnixMillis,
-}
-
-/// Every live backend, published whole by the route feed (its only writer).
-pub(crate) type Directory = HashMap<BackendId, Placed>;
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl Inner {
-    /// The latest directory of live backends.
-    pub(crate) fn directory(&self) -> Arc<Directory> {
-        self.directory
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Merges a proxy's activity: idle timeouts, and request counts for the detector.
-    pub(crate) fn record_activity(&self, batch: &ActivityBatch) {
-        self.activity.record(batch);
-        let now = self.clock.now_ms();
-        let dir = self.directory();
-        let mut hot = lock(&self.hot);
-        for r in &batch.reports {
-            if dir.contains_key(&r.backend) {
-                hot.observe_requests(now, &batch.proxy, &r.backend, r.requests);
-            }
-        }
-    }
-
-    /// Records a drone's usage report: gauges, and CPU for the detector. Reports for
-    /// backends the drone does not run (per the records) are ignored.
-    pub(crate) fn record_usage(&self, drone: &str, usage: &[BackendUsage]) {
-        let now = self.clock.now_ms();
-        let dir = self.directory();
-        let mut hot = lock(&self.hot);
-        for u in usage {
-            let Some(p) = dir.get(&u.backend) else {
-                continue;
-            };
-            if p.drone.as_deref() != Some(drone) || !u.cpu_seconds_total.is_finite() {
-                continue;
-            }
-            hot.observe_cpu(now, &u.backend, u.cpu_seconds_total);
-            self.backend_series.usage(
-                &u.backend,
-                p.drone.as_ref(),
-                &p.pool,
-                u.cpu_seconds_total,
-                u.memory_bytes,
-            );
-        }
-    }
-
-    /// What the detector last found.
-    pub(crate) fn hot_list(&self) -> Arc<HotList> {
-        self.hot_list
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Names of the drones the detector last flagged hot (placement avoids them).
-    pub(crate) fn hot_drones(&self) -> HashSet<String> {
-        self.hot_list()
-            .drones
-            .iter()
-            .map(|d| d.drone.clone())
-            .collect()
-    }
-}
-
-/// The list before the first pass.
-pub(crate) fn empty_list(inner_config: &crate::SchedulerConfig) -> HotList {
-    HotList {
-        evaluated_at: 0,
-        settings: inner_config.hot.settings(inner_config.relieve.is_some()),
-        backends: Vec::new(),
-        drones: Vec::new(),
-        relocated_total: 0,
-    }
-}
-
-/// `GET /v1/hot`.
-pub(crate) async fn hot(State(inner): State<Arc<Inner>>) -> Json<HotList> {
-    Json((*inner.hot_list()).clone())
-}
+use crate::routes::{Directory, Routes};
 
 /// One drone's gauges, registered once per drone (per monitor).
 struct DroneGauges {
@@ -200,8 +81,20 @@ impl DroneGauges {
     }
 }
 
+/// What the monitor reads and acts through.
+pub(crate) struct MonitorParts {
+    pub(crate) config: Arc<SchedulerConfig>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) hot: Arc<HotShards>,
+    pub(crate) routes: Arc<Routes>,
+    pub(crate) drones: Arc<DroneRegistry>,
+    pub(crate) drains: Arc<Drains>,
+    pub(crate) backends: Arc<Backends>,
+    pub(crate) activity: Arc<ActivityBook>,
+}
+
 pub(crate) struct Monitor {
-    inner: Arc<Inner>,
+    parts: MonitorParts,
     /// Gauges of connected drones by name (with the pool they were registered under).
     drones: HashMap<String, (String, DroneGauges)>,
     hot_backends: Gauge,
@@ -212,9 +105,9 @@ pub(crate) struct Monitor {
 }
 
 impl Monitor {
-    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+    pub(crate) fn new(parts: MonitorParts) -> Self {
         Monitor {
-            inner,
+            parts,
             drones: HashMap::new(),
             hot_backends: metrics::gauge!(m::HOT_BACKENDS),
             hot_drones: metrics::gauge!(m::HOT_DRONES),
@@ -223,7 +116,7 @@ impl Monitor {
     }
 
     pub(crate) async fn run(mut self, cancel: CancellationToken) {
-        let mut tick = tokio::time::interval(self.inner.config.monitor_interval);
+        let mut tick = tokio::time::interval(self.parts.config.monitor_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -236,20 +129,12 @@ impl Monitor {
 
     /// One pass: evaluate, publish, relieve.
     pub(crate) async fn pass(&mut self) {
-        let inner = self.inner.clone();
-        let now = inner.clock.now_ms();
-        let dir = inner.directory();
-        let drones = inner.drones.all();
-        let loads: Vec<Amounts> = drones
-            .iter()
-            .map(|d| {
-                inner
-                    .route_load
-                    .get(&d.name)
-                    .map(|v| *v)
-                    .unwrap_or_default()
-            })
-            .collect();
+        let p = &self.parts;
+        let hot = p.hot.clone();
+        let now = p.clock.now_ms();
+        let dir = p.routes.directory();
+        let drones = p.drones.all();
+        let loads: Vec<Amounts> = drones.iter().map(|d| p.routes.load_of(&d.name)).collect();
         let frac = |used: u64, cap: u64| {
             if cap == 0 {
                 0.0
@@ -276,16 +161,15 @@ impl Monitor {
                 reserved_memory_fraction: frac(load.memory_mb, d.capacity.memory_mb),
             })
             .collect();
-        let eval = lock(&inner.hot).evaluate(now, &backend_inputs, &drone_inputs);
+        let eval = hot.detector().evaluate(now, &backend_inputs, &drone_inputs);
 
         for v in &eval.backends {
-            if let Some(p) = dir.get(&v.view.backend) {
-                inner
-                    .backend_series
-                    .hot(&v.view.backend, p.drone.as_ref(), &p.pool, v.hot);
+            if let Some(placed) = dir.get(&v.view.backend) {
+                hot.series()
+                    .hot(&v.view.backend, placed.drone.as_ref(), &placed.pool, v.hot);
             }
         }
-        inner.backend_series.retain(|id| dir.contains_key(id));
+        hot.series().retain(|id| dir.contains_key(id));
         self.publish_drones(now, &drones, &loads, &eval, &dir);
 
         let hot_backends: Vec<_> = eval
@@ -302,8 +186,7 @@ impl Monitor {
             .collect();
         self.hot_backends.set(hot_backends.len() as f64);
         self.hot_drones.set(hot_drones.len() as f64);
-        let mut list = empty_list(&inner.config);
-        list.evaluated_at = now;
+        let mut list = hot.fresh_list(now);
         list.backends = hot_backends;
         list.backends.sort_by(|a, b| {
             b.requests_per_second
@@ -313,13 +196,9 @@ impl Monitor {
         });
         list.drones = hot_drones;
         list.drones.sort_by(|a, b| a.drone.cmp(&b.drone));
-        list.relocated_total = inner.relocated_total.load(Ordering::Relaxed);
-        *inner
-            .hot_list
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(list);
+        hot.publish(list);
 
-        if let Some(relief) = inner.config.relieve.clone() {
+        if let Some(relief) = self.parts.config.relieve.clone() {
             self.relieve(now, &eval, &dir, &drones, &relief).await;
         }
     }
@@ -327,7 +206,7 @@ impl Monitor {
     fn publish_drones(
         &mut self,
         now: UnixMillis,
-        drones: &[crate::drones::DroneConn],
+        drones: &[DroneConn],
         loads: &[Amounts],
         eval: &Evaluation,
         dir: &Directory,
@@ -392,10 +271,11 @@ impl Monitor {
         now: UnixMillis,
         eval: &Evaluation,
         dir: &Directory,
-        drones: &[crate::drones::DroneConn],
+        drones: &[DroneConn],
         relief: &ReliefConfig,
     ) {
-        let inner = self.inner.clone();
+        let backends = self.parts.backends.clone();
+        let hot = self.parts.hot.clone();
         self.relocating.retain(|id| dir.contains_key(id));
         let hot_ids: HashSet<&BackendId> = eval
             .backends
@@ -428,7 +308,7 @@ impl Monitor {
                         && o.pool == d.pool
                         && o.runtime == d.runtime
                         && !hot_drones.contains(o.name.as_str())
-                        && !inner.drains.contains_key(&o.name)
+                        && !self.parts.drains.is_draining(&o.name)
                         && o.status.unhealthy().is_none()
                 })
             })
@@ -443,7 +323,7 @@ impl Monitor {
                 if !crowded.contains(drone) || self.relocating.contains(id) {
                     return None;
                 }
-                let (last, open) = inner.activity.get(id.as_str()).unwrap_or((0, 0));
+                let (last, open) = self.parts.activity.get(id.as_str()).unwrap_or((0, 0));
                 Some(Neighbour {
                     id,
                     drone,
@@ -456,7 +336,7 @@ impl Monitor {
             .collect();
         for id in plan_relief(&crowded, &neighbours, relief.min_idle, relief.max_per_pass) {
             // The directory may lag the store: only a backend still ready is moved.
-            match inner.get_backend(id.as_str()).await {
+            match backends.get(id.as_str()).await {
                 Ok(Some((rec, _))) if rec.state == hangar_core::BackendState::Ready => {}
                 Ok(_) => continue,
                 Err(e) => {
@@ -464,12 +344,12 @@ impl Monitor {
                     continue;
                 }
             }
-            match inner
+            match backends
                 .terminate(id.as_str(), TerminationReason::Relocated, false)
                 .await
             {
                 Ok(rec) => {
-                    inner.relocated_total.fetch_add(1, Ordering::Relaxed);
+                    hot.relocated();
                     metrics::counter!(m::RELOCATIONS_TOTAL).increment(1);
                     tracing::info!(backend = %id, drone = ?rec.drone, "relocating an idle backend off a drone with a hot backend");
                     self.relocating.insert(id);
@@ -479,7 +359,3 @@ impl Monitor {
         }
     }
 }
-
-#[cfg(test)]
-#[path = "monitor_tests.rs"]
-mod tests;

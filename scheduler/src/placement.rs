@@ -13,17 +13,16 @@ use hangar_core::api::Amounts;
 use hangar_core::drone::Capacity;
 use rand::Rng;
 
-use crate::drones::DroneConn;
-use crate::error::ApiError;
-use crate::records::ResolvedSpawn;
-use crate::scheduler::Inner;
+use std::sync::Arc;
 
-/// What a backend reserves on its drone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Need {
-    pub cpu_millis: u64,
-    pub memory_mb: u64,
-}
+pub use crate::config::Need;
+use crate::config::SchedulerConfig;
+use crate::drains::Drains;
+use crate::drones::{DroneConn, DroneRegistry};
+use crate::error::ApiError;
+use crate::hot_state::HotShards;
+use crate::records::ResolvedSpawn;
+use crate::routes::Routes;
 
 /// Why a drone cannot take a backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -205,22 +204,34 @@ pub fn choose<'a>(
     }
 }
 
-impl Inner {
-    /// What a spawn reserves: its resources, or the configured default.
-    pub(crate) fn need(&self, spawn: &ResolvedSpawn) -> Need {
-        Need {
-            cpu_millis: spawn
-                .resources
-                .cpu_millis
-                .unwrap_or(self.config.default_reservation.cpu_millis),
-            memory_mb: spawn
-                .resources
-                .memory_mb
-                .unwrap_or(self.config.default_reservation.memory_mb),
+/// Chooses drones for new backends from what the other components publish: connected drones,
+/// their reservations (the route publisher's load), drains and hot drones.
+pub struct Placement {
+    config: Arc<SchedulerConfig>,
+    drones: Arc<DroneRegistry>,
+    routes: Arc<Routes>,
+    drains: Arc<Drains>,
+    hot: Arc<HotShards>,
+}
+
+impl Placement {
+    pub fn new(
+        config: Arc<SchedulerConfig>,
+        drones: Arc<DroneRegistry>,
+        routes: Arc<Routes>,
+        drains: Arc<Drains>,
+        hot: Arc<HotShards>,
+    ) -> Self {
+        Placement {
+            config,
+            drones,
+            routes,
+            drains,
+            hot,
         }
     }
 
-    pub(crate) fn place(&self, spawn: &ResolvedSpawn) -> Result<DroneConn, ApiError> {
+    pub fn place(&self, spawn: &ResolvedSpawn) -> Result<DroneConn, ApiError> {
         let drones = self.drones.all();
         if drones.is_empty() {
             metrics::counter!(crate::metrics::PLACEMENT_FAILURES_TOTAL, "reason" => "no_drone")
@@ -234,8 +245,8 @@ impl Inner {
         } else {
             "process"
         };
-        let need = self.need(spawn);
-        let hot = self.hot_drones();
+        let need = self.config.need(spawn);
+        let hot = self.hot.hot_drones();
         let facts: Vec<DroneFacts<'_>> = drones
             .iter()
             .map(|d| DroneFacts {
@@ -243,8 +254,8 @@ impl Inner {
                 runtime: &d.runtime,
                 pool: &d.pool,
                 capacity: d.capacity,
-                load: self.route_load.get(&d.name).map(|v| *v).unwrap_or_default(),
-                draining: self.drains.contains_key(&d.name),
+                load: self.routes.load_of(&d.name),
+                draining: self.drains.is_draining(&d.name),
                 unhealthy: d.status.unhealthy(),
                 hot: hot.contains(&d.name),
             })

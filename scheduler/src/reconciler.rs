@@ -11,9 +11,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::lifecycle::stop_overdue;
 
-use crate::records::BackendRecord;
-use crate::records::{list_backends, list_drains, list_drones};
-use crate::scheduler::Inner;
+use hangar_store::Store;
+
+use crate::activity::ActivityBook;
+use crate::clock::Clock;
+use crate::config::SchedulerConfig;
+use crate::drains::Drains;
+use crate::drone_session::DroneSessions;
+use crate::lifecycle::Backends;
+use crate::records::{BackendRecord, list_drones};
 
 /// What the reconciler decides for one record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,16 +105,39 @@ pub fn decide(rec: &BackendRecord, obs: Observed, limits: Limits) -> Action {
 }
 
 pub(crate) struct Reconciler {
-    inner: Arc<Inner>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    config: Arc<SchedulerConfig>,
+    backends: Arc<Backends>,
+    drains: Arc<Drains>,
+    activity: Arc<ActivityBook>,
+    /// For the admission lock (see [`DroneSessions::exclusive`]).
+    sessions: Arc<DroneSessions>,
 }
 
 impl Reconciler {
-    pub(crate) fn new(inner: Arc<Inner>) -> Self {
-        Reconciler { inner }
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: Arc<SchedulerConfig>,
+        backends: Arc<Backends>,
+        drains: Arc<Drains>,
+        activity: Arc<ActivityBook>,
+        sessions: Arc<DroneSessions>,
+    ) -> Self {
+        Reconciler {
+            store,
+            clock,
+            config,
+            backends,
+            drains,
+            activity,
+            sessions,
+        }
     }
 
     pub(crate) async fn run(self, cancel: CancellationToken) {
-        let mut tick = tokio::time::interval(self.inner.config.reconcile_interval);
+        let mut tick = tokio::time::interval(self.config.reconcile_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -123,21 +152,16 @@ impl Reconciler {
 
     /// One pass over every record.
     pub(crate) async fn pass(&self) -> Result<(), crate::error::ApiError> {
-        let inner = &self.inner;
-        // Serialised with drone admission (see `admit_drone`).
-        let _admission = inner.admission.lock().await;
-        let now = inner.clock.now_ms();
-        let drones = list_drones(inner.store.as_ref()).await?;
-        let drains = list_drains(inner.store.as_ref()).await?;
-        inner.drains.retain(|k, _| drains.contains_key(k));
-        for (k, v) in &drains {
-            inner.drains.insert(k.clone(), v.clone());
-        }
-        let backends = list_backends(inner.store.as_ref()).await?;
+        // Serialised with drone admission (see `DroneSessions::exclusive`).
+        let _admission = self.sessions.exclusive().await;
+        let now = self.clock.now_ms();
+        let drones = list_drones(self.store.as_ref()).await?;
+        let drains = self.drains.refresh().await?;
+        let backends = self.backends.list().await?;
         let limits = Limits {
-            startup_timeout: inner.config.startup_timeout,
-            terminate_timeout: inner.config.terminate_timeout,
-            retention: inner.config.terminated_retention,
+            startup_timeout: self.config.startup_timeout,
+            terminate_timeout: self.config.terminate_timeout,
+            retention: self.config.terminated_retention,
         };
         for stored in backends {
             let rec = &stored.record;
@@ -153,7 +177,7 @@ impl Reconciler {
                 .and_then(|d| d.deadline_at)
                 .is_some_and(|at| now >= at);
             let obs = Observed {
-                activity: inner.activity.get(rec.id.as_str()),
+                activity: self.activity.get(rec.id.as_str()),
                 drone_run_matches,
                 drain_deadline_passed,
                 now,
@@ -161,15 +185,17 @@ impl Reconciler {
             match decide(rec, obs, limits) {
                 Action::Nothing => {}
                 Action::Terminate(reason) => {
-                    inner.terminate(rec.id.as_str(), reason, false).await?;
+                    self.backends
+                        .terminate(rec.id.as_str(), reason, false)
+                        .await?;
                 }
                 Action::Kill => {
                     tracing::warn!(backend = %rec.id, "stop did not complete in time; killing");
-                    inner.send_terminate(rec, true).await?;
+                    self.backends.send_terminate(rec, true).await?;
                 }
                 Action::Lost => {
                     let run = rec.drone_run_id.clone().unwrap_or_default();
-                    inner
+                    self.backends
                         .mark_lost(
                             rec.id.as_str(),
                             &run,
@@ -178,10 +204,7 @@ impl Reconciler {
                         .await?;
                 }
                 Action::Remove => {
-                    inner
-                        .store
-                        .delete_if_revision(&stored.key, stored.mod_revision)
-                        .await?;
+                    self.backends.remove(&stored).await?;
                 }
             }
         }

@@ -1,72 +1,56 @@
-//! The `Scheduler`: shared state of the control plane and its background tasks (route feed,
-//! reconciler, drone event pumps).
+//! The `Scheduler`: the composition root of the control plane. It builds every component once,
+//! hands each only the components it needs, starts the background tasks (route publisher,
+//! reconciler, drone-loss watch, monitor, revocations) and serves the API.
+//!
+//! Components, lowest first (each is the only writer of its state):
+//! - [`ActivityBook`]: proxies' activity reports (idle timeouts);
+//! - [`DroneRegistry`]: connected drones and their command channels (written by
+//!   [`DroneSessions`]);
+//! - [`Routes`]: the route table, per-drone load, live-backend directory and route deltas
+//!   (written by the route publisher, `routes::RouteFeed`);
+//! - [`Drains`], [`HotShards`], [`Revocations`];
+//! - [`Backends`]: backend records and their lifecycle; [`Placement`]; [`Connector`];
+//! - [`DroneSessions`]: admission, sessions, drone loss;
+//! - the reconciler and the monitor, background loops over the above.
+//!
+//! Which of these is process-local (and so must move or be rebuilt when several instances run)
+//! is recorded in ARCHITECTURE.md.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use dashmap::DashMap;
+use axum::Router;
 use hangar_core::activity::ActivityBatch;
 use hangar_core::drone::{DroneMessage, Hello, SchedulerMessage};
 use hangar_core::route::RouteTable;
 use hangar_core::token::TokenKey;
+use hangar_store::{Store, StoreError};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::activity::ActivityBook;
+use crate::api::Handles;
 use crate::clock::Clock;
 use crate::config::SchedulerConfig;
+use crate::connect::Connector;
+use crate::dns_records::AcmeFeed;
+use crate::drains::Drains;
+use crate::drone_session::DroneSessions;
 use crate::drones::DroneRegistry;
 use crate::error::ApiError;
-use hangar_store::Store;
-
-/// Commands buffered per drone before a send waits.
-const DRONE_CHANNEL: usize = 1024;
-
-pub(crate) struct Inner {
-    pub(crate) config: SchedulerConfig,
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) token_key: TokenKey,
-    pub(crate) clock: Arc<dyn Clock>,
-    pub(crate) drones: DroneRegistry,
-    pub(crate) activity: ActivityBook,
-    /// Reservations of live backends per drone, refreshed by the route feed; read by
-    /// placement and `GET /v1/drones`.
-    pub(crate) route_load: DashMap<String, hangar_core::api::Amounts>,
-    /// Drains in progress by drone name; mirrors the store's drain records (refreshed by the
-    /// reconciler, updated by the drain API).
-    pub(crate) drains: DashMap<String, crate::records::DrainRecord>,
-    /// The latest route table; the route feed is its only writer.
-    pub(crate) routes: watch::Sender<Arc<RouteTable>>,
-    /// Set once the route feed has published its first table (readiness).
-    pub(crate) routes_ready: AtomicBool,
-    pub(crate) tasks: TaskTracker,
-    pub(crate) cancel: CancellationToken,
-    /// Recent route deltas for remote proxies.
-    pub(crate) deltas: crate::feed::DeltaLog,
-    /// The current set of revoked tokens; `feed::follow_revocations` is its only writer.
-    pub(crate) revocations: watch::Sender<Arc<hangar_core::feed::Revocations>>,
-    /// Serialises drone admission, drone loss and reconciler passes (see `admit_drone`).
-    pub(crate) admission: tokio::sync::Mutex<()>,
-    /// Live backends with their drone, pool and CPU cap; the route feed is its only writer.
-    /// A std lock held only to clone the `Arc`.
-    pub(crate) directory: std::sync::RwLock<Arc<crate::monitor::Directory>>,
-    /// The hot-shard detector's state. A std mutex: observations and passes are short and
-    /// never await while holding it.
-    pub(crate) hot: std::sync::Mutex<crate::hot::HotDetector>,
-    /// What the detector last found (`GET /v1/hot`, placement); the monitor is its only
-    /// writer.
-    pub(crate) hot_list: std::sync::RwLock<Arc<hangar_core::api::HotList>>,
-    /// Cached handles of per-backend gauges (usage and hotness).
-    pub(crate) backend_series: crate::metrics::BackendSeries,
-    /// Backends relocated off hot drones since start.
-    pub(crate) relocated_total: std::sync::atomic::AtomicU64,
-}
+use crate::hot_state::HotShards;
+use crate::lifecycle::Backends;
+use crate::monitor::{Monitor, MonitorParts};
+use crate::placement::Placement;
+use crate::reconciler::Reconciler;
+use crate::revocations::{Revocations, RevocationsRx};
+use crate::routes::{RouteFeed, Routes};
 
 /// The control plane. Cheap to clone.
 #[derive(Clone)]
 pub struct Scheduler {
-    pub(crate) inner: Arc<Inner>,
+    handles: Handles,
 }
 
 impl Scheduler {
@@ -76,144 +60,212 @@ impl Scheduler {
         token_key: TokenKey,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        let hot = crate::hot::HotDetector::new(config.hot.clone());
-        let hot_list = Arc::new(crate::monitor::empty_list(&config));
+        let config = Arc::new(config);
+        let tasks = TaskTracker::new();
+        let cancel = CancellationToken::new();
+
+        let activity = Arc::new(ActivityBook::default());
+        let drones = Arc::new(DroneRegistry::default());
+        let routes = Arc::new(Routes::default());
+        let drains = Arc::new(Drains::new(store.clone()));
+        let hot = Arc::new(HotShards::new(
+            config.clone(),
+            clock.clone(),
+            routes.clone(),
+        ));
+        let revocations = Arc::new(Revocations::new(
+            store.clone(),
+            config.clone(),
+            clock.clone(),
+            token_key.clone(),
+        ));
+        let backends = Arc::new(Backends::new(
+            store.clone(),
+            clock.clone(),
+            config.clone(),
+            activity.clone(),
+            drones.clone(),
+        ));
+        let placement = Arc::new(Placement::new(
+            config.clone(),
+            drones.clone(),
+            routes.clone(),
+            drains.clone(),
+            hot.clone(),
+        ));
+        let connector = Arc::new(Connector::new(
+            store.clone(),
+            clock.clone(),
+            config.clone(),
+            token_key.clone(),
+            backends.clone(),
+            placement.clone(),
+            routes.clone(),
+        ));
+        let sessions = Arc::new(DroneSessions::new(
+            store.clone(),
+            clock.clone(),
+            config.clone(),
+            drones.clone(),
+            backends.clone(),
+            hot.clone(),
+            cancel.clone(),
+            tasks.clone(),
+        ));
         Scheduler {
-            inner: Arc::new(Inner {
+            handles: Handles {
                 config,
+                clock,
                 store,
                 token_key,
-                clock,
-                drones: DroneRegistry::default(),
-                activity: ActivityBook::default(),
-                route_load: DashMap::new(),
-                drains: DashMap::new(),
-                routes: watch::channel(Arc::new(RouteTable::default())).0,
-                routes_ready: AtomicBool::new(false),
-                tasks: TaskTracker::new(),
-                cancel: CancellationToken::new(),
-                admission: tokio::sync::Mutex::new(()),
-                directory: Default::default(),
-                hot: std::sync::Mutex::new(hot),
-                hot_list: std::sync::RwLock::new(hot_list),
-                backend_series: Default::default(),
-                relocated_total: Default::default(),
-                deltas: crate::feed::DeltaLog::default(),
-                revocations: watch::channel(Arc::new(Default::default())).0,
-            }),
+                connector,
+                backends,
+                sessions,
+                drones,
+                drains,
+                routes,
+                hot,
+                activity,
+                revocations,
+                tasks,
+                cancel,
+            },
         }
     }
 
-    /// Starts the route feed and the reconciler. They stop when `cancel` fires; await
-    /// [`Scheduler::wait`] afterwards.
-    pub async fn start(&self, cancel: CancellationToken) -> Result<(), hangar_store::StoreError> {
-        let inner = self.inner.clone();
+    /// Starts the route publisher, the reconciler, the drone-loss watch, the monitor and the
+    /// revocation mirror. They stop when `cancel` fires; await [`Scheduler::wait`] afterwards.
+    pub async fn start(&self, cancel: CancellationToken) -> Result<(), StoreError> {
+        let h = &self.handles;
         // Publish the first table before returning, so a proxy wired afterwards starts with
         // every known route (and restarts never serve an empty table).
-        let feed = crate::route_feed::RouteFeed::new(inner.clone());
+        let feed = RouteFeed::new(h.store.clone(), h.config.clone(), h.routes.clone());
         let initial = feed.load().await?;
-        let c = cancel.clone();
-        self.inner
-            .tasks
-            .spawn(async move { feed.run(initial, c).await });
-        let reconciler = crate::reconciler::Reconciler::new(inner.clone());
+        h.tasks.spawn(feed.run(initial, cancel.clone()));
+
+        let reconciler = Reconciler::new(
+            h.store.clone(),
+            h.clock.clone(),
+            h.config.clone(),
+            h.backends.clone(),
+            h.drains.clone(),
+            h.activity.clone(),
+            h.sessions.clone(),
+        );
         // One pass before serving: records left by a previous run (backends that died with
         // it) are closed before any request can be routed to them.
         if let Err(e) = reconciler.pass().await {
             tracing::warn!(error = %e, "first reconciler pass failed; it will be retried");
         }
+        h.tasks.spawn(reconciler.run(cancel.clone()));
+
+        let sessions = h.sessions.clone();
         let c = cancel.clone();
-        self.inner
-            .tasks
-            .spawn(async move { reconciler.run(c).await });
+        h.tasks.spawn(async move { sessions.watch_drones(c).await });
+
+        h.tasks.spawn(self.monitor().run(cancel.clone()));
+
+        let revocations = h.revocations.clone();
         let c = cancel.clone();
-        self.inner
-            .tasks
-            .spawn(crate::drone_session::watch_drones(inner.clone(), c));
-        let monitor = crate::monitor::Monitor::new(inner.clone());
-        let c = cancel.clone();
-        self.inner.tasks.spawn(monitor.run(c));
-        self.inner
-            .tasks
-            .spawn(crate::feed::record_deltas(inner.clone(), cancel.clone()));
-        self.inner.tasks.spawn(crate::feed::follow_revocations(
-            inner.clone(),
-            cancel.clone(),
-        ));
-        let own = self.inner.cancel.clone();
-        self.inner.tasks.spawn(async move {
+        h.tasks.spawn(async move { revocations.follow(c).await });
+
+        // Sessions, SSE streams and feeds stop with the caller's token.
+        let own = h.cancel.clone();
+        h.tasks.spawn(async move {
             cancel.cancelled().await;
             own.cancel();
         });
         Ok(())
     }
 
+    /// The monitor over this scheduler's components.
+    pub(crate) fn monitor(&self) -> Monitor {
+        let h = &self.handles;
+        Monitor::new(MonitorParts {
+            config: h.config.clone(),
+            clock: h.clock.clone(),
+            hot: h.hot.clone(),
+            routes: h.routes.clone(),
+            drones: h.drones.clone(),
+            drains: h.drains.clone(),
+            backends: h.backends.clone(),
+            activity: h.activity.clone(),
+        })
+    }
+
     /// Waits for every background task to finish (after cancellation).
     pub async fn wait(&self) {
-        self.inner.tasks.close();
-        self.inner.tasks.wait().await;
+        self.handles.tasks.close();
+        self.handles.tasks.wait().await;
     }
 
     /// Follows the route table: the proxy and DNS subscribe here.
     pub fn routes(&self) -> watch::Receiver<Arc<RouteTable>> {
-        self.inner.routes.subscribe()
+        self.handles.routes.subscribe()
     }
 
     /// Follows the set of revoked tokens: proxies subscribe here.
-    pub fn revocations(&self) -> crate::feed::RevocationsRx {
-        self.inner.revocations.subscribe()
+    pub fn revocations(&self) -> RevocationsRx {
+        self.handles.revocations.subscribe()
     }
 
-    /// Merges activity reported by a proxy.
+    /// Merges activity reported by a proxy: idle timeouts, and request counts for the
+    /// hot-shard detector.
     pub fn report_activity(&self, batch: &ActivityBatch) {
-        self.inner.record_activity(batch);
+        self.handles.activity.record(batch);
+        self.handles.hot.observe_activity(batch);
     }
 
     /// Records resource use reported by an in-process drone (network drones report over
     /// their session).
     pub fn report_usage(&self, drone: &str, usage: &[hangar_core::drone::BackendUsage]) {
-        self.inner.record_usage(drone, usage);
+        self.handles.hot.observe_usage(drone, usage);
     }
 
     /// True once routes are loaded and at least one drone is attached.
     pub fn is_ready(&self) -> bool {
-        self.inner.routes_ready.load(Ordering::Acquire) && !self.inner.drones.is_empty()
+        self.handles.routes.is_ready() && !self.handles.drones.is_empty()
     }
 
     /// Attaches a drone whose agent runs in this process (dev mode). Returns the channel the
-    /// agent reads commands from and the one it sends events on; events are applied in order
-    /// by a tracked task until shutdown begins.
+    /// agent reads commands from and the one it sends events on.
     pub async fn attach_drone(
         &self,
         hello: Hello,
     ) -> Result<(mpsc::Receiver<SchedulerMessage>, mpsc::Sender<DroneMessage>), ApiError> {
-        let (cmd_rx, _status) = self.inner.admit_drone(&hello, None).await?;
-        let (ev_tx, mut ev_rx) = mpsc::channel::<DroneMessage>(DRONE_CHANNEL);
-        let inner = self.inner.clone();
-        let (name, run_id) = (hello.drone, hello.run_id);
-        self.inner.tasks.spawn(async move {
-            loop {
-                // After shutdown begins no event is applied: backends stopped by a shutting
-                // down agent stay recorded under its run and are closed as lost on restart.
-                let msg = tokio::select! {
-                    _ = inner.cancel.cancelled() => break,
-                    m = ev_rx.recv() => m,
-                };
-                let Some(DroneMessage::Event { backend, event }) = msg else {
-                    break;
-                };
-                inner
-                    .apply_drone_event(&name, &run_id, &backend, event)
-                    .await;
-            }
-            inner.drones.remove(&name, &run_id);
-            tracing::info!(drone = %name, run_id = %run_id, "drone detached");
-        });
-        Ok((cmd_rx, ev_tx))
+        Ok(self.handles.sessions.attach(hello).await?)
+    }
+
+    /// A feed of the ACME challenge records in this scheduler's store; run it with
+    /// [`AcmeFeed::run`].
+    pub fn acme_feed(&self) -> AcmeFeed {
+        AcmeFeed::new(self.handles.store.clone())
     }
 
     /// The scheduler's configuration.
     pub fn config(&self) -> &SchedulerConfig {
-        &self.inner.config
+        &self.handles.config
+    }
+
+    /// The API's router (exposed for embedding and tests).
+    pub fn router(&self) -> Router {
+        crate::api::router(self.handles.clone())
+    }
+
+    /// Serves the API on `listener` until `shutdown` fires, finishing in-flight requests.
+    pub async fn serve_api(
+        &self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    }
+
+    /// The components, for tests that drive them directly.
+    #[cfg(test)]
+    pub(crate) fn handles(&self) -> &Handles {
+        &self.handles
     }
 }

@@ -279,6 +279,15 @@ pub enum StoreError {
     Closed,
 }
 
+impl StoreError {
+    /// Whether the same call may succeed later: the backend failed (I/O, an unreachable
+    /// member) or history was compacted (list again). Configuration and usage errors
+    /// (a bad path, an expired lease, an oversized transaction, a closed store) are not.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Backend(_) | StoreError::Compacted { .. })
+    }
+}
+
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// The etcd-shaped store API. All scheduler logic uses only this trait; every write that could

@@ -1,117 +1,31 @@
-//! The HTTP API (JSON): connect, list, status, events (SSE), terminate, activity reports,
-//! health. Served from an already-bound listener until the shutdown token fires.
+//! Backend endpoints: connect, list, status, events (SSE), terminate.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::Json;
+use axum::extract::{Path, Query, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use bytes::Bytes;
-use hangar_core::activity::ActivityBatch;
 use hangar_core::api::{BackendList, ConnectRequest, TerminateRequest};
 use hangar_core::{BackendState, TerminationReason};
+use hangar_store::WatchEvent;
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 
+use super::extract::ApiJson;
+use super::handles::Handles;
 use crate::error::ApiError;
 use crate::records::{BackendRecord, backend_key};
-use crate::scheduler::{Inner, Scheduler};
-use hangar_store::WatchEvent;
 
-/// Largest request body accepted.
-const MAX_BODY: usize = 64 * 1024;
-
-/// A JSON body whose errors are API errors naming the offending field. An empty body is `{}`.
-pub struct ApiJson<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError::BadRequest(format!("cannot read request body: {e}")))?;
-        let bytes = if bytes.iter().all(u8::is_ascii_whitespace) {
-            Bytes::from_static(b"{}")
-        } else {
-            bytes
-        };
-        let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        serde_path_to_error::deserialize(de)
-            .map(ApiJson)
-            .map_err(|e| {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                if inner.is_syntax() || inner.is_eof() {
-                    ApiError::BadRequest(format!("malformed JSON: {inner}"))
-                } else if path == "." {
-                    ApiError::BadRequest(format!("invalid request: {inner}"))
-                } else {
-                    ApiError::BadRequest(format!("invalid field `{path}`: {inner}"))
-                }
-            })
-    }
-}
-
-type Shared = Arc<Inner>;
-
-impl Scheduler {
-    /// The API's router (exposed for embedding and tests).
-    pub fn router(&self) -> Router {
-        Router::new()
-            .route("/v1/connect", post(connect))
-            .route("/v1/backends", get(list_backends))
-            .route("/v1/backends/{id}", get(get_backend))
-            .route("/v1/backends/{id}/events", get(backend_events))
-            .route("/v1/backends/{id}/terminate", post(terminate))
-            .route("/v1/activity", post(activity))
-            .route("/v1/routes/feed", get(crate::feed::route_feed))
-            .route("/v1/tokens/revoke", post(crate::feed::revoke))
-            .route("/v1/hot", get(crate::monitor::hot))
-            .route("/v1/drones", get(crate::drone_api::list))
-            .route("/v1/drones/connect", get(crate::drone_api::connect))
-            .route("/v1/drones/{name}/drain", post(crate::drone_api::drain))
-            .route("/v1/drones/{name}/undrain", post(crate::drone_api::undrain))
-            .route(
-                "/v1/dns/acme-challenge",
-                get(crate::dns_records::list)
-                    .post(crate::dns_records::post)
-                    .delete(crate::dns_records::delete),
-            )
-            .route("/healthz", get(|| async { "ok" }))
-            .route("/readyz", get(readyz))
-            .fallback(|| async {
-                ApiError::NotFound("no such API endpoint: see the README for the API".into())
-            })
-            .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-            .with_state(self.inner.clone())
-    }
-
-    /// Serves the API on `listener` until `shutdown` fires, finishing in-flight requests.
-    pub async fn serve_api(
-        &self,
-        listener: TcpListener,
-        shutdown: CancellationToken,
-    ) -> std::io::Result<()> {
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
-    }
-}
-
-async fn connect(
-    State(inner): State<Shared>,
+/// `POST /v1/connect`.
+pub(crate) async fn connect(
+    State(h): State<Handles>,
     ApiJson(req): ApiJson<ConnectRequest>,
 ) -> Result<Response, ApiError> {
-    let resp = inner
+    let resp = h
+        .connector
         .connect(req)
         .await
         .inspect_err(|e| crate::metrics::connect(e.code()))?;
@@ -126,7 +40,7 @@ async fn connect(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+pub(crate) struct ListQuery {
     status: Option<String>,
 }
 
@@ -140,8 +54,9 @@ const STATUSES: [&str; 7] = [
     "live",
 ];
 
-async fn list_backends(
-    State(inner): State<Shared>,
+/// `GET /v1/backends[?status=…]`.
+pub(crate) async fn list(
+    State(h): State<Handles>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<BackendList>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
@@ -153,7 +68,9 @@ async fn list_backends(
             STATUSES.join(", ")
         )));
     }
-    let mut backends: Vec<BackendRecord> = crate::records::list_backends(inner.store.as_ref())
+    let mut backends: Vec<BackendRecord> = h
+        .backends
+        .list()
         .await?
         .into_iter()
         .map(|s| s.record)
@@ -169,69 +86,47 @@ async fn list_backends(
     }))
 }
 
-async fn get_backend(
-    State(inner): State<Shared>,
+/// `GET /v1/backends/{id}`.
+pub(crate) async fn get(
+    State(h): State<Handles>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    match inner.get_backend(&id).await? {
+    match h.backends.get(&id).await? {
         Some((rec, _)) => Ok(Json(rec.view()).into_response()),
         None => Err(ApiError::NotFound(format!("no backend {id}"))),
     }
 }
 
-async fn terminate(
-    State(inner): State<Shared>,
+/// `POST /v1/backends/{id}/terminate`.
+pub(crate) async fn terminate(
+    State(h): State<Handles>,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<TerminateRequest>,
 ) -> Result<Response, ApiError> {
-    let rec = inner
+    let rec = h
+        .backends
         .terminate(&id, TerminationReason::Requested, req.hard)
         .await?;
     Ok((http::StatusCode::ACCEPTED, Json(rec.view())).into_response())
 }
 
-async fn activity(
-    State(inner): State<Shared>,
-    headers: http::HeaderMap,
-    ApiJson(batch): ApiJson<ActivityBatch>,
-) -> Result<http::StatusCode, ApiError> {
-    // Remote proxies report with the cluster secret; without one nobody may report (a forged
-    // report could keep backends alive forever).
-    crate::feed::check_cluster_secret(&inner, &headers)?;
-    inner.record_activity(&batch);
-    Ok(http::StatusCode::NO_CONTENT)
-}
-
-async fn readyz(State(inner): State<Shared>) -> Result<&'static str, ApiError> {
-    let ready = inner
-        .routes_ready
-        .load(std::sync::atomic::Ordering::Acquire);
-    if !ready {
-        return Err(ApiError::Unavailable("routes are not loaded yet".into()));
-    }
-    if inner.drones.is_empty() {
-        return Err(ApiError::Unavailable("no drone is connected".into()));
-    }
-    Ok("ready")
-}
-
 /// Streams the backend's state as Server-Sent Events (`event: state`, data = the backend's
 /// JSON): the current state first, then one event per state change, ending after
 /// `terminated`.
-async fn backend_events(
-    State(inner): State<Shared>,
+pub(crate) async fn events(
+    State(h): State<Handles>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let key = backend_key(&id);
-    let Some(kv) = inner.store.get(&key).await? else {
+    let Some(kv) = h.store.get(&key).await? else {
         return Err(ApiError::NotFound(format!("no backend {id}")));
     };
     let first: BackendRecord = serde_json::from_slice(&kv.value)
         .map_err(|e| ApiError::Internal(format!("backend record {id} is unreadable: {e}")))?;
-    let mut watch = inner.store.watch(&key, kv.mod_revision + 1).await?;
+    let mut watch = h.store.watch(&key, kv.mod_revision + 1).await?;
     let (tx, rx) = mpsc::channel(16);
-    let cancel = inner.cancel.clone();
-    inner.tasks.spawn(async move {
+    let cancel = h.cancel.clone();
+    h.tasks.spawn(async move {
         let send = |rec: &BackendRecord| {
             Event::default()
                 .event("state")

@@ -2,31 +2,26 @@
 //! list, drain and undrain.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
-use hangar_core::api::{Amounts, DrainRequest, DroneList, DroneView};
+use hangar_core::api::{DrainRequest, DroneList, DroneView};
 use http::HeaderMap;
 use subtle::ConstantTimeEq;
 
-use crate::api::ApiJson;
-use crate::drone_session::serve_session;
+use super::extract::ApiJson;
+use super::handles::Handles;
 use crate::error::ApiError;
-use crate::records::{DrainRecord, drain_key};
-use crate::records::{list_backends, list_drains, list_drones};
-use crate::scheduler::Inner;
-
-type Shared = Arc<Inner>;
+use crate::records::{drain_key, drone_key, list_drains, list_drones};
 
 /// `GET /v1/drones/connect`: a drone's session, authenticated by the shared drone secret.
 pub(crate) async fn connect(
-    State(inner): State<Shared>,
+    State(h): State<Handles>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let Some(secret) = inner.config.drone_secret.as_deref() else {
+    let Some(secret) = h.config.drone_secret.as_deref() else {
         return Err(ApiError::Forbidden(
             "this scheduler accepts no network drones: start it with --drone-secret".into(),
         ));
@@ -42,21 +37,23 @@ pub(crate) async fn connect(
                 .into(),
         ));
     }
-    let tracked = inner.clone();
-    Ok(ws.on_upgrade(move |socket| async move {
-        let tasks = tracked.tasks.clone();
-        tasks.track_future(serve_session(tracked, socket)).await
-    }))
+    let sessions = h.sessions.clone();
+    let tasks = h.tasks.clone();
+    Ok(
+        ws.on_upgrade(
+            move |socket| async move { tasks.track_future(sessions.serve(socket)).await },
+        ),
+    )
 }
 
 /// `GET /v1/drones`.
-pub(crate) async fn list(State(inner): State<Shared>) -> Result<Json<DroneList>, ApiError> {
-    let now = inner.clock.now_ms();
-    let records = list_drones(inner.store.as_ref()).await?;
-    let drains = list_drains(inner.store.as_ref()).await?;
+pub(crate) async fn list(State(h): State<Handles>) -> Result<Json<DroneList>, ApiError> {
+    let now = h.clock.now_ms();
+    let records = list_drones(h.store.as_ref()).await?;
+    let drains = list_drains(h.store.as_ref()).await?;
     let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     let mut live: BTreeMap<String, u64> = BTreeMap::new();
-    for b in list_backends(inner.store.as_ref()).await? {
+    for b in h.backends.list().await? {
         let b = b.record;
         let Some(d) = b.drone.clone() else { continue };
         *counts
@@ -69,14 +66,14 @@ pub(crate) async fn list(State(inner): State<Shared>) -> Result<Json<DroneList>,
         }
     }
     let mut names: Vec<String> = records.keys().chain(drains.keys()).cloned().collect();
-    names.extend(inner.drones.all().into_iter().map(|d| d.name));
+    names.extend(h.drones.all().into_iter().map(|d| d.name));
     names.sort();
     names.dedup();
     let drones = names
         .into_iter()
         .map(|name| {
             let rec = records.get(&name);
-            let conn = inner.drones.get(&name);
+            let conn = h.drones.get(&name);
             let drain = drains.get(&name);
             let live_here = live.get(&name).copied().unwrap_or(0);
             let unhealthy = conn.as_ref().and_then(|c| c.status.unhealthy());
@@ -93,11 +90,7 @@ pub(crate) async fn list(State(inner): State<Shared>) -> Result<Json<DroneList>,
                 runtime: rec.map(|r| r.runtime.clone()),
                 pool: rec.map(|r| r.pool.clone()),
                 capacity: rec.map(|r| r.capacity),
-                reserved: inner
-                    .route_load
-                    .get(&name)
-                    .map(|v| *v)
-                    .unwrap_or(Amounts::default()),
+                reserved: h.routes.load_of(&name),
                 backends: counts.remove(&name).unwrap_or_default(),
                 heartbeat_age_ms: conn.as_ref().map(|c| match rec.and_then(|r| r.lease) {
                     Some(_) => now.saturating_sub(c.status.last_heartbeat()),
@@ -114,50 +107,35 @@ pub(crate) async fn list(State(inner): State<Shared>) -> Result<Json<DroneList>,
 
 /// `POST /v1/drones/{name}/drain`: cordon at once; terminate what remains at the deadline.
 pub(crate) async fn drain(
-    State(inner): State<Shared>,
+    State(h): State<Handles>,
     Path(name): Path<String>,
     ApiJson(req): ApiJson<DrainRequest>,
 ) -> Result<Response, ApiError> {
-    known_drone(&inner, &name).await?;
-    let now = inner.clock.now_ms();
-    let rec = DrainRecord {
-        started_at: now,
-        deadline_at: req.deadline_s.map(|s| now + s * 1000),
-    };
-    inner
-        .store
-        .put(
-            &drain_key(&name),
-            serde_json::to_vec(&rec).unwrap_or_default(),
-            None,
-        )
+    known_drone(&h, &name).await?;
+    let now = h.clock.now_ms();
+    h.drains
+        .start(&name, now, req.deadline_s.map(|s| now + s * 1000))
         .await?;
-    inner.drains.insert(name.clone(), rec);
     tracing::info!(drone = %name, deadline_s = ?req.deadline_s, "drain started");
-    let view = view_of(&inner, &name).await?;
+    let view = view_of(&h, &name).await?;
     Ok((http::StatusCode::ACCEPTED, Json(view)).into_response())
 }
 
 /// `POST /v1/drones/{name}/undrain`.
 pub(crate) async fn undrain(
-    State(inner): State<Shared>,
+    State(h): State<Handles>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    known_drone(&inner, &name).await?;
-    inner.store.delete(&drain_key(&name)).await?;
-    inner.drains.remove(&name);
+    known_drone(&h, &name).await?;
+    h.drains.cancel(&name).await?;
     tracing::info!(drone = %name, "drain cancelled");
-    Ok(Json(view_of(&inner, &name).await?).into_response())
+    Ok(Json(view_of(&h, &name).await?).into_response())
 }
 
-async fn known_drone(inner: &Inner, name: &str) -> Result<(), ApiError> {
-    let known = inner.drones.get(name).is_some()
-        || inner
-            .store
-            .get(&crate::records::drone_key(name))
-            .await?
-            .is_some()
-        || inner.store.get(&drain_key(name)).await?.is_some();
+async fn known_drone(h: &Handles, name: &str) -> Result<(), ApiError> {
+    let known = h.drones.get(name).is_some()
+        || h.store.get(&drone_key(name)).await?.is_some()
+        || h.store.get(&drain_key(name)).await?.is_some();
     if known {
         Ok(())
     } else {
@@ -167,8 +145,8 @@ async fn known_drone(inner: &Inner, name: &str) -> Result<(), ApiError> {
     }
 }
 
-async fn view_of(inner: &Shared, name: &str) -> Result<DroneView, ApiError> {
-    let Json(list) = list(State(inner.clone())).await?;
+async fn view_of(h: &Handles, name: &str) -> Result<DroneView, ApiError> {
+    let Json(list) = list(State(h.clone())).await?;
     list.drones
         .into_iter()
         .find(|d| d.name == name)

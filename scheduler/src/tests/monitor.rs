@@ -12,8 +12,9 @@ use hangar_core::{BackendState, KeyRef, TerminationReason};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use tokio_util::sync::CancellationToken;
 
-use super::*;
 use crate::hot::HotConfig;
+use crate::hot::ReliefConfig;
+use crate::metrics as m;
 use crate::{Clock, ManualClock, Scheduler, SchedulerConfig};
 use hangar_store::embedded::EmbeddedStore;
 
@@ -86,15 +87,17 @@ async fn a_hot_backend_is_flagged_gauged_listed_and_its_idle_neighbours_relocate
 
     // Five backends on d1, then d2 joins: somewhere else to put relocated backends.
     let (_commands1, _) = sched
-        .inner
-        .admit_drone(&hello("d1", "r1"), None)
+        .handles()
+        .sessions
+        .admit(&hello("d1", "r1"), None)
         .await
         .unwrap();
     let names = ["hot", "busy1", "busy2", "idle1", "idle2"];
     let mut ids = Vec::new();
     for name in names {
         let r = sched
-            .inner
+            .handles()
+            .connector
             .connect(ConnectRequest {
                 key: Some(KeyRef::new("default", name)),
                 ..Default::default()
@@ -104,8 +107,9 @@ async fn a_hot_backend_is_flagged_gauged_listed_and_its_idle_neighbours_relocate
         ids.push(r.backend_id);
     }
     let (_commands2, _) = sched
-        .inner
-        .admit_drone(&hello("d2", "r2"), None)
+        .handles()
+        .sessions
+        .admit(&hello("d2", "r2"), None)
         .await
         .unwrap();
     let address = "127.0.0.1:9".parse().unwrap();
@@ -115,12 +119,18 @@ async fn a_hot_backend_is_flagged_gauged_listed_and_its_idle_neighbours_relocate
             BackendEvent::Waiting { address },
             BackendEvent::Ready { address },
         ] {
-            sched.inner.apply_event("d1", "r1", id, ev).await.unwrap();
+            sched
+                .handles()
+                .backends
+                .apply_event("d1", "r1", id, ev)
+                .await
+                .unwrap();
         }
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     while sched
-        .inner
+        .handles()
+        .routes
         .directory()
         .values()
         .filter(|p| p.state == "ready")
@@ -135,7 +145,7 @@ async fn a_hot_backend_is_flagged_gauged_listed_and_its_idle_neighbours_relocate
     clock.advance_ms(60_000);
     let start = clock.now_ms();
     let rates = [500u64, 50, 50, 0, 0];
-    let mut monitor = Monitor::new(sched.inner.clone());
+    let mut monitor = sched.monitor();
     let mut relocated_per_pass = Vec::new();
     for step in 0..=60u64 {
         let now = clock.now_ms();
@@ -154,14 +164,14 @@ async fn a_hot_backend_is_flagged_gauged_listed_and_its_idle_neighbours_relocate
             reports,
         });
         if step.is_multiple_of(4) {
-            let before = sched.inner.relocated_total.load(Ordering::Relaxed);
+            let before = sched.handles().hot.relocated_total();
             monitor.pass().await;
-            relocated_per_pass.push(sched.inner.relocated_total.load(Ordering::Relaxed) - before);
+            relocated_per_pass.push(sched.handles().hot.relocated_total() - before);
         }
         clock.advance_ms(250);
     }
 
-    let list = sched.inner.hot_list();
+    let list = sched.handles().hot.list();
     assert_eq!(list.backends.len(), 1, "{list:?}");
     let hot = &list.backends[0];
     assert_eq!(hot.backend, ids[0]);
@@ -185,8 +195,9 @@ async fn a_hot_backend_is_flagged_gauged_listed_and_its_idle_neighbours_relocate
     );
     for (i, id) in ids.iter().enumerate() {
         let state = sched
-            .inner
-            .get_backend(id.as_str())
+            .handles()
+            .backends
+            .get(id.as_str())
             .await
             .unwrap()
             .unwrap()
@@ -207,7 +218,8 @@ async fn a_hot_backend_is_flagged_gauged_listed_and_its_idle_neighbours_relocate
     }
     // The relocated key's next connect lands on the other drone.
     let again = sched
-        .inner
+        .handles()
+        .connector
         .connect(ConnectRequest {
             key: Some(KeyRef::new("default", "idle1")),
             ..Default::default()
@@ -216,8 +228,9 @@ async fn a_hot_backend_is_flagged_gauged_listed_and_its_idle_neighbours_relocate
         .unwrap();
     assert!(again.spawned);
     let placed = sched
-        .inner
-        .get_backend(again.backend_id.as_str())
+        .handles()
+        .backends
+        .get(again.backend_id.as_str())
         .await
         .unwrap()
         .unwrap()
@@ -254,7 +267,7 @@ async fn a_hot_backend_is_flagged_gauged_listed_and_its_idle_neighbours_relocate
     );
     assert_eq!(gauge(&snapshot, m::DRONE_HOT, ("drone", "d1")), 0.0);
     // One set of gauges per live backend (the relocated ones are still terminating).
-    assert_eq!(sched.inner.backend_series.len(), 5);
+    assert_eq!(sched.handles().hot.series().len(), 5);
     // Every hot gauge is labelled with the backend's drone and pool only.
     for (name, labels, _) in &snapshot {
         if name == m::BACKEND_HOT {

@@ -1,0 +1,42 @@
+//! The state every handler receives.
+
+use std::sync::Arc;
+
+use hangar_core::token::TokenKey;
+use hangar_store::Store;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::activity::ActivityBook;
+use crate::clock::Clock;
+use crate::config::SchedulerConfig;
+use crate::connect::Connector;
+use crate::drains::Drains;
+use crate::drone_session::DroneSessions;
+use crate::drones::DroneRegistry;
+use crate::hot_state::HotShards;
+use crate::lifecycle::Backends;
+use crate::revocations::Revocations;
+use crate::routes::Routes;
+
+/// What the handlers reach: the components, and the tracker and token that streaming
+/// responses (SSE, the route feed) run their tasks under.
+#[derive(Clone)]
+pub struct Handles {
+    pub config: Arc<SchedulerConfig>,
+    pub clock: Arc<dyn Clock>,
+    /// Read only: ACME records and the drone list read the store directly.
+    pub store: Arc<dyn Store>,
+    pub token_key: TokenKey,
+    pub connector: Arc<Connector>,
+    pub backends: Arc<Backends>,
+    pub sessions: Arc<DroneSessions>,
+    pub drones: Arc<DroneRegistry>,
+    pub drains: Arc<Drains>,
+    pub routes: Arc<Routes>,
+    pub hot: Arc<HotShards>,
+    pub activity: Arc<ActivityBook>,
+    pub revocations: Arc<Revocations>,
+    pub tasks: TaskTracker,
+    pub cancel: CancellationToken,
+}

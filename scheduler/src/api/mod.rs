@@ -1,0 +1,73 @@
+//! The HTTP API (JSON): the router and the state its handlers share.
+//!
+//! Handlers depend on components ([`Handles`]: one `Arc` per component), never the reverse;
+//! nothing below this module knows about HTTP except the error type. Submodules import
+//! [`Handles`] and [`ApiJson`] from their own modules, never from this one. Each submodule serves one
+//! area: [`backends`] (connect, list, status, events, terminate), [`drones`] (the session
+//! endpoint, list, drain), [`feed`] (what remote proxies follow and report), [`acme`] (DNS-01
+//! challenge records).
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hangar_core::api::HotList;
+
+use crate::error::ApiError;
+
+mod acme;
+mod backends;
+mod drones;
+mod extract;
+mod feed;
+mod handles;
+
+pub use extract::ApiJson;
+pub use handles::Handles;
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+
+/// The API's routes.
+pub fn router(handles: Handles) -> Router {
+    Router::new()
+        .route("/v1/connect", post(backends::connect))
+        .route("/v1/backends", get(backends::list))
+        .route("/v1/backends/{id}", get(backends::get))
+        .route("/v1/backends/{id}/events", get(backends::events))
+        .route("/v1/backends/{id}/terminate", post(backends::terminate))
+        .route("/v1/activity", post(feed::activity))
+        .route("/v1/routes/feed", get(feed::route_feed))
+        .route("/v1/tokens/revoke", post(feed::revoke))
+        .route("/v1/hot", get(hot))
+        .route("/v1/drones", get(drones::list))
+        .route("/v1/drones/connect", get(drones::connect))
+        .route("/v1/drones/{name}/drain", post(drones::drain))
+        .route("/v1/drones/{name}/undrain", post(drones::undrain))
+        .route(
+            "/v1/dns/acme-challenge",
+            get(acme::list).post(acme::post).delete(acme::delete),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async {
+            ApiError::NotFound("no such API endpoint: see the README for the API".into())
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(handles)
+}
+
+/// `GET /readyz`: routes loaded and at least one drone attached.
+async fn readyz(State(h): State<Handles>) -> Result<&'static str, ApiError> {
+    if !h.routes.is_ready() {
+        return Err(ApiError::Unavailable("routes are not loaded yet".into()));
+    }
+    if h.drones.is_empty() {
+        return Err(ApiError::Unavailable("no drone is connected".into()));
+    }
+    Ok("ready")
+}
+
+/// `GET /v1/hot`.
+async fn hot(State(h): State<Handles>) -> Json<HotList> {
+    Json((*h.hot.list()).clone())
+}

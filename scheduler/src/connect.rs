@@ -1,0 +1,303 @@
+//! Connect: find the live backend that holds a key, or place a new one and write its record
+//! and the key's claim in one store transaction. The key record's fencing epoch only grows, so a backend handed epoch `n`
+//! knows every later owner of its key has a higher one.
+
+use std::sync::Arc;
+
+use hangar_core::api::{ConnectRequest, ConnectResponse, Resources};
+use hangar_core::token::TokenKey;
+use hangar_core::{BackendId, BackendState};
+use hangar_store::{Compare, Expect, KeyValue, Store, TxnOp, TxnOutcome};
+
+use crate::clock::Clock;
+use crate::config::SchedulerConfig;
+use crate::error::ApiError;
+use crate::lifecycle::{Backends, decode_backend, encode};
+use crate::placement::Placement;
+use crate::records::{BackendRecord, KeyRecord, ResolvedSpawn, backend_key, key_key};
+use crate::routes::Routes;
+
+/// Attempts at claiming the key before giving up (each attempt re-reads).
+const CONNECT_ATTEMPTS: usize = 64;
+
+fn decode_key(kv: &KeyValue) -> Result<KeyRecord, ApiError> {
+    serde_json::from_slice(&kv.value)
+        .map_err(|e| ApiError::Internal(format!("key record {} is unreadable: {e}", kv.key)))
+}
+
+/// Variables the drone sets for every backend; a spawn may not override them.
+const RESERVED_ENV: [&str; 4] = ["PORT", "HANGAR_BACKEND_ID", "HANGAR_KEY", "HANGAR_EPOCH"];
+
+/// Validates a connect request; errors name the field.
+pub fn validate_connect(req: &ConnectRequest) -> Result<(), ApiError> {
+    if let Some(key) = &req.key {
+        key.validate()
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    }
+    if let Some(user) = &req.user
+        && (user.len() > 200 || user.contains(['\n', '\r']) || user.chars().any(char::is_control))
+    {
+        return Err(ApiError::BadRequest(
+            "user must be at most 200 characters with no control characters".into(),
+        ));
+    }
+    if let Some(spawn) = &req.spawn {
+        if let Some(cmd) = &spawn.command
+            && (cmd.is_empty() || cmd[0].is_empty())
+        {
+            return Err(ApiError::BadRequest(
+                "spawn.command must name an executable: a non-empty list of strings".into(),
+            ));
+        }
+        if spawn.command.is_some() && spawn.image.is_some() {
+            return Err(ApiError::BadRequest(
+                "spawn.command and spawn.image are exclusive: give one".into(),
+            ));
+        }
+        if let Some(image) = &spawn.image
+            && image.trim().is_empty()
+        {
+            return Err(ApiError::BadRequest("spawn.image is empty".into()));
+        }
+        if spawn.idle_timeout_s == Some(0) {
+            return Err(ApiError::BadRequest(
+                "spawn.idle_timeout_s must be at least 1 (omit it for the default)".into(),
+            ));
+        }
+        if spawn.lifetime_s == Some(0) {
+            return Err(ApiError::BadRequest(
+                "spawn.lifetime_s must be at least 1 (omit it for no limit)".into(),
+            ));
+        }
+        for k in spawn.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(ApiError::BadRequest(format!(
+                    "spawn.env has an invalid variable name {k:?}"
+                )));
+            }
+            if RESERVED_ENV.contains(&k.as_str()) {
+                return Err(ApiError::BadRequest(format!(
+                    "spawn.env may not set {k}: Hangar sets {} itself",
+                    RESERVED_ENV.join(", ")
+                )));
+            }
+        }
+        if let Some(Resources {
+            cpu_millis,
+            memory_mb,
+        }) = spawn.resources
+        {
+            if cpu_millis == Some(0) {
+                return Err(ApiError::BadRequest(
+                    "spawn.resources.cpu_millis must be at least 1".into(),
+                ));
+            }
+            if memory_mb == Some(0) {
+                return Err(ApiError::BadRequest(
+                    "spawn.resources.memory_mb must be at least 1".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Answers connects.
+pub struct Connector {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    config: Arc<SchedulerConfig>,
+    token_key: TokenKey,
+    backends: Arc<Backends>,
+    placement: Arc<Placement>,
+    routes: Arc<Routes>,
+}
+
+impl Connector {
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: Arc<SchedulerConfig>,
+        token_key: TokenKey,
+        backends: Arc<Backends>,
+        placement: Arc<Placement>,
+        routes: Arc<Routes>,
+    ) -> Self {
+        Connector {
+            store,
+            clock,
+            config,
+            token_key,
+            backends,
+            placement,
+            routes,
+        }
+    }
+
+    fn resolve_spawn(&self, req: &ConnectRequest) -> ResolvedSpawn {
+        let d = &self.config.defaults;
+        let s = req.spawn.clone().unwrap_or_default();
+        let (command, image) = match (s.command, s.image) {
+            (None, None) => (d.command.clone(), d.image.clone()),
+            (c, i) => (c, i),
+        };
+        ResolvedSpawn {
+            command,
+            image,
+            env: s.env,
+            idle_timeout_s: s.idle_timeout_s.or(d.idle_timeout_s),
+            lifetime_s: s.lifetime_s.or(d.lifetime_s),
+            resources: s.resources.unwrap_or_default(),
+            pool: s.pool.unwrap_or_else(crate::records::default_pool),
+        }
+    }
+
+    fn response(&self, rec: &BackendRecord, spawned: bool, user: &str) -> ConnectResponse {
+        let expires = self.clock.now_ms() / 1000 + self.config.token_ttl.as_secs();
+        ConnectResponse {
+            backend_id: rec.id.clone(),
+            key: rec.key.clone(),
+            spawned,
+            status: rec.state.name().to_string(),
+            url: self.config.backend_url(rec.id.as_str()),
+            token: self.token_key.sign(rec.id.as_str(), user, expires),
+            status_url: format!("{}/v1/backends/{}", self.config.api_base_url, rec.id),
+        }
+    }
+
+    /// `POST /v1/connect`: returns the key's live backend, or starts one.
+    pub async fn connect(&self, req: ConnectRequest) -> Result<ConnectResponse, ApiError> {
+        validate_connect(&req)?;
+        let user = req.user.clone().unwrap_or_default();
+        for _ in 0..CONNECT_ATTEMPTS {
+            // 1. The key's current assignment, if any, and whether its backend still holds it.
+            let mut expect = Expect::Absent;
+            let mut epoch = 1;
+            if let Some(key) = &req.key
+                && let Some(kv) = self.store.get(&key_key(key)).await?
+            {
+                let kr = decode_key(&kv)?;
+                expect = Expect::ModRevision(kv.mod_revision);
+                epoch = kr.epoch + 1;
+                if let Some(bkv) = self.store.get(&backend_key(kr.backend.as_str())).await? {
+                    let rec = decode_backend(&bkv)?;
+                    if rec.holds_key() {
+                        return Ok(self.response(&rec, false, &user));
+                    }
+                }
+            }
+            // 2. Place a new backend.
+            let spawn = self.resolve_spawn(&req);
+            let drone = self.placement.place(&spawn)?;
+            let now = self.clock.now_ms();
+            let rec = BackendRecord {
+                id: BackendId::generate(),
+                key: req.key.clone(),
+                epoch,
+                spawn,
+                user: req.user.clone(),
+                public: req.public,
+                state: BackendState::Scheduled,
+                drone: Some(drone.name.clone()),
+                drone_run_id: Some(drone.run_id.clone()),
+                address: None,
+                created_at: now,
+                updated_at: now,
+                ready_at: None,
+                terminated_at: None,
+                terminating_at: None,
+                message: None,
+            };
+            // 3. One transaction: the backend record and the key's claim, or neither (no orphan
+            //    record if the claim loses, no claim without its record).
+            let bkey = backend_key(rec.id.as_str());
+            let mut compares = vec![Compare::absent(bkey.clone())];
+            let mut ops = vec![TxnOp::put(bkey, encode(&rec), None)];
+            if let Some(key) = &req.key {
+                let kr = KeyRecord {
+                    backend: rec.id.clone(),
+                    epoch,
+                };
+                compares.push(Compare::new(key_key(key), expect));
+                ops.push(TxnOp::put(key_key(key), encode(&kr), None));
+            }
+            let brev = match self.store.txn(compares, ops).await? {
+                TxnOutcome::Committed(r) => r,
+                // Compare 0: a random id collided, try another. Compare 1: another connect
+                // claimed the key first, reuse theirs.
+                TxnOutcome::Failed { .. } => continue,
+            };
+            // Answer only once the route table has the backend, so a client that uses the
+            // URL right away finds it starting in the proxy instead of unknown.
+            self.routes.wait_for(brev).await;
+            self.backends.send_spawn(&rec, &drone).await;
+            metrics::counter!(crate::metrics::SPAWNS_TOTAL).increment(1);
+            tracing::info!(backend = %rec.id, key = ?rec.key.as_ref().map(|k| k.to_string()), drone = %drone.name, "backend scheduled");
+            return Ok(self.response(&rec, true, &user));
+        }
+        Err(ApiError::Conflict(
+            "the key is contended by too many concurrent connects; retry".into(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hangar_core::KeyRef;
+    use hangar_core::api::SpawnSpec;
+
+    fn req(spawn: SpawnSpec) -> ConnectRequest {
+        ConnectRequest {
+            spawn: Some(spawn),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn validation_names_fields() {
+        let cases = [
+            (
+                req(SpawnSpec {
+                    command: Some(vec![]),
+                    ..Default::default()
+                }),
+                "spawn.command",
+            ),
+            (
+                req(SpawnSpec {
+                    idle_timeout_s: Some(0),
+                    ..Default::default()
+                }),
+                "spawn.idle_timeout_s",
+            ),
+            (
+                req(SpawnSpec {
+                    lifetime_s: Some(0),
+                    ..Default::default()
+                }),
+                "spawn.lifetime_s",
+            ),
+            (
+                req(SpawnSpec {
+                    env: [("PORT".to_string(), "1".to_string())].into(),
+                    ..Default::default()
+                }),
+                "PORT",
+            ),
+            (
+                ConnectRequest {
+                    key: Some(KeyRef::new("default", "")),
+                    ..Default::default()
+                },
+                "key.name",
+            ),
+        ];
+        for (r, field) in cases {
+            let e = validate_connect(&r).unwrap_err();
+            assert!(matches!(e, ApiError::BadRequest(_)));
+            assert!(e.to_string().contains(field), "{e} should name {field}");
+        }
+        assert!(validate_connect(&ConnectRequest::default()).is_ok());
+    }
+}

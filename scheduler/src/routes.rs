@@ -1,0 +1,383 @@
+//! The route publisher: follows backend records in the store (list, then watch) and, after each
+//! batch of changes, publishes a new immutable [`RouteTable`], the reservations of live
+//! backends per drone, the directory of live backends the monitor reads, and the route delta
+//! that remote proxies follow.
+//!
+//! [`RouteFeed`] is the only writer of all four: [`Routes`] is the read side handed to
+//! everything else (placement, the drone list, the monitor, connect waiting for its backend to
+//! be routable, the route feed endpoint), and its fields are private to this module.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use hangar_core::api::Amounts;
+use hangar_core::feed::FeedMessage;
+use hangar_core::route::{Route, RouteTable};
+use hangar_core::{BackendId, UnixMillis};
+use hangar_store::{Revision, Store, StoreResult, WatchEvent};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Need, SchedulerConfig};
+use crate::records::{BACKENDS_PREFIX, BackendRecord};
+
+/// How long to wait before re-listing after the store failed.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// Longest a connect waits for the route table to include its new backend.
+const ROUTE_WAIT: Duration = Duration::from_secs(2);
+
+/// Route deltas kept for remote proxies that resume from a revision.
+const DELTAS_KEPT: usize = 4096;
+
+/// A live backend as the monitor and usage reports need it.
+#[derive(Clone, Debug)]
+pub struct Placed {
+    pub drone: Option<Arc<str>>,
+    pub pool: Arc<str>,
+    /// The state name (`scheduled` … `terminating`).
+    pub state: &'static str,
+    /// Its CPU cap in millicores, if its spawn set one (without one, CPU use has nothing to be
+    /// a fraction of: the process runtime applies no cap, Docker none either).
+    pub cpu_cap_millis: Option<u64>,
+    /// When it became ready (or was created, before that): idleness counts from here when no
+    /// proxy has reported traffic.
+    pub since: UnixMillis,
+}
+
+/// Every live backend, published whole after each batch.
+pub type Directory = HashMap<BackendId, Placed>;
+
+/// The change between two published tables, for remote proxies.
+#[derive(Clone, Debug)]
+pub struct Delta {
+    pub from: Revision,
+    pub revision: Revision,
+    upserts: Vec<Route>,
+    removals: Vec<BackendId>,
+}
+
+impl Delta {
+    pub fn message(&self) -> FeedMessage {
+        FeedMessage::Delta {
+            from: self.from,
+            revision: self.revision,
+            upserts: self.upserts.clone(),
+            removals: self.removals.clone(),
+        }
+    }
+}
+
+/// Recent deltas (bounded) and a live broadcast of new ones.
+#[derive(Debug)]
+struct DeltaLog {
+    kept: Mutex<VecDeque<Arc<Delta>>>,
+    live: broadcast::Sender<Arc<Delta>>,
+}
+
+impl Default for DeltaLog {
+    fn default() -> Self {
+        DeltaLog {
+            kept: Mutex::new(VecDeque::new()),
+            live: broadcast::channel(1024).0,
+        }
+    }
+}
+
+impl DeltaLog {
+    fn push(&self, d: Delta) {
+        let d = Arc::new(d);
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() == DELTAS_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back(d.clone());
+        drop(kept);
+        let _ = self.live.send(d);
+    }
+
+    /// The kept deltas leading from `from` to `to` without a gap, if there are.
+    fn chain(&self, from: Revision, to: Revision) -> Option<Vec<Arc<Delta>>> {
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let start = kept.iter().position(|d| d.from == from)?;
+        let chain: Vec<Arc<Delta>> = kept.iter().skip(start).cloned().collect();
+        let mut at = from;
+        for d in &chain {
+            if d.from != at {
+                return None;
+            }
+            at = d.revision;
+        }
+        (at == to).then_some(chain)
+    }
+}
+
+/// The published routing state: read side.
+#[derive(Debug)]
+pub struct Routes {
+    table: watch::Sender<Arc<RouteTable>>,
+    /// Set once the first table is published (readiness).
+    ready: AtomicBool,
+    /// Reservations of live backends per drone: read by placement and `GET /v1/drones`.
+    load: DashMap<String, Amounts>,
+    /// A std lock held only to clone the `Arc`.
+    directory: RwLock<Arc<Directory>>,
+    deltas: DeltaLog,
+}
+
+impl Default for Routes {
+    fn default() -> Self {
+        Routes {
+            table: watch::channel(Arc::new(RouteTable::default())).0,
+            ready: AtomicBool::new(false),
+            load: DashMap::new(),
+            directory: RwLock::default(),
+            deltas: DeltaLog::default(),
+        }
+    }
+}
+
+impl Routes {
+    /// Follows the route table (the proxy, DNS and the route feed endpoint subscribe).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<RouteTable>> {
+        self.table.subscribe()
+    }
+
+    /// The latest table.
+    pub fn current(&self) -> Arc<RouteTable> {
+        self.table.borrow().clone()
+    }
+
+    /// True once the first table is published.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// What the live backends on `drone` reserve.
+    pub fn load_of(&self, drone: &str) -> Amounts {
+        self.load.get(drone).map(|v| *v).unwrap_or_default()
+    }
+
+    /// The latest directory of live backends.
+    pub fn directory(&self) -> Arc<Directory> {
+        self.directory
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The kept deltas from `from` to `to`, if they form an unbroken chain.
+    pub fn deltas_between(&self, from: Revision, to: Revision) -> Option<Vec<Arc<Delta>>> {
+        self.deltas.chain(from, to)
+    }
+
+    /// New deltas as they are published.
+    pub fn follow_deltas(&self) -> broadcast::Receiver<Arc<Delta>> {
+        self.deltas.live.subscribe()
+    }
+
+    /// Waits (bounded) until the published table reflects store revision `revision`.
+    pub async fn wait_for(&self, revision: Revision) {
+        let mut rx = self.table.subscribe();
+        let wait = rx.wait_for(|t| t.revision >= revision);
+        if tokio::time::timeout(ROUTE_WAIT, wait).await.is_err() {
+            tracing::warn!(revision, "route table lags the store; answering anyway");
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Entry {
+    route: Route,
+    drone: Option<String>,
+    live: bool,
+    need: Need,
+    /// The state name, and when it became ready (or was created): for the monitor.
+    state: &'static str,
+    since: UnixMillis,
+    /// The CPU cap the spawn set, if any.
+    cpu_cap_millis: Option<u64>,
+}
+
+/// Routes as of a store revision.
+pub(crate) struct FeedState {
+    entries: HashMap<BackendId, Entry>,
+    revision: Revision,
+}
+
+/// The writer: follows the store and publishes into [`Routes`].
+pub(crate) struct RouteFeed {
+    store: Arc<dyn Store>,
+    config: Arc<SchedulerConfig>,
+    routes: Arc<Routes>,
+}
+
+impl RouteFeed {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        config: Arc<SchedulerConfig>,
+        routes: Arc<Routes>,
+    ) -> Self {
+        RouteFeed {
+            store,
+            config,
+            routes,
+        }
+    }
+
+    fn entry(&self, rec: &BackendRecord) -> Entry {
+        Entry {
+            route: rec.route(),
+            drone: rec.drone.clone(),
+            live: rec.state.is_live(),
+            need: self.config.need(&rec.spawn),
+            state: rec.state.name(),
+            since: rec.ready_at.unwrap_or(rec.created_at),
+            cpu_cap_millis: rec.spawn.resources.cpu_millis,
+        }
+    }
+
+    /// Lists every backend record and publishes the table.
+    pub(crate) async fn load(&self) -> StoreResult<FeedState> {
+        let listing = self.store.list(BACKENDS_PREFIX).await?;
+        let mut entries = HashMap::with_capacity(listing.kvs.len());
+        for kv in &listing.kvs {
+            match serde_json::from_slice::<BackendRecord>(&kv.value) {
+                Ok(rec) => {
+                    entries.insert(rec.id.clone(), self.entry(&rec));
+                }
+                Err(e) => {
+                    tracing::error!(key = %kv.key, error = %e, "skipping unreadable backend record")
+                }
+            }
+        }
+        let state = FeedState {
+            entries,
+            revision: listing.revision,
+        };
+        self.publish(&state);
+        Ok(state)
+    }
+
+    fn publish(&self, state: &FeedState) {
+        let table = Arc::new(RouteTable::new(
+            state.revision,
+            state.entries.values().map(|e| e.route.clone()),
+        ));
+        let mut load: HashMap<&str, Amounts> = HashMap::new();
+        for e in state.entries.values().filter(|e| e.live) {
+            if let Some(d) = &e.drone {
+                let l = load.entry(d.as_str()).or_default();
+                l.backends += 1;
+                l.cpu_millis += e.need.cpu_millis;
+                l.memory_mb += e.need.memory_mb;
+            }
+        }
+        let routes = &self.routes;
+        routes.load.retain(|k, _| load.contains_key(k.as_str()));
+        for (d, n) in load {
+            routes.load.insert(d.to_string(), n);
+        }
+        // The live backends for the monitor, labelled like their routes.
+        let directory: Directory = state
+            .entries
+            .iter()
+            .filter(|(_, e)| e.live)
+            .map(|(id, e)| {
+                let placed = Placed {
+                    drone: e.route.drone.clone(),
+                    pool: e.route.pool.clone().unwrap_or_else(|| "default".into()),
+                    state: e.state,
+                    cpu_cap_millis: e.cpu_cap_millis,
+                    since: e.since,
+                };
+                (id.clone(), placed)
+            })
+            .collect();
+        *routes
+            .directory
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(directory);
+        // The delta for remote proxies, against the table published before this one (none for
+        // the first table: a proxy starts from a snapshot).
+        let last = routes.table.send_replace(table.clone());
+        let (upserts, removals) = last.diff(&table);
+        let first = !routes.ready.load(Ordering::Acquire);
+        if !first
+            && (table.revision != last.revision || !upserts.is_empty() || !removals.is_empty())
+        {
+            routes.deltas.push(Delta {
+                from: last.revision,
+                revision: table.revision,
+                upserts,
+                removals,
+            });
+        }
+        routes.ready.store(true, Ordering::Release);
+    }
+
+    fn apply(&self, state: &mut FeedState, ev: WatchEvent) {
+        state.revision = state.revision.max(ev.revision());
+        match ev {
+            WatchEvent::Put(kv) => match serde_json::from_slice::<BackendRecord>(&kv.value) {
+                Ok(rec) => {
+                    state.entries.insert(rec.id.clone(), self.entry(&rec));
+                }
+                Err(e) => {
+                    tracing::error!(key = %kv.key, error = %e, "skipping unreadable backend record")
+                }
+            },
+            WatchEvent::Delete { key, .. } => {
+                if let Some(id) = key.strip_prefix(BACKENDS_PREFIX) {
+                    state.entries.remove(id);
+                }
+            }
+        }
+    }
+
+    /// Watches from the loaded revision, publishing after each batch; re-lists whenever the
+    /// watch breaks (compaction, slow consumer, store restart).
+    pub(crate) async fn run(self, mut state: FeedState, cancel: CancellationToken) {
+        loop {
+            let watch = tokio::select! {
+                _ = cancel.cancelled() => return,
+                w = self.store.watch(BACKENDS_PREFIX, state.revision + 1) => w,
+            };
+            match watch {
+                Ok(mut events) => loop {
+                    let first = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        ev = events.recv() => ev,
+                    };
+                    let Some(first) = first else { break };
+                    self.apply(&mut state, first);
+                    // Batch whatever else is already queued into one swap.
+                    while let Ok(ev) = events.try_recv() {
+                        self.apply(&mut state, ev);
+                    }
+                    self.publish(&state);
+                },
+                Err(e) => tracing::warn!(error = %e, "route feed watch failed; listing again"),
+            }
+            // Re-list to recover whatever the broken watch missed.
+            loop {
+                match self.load().await {
+                    Ok(s) => {
+                        state = s;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "route feed cannot list backends; retrying");
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(RETRY) => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Connect writes the backend record and the key's claim in one transaction.
+
+use std::sync::Arc;
+
+use hangar_core::api::ConnectRequest;
+use hangar_core::drone::{Capacity, Hello};
+use hangar_core::token::TokenKey;
+use hangar_core::{BackendId, KeyRef};
+use hangar_store::embedded::EmbeddedStore;
+use hangar_store::{Store, WatchEvent};
+use tokio_util::sync::CancellationToken;
+
+use crate::records::{BACKENDS_PREFIX, KEYS_PREFIX};
+use crate::{ManualClock, Scheduler, SchedulerConfig};
+
+fn hello() -> Hello {
+    Hello {
+        drone: "d1".into(),
+        run_id: "r1".into(),
+        capacity: Capacity {
+            cpu_millis: 100_000,
+            memory_mb: 100_000,
+            max_backends: 1000,
+        },
+        pool: "default".into(),
+        runtime: "process".into(),
+        inventory: vec![],
+        unhealthy: None,
+    }
+}
+
+/// Twenty concurrent connects for one key: every one answers with the same backend, and no
+/// other backend record is ever written (not even briefly: a losing connect used to write its
+/// record, lose the key and delete it again, leaving an orphan window in between).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_connects_for_one_key_write_one_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open_default(dir.path().join("s.redb"))
+        .await
+        .unwrap();
+    let mut cfg = SchedulerConfig::new("hangar.test", "http://127.0.0.1:1");
+    cfg.defaults.command = Some(vec!["true".into()]);
+    let sched = Scheduler::new(
+        cfg,
+        store.clone(),
+        TokenKey::generate(),
+        Arc::new(ManualClock::new(1_000_000)),
+    );
+    let cancel = CancellationToken::new();
+    sched.start(cancel.clone()).await.unwrap();
+    let (_commands, _status) = sched
+        .handles()
+        .sessions
+        .admit(&hello(), None)
+        .await
+        .unwrap();
+
+    let from = store.revision().await.unwrap() + 1;
+    let mut backends = store.watch(BACKENDS_PREFIX, from).await.unwrap();
+    let mut keys = store.watch(KEYS_PREFIX, from).await.unwrap();
+
+    let mut connects = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let connector = sched.handles().connector.clone();
+        connects.spawn(async move {
+            connector
+                .connect(ConnectRequest {
+                    key: Some(KeyRef::new("default", "doc")),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+        });
+    }
+    let mut answered: Vec<BackendId> = Vec::new();
+    let mut spawned = 0;
+    while let Some(r) = connects.join_next().await {
+        let r = r.unwrap();
+        spawned += usize::from(r.spawned);
+        answered.push(r.backend_id);
+    }
+    assert_eq!(spawned, 1, "exactly one connect starts the backend");
+    assert!(answered.iter().all(|id| *id == answered[0]), "{answered:?}");
+
+    // Every backend-record write so far, and the key's: one record, one claim, at the same
+    // revision (one transaction).
+    let mut puts = Vec::new();
+    // The store queues a write's events before the write returns: all are here.
+    while let Ok(ev) = backends.try_recv() {
+        match ev {
+            WatchEvent::Put(kv) => puts.push(kv),
+            WatchEvent::Delete { key, .. } => panic!("record {key} was written and withdrawn"),
+        }
+    }
+    let created: Vec<_> = puts.iter().filter(|kv| kv.version == 1).collect();
+    assert_eq!(
+        created.len(),
+        1,
+        "one backend record is created: {created:?}"
+    );
+    assert!(created[0].key.ends_with(answered[0].as_str()));
+    let claim = match keys.try_recv().unwrap() {
+        WatchEvent::Put(kv) => kv,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(claim.mod_revision, created[0].mod_revision);
+    assert!(keys.try_recv().is_err(), "the key is claimed once");
+    cancel.cancel();
+    sched.wait().await;
+}

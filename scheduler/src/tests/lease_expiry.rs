@@ -1,0 +1,135 @@
+//! Drone lease expiry with a paused clock and a real scheduler on the embedded store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hangar_core::api::ConnectRequest;
+use hangar_core::drone::{Capacity, Hello, SchedulerMessage};
+use hangar_core::token::TokenKey;
+use hangar_core::{BackendState, KeyRef, TerminationReason};
+use tokio_util::sync::CancellationToken;
+
+use crate::{ManualClock, Scheduler, SchedulerConfig};
+use hangar_store::Store;
+use hangar_store::embedded::EmbeddedStore;
+
+fn hello(run: &str) -> Hello {
+    Hello {
+        drone: "d1".into(),
+        run_id: run.into(),
+        capacity: Capacity {
+            cpu_millis: 4000,
+            memory_mb: 4096,
+            max_backends: 10,
+        },
+        pool: "default".into(),
+        runtime: "process".into(),
+        inventory: vec![],
+        unhealthy: None,
+    }
+}
+
+async fn state_of(s: &Scheduler, id: &str) -> BackendState {
+    s.handles().backends.get(id).await.unwrap().unwrap().0.state
+}
+
+/// With a paused clock: a drone whose lease is renewed keeps its backends; once the
+/// renewals stop, the lease expires, the drone record vanishes and every live backend
+/// of that run is closed as lost, while a record already moved to a newer run is left
+/// alone.
+#[tokio::test(start_paused = true)]
+async fn an_expired_lease_closes_the_runs_backends_as_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open_default(dir.path().join("s.redb"))
+        .await
+        .unwrap();
+    let mut cfg = SchedulerConfig::new("hangar.test", "http://127.0.0.1:1");
+    cfg.lease_ttl = Duration::from_secs(10);
+    cfg.defaults.command = Some(vec!["true".into()]);
+    let sched = Scheduler::new(
+        cfg,
+        store.clone(),
+        TokenKey::generate(),
+        Arc::new(ManualClock::new(1_000_000)),
+    );
+    let cancel = CancellationToken::new();
+    sched.start(cancel.clone()).await.unwrap();
+    let lease = store.lease_grant(Duration::from_secs(10)).await.unwrap();
+    let (mut commands, _status) = sched
+        .handles()
+        .sessions
+        .admit(&hello("r1"), Some(lease))
+        .await
+        .unwrap();
+    let a = sched
+        .handles()
+        .connector
+        .connect(ConnectRequest {
+            key: Some(KeyRef::new("default", "a")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        commands.recv().await,
+        Some(SchedulerMessage::Spawn(_))
+    ));
+
+    // Renewed every 5 s for 30 s: nothing is lost.
+    for _ in 0..6 {
+        tokio::time::advance(Duration::from_secs(5)).await;
+        store.lease_keep_alive(lease).await.unwrap();
+    }
+    assert_eq!(
+        state_of(&sched, a.backend_id.as_str()).await,
+        BackendState::Scheduled
+    );
+
+    // Renewals stop: after the TTL the backend is lost.
+    tokio::time::advance(Duration::from_secs(11)).await;
+    let mut state = state_of(&sched, a.backend_id.as_str()).await;
+    for _ in 0..100 {
+        if !state.is_live() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        state = state_of(&sched, a.backend_id.as_str()).await;
+    }
+    assert_eq!(
+        state,
+        BackendState::Terminated {
+            reason: TerminationReason::Lost
+        }
+    );
+    assert!(store.lease_keep_alive(lease).await.is_err());
+    assert!(sched.handles().drones.get("d1").is_none());
+
+    // A record that names a newer run is never overwritten by the old run's loss.
+    let lease2 = store.lease_grant(Duration::from_secs(10)).await.unwrap();
+    let (_c2, _s2) = sched
+        .handles()
+        .sessions
+        .admit(&hello("r2"), Some(lease2))
+        .await
+        .unwrap();
+    let b = sched
+        .handles()
+        .connector
+        .connect(ConnectRequest::default())
+        .await
+        .unwrap();
+    assert!(
+        !sched
+            .handles()
+            .backends
+            .mark_lost(b.backend_id.as_str(), "r1", "stale")
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        state_of(&sched, b.backend_id.as_str()).await,
+        BackendState::Scheduled
+    );
+    cancel.cancel();
+    sched.wait().await;
+}
