@@ -1,57 +1,23 @@
 //! Connect writes the backend record and the key's claim in one transaction.
 
-use std::sync::Arc;
-
 use hangar_core::api::ConnectRequest;
-use hangar_core::drone::{Capacity, Hello};
-use hangar_core::token::TokenKey;
 use hangar_core::{BackendId, KeyRef};
-use hangar_store::embedded::EmbeddedStore;
 use hangar_store::{Store, WatchEvent};
-use tokio_util::sync::CancellationToken;
 
+use super::{Fixture, hello};
 use crate::records::{BACKENDS_PREFIX, KEYS_PREFIX};
-use crate::{ManualClock, Scheduler, SchedulerConfig};
-
-fn hello() -> Hello {
-    Hello {
-        drone: "d1".into(),
-        run_id: "r1".into(),
-        capacity: Capacity {
-            cpu_millis: 100_000,
-            memory_mb: 100_000,
-            max_backends: 1000,
-        },
-        pool: "default".into(),
-        runtime: "process".into(),
-        inventory: vec![],
-        unhealthy: None,
-    }
-}
 
 /// Twenty concurrent connects for one key: every one answers with the same backend, and no
 /// other backend record is ever written (not even briefly: a losing connect used to write its
 /// record, lose the key and delete it again, leaving an orphan window in between).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_connects_for_one_key_write_one_record() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open_default(dir.path().join("s.redb"))
-        .await
-        .unwrap();
-    let mut cfg = SchedulerConfig::new("hangar.test", "http://127.0.0.1:1");
-    cfg.defaults.command = Some(vec!["true".into()]);
-    let sched = Scheduler::new(
-        cfg,
-        store.clone(),
-        TokenKey::generate(),
-        Arc::new(ManualClock::new(1_000_000)),
-    );
-    let cancel = CancellationToken::new();
-    sched.start(cancel.clone()).await.unwrap();
+    let f = Fixture::start(|_| {}).await;
+    let (sched, store) = (&f.sched, &f.store);
     let (_commands, _status) = sched
         .handles()
         .sessions
-        .admit(&hello(), None)
+        .admit(&hello("d1", "r1"), None)
         .await
         .unwrap();
 
@@ -105,6 +71,5 @@ async fn concurrent_connects_for_one_key_write_one_record() {
     };
     assert_eq!(claim.mod_revision, created[0].mod_revision);
     assert!(keys.try_recv().is_err(), "the key is claimed once");
-    cancel.cancel();
-    sched.wait().await;
+    f.stop().await;
 }

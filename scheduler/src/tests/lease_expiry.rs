@@ -1,33 +1,14 @@
 //! Drone lease expiry with a paused clock and a real scheduler on the embedded store.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use hangar_core::api::ConnectRequest;
-use hangar_core::drone::{Capacity, Hello, SchedulerMessage};
-use hangar_core::token::TokenKey;
+use hangar_core::drone::SchedulerMessage;
 use hangar_core::{BackendState, KeyRef, TerminationReason};
-use tokio_util::sync::CancellationToken;
-
-use crate::{ManualClock, Scheduler, SchedulerConfig};
 use hangar_store::Store;
-use hangar_store::embedded::EmbeddedStore;
 
-fn hello(run: &str) -> Hello {
-    Hello {
-        drone: "d1".into(),
-        run_id: run.into(),
-        capacity: Capacity {
-            cpu_millis: 4000,
-            memory_mb: 4096,
-            max_backends: 10,
-        },
-        pool: "default".into(),
-        runtime: "process".into(),
-        inventory: vec![],
-        unhealthy: None,
-    }
-}
+use super::{Fixture, hello};
+use crate::Scheduler;
 
 async fn state_of(s: &Scheduler, id: &str) -> BackendState {
     s.handles().backends.get(id).await.unwrap().unwrap().0.state
@@ -39,26 +20,13 @@ async fn state_of(s: &Scheduler, id: &str) -> BackendState {
 /// alone.
 #[tokio::test(start_paused = true)]
 async fn an_expired_lease_closes_the_runs_backends_as_lost() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open_default(dir.path().join("s.redb"))
-        .await
-        .unwrap();
-    let mut cfg = SchedulerConfig::new("hangar.test", "http://127.0.0.1:1");
-    cfg.lease_ttl = Duration::from_secs(10);
-    cfg.defaults.command = Some(vec!["true".into()]);
-    let sched = Scheduler::new(
-        cfg,
-        store.clone(),
-        TokenKey::generate(),
-        Arc::new(ManualClock::new(1_000_000)),
-    );
-    let cancel = CancellationToken::new();
-    sched.start(cancel.clone()).await.unwrap();
+    let f = Fixture::start(|cfg| cfg.lease_ttl = Duration::from_secs(10)).await;
+    let (sched, store) = (&f.sched, &f.store);
     let lease = store.lease_grant(Duration::from_secs(10)).await.unwrap();
     let (mut commands, _status) = sched
         .handles()
         .sessions
-        .admit(&hello("r1"), Some(lease))
+        .admit(&hello("d1", "r1"), Some(lease))
         .await
         .unwrap();
     let a = sched
@@ -81,19 +49,19 @@ async fn an_expired_lease_closes_the_runs_backends_as_lost() {
         store.lease_keep_alive(lease).await.unwrap();
     }
     assert_eq!(
-        state_of(&sched, a.backend_id.as_str()).await,
+        state_of(sched, a.backend_id.as_str()).await,
         BackendState::Scheduled
     );
 
     // Renewals stop: after the TTL the backend is lost.
     tokio::time::advance(Duration::from_secs(11)).await;
-    let mut state = state_of(&sched, a.backend_id.as_str()).await;
+    let mut state = state_of(sched, a.backend_id.as_str()).await;
     for _ in 0..100 {
         if !state.is_live() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-        state = state_of(&sched, a.backend_id.as_str()).await;
+        state = state_of(sched, a.backend_id.as_str()).await;
     }
     assert_eq!(
         state,
@@ -109,7 +77,7 @@ async fn an_expired_lease_closes_the_runs_backends_as_lost() {
     let (_c2, _s2) = sched
         .handles()
         .sessions
-        .admit(&hello("r2"), Some(lease2))
+        .admit(&hello("d1", "r2"), Some(lease2))
         .await
         .unwrap();
     let b = sched
@@ -127,9 +95,8 @@ async fn an_expired_lease_closes_the_runs_backends_as_lost() {
             .unwrap()
     );
     assert_eq!(
-        state_of(&sched, b.backend_id.as_str()).await,
+        state_of(sched, b.backend_id.as_str()).await,
         BackendState::Scheduled
     );
-    cancel.cancel();
-    sched.wait().await;
+    f.stop().await;
 }
