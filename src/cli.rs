@@ -1,4 +1,5 @@
-//! The command line: roles (`dev`, `demo-backend`) and client verbs against the API.
+//! The command line: roles (`dev`, `serve`, `drone`, `proxy`, `demo-backend`) and client verbs
+//! against the API.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

@@ -1,14 +1,13 @@
-//! `hangar`: one binary for every role. Parses the command line, validates configuration
-//! before binding anything, wires the libraries together and handles signals.
+//! `hangar`: one binary for every role. Parses the command line, hands each role's flags to
+//! its builder (`role`: validate, bind, run) with the shutdown signal, and turns the outcome
+//! into an exit code.
 
 mod cli;
 mod client;
 mod demo_backend;
-mod dev;
-mod drone;
 mod host;
 mod metrics;
-mod proxy_cmd;
+mod role;
 mod tls;
 
 use std::process::ExitCode;
@@ -77,19 +76,58 @@ fn init_tracing(cli: &cli::Cli) {
 
 async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        cli::Command::Dev(args) => dev::run(args).await.map(|()| ExitCode::SUCCESS),
-        cli::Command::DemoBackend => demo_backend::run().await.map(|()| ExitCode::SUCCESS),
-        cli::Command::Connect(args) => client::connect(args).await,
-        cli::Command::Ls(args) => client::ls(args).await,
-        cli::Command::Status(args) => client::status(args).await,
-        cli::Command::Terminate(args) => client::terminate(args).await,
-        cli::Command::Serve(args) => dev::run_serve(args).await.map(|()| ExitCode::SUCCESS),
-        cli::Command::Drone(args) => drone::run(args).await.map(|()| ExitCode::SUCCESS),
-        cli::Command::Drones(args) => client::drones(args).await,
-        cli::Command::Drain(args) => client::drain(args).await,
-        cli::Command::Undrain(args) => client::undrain(args).await,
-        cli::Command::Hot(args) => client::hot(args).await,
-        cli::Command::Proxy(args) => proxy_cmd::run(args).await.map(|()| ExitCode::SUCCESS),
-        cli::Command::Revoke(args) => client::revoke(args).await,
+        cli::Command::Dev(args) => {
+            let shutdown = shutdown_signal();
+            let dev = role::dev::Config::from_args(args)?.build().await?;
+            dev.run(shutdown).await?;
+        }
+        cli::Command::Serve(args) => {
+            let shutdown = shutdown_signal();
+            let serve = role::serve::Config::from_args(args)?.build().await?;
+            serve.run(shutdown).await?;
+        }
+        cli::Command::Drone(args) => {
+            let shutdown = shutdown_signal();
+            let drone = role::drone::Config::from_args(args)?.build().await?;
+            drone.run(shutdown).await?;
+        }
+        cli::Command::Proxy(args) => {
+            let shutdown = shutdown_signal();
+            let proxy = role::proxy::Config::from_args(args)?.build().await?;
+            proxy.run(shutdown).await?;
+        }
+        cli::Command::DemoBackend => demo_backend::run().await?,
+        cli::Command::Connect(args) => return client::connect(args).await,
+        cli::Command::Ls(args) => return client::ls(args).await,
+        cli::Command::Status(args) => return client::status(args).await,
+        cli::Command::Terminate(args) => return client::terminate(args).await,
+        cli::Command::Drones(args) => return client::drones(args).await,
+        cli::Command::Drain(args) => return client::drain(args).await,
+        cli::Command::Undrain(args) => return client::undrain(args).await,
+        cli::Command::Hot(args) => return client::hot(args).await,
+        cli::Command::Revoke(args) => return client::revoke(args).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM or SIGINT: the roles then shut down gracefully. The handlers are
+/// registered when this is called (before the role binds anything), so a signal that arrives
+/// while the role starts is not lost to the default action.
+fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
     }
 }

@@ -78,8 +78,57 @@ pub fn validate(args: &MetricsArgs, default: &str) -> Result<Option<MetricsSetup
     }))
 }
 
+/// The admin listener, bound, with the exporter installed as the process's recorder.
+pub struct MetricsListener {
+    listener: TcpListener,
+    addr: SocketAddr,
+    exporter: Exporter,
+    grace: Duration,
+}
+
+/// Binds the listener of `setup`, then installs the exporter: before anything records (the
+/// scheduler registers gauges when it starts), and only with a listener, since an exporter
+/// nobody serves would only accumulate samples. `None` with `--metrics off`, or when a taken
+/// default port turns metrics off (with a warning).
+pub async fn listen(
+    setup: Option<&MetricsSetup>,
+    role: &str,
+) -> anyhow::Result<Option<MetricsListener>> {
+    let Some(setup) = setup else {
+        return Ok(None);
+    };
+    let Some(listener) = bind(setup, role).await? else {
+        return Ok(None);
+    };
+    let addr = listener.local_addr()?;
+    let exporter = install(setup.grace)?;
+    Ok(Some(MetricsListener {
+        listener,
+        addr,
+        exporter,
+        grace: setup.grace,
+    }))
+}
+
+impl MetricsListener {
+    /// The bound address, for [`announce`].
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// How long per-backend and per-drone series outlive their last update.
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
+    /// The server for this listener (add collectors to it), and the listener to run it on.
+    pub fn into_server(self) -> (MetricsServer, TcpListener) {
+        (MetricsServer::new(self.exporter, self.grace), self.listener)
+    }
+}
+
 /// Binds the metrics listener. A taken default port turns metrics off with a warning.
-pub async fn bind(setup: &MetricsSetup, role: &str) -> anyhow::Result<Option<TcpListener>> {
+async fn bind(setup: &MetricsSetup, role: &str) -> anyhow::Result<Option<TcpListener>> {
     match TcpListener::bind(setup.addr).await {
         Ok(l) => Ok(Some(l)),
         Err(e) if !setup.explicit => {
@@ -99,7 +148,7 @@ pub async fn bind(setup: &MetricsSetup, role: &str) -> anyhow::Result<Option<Tcp
 
 /// Installs the exporter as the process's recorder and describes every metric. Call once,
 /// before the libraries start recording.
-pub fn install(grace: Duration) -> anyhow::Result<Exporter> {
+fn install(grace: Duration) -> anyhow::Result<Exporter> {
     let (recorder, exporter) = exporter::build(grace)
         .map_err(|e| anyhow::anyhow!("cannot set up the metrics exporter: {e}"))?;
     metrics::set_global_recorder(recorder)
