@@ -191,6 +191,10 @@ pub struct DroneArgs {
     /// Seconds a series is kept after its last update.
     #[arg(long, default_value_t = 300)]
     pub metrics_grace: u64,
+    /// This host's identity: a drone name is held by one host at a time, and a new agent on
+    /// the same host takes over its backends. [default: /etc/machine-id, else the hostname]
+    #[arg(long)]
+    pub host_id: Option<String>,
 }
 
 impl DroneArgs {

@@ -1,4 +1,4 @@
-//! Facts about this host used as drone defaults: CPU count and memory.
+//! Facts about this host used as drone defaults: CPU count, memory and identity.
 
 /// Backends a drone runs at most unless told otherwise.
 pub const DEFAULT_MAX_BACKENDS: u64 = 1000;
@@ -21,4 +21,13 @@ pub fn cpu_millis() -> u64 {
     std::thread::available_parallelism()
         .map(|n| n.get() as u64 * 1000)
         .unwrap_or(1000)
+}
+
+/// This host's identity: `/etc/machine-id`, else the kernel's hostname, else `None`.
+pub fn host_id() -> Option<String> {
+    ["/etc/machine-id", "/proc/sys/kernel/hostname"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_string())
+        .find(|s| !s.is_empty())
 }

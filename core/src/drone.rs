@@ -95,6 +95,10 @@ pub struct Hello {
     pub inventory: Vec<InventoryItem>,
     /// `None` when the runtime can take work; otherwise why not.
     pub unhealthy: Option<String>,
+    /// The host the agent runs on (`--host-id`, by default the machine id): a drone name is
+    /// held by one host at a time, and a new agent run on the same host takes over.
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 /// Drone → scheduler over the session connection.

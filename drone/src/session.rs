@@ -68,6 +68,8 @@ pub struct DroneSessionConfig {
     pub agent: AgentConfig,
     /// How often the backends' CPU and memory use is read and reported.
     pub usage_interval: Duration,
+    /// This host's identity, sent in the hello (see `Hello::host`).
+    pub host: Option<String>,
 }
 
 /// Why the drone stopped.
@@ -382,6 +384,7 @@ impl DroneSession {
                     })
                     .collect(),
                 unhealthy: health(self.runtime.as_ref()).await,
+                host: self.config.host.clone(),
             };
             send(&mut socket, &FromDrone::Hello(hello))
                 .await

@@ -45,6 +45,9 @@ pub struct SchedulerConfig {
     pub terminated_retention: Duration,
     /// How long a backend may stay terminating before the stop is repeated as a kill.
     pub terminate_timeout: Duration,
+    /// How long a connect waits for the key's previous backend to be confirmed gone (it is
+    /// terminating and its process may still run) before answering 409 with `Retry-After`.
+    pub predecessor_wait: Duration,
     /// What a backend reserves on its drone when its spawn gives no resources.
     pub default_reservation: Need,
     /// A drone whose session lease is not renewed for this long is lost.
@@ -75,6 +78,7 @@ impl SchedulerConfig {
             reconcile_interval: Duration::from_millis(500),
             terminated_retention: Duration::from_secs(24 * 3600),
             terminate_timeout: Duration::from_secs(30),
+            predecessor_wait: Duration::from_secs(10),
             default_reservation: Need {
                 cpu_millis: 100,
                 memory_mb: 128,

@@ -3,11 +3,13 @@
 //! knows every later owner of its key has a higher one.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use hangar_core::api::{ConnectRequest, ConnectResponse, Resources};
 use hangar_core::token::TokenKey;
 use hangar_core::{BackendId, BackendState};
-use hangar_store::{Compare, Expect, KeyValue, Store, TxnOp, TxnOutcome};
+use hangar_store::{Compare, Expect, KeyValue, Revision, Store, TxnOp, TxnOutcome, WatchEvent};
+use tokio::time::Instant;
 
 use crate::clock::Clock;
 use crate::config::SchedulerConfig;
@@ -165,10 +167,43 @@ impl Connector {
         }
     }
 
+    /// Waits until backend `rec` (read at `revision`) is terminated or removed, or answers
+    /// 409 with `Retry-After` at `until`.
+    async fn wait_gone(
+        &self,
+        rec: &BackendRecord,
+        revision: Revision,
+        until: Instant,
+    ) -> Result<(), ApiError> {
+        let key = backend_key(rec.id.as_str());
+        let mut watch = self.store.watch(&key, revision + 1).await?;
+        let busy = || ApiError::Busy {
+            message: format!(
+                "the key's previous backend {} is still stopping on drone {}: retry once it is gone",
+                rec.id,
+                rec.drone.as_deref().unwrap_or("?")
+            ),
+            retry_after: Duration::from_secs(1),
+        };
+        loop {
+            match tokio::time::timeout_at(until, watch.recv()).await {
+                Err(_) => return Err(busy()),
+                Ok(None) => return Ok(()), // the watch broke: read again
+                Ok(Some(WatchEvent::Delete { .. })) => return Ok(()),
+                Ok(Some(WatchEvent::Put(kv))) => {
+                    if !decode_backend(&kv)?.state.is_live() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
     /// `POST /v1/connect`: returns the key's live backend, or starts one.
     pub async fn connect(&self, req: ConnectRequest) -> Result<ConnectResponse, ApiError> {
         validate_connect(&req)?;
         let user = req.user.clone().unwrap_or_default();
+        let wait_until = Instant::now() + self.config.predecessor_wait;
         for _ in 0..CONNECT_ATTEMPTS {
             // 1. The key's current assignment, if any, and whether its backend still holds it.
             let mut expect = Expect::Absent;
@@ -184,11 +219,18 @@ impl Connector {
                     if rec.holds_key() {
                         return Ok(self.response(&rec, false, &user));
                     }
+                    if rec.state.is_live() {
+                        // Terminating: its process may still run. A key never has two running
+                        // processes, so the next one is placed only once this one is gone.
+                        self.wait_gone(&rec, bkv.mod_revision, wait_until).await?;
+                        continue;
+                    }
                 }
             }
             // 2. Place a new backend.
             let spawn = self.resolve_spawn(&req);
-            let drone = self.placement.place(&spawn)?;
+            let reservation = self.placement.place(&spawn)?;
+            let drone = reservation.drone.clone();
             let now = self.clock.now_ms();
             let rec = BackendRecord {
                 id: BackendId::generate(),
@@ -222,7 +264,10 @@ impl Connector {
                 ops.push(TxnOp::put(key_key(key), encode(&kr), None));
             }
             let brev = match self.store.txn(compares, ops).await? {
-                TxnOutcome::Committed(r) => r,
+                TxnOutcome::Committed(r) => {
+                    reservation.written(r);
+                    r
+                }
                 // Compare 0: a random id collided, try another. Compare 1: another connect
                 // claimed the key first, reuse theirs.
                 TxnOutcome::Failed { .. } => continue,

@@ -37,12 +37,29 @@ const DRONE_CHANNEL: usize = 1024;
 /// How long a new session may take to say `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// An admitted session.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    /// Commands for the drone.
+    pub(crate) commands: mpsc::Receiver<SchedulerMessage>,
+    pub(crate) status: Arc<DroneStatus>,
+    /// The registry's number for this session.
+    pub(crate) session: u64,
+    /// The session's lease (network drones).
+    pub(crate) lease: Option<LeaseId>,
+}
+
 /// Why a drone run was not admitted, with the step that failed and whether retrying can help.
 #[derive(Debug, thiserror::Error)]
 pub enum AdmitError {
     /// The hello is wrong as configured: retrying it unchanged cannot succeed.
     #[error("{0}")]
     Invalid(String),
+    /// Another host's agent holds the name with a live lease.
+    #[error(
+        "drone name {name:?} is in use by an agent on host {host:?} whose lease is live: give this drone another --name, or stop that agent"
+    )]
+    NameTaken { name: String, host: String },
     /// A step of admission failed (the store, a record).
     #[error("cannot admit the drone: {step} failed: {source}")]
     Step {
@@ -60,7 +77,7 @@ impl AdmitError {
     /// Whether the same hello may be admitted later (a store hiccup is; a bad hello is not).
     pub fn is_transient(&self) -> bool {
         match self {
-            AdmitError::Invalid(_) => false,
+            AdmitError::Invalid(_) | AdmitError::NameTaken { .. } => false,
             AdmitError::Step { source, .. } => source.is_transient(),
         }
     }
@@ -70,6 +87,7 @@ impl From<AdmitError> for ApiError {
     fn from(e: AdmitError) -> Self {
         match e {
             AdmitError::Invalid(m) => ApiError::BadRequest(m),
+            e @ AdmitError::NameTaken { .. } => ApiError::Conflict(e.to_string()),
             e if e.is_transient() => ApiError::Unavailable(e.to_string()),
             e => ApiError::Internal(e.to_string()),
         }
@@ -152,7 +170,9 @@ impl DroneSessions {
         self: &Arc<Self>,
         hello: Hello,
     ) -> Result<(mpsc::Receiver<SchedulerMessage>, mpsc::Sender<DroneMessage>), AdmitError> {
-        let (cmd_rx, _status) = self.admit(&hello, None).await?;
+        let admitted = self.admit(&hello, false).await?;
+        let cmd_rx = admitted.commands;
+        let session = admitted.session;
         let (ev_tx, mut ev_rx) = mpsc::channel::<DroneMessage>(DRONE_CHANNEL);
         let this = self.clone();
         let (name, run_id) = (hello.drone, hello.run_id);
@@ -167,28 +187,79 @@ impl DroneSessions {
                 let Some(DroneMessage::Event { backend, event }) = msg else {
                     break;
                 };
-                this.apply_event(&name, &run_id, &backend, event).await;
+                if let Err(e) = this.apply_event(&name, &run_id, &backend, event).await {
+                    tracing::error!(backend = %backend, error = %e, "cannot apply drone event");
+                }
             }
-            this.drones.remove(&name, &run_id);
+            this.drones.remove_session(&name, session);
             tracing::info!(drone = %name, run_id = %run_id, "drone detached");
         });
         Ok((cmd_rx, ev_tx))
     }
 
-    /// Admits a drone run. Writes its record (leased for network drones), re-adopts the
-    /// backends it reports that records still assign to this drone, closes records of this
-    /// drone that it no longer runs as lost, registers its command channel and re-sends what
-    /// a broken session may have lost. Returns the command receiver and the backends in its
-    /// inventory that nobody wants (to be stopped).
-    pub(crate) async fn admit(
-        &self,
-        hello: &Hello,
-        lease: Option<LeaseId>,
-    ) -> Result<(mpsc::Receiver<SchedulerMessage>, Arc<DroneStatus>), AdmitError> {
+    /// Admits a drone run. Refuses a name another host holds with a live lease; grants the
+    /// session's lease (network drones; granted only once the admission lock is held, so it
+    /// cannot run out while waiting for it); writes the drone record; re-adopts the backends
+    /// it reports that records still assign to this drone; closes records of this drone that
+    /// it no longer runs; registers its command channel and re-sends what a broken session
+    /// may have lost (spawns of still-scheduled backends, stops of terminating ones) and stops
+    /// of backends nobody wants.
+    pub(crate) async fn admit(&self, hello: &Hello, leased: bool) -> Result<Admitted, AdmitError> {
         validate_hello(hello).map_err(AdmitError::Invalid)?;
         // Serialised with reconciler passes: between writing the new run's record and
         // re-adopting, records name the old run and must not be judged lost.
         let _admission = self.admission.lock().await;
+        self.check_name(hello).await?;
+        let lease = if leased {
+            let lease = self
+                .store
+                .lease_grant(self.config.lease_ttl)
+                .await
+                .map_err(|e| AdmitError::step("grant the session lease", e.into()))?;
+            Some(lease)
+        } else {
+            None
+        };
+        match self.admit_locked(hello, lease).await {
+            Ok(a) => Ok(a),
+            Err(e) => {
+                if let Some(lease) = lease {
+                    let _ = self.store.lease_revoke(lease).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Refuses `hello` if its drone name is held by an agent on another host whose lease is
+    /// live (its record exists: leased records vanish with their lease).
+    async fn check_name(&self, hello: &Hello) -> Result<(), AdmitError> {
+        let Some(kv) = self
+            .store
+            .get(&drone_key(&hello.drone))
+            .await
+            .map_err(|e| AdmitError::step("read the drone record", e.into()))?
+        else {
+            return Ok(());
+        };
+        let Ok(held) = serde_json::from_slice::<DroneRecord>(&kv.value) else {
+            return Ok(());
+        };
+        let other_host = matches!((&held.host, &hello.host), (Some(a), Some(b)) if a != b);
+        if held.run_id != hello.run_id && held.lease.is_some() && other_host {
+            return Err(AdmitError::NameTaken {
+                name: hello.drone.clone(),
+                host: held.host.unwrap_or_default(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn admit_locked(
+        &self,
+        hello: &Hello,
+        lease: Option<LeaseId>,
+    ) -> Result<Admitted, AdmitError> {
         let rec = DroneRecord {
             name: hello.drone.clone(),
             run_id: hello.run_id.clone(),
@@ -197,6 +268,7 @@ impl DroneSessions {
             capacity: hello.capacity,
             connected_at: self.clock.now_ms(),
             lease,
+            host: hello.host.clone(),
         };
         let value = serde_json::to_vec(&rec).unwrap_or_default();
         self.store
@@ -244,6 +316,13 @@ impl DroneSessions {
                         tracing::info!(backend = %b.id, drone = %hello.drone, "re-adopted backend after agent restart");
                     }
                 }
+                // A stop that the old run may never have carried out is sent again.
+                if matches!(b.state, BackendState::Terminating { .. }) {
+                    resend.push(SchedulerMessage::Terminate {
+                        backend: b.id.clone(),
+                        hard: false,
+                    });
+                }
             } else if same_run {
                 // A reconnect of the same run: re-send what may have been lost. Anything else
                 // it runs is settled by the events it re-sends (they are buffered until acked).
@@ -255,6 +334,20 @@ impl DroneSessions {
                         backend: b.id.clone(),
                         hard: false,
                     }),
+                    // It had an address, so the drone listed it while it ran: gone now, and
+                    // its exit was never applied.
+                    BackendState::Waiting | BackendState::Ready => {
+                        self.backends
+                            .close_gone(
+                                b.id.as_str(),
+                                &hello.run_id,
+                                "its drone no longer runs it (its exit was not reported)",
+                            )
+                            .await
+                            .map_err(|e| {
+                                AdmitError::step("close a backend the drone no longer runs", e)
+                            })?;
+                    }
                     _ => {}
                 }
             } else if let Some(old) = b.drone_run_id.as_deref() {
@@ -286,7 +379,7 @@ impl DroneSessions {
         for m in resend {
             let _ = tx.try_send(m);
         }
-        self.drones.insert(DroneConn {
+        let session = self.drones.insert(DroneConn {
             name: hello.drone.clone(),
             run_id: hello.run_id.clone(),
             runtime: hello.runtime.clone(),
@@ -295,15 +388,21 @@ impl DroneSessions {
             tx,
             status: status.clone(),
             leased: lease.is_some(),
+            session: 0,
         });
         tracing::info!(drone = %hello.drone, run_id = %hello.run_id, runtime = %hello.runtime, adopted = wanted.len(), "drone admitted");
-        Ok((rx, status))
+        Ok(Admitted {
+            commands: rx,
+            status,
+            session,
+            lease,
+        })
     }
 
     /// Closes every live backend of drone run `run_id` as lost (its lease expired).
     pub(crate) async fn lose(&self, name: &str, run_id: &str) -> Result<usize, ApiError> {
         let _admission = self.admission.lock().await;
-        self.drones.remove(name, run_id);
+        self.drones.remove_run(name, run_id);
         let mut lost = 0;
         for b in self.backends.list().await? {
             let b = b.record;
@@ -326,22 +425,17 @@ impl DroneSessions {
         Ok(lost)
     }
 
-    /// Applies one event from run `run_id` of `drone`; a failure is logged (the reconciler
-    /// recovers whatever it leaves undone).
+    /// Applies one event from run `run_id` of `drone`.
     pub(crate) async fn apply_event(
         &self,
         drone: &str,
         run_id: &str,
         backend: &BackendId,
         event: BackendEvent,
-    ) {
-        if let Err(e) = self
-            .backends
+    ) -> Result<(), ApiError> {
+        self.backends
             .apply_event(drone, run_id, backend, event)
             .await
-        {
-            tracing::error!(backend = %backend, error = %e, "cannot apply drone event");
-        }
     }
 }
 
@@ -380,20 +474,7 @@ impl DroneSessions {
             },
             _ => return,
         };
-        let lease = match inner.store.lease_grant(inner.config.lease_ttl).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(drone = %hello.drone, error = %e, "cannot grant a drone lease; the drone will retry");
-                close(
-                    &mut socket,
-                    CLOSE_TRY_AGAIN,
-                    &format!("cannot grant a lease: {e}"),
-                )
-                .await;
-                return;
-            }
-        };
-        let (mut commands, status) = match inner.admit(&hello, Some(lease)).await {
+        let admitted = match inner.admit(&hello, true).await {
             Ok(x) => x,
             Err(e) => {
                 let code = if e.is_transient() {
@@ -404,17 +485,23 @@ impl DroneSessions {
                     CLOSE_REFUSED
                 };
                 close(&mut socket, code, &e.to_string()).await;
-                let _ = inner.store.lease_revoke(lease).await;
                 return;
             }
         };
+        let Admitted {
+            mut commands,
+            status,
+            session,
+            lease,
+        } = admitted;
+        let Some(lease) = lease else { return };
         let ttl = inner.config.lease_ttl;
         let welcome = ToDrone::Welcome {
             lease_ttl_ms: ttl.as_millis() as u64,
             heartbeat_interval_ms: (ttl / 5).as_millis().max(50) as u64,
         };
         if socket.send(encode(&welcome)).await.is_err() {
-            inner.drones.remove(&hello.drone, &hello.run_id);
+            inner.drones.remove_session(&hello.drone, session);
             return;
         }
         let mut next_id: u64 = 0;
@@ -464,7 +551,13 @@ impl DroneSessions {
                             unacked.remove(&id);
                         }
                         FromDrone::Event { seq, backend, event } => {
-                            inner.apply_event(&hello.drone, &hello.run_id, &backend, event).await;
+                            // Acknowledged only once applied: an event that could not be written
+                            // stays with the drone, which sends it again on its next session.
+                            if let Err(e) = inner.apply_event(&hello.drone, &hello.run_id, &backend, event).await {
+                                tracing::warn!(drone = %hello.drone, backend = %backend, error = %e, "cannot apply a drone event; closing the session so the drone sends it again");
+                                close(&mut socket, CLOSE_TRY_AGAIN, &format!("cannot apply event {seq}: {e}")).await;
+                                break "an event could not be applied";
+                            }
                             if socket.send(encode(&ToDrone::EventAck { seq })).await.is_err() {
                                 break "send failed";
                             }
@@ -478,7 +571,7 @@ impl DroneSessions {
         };
         // The lease is left to expire (unless the scheduler is the one stopping): a drone that
         // reconnects within the TTL loses nothing.
-        inner.drones.remove(&hello.drone, &hello.run_id);
+        inner.drones.remove_session(&hello.drone, session);
         if !unacked.is_empty() {
             tracing::debug!(drone = %hello.drone, unacked = unacked.len(), "session ended with unacknowledged commands; they are re-sent on readmission");
         }
@@ -557,6 +650,7 @@ mod tests {
             runtime: "docker".into(),
             inventory: vec![],
             unhealthy: None,
+            host: None,
         }
     }
 

@@ -55,24 +55,43 @@ pub struct DroneConn {
     /// A network drone with a session lease and heartbeats; `false` for the in-process drone
     /// of `hangar dev`.
     pub leased: bool,
+    /// Which session this is: set by [`DroneRegistry::insert`], new for every session, so that
+    /// an old session of the same agent run (a half-open connection the drone has already
+    /// replaced) can only remove itself, never its successor.
+    pub session: u64,
 }
 
 /// Every connected drone. A std `RwLock`: held only for map lookups, never across `.await`.
 #[derive(Debug, Default)]
 pub struct DroneRegistry {
     drones: RwLock<HashMap<String, DroneConn>>,
+    sessions: AtomicU64,
 }
 
 impl DroneRegistry {
-    pub fn insert(&self, conn: DroneConn) {
+    /// Registers a session, replacing any earlier one of the drone; returns its session number.
+    pub fn insert(&self, mut conn: DroneConn) -> u64 {
+        let session = self.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        conn.session = session;
         self.drones
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(conn.name.clone(), conn);
+        session
     }
 
-    /// Removes the drone if it is still the given run (a newer run may have replaced it).
-    pub fn remove(&self, name: &str, run_id: &str) {
+    /// Removes session `session` of the drone, if it is still the registered one (a newer
+    /// session, of the same run or another, may have replaced it).
+    pub fn remove_session(&self, name: &str, session: u64) {
+        let mut d = self.drones.write().unwrap_or_else(|e| e.into_inner());
+        if d.get(name).is_some_and(|c| c.session == session) {
+            d.remove(name);
+        }
+    }
+
+    /// Removes the drone if its registered session belongs to agent run `run_id` (the run's
+    /// lease expired).
+    pub fn remove_run(&self, name: &str, run_id: &str) {
         let mut d = self.drones.write().unwrap_or_else(|e| e.into_inner());
         if d.get(name).is_some_and(|c| c.run_id == run_id) {
             d.remove(name);
@@ -104,5 +123,53 @@ impl DroneRegistry {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(run: &str) -> (DroneConn, mpsc::Receiver<SchedulerMessage>) {
+        let (tx, rx) = mpsc::channel(1);
+        let conn = DroneConn {
+            name: "d1".into(),
+            run_id: run.into(),
+            runtime: "process".into(),
+            pool: "default".into(),
+            capacity: Capacity::default(),
+            tx,
+            status: Arc::default(),
+            leased: true,
+            session: 0,
+        };
+        (conn, rx)
+    }
+
+    /// A drone that reconnects with the same run id while its old session is half-open: the
+    /// old session's cleanup must not evict the new one (it used to compare only the run id).
+    #[test]
+    fn an_old_session_of_the_same_run_cannot_remove_its_successor() {
+        let registry = DroneRegistry::default();
+        let (old, _old_rx) = conn("r1");
+        let (new, _new_rx) = conn("r1");
+        let old_session = registry.insert(old);
+        let new_session = registry.insert(new);
+        assert_ne!(old_session, new_session);
+        registry.remove_session("d1", old_session);
+        assert_eq!(
+            registry.get("d1").map(|c| c.session),
+            Some(new_session),
+            "the old session's cleanup evicted the new session"
+        );
+        registry.remove_session("d1", new_session);
+        assert!(registry.get("d1").is_none());
+        // A lost run is removed by run id, whichever of its sessions is registered.
+        let (again, _rx) = conn("r1");
+        registry.insert(again);
+        registry.remove_run("d1", "r2");
+        assert!(registry.get("d1").is_some());
+        registry.remove_run("d1", "r1");
+        assert!(registry.is_empty());
     }
 }

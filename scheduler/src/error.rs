@@ -22,6 +22,13 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     Conflict(String),
+    /// The request conflicts with something that will end by itself (a key's previous backend
+    /// still stopping): 409 with `Retry-After`.
+    #[error("{message}")]
+    Busy {
+        message: String,
+        retry_after: std::time::Duration,
+    },
     /// Nowhere to run the backend, or a dependency is down: retry later.
     #[error("{0}")]
     Unavailable(String),
@@ -38,7 +45,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Conflict(_) | ApiError::Busy { .. } => StatusCode::CONFLICT,
             ApiError::Unavailable(_) | ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -48,7 +55,7 @@ impl ApiError {
     /// contended key), as opposed to a refusal.
     pub fn is_transient(&self) -> bool {
         match self {
-            ApiError::Unavailable(_) | ApiError::Conflict(_) => true,
+            ApiError::Unavailable(_) | ApiError::Conflict(_) | ApiError::Busy { .. } => true,
             ApiError::Store(e) => e.is_transient(),
             _ => false,
         }
@@ -61,6 +68,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::Conflict(_) => "conflict",
+            ApiError::Busy { .. } => "busy",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Store(_) => "store_unavailable",
             ApiError::Internal(_) => "internal",
@@ -73,10 +81,20 @@ impl IntoResponse for ApiError {
         if matches!(self, ApiError::Internal(_) | ApiError::Store(_)) {
             tracing::error!(error = %self, "api request failed");
         }
-        (
+        let retry_after = match &self {
+            ApiError::Busy { retry_after, .. } => Some(retry_after.as_secs().max(1)),
+            _ => None,
+        };
+        let mut response = (
             self.status(),
             Json(ErrorBody::new(self.code(), self.to_string())),
         )
-            .into_response()
+            .into_response();
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+        }
+        response
     }
 }

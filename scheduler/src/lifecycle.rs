@@ -200,9 +200,11 @@ impl Backends {
             .ok_or_else(|| ApiError::NotFound(format!("no backend {id}")))
     }
 
-    /// Sends the stop to the backend's drone; if the drone (run) that has it is not connected,
-    /// there is nothing to stop and the record is closed at once.
-    pub async fn send_terminate(&self, rec: &BackendRecord, hard: bool) -> Result<(), ApiError> {
+    /// Sends the stop to the backend's drone. Returns whether it was sent: if the agent run
+    /// that has the backend is not connected right now, the record stays `terminating` (its
+    /// process may still run, so its key stays held): the stop is sent again when that run
+    /// reconnects, and if it never does, its lease expires and the backend is closed as lost.
+    pub async fn send_terminate(&self, rec: &BackendRecord, hard: bool) -> Result<bool, ApiError> {
         let conn = rec
             .drone
             .as_deref()
@@ -220,20 +222,9 @@ impl Backends {
             None => false,
         };
         if !sent {
-            let id = rec.id.clone();
-            self.update(id.as_str(), |r| match &r.state {
-                BackendState::Terminating { reason } => {
-                    r.state = BackendState::Terminated {
-                        reason: reason.clone(),
-                    };
-                    r.message = Some("its drone is not connected; closed without a stop".into());
-                    true
-                }
-                _ => false,
-            })
-            .await?;
+            tracing::info!(backend = %rec.id, drone = ?rec.drone, "its drone is not connected; the stop is sent when it reconnects");
         }
-        Ok(())
+        Ok(sent)
     }
 
     /// Applies one event from drone `drone` (agent run `run_id`). Events from a run other than
@@ -301,6 +292,28 @@ impl Backends {
             }
         }
         Ok(())
+    }
+
+    /// Closes a backend of run `run_id` that its drone no longer runs although the record says
+    /// it started (its exit event was lost): `failed`, with `why`.
+    pub async fn close_gone(&self, id: &str, run_id: &str, why: &str) -> Result<bool, ApiError> {
+        let updated = self
+            .update(id, |r| {
+                if r.drone_run_id.as_deref() != Some(run_id) || !r.state.is_live() {
+                    return false;
+                }
+                r.state = BackendState::Terminated {
+                    reason: TerminationReason::Failed { exit_code: None },
+                };
+                r.message = Some(why.to_string());
+                true
+            })
+            .await?;
+        if updated.is_some() {
+            tracing::warn!(backend = %id, run_id, why, "backend gone");
+            self.activity.forget(id);
+        }
+        Ok(updated.is_some())
     }
 
     /// Closes a backend whose agent run is gone, if the record still names that run.

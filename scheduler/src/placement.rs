@@ -8,12 +8,12 @@
 //! to place is a 503 that says why for each drone, never a 500.
 
 use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use hangar_core::api::Amounts;
 use hangar_core::drone::Capacity;
+use hangar_store::Revision;
 use rand::Rng;
-
-use std::sync::Arc;
 
 pub use crate::config::Need;
 use crate::config::SchedulerConfig;
@@ -206,12 +206,61 @@ pub fn choose<'a>(
 
 /// Chooses drones for new backends from what the other components publish: connected drones,
 /// their reservations (the route publisher's load), drains and hot drones.
+///
+/// The route publisher's load lags a placement by a store write and a publish, so placement
+/// also counts what it placed itself and the table does not show yet (its *pending*
+/// reservations): concurrent connects see each other's choices and never overcommit a drone.
 pub struct Placement {
     config: Arc<SchedulerConfig>,
     drones: Arc<DroneRegistry>,
     routes: Arc<Routes>,
     drains: Arc<Drains>,
     hot: Arc<HotShards>,
+    /// Reservations made here that the route table may not count yet. A std mutex: held
+    /// for the (synchronous) decision only, which makes choosing and reserving one step.
+    pending: Mutex<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    next: u64,
+    entries: Vec<PendingEntry>,
+}
+
+struct PendingEntry {
+    id: u64,
+    drone: String,
+    need: Need,
+    /// The store revision that recorded the backend, once written: the reservation is
+    /// dropped once the route table has reached it (the table's load then counts it).
+    written_at: Option<Revision>,
+}
+
+/// A drone chosen for a backend, with its capacity held until the backend's record is written
+/// and published, or the reservation is dropped (the connect failed).
+pub struct Reservation {
+    placement: Arc<Placement>,
+    id: u64,
+    pub drone: DroneConn,
+}
+
+impl Reservation {
+    /// The backend's record was written at `revision`: keep counting it until the route table
+    /// reflects that revision.
+    pub fn written(self, revision: Revision) {
+        let mut pending = self.placement.pending();
+        if let Some(e) = pending.entries.iter_mut().find(|e| e.id == self.id) {
+            e.written_at = Some(revision);
+        }
+        drop(pending);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.placement.pending().entries.retain(|e| e.id != self.id);
+    }
 }
 
 impl Placement {
@@ -228,10 +277,44 @@ impl Placement {
             routes,
             drains,
             hot,
+            pending: Mutex::default(),
         }
     }
 
-    pub fn place(&self, spawn: &ResolvedSpawn) -> Result<DroneConn, ApiError> {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Chooses a drone for `spawn` and reserves what it needs there.
+    pub fn place(self: &Arc<Self>, spawn: &ResolvedSpawn) -> Result<Reservation, ApiError> {
+        let mut pending = self.pending();
+        // The table's revision first: a load read after it is at least as new, so a backend
+        // is counted twice (safe) rather than not at all.
+        let published = self.routes.current().revision;
+        pending
+            .entries
+            .retain(|e| e.written_at.is_none_or(|r| r > published));
+        let drone = self.choose_drone(spawn, &pending.entries)?;
+        pending.next += 1;
+        let id = pending.next;
+        pending.entries.push(PendingEntry {
+            id,
+            drone: drone.name.clone(),
+            need: self.config.need(spawn),
+            written_at: None,
+        });
+        Ok(Reservation {
+            placement: self.clone(),
+            id,
+            drone,
+        })
+    }
+
+    fn choose_drone(
+        &self,
+        spawn: &ResolvedSpawn,
+        pending: &[PendingEntry],
+    ) -> Result<DroneConn, ApiError> {
         let drones = self.drones.all();
         if drones.is_empty() {
             metrics::counter!(crate::metrics::PLACEMENT_FAILURES_TOTAL, "reason" => "no_drone")
@@ -254,7 +337,15 @@ impl Placement {
                 runtime: &d.runtime,
                 pool: &d.pool,
                 capacity: d.capacity,
-                load: self.routes.load_of(&d.name),
+                load: pending.iter().filter(|p| p.drone == d.name).fold(
+                    self.routes.load_of(&d.name),
+                    |mut load, p| {
+                        load.backends += 1;
+                        load.cpu_millis += p.need.cpu_millis;
+                        load.memory_mb += p.need.memory_mb;
+                        load
+                    },
+                ),
                 draining: self.drains.is_draining(&d.name),
                 unhealthy: d.status.unhealthy(),
                 hot: hot.contains(&d.name),

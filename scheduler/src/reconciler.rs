@@ -190,8 +190,9 @@ impl Reconciler {
                         .await?;
                 }
                 Action::Kill => {
-                    tracing::warn!(backend = %rec.id, "stop did not complete in time; killing");
-                    self.backends.send_terminate(rec, true).await?;
+                    if self.backends.send_terminate(rec, true).await? {
+                        tracing::warn!(backend = %rec.id, "stop did not complete in time; killing");
+                    }
                 }
                 Action::Lost => {
                     let run = rec.drone_run_id.clone().unwrap_or_default();

@@ -144,6 +144,9 @@ pub struct DroneRecord {
     pub connected_at: UnixMillis,
     /// The session lease; `None` for an in-process drone (dev), which lives with the process.
     pub lease: Option<u64>,
+    /// The host the agent runs on, as it said in its hello.
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 /// A drain in progress: placement avoids the drone; at `deadline_at` its remaining backends

@@ -133,6 +133,7 @@ impl EmbeddedDrone {
                 runtime: "process".into(),
                 inventory: Vec::new(),
                 unhealthy: None,
+                host: None,
             })
             .await
             .context("cannot register the embedded drone")?;

@@ -23,6 +23,8 @@ use crate::metrics::{MetricsListener, MetricsSetup};
 /// Validated `hangar drone` configuration; nothing bound yet.
 pub struct Config {
     name: String,
+    /// `--host-id`, or this host's machine id.
+    host: Option<String>,
     secret: String,
     scheduler_url: String,
     pool: String,
@@ -88,6 +90,7 @@ impl Config {
                 stop_backends_on_shutdown: false,
                 ..AgentConfig::default()
             },
+            host: args.host_id.clone().or_else(crate::host::host_id),
             name: args.name,
             secret,
             scheduler_url: args.scheduler,
@@ -116,6 +119,7 @@ impl Config {
                 capacity: self.capacity,
                 agent: self.agent,
                 usage_interval: self.usage_interval,
+                host: self.host,
             },
             runtime,
             run_id.clone(),

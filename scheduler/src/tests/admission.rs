@@ -97,6 +97,7 @@ fn hello(name: &str) -> Hello {
         runtime: "process".into(),
         inventory: vec![],
         unhealthy: None,
+        host: None,
     }
 }
 
@@ -117,7 +118,7 @@ async fn a_store_hiccup_during_admission_is_transient_and_a_bad_hello_is_not() {
     );
     let sessions = &sched.handles().sessions;
 
-    let e = sessions.admit(&hello("d1"), None).await.unwrap_err();
+    let e = sessions.admit(&hello("d1"), false).await.unwrap_err();
     assert!(e.is_transient(), "{e}");
     let text = e.to_string();
     assert!(
@@ -127,7 +128,7 @@ async fn a_store_hiccup_during_admission_is_transient_and_a_bad_hello_is_not() {
     assert!(matches!(ApiError::from(e), ApiError::Unavailable(_)));
     assert!(sched.handles().drones.get("d1").is_none());
 
-    let e = sessions.admit(&hello("Bad Name"), None).await.unwrap_err();
+    let e = sessions.admit(&hello("Bad Name"), false).await.unwrap_err();
     assert!(
         matches!(e, AdmitError::Invalid(_)) && !e.is_transient(),
         "{e}"
@@ -136,6 +137,6 @@ async fn a_store_hiccup_during_admission_is_transient_and_a_bad_hello_is_not() {
 
     // The store is back: the same hello is admitted.
     store.failing.store(false, Ordering::SeqCst);
-    sessions.admit(&hello("d1"), None).await.unwrap();
+    sessions.admit(&hello("d1"), false).await.unwrap();
     assert!(sched.handles().drones.get("d1").is_some());
 }

@@ -14,10 +14,10 @@ use crate::records::{BACKENDS_PREFIX, KEYS_PREFIX};
 async fn concurrent_connects_for_one_key_write_one_record() {
     let f = Fixture::start(|_| {}).await;
     let (sched, store) = (&f.sched, &f.store);
-    let (_commands, _status) = sched
+    let _commands = sched
         .handles()
         .sessions
-        .admit(&hello("d1", "r1"), None)
+        .admit(&hello("d1", "r1"), false)
         .await
         .unwrap();
 

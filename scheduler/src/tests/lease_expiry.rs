@@ -22,13 +22,14 @@ async fn state_of(s: &Scheduler, id: &str) -> BackendState {
 async fn an_expired_lease_closes_the_runs_backends_as_lost() {
     let f = Fixture::start(|cfg| cfg.lease_ttl = Duration::from_secs(10)).await;
     let (sched, store) = (&f.sched, &f.store);
-    let lease = store.lease_grant(Duration::from_secs(10)).await.unwrap();
-    let (mut commands, _status) = sched
+    let admitted = sched
         .handles()
         .sessions
-        .admit(&hello("d1", "r1"), Some(lease))
+        .admit(&hello("d1", "r1"), true)
         .await
         .unwrap();
+    let lease = admitted.lease.unwrap();
+    let mut commands = admitted.commands;
     let a = sched
         .handles()
         .connector
@@ -73,11 +74,10 @@ async fn an_expired_lease_closes_the_runs_backends_as_lost() {
     assert!(sched.handles().drones.get("d1").is_none());
 
     // A record that names a newer run is never overwritten by the old run's loss.
-    let lease2 = store.lease_grant(Duration::from_secs(10)).await.unwrap();
-    let (_c2, _s2) = sched
+    let _second = sched
         .handles()
         .sessions
-        .admit(&hello("d1", "r2"), Some(lease2))
+        .admit(&hello("d1", "r2"), true)
         .await
         .unwrap();
     let b = sched

@@ -7,6 +7,7 @@ mod connect;
 mod layers;
 mod lease_expiry;
 mod monitor;
+mod races;
 
 use std::sync::Arc;
 
@@ -72,5 +73,6 @@ fn hello(drone: &str, run: &str) -> Hello {
         runtime: "process".into(),
         inventory: vec![],
         unhealthy: None,
+        host: None,
     }
 }

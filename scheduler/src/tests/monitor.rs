@@ -34,6 +34,7 @@ fn hello(drone: &str, run: &str) -> Hello {
         runtime: "process".into(),
         inventory: vec![],
         unhealthy: None,
+        host: None,
     }
 }
 
@@ -86,10 +87,10 @@ async fn a_hot_backend_is_flagged_gauged_listed_and_its_idle_neighbours_relocate
     sched.start(cancel.clone()).await.unwrap();
 
     // Five backends on d1, then d2 joins: somewhere else to put relocated backends.
-    let (_commands1, _) = sched
+    let _commands1 = sched
         .handles()
         .sessions
-        .admit(&hello("d1", "r1"), None)
+        .admit(&hello("d1", "r1"), false)
         .await
         .unwrap();
     let names = ["hot", "busy1", "busy2", "idle1", "idle2"];
@@ -106,10 +107,10 @@ async fn a_hot_backend_is_flagged_gauged_listed_and_its_idle_neighbours_relocate
             .unwrap();
         ids.push(r.backend_id);
     }
-    let (_commands2, _) = sched
+    let _commands2 = sched
         .handles()
         .sessions
-        .admit(&hello("d2", "r2"), None)
+        .admit(&hello("d2", "r2"), false)
         .await
         .unwrap();
     let address = "127.0.0.1:9".parse().unwrap();
@@ -216,7 +217,19 @@ async fn a_hot_backend_is_flagged_gauged_listed_and_its_idle_neighbours_relocate
             assert_eq!(state, BackendState::Ready, "{}", names[i]);
         }
     }
-    // The relocated key's next connect lands on the other drone.
+    // Once the relocated backend has stopped (a key never has two running processes), its
+    // key's next connect lands on the other drone.
+    sched
+        .handles()
+        .backends
+        .apply_event(
+            "d1",
+            "r1",
+            &ids[3],
+            BackendEvent::Exited { exit_code: Some(0) },
+        )
+        .await
+        .unwrap();
     let again = sched
         .handles()
         .connector
