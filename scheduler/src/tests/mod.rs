@@ -8,12 +8,20 @@ mod layers;
 mod lease_expiry;
 mod monitor;
 mod races;
+mod session;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use async_trait::async_trait;
 use hangar_core::drone::{Capacity, Hello};
 use hangar_core::token::TokenKey;
 use hangar_store::embedded::EmbeddedStore;
+use hangar_store::{
+    CasOutcome, Compare, Expect, KeyValue, LeaseId, Listing, Revision, Store, StoreError,
+    StoreResult, TxnOp, TxnOutcome, WatchStream,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{ManualClock, Scheduler, SchedulerConfig};
@@ -74,5 +82,75 @@ fn hello(drone: &str, run: &str) -> Hello {
         inventory: vec![],
         unhealthy: None,
         host: None,
+    }
+}
+
+/// The embedded store, with puts that fail while `failing` is set (a store member that is
+/// briefly unreachable).
+struct FlakyStore {
+    inner: Arc<EmbeddedStore>,
+    failing: AtomicBool,
+}
+
+impl FlakyStore {
+    fn check(&self) -> StoreResult<()> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Backend("connection refused".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for FlakyStore {
+    async fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
+        self.inner.get(key).await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> StoreResult<Revision> {
+        self.check()?;
+        self.inner.put(key, value, lease).await
+    }
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expect: Expect,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> StoreResult<CasOutcome> {
+        self.check()?;
+        self.inner.compare_and_swap(key, expect, value, lease).await
+    }
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> StoreResult<TxnOutcome> {
+        self.check()?;
+        self.inner.txn(compares, ops).await
+    }
+    async fn delete(&self, key: &str) -> StoreResult<bool> {
+        self.inner.delete(key).await
+    }
+    async fn delete_if_revision(&self, key: &str, revision: Revision) -> StoreResult<bool> {
+        self.inner.delete_if_revision(key, revision).await
+    }
+    async fn list(&self, prefix: &str) -> StoreResult<Listing> {
+        self.inner.list(prefix).await
+    }
+    async fn watch(&self, prefix: &str, from: Revision) -> StoreResult<WatchStream> {
+        self.inner.watch(prefix, from).await
+    }
+    async fn revision(&self) -> StoreResult<Revision> {
+        self.inner.revision().await
+    }
+    async fn lease_grant(&self, ttl: Duration) -> StoreResult<LeaseId> {
+        self.inner.lease_grant(ttl).await
+    }
+    async fn lease_keep_alive(&self, lease: LeaseId) -> StoreResult<()> {
+        self.inner.lease_keep_alive(lease).await
+    }
+    async fn lease_revoke(&self, lease: LeaseId) -> StoreResult<()> {
+        self.inner.lease_revoke(lease).await
     }
 }
