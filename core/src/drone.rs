@@ -53,6 +53,9 @@ pub enum BackendEvent {
     SpawnFailed { message: String },
     /// The process exited; `exit_code` is `None` when it was killed by a signal we did not send.
     Exited { exit_code: Option<i32> },
+    /// The process was stopped by its drone's self-fencing: the drone could not renew its
+    /// lease in time, so the control plane may already have freed its key.
+    Fenced { exit_code: Option<i32> },
 }
 
 /// Drone → scheduler.

@@ -43,6 +43,9 @@ pub enum TerminationReason {
     Relocated,
     /// Its drone (or the agent process that ran it) disappeared.
     Lost,
+    /// Its drone lost contact with the control plane and stopped it itself (self-fencing), so
+    /// that its key could never run twice.
+    Fenced,
     /// It did not become ready within the startup timeout.
     StartupTimeout,
     /// The process exited on its own (or could not be started).
@@ -115,6 +118,7 @@ impl fmt::Display for TerminationReason {
             TerminationReason::Drained => f.write_str("drained"),
             TerminationReason::Relocated => f.write_str("relocated"),
             TerminationReason::Lost => f.write_str("lost"),
+            TerminationReason::Fenced => f.write_str("fenced"),
             TerminationReason::StartupTimeout => f.write_str("startup_timeout"),
             TerminationReason::Failed { exit_code: Some(c) } => write!(f, "failed(exit code {c})"),
             TerminationReason::Failed { exit_code: None } => f.write_str("failed"),

@@ -27,6 +27,10 @@ use tokio_util::task::TaskTracker;
 
 use super::runtime::{ExitWatch, Runtime, RuntimeError, Started};
 
+/// How long a re-adopted backend may take to answer its readiness probe (its own startup
+/// timeout is not known to a new agent run).
+const ADOPTED_STARTUP: Duration = Duration::from_secs(60);
+
 /// Upper bound on the grace given to backends when the agent shuts down, so that shutting
 /// down never takes long however generous `stop_grace` is.
 const SHUTDOWN_GRACE_CAP: Duration = Duration::from_secs(5);
@@ -137,6 +141,7 @@ impl Agent {
             probe: self.probe,
             events,
             registry: Arc::new(Mutex::new(HashMap::new())),
+            ended: Arc::default(),
             tracker: TaskTracker::new(),
             shutdown: shutdown.clone(),
         };
@@ -173,8 +178,34 @@ struct Context {
     probe: ProbeClient,
     events: mpsc::Sender<DroneMessage>,
     registry: Registry,
+    /// Backends that ended in this agent run: a spawn of one of them (the scheduler re-sends
+    /// spawns it is unsure of after a reconnect) is ignored instead of starting it again.
+    ended: Arc<Mutex<Ended>>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+}
+
+/// The most recently ended backends, bounded.
+#[derive(Default)]
+struct Ended {
+    order: std::collections::VecDeque<BackendId>,
+    set: std::collections::HashSet<BackendId>,
+}
+
+/// Ended backends remembered per agent run (a re-sent spawn follows a reconnect by seconds).
+const ENDED_KEPT: usize = 65_536;
+
+impl Ended {
+    fn insert(&mut self, backend: BackendId) {
+        if self.set.insert(backend.clone()) {
+            self.order.push_back(backend);
+            if self.order.len() > ENDED_KEPT
+                && let Some(old) = self.order.pop_front()
+            {
+                self.set.remove(&old);
+            }
+        }
+    }
 }
 
 impl Context {
@@ -210,13 +241,18 @@ impl Context {
         }
         for started in adopted {
             if let Some(task) = self.register(&started.backend) {
-                self.tracker.spawn(task.watch(started.exit));
+                self.tracker.spawn(task.adopted(started));
             }
         }
     }
 
-    /// Handles `Spawn`: idempotent, since the scheduler may resend a spawn it is unsure of.
+    /// Handles `Spawn`: idempotent, since the scheduler may resend a spawn it is unsure of,
+    /// also after the backend has ended (its exit is reported, never a second start).
     fn spawn(&self, cmd: SpawnCommand) {
+        if lock(&self.ended).set.contains(&cmd.backend) {
+            tracing::debug!(backend = %cmd.backend, "ignoring spawn of a backend that already ended");
+            return;
+        }
         match self.register(&cmd.backend) {
             Some(task) => {
                 self.tracker.spawn(task.run(cmd));
@@ -298,7 +334,8 @@ impl BackendTask {
                     message: error.to_string(),
                 })
                 .await;
-                self.unregister();
+                // Nothing ran: a later spawn under this id may try again.
+                lock(&self.ctx.registry).remove(&self.backend);
                 return;
             }
         };
@@ -308,37 +345,8 @@ impl BackendTask {
         self.report(BackendEvent::Waiting { address }).await;
 
         let deadline = Instant::now() + Duration::from_millis(cmd.startup_timeout_ms);
-        let outcome = {
-            let probe = probe_until_ready(
-                self.ctx.probe.clone(),
-                probe_uri(address, &self.ctx.config.probe_path),
-                deadline,
-                self.ctx.config.clone(),
-            );
-            tokio::pin!(probe);
-            tokio::select! {
-                // Pending stops and exits win over a probe answer that arrives at once.
-                biased;
-                status = &mut exit => {
-                    // Exited while starting (crashed, or failed to bind its port).
-                    self.report_exit(status.ok().and_then(|s| s.code)).await;
-                    return;
-                }
-                Some(grace) = self.stops.recv() => {
-                    self.stop(grace);
-                    ProbeOutcome::Stopping
-                }
-                () = self.ctx.shutdown.cancelled() => {
-                    if self.on_shutdown() {
-                        ProbeOutcome::Stopping
-                    } else {
-                        ProbeOutcome::Abandon
-                    }
-                }
-                ready = &mut probe => {
-                    if ready { ProbeOutcome::Ready } else { ProbeOutcome::TimedOut }
-                }
-            }
+        let Some(outcome) = self.until_ready(address, &mut exit, deadline).await else {
+            return;
         };
         match outcome {
             ProbeOutcome::Ready => self.report(BackendEvent::Ready { address }).await,
@@ -349,6 +357,71 @@ impl BackendTask {
             }
             ProbeOutcome::Stopping => {}
             ProbeOutcome::Abandon => {
+                self.unregister();
+                return;
+            }
+        }
+        self.watch(exit).await;
+    }
+
+    /// Probes the backend at `address` until it is ready, `deadline` passes, a stop is asked
+    /// for or the agent shuts down. `None` when the backend exited meanwhile (reported).
+    async fn until_ready(
+        &mut self,
+        address: SocketAddr,
+        exit: &mut ExitWatch,
+        deadline: Instant,
+    ) -> Option<ProbeOutcome> {
+        let probe = probe_until_ready(
+            self.ctx.probe.clone(),
+            probe_uri(address, &self.ctx.config.probe_path),
+            deadline,
+            self.ctx.config.clone(),
+        );
+        tokio::pin!(probe);
+        Some(tokio::select! {
+            // Pending stops and exits win over a probe answer that arrives at once.
+            biased;
+            status = &mut *exit => {
+                // Exited while starting (crashed, or failed to bind its port).
+                self.report_exit(status.ok().and_then(|s| s.code)).await;
+                return None;
+            }
+            Some(grace) = self.stops.recv() => {
+                self.stop(grace);
+                ProbeOutcome::Stopping
+            }
+            () = self.ctx.shutdown.cancelled() => {
+                if self.on_shutdown() {
+                    ProbeOutcome::Stopping
+                } else {
+                    ProbeOutcome::Abandon
+                }
+            }
+            ready = &mut probe => {
+                if ready { ProbeOutcome::Ready } else { ProbeOutcome::TimedOut }
+            }
+        })
+    }
+
+    /// A backend a previous agent run started: its record may still say it is starting
+    /// (the old run never reported it ready), so it is probed like a new one and reported
+    /// ready, then watched.
+    async fn adopted(mut self, started: Started) {
+        let Started {
+            address, mut exit, ..
+        } = started;
+        let deadline = Instant::now() + ADOPTED_STARTUP;
+        match self.until_ready(address, &mut exit, deadline).await {
+            None => return,
+            Some(ProbeOutcome::Ready) => self.report(BackendEvent::Ready { address }).await,
+            Some(ProbeOutcome::TimedOut) => {
+                tracing::warn!(backend = %self.backend, "re-adopted backend did not become ready in time");
+                self.report(BackendEvent::StartupTimeout).await;
+                self.stop(Duration::ZERO);
+            }
+            Some(ProbeOutcome::Stopping) => {}
+            Some(ProbeOutcome::Abandon) => {
                 self.unregister();
                 return;
             }
@@ -407,7 +480,7 @@ impl BackendTask {
         send_event(&self.ctx.events, &self.backend, event).await;
     }
 
-    async fn report_exit(self, exit_code: Option<i32>) {
+    async fn report_exit(&self, exit_code: Option<i32>) {
         self.report(BackendEvent::Exited { exit_code }).await;
         self.unregister();
     }
@@ -415,6 +488,7 @@ impl BackendTask {
     /// Forgets the backend. Done after the last event, so that a terminate racing with the exit
     /// either reaches this (finished) task or finds the backend unknown, never both.
     fn unregister(&self) {
+        lock(&self.ctx.ended).insert(self.backend.clone());
         lock(&self.ctx.registry).remove(&self.backend);
     }
 }
@@ -637,6 +711,82 @@ mod tests {
         assert_eq!(
             h.next(&cmd.backend).await,
             BackendEvent::Exited { exit_code: Some(3) }
+        );
+        assert_eq!(h.shutdown().await, vec![]);
+    }
+
+    /// A re-adopted backend that a previous run was still starting used to be only watched,
+    /// never probed, so its record stayed starting until the startup timeout. Now it is probed
+    /// and reported ready, then its exit is reported as for any backend.
+    #[tokio::test]
+    async fn a_readopted_backend_is_probed_and_reported_ready() {
+        // A server that answers every request with 200, as the backend would.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = [0u8; 1024];
+                    let _ = conn.read(&mut buf).await;
+                    let _ = conn
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        )
+                        .await;
+                });
+            }
+        });
+        let backend = BackendId::parse("aadopted").unwrap();
+        let (exit_tx, exit) = tokio::sync::oneshot::channel();
+        let runtime = Arc::new(ProcessRuntime::new(ProcessRuntimeConfig::default()));
+        let (commands, commands_rx) = mpsc::channel(16);
+        let (events_tx, events) = mpsc::channel(64);
+        let cancel = CancellationToken::new();
+        let agent = Agent::new(runtime, AgentConfig::default()).with_adopted(vec![Started {
+            backend: backend.clone(),
+            address,
+            exit,
+        }]);
+        let mut h = Harness {
+            commands,
+            events,
+            cancel: cancel.clone(),
+            agent: tokio::spawn(agent.run(commands_rx, events_tx, cancel)),
+        };
+        assert_eq!(h.next(&backend).await, BackendEvent::Ready { address });
+        exit_tx
+            .send(crate::runtime::ExitStatus { code: Some(0) })
+            .unwrap();
+        assert_eq!(
+            h.next(&backend).await,
+            BackendEvent::Exited { exit_code: Some(0) }
+        );
+        assert_eq!(h.shutdown().await, vec![]);
+        server.abort();
+    }
+
+    /// A spawn re-sent after a reconnect used to start a backend again after it had exited.
+    #[tokio::test]
+    async fn a_spawn_of_a_backend_that_already_ended_is_ignored() {
+        let mut h = Harness::new(AgentConfig::default());
+        let cmd = spawn_command("aonce", &["sh", "-c", "exit 3"]);
+        h.spawn(&cmd).await;
+        h.started(&cmd.backend).await;
+        assert_eq!(
+            h.next(&cmd.backend).await,
+            BackendEvent::Exited { exit_code: Some(3) }
+        );
+        h.spawn(&cmd).await;
+        // The next event is the answer to a later command, not a second start.
+        let other = BackendId::parse("aother").unwrap();
+        h.terminate(&other, false).await;
+        assert_eq!(
+            h.next(&other).await,
+            BackendEvent::Exited { exit_code: None }
         );
         assert_eq!(h.shutdown().await, vec![]);
     }

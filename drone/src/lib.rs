@@ -8,6 +8,7 @@
 //! links this crate (nor bollard).
 
 pub mod agent;
+pub mod fence;
 pub mod runtime;
 pub mod session;
 pub mod usage;

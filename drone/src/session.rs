@@ -2,10 +2,10 @@
 //! `Hello` with what it runs, renews its lease with heartbeats, forwards commands to the
 //! [`Agent`] and its events back, and reconnects with backoff, resending unacknowledged events.
 //!
-//! Self-fencing: if the drone cannot renew its lease for the lease TTL (measured on its own
-//! monotonic clock from the last heartbeat the scheduler acknowledged), the scheduler will
-//! have declared it lost and may have started the same keys elsewhere, so it kills its own
-//! backends: a key never has two live backends.
+//! Self-fencing ([`crate::fence`]): if the drone cannot renew its lease within three quarters
+//! of the lease TTL (measured on its own monotonic clock from the send time of the last
+//! heartbeat the scheduler acknowledged), it kills its own backends before the scheduler may
+//! declare it lost and start the same keys elsewhere: a key never has two live backends.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::agent::{Agent, AgentConfig};
+use super::fence::Fence;
 use super::runtime::Runtime;
 
 /// 1 while the drone has a session with the scheduler.
@@ -55,6 +56,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_TTL: Duration = Duration::from_secs(10);
 /// How long a runtime health check may take before the runtime counts as unhealthy.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the runtime's health is checked (heartbeats carry the latest result).
+const HEALTH_EVERY: Duration = Duration::from_secs(2);
 
 /// A drone's identity and what it offers.
 #[derive(Clone, Debug)]
@@ -164,6 +167,12 @@ impl DroneSession {
                 "found running backends to re-adopt"
             );
         }
+        // The fence covers adopted backends from the start: if no scheduler welcomes this run
+        // within the fence deadline, they are stopped.
+        let fence = Fence::new(DEFAULT_TTL);
+        for a in &adopted {
+            fence.running(&a.backend);
+        }
         let agent =
             Agent::new(self.runtime.clone(), self.config.agent.clone()).with_adopted(adopted);
         let (cmd_tx, cmd_rx) = mpsc::channel::<SchedulerMessage>(1024);
@@ -173,6 +182,23 @@ impl DroneSession {
         {
             let c = agent_cancel.clone();
             tasks.spawn(agent.run(cmd_rx, ev_tx, c));
+        }
+        tasks.spawn(fence.clone().run(cmd_tx.clone(), agent_cancel.clone()));
+        // The runtime's health, checked in the background so that a slow check never holds
+        // up a heartbeat.
+        let (health_tx, health_rx) = tokio::sync::watch::channel(None);
+        {
+            let runtime = self.runtime.clone();
+            let c = agent_cancel.clone();
+            tasks.spawn(async move {
+                loop {
+                    let _ = health_tx.send(health(runtime.as_ref()).await);
+                    tokio::select! {
+                        _ = c.cancelled() => return,
+                        _ = tokio::time::sleep(HEALTH_EVERY) => {}
+                    }
+                }
+            });
         }
         // Usage reports: one pending at most; a newer one replaces what the session could not
         // send (they are cumulative or current figures, never deltas).
@@ -196,19 +222,18 @@ impl DroneSession {
         // Send times of heartbeats not yet acknowledged; the lease was renewed no earlier than
         // the send time of the one acknowledged last.
         let mut in_flight: VecDeque<Instant> = VecDeque::new();
-        let mut renewed_at = Instant::now();
-        let mut fenced = false;
         let result = loop {
             if ws.is_none() && Instant::now() >= next_attempt {
+                // The hello is sent after this: its admission granted a lease no earlier.
+                let attempt_at = Instant::now();
                 match self.connect(&url, &inventory).await {
                     Ok((mut socket, lease_ttl, hb)) => {
                         metrics::counter!(SESSION_CONNECTS_TOTAL).increment(1);
                         ttl = lease_ttl;
                         heartbeat_every = hb;
                         backoff = BACKOFF_MIN;
-                        renewed_at = Instant::now();
+                        fence.renewed(attempt_at, ttl);
                         in_flight.clear();
-                        fenced = false;
                         heartbeat_due = Instant::now() + heartbeat_every;
                         tracing::info!(scheduler = %self.config.scheduler_url, run_id = %self.run_id, resend = unacked.len(), "connected to the scheduler");
                         let mut ok = true;
@@ -235,23 +260,31 @@ impl DroneSession {
                     }
                 }
             }
-            let fence_at = renewed_at + ttl;
             let connected = ws.is_some();
             connected_gauge.set(if connected { 1.0 } else { 0.0 });
             tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
                 ev = ev_rx.recv() => {
-                    let Some(DroneMessage::Event { backend, event }) = ev else {
+                    let Some(DroneMessage::Event { backend, mut event }) = ev else {
                         break Ok(());
                     };
                     match &event {
+                        BackendEvent::Starting => fence.running(&backend),
                         BackendEvent::Waiting { address } | BackendEvent::Ready { address } => {
+                            fence.running(&backend);
                             inventory.insert(backend.clone(), *address);
                         }
-                        BackendEvent::Exited { .. } | BackendEvent::SpawnFailed { .. } => {
+                        BackendEvent::Exited { exit_code } => {
                             inventory.remove(&backend);
+                            if fence.gone(&backend) {
+                                event = BackendEvent::Fenced { exit_code: *exit_code };
+                            }
                         }
-                        _ => {}
+                        BackendEvent::SpawnFailed { .. } | BackendEvent::Fenced { .. } => {
+                            inventory.remove(&backend);
+                            fence.gone(&backend);
+                        }
+                        BackendEvent::StartupTimeout => {}
                     }
                     seq += 1;
                     unacked.insert(seq, (backend.clone(), event.clone()));
@@ -264,7 +297,7 @@ impl DroneSession {
                 }
                 _ = tokio::time::sleep_until(heartbeat_due), if connected => {
                     heartbeat_due = Instant::now() + heartbeat_every;
-                    let unhealthy = health(self.runtime.as_ref()).await;
+                    let unhealthy = health_rx.borrow().clone();
                     in_flight.push_back(Instant::now());
                     if let Some(socket) = ws.as_mut()
                         && send(socket, &FromDrone::Heartbeat { unhealthy }).await.is_err()
@@ -277,11 +310,16 @@ impl DroneSession {
                     match msg {
                         Some(ToDrone::HeartbeatAck) => {
                             if let Some(sent) = in_flight.pop_front() {
-                                renewed_at = renewed_at.max(sent);
+                                fence.renewed(sent, ttl);
                             }
                         }
                         Some(ToDrone::Command { id, message }) => {
-                            if cmd_tx.send(message).await.is_err() {
+                            // Past the fence deadline the scheduler may free this drone's keys
+                            // at any moment: nothing new starts here. (A spawn the scheduler
+                            // still wants is sent again when the run is admitted again.)
+                            if matches!(message, SchedulerMessage::Spawn(_)) && fence.expired() {
+                                tracing::warn!("refusing a spawn: the lease was not renewed in time (self-fenced)");
+                            } else if cmd_tx.send(message).await.is_err() {
                                 break Ok(());
                             }
                             if let Some(socket) = ws.as_mut()
@@ -311,17 +349,6 @@ impl DroneSession {
                     }
                 }
                 _ = tokio::time::sleep_until(next_attempt), if !connected => {}
-                _ = tokio::time::sleep_until(fence_at), if !fenced => {
-                    fenced = true;
-                    if !inventory.is_empty() {
-                        tracing::error!(backends = inventory.len(), ttl = ?ttl, "lease not renewed within its TTL: the scheduler has declared this drone lost; stopping every backend here (self-fencing)");
-                    }
-                    for backend in inventory.keys() {
-                        let _ = cmd_tx
-                            .send(SchedulerMessage::Terminate { backend: backend.clone(), hard: true })
-                            .await;
-                    }
-                }
             }
         };
         if let Some(mut socket) = ws.take() {

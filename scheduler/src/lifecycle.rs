@@ -264,6 +264,15 @@ impl Backends {
                         };
                         r.message = Some(message.clone());
                     }
+                    BackendEvent::Fenced { exit_code } => {
+                        r.state = BackendState::Terminated {
+                            reason: TerminationReason::Fenced,
+                        };
+                        r.message = Some(format!(
+                            "its drone could not renew its lease in time and stopped it (self-fencing; exit code {})",
+                            exit_code.map_or_else(|| "unknown".to_string(), |c| c.to_string())
+                        ));
+                    }
                     BackendEvent::Exited { exit_code } => {
                         let reason = match &r.state {
                             BackendState::Terminating { reason } => reason.clone(),

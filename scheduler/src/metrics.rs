@@ -152,6 +152,7 @@ pub fn termination_label(r: &TerminationReason) -> &'static str {
         TerminationReason::Drained => "drained",
         TerminationReason::Relocated => "relocated",
         TerminationReason::Lost => "lost",
+        TerminationReason::Fenced => "fenced",
         TerminationReason::StartupTimeout => "startup_timeout",
         TerminationReason::Failed { .. } => "failed",
     }
