@@ -19,6 +19,12 @@ if ! command -v prometheus >/dev/null 2>&1; then
     echo "scripts/test.sh: installing prometheus" >&2
     apt-get update -qq && apt-get install -y -qq prometheus
 fi
+if ! command -v ip >/dev/null 2>&1 || ! command -v iptables >/dev/null 2>&1; then
+    # The multi-host tests put serve and each drone in a network namespace of its own and cut
+    # the links between them with iptables.
+    echo "scripts/test.sh: installing iproute2 and iptables" >&2
+    apt-get update -qq && apt-get install -y -qq iproute2 iptables
+fi
 if ! command -v dig >/dev/null 2>&1; then
     # The DNS process-level tests query `hangar dev` with dig.
     echo "scripts/test.sh: installing dnsutils (dig)" >&2

@@ -195,6 +195,11 @@ pub struct DroneArgs {
     /// the same host takes over its backends. [default: /etc/machine-id, else the hostname]
     #[arg(long)]
     pub host_id: Option<String>,
+    /// The address proxies reach this drone's backends at: process backends listen on it,
+    /// Docker publishes container ports on it. [default: the address this host uses to reach
+    /// the scheduler]
+    #[arg(long, value_name = "IP")]
+    pub advertise_address: Option<IpAddr>,
 }
 
 impl DroneArgs {

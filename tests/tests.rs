@@ -5,6 +5,7 @@ mod support;
 
 mod dev;
 mod drones;
+mod partition;
 mod remote;
 
 mod dns;

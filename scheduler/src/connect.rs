@@ -28,7 +28,13 @@ fn decode_key(kv: &KeyValue) -> Result<KeyRecord, ApiError> {
 }
 
 /// Variables the drone sets for every backend; a spawn may not override them.
-const RESERVED_ENV: [&str; 4] = ["PORT", "HANGAR_BACKEND_ID", "HANGAR_KEY", "HANGAR_EPOCH"];
+const RESERVED_ENV: [&str; 5] = [
+    "PORT",
+    "HANGAR_BIND",
+    "HANGAR_BACKEND_ID",
+    "HANGAR_KEY",
+    "HANGAR_EPOCH",
+];
 
 /// Validates a connect request; errors name the field.
 pub fn validate_connect(req: &ConnectRequest) -> Result<(), ApiError> {

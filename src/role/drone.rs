@@ -1,6 +1,7 @@
 //! `hangar drone`: the agent on a compute host. Runs backends through a runtime (Docker or
 //! local processes) for the scheduler it connects to, and serves its own metrics.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,8 @@ pub struct Config {
     name: String,
     /// `--host-id`, or this host's machine id.
     host: Option<String>,
+    /// Where proxies reach this drone's backends.
+    advertise: IpAddr,
     secret: String,
     scheduler_url: String,
     pool: String,
@@ -91,6 +94,13 @@ impl Config {
                 ..AgentConfig::default()
             },
             host: args.host_id.clone().or_else(crate::host::host_id),
+            advertise: match args.advertise_address {
+                Some(ip) => ip,
+                None => crate::host::route_to(&args.scheduler).unwrap_or_else(|why| {
+                    tracing::warn!(%why, "cannot tell which address reaches the scheduler; advertising 127.0.0.1 (give --advertise-address for proxies on other hosts)");
+                    IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+                }),
+            },
             name: args.name,
             secret,
             scheduler_url: args.scheduler,
@@ -143,12 +153,13 @@ impl Config {
                         "demo-backend".into(),
                     ]),
                     log_dir: Some(self.data_dir.join("logs")),
-                    ..ProcessRuntimeConfig::default()
+                    bind_host: self.advertise,
                 }))
             }
             RuntimeKind::Docker => {
                 let mut cfg = DockerRuntimeConfig::new(&self.name, run_id);
                 cfg.docker_host = self.docker_host.clone();
+                cfg.advertise = self.advertise;
                 if self.host_network {
                     cfg.network = DockerNetwork::Host;
                 }

@@ -42,7 +42,19 @@ impl Drone {
 
     /// Starts a drone without waiting for it.
     pub fn spawn(serve: &Dev, name: &str, runtime: &str, dir: &Path, extra: &[&str]) -> Drone {
-        let mut child = Command::new(BIN)
+        Self::spawn_in(None, serve, name, runtime, dir, extra)
+    }
+
+    /// Starts a drone without waiting for it, inside network namespace `ns` when given.
+    pub fn spawn_in(
+        ns: Option<&str>,
+        serve: &Dev,
+        name: &str,
+        runtime: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Drone {
+        let mut child = super::command_in(ns)
             .args(["drone", "--scheduler"])
             .arg(format!("http://{}", serve.api))
             .args([

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod netns;
 pub mod prometheus;
 
 use std::io::{BufRead, BufReader};
@@ -18,6 +19,18 @@ use hangar_core::token::TokenKey;
 use serde_json::{Value, json};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_hangar");
+
+/// A command running the hangar binary, in network namespace `ns` when given.
+pub fn command_in(ns: Option<&str>) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, BIN]);
+            c
+        }
+        None => Command::new(BIN),
+    }
+}
 
 /// How long a test waits for a condition before failing.
 pub const DEADLINE: Duration = Duration::from_secs(20);
@@ -49,6 +62,12 @@ impl Dev {
     }
 
     fn start_role(role: &str, data_dir: &Path, extra: &[&str]) -> Dev {
+        Self::start_role_in(None, role, data_dir, extra)
+    }
+
+    /// Starts `role` like [`Dev::start`], inside network namespace `ns` when given (`ip netns
+    /// exec`, which execs: the child is hangar itself).
+    pub fn start_role_in(ns: Option<&str>, role: &str, data_dir: &Path, extra: &[&str]) -> Dev {
         let dns_arg = extra.iter().position(|a| *a == "--dns");
         let default_dns: &[&str] = if dns_arg.is_some() {
             &[]
@@ -71,7 +90,7 @@ impl Dev {
             }
         }
         defaults.push("--data-dir");
-        let mut child = Command::new(BIN)
+        let mut child = command_in(ns)
             .args(&defaults)
             .arg(data_dir)
             .args(default_dns)

@@ -7,7 +7,8 @@
 //! recover its address from the engine alone. Caps come from the spawn's `resources` (CPU as
 //! `NanoCpus`, memory as `Memory` with no extra swap) plus the configured pids limit. With
 //! bridge networking (the default) the backend listens on `container_port` in its own network
-//! namespace and the engine publishes that port on a random port of 127.0.0.1; with host
+//! namespace and the engine publishes that port on a random port of the drone's advertised
+//! address (127.0.0.1 unless `--advertise-address` says otherwise); with host
 //! networking the runtime picks a free port and the backend listens on it directly. Either way
 //! the backend learns where to listen from `PORT` and `HANGAR_BIND`.
 //!
@@ -147,8 +148,13 @@ pub struct DockerRuntimeConfig {
     pub run_id: String,
     /// `unix:///path/to/docker.sock` or `tcp://host:port`; `None` is [`DEFAULT_DOCKER_HOST`].
     /// (The binary maps `--docker-host`, and `DOCKER_HOST`, here: libraries read no
-    /// environment.) Backend addresses are on 127.0.0.1, so the engine must run on this host.
+    /// environment.) Backends are published on [`DockerRuntimeConfig::advertise`], so the
+    /// engine must run on this host.
     pub docker_host: Option<String>,
+    /// The address proxies reach this drone's backends at: bridge-networked containers are
+    /// published on it, host-networked backends listen on it (`--advertise-address`; by
+    /// default 127.0.0.1, which only a proxy on this host can reach).
+    pub advertise: IpAddr,
     pub network: DockerNetwork,
     /// The port bridge-networked backends listen on inside their container (`PORT`).
     pub container_port: u16,
@@ -166,6 +172,7 @@ impl DockerRuntimeConfig {
             drone: drone.into(),
             run_id: run_id.into(),
             docker_host: None,
+            advertise: IpAddr::V4(Ipv4Addr::LOCALHOST),
             network: DockerNetwork::Bridge,
             container_port: DEFAULT_CONTAINER_PORT,
             pids_limit: DEFAULT_PIDS_LIMIT,
@@ -307,8 +314,8 @@ impl DockerRuntime {
         let config = &self.inner.config;
         let bind = match config.network {
             // Reached through the published port, i.e. from outside the container's namespace.
-            DockerNetwork::Bridge => Ipv4Addr::UNSPECIFIED,
-            DockerNetwork::Host => Ipv4Addr::LOCALHOST,
+            DockerNetwork::Bridge => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            DockerNetwork::Host => config.advertise,
         };
         let key = cmd.key.as_deref().unwrap_or("");
         let mut env: Vec<String> = cmd
@@ -357,7 +364,7 @@ impl DockerRuntime {
                 let port_key = format!("{port}/tcp");
                 // No host port: the engine picks a free one.
                 let binding = PortBinding {
-                    host_ip: Some(Ipv4Addr::LOCALHOST.to_string()),
+                    host_ip: Some(config.advertise.to_string()),
                     host_port: None,
                 };
                 host_config.port_bindings =
@@ -740,9 +747,11 @@ impl Runtime for DockerRuntime {
         let port = match self.inner.config.network {
             DockerNetwork::Bridge => self.inner.config.container_port,
             DockerNetwork::Host => {
-                allocate_port().map_err(|source| RuntimeError::AllocatePort {
-                    backend: backend.clone(),
-                    source,
+                allocate_port(self.inner.config.advertise).map_err(|source| {
+                    RuntimeError::AllocatePort {
+                        backend: backend.clone(),
+                        source,
+                    }
                 })?
             }
         };
@@ -791,7 +800,7 @@ impl Runtime for DockerRuntime {
                 .exited_at_start(docker, backend, &container, code)
                 .await);
         }
-        let Some(address) = address_of(&info) else {
+        let Some(address) = address_of(&info, self.inner.config.advertise) else {
             self.abandon(backend, &container);
             return Err(RuntimeError::NoPublishedPort {
                 backend: backend.clone(),
@@ -915,7 +924,7 @@ impl Runtime for DockerRuntime {
                 Err(error) if status_code(&error) == Some(404) => continue,
                 Err(source) => return Err(RuntimeError::InspectContainer { backend, source }),
             };
-            let Some(address) = address_of(&info) else {
+            let Some(address) = address_of(&info, self.inner.config.advertise) else {
                 tracing::warn!(%backend, container = short(&container), "cannot find the address of a running container; leaving it to the scheduler");
                 continue;
             };
@@ -1126,26 +1135,25 @@ fn exit_code(info: &ContainerInspectResponse) -> Option<i32> {
 
 /// Where a running container's backend listens, from its labels (port, networking) and, for
 /// bridge networking, the host port the engine published.
-fn address_of(info: &ContainerInspectResponse) -> Option<SocketAddr> {
+fn address_of(info: &ContainerInspectResponse, advertise: IpAddr) -> Option<SocketAddr> {
     let labels = info.config.as_ref()?.labels.as_ref()?;
     let port: u16 = labels.get(LABEL_PORT)?.parse().ok()?;
-    let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
     if labels.get(LABEL_NETWORK).map(String::as_str) == Some("host") {
-        return Some(SocketAddr::new(localhost, port));
+        return Some(SocketAddr::new(advertise, port));
     }
     let ports = info.network_settings.as_ref()?.ports.as_ref()?;
     let bindings = ports.get(&format!("{port}/tcp"))?.as_ref()?;
     let host_port = bindings
         .iter()
         .find_map(|binding| binding.host_port.as_deref()?.parse::<u16>().ok())?;
-    Some(SocketAddr::new(localhost, host_port))
+    Some(SocketAddr::new(advertise, host_port))
 }
 
-/// Finds a free port on 127.0.0.1 for a host-networked backend by binding port 0 and
-/// releasing it. Another process could take it in between; the backend then fails to bind and
-/// exits, which is reported like any other early exit.
-fn allocate_port() -> io::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+/// Finds a free port on `host` for a host-networked backend by binding port 0 and releasing
+/// it. Another process could take it in between; the backend then fails to bind and exits,
+/// which is reported like any other early exit.
+fn allocate_port(host: IpAddr) -> io::Result<u16> {
+    let listener = TcpListener::bind((host, 0))?;
     Ok(listener.local_addr()?.port())
 }
 

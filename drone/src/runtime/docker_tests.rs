@@ -556,7 +556,7 @@ async fn reconciliation_delivers_exits_the_event_stream_missed() {
         .id;
     docker.start_container(&container, None).await.unwrap();
     let info = docker.inspect_container(&container, None).await.unwrap();
-    let address = address_of(&info).unwrap();
+    let address = address_of(&info, IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
     get_ok(address, "/healthz").await;
     request(Method::POST, address, "/exit/5").await.unwrap();
     let waited = docker

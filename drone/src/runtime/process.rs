@@ -35,7 +35,8 @@ use super::{ExitStatus, Runtime, RuntimeError, Started};
 pub struct ProcessRuntimeConfig {
     /// The command run when a spawn gives none (in dev: `[current_exe, "demo-backend"]`).
     pub default_command: Option<Vec<String>>,
-    /// The address backends listen on; also the host of the address handed to the proxy.
+    /// The address backends listen on (`HANGAR_BIND`, with `PORT`); also the host of the
+    /// address handed to proxies, so it must be one they can reach (`--advertise-address`).
     pub bind_host: IpAddr,
     /// If set, each child's stdout and stderr are appended to `<log_dir>/<backend>.log`;
     /// otherwise they go to `/dev/null`.
@@ -256,6 +257,7 @@ impl Runtime for ProcessRuntime {
             .args(&argv[1..])
             .envs(&cmd.env)
             .env("PORT", port.to_string())
+            .env("HANGAR_BIND", host.to_string())
             .env("HANGAR_BACKEND_ID", backend.as_str())
             .env("HANGAR_KEY", cmd.key.as_deref().unwrap_or(""))
             .env("HANGAR_EPOCH", cmd.epoch.to_string())
