@@ -44,6 +44,10 @@ pub enum Command {
     Dev(DevArgs),
     /// The built-in demo backend (listens on $PORT); started by drones, not by hand.
     DemoBackend,
+    /// The drone's fence watchdog (reads deadlines and targets on stdin); started by
+    /// `hangar drone`, not by hand.
+    #[command(hide = true)]
+    FenceWatchdog(FenceWatchdogArgs),
     /// Get the backend for a key (started if needed) and print its URL and token.
     Connect(ConnectArgs),
     /// List backends.
@@ -713,4 +717,11 @@ mod tests {
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
     }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct FenceWatchdogArgs {
+    /// The Docker engine whose containers it may have to kill.
+    #[arg(long)]
+    pub docker_host: Option<String>,
 }

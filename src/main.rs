@@ -63,7 +63,7 @@ fn init_tracing(cli: &cli::Cli) {
         | cli::Command::Serve(_)
         | cli::Command::Drone(_)
         | cli::Command::Proxy(_) => "info,hickory_server=warn",
-        cli::Command::DemoBackend => "warn",
+        cli::Command::DemoBackend | cli::Command::FenceWatchdog(_) => "warn",
         _ => "warn",
     };
     let filter = EnvFilter::try_from_env("HANGAR_LOG").unwrap_or_else(|_| EnvFilter::new(default));
@@ -97,6 +97,14 @@ async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
             proxy.run(shutdown).await?;
         }
         cli::Command::DemoBackend => demo_backend::run().await?,
+        cli::Command::FenceWatchdog(args) => {
+            // Blocking by design: it must not depend on the async runtime it was started from.
+            let mut killer = hangar_drone::watchdog::SystemKiller::new(args.docker_host);
+            tokio::task::spawn_blocking(move || {
+                hangar_drone::watchdog::run(std::io::BufReader::new(std::io::stdin()), &mut killer)
+            })
+            .await?;
+        }
         cli::Command::Connect(args) => return client::connect(args).await,
         cli::Command::Ls(args) => return client::ls(args).await,
         cli::Command::Status(args) => return client::status(args).await,

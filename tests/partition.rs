@@ -16,7 +16,7 @@ use tempfile::TempDir;
 
 use crate::support::cluster::{Drone, SECRET};
 use crate::support::netns::{Bed, Host, lifetimes, overlaps, witness_connect};
-use crate::support::{DEADLINE, Dev};
+use crate::support::{DEADLINE, Dev, send_signal};
 
 const TTL: Duration = Duration::from_secs(3);
 
@@ -145,6 +145,12 @@ impl Cluster {
             .await
             .drone
             .unwrap()
+    }
+
+    /// The pid of drone `name`'s agent (`ip netns exec` execs it).
+    fn drone_pid(&self, name: &str) -> u32 {
+        let i: usize = name.trim_start_matches('d').parse().unwrap();
+        self._drones[i].pid()
     }
 
     /// Asserts that no key ever had two live processes.
@@ -298,5 +304,34 @@ async fn multihost_a_hanging_reconnect_does_not_delay_the_fence() {
     tokio::time::sleep(remaining).await;
     c.bed.heal(&cut);
     c.serve.wait_drone(&victim, "ready").await;
+    c.assert_no_overlap();
+}
+
+/// A paused agent (SIGSTOP, as a long stall would) cannot fence, while its backends, separate
+/// processes, keep running: its watchdog, a process of its own, kills them at the deadline, so
+/// they are gone before the scheduler frees their keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multihost_a_paused_agent_is_fenced_by_its_watchdog() {
+    let c = Cluster::start(2).await;
+    let mut keys = Vec::new();
+    for k in ["p0", "p1", "p2", "p3"] {
+        keys.push((k, c.connect(k).await));
+    }
+    let victim = c.drone_of(&keys[0].1).await;
+    let pid = c.drone_pid(&victim);
+    send_signal(pid, libc::SIGSTOP);
+    let started = Instant::now();
+    for (k, r) in keys.iter_mut() {
+        if c.drone_of(r).await == victim {
+            *r = c.moved(k, &r.backend_id).await;
+        }
+    }
+    let remaining = (TTL * 2).saturating_sub(started.elapsed());
+    tokio::time::sleep(remaining).await;
+    send_signal(pid, libc::SIGCONT);
+    c.serve.wait_drone(&victim, "ready").await;
+    for (_, r) in &keys {
+        c.ask(r).await;
+    }
     c.assert_no_overlap();
 }

@@ -25,6 +25,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::watchdog::{Target, Watchdog};
+
 /// How often, while the deadline is past, the fence looks for backends that started since.
 const RECHECK: Duration = Duration::from_millis(50);
 
@@ -57,6 +59,8 @@ struct Backends {
 pub struct Fence {
     deadline: Arc<watch::Sender<Deadline>>,
     backends: Arc<Mutex<Backends>>,
+    /// The process that enforces the deadline when this one cannot.
+    watchdog: Option<Arc<Watchdog>>,
 }
 
 impl Fence {
@@ -72,6 +76,21 @@ impl Fence {
         Fence {
             deadline: Arc::new(watch::channel(first).0),
             backends: Arc::default(),
+            watchdog: None,
+        }
+    }
+
+    /// Also tells `watchdog` every deadline (it acts a twentieth of the TTL after one, well
+    /// inside the guard band, if this process has not).
+    pub fn with_watchdog(mut self, watchdog: Arc<Watchdog>) -> Fence {
+        self.watchdog = Some(watchdog);
+        self.tell_watchdog(&self.deadline.borrow());
+        self
+    }
+
+    fn tell_watchdog(&self, d: &Deadline) {
+        if let Some(w) = &self.watchdog {
+            w.deadline(d.at.saturating_duration_since(Instant::now()), d.ttl / 20);
         }
     }
 
@@ -84,7 +103,7 @@ impl Fence {
     /// renewal acknowledged late never moves it back; a shorter TTL (the scheduler's, replacing
     /// the default assumed before the first welcome) does.
     pub fn renewed(&self, sent: Instant, ttl: Duration) {
-        self.deadline.send_if_modified(|d| {
+        let changed = self.deadline.send_if_modified(|d| {
             let renewal_sent = d.renewal_sent.max(sent);
             let at = deadline(renewal_sent, ttl);
             let changed = at != d.at || ttl != d.ttl;
@@ -95,6 +114,9 @@ impl Fence {
             };
             changed
         });
+        if changed {
+            self.tell_watchdog(&self.deadline.borrow());
+        }
     }
 
     /// Whether the deadline has passed: the scheduler may soon free this drone's keys, so no
@@ -103,16 +125,27 @@ impl Fence {
         Instant::now() >= self.deadline.borrow().at
     }
 
-    /// A backend runs (or is starting) here.
-    pub fn running(&self, backend: &BackendId) {
+    /// A backend runs (or is starting) here; `target` is what the watchdog kills for it,
+    /// once known.
+    pub fn running(&self, backend: &BackendId, target: Option<Target>) {
         self.backends().running.insert(backend.clone());
+        if let (Some(w), Some(t)) = (&self.watchdog, target) {
+            w.add(backend, &t);
+        }
     }
 
     /// A backend is gone. Returns whether the fence had stopped it.
     pub fn gone(&self, backend: &BackendId) -> bool {
         let mut b = self.backends();
-        b.running.remove(backend);
-        b.fenced.remove(backend)
+        let was = b.running.remove(backend);
+        let fenced = b.fenced.remove(backend);
+        drop(b);
+        if let Some(w) = &self.watchdog
+            && was
+        {
+            w.remove(backend);
+        }
+        fenced
     }
 
     /// Runs the fence until `cancel` fires: at each passed deadline, asks the agent (through
@@ -209,7 +242,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let cancel = CancellationToken::new();
         let task = tokio::spawn(fence.clone().run(tx, cancel.clone()));
-        fence.running(&id("b1"));
+        fence.running(&id("b1"), None);
 
         // Renewed at t=0 (sent then, acknowledged later): the deadline is t=7.5 s.
         let sent = Instant::now();
@@ -224,7 +257,7 @@ mod tests {
 
         // Its exit is reported as fenced; a backend that starts now is stopped too.
         assert!(fence.gone(&id("b1")));
-        fence.running(&id("b2"));
+        fence.running(&id("b2"), None);
         tokio::time::advance(RECHECK).await;
         assert_eq!(kills(&mut rx).await, vec![id("b2")]);
         assert!(fence.gone(&id("b2")));
@@ -233,13 +266,13 @@ mod tests {
         let sent = Instant::now();
         fence.renewed(sent, ttl);
         assert!(!fence.expired());
-        fence.running(&id("b3"));
+        fence.running(&id("b3"), None);
         tokio::time::advance(Duration::from_millis(7_400)).await;
         assert!(kills(&mut rx).await.is_empty());
         tokio::time::advance(Duration::from_millis(200)).await;
         assert_eq!(kills(&mut rx).await, vec![id("b3")]);
         // A backend that exits on its own is not reported as fenced.
-        fence.running(&id("b4"));
+        fence.running(&id("b4"), None);
         fence.renewed(Instant::now(), ttl);
         assert!(!fence.gone(&id("b4")));
         cancel.cancel();

@@ -12,6 +12,7 @@ pub mod fence;
 pub mod runtime;
 pub mod session;
 pub mod usage;
+pub mod watchdog;
 
 pub use agent::{Agent, AgentConfig};
 pub use runtime::process::{ProcessRuntime, ProcessRuntimeConfig};

@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 use super::agent::{Agent, AgentConfig};
 use super::fence::Fence;
 use super::runtime::Runtime;
+use super::watchdog::{Watchdog, WatchdogConfig};
 
 /// 1 while the drone has a session with the scheduler.
 pub const SESSION_CONNECTED: &str = "hangar_agent_session_connected";
@@ -73,6 +74,8 @@ pub struct DroneSessionConfig {
     pub usage_interval: Duration,
     /// This host's identity, sent in the hello (see `Hello::host`).
     pub host: Option<String>,
+    /// The fence watchdog process to start (`None`: the agent fences alone).
+    pub watchdog: Option<WatchdogConfig>,
 }
 
 /// Why the drone stopped.
@@ -169,9 +172,17 @@ impl DroneSession {
         }
         // The fence covers adopted backends from the start: if no scheduler welcomes this run
         // within the fence deadline, they are stopped.
-        let fence = Fence::new(DEFAULT_TTL);
+        let mut fence = Fence::new(DEFAULT_TTL);
+        if let Some(config) = &self.config.watchdog {
+            match Watchdog::start(config) {
+                Ok(w) => fence = fence.with_watchdog(Arc::new(w)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the fence watchdog: a stalled agent could not fence its backends")
+                }
+            }
+        }
         for a in &adopted {
-            fence.running(&a.backend);
+            fence.running(&a.backend, self.runtime.fence_target(&a.backend));
         }
         let agent =
             Agent::new(self.runtime.clone(), self.config.agent.clone()).with_adopted(adopted);
@@ -269,9 +280,9 @@ impl DroneSession {
                         break Ok(());
                     };
                     match &event {
-                        BackendEvent::Starting => fence.running(&backend),
+                        BackendEvent::Starting => fence.running(&backend, None),
                         BackendEvent::Waiting { address } | BackendEvent::Ready { address } => {
-                            fence.running(&backend);
+                            fence.running(&backend, self.runtime.fence_target(&backend));
                             inventory.insert(backend.clone(), *address);
                         }
                         BackendEvent::Exited { exit_code } => {

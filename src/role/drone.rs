@@ -13,6 +13,7 @@ use hangar_drone::runtime::Runtime;
 use hangar_drone::runtime::docker::{DockerNetwork, DockerRuntime, DockerRuntimeConfig};
 use hangar_drone::runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
 use hangar_drone::session::{DroneSession, DroneSessionConfig, new_run_id};
+use hangar_drone::watchdog::WatchdogConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -120,6 +121,7 @@ impl Config {
         let metrics = crate::metrics::listen(self.metrics.as_ref(), "drone").await?;
         let run_id = new_run_id();
         let runtime = self.runtime(&run_id)?;
+        let watchdog = self.watchdog()?;
         let session = DroneSession::new(
             DroneSessionConfig {
                 scheduler_url: self.scheduler_url.clone(),
@@ -129,6 +131,7 @@ impl Config {
                 capacity: self.capacity,
                 agent: self.agent,
                 usage_interval: self.usage_interval,
+                watchdog: Some(watchdog),
                 host: self.host,
             },
             runtime,
@@ -140,6 +143,20 @@ impl Config {
             scheduler_url: self.scheduler_url,
             session,
             metrics,
+        })
+    }
+
+    /// The fence watchdog: this binary's `fence-watchdog`, its pid kept in the data directory
+    /// so that the next agent run on this host takes over from it.
+    fn watchdog(&self) -> anyhow::Result<WatchdogConfig> {
+        let exe = std::env::current_exe().context("cannot find the hangar executable")?;
+        let mut command = vec![exe.to_string_lossy().into_owned(), "fence-watchdog".into()];
+        if let Some(host) = &self.docker_host {
+            command.extend(["--docker-host".into(), host.clone()]);
+        }
+        Ok(WatchdogConfig {
+            command,
+            pid_file: self.data_dir.join("fence-watchdog.pid"),
         })
     }
 

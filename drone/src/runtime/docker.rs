@@ -724,6 +724,10 @@ async fn watch_events(inner: Arc<Inner>) {
 
 #[async_trait]
 impl Runtime for DockerRuntime {
+    fn fence_target(&self, backend: &BackendId) -> Option<crate::watchdog::Target> {
+        Some(crate::watchdog::Target::Container(container_name(backend)))
+    }
+
     fn name(&self) -> &'static str {
         "docker"
     }

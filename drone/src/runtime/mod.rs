@@ -161,6 +161,13 @@ pub trait Runtime: Send + Sync + 'static {
         Ok(())
     }
 
+    /// What the fence watchdog kills for `backend` if the agent cannot (see
+    /// [`crate::watchdog`]); `None` when it is not running here.
+    fn fence_target(&self, backend: &BackendId) -> Option<crate::watchdog::Target> {
+        let _ = backend;
+        None
+    }
+
     /// CPU time and memory of every backend it runs, read once (Docker: `one-shot` stats;
     /// processes: `/proc`). Backends it cannot read right now are left out. The default, for
     /// runtimes that cannot measure, reports nothing.

@@ -225,6 +225,13 @@ fn exit_status(status: std::process::ExitStatus) -> ExitStatus {
 
 #[async_trait]
 impl Runtime for ProcessRuntime {
+    fn fence_target(&self, backend: &BackendId) -> Option<crate::watchdog::Target> {
+        // Each child leads its own process group: the group id is its pid.
+        lock(&self.inner.children)
+            .get(backend)
+            .map(|c| crate::watchdog::Target::ProcessGroup(c.pid))
+    }
+
     fn name(&self) -> &'static str {
         "process"
     }
