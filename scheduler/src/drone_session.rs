@@ -74,10 +74,12 @@ impl AdmitError {
         AdmitError::Step { step, source }
     }
 
-    /// Whether the same hello may be admitted later (a store hiccup is; a bad hello is not).
+    /// Whether the same hello may be admitted later: a store hiccup, or a name whose holder's
+    /// lease may run out (the drone retries with backoff and says why); a bad hello is not.
     pub fn is_transient(&self) -> bool {
         match self {
-            AdmitError::Invalid(_) | AdmitError::NameTaken { .. } => false,
+            AdmitError::Invalid(_) => false,
+            AdmitError::NameTaken { .. } => true,
             AdmitError::Step { source, .. } => source.is_transient(),
         }
     }

@@ -65,12 +65,14 @@ impl Backends {
         Ok(list_backends(self.store.as_ref()).await?)
     }
 
-    /// Deletes a record if it is unchanged since it was read (retention of ended backends).
-    pub(crate) async fn remove(&self, stored: &Stored<BackendRecord>) -> Result<bool, ApiError> {
-        Ok(self
-            .store
-            .delete_if_revision(&stored.key, stored.mod_revision)
-            .await?)
+    /// Deletes the record at `key` if it is unchanged since `revision` (retention of ended
+    /// backends).
+    pub(crate) async fn remove_if_unchanged(
+        &self,
+        key: &str,
+        revision: hangar_store::Revision,
+    ) -> Result<bool, ApiError> {
+        Ok(self.store.delete_if_revision(key, revision).await?)
     }
 
     /// The spawn command for a backend record.

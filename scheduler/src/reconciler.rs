@@ -20,6 +20,7 @@ use crate::drains::Drains;
 use crate::drone_session::DroneSessions;
 use crate::lifecycle::Backends;
 use crate::records::{BackendRecord, list_drones};
+use crate::routes::Routes;
 
 /// What the reconciler decides for one record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,38 +105,21 @@ pub fn decide(rec: &BackendRecord, obs: Observed, limits: Limits) -> Action {
     }
 }
 
+/// What the reconciler reads and acts through.
 pub(crate) struct Reconciler {
-    store: Arc<dyn Store>,
-    clock: Arc<dyn Clock>,
-    config: Arc<SchedulerConfig>,
-    backends: Arc<Backends>,
-    drains: Arc<Drains>,
-    activity: Arc<ActivityBook>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) config: Arc<SchedulerConfig>,
+    pub(crate) backends: Arc<Backends>,
+    pub(crate) drains: Arc<Drains>,
+    pub(crate) activity: Arc<ActivityBook>,
     /// For the admission lock (see [`DroneSessions::exclusive`]).
-    sessions: Arc<DroneSessions>,
+    pub(crate) sessions: Arc<DroneSessions>,
+    /// The live and ended records, kept by the route publisher.
+    pub(crate) routes: Arc<Routes>,
 }
 
 impl Reconciler {
-    pub(crate) fn new(
-        store: Arc<dyn Store>,
-        clock: Arc<dyn Clock>,
-        config: Arc<SchedulerConfig>,
-        backends: Arc<Backends>,
-        drains: Arc<Drains>,
-        activity: Arc<ActivityBook>,
-        sessions: Arc<DroneSessions>,
-    ) -> Self {
-        Reconciler {
-            store,
-            clock,
-            config,
-            backends,
-            drains,
-            activity,
-            sessions,
-        }
-    }
-
     pub(crate) async fn run(self, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(self.config.reconcile_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -157,7 +141,12 @@ impl Reconciler {
         let now = self.clock.now_ms();
         let drones = list_drones(self.store.as_ref()).await?;
         let drains = self.drains.refresh().await?;
-        let backends = self.backends.list().await?;
+        // From the route publisher's index, not the store: a pass costs what is live and due.
+        let backends = self.routes.live_records();
+        let cutoff = now.saturating_sub(self.config.terminated_retention.as_millis() as u64);
+        for (key, revision) in self.routes.ended_before(cutoff) {
+            self.backends.remove_if_unchanged(&key, revision).await?;
+        }
         let limits = Limits {
             startup_timeout: self.config.startup_timeout,
             terminate_timeout: self.config.terminate_timeout,
@@ -205,7 +194,9 @@ impl Reconciler {
                         .await?;
                 }
                 Action::Remove => {
-                    self.backends.remove(&stored).await?;
+                    self.backends
+                        .remove_if_unchanged(&stored.key, stored.mod_revision)
+                        .await?;
                 }
             }
         }

@@ -3,11 +3,14 @@
 //! backends per drone, the directory of live backends the monitor reads, and the route delta
 //! that remote proxies follow.
 //!
-//! [`RouteFeed`] is the only writer of all four: [`Routes`] is the read side handed to
+//! It also keeps the index of backend records the reconciler works from (the live ones, and
+//! the ended ones by when they ended), updated change by change.
+//!
+//! [`RouteFeed`] is the only writer of all of it: [`Routes`] is the read side handed to
 //! everything else (placement, the drone list, the monitor, connect waiting for its backend to
 //! be routable, the route feed endpoint), and its fields are private to this module.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -22,7 +25,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Need, SchedulerConfig};
-use crate::records::{BACKENDS_PREFIX, BackendRecord};
+use crate::records::{BACKENDS_PREFIX, BackendRecord, Stored, backend_key};
 
 /// How long to wait before re-listing after the store failed.
 const RETRY: Duration = Duration::from_millis(500);
@@ -126,6 +129,45 @@ pub struct Routes {
     /// A std lock held only to clone the `Arc`.
     directory: RwLock<Arc<Directory>>,
     deltas: DeltaLog,
+    /// Backend records by lifecycle, for the reconciler: kept up to date change by change, so
+    /// that a pass costs what is live and due, never a read of the whole history.
+    index: Mutex<RecordIndex>,
+}
+
+/// The live records, and the ended ones by when they ended.
+#[derive(Debug, Default)]
+struct RecordIndex {
+    live: HashMap<BackendId, Stored<BackendRecord>>,
+    ended: BTreeMap<(UnixMillis, BackendId), Revision>,
+    ended_at: HashMap<BackendId, UnixMillis>,
+}
+
+impl RecordIndex {
+    fn remove(&mut self, id: &BackendId) {
+        self.live.remove(id);
+        if let Some(at) = self.ended_at.remove(id) {
+            self.ended.remove(&(at, id.clone()));
+        }
+    }
+
+    fn put(&mut self, rec: BackendRecord, key: String, mod_revision: Revision) {
+        let id = rec.id.clone();
+        self.remove(&id);
+        if rec.state.is_live() {
+            self.live.insert(
+                id,
+                Stored {
+                    key,
+                    mod_revision,
+                    record: rec,
+                },
+            );
+        } else {
+            let at = rec.terminated_at.unwrap_or(rec.updated_at);
+            self.ended.insert((at, id.clone()), mod_revision);
+            self.ended_at.insert(id, at);
+        }
+    }
 }
 
 impl Default for Routes {
@@ -136,6 +178,7 @@ impl Default for Routes {
             load: DashMap::new(),
             directory: RwLock::default(),
             deltas: DeltaLog::default(),
+            index: Mutex::default(),
         }
     }
 }
@@ -177,6 +220,27 @@ impl Routes {
     /// New deltas as they are published.
     pub fn follow_deltas(&self) -> broadcast::Receiver<Arc<Delta>> {
         self.deltas.live.subscribe()
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, RecordIndex> {
+        self.index
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Every live backend record, as of the last change the feed applied.
+    pub fn live_records(&self) -> Vec<Stored<BackendRecord>> {
+        self.index().live.values().cloned().collect()
+    }
+
+    /// Ended backend records that ended at or before `cutoff`: key and revision, oldest first.
+    pub fn ended_before(&self, cutoff: UnixMillis) -> Vec<(String, Revision)> {
+        self.index()
+            .ended
+            .iter()
+            .take_while(|((at, _), _)| *at <= cutoff)
+            .map(|((_, id), rev)| (backend_key(id.as_str()), *rev))
+            .collect()
     }
 
     /// Waits (bounded) until the published table reflects store revision `revision`.
@@ -244,10 +308,12 @@ impl RouteFeed {
     pub(crate) async fn load(&self) -> StoreResult<FeedState> {
         let listing = self.store.list(BACKENDS_PREFIX).await?;
         let mut entries = HashMap::with_capacity(listing.kvs.len());
+        let mut index = RecordIndex::default();
         for kv in &listing.kvs {
             match serde_json::from_slice::<BackendRecord>(&kv.value) {
                 Ok(rec) => {
                     entries.insert(rec.id.clone(), self.entry(&rec));
+                    index.put(rec, kv.key.clone(), kv.mod_revision);
                 }
                 Err(e) => {
                     tracing::error!(key = %kv.key, error = %e, "skipping unreadable backend record")
@@ -258,6 +324,7 @@ impl RouteFeed {
             entries,
             revision: listing.revision,
         };
+        *self.routes.index() = index;
         self.publish(&state);
         Ok(state)
     }
@@ -325,6 +392,7 @@ impl RouteFeed {
             WatchEvent::Put(kv) => match serde_json::from_slice::<BackendRecord>(&kv.value) {
                 Ok(rec) => {
                     state.entries.insert(rec.id.clone(), self.entry(&rec));
+                    self.routes.index().put(rec, kv.key, kv.mod_revision);
                 }
                 Err(e) => {
                     tracing::error!(key = %kv.key, error = %e, "skipping unreadable backend record")
@@ -333,6 +401,9 @@ impl RouteFeed {
             WatchEvent::Delete { key, .. } => {
                 if let Some(id) = key.strip_prefix(BACKENDS_PREFIX) {
                     state.entries.remove(id);
+                    if let Ok(id) = BackendId::parse(id) {
+                        self.routes.index().remove(&id);
+                    }
                 }
             }
         }

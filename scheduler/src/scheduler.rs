@@ -143,15 +143,7 @@ impl Scheduler {
         let initial = feed.load().await?;
         h.tasks.spawn(feed.run(initial, cancel.clone()));
 
-        let reconciler = Reconciler::new(
-            h.store.clone(),
-            h.clock.clone(),
-            h.config.clone(),
-            h.backends.clone(),
-            h.drains.clone(),
-            h.activity.clone(),
-            h.sessions.clone(),
-        );
+        let reconciler = self.reconciler();
         // One pass before serving: records left by a previous run (backends that died with
         // it) are closed before any request can be routed to them.
         if let Err(e) = reconciler.pass().await {
@@ -176,6 +168,21 @@ impl Scheduler {
             own.cancel();
         });
         Ok(())
+    }
+
+    /// The reconciler over this scheduler's components.
+    pub(crate) fn reconciler(&self) -> Reconciler {
+        let h = &self.handles;
+        Reconciler {
+            store: h.store.clone(),
+            clock: h.clock.clone(),
+            config: h.config.clone(),
+            backends: h.backends.clone(),
+            drains: h.drains.clone(),
+            activity: h.activity.clone(),
+            sessions: h.sessions.clone(),
+            routes: h.routes.clone(),
+        }
     }
 
     /// The monitor over this scheduler's components.

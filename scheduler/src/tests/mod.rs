@@ -4,6 +4,7 @@
 
 mod admission;
 mod connect;
+mod cost;
 mod layers;
 mod lease_expiry;
 mod monitor;
