@@ -291,3 +291,70 @@ async fn a_readopted_terminating_backend_gets_its_stop_again() {
     ));
     f.stop().await;
 }
+
+/// A lease granted before waiting for the admission lock could run out while a long pass held
+/// it; the admission then failed as a refusal and the drone exited for good. The lease is now
+/// granted once the lock is held.
+#[tokio::test(start_paused = true)]
+async fn a_lease_cannot_run_out_while_admission_waits_for_the_lock() {
+    let f = Fixture::start(|cfg| cfg.lease_ttl = Duration::from_secs(10)).await;
+    let sessions = f.sched.handles().sessions.clone();
+    let held = sessions.exclusive().await;
+    let waiting = {
+        let sessions = sessions.clone();
+        tokio::spawn(async move { sessions.admit(&hello("d1", "r1"), true).await })
+    };
+    tokio::time::advance(Duration::from_secs(15)).await;
+    drop(held);
+    let admitted = waiting.await.unwrap().unwrap();
+    f.store
+        .lease_keep_alive(admitted.lease.unwrap())
+        .await
+        .expect("the session's lease is alive");
+    f.stop().await;
+}
+
+/// A backend its drone stopped by self-fencing ends as `fenced`, saying so, not as a failure.
+#[tokio::test]
+async fn a_fenced_backend_ends_as_fenced() {
+    let f = Fixture::start(|_| {}).await;
+    let s = &f.sched;
+    let _d = s
+        .handles()
+        .sessions
+        .admit(&hello("d1", "r1"), false)
+        .await
+        .unwrap();
+    let a = s.handles().connector.connect(key("doc")).await.unwrap();
+    run_to_ready(s, "d1", "r1", &a.backend_id).await;
+    s.handles()
+        .backends
+        .apply_event(
+            "d1",
+            "r1",
+            &a.backend_id,
+            BackendEvent::Fenced {
+                exit_code: Some(137),
+            },
+        )
+        .await
+        .unwrap();
+    let (rec, _) = s
+        .handles()
+        .backends
+        .get(a.backend_id.as_str())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        rec.state,
+        BackendState::Terminated {
+            reason: TerminationReason::Fenced
+        }
+    );
+    assert!(
+        rec.message.unwrap_or_default().contains("self-fencing"),
+        "the message says what happened"
+    );
+    f.stop().await;
+}
