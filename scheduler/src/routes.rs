@@ -119,7 +119,6 @@ impl DeltaLog {
 }
 
 /// The published routing state: read side.
-#[derive(Debug)]
 pub struct Routes {
     table: watch::Sender<Arc<RouteTable>>,
     /// Set once the first table is published (readiness).
@@ -129,10 +128,17 @@ pub struct Routes {
     /// A std lock held only to clone the `Arc`.
     directory: RwLock<Arc<Directory>>,
     deltas: DeltaLog,
+    /// In-process consumers (a colocated proxy) that get every table before anyone waiting
+    /// on the watch channel sees it, so that a connect that waited for its route never
+    /// answers before that proxy can route it.
+    sinks: RwLock<Vec<RouteSink>>,
     /// Backend records by lifecycle, for the reconciler: kept up to date change by change, so
     /// that a pass costs what is live and due, never a read of the whole history.
     index: Mutex<RecordIndex>,
 }
+
+/// Receives every published table.
+pub type RouteSink = Box<dyn Fn(&Arc<RouteTable>) + Send + Sync>;
 
 /// The live records, and the ended ones by when they ended.
 #[derive(Debug, Default)]
@@ -178,6 +184,7 @@ impl Default for Routes {
             load: DashMap::new(),
             directory: RwLock::default(),
             deltas: DeltaLog::default(),
+            sinks: RwLock::default(),
             index: Mutex::default(),
         }
     }
@@ -187,6 +194,16 @@ impl Routes {
     /// Follows the route table (the proxy, DNS and the route feed endpoint subscribe).
     pub fn subscribe(&self) -> watch::Receiver<Arc<RouteTable>> {
         self.table.subscribe()
+    }
+
+    /// Hands every table, from the current one on, to `sink`, synchronously as it is
+    /// published.
+    pub fn add_sink(&self, sink: RouteSink) {
+        sink(&self.current());
+        self.sinks
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(sink);
     }
 
     /// The latest table.
@@ -368,6 +385,14 @@ impl RouteFeed {
             .directory
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(directory);
+        for sink in routes
+            .sinks
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            sink(&table);
+        }
         // The delta for remote proxies, against the table published before this one (none for
         // the first table: a proxy starts from a snapshot).
         let last = routes.table.send_replace(table.clone());

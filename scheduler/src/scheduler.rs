@@ -211,6 +211,13 @@ impl Scheduler {
         self.handles.routes.subscribe()
     }
 
+    /// Hands every route table to `sink` (a colocated proxy) as it is published, before a
+    /// connect waiting for its backend's route answers: register it before [`Scheduler::start`]
+    /// to get the first table too.
+    pub fn publish_routes_to(&self, sink: impl Fn(&Arc<RouteTable>) + Send + Sync + 'static) {
+        self.handles.routes.add_sink(Box::new(sink));
+    }
+
     /// Follows the set of revoked tokens: proxies subscribe here.
     pub fn revocations(&self) -> RevocationsRx {
         self.handles.revocations.subscribe()

@@ -242,6 +242,16 @@ impl Plane {
             listeners,
             report,
         } = self;
+        // Scheduler → proxy, synchronously: a connect answers only once the proxy can route
+        // its backend.
+        {
+            let handle = proxy.routes();
+            let activity = proxy.activity();
+            scheduler.publish_routes_to(move |table| {
+                activity.prune(table);
+                handle.publish(table.clone());
+            });
+        }
         scheduler
             .start(cancel.clone())
             .await
@@ -252,11 +262,6 @@ impl Plane {
         if let Some(metrics) = listeners.metrics {
             wires::serve_metrics(metrics, Some(&proxy), tasks, cancel);
         }
-        tasks.spawn(wires::pump_routes(
-            scheduler.clone(),
-            proxy.clone(),
-            cancel.clone(),
-        ));
         tasks.spawn(wires::pump_revocations(
             scheduler.clone(),
             proxy.clone(),

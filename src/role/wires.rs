@@ -89,23 +89,6 @@ pub fn serve_dns(
     tasks.spawn(async move { dns.run(udp, tcp, cancel).await })
 }
 
-/// Scheduler → proxy: publishes every route table, one swap per table, and forgets the
-/// activity of backends that left the table.
-pub async fn pump_routes(scheduler: Scheduler, proxy: Arc<Proxy>, cancel: CancellationToken) {
-    let mut routes = scheduler.routes();
-    let handle = proxy.routes();
-    let activity = proxy.activity();
-    loop {
-        let table = routes.borrow_and_update().clone();
-        activity.prune(&table);
-        handle.publish(table);
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            changed = routes.changed() => if changed.is_err() { return },
-        }
-    }
-}
-
 /// Scheduler → proxy: publishes every set of revoked tokens.
 pub async fn pump_revocations(scheduler: Scheduler, proxy: Arc<Proxy>, cancel: CancellationToken) {
     let mut revocations = scheduler.revocations();
