@@ -52,6 +52,12 @@ pub struct SchedulerConfig {
     pub default_reservation: Need,
     /// A drone whose session lease is not renewed for this long is lost.
     pub lease_ttl: Duration,
+    /// The leader's lease: a leader that cannot renew it for this long steps down, and
+    /// another instance may lead.
+    pub leader_ttl: Duration,
+    /// This instance's id in leader election (stable across restarts on one data directory,
+    /// so that a restarted instance takes its own leader key back at once).
+    pub instance_id: String,
     /// The shared secret drones present; `None` refuses every network drone.
     pub drone_secret: Option<String>,
     /// The hot-shard detector's thresholds.
@@ -84,6 +90,8 @@ impl SchedulerConfig {
                 memory_mb: 128,
             },
             lease_ttl: Duration::from_secs(10),
+            leader_ttl: Duration::from_secs(10),
+            instance_id: format!("i-{}", hangar_core::BackendId::generate()),
             drone_secret: None,
             hot: crate::hot::HotConfig::default(),
             relieve: None,

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use crate::clock::Clock;
 use crate::config::SchedulerConfig;
 use crate::error::ApiError;
+use crate::leader::{LEADER_KEY, Leadership, Role};
 use crate::lifecycle::{Backends, decode_backend, encode};
 use crate::placement::Placement;
 use crate::records::{BackendRecord, KeyRecord, ResolvedSpawn, backend_key, key_key};
@@ -112,36 +113,18 @@ pub fn validate_connect(req: &ConnectRequest) -> Result<(), ApiError> {
 
 /// Answers connects.
 pub struct Connector {
-    store: Arc<dyn Store>,
-    clock: Arc<dyn Clock>,
-    config: Arc<SchedulerConfig>,
-    token_key: TokenKey,
-    backends: Arc<Backends>,
-    placement: Arc<Placement>,
-    routes: Arc<Routes>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) config: Arc<SchedulerConfig>,
+    pub(crate) token_key: TokenKey,
+    pub(crate) backends: Arc<Backends>,
+    pub(crate) placement: Arc<Placement>,
+    pub(crate) routes: Arc<Routes>,
+    /// Placement is the leader's: a connect carries its fencing token.
+    pub(crate) leadership: Arc<Leadership>,
 }
 
 impl Connector {
-    pub fn new(
-        store: Arc<dyn Store>,
-        clock: Arc<dyn Clock>,
-        config: Arc<SchedulerConfig>,
-        token_key: TokenKey,
-        backends: Arc<Backends>,
-        placement: Arc<Placement>,
-        routes: Arc<Routes>,
-    ) -> Self {
-        Connector {
-            store,
-            clock,
-            config,
-            token_key,
-            backends,
-            placement,
-            routes,
-        }
-    }
-
     fn resolve_spawn(&self, req: &ConnectRequest) -> ResolvedSpawn {
         let d = &self.config.defaults;
         let s = req.spawn.clone().unwrap_or_default();
@@ -171,6 +154,18 @@ impl Connector {
             token: self.token_key.sign(rec.id.as_str(), user, expires),
             status_url: format!("{}/v1/backends/{}", self.config.api_base_url, rec.id),
         }
+    }
+
+    fn not_leader(&self) -> ApiError {
+        let leader = match self.leadership.role() {
+            Role::Follower {
+                leader: Some(leader),
+            } => format!("; the leader is {} at {}", leader.instance, leader.api_url),
+            _ => "; no leader is elected right now".to_string(),
+        };
+        ApiError::Fenced(format!(
+            "this instance does not lead, and only the leader places backends{leader}: retry"
+        ))
     }
 
     /// Waits until backend `rec` (read at `revision`) is terminated or removed, or answers
@@ -233,7 +228,8 @@ impl Connector {
                     }
                 }
             }
-            // 2. Place a new backend.
+            // 2. Place a new backend: the leader's job.
+            let token = self.leadership.token().ok_or_else(|| self.not_leader())?;
             let spawn = self.resolve_spawn(&req);
             let reservation = self.placement.place(&spawn)?;
             let drone = reservation.drone.clone();
@@ -269,13 +265,20 @@ impl Connector {
                 compares.push(Compare::new(key_key(key), expect));
                 ops.push(TxnOp::put(key_key(key), encode(&kr), None));
             }
+            let fence = compares.len();
+            compares.push(Compare::create_revision(LEADER_KEY, token));
             let brev = match self.store.txn(compares, ops).await? {
                 TxnOutcome::Committed(r) => {
                     reservation.written(r);
                     r
                 }
-                // Compare 0: a random id collided, try another. Compare 1: another connect
-                // claimed the key first, reuse theirs.
+                TxnOutcome::Failed { compare, .. } if compare == fence => {
+                    return Err(ApiError::Fenced(format!(
+                        "this instance stopped leading (term {token}) during the connect: retry"
+                    )));
+                }
+                // A random id collided, try another; or another connect claimed the key
+                // first, reuse theirs.
                 TxnOutcome::Failed { .. } => continue,
             };
             // Answer only once the route table has the backend, so a client that uses the

@@ -159,6 +159,22 @@ impl DroneSessions {
         }
     }
 
+    /// Forgets the sessions of network drones whose run no longer has a live record (its
+    /// lease expired while nobody watched, for example between two leaders' terms): placement
+    /// must not pick them. `records` are the drone records by name, read under the admission
+    /// lock.
+    pub(crate) fn forget_lost_runs(&self, records: &BTreeMap<String, DroneRecord>) {
+        for conn in self.drones.all() {
+            let alive = records
+                .get(&conn.name)
+                .is_some_and(|r| r.run_id == conn.run_id);
+            if conn.leased && !alive {
+                tracing::warn!(drone = %conn.name, run_id = %conn.run_id, "forgetting the session of a drone whose lease is gone");
+                self.drones.remove_run(&conn.name, &conn.run_id);
+            }
+        }
+    }
+
     /// Holds off admissions and losses while the caller (a reconciler pass) judges records
     /// by the drone runs they name.
     pub(crate) async fn exclusive(&self) -> tokio::sync::MutexGuard<'_, ()> {
@@ -402,7 +418,12 @@ impl DroneSessions {
     }
 
     /// Closes every live backend of drone run `run_id` as lost (its lease expired).
-    pub(crate) async fn lose(&self, name: &str, run_id: &str) -> Result<usize, ApiError> {
+    pub(crate) async fn lose(
+        &self,
+        name: &str,
+        run_id: &str,
+        backends: &Backends,
+    ) -> Result<usize, ApiError> {
         let _admission = self.admission.lock().await;
         self.drones.remove_run(name, run_id);
         let mut lost = 0;
@@ -411,8 +432,7 @@ impl DroneSessions {
             if b.drone.as_deref() == Some(name)
                 && b.drone_run_id.as_deref() == Some(run_id)
                 && b.state.is_live()
-                && self
-                    .backends
+                && backends
                     .mark_lost(
                         b.id.as_str(),
                         run_id,
@@ -583,7 +603,8 @@ impl DroneSessions {
     /// Follows drone records: when one vanishes (its lease expired) and no newer run replaced it,
     /// the drone is lost and its backends are closed. The reconciler recovers anything missed
     /// (for example while the scheduler was down).
-    pub(crate) async fn watch_drones(&self, cancel: CancellationToken) {
+    /// Leader only: `backends` is the term's fenced view.
+    pub(crate) async fn watch_drones(&self, backends: Backends, cancel: CancellationToken) {
         let inner = self;
         use crate::records::DRONES_PREFIX;
         use hangar_store::WatchEvent;
@@ -630,7 +651,7 @@ impl DroneSessions {
                     continue;
                 }
                 metrics::counter!(crate::metrics::LEASE_EXPIRIES_TOTAL).increment(1);
-                if let Err(e) = inner.lose(&rec.name, &rec.run_id).await {
+                if let Err(e) = inner.lose(&rec.name, &rec.run_id, &backends).await {
                     tracing::error!(drone = %rec.name, error = %e, "cannot close a lost drone's backends");
                 }
             }

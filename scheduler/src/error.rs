@@ -34,6 +34,10 @@ pub enum ApiError {
     Unavailable(String),
     #[error("store failed: {0}")]
     Store(#[from] StoreError),
+    /// This instance's leadership ended: its write was refused by the store (fenced), or it
+    /// does not lead and the request needs the leader.
+    #[error("{0}")]
+    Fenced(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -46,7 +50,9 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) | ApiError::Busy { .. } => StatusCode::CONFLICT,
-            ApiError::Unavailable(_) | ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Store(_) | ApiError::Fenced(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -55,7 +61,10 @@ impl ApiError {
     /// contended key), as opposed to a refusal.
     pub fn is_transient(&self) -> bool {
         match self {
-            ApiError::Unavailable(_) | ApiError::Conflict(_) | ApiError::Busy { .. } => true,
+            ApiError::Unavailable(_)
+            | ApiError::Conflict(_)
+            | ApiError::Busy { .. }
+            | ApiError::Fenced(_) => true,
             ApiError::Store(e) => e.is_transient(),
             _ => false,
         }
@@ -71,6 +80,7 @@ impl ApiError {
             ApiError::Busy { .. } => "busy",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Store(_) => "store_unavailable",
+            ApiError::Fenced(_) => "not_leader",
             ApiError::Internal(_) => "internal",
         }
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use hangar_core::drone::{BackendEvent, SchedulerMessage, SpawnCommand};
 use hangar_core::lifecycle::check_transition;
 use hangar_core::{BackendId, BackendState, KeyRef, TerminationReason};
-use hangar_store::{CasOutcome, Expect, KeyValue, Store};
+use hangar_store::{Compare, KeyValue, Store, TxnOp, TxnOutcome};
 
 use crate::activity::ActivityBook;
 use crate::clock::Clock;
@@ -33,6 +33,7 @@ pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
 }
 
 /// Backend records and what changes them.
+#[derive(Clone)]
 pub struct Backends {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
@@ -41,6 +42,10 @@ pub struct Backends {
     activity: Arc<ActivityBook>,
     /// Read only, to send commands to the drone that runs a backend.
     drones: Arc<DroneRegistry>,
+    /// The leader's fencing token every write compares, for a leader's view; `None` for
+    /// writes any instance may make (drone events and admission on the instance holding the
+    /// session).
+    fence: Option<hangar_store::Revision>,
 }
 
 impl Backends {
@@ -57,6 +62,7 @@ impl Backends {
             config,
             activity,
             drones,
+            fence: None,
         }
     }
 
@@ -72,7 +78,7 @@ impl Backends {
         key: &str,
         revision: hangar_store::Revision,
     ) -> Result<bool, ApiError> {
-        Ok(self.store.delete_if_revision(key, revision).await?)
+        self.write(key, revision, None).await
     }
 
     /// The spawn command for a backend record.
@@ -135,30 +141,58 @@ impl Backends {
                     _ => {}
                 }
             }
-            match self
-                .store
-                .compare_and_swap(
-                    &backend_key(id),
-                    Expect::ModRevision(rev),
-                    encode(&next),
-                    None,
-                )
+            if self
+                .write(&backend_key(id), rev, Some(encode(&next)))
                 .await?
             {
-                CasOutcome::Written(_) => {
-                    if next.state != rec.state {
-                        crate::metrics::state_changed(
-                            &rec.state,
-                            &next.state,
-                            rec.updated_at,
-                            rec.created_at,
-                            next.updated_at,
-                        );
-                    }
-                    return Ok(Some(next));
+                if next.state != rec.state {
+                    crate::metrics::state_changed(
+                        &rec.state,
+                        &next.state,
+                        rec.updated_at,
+                        rec.created_at,
+                        next.updated_at,
+                    );
                 }
-                CasOutcome::Conflict(_) => continue,
+                return Ok(Some(next));
             }
+        }
+    }
+
+    /// Writes `value` to `key` (or deletes it, with `None`) if it is unchanged since
+    /// `revision`, and, for a leader's view ([`Backends::fenced`]), only while its term lasts.
+    /// `false`: the record changed meanwhile. A write of a deposed leader is
+    /// [`ApiError::Fenced`], never a conflict to retry.
+    async fn write(
+        &self,
+        key: &str,
+        revision: hangar_store::Revision,
+        value: Option<Vec<u8>>,
+    ) -> Result<bool, ApiError> {
+        let mut compares = vec![Compare::mod_revision(key, revision)];
+        if let Some(token) = self.fence {
+            compares.push(Compare::create_revision(crate::leader::LEADER_KEY, token));
+        }
+        let op = match value {
+            Some(v) => TxnOp::put(key, v, None),
+            None => TxnOp::delete(key),
+        };
+        match self.store.txn(compares, vec![op]).await? {
+            TxnOutcome::Committed(_) => Ok(true),
+            TxnOutcome::Failed { compare: 0, .. } => Ok(false),
+            TxnOutcome::Failed { .. } => Err(ApiError::Fenced(format!(
+                "this instance is no longer the leader (term {} ended): the write was refused",
+                self.fence.unwrap_or_default()
+            ))),
+        }
+    }
+
+    /// The same records, written as the leader of the term with fencing token `token`: every
+    /// write also requires that term to last.
+    pub fn fenced(&self, token: hangar_store::Revision) -> Backends {
+        Backends {
+            fence: Some(token),
+            ..self.clone()
         }
     }
 

@@ -24,6 +24,7 @@ use crate::drones::{DroneConn, DroneRegistry};
 pub use crate::hot::ReliefConfig;
 use crate::hot::{BackendInput, DroneInput, Evaluation, Neighbour, plan_relief};
 use crate::hot_state::HotShards;
+use crate::leader::Leadership;
 use crate::lifecycle::Backends;
 use crate::metrics as m;
 use crate::routes::{Directory, Routes};
@@ -91,6 +92,8 @@ pub(crate) struct MonitorParts {
     pub(crate) drains: Arc<Drains>,
     pub(crate) backends: Arc<Backends>,
     pub(crate) activity: Arc<ActivityBook>,
+    /// Relief is the leader's: it writes with the term's token.
+    pub(crate) leadership: Arc<Leadership>,
 }
 
 pub(crate) struct Monitor {
@@ -274,7 +277,10 @@ impl Monitor {
         drones: &[DroneConn],
         relief: &ReliefConfig,
     ) {
-        let backends = self.parts.backends.clone();
+        let Some(token) = self.parts.leadership.token() else {
+            return;
+        };
+        let backends = self.parts.backends.fenced(token);
         let hot = self.parts.hot.clone();
         self.relocating.retain(|id| dir.contains_key(id));
         let hot_ids: HashSet<&BackendId> = eval

@@ -140,6 +140,7 @@ impl Reconciler {
         let _admission = self.sessions.exclusive().await;
         let now = self.clock.now_ms();
         let drones = list_drones(self.store.as_ref()).await?;
+        self.sessions.forget_lost_runs(&drones);
         let drains = self.drains.refresh().await?;
         // From the route publisher's index, not the store: a pass costs what is live and due.
         let backends = self.routes.live_records();

@@ -40,6 +40,7 @@ use crate::drone_session::DroneSessions;
 use crate::drones::DroneRegistry;
 use crate::error::ApiError;
 use crate::hot_state::HotShards;
+use crate::leader::{LeaderTasks, Leadership};
 use crate::lifecycle::Backends;
 use crate::monitor::{Monitor, MonitorParts};
 use crate::placement::Placement;
@@ -93,15 +94,23 @@ impl Scheduler {
             drains.clone(),
             hot.clone(),
         ));
-        let connector = Arc::new(Connector::new(
+        let leadership = Arc::new(Leadership::new(
             store.clone(),
             clock.clone(),
-            config.clone(),
-            token_key.clone(),
-            backends.clone(),
-            placement.clone(),
-            routes.clone(),
+            config.instance_id.clone(),
+            config.api_base_url.clone(),
+            config.leader_ttl,
         ));
+        let connector = Arc::new(Connector {
+            store: store.clone(),
+            clock: clock.clone(),
+            config: config.clone(),
+            token_key: token_key.clone(),
+            backends: backends.clone(),
+            placement: placement.clone(),
+            routes: routes.clone(),
+            leadership: leadership.clone(),
+        });
         let sessions = Arc::new(DroneSessions::new(
             store.clone(),
             clock.clone(),
@@ -127,6 +136,7 @@ impl Scheduler {
                 hot,
                 activity,
                 revocations,
+                leadership,
                 tasks,
                 cancel,
             },
@@ -143,17 +153,27 @@ impl Scheduler {
         let initial = feed.load().await?;
         h.tasks.spawn(feed.run(initial, cancel.clone()));
 
-        let reconciler = self.reconciler();
-        // One pass before serving: records left by a previous run (backends that died with
-        // it) are closed before any request can be routed to them.
-        if let Err(e) = reconciler.pass().await {
+        // Leadership: a first campaign before serving, so a single instance leads (and has
+        // closed what a previous run left) before any request arrives.
+        let elected = h.leadership.campaign().await?;
+        if let Some((_, token)) = elected
+            && let Err(e) = self.reconciler(token).pass().await
+        {
             tracing::warn!(error = %e, "first reconciler pass failed; it will be retried");
         }
-        h.tasks.spawn(reconciler.run(cancel.clone()));
-
-        let sessions = h.sessions.clone();
-        let c = cancel.clone();
-        h.tasks.spawn(async move { sessions.watch_drones(c).await });
+        let this = self.clone();
+        let leader_tasks: LeaderTasks = Box::new(move |term, tasks| {
+            tasks.spawn(this.reconciler(term.token).run(term.cancel.clone()));
+            let sessions = this.handles.sessions.clone();
+            let fenced = this.handles.backends.fenced(term.token);
+            let c = term.cancel.clone();
+            tasks.spawn(async move { sessions.watch_drones(fenced, c).await });
+        });
+        h.tasks.spawn(
+            h.leadership
+                .clone()
+                .run(elected, leader_tasks, cancel.clone()),
+        );
 
         h.tasks.spawn(self.monitor().run(cancel.clone()));
 
@@ -170,14 +190,14 @@ impl Scheduler {
         Ok(())
     }
 
-    /// The reconciler over this scheduler's components.
-    pub(crate) fn reconciler(&self) -> Reconciler {
+    /// The reconciler of the leader's term with fencing token `token`.
+    pub(crate) fn reconciler(&self, token: hangar_store::Revision) -> Reconciler {
         let h = &self.handles;
         Reconciler {
             store: h.store.clone(),
             clock: h.clock.clone(),
             config: h.config.clone(),
-            backends: h.backends.clone(),
+            backends: Arc::new(h.backends.fenced(token)),
             drains: h.drains.clone(),
             activity: h.activity.clone(),
             sessions: h.sessions.clone(),
@@ -197,6 +217,7 @@ impl Scheduler {
             drains: h.drains.clone(),
             backends: h.backends.clone(),
             activity: h.activity.clone(),
+            leadership: h.leadership.clone(),
         })
     }
 

@@ -139,6 +139,7 @@ impl Config {
         cfg.startup_timeout = self.startup_timeout;
         cfg.hot = self.hot.clone();
         cfg.relieve = self.relieve.clone();
+        cfg.instance_id = super::instance::id(&self.data_dir);
         cfg
     }
 

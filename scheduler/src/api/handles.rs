@@ -15,6 +15,7 @@ use crate::drains::Drains;
 use crate::drone_session::DroneSessions;
 use crate::drones::DroneRegistry;
 use crate::hot_state::HotShards;
+use crate::leader::Leadership;
 use crate::lifecycle::Backends;
 use crate::revocations::Revocations;
 use crate::routes::Routes;
@@ -37,6 +38,7 @@ pub struct Handles {
     pub hot: Arc<HotShards>,
     pub activity: Arc<ActivityBook>,
     pub revocations: Arc<Revocations>,
+    pub leadership: Arc<Leadership>,
     pub tasks: TaskTracker,
     pub cancel: CancellationToken,
 }

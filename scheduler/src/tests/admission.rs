@@ -34,6 +34,7 @@ async fn a_store_hiccup_during_admission_is_transient_and_a_bad_hello_is_not() {
             .await
             .unwrap(),
         failing: AtomicBool::new(true),
+        hang_keep_alives: AtomicBool::new(false),
     });
     let sched = Scheduler::new(
         SchedulerConfig::new("hangar.test", "http://127.0.0.1:1"),

@@ -53,13 +53,20 @@ impl Store for CountingStore {
         self.inner.compare_and_swap(key, expect, value, lease).await
     }
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> StoreResult<TxnOutcome> {
+        let deletes = ops
+            .iter()
+            .filter(|op| matches!(op, TxnOp::Delete { .. }))
+            .count();
+        self.deletes.fetch_add(deletes, Ordering::SeqCst);
         self.inner.txn(compares, ops).await
     }
     async fn delete(&self, key: &str) -> StoreResult<bool> {
         self.inner.delete(key).await
     }
     async fn delete_if_revision(&self, key: &str, revision: Revision) -> StoreResult<bool> {
-        self.deletes.fetch_add(1, Ordering::SeqCst);
+        if key.starts_with(BACKENDS_PREFIX) {
+            self.deletes.fetch_add(1, Ordering::SeqCst);
+        }
         self.inner.delete_if_revision(key, revision).await
     }
     async fn list(&self, prefix: &str) -> StoreResult<Listing> {
@@ -158,7 +165,15 @@ async fn a_reconciler_pass_reads_no_backend_history_and_removes_only_what_is_due
         TokenKey::generate(),
         Arc::new(ManualClock::new(NOW)),
     );
-    // Not started: passes are run by hand below; only the route publisher runs.
+    // Not started: passes are run by hand below; only the route publisher runs, and this
+    // instance leads (placement and the reconciler are the leader's).
+    let (_, token) = sched
+        .handles()
+        .leadership
+        .campaign()
+        .await
+        .unwrap()
+        .expect("the only instance leads");
     let feed = crate::routes::RouteFeed::new(
         store.clone(),
         Arc::new(sched.config().clone()),
@@ -187,7 +202,7 @@ async fn a_reconciler_pass_reads_no_backend_history_and_removes_only_what_is_due
     // A connect answers once the publisher has its record: the index has all three.
     assert_eq!(sched.handles().routes.live_records().len(), 3);
 
-    let reconciler = sched.reconciler();
+    let reconciler = sched.reconciler(token);
     let (lists, gets) = (
         store.backend_lists.load(Ordering::SeqCst),
         store.backend_gets.load(Ordering::SeqCst),

@@ -71,6 +71,14 @@ async fn an_expired_lease_closes_the_runs_backends_as_lost() {
         }
     );
     assert!(store.lease_keep_alive(lease).await.is_err());
+    // The drone-loss handler also forgets the session (the reconciler may have closed the
+    // record first).
+    for _ in 0..100 {
+        if sched.handles().drones.get("d1").is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(sched.handles().drones.get("d1").is_none());
 
     // A record that names a newer run is never overwritten by the old run's loss.

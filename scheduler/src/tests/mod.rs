@@ -6,6 +6,7 @@ mod admission;
 mod connect;
 mod cost;
 mod layers;
+mod leader;
 mod lease_expiry;
 mod monitor;
 mod races;
@@ -91,6 +92,8 @@ fn hello(drone: &str, run: &str) -> Hello {
 struct FlakyStore {
     inner: Arc<EmbeddedStore>,
     failing: AtomicBool,
+    /// Lease renewals never answer while set.
+    hang_keep_alives: AtomicBool,
 }
 
 impl FlakyStore {
@@ -149,6 +152,9 @@ impl Store for FlakyStore {
         self.inner.lease_grant(ttl).await
     }
     async fn lease_keep_alive(&self, lease: LeaseId) -> StoreResult<()> {
+        if self.hang_keep_alives.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         self.inner.lease_keep_alive(lease).await
     }
     async fn lease_revoke(&self, lease: LeaseId) -> StoreResult<()> {

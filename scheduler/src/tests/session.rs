@@ -59,6 +59,7 @@ async fn an_event_that_cannot_be_written_is_not_acknowledged() {
             .await
             .unwrap(),
         failing: AtomicBool::new(false),
+        hang_keep_alives: AtomicBool::new(false),
     });
     let mut cfg = SchedulerConfig::new("hangar.test", "http://127.0.0.1:1");
     cfg.defaults.command = Some(vec!["true".into()]);
