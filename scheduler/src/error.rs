@@ -93,6 +93,7 @@ impl IntoResponse for ApiError {
         }
         let retry_after = match &self {
             ApiError::Busy { retry_after, .. } => Some(retry_after.as_secs().max(1)),
+            ApiError::Fenced(_) => Some(1),
             _ => None,
         };
         let mut response = (

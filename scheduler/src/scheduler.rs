@@ -137,6 +137,7 @@ impl Scheduler {
                 activity,
                 revocations,
                 leadership,
+                forwarder: crate::api::forward_client(),
                 tasks,
                 cancel,
             },

@@ -2,6 +2,12 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
 use hangar_core::token::TokenKey;
 use hangar_store::Store;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +45,16 @@ pub struct Handles {
     pub activity: Arc<ActivityBook>,
     pub revocations: Arc<Revocations>,
     pub leadership: Arc<Leadership>,
+    /// Forwards writes to the leader (see `api::forward`).
+    pub forwarder: ForwardClient,
     pub tasks: TaskTracker,
     pub cancel: CancellationToken,
+}
+
+/// The HTTP client that forwards writes to the leader.
+pub type ForwardClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A new forwarding client.
+pub fn forward_client() -> ForwardClient {
+    Client::builder(TokioExecutor::new()).build_http()
 }

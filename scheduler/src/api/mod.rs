@@ -19,10 +19,11 @@ mod backends;
 mod drones;
 mod extract;
 mod feed;
+pub mod forward;
 mod handles;
 
 pub use extract::ApiJson;
-pub use handles::Handles;
+pub use handles::{Handles, forward_client};
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
@@ -52,6 +53,10 @@ pub fn router(handles: Handles) -> Router {
         .fallback(|| async {
             ApiError::NotFound("no such API endpoint: see the README for the API".into())
         })
+        .layer(axum::middleware::from_fn_with_state(
+            handles.clone(),
+            forward::writes_to_leader,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(handles)
 }

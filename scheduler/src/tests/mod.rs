@@ -5,6 +5,7 @@
 mod admission;
 mod connect;
 mod cost;
+mod forward;
 mod layers;
 mod leader;
 mod lease_expiry;
