@@ -139,12 +139,22 @@ pub struct RevokeArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub plane: DevArgs,
+    /// Where state lives: `embedded` (a file in --data-dir, one serve instance) or an etcd
+    /// cluster shared by several instances, `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (keys
+    /// are stored under PREFIX).
+    #[arg(long, value_name = "embedded|etcd://...", default_value = "embedded")]
+    pub store: String,
     /// The secret drones must present (also HANGAR_DRONE_SECRET).
     #[arg(long, env = "HANGAR_DRONE_SECRET", hide_env_values = true)]
     pub drone_secret: Option<String>,
     /// Seconds a drone's lease lasts without a heartbeat before the drone is lost.
     #[arg(long, default_value_t = 10)]
     pub lease_ttl: u64,
+    /// On SIGTERM or SIGINT, promise a maintenance window this long before stopping (e.g.
+    /// `10m`): no drone is declared lost before it ends, and connected drones hold their
+    /// fence until then, so every session survives a restart or upgrade within it.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub maintenance_window: Option<std::time::Duration>,
 }
 
 #[derive(Args, Debug, Clone)]

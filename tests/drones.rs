@@ -235,6 +235,52 @@ async fn a_restarted_serve_reloads_everything_and_sessions_keep_answering() {
     assert_eq!(again.backend_id, r.backend_id);
 }
 
+/// A planned stop with a maintenance window: `serve` is down for twice the lease TTL (well
+/// past the fence deadline), and every session survives with its state, because the drones
+/// held their fence for the window and the restarted `serve` declares nobody lost. The same
+/// outage without a window fences the backend (the control) .
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_maintenance_window_keeps_every_session_through_a_restart_of_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = serve(dir.path(), &["--maintenance-window", "10s"]);
+    let _d1 = Drone::start(&first, "d1", "process", dir.path(), SMALL).await;
+    let kept = first.connect_key("kept").await;
+    first.wait_ready(kept.backend_id.as_str()).await;
+    assert_eq!(first.count(&kept).await, 1);
+    let api = first.api.to_string();
+    first.terminate();
+    drop(first);
+    // Down for 4 s: the lease TTL is 2 s, the fence deadline 1.5 s.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut second = serve(dir.path(), &["--api", &api]);
+    second.wait_drone("d1", "ready").await;
+    let v = second.backend(kept.backend_id.as_str()).await;
+    assert_eq!(v.state.name(), "ready", "{v:?}");
+    assert_eq!(second.count(&kept).await, 2, "same process, state intact");
+    let again = second.connect_key("kept").await;
+    assert!(!again.spawned && again.backend_id == kept.backend_id);
+
+    // The control: the same outage without a window.
+    second.terminate();
+    drop(second);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let third = serve(dir.path(), &["--api", &api]);
+    third.wait_drone("d1", "ready").await;
+    let v = third
+        .wait_for(kept.backend_id.as_str(), "ended", |v| !v.state.is_live())
+        .await;
+    assert!(
+        matches!(
+            v.state
+                .termination_reason()
+                .map(ToString::to_string)
+                .as_deref(),
+            Some("fenced" | "lost")
+        ),
+        "{v:?}"
+    );
+}
+
 /// Removes the containers of the named docker drones when dropped.
 struct Cleanup(&'static [&'static str]);
 

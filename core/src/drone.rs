@@ -168,4 +168,10 @@ pub enum ToDrone {
     EventAck {
         seq: u64,
     },
+    /// A maintenance window: the control plane promises not to declare this drone lost for
+    /// `for_ms` from now, so the drone holds its fence deadline until then (its backends
+    /// survive a planned restart or upgrade of the control plane).
+    Hold {
+        for_ms: u64,
+    },
 }

@@ -44,6 +44,16 @@ struct Deadline {
     ttl: Duration,
     /// The send time of the latest acknowledged renewal.
     renewal_sent: Instant,
+    /// A maintenance window's end, before which the control plane promised not to declare
+    /// this drone lost.
+    held_until: Option<Instant>,
+}
+
+impl Deadline {
+    fn compute(renewal_sent: Instant, ttl: Duration, held_until: Option<Instant>) -> Instant {
+        let by_renewal = deadline(renewal_sent, ttl);
+        held_until.map_or(by_renewal, |h| h.max(by_renewal))
+    }
 }
 
 #[derive(Default)]
@@ -72,6 +82,7 @@ impl Fence {
             at: deadline(now, ttl),
             ttl,
             renewal_sent: now,
+            held_until: None,
         };
         Fence {
             deadline: Arc::new(watch::channel(first).0),
@@ -105,16 +116,34 @@ impl Fence {
     pub fn renewed(&self, sent: Instant, ttl: Duration) {
         let changed = self.deadline.send_if_modified(|d| {
             let renewal_sent = d.renewal_sent.max(sent);
-            let at = deadline(renewal_sent, ttl);
+            let at = Deadline::compute(renewal_sent, ttl, d.held_until);
             let changed = at != d.at || ttl != d.ttl;
             *d = Deadline {
                 at,
                 ttl,
                 renewal_sent,
+                held_until: d.held_until,
             };
             changed
         });
         if changed {
+            self.tell_watchdog(&self.deadline.borrow());
+        }
+    }
+
+    /// A maintenance window: the control plane promised not to declare this drone lost
+    /// before `until`, so the fence holds until then at least.
+    pub fn hold(&self, until: Instant) {
+        let changed = self.deadline.send_if_modified(|d| {
+            let held_until = Some(d.held_until.map_or(until, |h| h.max(until)));
+            let at = Deadline::compute(d.renewal_sent, d.ttl, held_until);
+            let changed = at != d.at;
+            d.held_until = held_until;
+            d.at = at;
+            changed
+        });
+        if changed {
+            tracing::warn!(until = ?until, "maintenance window: holding the fence deadline");
             self.tell_watchdog(&self.deadline.borrow());
         }
     }
@@ -290,6 +319,22 @@ mod tests {
         assert!(!fence.expired());
         tokio::time::advance(Duration::from_millis(200)).await;
         assert!(fence.expired());
+    }
+
+    /// A maintenance window holds the deadline until its end; after it the usual rule applies
+    /// again (renewals since count).
+    #[tokio::test(start_paused = true)]
+    async fn a_maintenance_window_holds_the_deadline_until_its_end() {
+        let ttl = Duration::from_secs(10);
+        let fence = Fence::new(ttl);
+        fence.renewed(Instant::now(), ttl);
+        fence.hold(Instant::now() + Duration::from_secs(60));
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(!fence.expired(), "held");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(fence.expired(), "the window ended without a renewal");
+        fence.renewed(Instant::now(), ttl);
+        assert!(!fence.expired());
     }
 
     /// An old renewal acknowledged late never moves the deadline back.

@@ -344,6 +344,9 @@ impl DroneSession {
                             unacked = unacked.split_off(&(seq + 1));
                         }
                         Some(ToDrone::Welcome { .. }) => {}
+                        Some(ToDrone::Hold { for_ms }) => {
+                            fence.hold(Instant::now() + Duration::from_millis(for_ms));
+                        }
                         None => {
                             tracing::warn!("lost the scheduler session; reconnecting");
                             ws = None;

@@ -30,6 +30,7 @@ use crate::drones::{DroneConn, DroneRegistry, DroneStatus};
 use crate::error::ApiError;
 use crate::hot_state::HotShards;
 use crate::lifecycle::Backends;
+use crate::maintenance::Maintenance;
 use crate::records::{DroneRecord, drone_key};
 
 /// Commands buffered per drone before a send waits.
@@ -125,6 +126,8 @@ pub struct DroneSessions {
     backends: Arc<Backends>,
     /// Usage reports from drones go to the detector.
     hot: Arc<HotShards>,
+    /// Maintenance windows: told to connected drones; no drone is lost during one.
+    maintenance: Arc<Maintenance>,
     /// Serialises drone admission, drone loss and reconciler passes: between writing a new
     /// run's record and re-adopting its backends, records name the old run and must not be
     /// judged lost.
@@ -143,6 +146,7 @@ impl DroneSessions {
         drones: Arc<DroneRegistry>,
         backends: Arc<Backends>,
         hot: Arc<HotShards>,
+        maintenance: Arc<Maintenance>,
         cancel: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
@@ -153,6 +157,7 @@ impl DroneSessions {
             drones,
             backends,
             hot,
+            maintenance,
             admission: Mutex::new(()),
             cancel,
             tasks,
@@ -425,6 +430,10 @@ impl DroneSessions {
         backends: &Backends,
     ) -> Result<usize, ApiError> {
         let _admission = self.admission.lock().await;
+        if self.maintenance.protects_drones().await? {
+            tracing::warn!(drone = %name, run_id, "maintenance window: its lease expired, but no drone is declared lost before the window ends");
+            return Ok(0);
+        }
         self.drones.remove_run(name, run_id);
         let mut lost = 0;
         for b in self.backends.list().await? {
@@ -526,11 +535,22 @@ impl DroneSessions {
             inner.drones.remove_session(&hello.drone, session);
             return;
         }
+        let mut holds = inner.maintenance.subscribe();
         let mut next_id: u64 = 0;
         let mut unacked: BTreeMap<u64, SchedulerMessage> = BTreeMap::new();
         let reason = loop {
             tokio::select! {
                 _ = inner.cancel.cancelled() => break "scheduler shutting down",
+                hold = holds.recv() => {
+                    if let Ok(window) = hold {
+                        let m = ToDrone::Hold { for_ms: window.as_millis() as u64 };
+                        let sent = socket.send(encode(&m)).await.is_ok();
+                        inner.maintenance.delivered();
+                        if !sent {
+                            break "send failed";
+                        }
+                    }
+                }
                 cmd = commands.recv() => {
                     let Some(cmd) = cmd else { break "replaced by a newer session" };
                     next_id += 1;

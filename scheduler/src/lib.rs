@@ -11,7 +11,7 @@
 //! 1. plain data and pure logic: `clock`, `config`, `error`, `metrics`, `records`, `hot`
 //!    (the detector), the pure parts of `placement` and `reconciler`;
 //! 2. components, each the only writer of its state: `activity`, `drones`, `routes`,
-//!    `drains`, `hot_state`, `revocations`, `dns_records`, `leader`, `lifecycle`, `placement`,
+//!    `drains`, `hot_state`, `revocations`, `dns_records`, `leader`, `lifecycle`, `maintenance`, `placement`,
 //!    `connect`, `drone_session`;
 //! 3. background loops over components: `reconciler`, `monitor`;
 //! 4. HTTP handlers over components: `api`;
@@ -31,6 +31,7 @@ pub mod hot;
 pub mod hot_state;
 pub mod leader;
 pub mod lifecycle;
+pub mod maintenance;
 pub mod metrics;
 pub mod monitor;
 pub mod placement;

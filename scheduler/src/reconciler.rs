@@ -19,6 +19,7 @@ use crate::config::SchedulerConfig;
 use crate::drains::Drains;
 use crate::drone_session::DroneSessions;
 use crate::lifecycle::Backends;
+use crate::maintenance::Maintenance;
 use crate::records::{BackendRecord, list_drones};
 use crate::routes::Routes;
 
@@ -117,6 +118,8 @@ pub(crate) struct Reconciler {
     pub(crate) sessions: Arc<DroneSessions>,
     /// The live and ended records, kept by the route publisher.
     pub(crate) routes: Arc<Routes>,
+    /// No drone is declared lost during a maintenance window.
+    pub(crate) maintenance: Arc<Maintenance>,
 }
 
 impl Reconciler {
@@ -140,7 +143,10 @@ impl Reconciler {
         let _admission = self.sessions.exclusive().await;
         let now = self.clock.now_ms();
         let drones = list_drones(self.store.as_ref()).await?;
-        self.sessions.forget_lost_runs(&drones);
+        let window = self.maintenance.protects_drones().await?;
+        if !window {
+            self.sessions.forget_lost_runs(&drones);
+        }
         let drains = self.drains.refresh().await?;
         // From the route publisher's index, not the store: a pass costs what is live and due.
         let backends = self.routes.live_records();
@@ -184,6 +190,8 @@ impl Reconciler {
                         tracing::warn!(backend = %rec.id, "stop did not complete in time; killing");
                     }
                 }
+                // A maintenance window: nothing is lost before it ends.
+                Action::Lost if window => {}
                 Action::Lost => {
                     let run = rec.drone_run_id.clone().unwrap_or_default();
                     self.backends

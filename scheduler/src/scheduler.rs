@@ -17,6 +17,7 @@
 //! is recorded in ARCHITECTURE.md.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use hangar_core::activity::ActivityBatch;
@@ -42,6 +43,7 @@ use crate::error::ApiError;
 use crate::hot_state::HotShards;
 use crate::leader::{LeaderTasks, Leadership};
 use crate::lifecycle::Backends;
+use crate::maintenance::Maintenance;
 use crate::monitor::{Monitor, MonitorParts};
 use crate::placement::Placement;
 use crate::reconciler::Reconciler;
@@ -111,6 +113,11 @@ impl Scheduler {
             routes: routes.clone(),
             leadership: leadership.clone(),
         });
+        let maintenance = Arc::new(Maintenance::new(
+            store.clone(),
+            clock.clone(),
+            config.clone(),
+        ));
         let sessions = Arc::new(DroneSessions::new(
             store.clone(),
             clock.clone(),
@@ -118,6 +125,7 @@ impl Scheduler {
             drones.clone(),
             backends.clone(),
             hot.clone(),
+            maintenance.clone(),
             cancel.clone(),
             tasks.clone(),
         ));
@@ -137,6 +145,7 @@ impl Scheduler {
                 activity,
                 revocations,
                 leadership,
+                maintenance,
                 forwarder: crate::api::forward_client(),
                 tasks,
                 cancel,
@@ -203,6 +212,7 @@ impl Scheduler {
             activity: h.activity.clone(),
             sessions: h.sessions.clone(),
             routes: h.routes.clone(),
+            maintenance: h.maintenance.clone(),
         }
     }
 
@@ -220,6 +230,20 @@ impl Scheduler {
             activity: h.activity.clone(),
             leadership: h.leadership.clone(),
         })
+    }
+
+    /// Begins a maintenance window of `length`: stores the promise that no drone is declared
+    /// lost before it ends and tells every connected drone to hold its fence until then. Call
+    /// it before a planned stop; returns the window's end (wall clock, ms).
+    pub async fn begin_maintenance(&self, length: Duration) -> Result<u64, ApiError> {
+        let sessions = self
+            .handles
+            .drones
+            .all()
+            .iter()
+            .filter(|d| d.leased)
+            .count();
+        self.handles.maintenance.begin(length, sessions).await
     }
 
     /// Waits for every background task to finish (after cancellation).

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use hangar_store::StoreLocation;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -13,12 +14,18 @@ use crate::cli::ServeArgs;
 /// Validated `hangar serve` configuration; nothing bound yet.
 pub struct Config {
     plane: plane::Config,
+    /// Promised before a planned stop (`--maintenance-window`).
+    maintenance_window: Option<Duration>,
 }
 
 impl Config {
     /// Validates the flags (creating the data directory and, on first use, the token key in
     /// it); binds nothing.
     pub fn from_args(args: ServeArgs) -> anyhow::Result<Config> {
+        let store: StoreLocation = args
+            .store
+            .parse()
+            .map_err(|e| ConfigError(format!("--store {:?}: {e}", args.store)))?;
         let secret = match args.drone_secret {
             Some(s) if s.len() >= 8 => s,
             Some(_) => {
@@ -40,8 +47,16 @@ impl Config {
             secret,
             lease_ttl: Duration::from_secs(args.lease_ttl),
         };
+        if let Some(w) = args.maintenance_window
+            && (w < Duration::from_secs(1) || w > Duration::from_secs(7 * 24 * 3600))
+        {
+            return Err(
+                ConfigError("--maintenance-window must lie between 1s and 7 days".into()).into(),
+            );
+        }
         Ok(Config {
-            plane: plane::Config::from_args("serve", args.plane, drones)?,
+            plane: plane::Config::from_args("serve", args.plane, drones)?.with_store(store),
+            maintenance_window: args.maintenance_window,
         })
     }
 
@@ -49,6 +64,7 @@ impl Config {
     pub async fn build(self) -> anyhow::Result<Serve> {
         Ok(Serve {
             plane: self.plane.build().await?,
+            maintenance_window: self.maintenance_window,
         })
     }
 }
@@ -56,6 +72,7 @@ impl Config {
 /// `hangar serve`, bound and ready to run.
 pub struct Serve {
     plane: Plane,
+    maintenance_window: Option<Duration>,
 }
 
 impl Serve {
@@ -69,6 +86,14 @@ impl Serve {
         servers.announce();
 
         let outcome = servers.until_stopped(shutdown).await;
+        if let Some(window) = self.maintenance_window {
+            match scheduler.begin_maintenance(window).await {
+                Ok(_) => eprintln!(
+                    "hangar serve: maintenance window of {window:?} begins: start serve again within it and every session survives"
+                ),
+                Err(e) => eprintln!("hangar serve: cannot begin the maintenance window: {e}"),
+            }
+        }
         eprintln!("hangar serve: shutting down");
         cancel.cancel();
         scheduler.wait().await;

@@ -23,6 +23,7 @@ use crate::drones::DroneRegistry;
 use crate::hot_state::HotShards;
 use crate::leader::Leadership;
 use crate::lifecycle::Backends;
+use crate::maintenance::Maintenance;
 use crate::revocations::Revocations;
 use crate::routes::Routes;
 
@@ -45,6 +46,7 @@ pub struct Handles {
     pub activity: Arc<ActivityBook>,
     pub revocations: Arc<Revocations>,
     pub leadership: Arc<Leadership>,
+    pub maintenance: Arc<Maintenance>,
     /// Forwards writes to the leader (see `api::forward`).
     pub forwarder: ForwardClient,
     pub tasks: TaskTracker,
