@@ -63,7 +63,8 @@ const HEALTH_EVERY: Duration = Duration::from_secs(2);
 /// A drone's identity and what it offers.
 #[derive(Clone, Debug)]
 pub struct DroneSessionConfig {
-    /// `http://host:port` of the scheduler's API.
+    /// `http://host:port` of the scheduler's API; several, comma-separated, for a control
+    /// plane of several instances (the drone tries the next one when one fails).
     pub scheduler_url: String,
     pub name: String,
     pub secret: String,
@@ -135,24 +136,45 @@ impl DroneSession {
         &self.run_id
     }
 
-    fn ws_url(&self) -> Result<String, DroneSessionError> {
-        let base = self.config.scheduler_url.trim_end_matches('/');
-        let rest = base
-            .strip_prefix("http://")
-            .map(|r| format!("ws://{r}"))
-            .or_else(|| base.strip_prefix("https://").map(|r| format!("wss://{r}")))
-            .ok_or_else(|| DroneSessionError::BadUrl {
-                url: base.to_string(),
-                detail: "it must start with http:// or https://".into(),
-            })?;
-        Ok(format!("{rest}/v1/drones/connect"))
+    /// The session endpoint of every scheduler instance given.
+    fn ws_urls(&self) -> Result<Vec<String>, DroneSessionError> {
+        self.config
+            .scheduler_url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| {
+                let base = u.trim_end_matches('/');
+                let rest = base
+                    .strip_prefix("http://")
+                    .map(|r| format!("ws://{r}"))
+                    .or_else(|| base.strip_prefix("https://").map(|r| format!("wss://{r}")))
+                    .ok_or_else(|| DroneSessionError::BadUrl {
+                        url: base.to_string(),
+                        detail: "it must start with http:// or https://".into(),
+                    })?;
+                Ok(format!("{rest}/v1/drones/connect"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|v| {
+                if v.is_empty() {
+                    Err(DroneSessionError::BadUrl {
+                        url: self.config.scheduler_url.clone(),
+                        detail: "no scheduler URL given".into(),
+                    })
+                } else {
+                    Ok(v)
+                }
+            })
     }
 
     /// Runs until `cancel` fires (then stops the agent; backends keep running for the next
     /// agent run to re-adopt, unless the agent is configured to stop them) or the scheduler
     /// refuses the drone.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), DroneSessionError> {
-        let url = self.ws_url()?;
+        let urls = self.ws_urls()?;
+        // Which instance to try next: the one that worked last, else the next in turn.
+        let mut at = 0usize;
         let adopted = match self.runtime.adopt().await {
             Ok(a) => a,
             Err(e) => {
@@ -237,7 +259,8 @@ impl DroneSession {
             if ws.is_none() && Instant::now() >= next_attempt {
                 // The hello is sent after this: its admission granted a lease no earlier.
                 let attempt_at = Instant::now();
-                match self.connect(&url, &inventory).await {
+                let url = &urls[at % urls.len()];
+                match self.connect(url, &inventory).await {
                     Ok((mut socket, lease_ttl, hb)) => {
                         metrics::counter!(SESSION_CONNECTS_TOTAL).increment(1);
                         ttl = lease_ttl;
@@ -246,7 +269,7 @@ impl DroneSession {
                         fence.renewed(attempt_at, ttl);
                         in_flight.clear();
                         heartbeat_due = Instant::now() + heartbeat_every;
-                        tracing::info!(scheduler = %self.config.scheduler_url, run_id = %self.run_id, resend = unacked.len(), "connected to the scheduler");
+                        tracing::info!(scheduler = %url, run_id = %self.run_id, resend = unacked.len(), "connected to the scheduler");
                         let mut ok = true;
                         for (s, (backend, event)) in &unacked {
                             let m = FromDrone::Event {
@@ -265,7 +288,8 @@ impl DroneSession {
                     }
                     Err(Attempt::Fatal(why)) => break Err(DroneSessionError::Refused(why)),
                     Err(Attempt::Retry(why)) => {
-                        tracing::warn!(scheduler = %self.config.scheduler_url, error = %why, retry_in = ?backoff, "cannot reach the scheduler");
+                        tracing::warn!(scheduler = %url, error = %why, retry_in = ?backoff, "cannot reach the scheduler");
+                        at += 1;
                         next_attempt = Instant::now() + backoff;
                         backoff = (backoff * 2).min(BACKOFF_MAX);
                     }
@@ -504,6 +528,39 @@ async fn next_message(ws: &mut Option<Ws>) -> Option<ToDrone> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn several_scheduler_urls_are_tried_in_turn() {
+        let config = |url: &str| DroneSessionConfig {
+            scheduler_url: url.into(),
+            name: "d1".into(),
+            secret: "s".into(),
+            pool: "default".into(),
+            capacity: Capacity::default(),
+            agent: AgentConfig::default(),
+            usage_interval: Duration::from_secs(5),
+            host: None,
+            watchdog: None,
+        };
+        let runtime: Arc<dyn Runtime> = Arc::new(crate::runtime::process::ProcessRuntime::new(
+            crate::runtime::process::ProcessRuntimeConfig::default(),
+        ));
+        let s = DroneSession::new(
+            config("http://a:1, https://b:2/ ,http://c:3"),
+            runtime.clone(),
+            "r".into(),
+        );
+        assert_eq!(
+            s.ws_urls().unwrap(),
+            vec![
+                "ws://a:1/v1/drones/connect",
+                "wss://b:2/v1/drones/connect",
+                "ws://c:3/v1/drones/connect"
+            ]
+        );
+        let bad = DroneSession::new(config("http://a:1,ftp://b"), runtime, "r".into());
+        assert!(bad.ws_urls().is_err());
+    }
 
     #[test]
     fn only_a_refusal_before_welcome_is_final() {

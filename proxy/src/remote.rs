@@ -66,15 +66,28 @@ impl Proxy {
         cfg: RemoteConfig,
         cancel: CancellationToken,
     ) -> Result<(), RemoteError> {
-        let base = cfg.scheduler_url.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") {
-            return Err(RemoteError::BadUrl(base));
+        // Several control-plane instances, comma-separated: any of them serves the feed (it
+        // resumes from the last revision on whichever it reaches next).
+        let bases: Vec<String> = cfg
+            .scheduler_url
+            .split(',')
+            .map(|u| u.trim().trim_end_matches('/').to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        if bases.is_empty() {
+            return Err(RemoteError::BadUrl(cfg.scheduler_url.clone()));
         }
+        if let Some(bad) = bases.iter().find(|b| !b.starts_with("http://")) {
+            return Err(RemoteError::BadUrl(bad.clone()));
+        }
+        // The instance followed now; activity goes there too.
+        let current = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
         let reporter = {
             let client = client.clone();
             let cfg = cfg.clone();
-            let base = base.clone();
+            let bases = bases.clone();
+            let current = current.clone();
             let activity = self.activity();
             let cancel = cancel.clone();
             async move {
@@ -92,6 +105,8 @@ impl Proxy {
                         continue;
                     }
                     let body = serde_json::to_vec(&batch).unwrap_or_default();
+                    let base =
+                        &bases[current.load(std::sync::atomic::Ordering::Relaxed) % bases.len()];
                     let req = Request::post(format!("{base}/v1/activity"))
                         .header("authorization", format!("Bearer {}", cfg.secret))
                         .header("content-type", "application/json")
@@ -116,14 +131,17 @@ impl Proxy {
             let mut backoff = BACKOFF_MIN;
             loop {
                 let from = self.routes().load().revision;
+                let at = current.load(std::sync::atomic::Ordering::Relaxed);
+                let base = &bases[at % bases.len()];
                 match self
-                    .follow_once(&client, &base, &cfg.secret, from, &cancel)
+                    .follow_once(&client, base, &cfg.secret, from, &cancel)
                     .await
                 {
                     Ok(()) => return Ok(()),
                     Err(Failure::Fatal(why)) => return Err(RemoteError::Refused(why)),
                     Err(Failure::Retry(why)) => {
                         tracing::warn!(scheduler = %base, error = %why, retry_in = ?backoff, "route feed interrupted; serving known routes meanwhile");
+                        current.store(at + 1, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
                 tokio::select! {

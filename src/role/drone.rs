@@ -63,12 +63,13 @@ impl Config {
                 .into());
             }
         };
-        if !args.scheduler.starts_with("http://") && !args.scheduler.starts_with("https://") {
-            return Err(ConfigError(format!(
-                "--scheduler {:?} must be the scheduler's API URL, e.g. http://127.0.0.1:7070",
-                args.scheduler
-            ))
-            .into());
+        for url in args.scheduler.split(',').map(str::trim) {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                return Err(ConfigError(format!(
+                    "--scheduler {url:?} must be the scheduler's API URL, e.g. http://127.0.0.1:7070 (several instances: comma-separated)"
+                ))
+                .into());
+            }
         }
         if args.max_backends == 0 {
             return Err(ConfigError("--max-backends must be at least 1".into()).into());
@@ -97,7 +98,7 @@ impl Config {
             host: args.host_id.clone().or_else(crate::host::host_id),
             advertise: match args.advertise_address {
                 Some(ip) => ip,
-                None => crate::host::route_to(&args.scheduler).unwrap_or_else(|why| {
+                None => crate::host::route_to(args.scheduler.split(',').next().unwrap_or_default().trim()).unwrap_or_else(|why| {
                     tracing::warn!(%why, "cannot tell which address reaches the scheduler; advertising 127.0.0.1 (give --advertise-address for proxies on other hosts)");
                     IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
                 }),

@@ -52,12 +52,13 @@ impl Config {
         })?;
         let token_key =
             TokenKey::from_hex(key).map_err(|e| ConfigError(format!("--token-key: {e}")))?;
-        if !args.scheduler.starts_with("http://") {
-            return Err(ConfigError(format!(
-                "--scheduler {:?} must be the scheduler's API URL, e.g. http://127.0.0.1:7070",
-                args.scheduler
-            ))
-            .into());
+        for url in args.scheduler.split(',').map(str::trim) {
+            if !url.starts_with("http://") {
+                return Err(ConfigError(format!(
+                    "--scheduler {url:?} must be the scheduler's API URL, e.g. http://127.0.0.1:7070 (several instances: comma-separated)"
+                ))
+                .into());
+            }
         }
         let mut proxy = ProxyConfig::new(args.domain.to_ascii_lowercase(), token_key);
         proxy.start_wait = Duration::from_secs(args.start_wait);
