@@ -389,6 +389,44 @@ pub async fn revoke(args: crate::cli::RevokeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `hangar hot`: what the hot-shard detector flags now, and why.
+pub async fn cluster(args: ClientOnlyArgs) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&args.client)?;
+    let view: hangar_scheduler::api::ClusterView = api.get("/v1/cluster").await?;
+    if args.client.json {
+        print_json(&view)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    match &view.leader {
+        Some(l) => println!("leader: {} at {} (term {})", l.instance, l.api_url, l.term),
+        None => println!("leader: none elected"),
+    }
+    match (&view.store.healthy, &view.store.error) {
+        (true, _) => println!(
+            "store: healthy (revision {})",
+            view.store.revision.unwrap_or_default()
+        ),
+        (false, e) => println!("store: unhealthy: {}", e.as_deref().unwrap_or("?")),
+    }
+    let width = view
+        .instances
+        .iter()
+        .map(|i| i.instance.len())
+        .max()
+        .unwrap_or(8)
+        .max("INSTANCE".len());
+    println!("{:<width$}  {:<6}  API", "INSTANCE", "ROLE");
+    for i in &view.instances {
+        let role = if i.leader { "leader" } else { "follower" };
+        let here = if i.instance == view.this_instance {
+            " (answered this request)"
+        } else {
+            ""
+        };
+        println!("{:<width$}  {:<6}  {}{here}", i.instance, role, i.api_url);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn hot(args: ClientOnlyArgs) -> anyhow::Result<ExitCode> {
     let api = Api::new(&args.client)?;
     let list: hangar_core::api::HotList = api.get("/v1/hot").await?;

@@ -113,6 +113,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         cli::Command::Drain(args) => return client::drain(args).await,
         cli::Command::Undrain(args) => return client::undrain(args).await,
         cli::Command::Hot(args) => return client::hot(args).await,
+        cli::Command::Cluster(args) => return client::cluster(args).await,
         cli::Command::Revoke(args) => return client::revoke(args).await,
     }
     Ok(ExitCode::SUCCESS)

@@ -682,3 +682,27 @@ async fn out_of_range_proxy_tuning_exits_64_naming_the_flag() {
     assert!(err.contains("--max-header-bytes"), "{err}");
     assert!(err.contains("1024 to 1048576"), "{err}");
 }
+
+/// `hangar cluster` shows the one instance of `dev` leading, its term and a healthy store;
+/// `GET /v1/cluster` says the same as JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_view_shows_the_leader_its_term_and_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = Dev::start(dir.path(), &[]);
+    let api = format!("http://{}", dev.api);
+    let v: serde_json::Value = dev.get_json("/v1/cluster").await;
+    assert_eq!(v["leader"]["instance"], v["this_instance"], "{v}");
+    assert!(v["leader"]["term"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["store"]["healthy"], true, "{v}");
+    let (code, out, err) = cli(&["cluster", "--api", &api]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("leader: i-") && out.contains("(term "),
+        "{out}"
+    );
+    assert!(out.contains("store: healthy"), "{out}");
+    assert!(
+        out.contains("leader") && out.contains("answered this request"),
+        "{out}"
+    );
+}

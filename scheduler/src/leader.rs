@@ -28,6 +28,9 @@ use crate::clock::Clock;
 /// The leader key: present while an instance leads, attached to its lease.
 pub const LEADER_KEY: &str = "/hangar/leader";
 
+/// Prefix of instance records: every instance keeps one on a lease while it runs.
+pub const INSTANCES_PREFIX: &str = "/hangar/instances/";
+
 /// How long to wait before campaigning again after the store failed.
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -106,6 +109,45 @@ impl Leadership {
     /// This instance's id.
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// Keeps this instance's record (`/hangar/instances/<id>`, on a lease of the leader TTL)
+    /// until `cancel` fires, writing it again whenever its lease is lost.
+    pub(crate) async fn announce(&self, cancel: CancellationToken) {
+        let key = format!("{INSTANCES_PREFIX}{}", self.instance);
+        let record = LeaderRecord {
+            instance: self.instance.clone(),
+            api_url: self.api_url.clone(),
+            elected_at: self.clock.now_ms(),
+        };
+        let value = serde_json::to_vec(&record).unwrap_or_default();
+        let mut lease: Option<LeaseId> = None;
+        loop {
+            let ok = match lease {
+                Some(l) => self.store.lease_keep_alive(l).await.is_ok(),
+                None => match self.store.lease_grant(self.ttl).await {
+                    Ok(l) => {
+                        let put = self.store.put(&key, value.clone(), Some(l)).await.is_ok();
+                        if put {
+                            lease = Some(l);
+                        }
+                        put
+                    }
+                    Err(_) => false,
+                },
+            };
+            if !ok {
+                lease = None;
+            }
+            let wait = if ok { self.ttl / 3 } else { RETRY };
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        if let Some(l) = lease {
+            let _ = self.store.lease_revoke(l).await;
+        }
     }
 
     /// One attempt at leadership. `Ok(Some)` with the lease and token when elected; `Ok(None)`

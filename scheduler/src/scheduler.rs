@@ -184,6 +184,9 @@ impl Scheduler {
                 .clone()
                 .run(elected, leader_tasks, cancel.clone()),
         );
+        let leadership = h.leadership.clone();
+        let c = cancel.clone();
+        h.tasks.spawn(async move { leadership.announce(c).await });
 
         h.tasks.spawn(self.monitor().run(cancel.clone()));
 

@@ -40,6 +40,7 @@ pub fn router(handles: Handles) -> Router {
         .route("/v1/routes/feed", get(feed::route_feed))
         .route("/v1/tokens/revoke", post(feed::revoke))
         .route("/v1/hot", get(hot))
+        .route("/v1/cluster", get(cluster))
         .route("/v1/drones", get(drones::list))
         .route("/v1/drones/connect", get(drones::connect))
         .route("/v1/drones/{name}/drain", post(drones::drain))
@@ -75,4 +76,77 @@ async fn readyz(State(h): State<Handles>) -> Result<&'static str, ApiError> {
 /// `GET /v1/hot`.
 async fn hot(State(h): State<Handles>) -> Json<HotList> {
     Json((*h.hot.list()).clone())
+}
+
+/// `GET /v1/cluster`: the control-plane instances, the leader and its term, and whether the
+/// store answers.
+async fn cluster(State(h): State<Handles>) -> Json<ClusterView> {
+    let store = h.store.revision().await;
+    let leader = match h.store.get(crate::leader::LEADER_KEY).await {
+        Ok(Some(kv)) => serde_json::from_slice::<crate::leader::LeaderRecord>(&kv.value)
+            .ok()
+            .map(|r| LeaderView {
+                instance: r.instance,
+                api_url: r.api_url,
+                elected_at: r.elected_at,
+                term: kv.create_revision,
+            }),
+        _ => None,
+    };
+    let instances = match h.store.list(crate::leader::INSTANCES_PREFIX).await {
+        Ok(listing) => listing
+            .kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<crate::leader::LeaderRecord>(&kv.value).ok())
+            .map(|r| InstanceView {
+                leader: leader.as_ref().is_some_and(|l| l.instance == r.instance),
+                instance: r.instance,
+                api_url: r.api_url,
+                started_at: r.elected_at,
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    Json(ClusterView {
+        this_instance: h.leadership.instance().to_string(),
+        leader,
+        instances,
+        store: StoreView {
+            healthy: store.is_ok(),
+            revision: store.as_ref().ok().copied(),
+            error: store.err().map(|e| e.to_string()),
+        },
+    })
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+pub struct ClusterView {
+    pub this_instance: String,
+    pub leader: Option<LeaderView>,
+    pub instances: Vec<InstanceView>,
+    pub store: StoreView,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+pub struct LeaderView {
+    pub instance: String,
+    pub api_url: String,
+    pub elected_at: u64,
+    /// The leader key's create revision: the term's fencing token.
+    pub term: u64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+pub struct InstanceView {
+    pub instance: String,
+    pub api_url: String,
+    pub started_at: u64,
+    pub leader: bool,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+pub struct StoreView {
+    pub healthy: bool,
+    pub revision: Option<u64>,
+    pub error: Option<String>,
 }
