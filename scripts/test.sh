@@ -4,6 +4,7 @@
 # and the one .ci/run calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+./scripts/build-deps.sh
 
 if ! command -v cargo-nextest >/dev/null 2>&1; then
     echo "scripts/test.sh: installing cargo-nextest" >&2
@@ -24,6 +25,13 @@ if ! command -v ip >/dev/null 2>&1 || ! command -v iptables >/dev/null 2>&1; the
     # the links between them with iptables.
     echo "scripts/test.sh: installing iproute2 and iptables" >&2
     apt-get update -qq && apt-get install -y -qq iproute2 iptables
+fi
+if ! command -v etcd >/dev/null 2>&1 || ! command -v protoc >/dev/null 2>&1; then
+    # The etcd store's tests run real etcd processes (on ports of their own: the Debian package
+    # may start a daemon on 2379/2380, which the tests neither use nor need), and etcd-client
+    # compiles etcd's protos with protoc when it is built.
+    echo "scripts/test.sh: installing etcd and protoc" >&2
+    apt-get update -qq && apt-get install -y -qq etcd-server etcd-client protobuf-compiler libprotobuf-dev
 fi
 if ! command -v dig >/dev/null 2>&1; then
     # The DNS process-level tests query `hangar dev` with dig.

@@ -68,6 +68,8 @@ pub enum Command {
     Undrain(NameArgs),
     /// List hot backends and drones, with the figures and the reason.
     Hot(ClientOnlyArgs),
+    /// The control-plane instances, the leader and its term, and the store's health.
+    Cluster(ClientOnlyArgs),
     /// Run a data-plane proxy that follows a scheduler's route feed.
     Proxy(ProxyArgs),
     /// Revoke a token, or every token of a user (or of anyone) for a backend.
@@ -159,7 +161,8 @@ pub struct ServeArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct DroneArgs {
-    /// The scheduler's API URL.
+    /// The scheduler's API URL; for several control-plane instances, all of them,
+    /// comma-separated (the drone moves to another when one goes).
     #[arg(long)]
     pub scheduler: String,
     /// This drone's name (lowercase letters, digits, '-').

@@ -16,7 +16,8 @@ use hangar_proxy::{Proxy, ProxyConfig, ProxyRunError};
 use hangar_scheduler::hot::HotConfig;
 use hangar_scheduler::monitor::ReliefConfig;
 use hangar_scheduler::{Scheduler, SchedulerConfig, SystemClock};
-use hangar_store::embedded::EmbeddedStore;
+use hangar_store::etcd::EtcdError;
+use hangar_store::{Store, StoreError, StoreLocation};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +49,8 @@ pub struct Config {
     proxy_addr: SocketAddr,
     https: Option<HttpsSetup>,
     data_dir: PathBuf,
+    /// `--store` (serve); the embedded store in `data_dir` otherwise.
+    store: StoreLocation,
     /// Lowercase, without the trailing dot.
     domain: String,
     token_key: TokenKey,
@@ -108,6 +111,7 @@ impl Config {
             proxy_addr: args.proxy,
             https,
             data_dir: args.data_dir,
+            store: StoreLocation::Embedded,
             domain,
             token_key,
             dns,
@@ -119,6 +123,12 @@ impl Config {
             relieve,
             drones,
         })
+    }
+
+    /// Keeps state in `store` instead of the embedded store (`hangar serve --store`).
+    pub fn with_store(mut self, store: StoreLocation) -> Config {
+        self.store = store;
+        self
     }
 
     /// The scheduler's configuration, once the API and the proxy are bound (clients are
@@ -146,7 +156,7 @@ impl Config {
     /// Opens the store, binds every listener, installs the metrics recorder and builds the
     /// scheduler and the proxy. Nothing runs yet.
     pub async fn build(mut self) -> anyhow::Result<Plane> {
-        let store = open_store(&self.data_dir).await?;
+        let store = open_store(&self.store, &self.data_dir).await?;
         let api = bind(self.api, "api").await?;
         let proxy = bind(self.proxy_addr, "proxy").await?;
         let https = match self.https.take() {
@@ -406,18 +416,33 @@ fn validate_hot(args: &HotArgs) -> anyhow::Result<(HotConfig, Option<ReliefConfi
     Ok((hot, relieve))
 }
 
-/// Opens the embedded store in the data directory. Another process holding it is a
-/// configuration error.
-async fn open_store(data_dir: &Path) -> anyhow::Result<Arc<EmbeddedStore>> {
-    EmbeddedStore::open_default(data_dir.join("state.redb"))
-        .await
-        .map_err(|e| {
-            ConfigError(format!(
+/// Opens the store: the embedded one in the data directory, or etcd. Another process holding
+/// the embedded store, or no etcd member answering, is a configuration error.
+async fn open_store(location: &StoreLocation, data_dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
+    hangar_store::open(location, data_dir).await.map_err(|e| {
+        let message = match location {
+            StoreLocation::Embedded => format!(
                 "{e} (is another hangar using data directory {}?)",
                 data_dir.display()
-            ))
-            .into()
-        })
+            ),
+            StoreLocation::Etcd(options) => {
+                let detail = match &e {
+                    StoreError::Open { source, .. } => match source.downcast_ref::<EtcdError>() {
+                        Some(EtcdError::Unavailable { deadline, last, .. }) => {
+                            format!("no answer within {deadline:?} (last error: {last})")
+                        }
+                        _ => source.to_string(),
+                    },
+                    other => other.to_string(),
+                };
+                format!(
+                    "cannot reach etcd at {}: {detail}: start etcd or fix --store",
+                    options.endpoints_display()
+                )
+            }
+        };
+        ConfigError(message).into()
+    })
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {

@@ -116,6 +116,36 @@ async fn revisions_count_every_write_exactly() {
     assert_eq!(store.revision().await.unwrap(), 10);
 }
 
+/// The embedded store's bookkeeping for a revocation (the conformance suite only asks for the
+/// deletes to come after it began): one revision per deleted key, in key order.
+#[tokio::test]
+async fn revoke_deletes_each_key_at_a_revision_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_in(&dir).await;
+    let lease = store.lease_grant(Duration::from_secs(60)).await.unwrap();
+    for key in ["l/b", "l/a", "l/c"] {
+        store.put(key, b"v".to_vec(), Some(lease)).await.unwrap();
+    }
+    store.put("l/plain", b"p".to_vec(), None).await.unwrap();
+    assert_eq!(store.revision().await.unwrap(), 4);
+    let mut stream = store.watch("l/", 0).await.unwrap();
+    store.lease_revoke(lease).await.unwrap();
+    let mut deletes = Vec::new();
+    for _ in 0..3 {
+        deletes.push(delete_of(next_event(&mut stream).await));
+    }
+    assert_eq!(
+        deletes,
+        [
+            ("l/a".to_owned(), 5),
+            ("l/b".to_owned(), 6),
+            ("l/c".to_owned(), 7)
+        ]
+    );
+    assert_eq!(store.revision().await.unwrap(), 7);
+    assert_no_event(&mut stream);
+}
+
 #[tokio::test]
 async fn state_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();

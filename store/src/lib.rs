@@ -12,10 +12,10 @@
 //! It is how a record and its index are written without an orphan window, and how a leader
 //! fences its writes (every write compares the leader key's creation revision).
 //!
-//! Implementations: [`embedded::EmbeddedStore`] (redb file, the default). An etcd-backed
-//! implementation comes with multi-instance `serve`. Both must pass the conformance suite
-//! (`conformance`, behind the `conformance` feature so other implementations and tests reuse
-//! it).
+//! Implementations: [`embedded::EmbeddedStore`] (redb file, the default) and
+//! [`etcd::EtcdStore`] (an etcd cluster shared by several `serve` instances), chosen by a
+//! [`StoreLocation`] and opened with [`open`]. Both pass the conformance suite (`conformance`,
+//! behind the `conformance` feature so other implementations and tests reuse it).
 
 use std::time::Duration;
 
@@ -25,11 +25,17 @@ use tokio::sync::mpsc;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod embedded;
+pub mod etcd;
+mod location;
 pub mod mirror;
 
-/// A store revision: increases by one with every successful write (put, delete, a committed
-/// [`Store::txn`] once however many keys it writes; lease expiry deleting keys counts once per
-/// deleted key).
+pub use location::{EMBEDDED_FILE, LocationError, StoreLocation, open};
+
+/// A store revision: increases with every successful write (by one for a put, a delete, a
+/// committed [`Store::txn`] however many keys it writes). A lease that expires or is revoked
+/// deletes its keys at revisions after the current one, each with its delete event: how many
+/// revisions that takes is the implementation's (the embedded store uses one per key, etcd one
+/// for all of them).
 pub type Revision = u64;
 
 /// A lease id (non-zero).
@@ -123,6 +129,11 @@ pub enum CasOutcome {
 /// The most compares, and separately the most operations, one [`Store::txn`] may carry:
 /// etcd's default `--max-txn-ops`.
 pub const MAX_TXN_OPS: usize = 128;
+
+/// The largest request (a put's key and value, or a transaction's keys and values together)
+/// a store accepts: etcd's default `--max-request-bytes`, 1.5 MiB. The etcd store refuses
+/// larger requests with [`StoreError::RequestTooLarge`]; the embedded store has no such limit.
+pub const MAX_REQUEST_BYTES: usize = 3 * 512 * 1024;
 
 /// One condition of a [`Store::txn`]: `expect` must hold for `key`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -242,8 +253,9 @@ pub struct Listing {
     pub revision: Revision,
 }
 
-/// A stream of watch events. The sender side closes when the store shuts down or the watcher
-/// falls too far behind (the watcher should then list again and re-watch).
+/// A stream of watch events. The sender side closes when the store shuts down, the watcher
+/// falls too far behind, or the store cannot continue it (etcd compacted the history it would
+/// resume from, or stayed unreachable): the watcher should then list again and re-watch.
 pub type WatchStream = mpsc::Receiver<WatchEvent>;
 
 /// Store failures.
@@ -275,6 +287,11 @@ pub enum StoreError {
         "key {key:?} is written more than once in one transaction: write each key at most once per transaction"
     )]
     TxnDuplicateKey { key: String },
+    #[error(
+        "request of {} exceeds the store's limit of {max} bytes: store less under one key or split the transaction",
+        bytes.map_or_else(|| "more bytes".to_owned(), |b| format!("{b} bytes"))
+    )]
+    RequestTooLarge { bytes: Option<usize>, max: usize },
     #[error("store is closed")]
     Closed,
 }
