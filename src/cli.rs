@@ -152,6 +152,10 @@ pub struct ServeArgs {
     /// Seconds a drone's lease lasts without a heartbeat before the drone is lost.
     #[arg(long, default_value_t = 10)]
     pub lease_ttl: u64,
+    /// Seconds the leader's lease lasts: a leader that cannot renew it for this long steps
+    /// down and another instance may lead (failover takes about this long).
+    #[arg(long, default_value_t = 10)]
+    pub leader_ttl: u64,
     /// On SIGTERM or SIGINT, promise a maintenance window this long before stopping (e.g.
     /// `10m`): no drone is declared lost before it ends, and connected drones hold their
     /// fence until then, so every session survives a restart or upgrade within it.

@@ -38,7 +38,11 @@ pub enum Drones {
     /// `hangar serve`: drones on the network, admitted with `secret` and lost after
     /// `lease_ttl` without a heartbeat. They fill in their own default (the process runtime's
     /// demo backend, or a docker image per spawn).
-    Network { secret: String, lease_ttl: Duration },
+    Network {
+        secret: String,
+        lease_ttl: Duration,
+        leader_ttl: Duration,
+    },
 }
 
 /// The validated configuration of the control plane; nothing is bound yet.
@@ -140,9 +144,14 @@ impl Config {
             Drones::Embedded { default_command } => {
                 cfg.defaults.command = Some(default_command.clone());
             }
-            Drones::Network { secret, lease_ttl } => {
+            Drones::Network {
+                secret,
+                lease_ttl,
+                leader_ttl,
+            } => {
                 cfg.drone_secret = Some(secret.clone());
                 cfg.lease_ttl = *lease_ttl;
+                cfg.leader_ttl = *leader_ttl;
             }
         }
         cfg.defaults.idle_timeout_s = Some(self.idle_timeout_s);

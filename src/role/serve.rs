@@ -43,9 +43,13 @@ impl Config {
         if args.lease_ttl == 0 {
             return Err(ConfigError("--lease-ttl must be at least 1 second".into()).into());
         }
+        if args.leader_ttl == 0 {
+            return Err(ConfigError("--leader-ttl must be at least 1 second".into()).into());
+        }
         let drones = Drones::Network {
             secret,
             lease_ttl: Duration::from_secs(args.lease_ttl),
+            leader_ttl: Duration::from_secs(args.leader_ttl),
         };
         if let Some(w) = args.maintenance_window
             && (w < Duration::from_secs(1) || w > Duration::from_secs(7 * 24 * 3600))
