@@ -120,6 +120,9 @@ pub(crate) struct Reconciler {
     pub(crate) routes: Arc<Routes>,
     /// No drone is declared lost during a maintenance window.
     pub(crate) maintenance: Arc<Maintenance>,
+    /// Nor before this (wall clock, ms): a new leader gives every drone one lease TTL from its
+    /// election to reconnect, whatever happened while nobody led.
+    pub(crate) lost_not_before: UnixMillis,
 }
 
 impl Reconciler {
@@ -144,7 +147,8 @@ impl Reconciler {
         let now = self.clock.now_ms();
         let drones = list_drones(self.store.as_ref()).await?;
         let window = self.maintenance.protects_drones().await?;
-        if !window {
+        let grace = now < self.lost_not_before;
+        if !window && !grace {
             self.sessions.forget_lost_runs(&drones);
         }
         let drains = self.drains.refresh().await?;
@@ -190,8 +194,10 @@ impl Reconciler {
                         tracing::warn!(backend = %rec.id, "stop did not complete in time; killing");
                     }
                 }
-                // A maintenance window: nothing is lost before it ends.
-                Action::Lost if window => {}
+                // A maintenance window: nothing is lost before it ends. A new term: a drone
+                // whose record is gone (its lease ran out while nobody led) gets one TTL to
+                // reconnect; a drone that came back as a new run is settled at once.
+                Action::Lost if window || (grace && drone_run_matches.is_none()) => {}
                 Action::Lost => {
                     let run = rec.drone_run_id.clone().unwrap_or_default();
                     self.backends

@@ -167,13 +167,17 @@ impl Scheduler {
         // closed what a previous run left) before any request arrives.
         let elected = h.leadership.campaign().await?;
         if let Some((_, token)) = elected
-            && let Err(e) = self.reconciler(token).pass().await
+            && let Err(e) = self.reconciler(token, h.clock.now_ms()).pass().await
         {
             tracing::warn!(error = %e, "first reconciler pass failed; it will be retried");
         }
         let this = self.clone();
         let leader_tasks: LeaderTasks = Box::new(move |term, tasks| {
-            tasks.spawn(this.reconciler(term.token).run(term.cancel.clone()));
+            let elected_at = this.handles.clock.now_ms();
+            tasks.spawn(
+                this.reconciler(term.token, elected_at)
+                    .run(term.cancel.clone()),
+            );
             let sessions = this.handles.sessions.clone();
             let fenced = this.handles.backends.fenced(term.token);
             let c = term.cancel.clone();
@@ -203,10 +207,12 @@ impl Scheduler {
         Ok(())
     }
 
-    /// The reconciler of the leader's term with fencing token `token`.
-    pub(crate) fn reconciler(&self, token: hangar_store::Revision) -> Reconciler {
+    /// The reconciler of the leader's term with fencing token `token`, which began at
+    /// `elected_at` (wall clock, ms): it declares no drone lost for one lease TTL from then.
+    pub(crate) fn reconciler(&self, token: hangar_store::Revision, elected_at: u64) -> Reconciler {
         let h = &self.handles;
         Reconciler {
+            lost_not_before: elected_at + h.config.lease_ttl.as_millis() as u64,
             store: h.store.clone(),
             clock: h.clock.clone(),
             config: h.config.clone(),

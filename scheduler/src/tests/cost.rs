@@ -202,7 +202,7 @@ async fn a_reconciler_pass_reads_no_backend_history_and_removes_only_what_is_due
     // A connect answers once the publisher has its record: the index has all three.
     assert_eq!(sched.handles().routes.live_records().len(), 3);
 
-    let reconciler = sched.reconciler(token);
+    let reconciler = sched.reconciler(token, 0);
     let (lists, gets) = (
         store.backend_lists.load(Ordering::SeqCst),
         store.backend_gets.load(Ordering::SeqCst),

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{FlakyStore, hello};
 use crate::leader::{LEADER_KEY, Leadership, Role};
-use crate::{ApiError, ManualClock, Scheduler, SchedulerConfig};
+use crate::{ApiError, Clock, ManualClock, Scheduler, SchedulerConfig};
 
 fn instance(store: Arc<dyn Store>, name: &str) -> Arc<Leadership> {
     Arc::new(Leadership::new(
@@ -203,4 +203,70 @@ async fn a_leader_that_cannot_renew_steps_down_at_its_deadline() {
     assert!(leader.token().unwrap() > first);
     cancel.cancel();
     run.await.unwrap();
+}
+
+/// A new leader gives a drone whose record vanished while nobody led one lease TTL from its
+/// election to reconnect before its backends are declared lost; after that they are.
+#[tokio::test]
+async fn a_new_term_gives_drones_one_ttl_before_declaring_them_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = EmbeddedStore::open_default(dir.path().join("s.redb"))
+        .await
+        .unwrap();
+    let clock = ManualClock::new(1_000_000);
+    let mut cfg = SchedulerConfig::new("hangar.test", "http://a:7070");
+    cfg.defaults.command = Some(vec!["true".into()]);
+    cfg.lease_ttl = Duration::from_secs(10);
+    let s = Scheduler::new(
+        cfg,
+        store.clone(),
+        TokenKey::generate(),
+        Arc::new(clock.clone()),
+    );
+    // Not started: passes are run by hand; only the route publisher runs, and this instance
+    // leads.
+    let token = s.handles().leadership.campaign().await.unwrap().unwrap().1;
+    let feed = crate::routes::RouteFeed::new(
+        store.clone(),
+        Arc::new(s.config().clone()),
+        s.handles().routes.clone(),
+    );
+    let loaded = feed.load().await.unwrap();
+    let cancel = CancellationToken::new();
+    let publisher = tokio::spawn(feed.run(loaded, cancel.clone()));
+    let admitted = s
+        .handles()
+        .sessions
+        .admit(&hello("d1", "r1"), true)
+        .await
+        .unwrap();
+    let r = s
+        .handles()
+        .connector
+        .connect(ConnectRequest {
+            key: Some(KeyRef::new("default", "doc")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // While nobody watched, the drone's lease ran out: its record is gone.
+    store.lease_revoke(admitted.lease.unwrap()).await.unwrap();
+    let elected_at = clock.now_ms();
+    let state = |s: &Scheduler| {
+        let backends = s.handles().backends.clone();
+        let id = r.backend_id.clone();
+        async move { backends.get(id.as_str()).await.unwrap().unwrap().0.state }
+    };
+    s.reconciler(token, elected_at).pass().await.unwrap();
+    assert_eq!(state(&s).await, BackendState::Scheduled, "within the grace");
+    clock.advance_ms(10_001);
+    s.reconciler(token, elected_at).pass().await.unwrap();
+    assert_eq!(
+        state(&s).await,
+        BackendState::Terminated {
+            reason: TerminationReason::Lost
+        }
+    );
+    cancel.cancel();
+    publisher.await.unwrap();
 }

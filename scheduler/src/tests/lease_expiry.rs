@@ -20,7 +20,12 @@ async fn state_of(s: &Scheduler, id: &str) -> BackendState {
 /// alone.
 #[tokio::test(start_paused = true)]
 async fn an_expired_lease_closes_the_runs_backends_as_lost() {
-    let f = Fixture::start(|cfg| cfg.lease_ttl = Duration::from_secs(10)).await;
+    // The leader's own lease outlasts the test's time jumps: one term throughout.
+    let f = Fixture::start(|cfg| {
+        cfg.lease_ttl = Duration::from_secs(10);
+        cfg.leader_ttl = Duration::from_secs(3600);
+    })
+    .await;
     let (sched, store) = (&f.sched, &f.store);
     let admitted = sched
         .handles()
