@@ -70,6 +70,9 @@ pub enum Command {
     Hot(ClientOnlyArgs),
     /// The control-plane instances, the leader and its term, and the store's health.
     Cluster(ClientOnlyArgs),
+    /// Export the store as JSON lines, or import such an export into an empty store.
+    #[command(subcommand)]
+    State(StateCommand),
     /// Run a data-plane proxy that follows a scheduler's route feed.
     Proxy(ProxyArgs),
     /// Revoke a token, or every token of a user (or of anyone) for a backend.
@@ -741,4 +744,42 @@ pub struct FenceWatchdogArgs {
     /// The Docker engine whose containers it may have to kill.
     #[arg(long)]
     pub docker_host: Option<String>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum StateCommand {
+    /// Write every record, at one revision, as JSON lines (stop the hangar using an embedded
+    /// store first).
+    Export(StateExportArgs),
+    /// Restore an export into an empty store (or over one with --force); leased records are
+    /// left out and every key's epoch starts above the highest exported.
+    Import(StateImportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StateExportArgs {
+    /// `embedded` (the file in --data-dir) or `etcd://HOST:PORT[,...][/PREFIX]`.
+    #[arg(long, default_value = "embedded")]
+    pub store: String,
+    /// The data directory of the embedded store.
+    #[arg(long, default_value = "./.hangar")]
+    pub data_dir: PathBuf,
+    /// Where to write (default: standard output).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StateImportArgs {
+    /// The export to read.
+    pub file: PathBuf,
+    /// `embedded` (the file in --data-dir) or `etcd://HOST:PORT[,...][/PREFIX]`.
+    #[arg(long, default_value = "embedded")]
+    pub store: String,
+    /// The data directory of the embedded store.
+    #[arg(long, default_value = "./.hangar")]
+    pub data_dir: PathBuf,
+    /// Write even if the target store is not empty.
+    #[arg(long)]
+    pub force: bool,
 }

@@ -1,0 +1,224 @@
+//! `hangar state export` and `hangar state import`: a snapshot of the store at one revision as
+//! JSON lines, and its restoration into an empty store (the embedded one in a data directory,
+//! or etcd), which also migrates between the two.
+//!
+//! Format: a header line `{"format": 1, "hangar": "<version>", "revision": R, "time": <ms>}`,
+//! then one line per key: `{"key": "...", "value": <the record's JSON>, "leased": bool}`
+//! (`"value_b64"` instead of `"value"` for a value that is not JSON). Leased records (the
+//! leader, drones, instances, revocations) belong to running processes and are not restored.
+//! Import raises every key's fencing epoch above the highest exported, so a restored key
+//! never hands out an epoch a backend of the old store may have had.
+
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use base64::Engine;
+use hangar_store::{StoreLocation, TxnOp, TxnOutcome};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ConfigError;
+use crate::cli::{StateExportArgs, StateImportArgs};
+
+/// The format this version writes and reads.
+const FORMAT: u64 = 1;
+/// Key records: `{backend, epoch}`.
+const KEYS_PREFIX: &str = "/hangar/keys/";
+/// Operations per import transaction (the store's limit is 128).
+const BATCH: usize = 100;
+/// Bytes of values per import transaction (etcd refuses requests over 1.5 MiB).
+const BATCH_BYTES: usize = 1024 * 1024;
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    format: u64,
+    hangar: String,
+    revision: u64,
+    time: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Line {
+    key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    value: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    value_b64: Option<String>,
+    #[serde(default)]
+    leased: bool,
+}
+
+fn location(store: &str) -> anyhow::Result<StoreLocation> {
+    store
+        .parse()
+        .map_err(|e| ConfigError(format!("--store {store:?}: {e}")).into())
+}
+
+async fn open(
+    store: &str,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<std::sync::Arc<dyn hangar_store::Store>> {
+    let location = location(store)?;
+    hangar_store::open(&location, data_dir).await.map_err(|e| {
+        ConfigError(format!(
+            "cannot open the store ({store}, data directory {}): {e} (stop the hangar using it first)",
+            data_dir.display()
+        ))
+        .into()
+    })
+}
+
+/// `hangar state export`.
+pub async fn export(args: StateExportArgs) -> anyhow::Result<ExitCode> {
+    let store = open(&args.store, &args.data_dir).await?;
+    // One listing of the whole keyspace: one revision.
+    let listing = store.list("").await.context("cannot read the store")?;
+    let mut out: Box<dyn Write> = match &args.out {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let header = Header {
+        format: FORMAT,
+        hangar: env!("CARGO_PKG_VERSION").to_string(),
+        revision: listing.revision,
+        time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64,
+    };
+    writeln!(out, "{}", serde_json::to_string(&header)?)?;
+    for kv in &listing.kvs {
+        let (value, value_b64) = match serde_json::from_slice::<Value>(&kv.value) {
+            Ok(v) => (Some(v), None),
+            Err(_) => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(&kv.value)),
+            ),
+        };
+        let line = Line {
+            key: kv.key.clone(),
+            value,
+            value_b64,
+            leased: kv.lease.is_some(),
+        };
+        writeln!(out, "{}", serde_json::to_string(&line)?)?;
+    }
+    out.flush()?;
+    eprintln!(
+        "hangar state export: {} keys at revision {}",
+        listing.kvs.len(),
+        listing.revision
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `hangar state import`.
+pub async fn import(args: StateImportArgs) -> anyhow::Result<ExitCode> {
+    let file = std::fs::File::open(&args.file)
+        .map_err(|e| ConfigError(format!("cannot read {}: {e}", args.file.display())))?;
+    let mut lines = std::io::BufReader::new(file).lines();
+    let header: Header = match lines.next() {
+        Some(l) => serde_json::from_str(&l?).map_err(|e| {
+            ConfigError(format!(
+                "{} does not start with a hangar state header: {e}",
+                args.file.display()
+            ))
+        })?,
+        None => return Err(ConfigError(format!("{} is empty", args.file.display())).into()),
+    };
+    if header.format != FORMAT {
+        return Err(ConfigError(format!(
+            "{} is format {}, this hangar reads format {FORMAT}",
+            args.file.display(),
+            header.format
+        ))
+        .into());
+    }
+    let mut records: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut skipped_leased = 0;
+    for (n, l) in lines.enumerate() {
+        let l = l?;
+        let line: Line = serde_json::from_str(&l)
+            .map_err(|e| ConfigError(format!("{} line {}: {e}", args.file.display(), n + 2)))?;
+        if line.leased {
+            skipped_leased += 1;
+            continue;
+        }
+        let value = match (line.value, line.value_b64) {
+            (Some(v), _) => serde_json::to_vec(&v)?,
+            (None, Some(b)) => base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .map_err(|e| ConfigError(format!("{}: {e}", line.key)))?,
+            (None, None) => {
+                return Err(ConfigError(format!("{}: no value", line.key)).into());
+            }
+        };
+        records.push((line.key, value));
+    }
+    // Every key's epoch above the highest exported.
+    let highest = records
+        .iter()
+        .filter(|(k, _)| k.starts_with(KEYS_PREFIX))
+        .filter_map(|(_, v)| serde_json::from_slice::<Value>(v).ok())
+        .filter_map(|v| v["epoch"].as_u64())
+        .max()
+        .unwrap_or(0);
+    for (k, v) in records.iter_mut() {
+        if k.starts_with(KEYS_PREFIX)
+            && let Ok(mut rec) = serde_json::from_slice::<Value>(v)
+            && rec["epoch"].is_u64()
+        {
+            rec["epoch"] = Value::from(highest + 1);
+            *v = serde_json::to_vec(&rec)?;
+        }
+    }
+
+    let store = open(&args.store, &args.data_dir).await?;
+    let existing = store
+        .list("")
+        .await
+        .context("cannot read the target store")?;
+    let unleased = existing.kvs.iter().filter(|kv| kv.lease.is_none()).count();
+    if unleased > 0 && !args.force {
+        return Err(ConfigError(format!(
+            "the target store is not empty ({unleased} keys): import into an empty store, or pass --force to write over what is there"
+        ))
+        .into());
+    }
+    let mut written = 0;
+    let mut batch: Vec<TxnOp> = Vec::new();
+    let mut bytes = 0;
+    for (key, value) in records {
+        if batch.len() == BATCH || bytes + value.len() > BATCH_BYTES {
+            written += commit(&*store, std::mem::take(&mut batch)).await?;
+            bytes = 0;
+        }
+        bytes += value.len() + key.len();
+        batch.push(TxnOp::put(key, value, None));
+    }
+    written += commit(&*store, batch).await?;
+    eprintln!(
+        "hangar state import: {written} keys from revision {} of hangar {} ({skipped_leased} leased records left out; key epochs now start above {highest})",
+        header.revision, header.hangar
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn commit(store: &dyn hangar_store::Store, ops: Vec<TxnOp>) -> anyhow::Result<usize> {
+    let n = ops.len();
+    if n == 0 {
+        return Ok(0);
+    }
+    match store
+        .txn(Vec::new(), ops)
+        .await
+        .context("cannot write to the store")?
+    {
+        TxnOutcome::Committed(_) => Ok(n),
+        TxnOutcome::Failed { .. } => anyhow::bail!("the store refused the import"),
+    }
+}
