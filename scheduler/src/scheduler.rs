@@ -283,6 +283,33 @@ impl Scheduler {
     pub fn report_activity(&self, batch: &ActivityBatch) {
         self.handles.activity.record(batch);
         self.handles.hot.observe_activity(batch);
+        // The leader decides idle timeouts: a follower's proxy traffic must reach it too.
+        if let crate::leader::Role::Follower {
+            leader: Some(leader),
+        } = self.handles.leadership.role()
+            && let Some(secret) = self.handles.config.drone_secret.clone()
+            && !batch.reports.is_empty()
+        {
+            let body = serde_json::to_vec(batch).unwrap_or_default();
+            let client = self.handles.forwarder.clone();
+            let url = format!("{}/v1/activity", leader.api_url.trim_end_matches('/'));
+            self.handles.tasks.spawn(async move {
+                let Ok(req) = http::Request::post(url)
+                    .header(http::header::AUTHORIZATION, format!("Bearer {secret}"))
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                else {
+                    return;
+                };
+                match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
+                    Ok(Ok(r)) if r.status().is_success() => {}
+                    Ok(Ok(r)) => {
+                        tracing::warn!(status = %r.status(), "the leader refused forwarded activity")
+                    }
+                    _ => tracing::debug!("cannot forward activity to the leader"),
+                }
+            });
+        }
     }
 
     /// Records resource use reported by an in-process drone (network drones report over

@@ -30,6 +30,7 @@ async fn instance(store: Arc<dyn Store>, id: &str) -> Instance {
     let mut cfg = SchedulerConfig::new("hangar.test", format!("http://{api}"));
     cfg.defaults.command = Some(vec!["true".into()]);
     cfg.instance_id = id.into();
+    cfg.drone_secret = Some("cluster-secret".into());
     let sched = Scheduler::new(
         cfg,
         store,
@@ -119,4 +120,45 @@ async fn a_write_sent_to_a_follower_is_served_by_the_leader() {
     b.cancel.cancel();
     b.sched.wait().await;
     let _ = b.server.await;
+}
+
+/// A follower's colocated proxy reports activity to its own instance; it reaches the leader
+/// too, which decides idle timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followers_proxy_activity_reaches_the_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = EmbeddedStore::open_default(dir.path().join("s.redb"))
+        .await
+        .unwrap();
+    let a = instance(store.clone(), "a").await;
+    let b = instance(store.clone(), "b").await;
+    let id = hangar_core::BackendId::parse("bactive").unwrap();
+    b.sched
+        .report_activity(&hangar_core::activity::ActivityBatch {
+            proxy: "b-proxy".into(),
+            reports: vec![hangar_core::activity::ActivityReport {
+                backend: id.clone(),
+                last_active: 12_345,
+                open: 1,
+                requests: 3,
+            }],
+        });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while a.sched.handles().activity.get(id.as_str()).is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reached the leader"
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        a.sched.handles().activity.get(id.as_str()),
+        Some((12_345, 1))
+    );
+    for i in [a, b] {
+        i.cancel.cancel();
+        i.sched.wait().await;
+        let _ = i.server.await;
+    }
 }
