@@ -32,6 +32,10 @@ pub enum ProxyError {
     Upstream { backend: String, detail: String },
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// A request the proxy understands but will not forward (a transfer coding other than
+    /// chunked).
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
     #[error(
         "request head larger than {0} bytes or with too many header fields: send fewer or smaller headers"
     )]
@@ -64,6 +68,7 @@ impl ProxyError {
             }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::HeadTimeout(_) | ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
@@ -86,6 +91,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::Upstream { .. } => "upstream_error",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::NotImplemented(_) => "not_implemented",
             ProxyError::HeadTooLarge(_) => "request_head_too_large",
             ProxyError::HeadTimeout(_) => "request_head_timeout",
             ProxyError::BodyTimeout(_) => "request_body_timeout",
@@ -99,6 +105,7 @@ impl ProxyError {
             | ProxyError::Token(_)
             | ProxyError::Gone(_)
             | ProxyError::BadRequest(_)
+            | ProxyError::NotImplemented(_)
             | ProxyError::HeadTooLarge(_)
             | ProxyError::HeadTimeout(_)
             | ProxyError::BodyTimeout(_) => Blame::Downstream,

@@ -395,6 +395,7 @@ fn parse_request(
 
     let mut length: Option<u64> = None;
     let mut chunked = None;
+    let mut hosts = 0;
     let mut close = false;
     let mut keep_alive = false;
     let mut expect_continue = false;
@@ -406,7 +407,17 @@ fn parse_request(
                     ProxyError::BadRequest("invalid or conflicting content-length")
                 })?);
             }
-            b"transfer-encoding" => chunked = Some(h1::ends_chunked(value)),
+            b"transfer-encoding" => {
+                // Exactly `chunked`: another coding would be dropped on the way to the
+                // backend (nginx answers 501 too).
+                if !value.trim_ascii().eq_ignore_ascii_case(b"chunked") || chunked.is_some() {
+                    return Err(ProxyError::NotImplemented(
+                        "only transfer-encoding: chunked is supported in a request",
+                    ));
+                }
+                chunked = Some(true);
+            }
+            b"host" => hosts += 1,
             b"connection" => {
                 let o = h1::ConnectionOptions::parse([value]);
                 close |= o.close;
@@ -415,6 +426,11 @@ fn parse_request(
             b"expect" => expect_continue = value.eq_ignore_ascii_case(b"100-continue"),
             _ => {}
         }
+    }
+    if version == Version::HTTP_11 && hosts != 1 {
+        return Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request must carry exactly one host field",
+        ));
     }
     let body = match (chunked, length) {
         (Some(_), _) if version == Version::HTTP_10 => {

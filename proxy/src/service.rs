@@ -504,8 +504,14 @@ fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u8> {
                 forwarded_for = true;
                 continue;
             }
-            b"content-length" | b"expect" => continue,
+            // Ours replace whatever the client claimed (a backend reading the first value
+            // would otherwise believe the client).
+            b"content-length" | b"expect" | b"x-forwarded-proto" | b"x-forwarded-host"
+            | b"forwarded" => continue,
             b"authorization" if f.token == Some(TokenSource::Bearer) => continue,
+            // CGI, WSGI, Rack and PHP file `x-hangar_user` as `x-hangar-user`: names with
+            // underscores are dropped, as nginx does by default.
+            n if n.contains(&b'_') => continue,
             b"upgrade" => {
                 if f.upgrade {
                     h1::write_header(&mut out, name, value);
@@ -630,6 +636,44 @@ mod tests {
         }
         // The pool adds the framing and the blank line.
         assert!(head.ends_with("\r\n") && !head.ends_with("\r\n\r\n"));
+    }
+
+    /// Client-sent `X-Forwarded-Proto`, `X-Forwarded-Host` and `Forwarded` used to reach the
+    /// backend ahead of Hangar's own values, and header names with underscores (which CGI-style
+    /// servers read as dashes: `x-hangar_user` as `x-hangar-user`) were forwarded.
+    #[test]
+    fn forged_forwarding_fields_and_underscored_names_never_reach_the_backend() {
+        let req = Request::get("/")
+            .header("host", "b1.hangar.test")
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "evil.example")
+            .header("forwarded", "for=1.2.3.4;proto=https")
+            .header("x-hangar_user", "mallory")
+            .header("x_other", "x")
+            .header("x-kept", "y")
+            .body(())
+            .unwrap();
+        let client = ClientInfo::new("10.1.2.3:4567".parse().unwrap(), false);
+        let backend = BackendId::parse("b1").unwrap();
+        let (parts, ()) = req.into_parts();
+        let f = Forwarding {
+            backend: &backend,
+            user: "",
+            token: None,
+            client: &client,
+            upgrade: false,
+        };
+        let head = String::from_utf8(upstream_head(&parts, &f)).unwrap();
+        for gone in ["evil.example", "forwarded: for", "mallory", "x_other"] {
+            assert!(!head.contains(gone), "{gone} was forwarded: {head}");
+        }
+        assert_eq!(head.matches("x-forwarded-proto").count(), 1, "{head}");
+        assert!(head.contains("x-forwarded-proto: http\r\n"), "{head}");
+        assert!(
+            head.contains("x-forwarded-host: b1.hangar.test\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("x-kept: y\r\n"), "{head}");
     }
 
     #[test]
