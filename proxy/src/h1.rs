@@ -253,7 +253,12 @@ pub(crate) fn parse_response_head(
         let _ = write!(fields, "content-length: {n}\r\n");
     }
     let minor = resp.version.unwrap_or(1);
+    // A response framed both ways, or an HTTP/1.0 one with a transfer coding, leaves what
+    // follows on the connection in doubt (RFC 9112 §6.1, §6.3): never reuse it, or another
+    // client's request could get the leftover bytes as its answer.
+    let doubtful = (chunked.is_some() && length.is_some()) || (chunked.is_some() && minor == 0);
     let keep_alive = framing != ResponseFraming::Close
+        && !doubtful
         && !connection.close
         && (minor >= 1 || connection.keep_alive);
     Ok(Some((
@@ -685,6 +690,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A malformed response used to leave its connection in the pool: both framings, or an
+    /// HTTP/1.0 response with a transfer coding.
+    #[test]
+    fn a_response_framed_in_doubt_closes_its_connection() {
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"[..],
+            b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n",
+        ] {
+            let (head, _) = parse_response_head(raw, &Method::GET).unwrap().unwrap();
+            assert!(!head.keep_alive, "{}", String::from_utf8_lossy(raw));
+        }
+        let (head, _) = parse_response_head(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(head.keep_alive, "a well-framed response keeps it");
     }
 
     #[test]
