@@ -27,6 +27,13 @@ pub struct Claims {
 
 /// The backend a token's payload names, without verifying anything: only for choosing which
 /// backend to verify it against.
+/// Whether `value` looks like a Hangar token (whoever's, valid or not): what a proxy must never
+/// let reach a backend.
+pub fn looks_like_token(value: &str) -> bool {
+    let v = value.trim().trim_matches('"');
+    v.len() > PREFIX.len() && v[..PREFIX.len()].eq_ignore_ascii_case(PREFIX)
+}
+
 pub fn peek_backend(token: &str) -> Option<String> {
     let (payload, _) = token.strip_prefix(PREFIX)?.split_once('.')?;
     let bytes = B64.decode(payload).ok()?;

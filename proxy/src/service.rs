@@ -13,7 +13,7 @@ use bytes::Bytes;
 use hangar_core::BackendId;
 use hangar_core::route::{
     self, RequestNames, Route, RouteState, RouteTable, TOKEN_COOKIE, TOKEN_QUERY, cookie_value,
-    strip_cookie, strip_query_param,
+    strip_cookie,
 };
 use hangar_core::token::TokenError;
 use http::{Request, Response, StatusCode};
@@ -329,11 +329,11 @@ where
         }
         other => other?,
     };
-    let (user, token_source, query_token) = if route.public {
-        (None, None, None)
+    let (user, query_token) = if route.public {
+        (None, None)
     } else {
-        let (user, source, query_token) = check_token(shared, req, &route.backend)?;
-        (Some(user), Some(source), query_token)
+        let (user, _source, query_token) = check_token(shared, req, &route.backend)?;
+        (Some(user), query_token)
     };
     let address = match (route.state, route.address) {
         (RouteState::Ready, Some(addr)) => addr,
@@ -349,7 +349,6 @@ where
         &Forwarding {
             backend: &route.backend,
             user: user.as_deref().unwrap_or(""),
-            token: token_source,
             client,
             upgrade,
         },
@@ -468,8 +467,6 @@ struct Forwarding<'a> {
     backend: &'a BackendId,
     /// The token's user (empty for public backends).
     user: &'a str,
-    /// Where the Hangar token came from: it is removed from there.
-    token: Option<TokenSource>,
     client: &'a ClientInfo,
     upgrade: bool,
 }
@@ -479,16 +476,69 @@ struct Forwarding<'a> {
 /// parameter) and its end-to-end headers, minus hop-by-hop fields (RFC 9110 §7.6.1), inbound
 /// `x-hangar-*` headers and the Hangar token; plus `x-hangar-backend-id`, `x-hangar-user` and
 /// the `x-forwarded-*` headers. The body framing header is added by the pool.
+/// Whether an `Authorization` value is a bearer credential in Hangar's token format.
+fn carries_token(value: &[u8]) -> bool {
+    let Ok(v) = std::str::from_utf8(value) else {
+        return false;
+    };
+    let v = v.trim_start();
+    let Some((scheme, credential)) = v.split_once(|c: char| c.is_ascii_whitespace()) else {
+        return false;
+    };
+    scheme.eq_ignore_ascii_case("bearer") && hangar_core::token::looks_like_token(credential)
+}
+
+/// Whether a query parameter name, percent-decoded, is the token parameter.
+fn is_token_param(name: &str) -> bool {
+    if !name.contains('%') {
+        return name.eq_ignore_ascii_case(TOKEN_QUERY);
+    }
+    let bytes = name.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        if bytes[i] == b'%'
+            && let Some(b) = hex
+        {
+            decoded.push(b);
+            i += 3;
+        } else {
+            decoded.push(bytes[i]);
+            i += 1;
+        }
+    }
+    decoded.eq_ignore_ascii_case(TOKEN_QUERY.as_bytes())
+}
+
+/// The query without token parameters: `None` when there is none to remove, `Some(None)`
+/// when nothing else remains.
+fn strip_token_params(query: &str) -> Option<Option<String>> {
+    let name_of = |pair: &str| pair.split_once('=').map_or(pair, |(k, _)| k).to_string();
+    if !query.split('&').any(|p| is_token_param(&name_of(p))) {
+        return None;
+    }
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && !is_token_param(&name_of(p)))
+        .collect();
+    Some((!kept.is_empty()).then(|| kept.join("&")))
+}
+
 fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
-    match (req.query(), f.token) {
-        (Some(q), Some(TokenSource::Query)) => match strip_query_param(q, TOKEN_QUERY) {
-            Some(q) => {
-                h1::write_request_line(&mut out, req.method(), &format!("{}?{q}", req.path()))
-            }
-            None => h1::write_request_line(&mut out, req.method(), req.path()),
-        },
-        _ => h1::write_request_line(&mut out, req.method(), req.target()),
+    // No backend ever sees a Hangar token, whoever's and wherever it is: the query parameter
+    // (under any spelling of its name), every token cookie, any bearer credential in the
+    // token format (whatever case, in any `Authorization` field).
+    match req.query().and_then(strip_token_params) {
+        Some(Some(q)) => {
+            h1::write_request_line(&mut out, req.method(), &format!("{}?{q}", req.path()))
+        }
+        Some(None) => h1::write_request_line(&mut out, req.method(), req.path()),
+        None => h1::write_request_line(&mut out, req.method(), req.target()),
     }
 
     let connection = h1::ConnectionOptions::parse(req.get_all("connection"));
@@ -508,7 +558,7 @@ fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u8> {
             // would otherwise believe the client).
             b"content-length" | b"expect" | b"x-forwarded-proto" | b"x-forwarded-host"
             | b"forwarded" => continue,
-            b"authorization" if f.token == Some(TokenSource::Bearer) => continue,
+            b"authorization" if carries_token(value) => continue,
             // CGI, WSGI, Rack and PHP file `x-hangar_user` as `x-hangar-user`: names with
             // underscores are dropped, as nginx does by default.
             n if n.contains(&b'_') => continue,
@@ -525,7 +575,6 @@ fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u8> {
             continue;
         }
         if name == b"cookie"
-            && f.token == Some(TokenSource::Cookie)
             && let Ok(v) = std::str::from_utf8(value)
             && cookie_value(v, TOKEN_COOKIE).is_some()
         {
@@ -574,14 +623,18 @@ fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn head_for(req: Request<()>, token: Option<TokenSource>, user: &str, upgrade: bool) -> String {
+    fn head_for(
+        req: Request<()>,
+        _token: Option<TokenSource>,
+        user: &str,
+        upgrade: bool,
+    ) -> String {
         let (parts, ()) = req.into_parts();
         let backend = BackendId::parse("b1").unwrap();
         let client = ClientInfo::new("10.1.2.3:4567".parse().unwrap(), true);
         let f = Forwarding {
             backend: &backend,
             user,
-            token,
             client: &client,
             upgrade,
         };
@@ -659,7 +712,6 @@ mod tests {
         let f = Forwarding {
             backend: &backend,
             user: "",
-            token: None,
             client: &client,
             upgrade: false,
         };
@@ -674,6 +726,48 @@ mod tests {
             "{head}"
         );
         assert!(head.contains("x-kept: y\r\n"), "{head}");
+    }
+
+    /// A token present in a second place, in a form the proxy did not read it from (lower-case
+    /// `bearer`, a percent-encoded parameter name, a second `Authorization`), or sent to a
+    /// public backend used to be forwarded: with header or cookie routing on a shared host,
+    /// backend A received backend B's token. No backend sees any Hangar token now.
+    #[test]
+    fn no_hangar_token_reaches_a_backend_wherever_it_is() {
+        let req = Request::get("/p?hangar%5Ftoken=v1.q1&HANGAR_TOKEN=v1.q2&keep=1")
+            .header("host", "b1.hangar.test")
+            .header("authorization", "bearer v1.lower")
+            .header("authorization", "Bearer   v1.second")
+            .header("authorization", "Basic dXNlcjpwdw==")
+            .header("cookie", "hangar-token=v1.cookie; theme=dark")
+            .body(())
+            .unwrap();
+        // As if read from the query (or for a public backend: no token read at all).
+        for source in [Some(TokenSource::Query), None] {
+            let head = head_for(req_clone(&req), source, "", false);
+            assert!(!head.contains("v1."), "a token reached the backend: {head}");
+            assert!(head.starts_with("GET /p?keep=1 HTTP/1.1\r\n"), "{head}");
+            assert!(
+                head.contains("authorization: Basic dXNlcjpwdw==\r\n"),
+                "{head}"
+            );
+            assert!(head.contains("cookie: theme=dark\r\n"), "{head}");
+        }
+        let only = Request::get("/?hangar_token=v1.x")
+            .header("host", "h")
+            .body(())
+            .unwrap();
+        assert!(head_for(only, None, "", false).starts_with("GET / HTTP/1.1\r\n"));
+    }
+
+    fn req_clone(req: &Request<()>) -> Request<()> {
+        let mut r = Request::builder()
+            .method(req.method())
+            .uri(req.uri().clone());
+        for (k, v) in req.headers() {
+            r = r.header(k, v);
+        }
+        r.body(()).unwrap()
     }
 
     #[test]
