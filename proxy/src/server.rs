@@ -374,6 +374,20 @@ fn parse_request(
     };
     let method = Method::from_bytes(method.as_bytes())
         .map_err(|_| ProxyError::BadRequest("invalid request method"))?;
+    // Origin-form (`/path`) or absolute-form (`http://host/path`) only: an authority-form or
+    // bare target (`CONNECT host:80`, `abc`) used to be rewritten to `/`.
+    let origin_form = target.starts_with('/');
+    let absolute_form = target.len() > 7
+        && (target[..7].eq_ignore_ascii_case("http://")
+            || target
+                .get(..8)
+                .is_some_and(|t| t.eq_ignore_ascii_case("https://")));
+    let asterisk = target == "*" && method == Method::OPTIONS;
+    if method == Method::CONNECT || !(origin_form || absolute_form || asterisk) {
+        return Err(ProxyError::BadRequest(
+            "the request target must be a path (/...) or an absolute http(s) URL; CONNECT is not served",
+        ));
+    }
     let version = if minor == 0 {
         Version::HTTP_10
     } else {

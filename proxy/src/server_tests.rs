@@ -119,7 +119,12 @@ fn broken_or_oversized_heads_are_refused_with_the_right_status() {
         );
     }
     for bad in [
-        &b"GET / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n"[..],
+        // Targets that are not a path or an absolute URL (they used to be rewritten to `/`).
+        &b"GET abc HTTP/1.1\r\n\r\n"[..],
+        b"GET evil.example:80 HTTP/1.1\r\n\r\n",
+        b"CONNECT host:80 HTTP/1.1\r\n\r\n",
+        b"GET * HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n",
         b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
         b"GET / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
         b"GET / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
