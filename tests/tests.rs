@@ -5,6 +5,7 @@ mod support;
 
 mod dev;
 mod drones;
+mod ha;
 mod partition;
 mod remote;
 

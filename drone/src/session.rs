@@ -2,6 +2,11 @@
 //! `Hello` with what it runs, renews its lease with heartbeats, forwards commands to the
 //! [`Agent`] and its events back, and reconnects with backoff, resending unacknowledged events.
 //!
+//! With several scheduler instances (`--scheduler a,b,c`) the drone tries them in turn; any
+//! instance keeps its lease, but only the leader places backends, on the drones whose sessions
+//! it holds. An instance that does not lead names the leader (`ToDrone::Leader`): if that is
+//! one of the drone's URLs, the drone opens a session there and only then closes the old one.
+//!
 //! Self-fencing ([`crate::fence`]): if the drone cannot renew its lease within three quarters
 //! of the lease TTL (measured on its own monotonic clock from the send time of the last
 //! heartbeat the scheduler acknowledged), it kills its own backends before the scheduler may
@@ -53,6 +58,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// A connection attempt (TCP, upgrade, hello, welcome) longer than this is abandoned.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long closing a session the drone leaves (for the leader's) may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The lease TTL assumed before the scheduler has said (for fencing before the first welcome).
 const DEFAULT_TTL: Duration = Duration::from_secs(10);
 /// How long a runtime health check may take before the runtime counts as unhealthy.
@@ -144,16 +151,10 @@ impl DroneSession {
             .map(str::trim)
             .filter(|u| !u.is_empty())
             .map(|u| {
-                let base = u.trim_end_matches('/');
-                let rest = base
-                    .strip_prefix("http://")
-                    .map(|r| format!("ws://{r}"))
-                    .or_else(|| base.strip_prefix("https://").map(|r| format!("wss://{r}")))
-                    .ok_or_else(|| DroneSessionError::BadUrl {
-                        url: base.to_string(),
-                        detail: "it must start with http:// or https://".into(),
-                    })?;
-                Ok(format!("{rest}/v1/drones/connect"))
+                session_url(u).ok_or_else(|| DroneSessionError::BadUrl {
+                    url: u.trim_end_matches('/').to_string(),
+                    detail: "it must start with http:// or https://".into(),
+                })
             })
             .collect::<Result<Vec<_>, _>>()
             .and_then(|v| {
@@ -255,12 +256,14 @@ impl DroneSession {
         // Send times of heartbeats not yet acknowledged; the lease was renewed no earlier than
         // the send time of the one acknowledged last.
         let mut in_flight: VecDeque<Instant> = VecDeque::new();
+        // A leader URL named by the scheduler that is not among ours (warned about once).
+        let mut unlisted_leader: Option<String> = None;
         let result = loop {
             if ws.is_none() && Instant::now() >= next_attempt {
                 // The hello is sent after this: its admission granted a lease no earlier.
                 let attempt_at = Instant::now();
                 let url = &urls[at % urls.len()];
-                match self.connect(url, &inventory).await {
+                match self.connect(url, &inventory, CONNECT_TIMEOUT).await {
                     Ok((mut socket, lease_ttl, hb)) => {
                         metrics::counter!(SESSION_CONNECTS_TOTAL).increment(1);
                         ttl = lease_ttl;
@@ -270,19 +273,7 @@ impl DroneSession {
                         in_flight.clear();
                         heartbeat_due = Instant::now() + heartbeat_every;
                         tracing::info!(scheduler = %url, run_id = %self.run_id, resend = unacked.len(), "connected to the scheduler");
-                        let mut ok = true;
-                        for (s, (backend, event)) in &unacked {
-                            let m = FromDrone::Event {
-                                seq: *s,
-                                backend: backend.clone(),
-                                event: event.clone(),
-                            };
-                            if send(&mut socket, &m).await.is_err() {
-                                ok = false;
-                                break;
-                            }
-                        }
-                        if ok {
+                        if resend(&mut socket, &unacked).await {
                             ws = Some(socket);
                         }
                     }
@@ -371,6 +362,44 @@ impl DroneSession {
                         Some(ToDrone::Hold { for_ms }) => {
                             fence.hold(Instant::now() + Duration::from_millis(for_ms));
                         }
+                        Some(ToDrone::Leader { api_url }) => {
+                            // Only the leader places backends, on the drones connected to it:
+                            // move there if it is one of ours. The new session is opened
+                            // before this one is closed, within a quarter of the lease TTL
+                            // (the fence keeps running meanwhile); if the leader does not
+                            // answer, this session stays.
+                            let listed = session_url(&api_url)
+                                .and_then(|u| urls.iter().position(|mine| *mine == u));
+                            if listed.is_none() && unlisted_leader.as_deref() != Some(api_url.as_str()) {
+                                tracing::warn!(leader = %api_url, "the leading scheduler instance is not among --scheduler: no backend is placed on this drone until it is listed");
+                                unlisted_leader = Some(api_url);
+                            }
+                            if let Some(j) = listed.filter(|j| *j != at % urls.len()) {
+                                let attempt_at = Instant::now();
+                                let limit = (ttl / 4).min(CONNECT_TIMEOUT);
+                                match self.connect(&urls[j], &inventory, limit).await {
+                                    Ok((mut socket, lease_ttl, hb)) => {
+                                        if resend(&mut socket, &unacked).await {
+                                            metrics::counter!(SESSION_CONNECTS_TOTAL).increment(1);
+                                            if let Some(mut old) = ws.replace(socket) {
+                                                let _ = tokio::time::timeout(CLOSE_TIMEOUT, old.close(None)).await;
+                                            }
+                                            at = j;
+                                            ttl = lease_ttl;
+                                            heartbeat_every = hb;
+                                            backoff = BACKOFF_MIN;
+                                            fence.renewed(attempt_at, ttl);
+                                            in_flight.clear();
+                                            heartbeat_due = Instant::now() + heartbeat_every;
+                                            tracing::info!(scheduler = %urls[j], run_id = %self.run_id, "moved to the leading scheduler instance");
+                                        }
+                                    }
+                                    Err(Attempt::Retry(why) | Attempt::Fatal(why)) => {
+                                        tracing::warn!(leader = %urls[j], error = %why, "cannot reach the leading scheduler instance; staying with this one");
+                                    }
+                                }
+                            }
+                        }
                         None => {
                             tracing::warn!("lost the scheduler session; reconnecting");
                             ws = None;
@@ -398,11 +427,12 @@ impl DroneSession {
         result
     }
 
-    /// One connection attempt: upgrade, hello, welcome.
+    /// One connection attempt (upgrade, hello, welcome), abandoned after `limit`.
     async fn connect(
         &self,
         url: &str,
         inventory: &BTreeMap<BackendId, SocketAddr>,
+        limit: Duration,
     ) -> Result<(Ws, Duration, Duration), Attempt> {
         let mut req = url
             .into_client_request()
@@ -483,13 +513,37 @@ impl DroneSession {
                 }
             }
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+        match tokio::time::timeout(limit, attempt).await {
             Ok(r) => r,
-            Err(_) => Err(Attempt::Retry(format!(
-                "no answer within {CONNECT_TIMEOUT:?}"
-            ))),
+            Err(_) => Err(Attempt::Retry(format!("no answer within {limit:?}"))),
         }
     }
+}
+
+/// The session endpoint (`ws[s]://host:port/v1/drones/connect`) of a scheduler's API URL
+/// (`http[s]://host:port`, a trailing `/` ignored); `None` for another scheme.
+fn session_url(api_url: &str) -> Option<String> {
+    let base = api_url.trim().trim_end_matches('/');
+    let rest = base
+        .strip_prefix("http://")
+        .map(|r| format!("ws://{r}"))
+        .or_else(|| base.strip_prefix("https://").map(|r| format!("wss://{r}")))?;
+    Some(format!("{rest}/v1/drones/connect"))
+}
+
+/// Sends the events not acknowledged yet on a new session; false if the socket failed.
+async fn resend(socket: &mut Ws, unacked: &BTreeMap<u64, (BackendId, BackendEvent)>) -> bool {
+    for (seq, (backend, event)) in unacked {
+        let m = FromDrone::Event {
+            seq: *seq,
+            backend: backend.clone(),
+            event: event.clone(),
+        };
+        if send(socket, &m).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 /// What a close before `Welcome` means: only a refusal is final; anything else (the
@@ -560,6 +614,19 @@ mod tests {
         );
         let bad = DroneSession::new(config("http://a:1,ftp://b"), runtime, "r".into());
         assert!(bad.ws_urls().is_err());
+    }
+
+    #[test]
+    fn a_leader_url_maps_to_its_session_endpoint() {
+        assert_eq!(
+            session_url("http://127.0.0.1:7070/").as_deref(),
+            Some("ws://127.0.0.1:7070/v1/drones/connect")
+        );
+        assert_eq!(
+            session_url(" https://a:1").as_deref(),
+            Some("wss://a:1/v1/drones/connect")
+        );
+        assert_eq!(session_url("ftp://a"), None);
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! the lease; commands carry ids and are acknowledged; events carry sequence numbers and are
 //! acknowledged after they are applied. Delivery is at-least-once and handling idempotent;
 //! whatever a broken session lost is re-sent level-triggered when the drone is admitted again
-//! (spawns of still-scheduled backends, stops of still-terminating ones).
+//! (spawns of still-scheduled backends, stops of still-terminating ones). An instance that does
+//! not lead tells its drones where the leader is (`ToDrone::Leader`), so that they move their
+//! sessions there: placement only sees the drones connected to the leader.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -29,6 +31,7 @@ use crate::config::SchedulerConfig;
 use crate::drones::{DroneConn, DroneRegistry, DroneStatus};
 use crate::error::ApiError;
 use crate::hot_state::HotShards;
+use crate::leader::{Leadership, Role};
 use crate::lifecycle::Backends;
 use crate::maintenance::Maintenance;
 use crate::records::{DroneRecord, drone_key};
@@ -487,8 +490,10 @@ fn encode(m: &ToDrone) -> Message {
 
 impl DroneSessions {
     /// Serves one network drone session until the socket closes, the lease is lost or the
-    /// scheduler shuts down.
-    pub async fn serve(&self, mut socket: WebSocket) {
+    /// scheduler shuts down. While this instance does not lead, the drone is told where the
+    /// leader is (`ToDrone::Leader`): only the leader places backends, on the drones whose
+    /// sessions it holds.
+    pub async fn serve(&self, mut socket: WebSocket, leadership: Arc<Leadership>) {
         let inner = self;
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, socket.recv()).await {
             Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<FromDrone>(&t) {
@@ -536,6 +541,19 @@ impl DroneSessions {
             return;
         }
         let mut holds = inner.maintenance.subscribe();
+        // The leader's URL while another instance leads: sent after the welcome (the first
+        // tick is immediate), when the leader changes, and again every lease TTL (a drone that
+        // could not reach the leader tries again; one that moved is gone from here).
+        let mut roles = leadership.subscribe();
+        let leader_url = |role: &Role| match role {
+            Role::Follower {
+                leader: Some(leader),
+            } if leader.instance != leadership.instance() => Some(leader.api_url.clone()),
+            _ => None,
+        };
+        let mut hint_every = tokio::time::interval(ttl);
+        hint_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut hinted: Option<String> = None;
         let mut next_id: u64 = 0;
         let mut unacked: BTreeMap<u64, SchedulerMessage> = BTreeMap::new();
         let reason = loop {
@@ -547,6 +565,25 @@ impl DroneSessions {
                         let sent = socket.send(encode(&m)).await.is_ok();
                         inner.maintenance.delivered();
                         if !sent {
+                            break "send failed";
+                        }
+                    }
+                }
+                _ = hint_every.tick() => {
+                    hinted = leader_url(&roles.borrow_and_update());
+                    if let Some(api_url) = hinted.clone()
+                        && socket.send(encode(&ToDrone::Leader { api_url })).await.is_err()
+                    {
+                        break "send failed";
+                    }
+                }
+                Ok(()) = roles.changed() => {
+                    let now = leader_url(&roles.borrow_and_update());
+                    if now != hinted {
+                        hinted = now;
+                        if let Some(api_url) = hinted.clone()
+                            && socket.send(encode(&ToDrone::Leader { api_url })).await.is_err()
+                        {
                             break "send failed";
                         }
                     }

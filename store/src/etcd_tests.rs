@@ -2,313 +2,29 @@
 //! single-member etcd per test, plus what only etcd shows (compaction, reopening, prefixes,
 //! request limits, a member dying in a three-member cluster).
 //!
-//! The harness starts `etcd` (Debian's `etcd-server`) as a child process on free loopback
-//! ports with a temporary data directory, waits until it answers, and SIGKILLs it on drop (a
-//! lone leader takes about 8 s to stop on SIGTERM). Without etcd installed these tests fail:
-//! install it with `apt-get install etcd-server` (scripts/test.sh does).
+//! The harness ([`crate::testing`], shared with other crates' tests behind the `conformance`
+//! feature) starts `etcd` (Debian's `etcd-server`) as child processes on free loopback ports
+//! with temporary data directories, waits until they answer, and SIGKILLs them on drop.
+//! Without etcd installed these tests fail: install it with `apt-get install etcd-server`
+//! (scripts/test.sh does).
 
-use std::fs::File;
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tempfile::TempDir;
 use tokio::time::Instant;
 
 use super::{EtcdOptions, EtcdStore, RetryPolicy};
 use crate::conformance::{assert_no_event, next_event};
+use crate::testing::{EtcdCluster, Ready, free_ports};
 use crate::{
     CasOutcome, Compare, Expect, LocationError, MAX_REQUEST_BYTES, Revision, Store, StoreError,
     StoreLocation, TxnOp, TxnOutcome, WatchEvent,
 };
 
-/// How long a member (or a cluster) may take to answer after it is started. A single member is
-/// healthy in about 0.3 s; this only bounds a hang.
-const START_DEADLINE: Duration = Duration::from_secs(30);
-
-/// How many times to pick new ports when etcd finds one taken between our probe and its bind.
-const PORT_RACE_RETRIES: usize = 5;
-
-/// One etcd process, SIGKILLed on drop.
-struct Member {
-    name: String,
-    client_port: u16,
-    /// The client ports it listens on now: `client_port` unless a test moved it.
-    listening: Vec<u16>,
-    peer_port: u16,
-    data_dir: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Member {
-    fn client_endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
-    }
-
-    fn peer_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.peer_port)
-    }
-
-    /// Starts the process on its client port (again, with the same data directory, after a
-    /// kill).
-    fn start(&mut self, initial_cluster: &str) {
-        self.start_listening(initial_cluster, &[self.client_port]);
-    }
-
-    /// Starts the process serving clients on `ports` only.
-    fn start_listening(&mut self, initial_cluster: &str, ports: &[u16]) {
-        self.listening = ports.to_vec();
-        let client_url = ports
-            .iter()
-            .map(|port| format!("http://127.0.0.1:{port}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let spawned = Command::new("etcd")
-            .arg("--name")
-            .arg(&self.name)
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .arg("--listen-client-urls")
-            .arg(&client_url)
-            .arg("--advertise-client-urls")
-            .arg(&client_url)
-            .arg("--listen-peer-urls")
-            .arg(self.peer_url())
-            .arg("--initial-advertise-peer-urls")
-            .arg(self.peer_url())
-            .arg("--initial-cluster")
-            .arg(initial_cluster)
-            .arg("--initial-cluster-state")
-            .arg("new")
-            .arg("--initial-cluster-token")
-            .arg("hangar-store-tests")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn();
-        match spawned {
-            Ok(child) => self.child = Some(child),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-                "etcd is not installed (no `etcd` on PATH): install it with `apt-get install etcd-server` (scripts/test.sh does)"
-            ),
-            Err(e) => panic!("cannot start etcd: {e}"),
-        }
-    }
-
-    /// SIGKILL, then reap.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Whether the process has exited (it failed to start, typically a port taken).
-    fn exited(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|child| child.try_wait().ok().flatten().is_some())
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let start = log.len().saturating_sub(3000);
-        let start = (start..log.len())
-            .find(|i| log.is_char_boundary(*i))
-            .unwrap_or(log.len());
-        log[start..].to_owned()
-    }
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// An etcd cluster of child processes in a temporary directory.
-struct Etcd {
-    members: Vec<Member>,
-    initial_cluster: String,
-    _dir: TempDir,
-}
-
-impl Etcd {
-    /// Starts `size` members and waits until the cluster serves a linearizable read.
-    async fn start(size: usize) -> Etcd {
-        for _ in 0..PORT_RACE_RETRIES {
-            if let Some(etcd) = Etcd::try_start(size).await {
-                return etcd;
-            }
-        }
-        panic!("etcd could not bind its ports {PORT_RACE_RETRIES} times in a row");
-    }
-
-    /// `None` if a member exited because a port was taken (then try other ports).
-    async fn try_start(size: usize) -> Option<Etcd> {
-        let dir = tempfile::tempdir().unwrap();
-        let ports = free_ports(2 * size);
-        let mut members: Vec<Member> = (0..size)
-            .map(|i| Member {
-                name: format!("m{i}"),
-                client_port: ports[2 * i],
-                listening: vec![ports[2 * i]],
-                peer_port: ports[2 * i + 1],
-                data_dir: dir.path().join(format!("m{i}.etcd")),
-                log: dir.path().join(format!("m{i}.log")),
-                child: None,
-            })
-            .collect();
-        let initial_cluster = members
-            .iter()
-            .map(|m| format!("{}={}", m.name, m.peer_url()))
-            .collect::<Vec<_>>()
-            .join(",");
-        for member in &mut members {
-            member.start(&initial_cluster);
-        }
-        let mut etcd = Etcd {
-            members,
-            initial_cluster,
-            _dir: dir,
-        };
-        match etcd.wait_ready().await {
-            Ready::Yes => Some(etcd),
-            Ready::PortTaken => None,
-        }
-    }
-
-    /// Polls every running member with a read until each answers, or fails the test.
-    async fn wait_ready(&mut self) -> Ready {
-        let deadline = Instant::now() + START_DEADLINE;
-        for index in 0..self.members.len() {
-            if self.members[index].child.is_none() {
-                continue;
-            }
-            let endpoint = format!("127.0.0.1:{}", self.members[index].listening[0]);
-            loop {
-                if self.members[index].exited() {
-                    let log = self.members[index].log_tail();
-                    if log.contains("address already in use") {
-                        return Ready::PortTaken;
-                    }
-                    panic!("etcd member {index} exited while starting:\n{log}");
-                }
-                if answers(&endpoint).await {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    panic!(
-                        "etcd member {index} did not answer within {START_DEADLINE:?}:\n{}",
-                        self.members[index].log_tail()
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        Ready::Yes
-    }
-
-    fn endpoints(&self) -> Vec<String> {
-        self.members.iter().map(Member::client_endpoint).collect()
-    }
-
-    fn options(&self) -> EtcdOptions {
-        EtcdOptions::new(self.endpoints())
-    }
-
-    /// An etcd-client of its own, for what the store does not do (compaction, status).
-    async fn client(&self) -> etcd_client::Client {
-        let urls: Vec<String> = self
-            .members
-            .iter()
-            .filter(|m| m.child.is_some())
-            .flat_map(|m| m.listening.iter().map(|p| format!("http://127.0.0.1:{p}")))
-            .collect();
-        etcd_client::Client::connect(urls, None).await.unwrap()
-    }
-
-    /// Compacts history before `revision`, waiting for it to be done.
-    async fn compact(&self, revision: Revision) {
-        let options = etcd_client::CompactionOptions::new().with_physical();
-        self.client()
-            .await
-            .compact(revision as i64, Some(options))
-            .await
-            .unwrap();
-    }
-
-    /// The index of the current leader.
-    async fn leader(&self) -> usize {
-        let deadline = Instant::now() + START_DEADLINE;
-        loop {
-            for member in self.members.iter().filter(|m| m.child.is_some()) {
-                let url = format!("http://{}", member.client_endpoint());
-                let Ok(mut client) = etcd_client::Client::connect([url], None).await else {
-                    continue;
-                };
-                let Ok(status) = client.status().await else {
-                    continue;
-                };
-                let is_leader = status
-                    .header()
-                    .is_some_and(|h| h.member_id() == status.leader());
-                if is_leader {
-                    return self
-                        .members
-                        .iter()
-                        .position(|m| m.name == member.name)
-                        .unwrap();
-                }
-            }
-            assert!(Instant::now() < deadline, "no etcd leader");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-enum Ready {
-    Yes,
-    PortTaken,
-}
-
-/// Whether the member at `endpoint` serves a linearizable read (so it has a leader).
-async fn answers(endpoint: &str) -> bool {
-    let options = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(Duration::from_millis(200))
-        .with_timeout(Duration::from_secs(1));
-    let Ok(mut client) =
-        etcd_client::Client::connect([format!("http://{endpoint}")], Some(options)).await
-    else {
-        return false;
-    };
-    client.get("health", None).await.is_ok()
-}
-
-/// `n` distinct free loopback ports: all bound at once (so distinct), then released for etcd
-/// to bind. Another process may take one in between; [`Etcd::start`] then tries again.
-fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
-
 /// The conformance factory: a fresh single-member etcd, and a store on it under a key prefix
 /// (so every call also exercises prefixing and stripping).
-async fn fresh_etcd() -> (Arc<dyn Store>, Etcd) {
-    let etcd = Etcd::start(1).await;
+async fn fresh_etcd() -> (Arc<dyn Store>, EtcdCluster) {
+    let etcd = EtcdCluster::start(1).await;
     let store = EtcdStore::connect(etcd.options().with_prefix("/conformance"))
         .await
         .unwrap();
@@ -343,7 +59,7 @@ async fn assert_closed(stream: &mut crate::WatchStream) {
 
 #[tokio::test]
 async fn watch_from_a_compacted_revision_is_compacted() {
-    let etcd = Etcd::start(1).await;
+    let etcd = EtcdCluster::start(1).await;
     let store = EtcdStore::connect(etcd.options()).await.unwrap();
     let first = store.put("c/a", b"1".to_vec(), None).await.unwrap();
     store.put("c/a", b"2".to_vec(), None).await.unwrap();
@@ -388,7 +104,7 @@ async fn watch_from_a_compacted_revision_is_compacted() {
 
 #[tokio::test]
 async fn a_watch_resumes_after_its_member_restarts_and_closes_if_compacted_meanwhile() {
-    let mut etcd = Etcd::start(1).await;
+    let mut etcd = EtcdCluster::start(1).await;
     let initial_cluster = etcd.initial_cluster.clone();
     // Long enough for the forwarder to keep trying while the member is moved around below.
     let mut options = etcd.options();
@@ -403,9 +119,7 @@ async fn a_watch_resumes_after_its_member_restarts_and_closes_if_compacted_meanw
 
     // The only member dies and comes back: the stream is reopened from the revision after the
     // last one delivered; nothing is lost or repeated.
-    etcd.members[0].kill();
-    etcd.members[0].start(&initial_cluster);
-    assert!(matches!(etcd.wait_ready().await, Ready::Yes));
+    etcd.restart(0).await;
     let r2 = store.put("r/b", b"1".to_vec(), None).await.unwrap();
     assert_eq!(
         put_of(next_event(&mut stream).await),
@@ -444,7 +158,7 @@ async fn a_watch_resumes_after_its_member_restarts_and_closes_if_compacted_meanw
 
 #[tokio::test]
 async fn a_reopened_store_sees_the_data() {
-    let etcd = Etcd::start(1).await;
+    let etcd = EtcdCluster::start(1).await;
     let (lease, revision, plain, leased) = {
         let store = EtcdStore::connect(etcd.options()).await.unwrap();
         let lease = store.lease_grant(Duration::from_secs(60)).await.unwrap();
@@ -485,7 +199,7 @@ async fn a_reopened_store_sees_the_data() {
 
 #[tokio::test]
 async fn prefixes_keep_stores_apart() {
-    let etcd = Etcd::start(1).await;
+    let etcd = EtcdCluster::start(1).await;
     let a = EtcdStore::connect(etcd.options().with_prefix("/team-a"))
         .await
         .unwrap();
@@ -537,7 +251,7 @@ async fn prefixes_keep_stores_apart() {
 
 #[tokio::test]
 async fn requests_over_the_size_limit_are_refused() {
-    let etcd = Etcd::start(1).await;
+    let etcd = EtcdCluster::start(1).await;
     let store = EtcdStore::connect(etcd.options()).await.unwrap();
     let before = store.revision().await.unwrap();
     // Over the limit by the keys and values alone: refused before it is sent.
@@ -604,7 +318,7 @@ async fn connecting_to_no_etcd_fails_clearly_and_in_bounded_time() {
 
 #[tokio::test]
 async fn open_connects_to_an_etcd_location() {
-    let etcd = Etcd::start(1).await;
+    let etcd = EtcdCluster::start(1).await;
     let url = format!("etcd://{}/opened", etcd.endpoints().join(","));
     let location: StoreLocation = url.parse().unwrap();
     assert_eq!(location.to_string(), url);
@@ -675,7 +389,7 @@ async fn every_call_succeeds(store: &EtcdStore, lease: u64, rounds: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_keeps_serving_with_a_follower_killed() {
-    let mut etcd = Etcd::start(3).await;
+    let mut etcd = EtcdCluster::start(3).await;
     let started = Instant::now();
     let store = EtcdStore::connect(etcd.options()).await.unwrap();
     let lease = store.lease_grant(Duration::from_secs(60)).await.unwrap();
@@ -683,7 +397,7 @@ async fn a_cluster_keeps_serving_with_a_follower_killed() {
 
     let leader = etcd.leader().await;
     let follower = (leader + 1) % 3;
-    etcd.members[follower].kill();
+    etcd.kill(follower);
     // Without retries about a quarter of these calls would fail ("connection refused"): the
     // client keeps picking the dead member.
     let retried = store.retried();
@@ -701,7 +415,7 @@ async fn a_cluster_keeps_serving_with_a_follower_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_keeps_serving_when_its_leader_is_killed() {
-    let mut etcd = Etcd::start(3).await;
+    let mut etcd = EtcdCluster::start(3).await;
     let store = EtcdStore::connect(etcd.options()).await.unwrap();
     let lease = store.lease_grant(Duration::from_secs(60)).await.unwrap();
     let mut stream = store.watch("l/", 0).await.unwrap();
@@ -709,7 +423,7 @@ async fn a_cluster_keeps_serving_when_its_leader_is_killed() {
     let mut cas = before;
 
     let leader = etcd.leader().await;
-    etcd.members[leader].kill();
+    etcd.kill(leader);
     let killed = Instant::now();
     // Unconditional calls ride out the election (retried); a conditional write sent to a
     // member that has not noticed yet may be reported as "outcome unknown" (transient), never
@@ -785,7 +499,7 @@ async fn a_cluster_keeps_serving_when_its_leader_is_killed() {
 
 #[tokio::test]
 async fn lease_errors_name_the_missing_lease() {
-    let etcd = Etcd::start(1).await;
+    let etcd = EtcdCluster::start(1).await;
     let store = EtcdStore::connect(etcd.options()).await.unwrap();
     let live = store.lease_grant(Duration::from_secs(60)).await.unwrap();
     let gone = store.lease_grant(Duration::from_secs(60)).await.unwrap();

@@ -15,7 +15,8 @@
 //! Implementations: [`embedded::EmbeddedStore`] (redb file, the default) and
 //! [`etcd::EtcdStore`] (an etcd cluster shared by several `serve` instances), chosen by a
 //! [`StoreLocation`] and opened with [`open`]. Both pass the conformance suite (`conformance`,
-//! behind the `conformance` feature so other implementations and tests reuse it).
+//! behind the `conformance` feature so other implementations and tests reuse it, with `testing`,
+//! a real etcd cluster of child processes for tests).
 
 use std::time::Duration;
 
@@ -28,6 +29,8 @@ pub mod embedded;
 pub mod etcd;
 mod location;
 pub mod mirror;
+#[cfg(any(test, feature = "conformance"))]
+pub mod testing;
 
 pub use location::{EMBEDDED_FILE, LocationError, StoreLocation, open};
 

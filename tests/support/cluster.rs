@@ -54,9 +54,22 @@ impl Drone {
         dir: &Path,
         extra: &[&str],
     ) -> Drone {
+        let url = format!("http://{}", serve.api);
+        Self::spawn_for(ns, &url, name, runtime, dir, extra)
+    }
+
+    /// Starts a drone for the scheduler(s) at `scheduler` (its `--scheduler`: one API URL, or
+    /// several comma-separated) without waiting for it.
+    pub fn spawn_for(
+        ns: Option<&str>,
+        scheduler: &str,
+        name: &str,
+        runtime: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Drone {
         let mut child = super::command_in(ns)
-            .args(["drone", "--scheduler"])
-            .arg(format!("http://{}", serve.api))
+            .args(["drone", "--scheduler", scheduler])
             .args([
                 "--name",
                 name,
@@ -218,9 +231,14 @@ pub struct RemoteProxy {
 impl RemoteProxy {
     pub fn start(serve: &Dev) -> RemoteProxy {
         let key = std::fs::read_to_string(serve.data_dir.join("token.key")).unwrap();
+        Self::start_for(&format!("http://{}", serve.api), key.trim())
+    }
+
+    /// Starts a remote proxy following the scheduler(s) at `scheduler` (one API URL, or
+    /// several comma-separated) with the token key `key_hex`.
+    pub fn start_for(scheduler: &str, key_hex: &str) -> RemoteProxy {
         let mut child = Command::new(BIN)
-            .args(["proxy", "--scheduler"])
-            .arg(format!("http://{}", serve.api))
+            .args(["proxy", "--scheduler", scheduler])
             .args([
                 "--secret",
                 SECRET,
@@ -231,7 +249,7 @@ impl RemoteProxy {
                 "--metrics",
                 "127.0.0.1:0",
             ])
-            .env("HANGAR_TOKEN_KEY", key.trim())
+            .env("HANGAR_TOKEN_KEY", key_hex)
             .env("HANGAR_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -96,7 +96,11 @@ impl Dev {
             .args(default_dns)
             .args(default_metrics)
             .args(extra)
-            .env("HANGAR_LOG", "info")
+            // HANGAR_TEST_LOG overrides the filter (e.g. `info,hangar_store=debug`).
+            .env(
+                "HANGAR_LOG",
+                std::env::var("HANGAR_TEST_LOG").unwrap_or("info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -39,11 +39,10 @@ pub(crate) async fn connect(
     }
     let sessions = h.sessions.clone();
     let tasks = h.tasks.clone();
-    Ok(
-        ws.on_upgrade(
-            move |socket| async move { tasks.track_future(sessions.serve(socket)).await },
-        ),
-    )
+    let leadership = h.leadership.clone();
+    Ok(ws.on_upgrade(move |socket| async move {
+        tasks.track_future(sessions.serve(socket, leadership)).await
+    }))
 }
 
 /// `GET /v1/drones`.
