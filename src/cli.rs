@@ -325,6 +325,11 @@ pub struct DevArgs {
     /// Where the API listens.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub api: SocketAddr,
+    /// The API's URL as other hosts reach it (status URLs; where other instances forward
+    /// writes and send drones when this instance leads). [default: http://<the bound --api
+    /// address>; give it when --api is a wildcard such as 0.0.0.0:7070]
+    #[arg(long, value_name = "URL")]
+    pub api_url: Option<String>,
     /// Where the proxy listens.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub proxy: SocketAddr,

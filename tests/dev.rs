@@ -753,3 +753,34 @@ async fn state_export_and_import_move_every_record_and_raise_epochs() {
     let v = dev.backend(again.backend_id.as_str()).await;
     assert!(v.epoch > 2, "epoch {} above every exported one", v.epoch);
 }
+
+/// A `serve` listening on every address must say how other hosts reach it (the leader's
+/// address is where writes are forwarded and drones sent): a clear configuration error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_on_a_wildcard_address_needs_its_api_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_string_lossy().into_owned();
+    let secret = "a-long-enough-secret";
+    let (code, _, err) = cli(&[
+        "serve",
+        "--api",
+        "0.0.0.0:0",
+        "--drone-secret",
+        secret,
+        "--data-dir",
+        &data,
+    ]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--api-url"), "{err}");
+    let (code, _, err) = cli(&[
+        "serve",
+        "--api-url",
+        "10.0.0.1:7070",
+        "--drone-secret",
+        secret,
+        "--data-dir",
+        &data,
+    ]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("http://"), "{err}");
+}

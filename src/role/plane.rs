@@ -50,6 +50,8 @@ pub struct Config {
     /// `dev` or `serve`: the prefix of every line reported.
     role: &'static str,
     api: SocketAddr,
+    /// `--api-url`: how other hosts reach the API.
+    api_url: Option<String>,
     proxy_addr: SocketAddr,
     https: Option<HttpsSetup>,
     data_dir: PathBuf,
@@ -111,6 +113,25 @@ impl Config {
         let https = crate::tls::load(&args.tls)?;
         Ok(Config {
             role,
+            api_url: match args.api_url {
+                Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
+                    Some(u.trim_end_matches('/').to_string())
+                }
+                Some(u) => {
+                    return Err(ConfigError(format!(
+                        "--api-url {u:?} must be an http:// or https:// URL, e.g. http://10.0.0.1:7070"
+                    ))
+                    .into());
+                }
+                None if args.api.ip().is_unspecified() && role == "serve" => {
+                    return Err(ConfigError(format!(
+                        "--api {} listens on every address: give --api-url, the URL other hosts reach this instance at",
+                        args.api
+                    ))
+                    .into());
+                }
+                None => None,
+            },
             api: args.api,
             proxy_addr: args.proxy,
             https,
@@ -138,7 +159,11 @@ impl Config {
     /// The scheduler's configuration, once the API and the proxy are bound (clients are
     /// handed URLs with their addresses).
     fn scheduler_config(&self, addrs: &Addresses) -> SchedulerConfig {
-        let mut cfg = SchedulerConfig::new(&self.domain, format!("http://{}", addrs.api));
+        let api_url = self
+            .api_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", addrs.api));
+        let mut cfg = SchedulerConfig::new(&self.domain, api_url);
         cfg.proxy_port = Some(addrs.proxy.port());
         match &self.drones {
             Drones::Embedded { default_command } => {
