@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 
 use crate::support::cluster::{Drone, RemoteProxy, SECRET};
-use crate::support::{DEADLINE, Dev};
+use crate::support::{DEADLINE, Dev, send_signal};
 
 /// `--leader-ttl` and `--lease-ttl` of the instances (unless a test says otherwise).
 const TTL: Duration = Duration::from_secs(3);
@@ -119,7 +119,7 @@ impl Plane {
                 "--dns",
                 "off",
                 "--metrics",
-                "off",
+                "127.0.0.1:0",
                 "--token-key",
                 &self.key,
                 "--api",
@@ -701,4 +701,76 @@ async fn ha_killing_the_etcd_leader_keeps_the_hangar_leader() {
         "ha: leader {leader} (term {term}) unchanged over {polls} views; test took {:?}",
         started.elapsed()
     );
+}
+
+/// The value of counter `name` in a Prometheus scrape (0 when absent).
+fn counter(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// SIGSTOP of the leader for twice its TTL: another instance leads meanwhile; once resumed,
+/// the old leader steps down and, after it lost leadership, makes zero successful writes and
+/// sends zero drone commands (its counters do not move), then follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_a_stopped_leader_writes_nothing_once_deposed() {
+    // The drones' lease outlasts the stop (a drone whose instance is stopped cannot renew).
+    let plane = Plane::start_with(3, Duration::from_secs(10), TTL).await;
+    let _drone = Drone::spawn_for(
+        None,
+        &plane.urls(),
+        "d1",
+        "process",
+        plane.dir.path(),
+        SMALL,
+    );
+    plane.dev(0).wait_drone("d1", "ready").await;
+    let (sessions, _) = connect_keys(&plane, &["stop-1"]).await;
+    let old = plane.dev(0);
+    let metrics = old
+        .metrics
+        .expect("instance 0 reports its metrics listener");
+    let before = old.scrape(metrics).await;
+    let writes = counter(&before, "hangar_leader_writes_total");
+    let commands = counter(&before, "hangar_leader_commands_total");
+    assert!(
+        writes > 0.0 && commands > 0.0,
+        "it led and wrote: {writes} {commands}"
+    );
+
+    send_signal(old.pid(), libc::SIGSTOP);
+    let stopped = Instant::now();
+    let (new_leader, _) = plane.wait_leader(1, |l| l != plane.ids[0]).await;
+    eprintln!(
+        "ha: {new_leader} leads {:?} after the stop",
+        stopped.elapsed()
+    );
+    tokio::time::sleep((TTL * 2).saturating_sub(stopped.elapsed())).await;
+    send_signal(old.pid(), libc::SIGCONT);
+
+    // It notices its term is over and follows.
+    let view = plane
+        .poll(0, "the resumed instance follows", |v| {
+            v["this_leads"] == false && leader_of(v).is_some_and(|(l, _)| l == new_leader)
+        })
+        .await;
+    assert_eq!(view["this_leads"], false);
+    let after = old.scrape(metrics).await;
+    assert_eq!(
+        counter(&after, "hangar_leader_writes_total"),
+        writes,
+        "a deposed leader wrote"
+    );
+    assert_eq!(
+        counter(&after, "hangar_leader_commands_total"),
+        commands,
+        "a deposed leader sent drone commands"
+    );
+    // Sessions still answer, through the new leader's proxy.
+    let leader_index = plane.ids.iter().position(|i| *i == new_leader).unwrap();
+    let d = plane.dev(leader_index);
+    assert!(wait_count(&d.http, d.proxy, &sessions[0]).await >= 1);
 }

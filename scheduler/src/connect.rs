@@ -269,10 +269,12 @@ impl Connector {
             compares.push(Compare::create_revision(LEADER_KEY, token));
             let brev = match self.store.txn(compares, ops).await? {
                 TxnOutcome::Committed(r) => {
+                    metrics::counter!(crate::metrics::LEADER_WRITES_TOTAL).increment(1);
                     reservation.written(r);
                     r
                 }
                 TxnOutcome::Failed { compare, .. } if compare == fence => {
+                    metrics::counter!(crate::metrics::FENCED_WRITES_TOTAL).increment(1);
                     return Err(ApiError::Fenced(format!(
                         "this instance stopped leading (term {token}) during the connect: retry"
                     )));

@@ -95,7 +95,9 @@ impl Backends {
         }
     }
 
+    /// Sends a spawn for a backend the leader placed.
     pub(crate) async fn send_spawn(&self, rec: &BackendRecord, drone: &DroneConn) {
+        metrics::counter!(crate::metrics::LEADER_COMMANDS_TOTAL).increment(1);
         let cmd = self.spawn_command(rec);
         if drone.tx.send(SchedulerMessage::Spawn(cmd)).await.is_err() {
             // The drone went away between placement and send; the reconciler closes the
@@ -178,12 +180,20 @@ impl Backends {
             None => TxnOp::delete(key),
         };
         match self.store.txn(compares, vec![op]).await? {
-            TxnOutcome::Committed(_) => Ok(true),
+            TxnOutcome::Committed(_) => {
+                if self.fence.is_some() {
+                    metrics::counter!(crate::metrics::LEADER_WRITES_TOTAL).increment(1);
+                }
+                Ok(true)
+            }
             TxnOutcome::Failed { compare: 0, .. } => Ok(false),
-            TxnOutcome::Failed { .. } => Err(ApiError::Fenced(format!(
-                "this instance is no longer the leader (term {} ended): the write was refused",
-                self.fence.unwrap_or_default()
-            ))),
+            TxnOutcome::Failed { .. } => {
+                metrics::counter!(crate::metrics::FENCED_WRITES_TOTAL).increment(1);
+                Err(ApiError::Fenced(format!(
+                    "this instance is no longer the leader (term {} ended): the write was refused",
+                    self.fence.unwrap_or_default()
+                )))
+            }
         }
     }
 
@@ -259,6 +269,8 @@ impl Backends {
         };
         if !sent {
             tracing::info!(backend = %rec.id, drone = ?rec.drone, "its drone is not connected; the stop is sent when it reconnects");
+        } else if self.fence.is_some() {
+            metrics::counter!(crate::metrics::LEADER_COMMANDS_TOTAL).increment(1);
         }
         Ok(sent)
     }

@@ -30,6 +30,12 @@ pub const PLACEMENT_FAILURES_TOTAL: &str = "hangar_scheduler_placement_failures_
 pub const PLACEMENT_HOT_AVOIDED_TOTAL: &str = "hangar_scheduler_placement_hot_avoided_total";
 /// Drone leases that expired (the drone was declared lost).
 pub const LEASE_EXPIRIES_TOTAL: &str = "hangar_scheduler_lease_expiries_total";
+/// Writes this instance committed as the leader (each carries its term's fencing token).
+pub const LEADER_WRITES_TOTAL: &str = "hangar_leader_writes_total";
+/// Leader writes the store refused because the term had ended (fenced).
+pub const FENCED_WRITES_TOTAL: &str = "hangar_leader_fenced_writes_total";
+/// Commands (spawn, stop) this instance sent to drones as the leader.
+pub const LEADER_COMMANDS_TOTAL: &str = "hangar_leader_commands_total";
 /// Backends that ended, by reason.
 pub const TERMINATIONS_TOTAL: &str = "hangar_scheduler_terminations_total";
 /// Idle backends stopped to relieve a hot drone (`--relieve-hot`).
@@ -62,6 +68,18 @@ pub const DRONE_STATES: [&str; 5] = ["scheduled", "starting", "waiting", "ready"
 /// it).
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        LEADER_WRITES_TOTAL,
+        "Writes this instance committed as the leader, each fenced by its term's token."
+    );
+    describe_counter!(
+        FENCED_WRITES_TOTAL,
+        "Leader writes the store refused because this instance's term had ended."
+    );
+    describe_counter!(
+        LEADER_COMMANDS_TOTAL,
+        "Commands (spawn, stop) this instance sent to drones as the leader."
+    );
     describe_counter!(
         CONNECTS_TOTAL,
         "POST /v1/connect calls, by outcome: spawned, reused, or the API error code (bad_request, unavailable, conflict, store_unavailable, internal)."

@@ -109,6 +109,7 @@ async fn cluster(State(h): State<Handles>) -> Json<ClusterView> {
     };
     Json(ClusterView {
         this_instance: h.leadership.instance().to_string(),
+        this_leads: h.leadership.token().is_some(),
         leader,
         instances,
         store: StoreView {
@@ -122,6 +123,9 @@ async fn cluster(State(h): State<Handles>) -> Json<ClusterView> {
 #[derive(serde::Serialize, serde::Deserialize, Debug)]
 pub struct ClusterView {
     pub this_instance: String,
+    /// Whether the instance that answered believes it leads (its own view; the store's is
+    /// `leader`).
+    pub this_leads: bool,
     pub leader: Option<LeaderView>,
     pub instances: Vec<InstanceView>,
     pub store: StoreView,
