@@ -774,3 +774,59 @@ async fn ha_a_stopped_leader_writes_nothing_once_deposed() {
     let d = plane.dev(leader_index);
     assert!(wait_count(&d.http, d.proxy, &sessions[0]).await >= 1);
 }
+
+/// Two of three etcd members down: no quorum, so the leader cannot renew and steps down and
+/// nobody leads, while every proxy keeps serving the live sessions it knows; once quorum is
+/// back, a leader is elected within the leader TTL + 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_losing_etcd_quorum_stops_leading_but_keeps_proxying() {
+    // The drones' lease outlasts the outage (no renewal is possible without quorum).
+    let mut plane = Plane::start_with(3, Duration::from_secs(20), TTL).await;
+    let _drone = Drone::spawn_for(
+        None,
+        &plane.urls(),
+        "d1",
+        "process",
+        plane.dir.path(),
+        SMALL,
+    );
+    plane.dev(0).wait_drone("d1", "ready").await;
+    let (sessions, _) = connect_keys(&plane, &["quorum-1"]).await;
+    let before = {
+        let d = plane.dev(1);
+        wait_count(&d.http, d.proxy, &sessions[0]).await
+    };
+
+    plane.etcd.kill(0);
+    plane.etcd.kill(1);
+    let lost = Instant::now();
+    let nobody = |v: &Value| v["this_leads"] == false;
+    tokio::join!(
+        plane.poll(0, "nobody leads without quorum", nobody),
+        plane.poll(1, "nobody leads without quorum", nobody),
+        plane.poll(2, "nobody leads without quorum", nobody),
+    );
+    let stepped_down = lost.elapsed();
+    eprintln!("ha: every instance stopped leading {stepped_down:?} after quorum was lost");
+    assert!(
+        stepped_down <= TTL + Duration::from_secs(2),
+        "{stepped_down:?}"
+    );
+    // Proxying goes on from the routes every proxy holds.
+    for i in 0..3 {
+        let d = plane.dev(i);
+        let n = wait_count(&d.http, d.proxy, &sessions[0]).await;
+        assert!(n > before, "instance {i}'s proxy still serves the session");
+    }
+
+    // Member 0 back: two of three, a quorum (restart returns once it answers reads).
+    plane.etcd.restart(0).await;
+    let back = Instant::now();
+    let (leader, _) = plane.wait_leader(0, |_| true).await;
+    let took = back.elapsed();
+    plane.etcd.restart(1).await;
+    eprintln!("ha: {leader} leads {took:?} after quorum came back");
+    assert!(took <= TTL + Duration::from_secs(2), "{took:?}");
+    let d = plane.dev(2);
+    assert!(wait_count(&d.http, d.proxy, &sessions[0]).await > before);
+}

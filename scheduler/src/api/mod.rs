@@ -25,6 +25,9 @@ mod handles;
 pub use extract::ApiJson;
 pub use handles::{Handles, forward_client};
 
+/// Longest `GET /v1/cluster` waits for each store read.
+const STORE_READ: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
 
@@ -81,8 +84,21 @@ async fn hot(State(h): State<Handles>) -> Json<HotList> {
 /// `GET /v1/cluster`: the control-plane instances, the leader and its term, and whether the
 /// store answers.
 async fn cluster(State(h): State<Handles>) -> Json<ClusterView> {
-    let store = h.store.revision().await;
-    let leader = match h.store.get(crate::leader::LEADER_KEY).await {
+    // An operator's view must answer even when the store does not: each read is bounded.
+    let bounded = STORE_READ;
+    let store = match tokio::time::timeout(bounded, h.store.revision()).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {bounded:?}")),
+    };
+    let leader_kv = if store.is_ok() {
+        tokio::time::timeout(bounded, h.store.get(crate::leader::LEADER_KEY))
+            .await
+            .ok()
+            .and_then(Result::ok)
+    } else {
+        None
+    };
+    let leader = match Ok::<_, ()>(leader_kv.flatten()) {
         Ok(Some(kv)) => serde_json::from_slice::<crate::leader::LeaderRecord>(&kv.value)
             .ok()
             .map(|r| LeaderView {
@@ -93,7 +109,14 @@ async fn cluster(State(h): State<Handles>) -> Json<ClusterView> {
             }),
         _ => None,
     };
-    let instances = match h.store.list(crate::leader::INSTANCES_PREFIX).await {
+    let listing = if store.is_ok() {
+        tokio::time::timeout(bounded, h.store.list(crate::leader::INSTANCES_PREFIX))
+            .await
+            .unwrap_or_else(|_| Err(hangar_store::StoreError::Closed))
+    } else {
+        Err(hangar_store::StoreError::Closed)
+    };
+    let instances = match listing {
         Ok(listing) => listing
             .kvs
             .iter()
@@ -115,7 +138,7 @@ async fn cluster(State(h): State<Handles>) -> Json<ClusterView> {
         store: StoreView {
             healthy: store.is_ok(),
             revision: store.as_ref().ok().copied(),
-            error: store.err().map(|e| e.to_string()),
+            error: store.err(),
         },
     })
 }
