@@ -830,3 +830,75 @@ async fn ha_losing_etcd_quorum_stops_leading_but_keeps_proxying() {
     let d = plane.dev(2);
     assert!(wait_count(&d.http, d.proxy, &sessions[0]).await > before);
 }
+
+/// Export from etcd, import into a fresh embedded store, run on it: every record and key is
+/// there, and a connect for an existing key gets a higher epoch than the old store handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_state_moves_from_etcd_to_an_embedded_store() {
+    let plane = Plane::start_with(1, TTL, TTL).await;
+    let _drone = Drone::spawn_for(
+        None,
+        &plane.urls(),
+        "d1",
+        "process",
+        plane.dir.path(),
+        SMALL,
+    );
+    plane.dev(0).wait_drone("d1", "ready").await;
+    let (sessions, _) = connect_keys(&plane, &["moved-1", "moved-2"]).await;
+    // One key's backend ends before the move: its next connect starts a new one.
+    let ended = &sessions[1];
+    let old_epoch = plane.dev(0).backend(ended.backend_id.as_str()).await.epoch;
+    let r = plane
+        .dev(0)
+        .http
+        .post(
+            plane
+                .dev(0)
+                .api_url(&format!("/v1/backends/{}/terminate", ended.backend_id)),
+        )
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    plane
+        .dev(0)
+        .wait_for(ended.backend_id.as_str(), "terminated", |v| {
+            !v.state.is_live()
+        })
+        .await;
+
+    let file = plane.dir.path().join("state.jsonl");
+    let file_s = file.to_string_lossy().into_owned();
+    let url = plane.etcd.url();
+    let (code, _, err) =
+        crate::support::cli(&["state", "export", "--store", &url, "--out", &file_s]);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        text.contains("/hangar/leader"),
+        "leased records are exported, marked"
+    );
+
+    let to = plane.dir.path().join("embedded");
+    std::fs::create_dir_all(&to).unwrap();
+    let to_s = to.to_string_lossy().into_owned();
+    let (code, _, err) = crate::support::cli(&["state", "import", &file_s, "--data-dir", &to_s]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("leased records left out"), "{err}");
+
+    let dev = Dev::start(&to, &[]);
+    for s in &sessions {
+        let v = dev.backend(s.backend_id.as_str()).await;
+        assert_eq!(v.id, s.backend_id, "the record moved");
+    }
+    let again = dev.connect(json!({"key": {"name": "moved-2"}})).await;
+    assert!(again.spawned);
+    let v = dev.backend(again.backend_id.as_str()).await;
+    assert!(
+        v.epoch > old_epoch + 1,
+        "epoch {} above every exported one ({old_epoch})",
+        v.epoch
+    );
+}
