@@ -134,6 +134,13 @@ impl Plane {
         self.instances[i].as_ref().expect("the instance runs")
     }
 
+    /// A process drone `d1` given every instance's URL, once instance 0 lists it ready.
+    async fn drone(&self) -> Drone {
+        let d = Drone::spawn_for(None, &self.urls(), "d1", "process", self.dir.path(), SMALL);
+        self.dev(0).wait_drone("d1", "ready").await;
+        d
+    }
+
     /// Every instance's API URL, comma-separated (`--scheduler` of the drone and proxy).
     fn urls(&self) -> String {
         self.addrs
@@ -355,15 +362,7 @@ async fn connect_keys(plane: &Plane, keys: &[&str]) -> (Vec<ConnectResponse>, Ve
 async fn ha_killing_the_leader_moves_leadership_and_loses_no_backend() {
     let started = Instant::now();
     let mut plane = Plane::start(3).await;
-    let _drone = Drone::spawn_for(
-        None,
-        &plane.urls(),
-        "d1",
-        "process",
-        plane.dir.path(),
-        SMALL,
-    );
-    plane.dev(0).wait_drone("d1", "ready").await;
+    let _drone = plane.drone().await;
     let (sessions, mut counts) = connect_keys(&plane, &["ha-1", "ha-2", "ha-3"]).await;
 
     let (old_leader, old_term) = leader_of(&plane.poll(1, "a view", |_| true).await).unwrap();
@@ -449,15 +448,7 @@ async fn ha_killing_the_leader_moves_leadership_and_loses_no_backend() {
 async fn ha_a_rolling_restart_keeps_every_session() {
     let started = Instant::now();
     let mut plane = Plane::start(3).await;
-    let _drone = Drone::spawn_for(
-        None,
-        &plane.urls(),
-        "d1",
-        "process",
-        plane.dir.path(),
-        SMALL,
-    );
-    plane.dev(0).wait_drone("d1", "ready").await;
+    let _drone = plane.drone().await;
     let edge = RemoteProxy::start_for(&plane.urls(), &plane.key);
     let (sessions, counts) = connect_keys(&plane, &["roll-1", "roll-2", "roll-3"]).await;
     let http = plane.dev(0).http.clone();
@@ -649,15 +640,7 @@ async fn ha_a_drone_moves_its_session_to_the_leader() {
 async fn ha_killing_the_etcd_leader_keeps_the_hangar_leader() {
     let started = Instant::now();
     let mut plane = Plane::start_with(3, Duration::from_secs(10), Duration::from_secs(10)).await;
-    let _drone = Drone::spawn_for(
-        None,
-        &plane.urls(),
-        "d1",
-        "process",
-        plane.dir.path(),
-        SMALL,
-    );
-    plane.dev(0).wait_drone("d1", "ready").await;
+    let _drone = plane.drone().await;
     let (sessions, counts) = connect_keys(&plane, &["etcd-1"]).await;
     let (leader, term) = leader_of(&plane.poll(1, "a view", |_| true).await).unwrap();
 
@@ -719,15 +702,7 @@ fn counter(scrape: &str, name: &str) -> f64 {
 async fn ha_a_stopped_leader_writes_nothing_once_deposed() {
     // The drones' lease outlasts the stop (a drone whose instance is stopped cannot renew).
     let plane = Plane::start_with(3, Duration::from_secs(10), TTL).await;
-    let _drone = Drone::spawn_for(
-        None,
-        &plane.urls(),
-        "d1",
-        "process",
-        plane.dir.path(),
-        SMALL,
-    );
-    plane.dev(0).wait_drone("d1", "ready").await;
+    let _drone = plane.drone().await;
     let (sessions, _) = connect_keys(&plane, &["stop-1"]).await;
     let old = plane.dev(0);
     let metrics = old
@@ -782,15 +757,7 @@ async fn ha_a_stopped_leader_writes_nothing_once_deposed() {
 async fn ha_losing_etcd_quorum_stops_leading_but_keeps_proxying() {
     // The drones' lease outlasts the outage (no renewal is possible without quorum).
     let mut plane = Plane::start_with(3, Duration::from_secs(20), TTL).await;
-    let _drone = Drone::spawn_for(
-        None,
-        &plane.urls(),
-        "d1",
-        "process",
-        plane.dir.path(),
-        SMALL,
-    );
-    plane.dev(0).wait_drone("d1", "ready").await;
+    let _drone = plane.drone().await;
     let (sessions, _) = connect_keys(&plane, &["quorum-1"]).await;
     let before = {
         let d = plane.dev(1);
@@ -836,15 +803,7 @@ async fn ha_losing_etcd_quorum_stops_leading_but_keeps_proxying() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ha_state_moves_from_etcd_to_an_embedded_store() {
     let plane = Plane::start_with(1, TTL, TTL).await;
-    let _drone = Drone::spawn_for(
-        None,
-        &plane.urls(),
-        "d1",
-        "process",
-        plane.dir.path(),
-        SMALL,
-    );
-    plane.dev(0).wait_drone("d1", "ready").await;
+    let _drone = plane.drone().await;
     let (sessions, _) = connect_keys(&plane, &["moved-1", "moved-2"]).await;
     // One key's backend ends before the move: its next connect starts a new one.
     let ended = &sessions[1];
