@@ -364,10 +364,37 @@ async fn ha_killing_the_leader_moves_leadership_and_loses_no_backend() {
     let mut plane = Plane::start(3).await;
     let _drone = plane.drone().await;
     let (sessions, mut counts) = connect_keys(&plane, &["ha-1", "ha-2", "ha-3"]).await;
+    let (loaded, _) = connect_keys(&plane, &["ha-load"]).await;
 
     let (old_leader, old_term) = leader_of(&plane.poll(1, "a view", |_| true).await).unwrap();
     let old = plane.index_of(&old_leader);
     assert_eq!(old, 0);
+    // Under load: a client keeps using a live session through instance 1's proxy throughout
+    // the kill and the failover; not one of its requests may fail.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, http, proxy, r) = (
+            stop.clone(),
+            plane.dev(1).http.clone(),
+            plane.dev(1).proxy,
+            loaded[0].clone(),
+        );
+        tokio::spawn(async move {
+            let (mut ok, mut failed, mut last) = (0u64, Vec::new(), 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                match count_via(&http, proxy, &r).await {
+                    Ok(n) if n > last => {
+                        ok += 1;
+                        last = n;
+                    }
+                    Ok(n) => failed.push(format!("the counter went from {last} to {n}")),
+                    Err(e) => failed.push(e),
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (ok, failed)
+        })
+    };
     let mut gone = plane.instances[old].take().unwrap();
     gone.kill9();
     let killed = Instant::now();
@@ -437,6 +464,17 @@ async fn ha_killing_the_leader_moves_leadership_and_loses_no_backend() {
     }
     // The drone's session moved to a survivor; the leader sees it ready.
     plane.dev(leader).wait_drone("d1", "ready").await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    eprintln!(
+        "ha: under load: {ok} proxied requests answered, {} failed",
+        failed.len()
+    );
+    assert!(ok > 10, "the load ran: {ok}");
+    assert!(
+        failed.is_empty(),
+        "requests failed during the failover: {failed:?}"
+    );
     eprintln!(
         "ha: drone ready on the leader {:?} after the kill; test took {:?}",
         killed.elapsed(),
