@@ -28,7 +28,20 @@ import threading
 import time
 import urllib.request
 
+import atexit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Every child started, killed at exit whatever happened (a failed run leaves nothing behind).
+CHILDREN = []
+
+
+@atexit.register
+def _kill_children():
+    for proc in CHILDREN:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 HANGAR = os.path.join(ROOT, "target", "release", "hangar")
 SECRET = "bench-drone-secret"
 
@@ -83,6 +96,7 @@ class Etcd:
                  "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
                  "--initial-cluster", cluster, "--initial-cluster-state", "new"],
                 stdout=log, stderr=log)
+            CHILDREN.append(proc)
             self.members.append((proc, client))
         self.url = "etcd://" + ",".join(f"127.0.0.1:{c}" for _, c in self.members)
         wait(lambda: all(self._healthy(c) for _, c in self.members), "etcd health")
@@ -112,6 +126,7 @@ class Serve:
     def start(self):
         log = open(self.data + ".log", "a")
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=log)
+        CHILDREN.append(self.proc)
         wait(lambda: http("GET", f"http://{self.api}/healthz")[0] == 200, "serve up")
 
     def cluster(self):
@@ -129,12 +144,14 @@ class Serve:
 
 def drone(tmp, urls):
     log = open(os.path.join(tmp, "drone.log"), "w")
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [HANGAR, "drone", "--scheduler", urls, "--name", "d1", "--secret", SECRET,
          "--runtime", "process", "--data-dir", os.path.join(tmp, "drone"),
          "--metrics", "off", "--max-backends", "100000",
          "--cpu-millis", "100000000", "--memory-mb", "100000000"],
         stdout=log, stderr=log)
+    CHILDREN.append(proc)
+    return proc
 
 
 def connects(api, n, inflight, tag):
