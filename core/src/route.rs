@@ -238,14 +238,49 @@ pub fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-/// `query` without parameter `name` (all occurrences); `None` if nothing remains.
+/// Whether query parameter name `key` is `name`, the way a backend's framework would read
+/// it: percent-decoded and in any case (`hangar%5Ftoken`, `HANGAR_TOKEN`).
+fn param_is(key: &str, name: &str) -> bool {
+    if !key.contains('%') {
+        return key.eq_ignore_ascii_case(name);
+    }
+    let bytes = key.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            Some(b) if bytes[i] == b'%' => {
+                decoded.push(b);
+                i += 3;
+            }
+            _ => {
+                decoded.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    decoded.eq_ignore_ascii_case(name.as_bytes())
+}
+
+fn param_key(pair: &str) -> &str {
+    pair.split_once('=').map_or(pair, |(k, _)| k)
+}
+
+/// Whether `query` carries parameter `name` (under any spelling a backend would decode to it).
+pub fn has_query_param(query: &str, name: &str) -> bool {
+    query.split('&').any(|pair| param_is(param_key(pair), name))
+}
+
+/// `query` without parameter `name` (all occurrences, under any spelling a backend would
+/// decode to it); `None` if nothing remains.
 pub fn strip_query_param(query: &str, name: &str) -> Option<String> {
     let kept: Vec<&str> = query
         .split('&')
-        .filter(|pair| {
-            let k = pair.split_once('=').map_or(*pair, |(k, _)| k);
-            k != name && !pair.is_empty()
-        })
+        .filter(|pair| !pair.is_empty() && !param_is(param_key(pair), name))
         .collect();
     (!kept.is_empty()).then(|| kept.join("&"))
 }

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use hangar_core::BackendId;
 use hangar_core::route::{
     self, RequestNames, Route, RouteState, RouteTable, TOKEN_COOKIE, TOKEN_QUERY, cookie_value,
-    strip_cookie,
+    has_query_param, strip_cookie, strip_query_param,
 };
 use hangar_core::token::TokenError;
 use http::{Request, Response, StatusCode};
@@ -197,7 +197,7 @@ fn check_token(
     shared: &Shared,
     head: &impl RequestHead,
     backend: &BackendId,
-) -> Result<(Arc<str>, TokenSource, Option<String>), ProxyError> {
+) -> Result<(Arc<str>, Option<String>), ProxyError> {
     let bearer = head
         .get("authorization")
         .and_then(text)
@@ -250,7 +250,7 @@ fn check_token(
         }
     }
     let query_token = (source == TokenSource::Query).then(|| token.to_string());
-    Ok((user, source, query_token))
+    Ok((user, query_token))
 }
 
 /// Re-evaluates `settle` on the current route table, and again on every publish, until it
@@ -332,7 +332,7 @@ where
     let (user, query_token) = if route.public {
         (None, None)
     } else {
-        let (user, _source, query_token) = check_token(shared, req, &route.backend)?;
+        let (user, query_token) = check_token(shared, req, &route.backend)?;
         (Some(user), query_token)
     };
     let address = match (route.state, route.address) {
@@ -471,11 +471,6 @@ struct Forwarding<'a> {
     upgrade: bool,
 }
 
-/// The request head the backend gets, encoded directly (the client's head is read, never
-/// rebuilt): the client's method and origin-form target (without a `hangar_token` query
-/// parameter) and its end-to-end headers, minus hop-by-hop fields (RFC 9110 §7.6.1), inbound
-/// `x-hangar-*` headers and the Hangar token; plus `x-hangar-backend-id`, `x-hangar-user` and
-/// the `x-forwarded-*` headers. The body framing header is added by the pool.
 /// Whether an `Authorization` value is a bearer credential in Hangar's token format.
 fn carries_token(value: &[u8]) -> bool {
     let Ok(v) = std::str::from_utf8(value) else {
@@ -488,57 +483,24 @@ fn carries_token(value: &[u8]) -> bool {
     scheme.eq_ignore_ascii_case("bearer") && hangar_core::token::looks_like_token(credential)
 }
 
-/// Whether a query parameter name, percent-decoded, is the token parameter.
-fn is_token_param(name: &str) -> bool {
-    if !name.contains('%') {
-        return name.eq_ignore_ascii_case(TOKEN_QUERY);
-    }
-    let bytes = name.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        if bytes[i] == b'%'
-            && let Some(b) = hex
-        {
-            decoded.push(b);
-            i += 3;
-        } else {
-            decoded.push(bytes[i]);
-            i += 1;
-        }
-    }
-    decoded.eq_ignore_ascii_case(TOKEN_QUERY.as_bytes())
-}
-
-/// The query without token parameters: `None` when there is none to remove, `Some(None)`
-/// when nothing else remains.
-fn strip_token_params(query: &str) -> Option<Option<String>> {
-    let name_of = |pair: &str| pair.split_once('=').map_or(pair, |(k, _)| k).to_string();
-    if !query.split('&').any(|p| is_token_param(&name_of(p))) {
-        return None;
-    }
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|p| !p.is_empty() && !is_token_param(&name_of(p)))
-        .collect();
-    Some((!kept.is_empty()).then(|| kept.join("&")))
-}
-
+/// The request head the backend gets, encoded directly (the client's head is read, never
+/// rebuilt): the client's method and origin-form target (without a `hangar_token` query
+/// parameter) and its end-to-end headers, minus hop-by-hop fields (RFC 9110 §7.6.1), inbound
+/// `x-hangar-*` headers and the Hangar token; plus `x-hangar-backend-id`, `x-hangar-user` and
+/// the `x-forwarded-*` headers. The body framing header is added by the pool.
 fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     // No backend ever sees a Hangar token, whoever's and wherever it is: the query parameter
     // (under any spelling of its name), every token cookie, any bearer credential in the
     // token format (whatever case, in any `Authorization` field).
-    match req.query().and_then(strip_token_params) {
-        Some(Some(q)) => {
-            h1::write_request_line(&mut out, req.method(), &format!("{}?{q}", req.path()))
-        }
-        Some(None) => h1::write_request_line(&mut out, req.method(), req.path()),
-        None => h1::write_request_line(&mut out, req.method(), req.target()),
+    match req.query() {
+        Some(q) if has_query_param(q, TOKEN_QUERY) => match strip_query_param(q, TOKEN_QUERY) {
+            Some(q) => {
+                h1::write_request_line(&mut out, req.method(), &format!("{}?{q}", req.path()))
+            }
+            None => h1::write_request_line(&mut out, req.method(), req.path()),
+        },
+        _ => h1::write_request_line(&mut out, req.method(), req.target()),
     }
 
     let connection = h1::ConnectionOptions::parse(req.get_all("connection"));
@@ -623,12 +585,7 @@ fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn head_for(
-        req: Request<()>,
-        _token: Option<TokenSource>,
-        user: &str,
-        upgrade: bool,
-    ) -> String {
+    fn head_for(req: Request<()>, user: &str, upgrade: bool) -> String {
         let (parts, ()) = req.into_parts();
         let backend = BackendId::parse("b1").unwrap();
         let client = ClientInfo::new("10.1.2.3:4567".parse().unwrap(), true);
@@ -659,7 +616,7 @@ mod tests {
             .header("x-other", "kept")
             .body(())
             .unwrap();
-        let head = head_for(req, Some(TokenSource::Query), "alice", false);
+        let head = head_for(req, "alice", false);
         assert!(head.starts_with("GET /p?a=1&b=2 HTTP/1.1\r\n"), "{head}");
         for gone in [
             "x-secret",
@@ -742,9 +699,9 @@ mod tests {
             .header("cookie", "hangar-token=v1.cookie; theme=dark")
             .body(())
             .unwrap();
-        // As if read from the query (or for a public backend: no token read at all).
-        for source in [Some(TokenSource::Query), None] {
-            let head = head_for(req_clone(&req), source, "", false);
+        // Whatever the proxy read the token from, or for a public backend.
+        {
+            let head = head_for(req_clone(&req), "", false);
             assert!(!head.contains("v1."), "a token reached the backend: {head}");
             assert!(head.starts_with("GET /p?keep=1 HTTP/1.1\r\n"), "{head}");
             assert!(
@@ -757,7 +714,7 @@ mod tests {
             .header("host", "h")
             .body(())
             .unwrap();
-        assert!(head_for(only, None, "", false).starts_with("GET / HTTP/1.1\r\n"));
+        assert!(head_for(only, "", false).starts_with("GET / HTTP/1.1\r\n"));
     }
 
     fn req_clone(req: &Request<()>) -> Request<()> {
@@ -779,7 +736,7 @@ mod tests {
             .header("upgrade", "websocket")
             .body(())
             .unwrap();
-        let head = head_for(req, Some(TokenSource::Bearer), "bob", true);
+        let head = head_for(req, "bob", true);
         assert!(!head.contains("v1.secret"), "{head}");
         assert!(head.contains("upgrade: websocket\r\n"), "{head}");
         assert!(head.contains("connection: upgrade\r\n"), "{head}");
@@ -790,7 +747,7 @@ mod tests {
             .header("cookie", "hangar-token=v1.other")
             .body(())
             .unwrap();
-        let head = head_for(req, Some(TokenSource::Cookie), "bad\r\nx-evil: 1", false);
+        let head = head_for(req, "bad\r\nx-evil: 1", false);
         assert!(!head.contains("v1.secret"), "{head}");
         assert!(!head.contains("v1.other"), "{head}");
         assert_eq!(head.matches("cookie: ").count(), 1, "{head}");
@@ -803,7 +760,7 @@ mod tests {
 
         // HTTP/2 clients name the host in the target.
         let req = Request::get("http://b1.hangar.test/h2").body(()).unwrap();
-        let head = head_for(req, None, "", false);
+        let head = head_for(req, "", false);
         assert!(head.starts_with("GET /h2 HTTP/1.1\r\n"), "{head}");
         assert!(head.contains("host: b1.hangar.test\r\n"), "{head}");
         assert!(!head.contains("x-hangar-user"), "{head}");
