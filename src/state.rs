@@ -14,7 +14,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use base64::Engine;
-use hangar_store::{StoreLocation, TxnOp, TxnOutcome};
+use hangar_scheduler::records::KEYS_PREFIX;
+use hangar_store::{MAX_TXN_OPS, StoreLocation, TxnOp, TxnOutcome};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -23,10 +24,8 @@ use crate::cli::{StateExportArgs, StateImportArgs};
 
 /// The format this version writes and reads.
 const FORMAT: u64 = 1;
-/// Key records: `{backend, epoch}`.
-const KEYS_PREFIX: &str = "/hangar/keys/";
-/// Operations per import transaction (the store's limit is 128).
-const BATCH: usize = 100;
+/// Operations per import transaction (the store's limit).
+const BATCH: usize = MAX_TXN_OPS;
 /// Bytes of values per import transaction (etcd refuses requests over 1.5 MiB).
 const BATCH_BYTES: usize = 1024 * 1024;
 

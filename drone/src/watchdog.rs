@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 use hangar_core::BackendId;
 
+use crate::runtime::process::send_signal;
+
 /// What the watchdog kills for one backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -141,15 +143,8 @@ fn take_over(pid_file: &Path) {
             pid,
             "taking over from the previous agent run's fence watchdog"
         );
-        signal(pid, libc::SIGTERM);
+        let _ = send_signal(pid, libc::SIGTERM);
     }
-}
-
-fn signal(pid: i32, sig: libc::c_int) -> bool {
-    #[allow(unsafe_code)]
-    // SAFETY: kill has no memory-safety preconditions.
-    let rc = unsafe { libc::kill(pid, sig) };
-    rc == 0
 }
 
 /// One line of the watchdog's input.
@@ -203,7 +198,7 @@ impl Killer for SystemKiller {
     fn kill(&mut self, target: &Target) {
         match target {
             Target::ProcessGroup(pgid) => {
-                signal(-pgid, libc::SIGKILL);
+                let _ = send_signal(-pgid, libc::SIGKILL);
             }
             Target::Container(name) => {
                 let host = self

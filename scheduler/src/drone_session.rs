@@ -499,12 +499,7 @@ impl DroneSessions {
             Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<FromDrone>(&t) {
                 Ok(FromDrone::Hello(h)) => h,
                 _ => {
-                    let _ = socket
-                        .send(Message::Close(Some(axum::extract::ws::CloseFrame {
-                            code: 1002,
-                            reason: "the first message must be a hello".into(),
-                        })))
-                        .await;
+                    close(&mut socket, 1002, "the first message must be a hello").await;
                     return;
                 }
             },

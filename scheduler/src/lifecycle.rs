@@ -351,44 +351,46 @@ impl Backends {
         Ok(())
     }
 
+    /// Closes a backend whose agent run is gone, if the record still names that run.
+    pub async fn mark_lost(&self, id: &str, run_id: &str, why: &str) -> Result<bool, ApiError> {
+        self.close_run(id, run_id, TerminationReason::Lost, why)
+            .await
+    }
+
     /// Closes a backend of run `run_id` that its drone no longer runs although the record says
     /// it started (its exit event was lost): `failed`, with `why`.
     pub async fn close_gone(&self, id: &str, run_id: &str, why: &str) -> Result<bool, ApiError> {
-        let updated = self
-            .update(id, |r| {
-                if r.drone_run_id.as_deref() != Some(run_id) || !r.state.is_live() {
-                    return false;
-                }
-                r.state = BackendState::Terminated {
-                    reason: TerminationReason::Failed { exit_code: None },
-                };
-                r.message = Some(why.to_string());
-                true
-            })
-            .await?;
-        if updated.is_some() {
-            tracing::warn!(backend = %id, run_id, why, "backend gone");
-            self.activity.forget(id);
-        }
-        Ok(updated.is_some())
+        self.close_run(
+            id,
+            run_id,
+            TerminationReason::Failed { exit_code: None },
+            why,
+        )
+        .await
     }
 
-    /// Closes a backend whose agent run is gone, if the record still names that run.
-    pub async fn mark_lost(&self, id: &str, run_id: &str, why: &str) -> Result<bool, ApiError> {
+    /// Ends a live backend of run `run_id` for `reason`, if the record still names that run.
+    async fn close_run(
+        &self,
+        id: &str,
+        run_id: &str,
+        reason: TerminationReason,
+        why: &str,
+    ) -> Result<bool, ApiError> {
         let updated = self
             .update(id, |r| {
                 if r.drone_run_id.as_deref() != Some(run_id) || !r.state.is_live() {
                     return false;
                 }
                 r.state = BackendState::Terminated {
-                    reason: TerminationReason::Lost,
+                    reason: reason.clone(),
                 };
                 r.message = Some(why.to_string());
                 true
             })
             .await?;
         if updated.is_some() {
-            tracing::warn!(backend = %id, run_id, why, "backend lost");
+            tracing::warn!(backend = %id, run_id, %reason, why, "backend closed: its drone run no longer has it");
             self.activity.forget(id);
         }
         Ok(updated.is_some())

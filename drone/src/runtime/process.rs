@@ -200,7 +200,7 @@ fn configure_child(command: &mut Command) {
 }
 
 /// `kill(2)` that reports failure as an `io::Error`.
-fn send_signal(pid: libc::pid_t, signal: libc::c_int) -> io::Result<()> {
+pub(crate) fn send_signal(pid: libc::pid_t, signal: libc::c_int) -> io::Result<()> {
     #[allow(unsafe_code)]
     // SAFETY: kill has no memory-safety preconditions; callers only pass pids (or negated
     // process-group ids) of children that have not been reaped yet.

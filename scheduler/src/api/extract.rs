@@ -6,6 +6,9 @@ use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
 
+/// Largest request body accepted (and forwarded to the leader).
+pub(crate) const MAX_BODY: usize = 64 * 1024;
+
 /// A JSON body whose errors are API errors naming the offending field. An empty body is `{}`.
 pub struct ApiJson<T>(pub T);
 

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use http::Method;
 use http_body_util::{BodyExt, Full};
 
+use super::extract::MAX_BODY;
 use super::handles::Handles;
 use crate::error::ApiError;
 use crate::leader::{LeaderRecord, Role};
@@ -25,8 +26,6 @@ const LEADER_WAIT: Duration = Duration::from_secs(5);
 /// Longest the leader may take to answer a forwarded write (a connect may wait for a key's
 /// previous backend to stop).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest body forwarded (the API's own limit).
-const MAX_BODY: usize = 64 * 1024;
 
 /// Where a write goes: here (this instance leads) or to the leader.
 enum Target {

@@ -23,13 +23,11 @@ pub mod forward;
 mod handles;
 
 pub use extract::ApiJson;
+use extract::MAX_BODY;
 pub use handles::{Handles, forward_client};
 
 /// Longest `GET /v1/cluster` waits for each store read.
 const STORE_READ: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// Largest request body accepted.
-const MAX_BODY: usize = 64 * 1024;
 
 /// The API's routes.
 pub fn router(handles: Handles) -> Router {
@@ -85,39 +83,27 @@ async fn hot(State(h): State<Handles>) -> Json<HotList> {
 /// store answers.
 async fn cluster(State(h): State<Handles>) -> Json<ClusterView> {
     // An operator's view must answer even when the store does not: each read is bounded.
-    let bounded = STORE_READ;
-    let store = match tokio::time::timeout(bounded, h.store.revision()).await {
+    let store = match tokio::time::timeout(STORE_READ, h.store.revision()).await {
         Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no answer within {bounded:?}")),
+        Err(_) => Err(format!("no answer within {STORE_READ:?}")),
     };
-    let leader_kv = if store.is_ok() {
-        tokio::time::timeout(bounded, h.store.get(crate::leader::LEADER_KEY))
-            .await
-            .ok()
-            .and_then(Result::ok)
-    } else {
-        None
-    };
-    let leader = match Ok::<_, ()>(leader_kv.flatten()) {
-        Ok(Some(kv)) => serde_json::from_slice::<crate::leader::LeaderRecord>(&kv.value)
-            .ok()
-            .map(|r| LeaderView {
+    // Past a failed first read, the store is not asked again.
+    let up = store.is_ok();
+    let leader = bounded_read(up, h.store.get(crate::leader::LEADER_KEY))
+        .await
+        .flatten()
+        .and_then(|kv| {
+            let r = serde_json::from_slice::<crate::leader::LeaderRecord>(&kv.value).ok()?;
+            Some(LeaderView {
                 instance: r.instance,
                 api_url: r.api_url,
                 elected_at: r.elected_at,
                 term: kv.create_revision,
-            }),
-        _ => None,
-    };
-    let listing = if store.is_ok() {
-        tokio::time::timeout(bounded, h.store.list(crate::leader::INSTANCES_PREFIX))
-            .await
-            .unwrap_or_else(|_| Err(hangar_store::StoreError::Closed))
-    } else {
-        Err(hangar_store::StoreError::Closed)
-    };
+            })
+        });
+    let listing = bounded_read(up, h.store.list(crate::leader::INSTANCES_PREFIX)).await;
     let instances = match listing {
-        Ok(listing) => listing
+        Some(listing) => listing
             .kvs
             .iter()
             .filter_map(|kv| serde_json::from_slice::<crate::leader::LeaderRecord>(&kv.value).ok())
@@ -128,7 +114,7 @@ async fn cluster(State(h): State<Handles>) -> Json<ClusterView> {
                 started_at: r.elected_at,
             })
             .collect(),
-        Err(_) => Vec::new(),
+        None => Vec::new(),
     };
     Json(ClusterView {
         this_instance: h.leadership.instance().to_string(),
@@ -141,6 +127,21 @@ async fn cluster(State(h): State<Handles>) -> Json<ClusterView> {
             error: store.err(),
         },
     })
+}
+
+/// A store read for `GET /v1/cluster`: skipped when the store already failed, bounded by
+/// [`STORE_READ`].
+async fn bounded_read<T>(
+    up: bool,
+    read: impl std::future::Future<Output = hangar_store::StoreResult<T>>,
+) -> Option<T> {
+    if !up {
+        return None;
+    }
+    tokio::time::timeout(STORE_READ, read)
+        .await
+        .ok()
+        .and_then(Result::ok)
 }
 
 #[derive(serde::Serialize, serde::Deserialize, Debug)]
