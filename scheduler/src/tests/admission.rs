@@ -3,13 +3,12 @@
 //! bad hello is a refusal.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use hangar_core::drone::{Capacity, Hello};
 use hangar_core::token::TokenKey;
-use hangar_store::embedded::EmbeddedStore;
 
-use super::FlakyStore;
+use super::TestStore;
 use crate::drone_session::AdmitError;
 use crate::{ApiError, ManualClock, Scheduler, SchedulerConfig};
 
@@ -29,13 +28,8 @@ fn hello(name: &str) -> Hello {
 #[tokio::test]
 async fn a_store_hiccup_during_admission_is_transient_and_a_bad_hello_is_not() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(FlakyStore {
-        inner: EmbeddedStore::open_default(dir.path().join("s.redb"))
-            .await
-            .unwrap(),
-        failing: AtomicBool::new(true),
-        hang_keep_alives: AtomicBool::new(false),
-    });
+    let store = TestStore::open(dir.path()).await;
+    store.failing.store(true, Ordering::SeqCst);
     let sched = Scheduler::new(
         SchedulerConfig::new("hangar.test", "http://127.0.0.1:1"),
         store.clone(),

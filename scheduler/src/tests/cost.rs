@@ -2,95 +2,16 @@
 //! history of ended backends in the store, a pass reads no backend record from it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
-use async_trait::async_trait;
 use hangar_core::api::ConnectRequest;
 use hangar_core::token::TokenKey;
 use hangar_core::{BackendId, BackendState, KeyRef, TerminationReason};
-use hangar_store::embedded::EmbeddedStore;
-use hangar_store::{
-    CasOutcome, Compare, Expect, KeyValue, LeaseId, Listing, Revision, Store, StoreResult, TxnOp,
-    TxnOutcome, WatchStream,
-};
+use hangar_store::{Store, TxnOp, TxnOutcome};
 
-use super::hello;
-use crate::records::{BACKENDS_PREFIX, BackendRecord, ResolvedSpawn, backend_key};
+use super::{TestStore, hello};
+use crate::records::{BackendRecord, ResolvedSpawn, backend_key};
 use crate::{ManualClock, Scheduler, SchedulerConfig};
-
-/// The embedded store, counting the reads and deletes of backend records.
-struct CountingStore {
-    inner: Arc<EmbeddedStore>,
-    backend_lists: AtomicUsize,
-    backend_gets: AtomicUsize,
-    deletes: AtomicUsize,
-}
-
-#[async_trait]
-impl Store for CountingStore {
-    async fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
-        if key.starts_with(BACKENDS_PREFIX) {
-            self.backend_gets.fetch_add(1, Ordering::SeqCst);
-        }
-        self.inner.get(key).await
-    }
-    async fn put(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    ) -> StoreResult<Revision> {
-        self.inner.put(key, value, lease).await
-    }
-    async fn compare_and_swap(
-        &self,
-        key: &str,
-        expect: Expect,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    ) -> StoreResult<CasOutcome> {
-        self.inner.compare_and_swap(key, expect, value, lease).await
-    }
-    async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> StoreResult<TxnOutcome> {
-        let deletes = ops
-            .iter()
-            .filter(|op| matches!(op, TxnOp::Delete { .. }))
-            .count();
-        self.deletes.fetch_add(deletes, Ordering::SeqCst);
-        self.inner.txn(compares, ops).await
-    }
-    async fn delete(&self, key: &str) -> StoreResult<bool> {
-        self.inner.delete(key).await
-    }
-    async fn delete_if_revision(&self, key: &str, revision: Revision) -> StoreResult<bool> {
-        if key.starts_with(BACKENDS_PREFIX) {
-            self.deletes.fetch_add(1, Ordering::SeqCst);
-        }
-        self.inner.delete_if_revision(key, revision).await
-    }
-    async fn list(&self, prefix: &str) -> StoreResult<Listing> {
-        if prefix.starts_with(BACKENDS_PREFIX) {
-            self.backend_lists.fetch_add(1, Ordering::SeqCst);
-        }
-        self.inner.list(prefix).await
-    }
-    async fn watch(&self, prefix: &str, from: Revision) -> StoreResult<WatchStream> {
-        self.inner.watch(prefix, from).await
-    }
-    async fn revision(&self) -> StoreResult<Revision> {
-        self.inner.revision().await
-    }
-    async fn lease_grant(&self, ttl: Duration) -> StoreResult<LeaseId> {
-        self.inner.lease_grant(ttl).await
-    }
-    async fn lease_keep_alive(&self, lease: LeaseId) -> StoreResult<()> {
-        self.inner.lease_keep_alive(lease).await
-    }
-    async fn lease_revoke(&self, lease: LeaseId) -> StoreResult<()> {
-        self.inner.lease_revoke(lease).await
-    }
-}
 
 fn ended(i: usize, terminated_at: u64) -> BackendRecord {
     BackendRecord {
@@ -127,14 +48,7 @@ fn ended(i: usize, terminated_at: u64) -> BackendRecord {
 async fn a_reconciler_pass_reads_no_backend_history_and_removes_only_what_is_due() {
     const NOW: u64 = 100_000_000;
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(CountingStore {
-        inner: EmbeddedStore::open_default(dir.path().join("s.redb"))
-            .await
-            .unwrap(),
-        backend_lists: AtomicUsize::new(0),
-        backend_gets: AtomicUsize::new(0),
-        deletes: AtomicUsize::new(0),
-    });
+    let store = TestStore::open(dir.path()).await;
     // History: 2,000 ended backends, 5 of them past the retention.
     let mut cfg = SchedulerConfig::new("hangar.test", "http://127.0.0.1:1");
     cfg.defaults.command = Some(vec!["true".into()]);

@@ -12,7 +12,7 @@ use hangar_store::embedded::EmbeddedStore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{FlakyStore, hello};
+use super::{TestStore, hello};
 use crate::leader::{LEADER_KEY, Leadership, Role};
 use crate::{ApiError, Clock, ManualClock, Scheduler, SchedulerConfig};
 
@@ -149,13 +149,7 @@ async fn a_follower_does_not_place() {
 #[tokio::test(start_paused = true)]
 async fn a_leader_that_cannot_renew_steps_down_at_its_deadline() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(FlakyStore {
-        inner: EmbeddedStore::open_default(dir.path().join("s.redb"))
-            .await
-            .unwrap(),
-        failing: AtomicBool::new(false),
-        hang_keep_alives: AtomicBool::new(false),
-    });
+    let store = TestStore::open(dir.path()).await;
     let leader = instance(store.clone(), "a");
     let elected = leader.campaign().await.unwrap();
     assert!(elected.is_some());

@@ -14,7 +14,7 @@ mod races;
 mod session;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,6 +27,7 @@ use hangar_store::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::records::BACKENDS_PREFIX;
 use crate::{ManualClock, Scheduler, SchedulerConfig};
 
 /// A started scheduler on a fresh embedded store and a hand-moved clock; stop it with
@@ -89,15 +90,33 @@ fn hello(drone: &str, run: &str) -> Hello {
 }
 
 /// The embedded store, with puts that fail while `failing` is set (a store member that is
-/// briefly unreachable).
-struct FlakyStore {
+/// briefly unreachable), lease renewals that hang while `hang_keep_alives` is set, and
+/// counters of the reads and deletes of backend records.
+struct TestStore {
     inner: Arc<EmbeddedStore>,
     failing: AtomicBool,
     /// Lease renewals never answer while set.
     hang_keep_alives: AtomicBool,
+    backend_lists: AtomicUsize,
+    backend_gets: AtomicUsize,
+    deletes: AtomicUsize,
 }
 
-impl FlakyStore {
+impl TestStore {
+    /// A fresh embedded store in `dir`, healthy and with every counter at zero.
+    async fn open(dir: &std::path::Path) -> Arc<Self> {
+        Arc::new(Self {
+            inner: EmbeddedStore::open_default(dir.join("s.redb"))
+                .await
+                .unwrap(),
+            failing: AtomicBool::new(false),
+            hang_keep_alives: AtomicBool::new(false),
+            backend_lists: AtomicUsize::new(0),
+            backend_gets: AtomicUsize::new(0),
+            deletes: AtomicUsize::new(0),
+        })
+    }
+
     fn check(&self) -> StoreResult<()> {
         if self.failing.load(Ordering::SeqCst) {
             return Err(StoreError::Backend("connection refused".into()));
@@ -107,8 +126,11 @@ impl FlakyStore {
 }
 
 #[async_trait]
-impl Store for FlakyStore {
+impl Store for TestStore {
     async fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
+        if key.starts_with(BACKENDS_PREFIX) {
+            self.backend_gets.fetch_add(1, Ordering::SeqCst);
+        }
         self.inner.get(key).await
     }
     async fn put(
@@ -132,15 +154,26 @@ impl Store for FlakyStore {
     }
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> StoreResult<TxnOutcome> {
         self.check()?;
+        let deletes = ops
+            .iter()
+            .filter(|op| matches!(op, TxnOp::Delete { .. }))
+            .count();
+        self.deletes.fetch_add(deletes, Ordering::SeqCst);
         self.inner.txn(compares, ops).await
     }
     async fn delete(&self, key: &str) -> StoreResult<bool> {
         self.inner.delete(key).await
     }
     async fn delete_if_revision(&self, key: &str, revision: Revision) -> StoreResult<bool> {
+        if key.starts_with(BACKENDS_PREFIX) {
+            self.deletes.fetch_add(1, Ordering::SeqCst);
+        }
         self.inner.delete_if_revision(key, revision).await
     }
     async fn list(&self, prefix: &str) -> StoreResult<Listing> {
+        if prefix.starts_with(BACKENDS_PREFIX) {
+            self.backend_lists.fetch_add(1, Ordering::SeqCst);
+        }
         self.inner.list(prefix).await
     }
     async fn watch(&self, prefix: &str, from: Revision) -> StoreResult<WatchStream> {

@@ -1,20 +1,19 @@
 //! The drone session over a real WebSocket: an event is acknowledged only once it is written.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use futures_util::{SinkExt, StreamExt};
 use hangar_core::api::ConnectRequest;
 use hangar_core::drone::{BackendEvent, CLOSE_TRY_AGAIN, FromDrone, SchedulerMessage, ToDrone};
 use hangar_core::token::TokenKey;
 use hangar_core::{BackendState, KeyRef};
-use hangar_store::embedded::EmbeddedStore;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
 
-use super::{FlakyStore, hello};
+use super::{TestStore, hello};
 use crate::{ManualClock, Scheduler, SchedulerConfig};
 
 type Ws =
@@ -54,13 +53,7 @@ async fn send(ws: &mut Ws, m: &FromDrone) {
 #[tokio::test]
 async fn an_event_that_cannot_be_written_is_not_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(FlakyStore {
-        inner: EmbeddedStore::open_default(dir.path().join("s.redb"))
-            .await
-            .unwrap(),
-        failing: AtomicBool::new(false),
-        hang_keep_alives: AtomicBool::new(false),
-    });
+    let store = TestStore::open(dir.path()).await;
     let mut cfg = SchedulerConfig::new("hangar.test", "http://127.0.0.1:1");
     cfg.defaults.command = Some(vec!["true".into()]);
     cfg.drone_secret = Some("s3cret".into());
