@@ -138,6 +138,23 @@ impl Cluster {
         }
     }
 
+    /// Moves every key that `victim` serves off it (see [`Cluster::moved`]), then lets the
+    /// cut that began at `cut_at` last twice the TTL, past the fence deadline, however long
+    /// the moves took.
+    async fn move_off_and_outlast<K: AsRef<str>>(
+        &self,
+        keys: &mut [(K, ConnectResponse)],
+        victim: &str,
+        cut_at: Instant,
+    ) {
+        for (k, r) in keys.iter_mut() {
+            if self.drone_of(r).await == victim {
+                *r = self.moved(k.as_ref(), &r.backend_id).await;
+            }
+        }
+        tokio::time::sleep((TTL * 2).saturating_sub(cut_at.elapsed())).await;
+    }
+
     /// Which drone runs the backend.
     async fn drone_of(&self, r: &ConnectResponse) -> String {
         self.serve
@@ -222,13 +239,7 @@ async fn multihost_a_long_partition_fences_before_the_keys_move() {
         let cut = c.drone_host(&victim).clone();
         c.bed.partition(&cut, c.serve_host());
         let started = Instant::now();
-        for (k, r) in keys.iter_mut() {
-            if c.drone_of(r).await == victim {
-                *r = c.moved(k, &r.backend_id).await;
-            }
-        }
-        let remaining = (TTL * 2).saturating_sub(started.elapsed());
-        tokio::time::sleep(remaining).await;
+        c.move_off_and_outlast(&mut keys, &victim, started).await;
         c.bed.heal(&cut);
         c.serve.wait_drone(&victim, "ready").await;
         for (k, r) in &keys {
@@ -256,13 +267,7 @@ async fn multihost_a_drone_fences_again_after_an_earlier_fence() {
     for round in 0..2 {
         c.bed.partition(&cut, c.serve_host());
         let started = Instant::now();
-        for (k, r) in keys.iter_mut() {
-            if c.drone_of(r).await == victim {
-                *r = c.moved(k, &r.backend_id).await;
-            }
-        }
-        let remaining = (TTL * 2).saturating_sub(started.elapsed());
-        tokio::time::sleep(remaining).await;
+        c.move_off_and_outlast(&mut keys, &victim, started).await;
         c.bed.heal(&cut);
         c.serve.wait_drone(&victim, "ready").await;
         c.assert_no_overlap();
@@ -295,13 +300,7 @@ async fn multihost_a_hanging_reconnect_does_not_delay_the_fence() {
     let cut = c.drone_host(&victim).clone();
     c.bed.hang_connects(&cut, c.serve_host());
     let started = Instant::now();
-    for (k, r) in keys.iter_mut() {
-        if c.drone_of(r).await == victim {
-            *r = c.moved(k, &r.backend_id).await;
-        }
-    }
-    let remaining = (TTL * 2).saturating_sub(started.elapsed());
-    tokio::time::sleep(remaining).await;
+    c.move_off_and_outlast(&mut keys, &victim, started).await;
     c.bed.heal(&cut);
     c.serve.wait_drone(&victim, "ready").await;
     c.assert_no_overlap();
@@ -321,13 +320,7 @@ async fn multihost_a_paused_agent_is_fenced_by_its_watchdog() {
     let pid = c.drone_pid(&victim);
     send_signal(pid, libc::SIGSTOP);
     let started = Instant::now();
-    for (k, r) in keys.iter_mut() {
-        if c.drone_of(r).await == victim {
-            *r = c.moved(k, &r.backend_id).await;
-        }
-    }
-    let remaining = (TTL * 2).saturating_sub(started.elapsed());
-    tokio::time::sleep(remaining).await;
+    c.move_off_and_outlast(&mut keys, &victim, started).await;
     send_signal(pid, libc::SIGCONT);
     c.serve.wait_drone(&victim, "ready").await;
     for (_, r) in &keys {
