@@ -265,7 +265,7 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 
 fn print_drones(list: &DroneList) {
     println!(
-        "{:<14} {:<13} {:<8} {:<9} {:>10} {:>12} {:>6} {:>10}",
+        "{:<14} {:<13} {:<8} {:<9} {:>10} {:>12} {:>6} {:>10}  INSTANCE",
         "NAME", "STATE", "RUNTIME", "POOL", "CPU(m)", "MEMORY(MB)", "LIVE", "HEARTBEAT"
     );
     for d in &list.drones {
@@ -277,7 +277,7 @@ fn print_drones(list: &DroneList) {
             .map(|(_, n)| n)
             .sum();
         println!(
-            "{:<14} {:<13} {:<8} {:<9} {:>10} {:>12} {:>6} {:>10}",
+            "{:<14} {:<13} {:<8} {:<9} {:>10} {:>12} {:>6} {:>10}  {}",
             d.name,
             d.state,
             d.runtime.as_deref().unwrap_or("-"),
@@ -288,6 +288,7 @@ fn print_drones(list: &DroneList) {
             d.heartbeat_age_ms
                 .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
                 .unwrap_or_else(|| "-".into()),
+            d.instance.as_deref().unwrap_or("-"),
         );
         if let Some(m) = &d.message {
             println!("    {m}");

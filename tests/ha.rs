@@ -9,9 +9,9 @@
 //!
 //! What is asserted: killing the leader moves leadership within the leader TTL plus 1.5 s and
 //! loses no backend (same processes, counters continue); a rolling restart of every instance
-//! loses no session and fails no proxied request; a drone moves its session to the leader
-//! (which alone places backends, on the drones connected to it); killing etcd's leader member
-//! changes nothing in Hangar's leadership. Every wait polls a condition with a deadline.
+//! loses no session and fails no proxied request; a follower holding a drone's session relays
+//! the leader's commands to it, also one the leader wrote just before it was killed; killing
+//! etcd's leader member changes nothing in Hangar's leadership. Every wait polls a condition with a deadline.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -639,28 +639,70 @@ async fn ha_a_rolling_restart_keeps_every_session() {
     eprintln!("ha: leaders after each restart: {leaders:?}");
 }
 
-/// A drone whose first `--scheduler` URL is a follower ends up with its session on the
-/// leader (the follower names the leader, the drone opens a session there, then closes the
-/// first one), so that the leader can place backends on it.
+/// A drone whose session a follower holds runs what the leader decides: the leader places on
+/// it (it is in the store's drone records), writes spawns and stops into the backend records,
+/// and the follower relays them. A stop the leader wrote just before it was killed is carried
+/// out all the same (it is in the store, not in the dead leader's memory), and the failover
+/// kills nothing else on that drone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ha_a_drone_moves_its_session_to_the_leader() {
-    let plane = Plane::start(3).await;
-    // b (a follower) first, then a (the leader), then c.
-    let (a, b, c) = (plane.addrs[0].0, plane.addrs[1].0, plane.addrs[2].0);
-    let urls = format!("http://{b},http://{a},http://{c}");
-    let started = Instant::now();
-    let _drone = Drone::spawn_for(None, &urls, "d1", "process", plane.dir.path(), SMALL);
-    plane.dev(0).wait_drone("d1", "ready").await;
-    let took = started.elapsed();
-    // The follower's session ends once the drone is with the leader.
-    plane.dev(1).wait_drone("d1", "disconnected").await;
-    // A connect through the third instance is forwarded to the leader and placed there.
-    let r = plane.dev(2).connect_key("moved").await;
-    assert!(r.spawned);
-    plane.dev(2).wait_ready(r.backend_id.as_str()).await;
-    let d = plane.dev(2);
-    assert_eq!(wait_count(&d.http, d.proxy, &r).await, 1);
-    eprintln!("ha: the drone was ready on the leader {took:?} after it started");
+async fn ha_a_follower_relays_the_leaders_commands_to_its_drone() {
+    let mut plane = Plane::start(3).await;
+    // The drone knows only b (a follower): its session stays there whoever leads.
+    let b = plane.addrs[1].0;
+    let _drone = Drone::spawn_for(
+        None,
+        &format!("http://{b}"),
+        "d1",
+        "process",
+        plane.dir.path(),
+        SMALL,
+    );
+    let seen = plane.dev(0).wait_drone("d1", "ready").await;
+    assert_eq!(
+        seen.instance.as_deref(),
+        Some(plane.ids[1].as_str()),
+        "the leader lists the drone as held by b: {seen:?}"
+    );
+    // Connects through c are forwarded to the leader (a), placed on d1 and started through b.
+    let (sessions, counts) = connect_keys(&plane, &["relayed-1", "relayed-2"]).await;
+    // A stop accepted by the leader, which is killed right after answering.
+    let doomed = &sessions[0];
+    let url = plane
+        .dev(0)
+        .api_url(&format!("/v1/backends/{}/terminate", doomed.backend_id));
+    let accepted = plane
+        .dev(0)
+        .http
+        .post(url)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accepted.status(), 202);
+    plane.instances[0].as_mut().unwrap().kill9();
+    let ended = plane
+        .dev(2)
+        .wait_for(doomed.backend_id.as_str(), "terminated", |v| {
+            v.state.name() == "terminated"
+        })
+        .await;
+    // Its exit was reported by the drone (a backend closed any other way carries a message
+    // saying why); without the relay the stop would wait for the kill escalation, 30 s on.
+    assert_eq!(ended.message, None, "{ended:?}");
+    // The other backend lived through the failover, and the new leader places on d1 too.
+    let (leader, _) = plane.wait_leader(2, |l| l != plane.ids[0]).await;
+    let c = plane.dev(2);
+    let kept = &sessions[1];
+    assert_eq!(
+        count_via(&c.http, c.proxy, kept).await.unwrap(),
+        counts[1] + 1,
+        "same process, same counter"
+    );
+    let body = json!({"key": {"name": "relayed-3"}});
+    let (fresh, _) = connect_until(c, &body, Instant::now(), DEADLINE).await;
+    c.wait_ready(fresh.backend_id.as_str()).await;
+    assert_eq!(wait_count(&c.http, c.proxy, &fresh).await, 1);
+    eprintln!("ha: stop relayed after the leader's kill; new leader {leader}");
 }
 
 /// kill -9 of etcd's leader member: the same Hangar leader and term throughout, a connect

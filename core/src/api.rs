@@ -189,6 +189,9 @@ pub struct DroneView {
     pub drain_deadline_at: Option<UnixMillis>,
     /// Why the drone is unhealthy, if it is.
     pub message: Option<String>,
+    /// The control-plane instance holding its session.
+    #[serde(default)]
+    pub instance: Option<String>,
 }
 
 /// `GET /v1/drones`.

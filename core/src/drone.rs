@@ -174,11 +174,4 @@ pub enum ToDrone {
     Hold {
         for_ms: u64,
     },
-    /// From an instance that does not lead: the leader's API URL. Only the leader places
-    /// backends, on the drones whose sessions it holds, so a drone that lists that URL among
-    /// its schedulers opens a session there and then closes this one (it keeps this one if
-    /// the leader does not answer). Sent after the welcome and whenever the leader changes.
-    Leader {
-        api_url: String,
-    },
 }

@@ -2,10 +2,9 @@
 //! `Hello` with what it runs, renews its lease with heartbeats, forwards commands to the
 //! [`Agent`] and its events back, and reconnects with backoff, resending unacknowledged events.
 //!
-//! With several scheduler instances (`--scheduler a,b,c`) the drone tries them in turn; any
-//! instance keeps its lease, but only the leader places backends, on the drones whose sessions
-//! it holds. An instance that does not lead names the leader (`ToDrone::Leader`): if that is
-//! one of the drone's URLs, the drone opens a session there and only then closes the old one.
+//! With several scheduler instances (`--scheduler a,b,c`) the drone tries them in turn and stays
+//! with the first that admits it: any instance keeps its lease and relays the commands the
+//! leader writes into the records, so the drone moves only when its instance goes.
 //!
 //! Self-fencing ([`crate::fence`]): if the drone cannot renew its lease within three quarters
 //! of the lease TTL (measured on its own monotonic clock from the send time of the last
@@ -58,8 +57,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// A connection attempt (TCP, upgrade, hello, welcome) longer than this is abandoned.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long closing a session the drone leaves (for the leader's) may take.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The lease TTL assumed before the scheduler has said (for fencing before the first welcome).
 const DEFAULT_TTL: Duration = Duration::from_secs(10);
 /// How long a runtime health check may take before the runtime counts as unhealthy.
@@ -256,8 +253,6 @@ impl DroneSession {
         // Send times of heartbeats not yet acknowledged; the lease was renewed no earlier than
         // the send time of the one acknowledged last.
         let mut in_flight: VecDeque<Instant> = VecDeque::new();
-        // A leader URL named by the scheduler that is not among ours (warned about once).
-        let mut unlisted_leader: Option<String> = None;
         let result = loop {
             if ws.is_none() && Instant::now() >= next_attempt {
                 // The hello is sent after this: its admission granted a lease no earlier.
@@ -361,44 +356,6 @@ impl DroneSession {
                         Some(ToDrone::Welcome { .. }) => {}
                         Some(ToDrone::Hold { for_ms }) => {
                             fence.hold(Instant::now() + Duration::from_millis(for_ms));
-                        }
-                        Some(ToDrone::Leader { api_url }) => {
-                            // Only the leader places backends, on the drones connected to it:
-                            // move there if it is one of ours. The new session is opened
-                            // before this one is closed, within a quarter of the lease TTL
-                            // (the fence keeps running meanwhile); if the leader does not
-                            // answer, this session stays.
-                            let listed = session_url(&api_url)
-                                .and_then(|u| urls.iter().position(|mine| *mine == u));
-                            if listed.is_none() && unlisted_leader.as_deref() != Some(api_url.as_str()) {
-                                tracing::warn!(leader = %api_url, "the leading scheduler instance is not among --scheduler: no backend is placed on this drone until it is listed");
-                                unlisted_leader = Some(api_url);
-                            }
-                            if let Some(j) = listed.filter(|j| *j != at % urls.len()) {
-                                let attempt_at = Instant::now();
-                                let limit = (ttl / 4).min(CONNECT_TIMEOUT);
-                                match self.connect(&urls[j], &inventory, limit).await {
-                                    Ok((mut socket, lease_ttl, hb)) => {
-                                        if resend(&mut socket, &unacked).await {
-                                            metrics::counter!(SESSION_CONNECTS_TOTAL).increment(1);
-                                            if let Some(mut old) = ws.replace(socket) {
-                                                let _ = tokio::time::timeout(CLOSE_TIMEOUT, old.close(None)).await;
-                                            }
-                                            at = j;
-                                            ttl = lease_ttl;
-                                            heartbeat_every = hb;
-                                            backoff = BACKOFF_MIN;
-                                            fence.renewed(attempt_at, ttl);
-                                            in_flight.clear();
-                                            heartbeat_due = Instant::now() + heartbeat_every;
-                                            tracing::info!(scheduler = %urls[j], run_id = %self.run_id, "moved to the leading scheduler instance");
-                                        }
-                                    }
-                                    Err(Attempt::Retry(why) | Attempt::Fatal(why)) => {
-                                        tracing::warn!(leader = %urls[j], error = %why, "cannot reach the leading scheduler instance; staying with this one");
-                                    }
-                                }
-                            }
                         }
                         None => {
                             tracing::warn!("lost the scheduler session; reconnecting");

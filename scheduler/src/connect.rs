@@ -15,7 +15,7 @@ use crate::clock::Clock;
 use crate::config::SchedulerConfig;
 use crate::error::ApiError;
 use crate::leader::{LEADER_KEY, Leadership, Role};
-use crate::lifecycle::{Backends, decode_backend, encode};
+use crate::lifecycle::{decode_backend, encode};
 use crate::placement::Placement;
 use crate::records::{BackendRecord, KeyRecord, ResolvedSpawn, backend_key, key_key};
 use crate::routes::Routes;
@@ -117,7 +117,6 @@ pub struct Connector {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: Arc<SchedulerConfig>,
     pub(crate) token_key: TokenKey,
-    pub(crate) backends: Arc<Backends>,
     pub(crate) placement: Arc<Placement>,
     pub(crate) routes: Arc<Routes>,
     /// Placement is the leader's: a connect carries its fencing token.
@@ -250,6 +249,7 @@ impl Connector {
                 ready_at: None,
                 terminated_at: None,
                 terminating_at: None,
+                kill_requested_at: None,
                 message: None,
             };
             // 3. One transaction: the backend record and the key's claim, or neither (no orphan
@@ -270,6 +270,9 @@ impl Connector {
             let brev = match self.store.txn(compares, ops).await? {
                 TxnOutcome::Committed(r) => {
                     metrics::counter!(crate::metrics::LEADER_WRITES_TOTAL).increment(1);
+                    // The record is the spawn command: the instance holding the drone's
+                    // session relays it.
+                    metrics::counter!(crate::metrics::LEADER_COMMANDS_TOTAL).increment(1);
                     reservation.written(r);
                     r
                 }
@@ -286,7 +289,6 @@ impl Connector {
             // Answer only once the route table has the backend, so a client that uses the
             // URL right away finds it starting in the proxy instead of unknown.
             self.routes.wait_for(brev).await;
-            self.backends.send_spawn(&rec, &drone).await;
             metrics::counter!(crate::metrics::SPAWNS_TOTAL).increment(1);
             tracing::info!(backend = %rec.id, key = ?rec.key.as_ref().map(|k| k.to_string()), drone = %drone.name, "backend scheduled");
             return Ok(self.response(&rec, true, &user));

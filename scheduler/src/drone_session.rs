@@ -7,9 +7,9 @@
 //! the lease; commands carry ids and are acknowledged; events carry sequence numbers and are
 //! acknowledged after they are applied. Delivery is at-least-once and handling idempotent;
 //! whatever a broken session lost is re-sent level-triggered when the drone is admitted again
-//! (spawns of still-scheduled backends, stops of still-terminating ones). An instance that does
-//! not lead tells its drones where the leader is (`ToDrone::Leader`), so that they move their
-//! sessions there: placement only sees the drones connected to the leader.
+//! (spawns of still-scheduled backends, stops of still-terminating ones). A session may be held
+//! by any instance: the leader places on the drones of the store's records and writes commands
+//! into backend records, and the instance holding the session relays them ([`crate::relay`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -31,7 +31,6 @@ use crate::config::SchedulerConfig;
 use crate::drones::{DroneConn, DroneRegistry, DroneStatus};
 use crate::error::ApiError;
 use crate::hot_state::HotShards;
-use crate::leader::{Leadership, Role};
 use crate::lifecycle::Backends;
 use crate::maintenance::Maintenance;
 use crate::records::{DroneRecord, drone_key};
@@ -45,7 +44,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub(crate) struct Admitted {
     /// Commands for the drone.
-    pub(crate) commands: mpsc::Receiver<SchedulerMessage>,
+    pub(crate) commands: mpsc::UnboundedReceiver<SchedulerMessage>,
     pub(crate) status: Arc<DroneStatus>,
     /// The registry's number for this session.
     pub(crate) session: u64,
@@ -195,7 +194,13 @@ impl DroneSessions {
     pub async fn attach(
         self: &Arc<Self>,
         hello: Hello,
-    ) -> Result<(mpsc::Receiver<SchedulerMessage>, mpsc::Sender<DroneMessage>), AdmitError> {
+    ) -> Result<
+        (
+            mpsc::UnboundedReceiver<SchedulerMessage>,
+            mpsc::Sender<DroneMessage>,
+        ),
+        AdmitError,
+    > {
         let admitted = self.admit(&hello, false).await?;
         let cmd_rx = admitted.commands;
         let session = admitted.session;
@@ -281,12 +286,14 @@ impl DroneSessions {
         Ok(())
     }
 
-    async fn admit_locked(
+    /// The drone record of `hello`'s run, held by this instance.
+    fn drone_record(
         &self,
         hello: &Hello,
         lease: Option<LeaseId>,
-    ) -> Result<Admitted, AdmitError> {
-        let rec = DroneRecord {
+        unhealthy: Option<String>,
+    ) -> DroneRecord {
+        DroneRecord {
             name: hello.drone.clone(),
             run_id: hello.run_id.clone(),
             runtime: hello.runtime.clone(),
@@ -295,13 +302,66 @@ impl DroneSessions {
             connected_at: self.clock.now_ms(),
             lease,
             host: hello.host.clone(),
-        };
+            unhealthy,
+            instance: Some(self.config.instance_id.clone()),
+        }
+    }
+
+    async fn admit_locked(
+        &self,
+        hello: &Hello,
+        lease: Option<LeaseId>,
+    ) -> Result<Admitted, AdmitError> {
+        let rec = self.drone_record(hello, lease, hello.unhealthy.clone());
         let value = serde_json::to_vec(&rec).unwrap_or_default();
         self.store
             .put(&drone_key(&hello.drone), value, lease)
             .await
             .map_err(|e| AdmitError::step("write the drone record", e.into()))?;
+        // The session is registered before the records are read: a command the relay sees
+        // from now on reaches it, and one written before is in the listing below, so none
+        // falls between the two (one in both is sent twice, which the agent ignores).
+        let (tx, rx) = mpsc::unbounded_channel();
+        let status = Arc::new(DroneStatus::default());
+        status.set_unhealthy(hello.unhealthy.clone());
+        status.heartbeat(self.clock.now_ms());
+        let session = self.drones.insert(DroneConn {
+            name: hello.drone.clone(),
+            run_id: hello.run_id.clone(),
+            runtime: hello.runtime.clone(),
+            pool: hello.pool.clone(),
+            capacity: hello.capacity,
+            tx: tx.clone(),
+            status: status.clone(),
+            leased: lease.is_some(),
+            session: 0,
+        });
+        match self.settle_inventory(hello, &tx).await {
+            Ok(adopted) => {
+                tracing::info!(drone = %hello.drone, run_id = %hello.run_id, runtime = %hello.runtime, adopted, "drone admitted");
+                Ok(Admitted {
+                    commands: rx,
+                    status,
+                    session,
+                    lease,
+                })
+            }
+            Err(e) => {
+                self.drones.remove_session(&hello.drone, session);
+                Err(e)
+            }
+        }
+    }
 
+    /// Re-adopts the backends the drone reports that records still assign to it, closes the
+    /// records of this drone that it no longer runs, and queues on `tx` what a broken session
+    /// may have lost (what the records of this run ask for) and stops of backends nobody
+    /// wants. Returns how many backends it runs that records want.
+    async fn settle_inventory(
+        &self,
+        hello: &Hello,
+        tx: &mpsc::UnboundedSender<SchedulerMessage>,
+    ) -> Result<usize, AdmitError> {
         let inventory: BTreeMap<&str, &hangar_core::drone::InventoryItem> = hello
             .inventory
             .iter()
@@ -343,23 +403,18 @@ impl DroneSessions {
                     }
                 }
                 // A stop that the old run may never have carried out is sent again.
-                if matches!(b.state, BackendState::Terminating { .. }) {
-                    resend.push(SchedulerMessage::Terminate {
-                        backend: b.id.clone(),
-                        hard: false,
-                    });
+                if matches!(b.state, BackendState::Terminating { .. })
+                    && let Some(stop) = b.command(self.config.startup_timeout)
+                {
+                    resend.push(stop);
                 }
             } else if same_run {
                 // A reconnect of the same run: re-send what may have been lost. Anything else
                 // it runs is settled by the events it re-sends (they are buffered until acked).
                 match &b.state {
-                    BackendState::Scheduled => {
-                        resend.push(SchedulerMessage::Spawn(self.backends.spawn_command(&b)))
+                    BackendState::Scheduled | BackendState::Terminating { .. } => {
+                        resend.extend(b.command(self.config.startup_timeout))
                     }
-                    BackendState::Terminating { .. } => resend.push(SchedulerMessage::Terminate {
-                        backend: b.id.clone(),
-                        hard: false,
-                    }),
                     // It had an address, so the drone listed it while it ran: gone now, and
                     // its exit was never applied.
                     BackendState::Waiting | BackendState::Ready => {
@@ -398,31 +453,10 @@ impl DroneSessions {
             }
         }
 
-        let (tx, rx) = mpsc::channel(DRONE_CHANNEL.max(resend.len() + 16));
-        let status = Arc::new(DroneStatus::default());
-        status.set_unhealthy(hello.unhealthy.clone());
-        status.heartbeat(self.clock.now_ms());
         for m in resend {
-            let _ = tx.try_send(m);
+            let _ = tx.send(m);
         }
-        let session = self.drones.insert(DroneConn {
-            name: hello.drone.clone(),
-            run_id: hello.run_id.clone(),
-            runtime: hello.runtime.clone(),
-            pool: hello.pool.clone(),
-            capacity: hello.capacity,
-            tx,
-            status: status.clone(),
-            leased: lease.is_some(),
-            session: 0,
-        });
-        tracing::info!(drone = %hello.drone, run_id = %hello.run_id, runtime = %hello.runtime, adopted = wanted.len(), "drone admitted");
-        Ok(Admitted {
-            commands: rx,
-            status,
-            session,
-            lease,
-        })
+        Ok(wanted.len())
     }
 
     /// Closes every live backend of drone run `run_id` as lost (its lease expired).
@@ -490,10 +524,9 @@ fn encode(m: &ToDrone) -> Message {
 
 impl DroneSessions {
     /// Serves one network drone session until the socket closes, the lease is lost or the
-    /// scheduler shuts down. While this instance does not lead, the drone is told where the
-    /// leader is (`ToDrone::Leader`): only the leader places backends, on the drones whose
-    /// sessions it holds.
-    pub async fn serve(&self, mut socket: WebSocket, leadership: Arc<Leadership>) {
+    /// scheduler shuts down. Any instance may hold it: commands come from the records
+    /// ([`crate::relay`]), whoever leads.
+    pub async fn serve(&self, mut socket: WebSocket) {
         let inner = self;
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, socket.recv()).await {
             Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<FromDrone>(&t) {
@@ -536,19 +569,8 @@ impl DroneSessions {
             return;
         }
         let mut holds = inner.maintenance.subscribe();
-        // The leader's URL while another instance leads: sent after the welcome (the first
-        // tick is immediate), when the leader changes, and again every lease TTL (a drone that
-        // could not reach the leader tries again; one that moved is gone from here).
-        let mut roles = leadership.subscribe();
-        let leader_url = |role: &Role| match role {
-            Role::Follower {
-                leader: Some(leader),
-            } if leader.instance != leadership.instance() => Some(leader.api_url.clone()),
-            _ => None,
-        };
-        let mut hint_every = tokio::time::interval(ttl);
-        hint_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut hinted: Option<String> = None;
+        // Its record as placement on every instance sees it; rewritten when its health changes.
+        let mut record = inner.drone_record(&hello, Some(lease), hello.unhealthy.clone());
         let mut next_id: u64 = 0;
         let mut unacked: BTreeMap<u64, SchedulerMessage> = BTreeMap::new();
         let reason = loop {
@@ -560,25 +582,6 @@ impl DroneSessions {
                         let sent = socket.send(encode(&m)).await.is_ok();
                         inner.maintenance.delivered();
                         if !sent {
-                            break "send failed";
-                        }
-                    }
-                }
-                _ = hint_every.tick() => {
-                    hinted = leader_url(&roles.borrow_and_update());
-                    if let Some(api_url) = hinted.clone()
-                        && socket.send(encode(&ToDrone::Leader { api_url })).await.is_err()
-                    {
-                        break "send failed";
-                    }
-                }
-                Ok(()) = roles.changed() => {
-                    let now = leader_url(&roles.borrow_and_update());
-                    if now != hinted {
-                        hinted = now;
-                        if let Some(api_url) = hinted.clone()
-                            && socket.send(encode(&ToDrone::Leader { api_url })).await.is_err()
-                        {
                             break "send failed";
                         }
                     }
@@ -614,6 +617,15 @@ impl DroneSessions {
                             if let Err(e) = inner.store.lease_keep_alive(lease).await {
                                 tracing::warn!(drone = %hello.drone, error = %e, "drone lease expired; closing its session");
                                 break "lease expired";
+                            }
+                            if unhealthy != record.unhealthy {
+                                let mut next = record.clone();
+                                next.unhealthy = unhealthy.clone();
+                                let value = serde_json::to_vec(&next).unwrap_or_default();
+                                match inner.store.put(&drone_key(&hello.drone), value, Some(lease)).await {
+                                    Ok(_) => record = next,
+                                    Err(e) => tracing::warn!(drone = %hello.drone, error = %e, "cannot record the drone's health; retrying at its next heartbeat"),
+                                }
                             }
                             status.set_unhealthy(unhealthy);
                             status.heartbeat(inner.clock.now_ms());

@@ -1,17 +1,23 @@
-//! Connected drones: the command channel of each session and the run id of the agent process
-//! behind it, plus what placement needs (capacity, pool, health).
+//! Drones: the sessions this instance holds ([`DroneRegistry`]: the command channel of each and
+//! the run id of the agent process behind it) and every drone of the cluster
+//! ([`DroneDirectory`]: the store's drone records, whichever instance holds their sessions,
+//! merged with this instance's own), which is what placement and the monitor choose from.
 //!
 //! In `hangar dev` the one embedded drone is attached in-process; network drones attach when
-//! their session's `Hello` is admitted. A drone's `run_id` changes with every agent process,
-//! which is how the scheduler tells a restarted agent from a reconnecting one.
+//! their session's `Hello` is admitted, on any instance. A drone's `run_id` changes with every
+//! agent process, which is how the scheduler tells a restarted agent from a reconnecting one.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use hangar_core::UnixMillis;
 use hangar_core::drone::{Capacity, SchedulerMessage};
+use hangar_store::Store;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::records::{DRONES_PREFIX, DroneRecord};
 
 /// A session's changing state, shared between the session task and readers.
 #[derive(Debug, Default)]
@@ -50,7 +56,9 @@ pub struct DroneConn {
     pub runtime: String,
     pub pool: String,
     pub capacity: Capacity,
-    pub tx: mpsc::Sender<SchedulerMessage>,
+    /// Unbounded: what is queued is bounded by the drone's records in transition, and the
+    /// relay and admission must never wait on a slow session (it ends with its lease).
+    pub tx: mpsc::UnboundedSender<SchedulerMessage>,
     pub status: Arc<DroneStatus>,
     /// A network drone with a session lease and heartbeats; `false` for the in-process drone
     /// of `hangar dev`.
@@ -126,12 +134,139 @@ impl DroneRegistry {
     }
 }
 
+/// A drone placement may choose: where it runs, what it can hold and whether it can take work.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DroneInfo {
+    pub name: String,
+    pub run_id: String,
+    pub runtime: String,
+    pub pool: String,
+    pub capacity: Capacity,
+    /// Why its runtime cannot take work, if it cannot.
+    pub unhealthy: Option<String>,
+}
+
+impl DroneInfo {
+    fn of_record(r: &DroneRecord) -> Self {
+        DroneInfo {
+            name: r.name.clone(),
+            run_id: r.run_id.clone(),
+            runtime: r.runtime.clone(),
+            pool: r.pool.clone(),
+            capacity: r.capacity,
+            unhealthy: r.unhealthy.clone(),
+        }
+    }
+
+    fn of_session(c: &DroneConn) -> Self {
+        DroneInfo {
+            name: c.name.clone(),
+            run_id: c.run_id.clone(),
+            runtime: c.runtime.clone(),
+            pool: c.pool.clone(),
+            capacity: c.capacity,
+            unhealthy: c.status.unhealthy(),
+        }
+    }
+}
+
+/// Every drone of the cluster: the leased drone records in the store (a record lives as long
+/// as its session's lease, on whichever instance holds the session), with this instance's own
+/// sessions taking precedence (they are current before their record's watch event arrives,
+/// and an in-process drone's record has no lease, so only the process that runs it counts it).
+/// A record naming this instance as the holder of a session it does not hold (the session
+/// ended, or this instance restarted, and the lease has not run out yet) is a drone known to
+/// be disconnected, and left out.
+pub struct DroneDirectory {
+    local: Arc<DroneRegistry>,
+    /// This instance's id, as drone records name their holder.
+    instance: String,
+    /// A std lock held only to swap or clone the `Arc`.
+    records: RwLock<Arc<BTreeMap<String, DroneRecord>>>,
+    /// Set once the records were listed.
+    loaded: AtomicBool,
+}
+
+impl DroneDirectory {
+    pub fn new(local: Arc<DroneRegistry>, instance: String) -> Self {
+        DroneDirectory {
+            local,
+            instance,
+            records: RwLock::default(),
+            loaded: AtomicBool::new(false),
+        }
+    }
+
+    /// Every drone, by name.
+    pub fn all(&self) -> Vec<DroneInfo> {
+        let records = self.records();
+        let mut by_name: BTreeMap<String, DroneInfo> = records
+            .values()
+            .filter(|r| self.held_elsewhere(r))
+            .map(|r| (r.name.clone(), DroneInfo::of_record(r)))
+            .collect();
+        for conn in self.local.all() {
+            by_name.insert(conn.name.clone(), DroneInfo::of_session(&conn));
+        }
+        by_name.into_values().collect()
+    }
+
+    /// The drone `name`, if it is connected to any instance.
+    pub fn get(&self, name: &str) -> Option<DroneInfo> {
+        if let Some(conn) = self.local.get(name) {
+            return Some(DroneInfo::of_session(&conn));
+        }
+        self.records()
+            .get(&crate::records::drone_key(name))
+            .filter(|r| self.held_elsewhere(r))
+            .map(DroneInfo::of_record)
+    }
+
+    /// Whether `r` is a live session of another instance (as far as the store knows).
+    fn held_elsewhere(&self, r: &DroneRecord) -> bool {
+        r.lease.is_some() && r.instance.as_deref() != Some(self.instance.as_str())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.all().is_empty()
+    }
+
+    /// Whether the store's drone records were read at least once.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    fn records(&self) -> Arc<BTreeMap<String, DroneRecord>> {
+        self.records
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the mirrored records (keyed by store key).
+    pub(crate) fn publish(&self, records: &BTreeMap<String, DroneRecord>) {
+        *self.records.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(records.clone());
+        self.loaded.store(true, Ordering::Release);
+    }
+
+    /// Mirrors the store's drone records until `cancel` fires.
+    pub async fn follow(&self, store: Arc<dyn Store>, cancel: CancellationToken) {
+        hangar_store::mirror::mirror_prefix::<DroneRecord>(
+            store.as_ref(),
+            DRONES_PREFIX,
+            cancel,
+            |records, _| self.publish(records),
+        )
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn conn(run: &str) -> (DroneConn, mpsc::Receiver<SchedulerMessage>) {
-        let (tx, rx) = mpsc::channel(1);
+    fn conn(run: &str) -> (DroneConn, mpsc::UnboundedReceiver<SchedulerMessage>) {
+        let (tx, rx) = mpsc::unbounded_channel();
         let conn = DroneConn {
             name: "d1".into(),
             run_id: run.into(),
@@ -171,5 +306,64 @@ mod tests {
         assert!(registry.get("d1").is_some());
         registry.remove_run("d1", "r1");
         assert!(registry.is_empty());
+    }
+
+    fn record(name: &str, run: &str, lease: Option<u64>) -> DroneRecord {
+        DroneRecord {
+            name: name.into(),
+            run_id: run.into(),
+            runtime: "process".into(),
+            pool: "default".into(),
+            capacity: Capacity::default(),
+            connected_at: 0,
+            lease,
+            host: None,
+            unhealthy: Some("docker is down".into()),
+            instance: Some("b".into()),
+        }
+    }
+
+    /// The directory is the store's leased records plus this instance's own sessions, which
+    /// win over a record of the same name; an unleased record (an in-process drone) counts
+    /// only in the process that runs it, and a record of a session this instance held but
+    /// holds no more (a restart within the lease) not at all.
+    #[test]
+    fn the_directory_merges_records_and_own_sessions() {
+        let registry = Arc::new(DroneRegistry::default());
+        let dir = DroneDirectory::new(registry.clone(), "a".into());
+        assert!(dir.is_empty() && !dir.is_loaded());
+        let records: BTreeMap<String, DroneRecord> = [
+            record("d1", "r1", Some(7)),
+            record("d2", "r2", Some(8)),
+            record("local", "old", None),
+            DroneRecord {
+                instance: Some("a".into()),
+                ..record("gone", "r3", Some(9))
+            },
+        ]
+        .into_iter()
+        .map(|r| (crate::records::drone_key(&r.name), r))
+        .collect();
+        dir.publish(&records);
+        assert!(dir.is_loaded());
+        let names: Vec<String> = dir.all().into_iter().map(|d| d.name).collect();
+        assert_eq!(
+            names,
+            ["d1", "d2"],
+            "the unleased record of another process and a session this instance no longer \
+             holds are left out"
+        );
+        assert_eq!(
+            dir.get("d2").and_then(|d| d.unhealthy).as_deref(),
+            Some("docker is down")
+        );
+        // A session held here wins: its run and its current health.
+        let (mut here, _rx) = conn("r9");
+        here.name = "d2".into();
+        registry.insert(here);
+        let d2 = dir.get("d2").unwrap();
+        assert_eq!((d2.run_id.as_str(), d2.unhealthy), ("r9", None));
+        assert!(dir.get("local").is_none());
+        assert_eq!(dir.all().len(), 2);
     }
 }

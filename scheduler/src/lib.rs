@@ -37,6 +37,7 @@ pub mod monitor;
 pub mod placement;
 pub mod reconciler;
 pub mod records;
+pub mod relay;
 pub mod revocations;
 pub mod routes;
 mod scheduler;

@@ -1,24 +1,24 @@
-//! Backend records and their lifecycle: reading and updating records, terminating (the record
-//! change and the stop sent to the drone), applying drone events, closing backends whose drone
+//! Backend records and their lifecycle: reading and updating records, terminating (the stop
+//! written into the record, for the relay to send), applying drone events, closing backends whose drone
 //! run is gone. Every write is a compare-and-swap on the record's revision, and every state
 //! change is checked by [`check_transition`], so that concurrent writers (API calls, drone
 //! events, the reconciler, other scheduler instances) can only ever move a record forward.
 //!
 //! [`Backends`] is the only writer of backend records after they are created (by
-//! [`crate::connect`]); it reads the drone registry only to send commands.
+//! [`crate::connect`]); it sends nothing to drones: commands are in the records
+//! ([`crate::relay`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use hangar_core::drone::{BackendEvent, SchedulerMessage, SpawnCommand};
+use hangar_core::drone::BackendEvent;
 use hangar_core::lifecycle::check_transition;
-use hangar_core::{BackendId, BackendState, KeyRef, TerminationReason};
+use hangar_core::{BackendId, BackendState, TerminationReason};
 use hangar_store::{Compare, KeyValue, Store, TxnOp, TxnOutcome};
 
 use crate::activity::ActivityBook;
 use crate::clock::Clock;
 use crate::config::SchedulerConfig;
-use crate::drones::{DroneConn, DroneRegistry};
 use crate::error::ApiError;
 use crate::records::{BackendRecord, Stored, backend_key, list_backends};
 
@@ -40,8 +40,6 @@ pub struct Backends {
     config: Arc<SchedulerConfig>,
     /// Forgotten when a backend ends.
     activity: Arc<ActivityBook>,
-    /// Read only, to send commands to the drone that runs a backend.
-    drones: Arc<DroneRegistry>,
     /// The leader's fencing token every write compares, for a leader's view; `None` for
     /// writes any instance may make (drone events and admission on the instance holding the
     /// session).
@@ -54,14 +52,12 @@ impl Backends {
         clock: Arc<dyn Clock>,
         config: Arc<SchedulerConfig>,
         activity: Arc<ActivityBook>,
-        drones: Arc<DroneRegistry>,
     ) -> Self {
         Backends {
             store,
             clock,
             config,
             activity,
-            drones,
             fence: None,
         }
     }
@@ -79,31 +75,6 @@ impl Backends {
         revision: hangar_store::Revision,
     ) -> Result<bool, ApiError> {
         self.write(key, revision, None).await
-    }
-
-    /// The spawn command for a backend record.
-    pub(crate) fn spawn_command(&self, rec: &BackendRecord) -> SpawnCommand {
-        SpawnCommand {
-            backend: rec.id.clone(),
-            key: rec.key.as_ref().map(KeyRef::to_string),
-            epoch: rec.epoch,
-            command: rec.spawn.command.clone(),
-            image: rec.spawn.image.clone(),
-            env: rec.spawn.env.clone(),
-            resources: rec.spawn.resources,
-            startup_timeout_ms: self.config.startup_timeout.as_millis() as u64,
-        }
-    }
-
-    /// Sends a spawn for a backend the leader placed.
-    pub(crate) async fn send_spawn(&self, rec: &BackendRecord, drone: &DroneConn) {
-        metrics::counter!(crate::metrics::LEADER_COMMANDS_TOTAL).increment(1);
-        let cmd = self.spawn_command(rec);
-        if drone.tx.send(SchedulerMessage::Spawn(cmd)).await.is_err() {
-            // The drone went away between placement and send; the reconciler closes the
-            // record as lost when the drone's absence is confirmed.
-            tracing::warn!(backend = %rec.id, drone = %drone.name, "drone disconnected before spawn");
-        }
     }
 
     /// Reads a backend record.
@@ -206,73 +177,79 @@ impl Backends {
         }
     }
 
-    /// Asks for a backend to stop for `reason`. Terminal and terminating backends are left
-    /// alone (the first reason wins). Returns the record after the call.
+    /// Asks for a backend to stop for `reason` (`hard`: kill it at once). The request is
+    /// written into the record, and the instance holding the session of the drone run that
+    /// has the backend relays it ([`crate::relay`]); if that run is not connected right now,
+    /// the record stays `terminating` (its process may still run, so its key stays held) until
+    /// the run reconnects and gets the stop, or its lease expires and the backend is closed as
+    /// lost. Ended and terminating backends keep their first reason; a hard terminate of a
+    /// terminating backend still escalates its stop to a kill. Returns the record after the
+    /// call.
     pub async fn terminate(
         &self,
         id: &str,
         reason: TerminationReason,
         hard: bool,
     ) -> Result<BackendRecord, ApiError> {
+        let now = self.clock.now_ms();
         let updated = self
             .update(id, |r| {
-                if !r.holds_key() {
+                if r.holds_key() {
+                    r.state = BackendState::Terminating {
+                        reason: reason.clone(),
+                    };
+                } else if !(hard && r.escalates_to_kill()) {
                     return false;
                 }
-                r.state = BackendState::Terminating {
-                    reason: reason.clone(),
-                };
+                if hard {
+                    r.kill_requested_at = Some(now);
+                }
                 true
             })
             .await?;
-        let rec = match updated {
-            Some(rec) => rec,
-            None => match self.get(id).await? {
-                Some((rec, _)) => {
-                    // Already terminating: a hard terminate still escalates to a kill.
-                    if hard && matches!(rec.state, BackendState::Terminating { .. }) {
-                        self.send_terminate(&rec, true).await?;
-                    }
-                    return Ok(rec);
-                }
-                None => return Err(ApiError::NotFound(format!("no backend {id}"))),
-            },
-        };
-        tracing::info!(backend = %rec.id, %reason, "terminating backend");
-        self.send_terminate(&rec, hard).await?;
-        self.get(id)
-            .await?
-            .map(|(r, _)| r)
-            .ok_or_else(|| ApiError::NotFound(format!("no backend {id}")))
+        match updated {
+            Some(rec) => {
+                tracing::info!(backend = %rec.id, %reason, hard, "terminating backend");
+                self.count_command();
+                Ok(rec)
+            }
+            None => self
+                .get(id)
+                .await?
+                .map(|(r, _)| r)
+                .ok_or_else(|| ApiError::NotFound(format!("no backend {id}"))),
+        }
     }
 
-    /// Sends the stop to the backend's drone. Returns whether it was sent: if the agent run
-    /// that has the backend is not connected right now, the record stays `terminating` (its
-    /// process may still run, so its key stays held): the stop is sent again when that run
-    /// reconnects, and if it never does, its lease expires and the backend is closed as lost.
-    pub async fn send_terminate(&self, rec: &BackendRecord, hard: bool) -> Result<bool, ApiError> {
-        let conn = rec
-            .drone
-            .as_deref()
-            .and_then(|d| self.drones.get(d))
-            .filter(|c| Some(&c.run_id) == rec.drone_run_id.as_ref());
-        let sent = match conn {
-            Some(c) => {
-                c.tx.send(SchedulerMessage::Terminate {
-                    backend: rec.id.clone(),
-                    hard,
-                })
-                .await
-                .is_ok()
-            }
-            None => false,
-        };
-        if !sent {
-            tracing::info!(backend = %rec.id, drone = ?rec.drone, "its drone is not connected; the stop is sent when it reconnects");
-        } else if self.fence.is_some() {
+    /// Escalates the stop of a `terminating` backend to a kill, once per terminate timeout
+    /// (the reconciler calls it on every pass while the stop is overdue). Returns whether
+    /// the kill was requested now.
+    pub(crate) async fn request_kill(&self, id: &str) -> Result<bool, ApiError> {
+        let now = self.clock.now_ms();
+        let again_after = self.config.terminate_timeout.as_millis() as u64;
+        let written = self
+            .update(id, |r| {
+                let due = r
+                    .kill_requested_at
+                    .is_none_or(|at| now.saturating_sub(at) >= again_after);
+                if !matches!(r.state, BackendState::Terminating { .. }) || !due {
+                    return false;
+                }
+                r.kill_requested_at = Some(now);
+                true
+            })
+            .await?;
+        if written.is_some() {
+            self.count_command();
+        }
+        Ok(written.is_some())
+    }
+
+    /// Counts a command written as the leader.
+    pub(crate) fn count_command(&self) {
+        if self.fence.is_some() {
             metrics::counter!(crate::metrics::LEADER_COMMANDS_TOTAL).increment(1);
         }
-        Ok(sent)
     }
 
     /// Applies one event from drone `drone` (agent run `run_id`). Events from a run other than

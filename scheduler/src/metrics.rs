@@ -34,8 +34,10 @@ pub const LEASE_EXPIRIES_TOTAL: &str = "hangar_scheduler_lease_expiries_total";
 pub const LEADER_WRITES_TOTAL: &str = "hangar_leader_writes_total";
 /// Leader writes the store refused because the term had ended (fenced).
 pub const FENCED_WRITES_TOTAL: &str = "hangar_leader_fenced_writes_total";
-/// Commands (spawn, stop) this instance sent to drones as the leader.
+/// Commands (spawn, stop, kill) this instance wrote into backend records as the leader.
 pub const LEADER_COMMANDS_TOTAL: &str = "hangar_leader_commands_total";
+/// Commands this instance relayed from backend records to the drone sessions it holds.
+pub const RELAYED_COMMANDS_TOTAL: &str = "hangar_relayed_commands_total";
 /// Backends that ended, by reason.
 pub const TERMINATIONS_TOTAL: &str = "hangar_scheduler_terminations_total";
 /// Idle backends stopped to relieve a hot drone (`--relieve-hot`).
@@ -78,7 +80,11 @@ pub fn describe() {
     );
     describe_counter!(
         LEADER_COMMANDS_TOTAL,
-        "Commands (spawn, stop) this instance sent to drones as the leader."
+        "Commands (spawn, stop, kill) this instance wrote into backend records as the leader, each fenced by its term's token."
+    );
+    describe_counter!(
+        RELAYED_COMMANDS_TOTAL,
+        "Commands relayed from backend records to the drone sessions this instance holds, by command."
     );
     describe_counter!(
         CONNECTS_TOTAL,

@@ -20,7 +20,7 @@ use crate::activity::ActivityBook;
 use crate::clock::Clock;
 use crate::config::SchedulerConfig;
 use crate::drains::Drains;
-use crate::drones::{DroneConn, DroneRegistry};
+use crate::drones::{DroneDirectory, DroneInfo, DroneRegistry};
 pub use crate::hot::ReliefConfig;
 use crate::hot::{BackendInput, DroneInput, Evaluation, Neighbour, plan_relief};
 use crate::hot_state::HotShards;
@@ -88,7 +88,10 @@ pub(crate) struct MonitorParts {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) hot: Arc<HotShards>,
     pub(crate) routes: Arc<Routes>,
-    pub(crate) drones: Arc<DroneRegistry>,
+    /// Every drone of the cluster: evaluated, and candidates for relief.
+    pub(crate) drones: Arc<DroneDirectory>,
+    /// The sessions this instance holds: their drones' gauges are published here.
+    pub(crate) sessions: Arc<DroneRegistry>,
     pub(crate) drains: Arc<Drains>,
     pub(crate) backends: Arc<Backends>,
     pub(crate) activity: Arc<ActivityBook>,
@@ -209,7 +212,7 @@ impl Monitor {
     fn publish_drones(
         &mut self,
         now: UnixMillis,
-        drones: &[DroneConn],
+        drones: &[DroneInfo],
         loads: &[Amounts],
         eval: &Evaluation,
         dir: &Directory,
@@ -222,7 +225,20 @@ impl Monitor {
                 states.entry(d).or_default()[i] += 1;
             }
         }
-        let connected: HashSet<&str> = drones.iter().map(|d| d.name.as_str()).collect();
+        // Each drone's gauges come from the instance holding its session (which has its
+        // heartbeats and usage), so that a scrape of every instance counts each drone once.
+        let held: HashMap<String, crate::drones::DroneConn> = self
+            .parts
+            .sessions
+            .all()
+            .into_iter()
+            .map(|c| (c.name.clone(), c))
+            .collect();
+        let connected: HashSet<&str> = drones
+            .iter()
+            .map(|d| d.name.as_str())
+            .filter(|n| held.contains_key(*n))
+            .collect();
         self.drones.retain(|name, (_, g)| {
             let keep = connected.contains(name.as_str());
             if !keep {
@@ -231,6 +247,9 @@ impl Monitor {
             keep
         });
         for (d, load) in drones.iter().zip(loads) {
+            let Some(conn) = held.get(&d.name) else {
+                continue;
+            };
             let stale = self
                 .drones
                 .get(&d.name)
@@ -253,8 +272,8 @@ impl Monitor {
             for (gauge, n) in g.by_state.iter().zip(counts) {
                 gauge.set(n as f64);
             }
-            let age = if d.leased {
-                now.saturating_sub(d.status.last_heartbeat()) as f64 / 1000.0
+            let age = if conn.leased {
+                now.saturating_sub(conn.status.last_heartbeat()) as f64 / 1000.0
             } else {
                 0.0
             };
@@ -274,7 +293,7 @@ impl Monitor {
         now: UnixMillis,
         eval: &Evaluation,
         dir: &Directory,
-        drones: &[DroneConn],
+        drones: &[DroneInfo],
         relief: &ReliefConfig,
     ) {
         let Some(token) = self.parts.leadership.token() else {
@@ -315,7 +334,7 @@ impl Monitor {
                         && o.runtime == d.runtime
                         && !hot_drones.contains(o.name.as_str())
                         && !self.parts.drains.is_draining(&o.name)
-                        && o.status.unhealthy().is_none()
+                        && o.unhealthy.is_none()
                 })
             })
             .collect();

@@ -18,7 +18,7 @@ use rand::Rng;
 pub use crate::config::Need;
 use crate::config::SchedulerConfig;
 use crate::drains::Drains;
-use crate::drones::{DroneConn, DroneRegistry};
+use crate::drones::{DroneDirectory, DroneInfo};
 use crate::error::ApiError;
 use crate::hot_state::HotShards;
 use crate::records::ResolvedSpawn;
@@ -204,15 +204,16 @@ pub fn choose<'a>(
     }
 }
 
-/// Chooses drones for new backends from what the other components publish: connected drones,
-/// their reservations (the route publisher's load), drains and hot drones.
+/// Chooses drones for new backends from what the other components publish: every drone of the
+/// cluster (its session on any instance), their reservations (the route publisher's load),
+/// drains and hot drones.
 ///
 /// The route publisher's load lags a placement by a store write and a publish, so placement
 /// also counts what it placed itself and the table does not show yet (its *pending*
 /// reservations): concurrent connects see each other's choices and never overcommit a drone.
 pub struct Placement {
     config: Arc<SchedulerConfig>,
-    drones: Arc<DroneRegistry>,
+    drones: Arc<DroneDirectory>,
     routes: Arc<Routes>,
     drains: Arc<Drains>,
     hot: Arc<HotShards>,
@@ -241,7 +242,7 @@ struct PendingEntry {
 pub struct Reservation {
     placement: Arc<Placement>,
     id: u64,
-    pub drone: DroneConn,
+    pub drone: DroneInfo,
 }
 
 impl Reservation {
@@ -266,7 +267,7 @@ impl Drop for Reservation {
 impl Placement {
     pub fn new(
         config: Arc<SchedulerConfig>,
-        drones: Arc<DroneRegistry>,
+        drones: Arc<DroneDirectory>,
         routes: Arc<Routes>,
         drains: Arc<Drains>,
         hot: Arc<HotShards>,
@@ -314,7 +315,7 @@ impl Placement {
         &self,
         spawn: &ResolvedSpawn,
         pending: &[PendingEntry],
-    ) -> Result<DroneConn, ApiError> {
+    ) -> Result<DroneInfo, ApiError> {
         let drones = self.drones.all();
         if drones.is_empty() {
             metrics::counter!(crate::metrics::PLACEMENT_FAILURES_TOTAL, "reason" => "no_drone")
@@ -347,7 +348,7 @@ impl Placement {
                     },
                 ),
                 draining: self.drains.is_draining(&d.name),
-                unhealthy: d.status.unhealthy(),
+                unhealthy: d.unhealthy.clone(),
                 hot: hot.contains(&d.name),
             })
             .collect();

@@ -190,7 +190,7 @@ impl Reconciler {
                         .await?;
                 }
                 Action::Kill => {
-                    if self.backends.send_terminate(rec, true).await? {
+                    if self.backends.request_kill(rec.id.as_str()).await? {
                         tracing::warn!(backend = %rec.id, "stop did not complete in time; killing");
                     }
                 }
@@ -252,6 +252,7 @@ mod tests {
             ready_at: Some(S),
             terminated_at: None,
             terminating_at: None,
+            kill_requested_at: None,
             message: None,
         }
     }

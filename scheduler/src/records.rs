@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use hangar_core::api::{BackendView, Resources};
+use hangar_core::drone::{SchedulerMessage, SpawnCommand};
 use hangar_core::route::{Route, RouteState};
 use hangar_core::{BackendId, BackendState, KeyRef, UnixMillis};
 use std::collections::BTreeMap;
@@ -63,6 +64,10 @@ pub struct BackendRecord {
     /// When terminating began (for repeating a stop that does not complete).
     #[serde(default)]
     pub terminating_at: Option<UnixMillis>,
+    /// When the leader escalated the stop to a kill (the stop did not complete in time): the
+    /// instance holding the drone's session relays a hard stop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kill_requested_at: Option<UnixMillis>,
     pub message: Option<String>,
 }
 
@@ -102,6 +107,34 @@ impl BackendRecord {
             drone: self.drone.as_deref().map(Into::into),
             pool: Some(self.spawn.pool.as_str().into()),
         }
+    }
+
+    /// What this record asks of the drone run it names, if anything: a `scheduled` backend is
+    /// to be started, a `terminating` one stopped (killed once the leader escalated). The
+    /// instance holding that run's session relays it ([`crate::relay`]).
+    pub fn command(&self, startup_timeout: std::time::Duration) -> Option<SchedulerMessage> {
+        match self.state {
+            BackendState::Scheduled => Some(SchedulerMessage::Spawn(SpawnCommand {
+                backend: self.id.clone(),
+                key: self.key.as_ref().map(KeyRef::to_string),
+                epoch: self.epoch,
+                command: self.spawn.command.clone(),
+                image: self.spawn.image.clone(),
+                env: self.spawn.env.clone(),
+                resources: self.spawn.resources,
+                startup_timeout_ms: startup_timeout.as_millis() as u64,
+            })),
+            BackendState::Terminating { .. } => Some(SchedulerMessage::Terminate {
+                backend: self.id.clone(),
+                hard: self.kill_requested_at.is_some(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Whether a hard stop would change this record: it is stopping and no kill was asked yet.
+    pub fn escalates_to_kill(&self) -> bool {
+        matches!(self.state, BackendState::Terminating { .. }) && self.kill_requested_at.is_none()
     }
 
     /// True while this backend holds its key: not yet terminating or terminated.
@@ -147,6 +180,12 @@ pub struct DroneRecord {
     /// The host the agent runs on, as it said in its hello.
     #[serde(default)]
     pub host: Option<String>,
+    /// Why its runtime cannot take work (e.g. Docker is down), as its last heartbeat said.
+    #[serde(default)]
+    pub unhealthy: Option<String>,
+    /// The control-plane instance holding its session (which relays commands to it).
+    #[serde(default)]
+    pub instance: Option<String>,
 }
 
 /// A drain in progress: placement avoids the drone; at `deadline_at` its remaining backends

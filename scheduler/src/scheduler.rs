@@ -1,17 +1,19 @@
 //! The `Scheduler`: the composition root of the control plane. It builds every component once,
-//! hands each only the components it needs, starts the background tasks (route publisher,
-//! reconciler, drone-loss watch, monitor, revocations) and serves the API.
+//! hands each only the components it needs, starts the background tasks (route publisher, drone
+//! directory, command relay, reconciler, drone-loss watch, monitor, revocations) and serves
+//! the API.
 //!
 //! Components, lowest first (each is the only writer of its state):
 //! - [`ActivityBook`]: proxies' activity reports (idle timeouts);
-//! - [`DroneRegistry`]: connected drones and their command channels (written by
-//!   [`DroneSessions`]);
+//! - [`DroneRegistry`]: the drone sessions held here and their command channels (written by
+//!   [`DroneSessions`]); [`DroneDirectory`]: every drone of the cluster (store records);
 //! - [`Routes`]: the route table, per-drone load, live-backend directory and route deltas
 //!   (written by the route publisher, `routes::RouteFeed`);
 //! - [`Drains`], [`HotShards`], [`Revocations`];
 //! - [`Backends`]: backend records and their lifecycle; [`Placement`]; [`Connector`];
 //! - [`DroneSessions`]: admission, sessions, drone loss;
-//! - the reconciler and the monitor, background loops over the above.
+//! - the command relay (records to the sessions held here), the reconciler and the monitor,
+//!   background loops over the above.
 //!
 //! Which of these is process-local (and so must move or be rebuilt when several instances run)
 //! is recorded in ARCHITECTURE.md.
@@ -38,7 +40,7 @@ use crate::connect::Connector;
 use crate::dns_records::AcmeFeed;
 use crate::drains::Drains;
 use crate::drone_session::DroneSessions;
-use crate::drones::DroneRegistry;
+use crate::drones::{DroneDirectory, DroneRegistry};
 use crate::error::ApiError;
 use crate::hot_state::HotShards;
 use crate::leader::{LeaderTasks, Leadership};
@@ -47,6 +49,7 @@ use crate::maintenance::Maintenance;
 use crate::monitor::{Monitor, MonitorParts};
 use crate::placement::Placement;
 use crate::reconciler::Reconciler;
+use crate::relay::CommandRelay;
 use crate::revocations::{Revocations, RevocationsRx};
 use crate::routes::{RouteFeed, Routes};
 
@@ -69,6 +72,10 @@ impl Scheduler {
 
         let activity = Arc::new(ActivityBook::default());
         let drones = Arc::new(DroneRegistry::default());
+        let directory = Arc::new(DroneDirectory::new(
+            drones.clone(),
+            config.instance_id.clone(),
+        ));
         let routes = Arc::new(Routes::default());
         let drains = Arc::new(Drains::new(store.clone()));
         let hot = Arc::new(HotShards::new(
@@ -87,11 +94,10 @@ impl Scheduler {
             clock.clone(),
             config.clone(),
             activity.clone(),
-            drones.clone(),
         ));
         let placement = Arc::new(Placement::new(
             config.clone(),
-            drones.clone(),
+            directory.clone(),
             routes.clone(),
             drains.clone(),
             hot.clone(),
@@ -108,7 +114,6 @@ impl Scheduler {
             clock: clock.clone(),
             config: config.clone(),
             token_key: token_key.clone(),
-            backends: backends.clone(),
             placement: placement.clone(),
             routes: routes.clone(),
             leadership: leadership.clone(),
@@ -139,6 +144,7 @@ impl Scheduler {
                 backends,
                 sessions,
                 drones,
+                directory,
                 drains,
                 routes,
                 hot,
@@ -162,6 +168,18 @@ impl Scheduler {
         let feed = RouteFeed::new(h.store.clone(), h.config.clone(), h.routes.clone());
         let initial = feed.load().await?;
         h.tasks.spawn(feed.run(initial, cancel.clone()));
+
+        // Every drone of the cluster, for placement; and the commands in backend records,
+        // relayed to the drone sessions held here, whoever leads.
+        let (directory, store, c) = (h.directory.clone(), h.store.clone(), cancel.clone());
+        h.tasks
+            .spawn(async move { directory.follow(store, c).await });
+        let relay = CommandRelay {
+            config: h.config.clone(),
+            drones: h.drones.clone(),
+        };
+        let (store, c) = (h.store.clone(), cancel.clone());
+        h.tasks.spawn(async move { relay.run(store, c).await });
 
         // Leadership: a first campaign before serving, so a single instance leads (and has
         // closed what a previous run left) before any request arrives.
@@ -233,7 +251,8 @@ impl Scheduler {
             clock: h.clock.clone(),
             hot: h.hot.clone(),
             routes: h.routes.clone(),
-            drones: h.drones.clone(),
+            drones: h.directory.clone(),
+            sessions: h.drones.clone(),
             drains: h.drains.clone(),
             backends: h.backends.clone(),
             activity: h.activity.clone(),
@@ -320,7 +339,7 @@ impl Scheduler {
 
     /// True once routes are loaded and at least one drone is attached.
     pub fn is_ready(&self) -> bool {
-        self.handles.routes.is_ready() && !self.handles.drones.is_empty()
+        self.handles.routes.is_ready() && !self.handles.directory.is_empty()
     }
 
     /// Attaches a drone whose agent runs in this process (dev mode). Returns the channel the
@@ -328,7 +347,13 @@ impl Scheduler {
     pub async fn attach_drone(
         &self,
         hello: Hello,
-    ) -> Result<(mpsc::Receiver<SchedulerMessage>, mpsc::Sender<DroneMessage>), ApiError> {
+    ) -> Result<
+        (
+            mpsc::UnboundedReceiver<SchedulerMessage>,
+            mpsc::Sender<DroneMessage>,
+        ),
+        ApiError,
+    > {
         Ok(self.handles.sessions.attach(hello).await?)
     }
 

@@ -104,7 +104,7 @@ impl Dev {
 struct EmbeddedDrone {
     agent: Agent,
     runtime: Arc<ProcessRuntime>,
-    commands: mpsc::Receiver<SchedulerMessage>,
+    commands: mpsc::UnboundedReceiver<SchedulerMessage>,
     events: mpsc::Sender<DroneMessage>,
     usage_interval: Duration,
 }
@@ -168,8 +168,19 @@ impl EmbeddedDrone {
             self.usage_interval,
             cancel.clone(),
         ));
+        // The scheduler queues commands without waiting; the agent reads a bounded channel,
+        // as it does behind a network session.
+        let (tx, rx) = mpsc::channel(1024);
+        let mut commands = self.commands;
+        tasks.spawn(async move {
+            while let Some(m) = commands.recv().await {
+                if tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+        });
         let agent_cancel = agent_cancel.clone();
-        tasks.spawn(self.agent.run(self.commands, self.events, agent_cancel))
+        tasks.spawn(self.agent.run(rx, self.events, agent_cancel))
     }
 }
 

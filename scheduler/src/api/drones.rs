@@ -39,10 +39,11 @@ pub(crate) async fn connect(
     }
     let sessions = h.sessions.clone();
     let tasks = h.tasks.clone();
-    let leadership = h.leadership.clone();
-    Ok(ws.on_upgrade(move |socket| async move {
-        tasks.track_future(sessions.serve(socket, leadership)).await
-    }))
+    Ok(
+        ws.on_upgrade(
+            move |socket| async move { tasks.track_future(sessions.serve(socket)).await },
+        ),
+    )
 }
 
 /// `GET /v1/drones`.
@@ -72,11 +73,13 @@ pub(crate) async fn list(State(h): State<Handles>) -> Result<Json<DroneList>, Ap
         .into_iter()
         .map(|name| {
             let rec = records.get(&name);
+            // Connected to any instance; the heartbeat's age is known where the session is.
+            let info = h.directory.get(&name);
             let conn = h.drones.get(&name);
             let drain = drains.get(&name);
             let live_here = live.get(&name).copied().unwrap_or(0);
-            let unhealthy = conn.as_ref().and_then(|c| c.status.unhealthy());
-            let state = match (&conn, drain) {
+            let unhealthy = info.as_ref().and_then(|i| i.unhealthy.clone());
+            let state = match (&info, drain) {
                 (_, Some(_)) if live_here == 0 => "drained",
                 (_, Some(_)) => "draining",
                 (None, None) => "disconnected",
@@ -97,6 +100,9 @@ pub(crate) async fn list(State(h): State<Handles>) -> Result<Json<DroneList>, Ap
                 }),
                 drain_deadline_at: drain.and_then(|d| d.deadline_at),
                 message: unhealthy,
+                instance: rec
+                    .filter(|_| info.is_some())
+                    .and_then(|r| r.instance.clone()),
                 name,
             }
         })
@@ -132,7 +138,7 @@ pub(crate) async fn undrain(
 }
 
 async fn known_drone(h: &Handles, name: &str) -> Result<(), ApiError> {
-    let known = h.drones.get(name).is_some()
+    let known = h.directory.get(name).is_some()
         || h.store.get(&drone_key(name)).await?.is_some()
         || h.store.get(&drain_key(name)).await?.is_some();
     if known {

@@ -19,7 +19,7 @@ use crate::config::SchedulerConfig;
 use crate::connect::Connector;
 use crate::drains::Drains;
 use crate::drone_session::DroneSessions;
-use crate::drones::DroneRegistry;
+use crate::drones::{DroneDirectory, DroneRegistry};
 use crate::hot_state::HotShards;
 use crate::leader::Leadership;
 use crate::lifecycle::Backends;
@@ -39,7 +39,10 @@ pub struct Handles {
     pub connector: Arc<Connector>,
     pub backends: Arc<Backends>,
     pub sessions: Arc<DroneSessions>,
+    /// The drone sessions this instance holds.
     pub drones: Arc<DroneRegistry>,
+    /// Every drone of the cluster.
+    pub directory: Arc<DroneDirectory>,
     pub drains: Arc<Drains>,
     pub routes: Arc<Routes>,
     pub hot: Arc<HotShards>,

@@ -68,7 +68,7 @@ async fn readyz(State(h): State<Handles>) -> Result<&'static str, ApiError> {
     if !h.routes.is_ready() {
         return Err(ApiError::Unavailable("routes are not loaded yet".into()));
     }
-    if h.drones.is_empty() {
+    if h.directory.is_empty() {
         return Err(ApiError::Unavailable("no drone is connected".into()));
     }
     Ok("ready")

@@ -40,6 +40,7 @@ fn ended(i: usize, terminated_at: u64) -> BackendRecord {
         ready_at: None,
         terminated_at: Some(terminated_at),
         terminating_at: None,
+        kill_requested_at: None,
         message: None,
     }
 }

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use hangar_core::api::ConnectRequest;
 use hangar_core::token::TokenKey;
-use hangar_core::{BackendState, KeyRef, TerminationReason};
+use hangar_core::{BackendState, TerminationReason};
 use hangar_store::Store;
 use hangar_store::embedded::EmbeddedStore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{TestStore, hello};
+use super::{TestStore, hello, key};
 use crate::leader::{LEADER_KEY, Leadership, Role};
 use crate::{ApiError, Clock, ManualClock, Scheduler, SchedulerConfig};
 
@@ -55,15 +55,7 @@ async fn one_leads_and_a_deposed_leaders_writes_are_fenced() {
         .admit(&hello("d1", "r1"), false)
         .await
         .unwrap();
-    let r = a
-        .handles()
-        .connector
-        .connect(ConnectRequest {
-            key: Some(KeyRef::new("default", "doc")),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let r = a.handles().connector.connect(key("doc")).await.unwrap();
 
     let b = instance(store.clone(), "b");
     assert!(b.campaign().await.unwrap().is_none());
@@ -234,15 +226,7 @@ async fn a_new_term_gives_drones_one_ttl_before_declaring_them_lost() {
         .admit(&hello("d1", "r1"), true)
         .await
         .unwrap();
-    let r = s
-        .handles()
-        .connector
-        .connect(ConnectRequest {
-            key: Some(KeyRef::new("default", "doc")),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let r = s.handles().connector.connect(key("doc")).await.unwrap();
     // While nobody watched, the drone's lease ran out: its record is gone.
     store.lease_revoke(admitted.lease.unwrap()).await.unwrap();
     let elected_at = clock.now_ms();

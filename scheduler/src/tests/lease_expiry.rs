@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use hangar_core::api::ConnectRequest;
 use hangar_core::drone::SchedulerMessage;
-use hangar_core::{BackendState, KeyRef, TerminationReason};
+use hangar_core::{BackendState, TerminationReason};
 use hangar_store::Store;
 
-use super::{Fixture, hello};
+use super::{Fixture, hello, key};
 use crate::Scheduler;
 
 async fn state_of(s: &Scheduler, id: &str) -> BackendState {
@@ -35,15 +35,7 @@ async fn an_expired_lease_closes_the_runs_backends_as_lost() {
         .unwrap();
     let lease = admitted.lease.unwrap();
     let mut commands = admitted.commands;
-    let a = sched
-        .handles()
-        .connector
-        .connect(ConnectRequest {
-            key: Some(KeyRef::new("default", "a")),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let a = sched.handles().connector.connect(key("a")).await.unwrap();
     assert!(matches!(
         commands.recv().await,
         Some(SchedulerMessage::Spawn(_))

@@ -11,6 +11,7 @@ mod leader;
 mod lease_expiry;
 mod monitor;
 mod races;
+mod relay;
 mod session;
 
 use std::sync::Arc;
@@ -68,6 +69,14 @@ impl Fixture {
     async fn stop(self) {
         self.cancel.cancel();
         self.sched.wait().await;
+    }
+}
+
+/// A connect for key `name` in the default namespace.
+fn key(name: &str) -> hangar_core::api::ConnectRequest {
+    hangar_core::api::ConnectRequest {
+        key: Some(hangar_core::KeyRef::new("default", name)),
+        ..Default::default()
     }
 }
 

@@ -12,6 +12,7 @@ use hangar_core::{BackendState, KeyRef, TerminationReason};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use tokio_util::sync::CancellationToken;
 
+use super::key;
 use crate::hot::HotConfig;
 use crate::hot::ReliefConfig;
 use crate::metrics as m;
@@ -233,10 +234,7 @@ async fn a_hot_backend_is_flagged_gauged_listed_and_its_idle_neighbours_relocate
     let again = sched
         .handles()
         .connector
-        .connect(ConnectRequest {
-            key: Some(KeyRef::new("default", "idle1")),
-            ..Default::default()
-        })
+        .connect(key("idle1"))
         .await
         .unwrap();
     assert!(again.spawned);

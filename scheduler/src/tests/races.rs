@@ -3,23 +3,15 @@
 
 use std::time::Duration;
 
-use hangar_core::api::ConnectRequest;
 use hangar_core::drone::{BackendEvent, InventoryItem, SchedulerMessage};
-use hangar_core::{BackendId, BackendState, KeyRef, TerminationReason};
+use hangar_core::{BackendId, BackendState, TerminationReason};
 use tokio::sync::mpsc;
 
-use super::{Fixture, hello};
+use super::{Fixture, hello, key};
 use crate::ApiError;
 use crate::Scheduler;
 use crate::drone_session::AdmitError;
 use hangar_store::Store;
-
-fn key(name: &str) -> ConnectRequest {
-    ConnectRequest {
-        key: Some(KeyRef::new("default", name)),
-        ..Default::default()
-    }
-}
 
 async fn state_of(s: &Scheduler, id: &BackendId) -> BackendState {
     s.handles()
@@ -49,7 +41,7 @@ async fn run_to_ready(s: &Scheduler, drone: &str, run: &str, id: &BackendId) {
 }
 
 /// The commands queued for a drone right now.
-fn queued(commands: &mut mpsc::Receiver<SchedulerMessage>) -> Vec<SchedulerMessage> {
+fn queued(commands: &mut mpsc::UnboundedReceiver<SchedulerMessage>) -> Vec<SchedulerMessage> {
     let mut out = Vec::new();
     while let Ok(m) = commands.try_recv() {
         out.push(m);

@@ -4,16 +4,15 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures_util::{SinkExt, StreamExt};
-use hangar_core::api::ConnectRequest;
+use hangar_core::BackendState;
 use hangar_core::drone::{BackendEvent, CLOSE_TRY_AGAIN, FromDrone, SchedulerMessage, ToDrone};
 use hangar_core::token::TokenKey;
-use hangar_core::{BackendState, KeyRef};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
 
-use super::{TestStore, hello};
+use super::{TestStore, hello, key};
 use crate::{ManualClock, Scheduler, SchedulerConfig};
 
 type Ws =
@@ -73,15 +72,7 @@ async fn an_event_that_cannot_be_written_is_not_acknowledged() {
     };
 
     let mut ws = session(api).await;
-    let a = sched
-        .handles()
-        .connector
-        .connect(ConnectRequest {
-            key: Some(KeyRef::new("default", "doc")),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let a = sched.handles().connector.connect(key("doc")).await.unwrap();
     let Some(ToDrone::Command {
         id,
         message: SchedulerMessage::Spawn(spawn),
