@@ -73,6 +73,10 @@ pub enum Command {
     /// Export the store as JSON lines, or import such an export into an empty store.
     #[command(subcommand)]
     State(StateCommand),
+    /// Maintenance windows: a promise that no drone is declared lost before the window ends,
+    /// so that every session survives a stop of the whole control plane within it.
+    #[command(subcommand)]
+    Maintenance(MaintenanceCommand),
     /// Run a data-plane proxy that follows a scheduler's route feed.
     Proxy(ProxyArgs),
     /// Revoke a token, or every token of a user (or of anyone) for a backend.
@@ -749,6 +753,25 @@ pub struct FenceWatchdogArgs {
     /// The Docker engine whose containers it may have to kill.
     #[arg(long)]
     pub docker_host: Option<String>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum MaintenanceCommand {
+    /// Begin a window (or lengthen the one in force; a window is never shortened): drones
+    /// hold their fence until it ends, and no drone is declared lost before then. Stop and
+    /// start the control plane within it.
+    Start(MaintenanceStartArgs),
+    /// Show the window in force, if any.
+    Status(ClientOnlyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MaintenanceStartArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// How long (e.g. 90s, 10m, 1h; at most 7 days).
+    #[arg(long = "for", value_name = "DURATION")]
+    pub length: String,
 }
 
 #[derive(Debug, clap::Subcommand)]

@@ -10,6 +10,7 @@ use hangar_core::api::{
     ErrorBody, SpawnSpec, TerminateRequest,
 };
 use hangar_core::{BackendState, KeyRef};
+use hangar_scheduler::api::{MaintenanceRequest, MaintenanceView};
 use serde::de::DeserializeOwned;
 
 use crate::cli::{
@@ -390,6 +391,42 @@ pub async fn revoke(args: crate::cli::RevokeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `hangar hot`: what the hot-shard detector flags now, and why.
+fn print_maintenance(view: &MaintenanceView) {
+    match &view.window {
+        Some(w) => println!(
+            "maintenance window in force: no drone is declared lost for {:.0}s more (until {} ms since the epoch)",
+            w.until.saturating_sub(view.now) as f64 / 1000.0,
+            w.until
+        ),
+        None => println!("no maintenance window in force"),
+    }
+}
+
+pub async fn maintenance_start(args: crate::cli::MaintenanceStartArgs) -> anyhow::Result<ExitCode> {
+    let for_s = parse_duration_s(&args.length).map_err(crate::ConfigError)?;
+    let api = Api::new(&args.client)?;
+    let view: MaintenanceView = api
+        .post("/v1/maintenance", &MaintenanceRequest { for_s })
+        .await?;
+    if args.client.json {
+        print_json(&view)?;
+    } else {
+        print_maintenance(&view);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn maintenance_status(args: ClientOnlyArgs) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&args.client)?;
+    let view: MaintenanceView = api.get("/v1/maintenance").await?;
+    if args.client.json {
+        print_json(&view)?;
+    } else {
+        print_maintenance(&view);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn cluster(args: ClientOnlyArgs) -> anyhow::Result<ExitCode> {
     let api = Api::new(&args.client)?;
     let view: hangar_scheduler::api::ClusterView = api.get("/v1/cluster").await?;

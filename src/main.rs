@@ -118,6 +118,12 @@ async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         cli::Command::State(cli::StateCommand::Export(args)) => return state::export(args).await,
         cli::Command::State(cli::StateCommand::Import(args)) => return state::import(args).await,
         cli::Command::Revoke(args) => return client::revoke(args).await,
+        cli::Command::Maintenance(cli::MaintenanceCommand::Start(args)) => {
+            return client::maintenance_start(args).await;
+        }
+        cli::Command::Maintenance(cli::MaintenanceCommand::Status(args)) => {
+            return client::maintenance_status(args).await;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::support::cluster::{
     Drone, SECRET, containers_of, ensure_demo_image, inspect, remove_containers,
 };
-use crate::support::{BIN, DEADLINE, Dev};
+use crate::support::{BIN, DEADLINE, Dev, cli, unix_now};
 
 fn serve(dir: &std::path::Path, extra: &[&str]) -> Dev {
     let mut args = vec!["--drone-secret", SECRET, "--lease-ttl", "2", "--dns", "off"];
@@ -19,6 +19,21 @@ fn serve(dir: &std::path::Path, extra: &[&str]) -> Dev {
 }
 
 const SMALL: &[&str] = &["--cpu-millis", "1000", "--memory-mb", "1024"];
+
+/// `serve` with `extra` flags, drone `d1`, and one ready session for `key` that has answered
+/// once.
+async fn serve_with_session(
+    dir: &std::path::Path,
+    extra: &[&str],
+    key: &str,
+) -> (Dev, Drone, hangar_core::api::ConnectResponse) {
+    let serve = serve(dir, extra);
+    let d1 = Drone::start(&serve, "d1", "process", dir, SMALL).await;
+    let r = serve.connect_key(key).await;
+    serve.wait_ready(r.backend_id.as_str()).await;
+    assert_eq!(serve.count(&r).await, 1);
+    (serve, d1, r)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backends_spread_over_two_drones_and_what_fits_nowhere_is_a_503() {
@@ -215,11 +230,7 @@ async fn drain_cordons_terminates_at_the_deadline_and_reports_drained_only_when_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_serve_reloads_everything_and_sessions_keep_answering() {
     let dir = tempfile::tempdir().unwrap();
-    let mut first = serve(dir.path(), &[]);
-    let _d1 = Drone::start(&first, "d1", "process", dir.path(), SMALL).await;
-    let r = first.connect_key("survivor").await;
-    first.wait_ready(r.backend_id.as_str()).await;
-    assert_eq!(first.count(&r).await, 1);
+    let (mut first, _d1, r) = serve_with_session(dir.path(), &[], "survivor").await;
     let api = first.api.to_string();
     first.terminate();
     drop(first);
@@ -242,23 +253,15 @@ async fn a_restarted_serve_reloads_everything_and_sessions_keep_answering() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_maintenance_window_keeps_every_session_through_a_restart_of_serve() {
     let dir = tempfile::tempdir().unwrap();
-    let mut first = serve(dir.path(), &["--maintenance-window", "10s"]);
-    let _d1 = Drone::start(&first, "d1", "process", dir.path(), SMALL).await;
-    let kept = first.connect_key("kept").await;
-    first.wait_ready(kept.backend_id.as_str()).await;
-    assert_eq!(first.count(&kept).await, 1);
+    let (mut first, _d1, kept) =
+        serve_with_session(dir.path(), &["--maintenance-window", "10s"], "kept").await;
     let api = first.api.to_string();
     first.terminate();
     drop(first);
     // Down for 4 s: the lease TTL is 2 s, the fence deadline 1.5 s.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let mut second = serve(dir.path(), &["--api", &api]);
-    second.wait_drone("d1", "ready").await;
-    let v = second.backend(kept.backend_id.as_str()).await;
-    assert_eq!(v.state.name(), "ready", "{v:?}");
-    assert_eq!(second.count(&kept).await, 2, "same process, state intact");
-    let again = second.connect_key("kept").await;
-    assert!(!again.spawned && again.backend_id == kept.backend_id);
+    session_survived(&second, &kept).await;
 
     // The control: the same outage without a window.
     second.terminate();
@@ -279,6 +282,66 @@ async fn a_maintenance_window_keeps_every_session_through_a_restart_of_serve() {
         ),
         "{v:?}"
     );
+}
+
+/// Planned maintenance at full scale: a window of a minute begun with `hangar maintenance
+/// start --for 60s`, then `serve` killed (no graceful path is needed: the promise is stored
+/// and the drones were told before the command answered) and started again 30 s later, 15
+/// lease TTLs on: the session is alive with its state, and nothing was declared lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minute_of_maintenance_keeps_every_session_through_thirty_seconds_without_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut first, _d1, kept) = serve_with_session(dir.path(), &[], "kept").await;
+    let api = format!("http://{}", first.api);
+    // Bad lengths are refused and say what is allowed.
+    for bad in ["0s", "200h", "soon"] {
+        let (code, out, err) = cli(&["maintenance", "start", "--for", bad, "--api", &api]);
+        assert_ne!(code, 0, "--for {bad}: {out}");
+        assert!(
+            err.contains("7 days") || err.contains("duration") || err.contains("second"),
+            "--for {bad}: {err}"
+        );
+    }
+    let (code, out, err) = cli(&["maintenance", "start", "--for", "60s", "--api", &api]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("maintenance window in force"), "{out}");
+    let (code, out, err) = cli(&["maintenance", "status", "--api", &api, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let view: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let until_s = view["window"]["until"].as_u64().expect("a window") / 1000;
+    assert!(until_s + 2 >= unix_now() + 60, "{view}");
+    // A shorter window does not shorten it.
+    let (code, out, _) = cli(&[
+        "maintenance",
+        "start",
+        "--for",
+        "5s",
+        "--api",
+        &api,
+        "--json",
+    ]);
+    assert_eq!(code, 0);
+    let again: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(again["window"], view["window"], "never shortened");
+
+    let api_addr = first.api.to_string();
+    first.kill9();
+    drop(first);
+    // The outage under test: 30 s without any control plane (the lease TTL is 2 s).
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let second = serve(dir.path(), &["--api", &api_addr]);
+    session_survived(&second, &kept).await;
+}
+
+/// After a restart of `serve`: `d1` is back, and the session `kept` (which answered once
+/// before) still runs with its state, and is what a connect for its key gets.
+async fn session_survived(serve: &Dev, kept: &hangar_core::api::ConnectResponse) {
+    serve.wait_drone("d1", "ready").await;
+    let v = serve.backend(kept.backend_id.as_str()).await;
+    assert_eq!(v.state.name(), "ready", "{v:?}");
+    assert_eq!(serve.count(kept).await, 2, "same process, state intact");
+    let again = serve.connect_key("kept").await;
+    assert!(!again.spawned && again.backend_id == kept.backend_id);
 }
 
 /// Removes the containers of the named docker drones when dropped.

@@ -216,6 +216,10 @@ impl Scheduler {
         let c = cancel.clone();
         h.tasks.spawn(async move { revocations.follow(c).await });
 
+        let maintenance = h.maintenance.clone();
+        let c = cancel.clone();
+        h.tasks.spawn(async move { maintenance.follow(c).await });
+
         // Sessions, SSE streams and feeds stop with the caller's token.
         let own = h.cancel.clone();
         h.tasks.spawn(async move {
@@ -264,14 +268,9 @@ impl Scheduler {
     /// lost before it ends and tells every connected drone to hold its fence until then. Call
     /// it before a planned stop; returns the window's end (wall clock, ms).
     pub async fn begin_maintenance(&self, length: Duration) -> Result<u64, ApiError> {
-        let sessions = self
-            .handles
-            .drones
-            .all()
-            .iter()
-            .filter(|d| d.leased)
-            .count();
-        self.handles.maintenance.begin(length, sessions).await
+        Ok(crate::api::begin_maintenance(&self.handles, length)
+            .await?
+            .until)
     }
 
     /// Waits for every background task to finish (after cancellation).

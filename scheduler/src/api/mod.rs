@@ -5,7 +5,7 @@
 //! [`Handles`] and [`ApiJson`] from their own modules, never from this one. Each submodule serves one
 //! area: [`backends`] (connect, list, status, events, terminate), [`drones`] (the session
 //! endpoint, list, drain), [`feed`] (what remote proxies follow and report), [`acme`] (DNS-01
-//! challenge records).
+//! challenge records), [`maintenance`] (maintenance windows).
 
 use axum::extract::State;
 use axum::routing::{get, post};
@@ -21,10 +21,12 @@ mod extract;
 mod feed;
 pub mod forward;
 mod handles;
+mod maintenance;
 
 pub use extract::ApiJson;
 use extract::MAX_BODY;
 pub use handles::{Handles, forward_client};
+pub use maintenance::{MaintenanceRequest, MaintenanceView, begin_maintenance};
 
 /// Longest `GET /v1/cluster` waits for each store read.
 const STORE_READ: std::time::Duration = std::time::Duration::from_millis(500);
@@ -42,6 +44,10 @@ pub fn router(handles: Handles) -> Router {
         .route("/v1/tokens/revoke", post(feed::revoke))
         .route("/v1/hot", get(hot))
         .route("/v1/cluster", get(cluster))
+        .route(
+            "/v1/maintenance",
+            get(maintenance::get).post(maintenance::post),
+        )
         .route("/v1/drones", get(drones::list))
         .route("/v1/drones/connect", get(drones::connect))
         .route("/v1/drones/{name}/drain", post(drones::drain))

@@ -31,6 +31,18 @@ async fn instance(store: Arc<dyn Store>, name: &str, cancel: &CancellationToken)
     s
 }
 
+/// Instances `a` (which leads) and `b` on one embedded store.
+async fn two_instances() -> (tempfile::TempDir, CancellationToken, Scheduler, Scheduler) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = EmbeddedStore::open_default(dir.path().join("s.redb"))
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let a = instance(store.clone(), "a", &cancel).await;
+    let b = instance(store, "b", &cancel).await;
+    (dir, cancel, a, b)
+}
+
 /// The next command queued for the drone (failing the test if none comes).
 async fn next(commands: &mut mpsc::UnboundedReceiver<SchedulerMessage>) -> SchedulerMessage {
     tokio::time::timeout(Duration::from_secs(10), commands.recv())
@@ -43,13 +55,7 @@ async fn next(commands: &mut mpsc::UnboundedReceiver<SchedulerMessage>) -> Sched
 /// through the store's records only) and every command reaches it through the follower.
 #[tokio::test]
 async fn the_leaders_commands_reach_a_drone_held_by_a_follower() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = EmbeddedStore::open_default(dir.path().join("s.redb"))
-        .await
-        .unwrap();
-    let cancel = CancellationToken::new();
-    let a = instance(store.clone(), "a", &cancel).await;
-    let b = instance(store.clone(), "b", &cancel).await;
+    let (_dir, cancel, a, b) = two_instances().await;
     assert!(matches!(a.handles().leadership.role(), Role::Leader { .. }));
     assert!(matches!(
         b.handles().leadership.role(),
@@ -107,6 +113,43 @@ async fn the_leaders_commands_reach_a_drone_held_by_a_follower() {
             hard: true
         }
     );
+    cancel.cancel();
+    a.wait().await;
+    b.wait().await;
+}
+
+/// A maintenance window begun on the leader reaches the drones whose sessions a follower
+/// holds (every instance follows the record); it can be lengthened, never shortened, and a
+/// length outside 1 s to 7 days is refused.
+#[tokio::test]
+async fn a_maintenance_window_reaches_the_drones_of_every_instance() {
+    let (_dir, cancel, a, b) = two_instances().await;
+    let mut told_b = b.handles().maintenance.subscribe();
+
+    let minute = Duration::from_secs(60);
+    let window = crate::api::begin_maintenance(a.handles(), minute)
+        .await
+        .unwrap();
+    let hold = tokio::time::timeout(Duration::from_secs(10), told_b.recv())
+        .await
+        .expect("b tells its drones within 10 s")
+        .unwrap();
+    assert_eq!(hold, minute, "the hold lasts until the window's end");
+    assert_eq!(
+        b.handles().maintenance.current().await.unwrap(),
+        Some(window.clone())
+    );
+    // A shorter request keeps the window as it is.
+    let kept = crate::api::begin_maintenance(a.handles(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(kept, window);
+    for bad in [Duration::ZERO, Duration::from_secs(8 * 86_400)] {
+        let err = crate::api::begin_maintenance(a.handles(), bad)
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), http::StatusCode::BAD_REQUEST, "{err}");
+    }
     cancel.cancel();
     a.wait().await;
     b.wait().await;
