@@ -28,6 +28,8 @@ const FORMAT: u64 = 1;
 const BATCH: usize = MAX_TXN_OPS;
 /// Bytes of values per import transaction (etcd refuses requests over 1.5 MiB).
 const BATCH_BYTES: usize = 1024 * 1024;
+/// Keys per export read (Hangar's records are small: a page is well within one response).
+const PAGE: usize = 500;
 
 #[derive(Serialize, Deserialize)]
 struct Header {
@@ -71,8 +73,6 @@ async fn open(
 /// `hangar state export`.
 pub async fn export(args: StateExportArgs) -> anyhow::Result<ExitCode> {
     let store = open(&args.store, &args.data_dir).await?;
-    // One listing of the whole keyspace: one revision.
-    let listing = store.list("").await.context("cannot read the store")?;
     let mut out: Box<dyn Write> = match &args.out {
         Some(path) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(path)
@@ -80,39 +80,69 @@ pub async fn export(args: StateExportArgs) -> anyhow::Result<ExitCode> {
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
+    let (keys, revision) = write_export(store.as_ref(), &mut out, PAGE).await?;
+    eprintln!("hangar state export: {keys} keys at revision {revision}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes the whole store to `out` as of one revision, read `page` keys at a time (a keyspace
+/// of any size, each request within etcd's limits); returns how many keys and the revision.
+async fn write_export(
+    store: &dyn hangar_store::Store,
+    out: &mut dyn Write,
+    page: usize,
+) -> anyhow::Result<(usize, u64)> {
+    let mut next = store
+        .list_page("", None, page, None)
+        .await
+        .context("cannot read the store")?;
+    let revision = next.revision;
     let header = Header {
         format: FORMAT,
         hangar: env!("CARGO_PKG_VERSION").to_string(),
-        revision: listing.revision,
+        revision,
         time: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis() as u64,
     };
     writeln!(out, "{}", serde_json::to_string(&header)?)?;
-    for kv in &listing.kvs {
-        let (value, value_b64) = match serde_json::from_slice::<Value>(&kv.value) {
-            Ok(v) => (Some(v), None),
-            Err(_) => (
-                None,
-                Some(base64::engine::general_purpose::STANDARD.encode(&kv.value)),
+    let mut keys = 0;
+    loop {
+        for kv in &next.kvs {
+            let (value, value_b64) = match serde_json::from_slice::<Value>(&kv.value) {
+                Ok(v) => (Some(v), None),
+                Err(_) => (
+                    None,
+                    Some(base64::engine::general_purpose::STANDARD.encode(&kv.value)),
+                ),
+            };
+            let line = Line {
+                key: kv.key.clone(),
+                value,
+                value_b64,
+                leased: kv.lease.is_some(),
+            };
+            writeln!(out, "{}", serde_json::to_string(&line)?)?;
+        }
+        keys += next.kvs.len();
+        let Some(last) = next.kvs.last().filter(|_| next.more) else {
+            break;
+        };
+        let after = last.key.clone();
+        next = match store
+            .list_page("", Some(&after), page, Some(revision))
+            .await
+        {
+            Ok(p) => p,
+            Err(hangar_store::StoreError::Compacted { .. }) => anyhow::bail!(
+                "the store moved past revision {revision} during the export (etcd compacted it, or something wrote to the embedded store): export again, with compaction paused or writers stopped"
             ),
+            Err(e) => return Err(e).context("cannot read the store"),
         };
-        let line = Line {
-            key: kv.key.clone(),
-            value,
-            value_b64,
-            leased: kv.lease.is_some(),
-        };
-        writeln!(out, "{}", serde_json::to_string(&line)?)?;
     }
     out.flush()?;
-    eprintln!(
-        "hangar state export: {} keys at revision {}",
-        listing.kvs.len(),
-        listing.revision
-    );
-    Ok(ExitCode::SUCCESS)
+    Ok((keys, revision))
 }
 
 /// `hangar state import`.
@@ -219,5 +249,59 @@ async fn commit(store: &dyn hangar_store::Store, ops: Vec<TxnOp>) -> anyhow::Res
     {
         TxnOutcome::Committed(_) => Ok(n),
         TxnOutcome::Failed { .. } => anyhow::bail!("the store refused the import"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hangar_store::Store;
+    use hangar_store::embedded::EmbeddedStore;
+
+    /// An export read in many pages is every key once, in key order, at one revision, with
+    /// leased keys marked and values that are not JSON kept as base64.
+    #[tokio::test]
+    async fn an_export_in_pages_is_the_whole_store_at_one_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open_default(dir.path().join("s.redb"))
+            .await
+            .unwrap();
+        for i in 0..1234 {
+            let value = serde_json::to_vec(&serde_json::json!({"n": i})).unwrap();
+            store.put(&format!("/k/{i:05}"), value, None).await.unwrap();
+        }
+        store.put("/raw", vec![0xff, 0x00], None).await.unwrap();
+        let lease = store
+            .lease_grant(std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+        let last = store
+            .put("/leased", b"{}".to_vec(), Some(lease))
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let (keys, revision) = write_export(store.as_ref(), &mut out, 100).await.unwrap();
+        assert_eq!((keys, revision), (1236, last));
+        let text = String::from_utf8(out).unwrap();
+        let mut lines = text.lines();
+        let header: Header = serde_json::from_str(lines.next().unwrap()).unwrap();
+        assert_eq!((header.format, header.revision), (FORMAT, last));
+        let lines: Vec<Line> = lines.map(|l| serde_json::from_str(l).unwrap()).collect();
+        let listed: Vec<String> = store
+            .list("")
+            .await
+            .unwrap()
+            .kvs
+            .into_iter()
+            .map(|kv| kv.key)
+            .collect();
+        let exported: Vec<String> = lines.iter().map(|l| l.key.clone()).collect();
+        assert_eq!(exported, listed, "every key once, in order");
+        let leased = lines.iter().find(|l| l.key == "/leased").unwrap();
+        assert!(leased.leased);
+        let raw = lines.iter().find(|l| l.key == "/raw").unwrap();
+        assert_eq!(raw.value_b64.as_deref(), Some("/wA="));
+        let n = lines.iter().find(|l| l.key == "/k/01233").unwrap();
+        assert_eq!(n.value, Some(serde_json::json!({"n": 1233})));
     }
 }

@@ -294,6 +294,81 @@ pub async fn list_prefix(store: Arc<dyn Store>) {
     );
 }
 
+/// Pages of a prefix, read at the first page's revision, add up to its listing; a page at a
+/// revision the store has moved past reflects that revision or fails as compacted, never
+/// silently mixes in later writes.
+pub async fn list_pages(store: Arc<dyn Store>) {
+    for key in [
+        "conf/page/e",
+        "conf/page/a",
+        "conf/page/c",
+        "conf/page/b",
+        "conf/page/d",
+        "conf/page",
+        "conf/pagf",
+        "conf/pag",
+    ] {
+        store.put(key, key.as_bytes().to_vec(), None).await.unwrap();
+    }
+    let listing = store.list("conf/page/").await.unwrap();
+    let keys = |kvs: &[KeyValue]| -> Vec<String> { kvs.iter().map(|kv| kv.key.clone()).collect() };
+
+    let first = store.list_page("conf/page/", None, 2, None).await.unwrap();
+    assert_eq!(keys(&first.kvs), ["conf/page/a", "conf/page/b"]);
+    assert!(first.more);
+    assert_eq!(first.revision, listing.revision);
+    let mut all = first.kvs.clone();
+    let mut after = all.last().map(|kv| kv.key.clone());
+    let mut pages = 1;
+    loop {
+        let page = store
+            .list_page("conf/page/", after.as_deref(), 2, Some(first.revision))
+            .await
+            .unwrap();
+        assert_eq!(page.revision, first.revision);
+        pages += 1;
+        all.extend(page.kvs.iter().cloned());
+        after = page.kvs.last().map(|kv| kv.key.clone());
+        if !page.more {
+            break;
+        }
+        assert!(pages < 10, "paging does not end");
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(
+        all, listing.kvs,
+        "the pages add up to the listing, metadata included"
+    );
+
+    // A limit above the count: one page. A start before the prefix starts at the prefix.
+    let whole = store
+        .list_page("conf/page/", Some("conf/a"), 100, None)
+        .await
+        .unwrap();
+    assert_eq!(whole.kvs, listing.kvs);
+    assert!(!whole.more);
+    let none = store
+        .list_page("conf/page/", Some("conf/page/e"), 100, None)
+        .await
+        .unwrap();
+    assert!(none.kvs.is_empty() && !none.more);
+
+    // Past the first page's revision: the old revision or a refusal, never the new state.
+    store.delete("conf/page/c").await.unwrap();
+    store
+        .put("conf/page/bb", b"later".to_vec(), None)
+        .await
+        .unwrap();
+    match store
+        .list_page("conf/page/", Some("conf/page/b"), 2, Some(first.revision))
+        .await
+    {
+        Ok(page) => assert_eq!(keys(&page.kvs), ["conf/page/c", "conf/page/d"]),
+        Err(StoreError::Compacted { requested, .. }) => assert_eq!(requested, first.revision),
+        Err(other) => panic!("neither the old revision nor compacted: {other}"),
+    }
+}
+
 /// A watch from `listing.revision + 1` sees every later change under the prefix, in order,
 /// and nothing outside it.
 pub async fn watch_from_listing(store: Arc<dyn Store>) {
@@ -1174,6 +1249,7 @@ macro_rules! store_conformance_tests {
             conformance_cas_mod_revision => cas_mod_revision,
             conformance_delete_and_delete_if_revision => delete_and_delete_if_revision,
             conformance_list_prefix => list_prefix,
+            conformance_list_pages => list_pages,
             conformance_watch_from_listing => watch_from_listing,
             conformance_watch_replays_history => watch_replays_history,
             conformance_watch_from_zero_is_live => watch_from_zero_is_live,

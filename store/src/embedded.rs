@@ -37,7 +37,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
 use crate::{
-    CasOutcome, Compare, Expect, KeyValue, LeaseId, Listing, Revision, Store, StoreError,
+    CasOutcome, Compare, Expect, KeyValue, LeaseId, Listing, Page, Revision, Store, StoreError,
     StoreResult, TxnOp, TxnOutcome, WatchEvent, WatchStream, validate_txn,
 };
 
@@ -350,6 +350,59 @@ impl Store for EmbeddedStore {
                 kvs.push(decode(key, value.value())?);
             }
             Ok(Listing { kvs, revision })
+        })
+        .await
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+        at: Option<Revision>,
+    ) -> StoreResult<Page> {
+        let prefix = prefix.to_owned();
+        let start_after = start_after.map(str::to_owned);
+        let limit = limit.max(1);
+        self.blocking(move |shared| {
+            let snapshot = shared.snapshot()?;
+            let revision = read_revision(&snapshot)?;
+            if let Some(at) = at
+                && at != revision
+            {
+                // No history is kept: only the current revision can be read.
+                return Err(StoreError::Compacted {
+                    requested: at,
+                    oldest: revision,
+                });
+            }
+            let table = snapshot.open_table(KV).backend()?;
+            let from = match start_after.as_deref() {
+                Some(after) if after > prefix.as_str() => after,
+                _ => prefix.as_str(),
+            };
+            let mut kvs = Vec::new();
+            let mut more = false;
+            for entry in table.range::<&str>(from..).backend()? {
+                let (key, value) = entry.backend()?;
+                let key = key.value();
+                if !key.starts_with(prefix.as_str()) {
+                    break;
+                }
+                if start_after.as_deref() == Some(key) {
+                    continue;
+                }
+                if kvs.len() == limit {
+                    more = true;
+                    break;
+                }
+                kvs.push(decode(key, value.value())?);
+            }
+            Ok(Page {
+                kvs,
+                revision,
+                more,
+            })
         })
         .await
     }

@@ -64,9 +64,22 @@ use tokio_util::task::TaskTracker;
 pub use self::retry::RetryPolicy;
 use self::retry::{Answer, CallError, Safety};
 use crate::{
-    CasOutcome, Compare, Expect, KeyValue, LeaseId, Listing, MAX_REQUEST_BYTES, Revision, Store,
-    StoreError, StoreResult, TxnOp, TxnOutcome, WatchEvent, WatchStream, validate_txn,
+    CasOutcome, Compare, Expect, KeyValue, LeaseId, Listing, MAX_REQUEST_BYTES, Page, Revision,
+    Store, StoreError, StoreResult, TxnOp, TxnOutcome, WatchEvent, WatchStream, validate_txn,
 };
+
+/// The end of the range of keys starting with `prefix` (etcd's convention: `[0]` for every
+/// key, when the prefix is empty or all `0xff`).
+fn range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
 
 /// etcd's largest lease TTL, in seconds.
 const MAX_TTL_SECS: i64 = 9_000_000_000;
@@ -853,6 +866,75 @@ impl Store for EtcdStore {
         Ok(Listing {
             kvs,
             revision: header_revision("list", response.header())?,
+        })
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+        at: Option<Revision>,
+    ) -> StoreResult<Page> {
+        let full_prefix = self.full_key(prefix);
+        // The range: from just after `start_after` (or the prefix) to the end of the prefix.
+        let mut start = match start_after {
+            Some(after) if after > prefix => {
+                let mut k = self.full_key(after);
+                k.push(0);
+                k
+            }
+            _ => full_prefix.clone(),
+        };
+        if start.is_empty() {
+            // etcd refuses an empty key; "\0" sorts before every other key.
+            start.push(0);
+        }
+        let end = range_end(&full_prefix);
+        let limit = limit.max(1);
+        let answer = self
+            .conn
+            .call(
+                "list a page",
+                Safety::Idempotent,
+                |mut kv, (start, end)| async move {
+                    let mut options = GetOptions::new()
+                        .with_range(end)
+                        .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+                    if let Some(at) = at {
+                        options = options.with_revision(i64::try_from(at).unwrap_or(i64::MAX));
+                    }
+                    match kv.get(start, Some(options)).await {
+                        Ok(response) => Ok(Some(response)),
+                        // Not an outage: retrying cannot help.
+                        Err(etcd_client::Error::GRpcStatus(status))
+                            if status.message().contains("compacted") =>
+                        {
+                            Ok(None)
+                        }
+                        Err(error) => Err(error),
+                    }
+                },
+                (start, end),
+            )
+            .await?;
+        let Some(response) = answer.value else {
+            let requested = at.unwrap_or_default();
+            return Err(StoreError::Compacted {
+                requested,
+                // All that is known is that `requested` is gone.
+                oldest: requested + 1,
+            });
+        };
+        let kvs = response
+            .kvs()
+            .iter()
+            .map(|kv| self.key_value(kv))
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(Page {
+            kvs,
+            revision: at.unwrap_or(header_revision("list a page", response.header())?),
+            more: response.more(),
         })
     }
 

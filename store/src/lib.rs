@@ -256,6 +256,16 @@ pub struct Listing {
     pub revision: Revision,
 }
 
+/// One page of a listing ([`Store::list_page`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page {
+    pub kvs: Vec<KeyValue>,
+    /// The revision the page reflects.
+    pub revision: Revision,
+    /// Whether keys of the prefix remain after the last one here.
+    pub more: bool,
+}
+
 /// A stream of watch events. The sender side closes when the store shuts down, the watcher
 /// falls too far behind, or the store cannot continue it (etcd compacted the history it would
 /// resume from, or stayed unreachable): the watcher should then list again and re-watch.
@@ -357,6 +367,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every key starting with `prefix`, in key order.
     async fn list(&self, prefix: &str) -> StoreResult<Listing>;
+
+    /// At most `limit` (at least 1) keys starting with `prefix` and after `start_after` (from
+    /// the first with `None`), in key order, as of revision `at` (the current one with `None`):
+    /// a listing too large for one request, read page by page at the first page's revision.
+    /// Fails with [`StoreError::Compacted`] once `at` is no longer readable (etcd compacted
+    /// it; the embedded store, which keeps no history, has moved past it).
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+        at: Option<Revision>,
+    ) -> StoreResult<Page>;
 
     /// Changes under `prefix` with revision ≥ `from` (use `listing.revision + 1`), then live.
     /// Fails with [`StoreError::Compacted`] if history before `from` is no longer kept.

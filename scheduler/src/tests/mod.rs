@@ -23,7 +23,7 @@ use hangar_core::drone::{Capacity, Hello};
 use hangar_core::token::TokenKey;
 use hangar_store::embedded::EmbeddedStore;
 use hangar_store::{
-    CasOutcome, Compare, Expect, KeyValue, LeaseId, Listing, Revision, Store, StoreError,
+    CasOutcome, Compare, Expect, KeyValue, LeaseId, Listing, Page, Revision, Store, StoreError,
     StoreResult, TxnOp, TxnOutcome, WatchStream,
 };
 use tokio_util::sync::CancellationToken;
@@ -184,6 +184,18 @@ impl Store for TestStore {
             self.backend_lists.fetch_add(1, Ordering::SeqCst);
         }
         self.inner.list(prefix).await
+    }
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+        at: Option<Revision>,
+    ) -> StoreResult<Page> {
+        if prefix.starts_with(BACKENDS_PREFIX) {
+            self.backend_lists.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.list_page(prefix, start_after, limit, at).await
     }
     async fn watch(&self, prefix: &str, from: Revision) -> StoreResult<WatchStream> {
         self.inner.watch(prefix, from).await
