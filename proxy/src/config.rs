@@ -26,6 +26,24 @@ pub struct ProxyConfig {
     /// A client that sends no request body bytes for this long, while the body is not
     /// complete, gets a 408 (slow uploads are fine; stalled ones are cut off).
     pub client_body_timeout: Duration,
+    /// A backend that sends no response body bytes for this long, mid-body, has its
+    /// connection closed (and the client's, since the response cannot be completed); like
+    /// nginx's `proxy_read_timeout`.
+    pub upstream_body_timeout: Duration,
+    /// [`Self::upstream_body_timeout`] for server-sent events (`content-type:
+    /// text/event-stream`), which may rightly stay quiet between events for long.
+    pub upstream_sse_timeout: Duration,
+    /// An HTTP/1.1 client that accepts no response bytes for this long, while a write to it
+    /// waits, has its connection and the backend's closed (clients that never read would
+    /// otherwise hold a task and a backend connection forever); like nginx's `send_timeout`.
+    /// (HTTP/2 streams are paced by hyper's flow control.)
+    pub client_write_timeout: Duration,
+    /// An upgraded connection (a WebSocket after its `101`) on which neither side sends a byte
+    /// for this long is closed on both sides.
+    pub upgrade_idle_timeout: Duration,
+    /// Largest request body accepted, in bytes: a larger `content-length` gets 413 before the
+    /// backend is contacted, and a chunked body that grows past it is cut off with a 413.
+    pub max_body_bytes: u64,
     /// Idle upstream keep-alive connections kept per backend.
     pub upstream_idle_per_backend: usize,
     /// Largest request head (request line and headers) accepted; larger gets 431.
@@ -54,6 +72,11 @@ impl ProxyConfig {
             header_read_timeout: Duration::from_secs(30),
             keep_alive_timeout: Duration::from_secs(75),
             client_body_timeout: Duration::from_secs(60),
+            upstream_body_timeout: Duration::from_secs(60),
+            upstream_sse_timeout: Duration::from_secs(3600),
+            client_write_timeout: Duration::from_secs(60),
+            upgrade_idle_timeout: Duration::from_secs(600),
+            max_body_bytes: 100 * 1024 * 1024,
             upstream_idle_per_backend: 256,
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,

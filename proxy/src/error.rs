@@ -44,6 +44,8 @@ pub enum ProxyError {
     HeadTimeout(Duration),
     #[error("the request body stalled: no bytes for {0:?}")]
     BodyTimeout(Duration),
+    #[error("request body larger than {0} bytes: send a smaller body")]
+    BodyTooLarge(u64),
 }
 
 /// Whose fault a failure is (for logs and metrics).
@@ -71,6 +73,7 @@ impl ProxyError {
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::HeadTimeout(_) | ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -95,6 +98,7 @@ impl ProxyError {
             ProxyError::HeadTooLarge(_) => "request_head_too_large",
             ProxyError::HeadTimeout(_) => "request_head_timeout",
             ProxyError::BodyTimeout(_) => "request_body_timeout",
+            ProxyError::BodyTooLarge(_) => "request_body_too_large",
         }
     }
 
@@ -108,7 +112,8 @@ impl ProxyError {
             | ProxyError::NotImplemented(_)
             | ProxyError::HeadTooLarge(_)
             | ProxyError::HeadTimeout(_)
-            | ProxyError::BodyTimeout(_) => Blame::Downstream,
+            | ProxyError::BodyTimeout(_)
+            | ProxyError::BodyTooLarge(_) => Blame::Downstream,
             ProxyError::StartTimeout { .. }
             | ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }
@@ -148,6 +153,7 @@ mod tests {
                 },
                 504,
             ),
+            (ProxyError::BodyTooLarge(10), 413),
         ];
         for (e, s) in cases {
             assert_eq!(e.status().as_u16(), s, "{e}");

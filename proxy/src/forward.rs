@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,11 +26,13 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) type ProxyBody = Either<GuardedBody, Full<Bytes>>;
 
 /// A request body on its way to a backend: counts its bytes, adding them to the backend's
-/// traffic once when it ends (not per frame), and fails with [`BodyStalled`] if the client
-/// sends nothing for `idle` while the body is incomplete.
+/// traffic once when it ends (not per frame), fails with [`BodyStalled`] if the client
+/// sends nothing for `idle` while the body is incomplete, and with [`BodyTooLarge`] once it
+/// has grown past `max` bytes (a chunked body; a longer `content-length` is refused before).
 pub(crate) struct CountingBody<B> {
     inner: B,
     bytes: u64,
+    max: u64,
     sink: Option<ReceivedBytes>,
     idle: Duration,
     /// Made the first time the body has to wait (bodiless requests never need one), armed
@@ -43,11 +46,17 @@ pub(crate) struct CountingBody<B> {
 #[error("the client sent no request body bytes for {0:?}")]
 pub(crate) struct BodyStalled(pub(crate) Duration);
 
+/// A request body grew past the largest accepted.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is larger than {0} bytes")]
+pub(crate) struct BodyTooLarge(pub(crate) u64);
+
 impl<B> CountingBody<B> {
-    pub(crate) fn new(inner: B, sink: ReceivedBytes, idle: Duration) -> Self {
+    pub(crate) fn new(inner: B, sink: ReceivedBytes, idle: Duration, max: u64) -> Self {
         CountingBody {
             inner,
             bytes: 0,
+            max,
             sink: Some(sink),
             idle,
             timer: None,
@@ -76,6 +85,9 @@ where
                     && let Some(data) = f.data_ref()
                 {
                     this.bytes += data.len() as u64;
+                    if this.bytes > this.max {
+                        return Poll::Ready(Some(Err(BodyTooLarge(this.max).into())));
+                    }
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
@@ -163,24 +175,33 @@ impl Body for GuardedBody {
 }
 
 /// The client side of an upgraded connection: counts the bytes read from the client and
-/// written to it (plain fields: one task owns it).
-pub(crate) struct CountingIo<T> {
+/// written to it. The counters are shared with the copy task's idle check, which reads them
+/// while the copy holds the connection (one task: relaxed loads and stores, no contention).
+pub(crate) struct CountingIo<'c, T> {
     inner: T,
-    pub(crate) read: u64,
-    pub(crate) written: u64,
+    read: &'c AtomicU64,
+    written: &'c AtomicU64,
 }
 
-impl<T> CountingIo<T> {
-    pub(crate) fn new(inner: T) -> Self {
+impl<'c, T> CountingIo<'c, T> {
+    pub(crate) fn new(inner: T, read: &'c AtomicU64, written: &'c AtomicU64) -> Self {
         CountingIo {
             inner,
-            read: 0,
-            written: 0,
+            read,
+            written,
         }
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<T> {
+/// Adds `n` to a counter only its own task writes.
+fn bump(counter: &AtomicU64, n: usize) {
+    counter.store(
+        counter.load(Ordering::Relaxed) + n as u64,
+        Ordering::Relaxed,
+    );
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<'_, T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -189,13 +210,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<T> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = poll {
-            self.read += (buf.filled().len() - before) as u64;
+            bump(self.read, buf.filled().len() - before);
         }
         poll
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<'_, T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -203,7 +224,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
     ) -> Poll<std::io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = poll {
-            self.written += n as u64;
+            bump(self.written, n);
         }
         poll
     }
@@ -214,6 +235,46 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// How many times per idle timeout an upgraded connection's counters are looked at.
+const IDLE_CHECKS: u32 = 4;
+
+/// Runs `copy`, an upgraded connection's two directions, until it ends (`Some`) or `moved`
+/// (the bytes moved either way so far) stays the same for `idle` (`None`; dropping the copy
+/// closes both sides). The counters are looked at every quarter of `idle` on one timer, not on
+/// every read or write, so an idle connection is closed between `idle` and 1¼ `idle` after its
+/// last byte, and a busy one costs a timer reset every quarter of `idle`.
+pub(crate) async fn until_idle<F: Future>(
+    copy: F,
+    idle: Duration,
+    moved: impl Fn() -> u64,
+) -> Option<F::Output> {
+    let tick = (idle / IDLE_CHECKS).max(Duration::from_millis(1));
+    let timer = tokio::time::sleep(tick);
+    tokio::pin!(timer, copy);
+    let mut seen = moved();
+    let mut quiet = Duration::ZERO;
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut copy => return Some(done),
+            () = &mut timer => {
+                let now = moved();
+                if now == seen {
+                    quiet += tick;
+                    if quiet >= idle {
+                        return None;
+                    }
+                } else {
+                    seen = now;
+                    quiet = Duration::ZERO;
+                }
+                // From now, not from the deadline: a late wake-up never counts as quiet time.
+                timer.as_mut().reset(tokio::time::Instant::now() + tick);
+            }
+        }
     }
 }
 

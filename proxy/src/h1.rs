@@ -110,6 +110,9 @@ pub(crate) struct ResponseHead {
     pub(crate) framing: ResponseFraming,
     /// Whether the connection may carry another request after this response.
     pub(crate) keep_alive: bool,
+    /// Server-sent events (`content-type: text/event-stream`): the body may rightly pause
+    /// between events for long, so it has its own idle timeout.
+    pub(crate) event_stream: bool,
 }
 
 /// The most `Connection`-listed field names honoured in one message.
@@ -206,6 +209,7 @@ pub(crate) fn parse_response_head(
     let mut chunked = None;
     let mut length: Option<u64> = None;
     let mut has_date = false;
+    let mut event_stream = false;
     let mut fields = Vec::with_capacity(used);
     for h in resp.headers.iter() {
         // The name goes out in lower case (as HTTP/2 needs it); it is written first and taken
@@ -217,6 +221,7 @@ pub(crate) fn parse_response_head(
         match name {
             b"transfer-encoding" => chunked = Some(ends_chunked(h.value)),
             b"content-length" => length = Some(content_length(h.value, length)?),
+            b"content-type" => event_stream = is_event_stream(h.value),
             _ => {}
         }
         if name == b"content-length"
@@ -268,9 +273,19 @@ pub(crate) fn parse_response_head(
             has_date,
             framing,
             keep_alive,
+            event_stream,
         },
         used,
     )))
+}
+
+/// Whether a `content-type` value is `text/event-stream` (any parameters, any case).
+fn is_event_stream(value: &[u8]) -> bool {
+    const SSE: &[u8] = b"text/event-stream";
+    let v = value.trim_ascii_start();
+    v.len() >= SSE.len()
+        && v[..SSE.len()].eq_ignore_ascii_case(SSE)
+        && matches!(v.get(SSE.len()), None | Some(b';' | b' ' | b'\t'))
 }
 
 /// How a response body is delimited (RFC 9112 §6.3).
@@ -669,6 +684,22 @@ mod tests {
             b"date: today\r\nx-mixed: Case\r\ncontent-length: 7\r\n"
         );
         assert!(!head("HTTP/1.1 204 No Content\r\n\r\n").has_date);
+    }
+
+    #[test]
+    fn server_sent_events_are_recognised_by_their_content_type() {
+        for (content_type, sse) in [
+            ("text/event-stream", true),
+            ("Text/Event-Stream; charset=utf-8", true),
+            ("  text/event-stream ", true),
+            ("text/event-streams", false),
+            ("text/plain", false),
+            ("application/json", false),
+        ] {
+            let raw = format!("HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\n\r\n");
+            assert_eq!(head(&raw).event_stream, sse, "{content_type:?}");
+        }
+        assert!(!head("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").event_stream);
     }
 
     fn decode_all(input: &[u8], step: usize) -> Result<Vec<u8>, H1Error> {

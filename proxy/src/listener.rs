@@ -39,11 +39,7 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(config: ProxyConfig) -> Self {
         let tasks = TaskTracker::new();
-        let pool = Arc::new(crate::pool::UpstreamPool::new(
-            config.upstream_idle_per_backend,
-            config.upstream_connect_timeout,
-            config.upstream_response_timeout,
-        ));
+        let pool = Arc::new(crate::pool::UpstreamPool::new(&config));
         Proxy {
             shared: Arc::new(Shared {
                 config,

@@ -5,8 +5,9 @@
 //! client connection's task: no connection task, no channel between the two, no second
 //! header map. The response body ([`UpstreamBody`]) reads straight from the backend's socket
 //! and returns the connection to its backend's idle list the moment the body ends; a body
-//! dropped half-way closes it. Idle connections the backend has closed are noticed on
-//! checkout from the socket's readiness (no system call when nothing happened) and dropped.
+//! dropped half-way, or that stalls for the body timeout (the SSE timeout for server-sent
+//! events), closes it. Idle connections the backend has closed are noticed on checkout from
+//! the socket's readiness (no system call when nothing happened) and dropped.
 //! Wire-format details are in [`crate::h1`].
 
 use std::collections::HashMap;
@@ -47,6 +48,8 @@ pub(crate) enum SendError {
     ClientBody(String),
     /// The client stopped sending its request body.
     ClientBodyStalled(std::time::Duration),
+    /// The client's request body grew past the largest accepted (this many bytes).
+    ClientBodyTooLarge(u64),
     /// The request was sent and no response head arrived within the response timeout.
     Timeout,
 }
@@ -58,7 +61,8 @@ struct Conn {
     rbuf: BytesMut,
     /// The request head (and small body pieces) being written.
     wbuf: Vec<u8>,
-    /// Bounds the wait for each response head; one per connection, moved forward per request.
+    /// Bounds the wait for each response head, then for each piece of its body; one per
+    /// connection, moved forward per request and whenever the body has to wait.
     timer: Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -295,6 +299,10 @@ pub(crate) struct UpstreamPool {
     max_idle: usize,
     connect_timeout: Duration,
     response_timeout: Duration,
+    /// The longest wait for the next bytes of a response body (`sse_timeout` for server-sent
+    /// events).
+    body_timeout: Duration,
+    sse_timeout: Duration,
 }
 
 /// A backend's response: its head, a body that streams from the backend, and for a `101` the
@@ -332,18 +340,17 @@ fn idempotent(m: &Method) -> bool {
 }
 
 impl UpstreamPool {
-    /// `response_timeout` bounds the wait for a response head once the request has been
-    /// written.
-    pub(crate) fn new(
-        max_idle: usize,
-        connect_timeout: Duration,
-        response_timeout: Duration,
-    ) -> Self {
+    /// The pool for `cfg`'s upstream limits: idle connections per backend, the connect
+    /// timeout, the response timeout (for a response head, once the request has been written)
+    /// and the body timeouts (between pieces of a response body).
+    pub(crate) fn new(cfg: &crate::config::ProxyConfig) -> Self {
         UpstreamPool {
             idle: Mutex::new(HashMap::default()),
-            max_idle,
-            connect_timeout,
-            response_timeout,
+            max_idle: cfg.upstream_idle_per_backend,
+            connect_timeout: cfg.upstream_connect_timeout,
+            response_timeout: cfg.upstream_response_timeout,
+            body_timeout: cfg.upstream_body_timeout,
+            sse_timeout: cfg.upstream_sse_timeout,
         }
     }
 
@@ -437,10 +444,14 @@ impl UpstreamPool {
                     return Err(SendError::Request(format!("sending the request: {e}")));
                 }
                 Err(WriteError::Client(e)) => {
-                    return Err(match e.downcast_ref::<crate::forward::BodyStalled>() {
-                        Some(stalled) => SendError::ClientBodyStalled(stalled.0),
-                        None => SendError::ClientBody(e.to_string()),
-                    });
+                    // The backend connection, mid-body, is dropped (closed) here.
+                    if let Some(stalled) = e.downcast_ref::<crate::forward::BodyStalled>() {
+                        return Err(SendError::ClientBodyStalled(stalled.0));
+                    }
+                    if let Some(large) = e.downcast_ref::<crate::forward::BodyTooLarge>() {
+                        return Err(SendError::ClientBodyTooLarge(large.0));
+                    }
+                    return Err(SendError::ClientBody(e.to_string()));
                 }
             };
             match conn.read_head(method, self.response_timeout).await {
@@ -476,11 +487,18 @@ impl UpstreamPool {
                 ResponseFraming::Chunked => BodyDecoder::chunked(),
                 ResponseFraming::Close => BodyDecoder::Close,
             };
+            let idle = if head.event_stream {
+                self.sse_timeout
+            } else {
+                self.body_timeout
+            };
             let mut body = UpstreamBody {
                 conn: Some(conn),
                 pool: Some((self.clone(), addr)),
                 keep_alive: head.keep_alive,
                 decoder,
+                idle,
+                armed: false,
             };
             if body.is_end_stream() {
                 body.finish();
@@ -495,12 +513,17 @@ impl UpstreamPool {
     }
 }
 
-/// A response body read straight from the backend's connection.
+/// A response body read straight from the backend's connection. A backend that sends none of
+/// it for `idle` has the connection closed and the body fails: the connection's timer is armed
+/// when a read has to wait (not per piece) and disarmed by the next bytes.
 pub(crate) struct UpstreamBody {
     conn: Option<Conn>,
     pool: Option<(Arc<UpstreamPool>, SocketAddr)>,
     keep_alive: bool,
     decoder: BodyDecoder,
+    idle: Duration,
+    /// Whether the connection's timer counts down the current wait.
+    armed: bool,
 }
 
 impl UpstreamBody {
@@ -510,6 +533,8 @@ impl UpstreamBody {
             pool: None,
             keep_alive: false,
             decoder: BodyDecoder::Done,
+            idle: Duration::ZERO,
+            armed: false,
         }
     }
 
@@ -525,9 +550,18 @@ impl UpstreamBody {
     }
 
     fn fail(&mut self, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
+        self.fail_as(io::ErrorKind::InvalidData, e)
+    }
+
+    /// The body broke off: the connection is closed (never pooled).
+    fn fail_as(
+        &mut self,
+        kind: io::ErrorKind,
+        e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> io::Error {
         self.conn = None;
         self.decoder = BodyDecoder::Done;
-        io::Error::new(io::ErrorKind::InvalidData, e)
+        io::Error::new(kind, e)
     }
 }
 
@@ -561,11 +595,27 @@ impl Body for UpstreamBody {
             if conn.rbuf.capacity() - conn.rbuf.len() < 1024 {
                 conn.rbuf.reserve(READ_CHUNK);
             }
-            let read = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut conn.stream),
-                cx,
-                &mut conn.rbuf
-            ));
+            let read =
+                match tokio_util::io::poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.rbuf)
+                {
+                    Poll::Ready(read) => {
+                        this.armed = false;
+                        read
+                    }
+                    Poll::Pending => {
+                        if !this.armed {
+                            let deadline = tokio::time::Instant::now() + this.idle;
+                            conn.timer.as_mut().reset(deadline);
+                            this.armed = true;
+                        }
+                        ready!(conn.timer.as_mut().poll(cx));
+                        let idle = this.idle;
+                        return Poll::Ready(Some(Err(this.fail_as(
+                            io::ErrorKind::TimedOut,
+                            format!("the backend sent no response body bytes for {idle:?}"),
+                        ))));
+                    }
+                };
             match read {
                 Ok(0) if matches!(this.decoder, BodyDecoder::Close) => {
                     this.conn = None;

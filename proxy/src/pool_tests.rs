@@ -108,11 +108,11 @@ fn pool() -> Arc<UpstreamPool> {
 }
 
 fn pool_answering_within(response_timeout: Duration) -> Arc<UpstreamPool> {
-    Arc::new(UpstreamPool::new(
-        8,
-        Duration::from_secs(2),
-        response_timeout,
-    ))
+    let mut cfg = crate::tests::config();
+    cfg.upstream_idle_per_backend = 8;
+    cfg.upstream_connect_timeout = Duration::from_secs(2);
+    cfg.upstream_response_timeout = response_timeout;
+    Arc::new(UpstreamPool::new(&cfg))
 }
 
 fn req(method: Method, path: &str) -> Request<Empty<Bytes>> {
@@ -482,5 +482,39 @@ async fn a_backend_that_never_answers_times_out_and_its_connection_is_dropped() 
         pool.idle_count(addr),
         0,
         "a timed-out connection is not reused"
+    );
+}
+
+/// A backend that stopped sending in the middle of a body used to hold the request (and its
+/// client) until the backend closed the connection, however long that took.
+#[tokio::test]
+async fn a_body_that_stalls_fails_after_the_body_timeout_and_its_connection_is_dropped() {
+    // Sends half the body it announces and keeps the connection open.
+    let b = backend(Box::new(|_: &Seen| {
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello".to_vec(),
+            false,
+        )
+    }))
+    .await;
+    let mut cfg = crate::tests::config();
+    cfg.upstream_body_timeout = Duration::from_millis(150);
+    let p = Arc::new(UpstreamPool::new(&cfg));
+    let resp = send(&p, b.addr, req(Method::GET, "/")).await.ok().unwrap();
+    let started = std::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(10), resp.body.collect())
+        .await
+        .expect("a stalled body was waited for without end")
+        .unwrap_err();
+    let waited = started.elapsed();
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    assert!(
+        waited >= Duration::from_millis(140) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    assert_eq!(
+        p.idle_count(b.addr),
+        0,
+        "a stalled connection is not reused"
     );
 }

@@ -10,9 +10,11 @@
 //! Limits: the whole head must fit in `max_header_bytes` (431 past it, with at most
 //! [`MAX_REQUEST_HEADERS`] fields); a head must arrive within `header_read_timeout` of its first
 //! byte (408, then close) and a keep-alive connection with no request in flight is closed after
-//! `keep_alive_timeout`. On shutdown an idle connection closes at once and a busy one after its
-//! response. A connection that starts with the HTTP/2 preface is handed back to the listener,
-//! which serves it with hyper's HTTP/2 server (h2c with prior knowledge).
+//! `keep_alive_timeout`; a client that accepts no response bytes for `client_write_timeout` is
+//! dropped (with the response's backend connection). On shutdown an idle connection closes at
+//! once and a busy one after its response. A connection that starts with the HTTP/2 preface is
+//! handed back to the listener, which serves it with hyper's HTTP/2 server (h2c with prior
+//! knowledge).
 
 use std::io::{self, Write as _};
 use std::mem::MaybeUninit;
@@ -28,6 +30,7 @@ use http::{Method, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ProxyError;
@@ -134,7 +137,7 @@ where
                     Ok(Some(head)) => break head,
                     Ok(None) => {}
                     Err(e) => {
-                        answer_and_close(&shared, &mut io, &mut wbuf, e).await;
+                        answer_and_close(&shared, &mut io, timer.as_mut(), &mut wbuf, e).await;
                         return Served::Closed;
                     }
                 }
@@ -177,7 +180,7 @@ where
                     if !idle {
                         // A slow client: cut off, with a 408 it may read.
                         let e = ProxyError::HeadTimeout(phase.limit(cfg));
-                        answer_and_close(&shared, &mut io, &mut wbuf, e).await;
+                        answer_and_close(&shared, &mut io, timer.as_mut(), &mut wbuf, e).await;
                     }
                     return Served::Closed;
                 }
@@ -234,7 +237,10 @@ where
             // The backend switched protocols: write the 101 and hand the socket, with any
             // bytes the client sent after its request head, to the copy task.
             encode_head(&mut wbuf, &response, Framing::None, true, version);
-            if io.write_all(&wbuf).await.is_ok() {
+            let written = TimedWrite::new(&mut io, timer.as_mut(), cfg.client_write_timeout)
+                .write_all(&wbuf)
+                .await;
+            if written.is_ok() {
                 let _ = tx.send(Box::new(Prefixed::new(rbuf.freeze(), io)));
             }
             return Served::Closed;
@@ -242,10 +248,17 @@ where
 
         let body_read = body.is_done() || body.skip_buffered(&mut rbuf);
         let keep = keep_alive && body_read && !shutdown.is_stopping();
-        match write_response(&mut io, &mut wbuf, response, method_is_head, version, keep).await {
+        let mut out = TimedWrite::new(&mut io, timer.as_mut(), cfg.client_write_timeout);
+        match write_response(&mut out, &mut wbuf, response, method_is_head, version, keep).await {
             Ok(true) => {}
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                // A client that stopped reading: dropping the connection drops the response
+                // body, which closes its backend connection.
+                tracing::debug!(error = %e, "client write timed out; connection dropped");
+                return Served::Closed;
+            }
             Ok(false) | Err(_) => {
-                close(&mut io, &mut rbuf, !body_read).await;
+                close(out, &mut rbuf, !body_read).await;
                 return Served::Closed;
             }
         }
@@ -284,23 +297,34 @@ enum Wait {
 async fn answer_and_close<I: AsyncWrite + Unpin>(
     shared: &Shared,
     io: &mut I,
+    timer: Pin<&mut Sleep>,
     wbuf: &mut Vec<u8>,
     e: ProxyError,
 ) {
     tracing::debug!(error = %e, code = e.code(), "client request refused");
     shared.activity.count_error(e.code());
     let resp = crate::service::error_response(&e);
-    let _ = write_response(io, wbuf, resp, false, Version::HTTP_11, false).await;
-    let _ = io.shutdown().await;
+    let mut out = TimedWrite::new(io, timer, shared.config.client_write_timeout);
+    if write_response(&mut out, wbuf, resp, false, Version::HTTP_11, false)
+        .await
+        .is_ok()
+    {
+        let _ = out.shutdown().await;
+    }
 }
 
 /// Closes the connection after a response; if part of the request body was left unread, reads
 /// and drops a bounded amount of it first so the client reads the response, not a reset.
-async fn close<I: AsyncRead + AsyncWrite + Unpin>(io: &mut I, rbuf: &mut BytesMut, linger: bool) {
-    let _ = io.shutdown().await;
-    if !linger {
+async fn close<I: AsyncRead + AsyncWrite + Unpin>(
+    mut out: TimedWrite<'_, I>,
+    rbuf: &mut BytesMut,
+    linger: bool,
+) {
+    // Bounded by the write timeout (a TLS close_notify is a write).
+    if out.shutdown().await.is_err() || !linger {
         return;
     }
+    let io = out.io;
     let drain = async {
         let mut dropped = 0;
         loop {
@@ -320,6 +344,91 @@ async fn close<I: AsyncRead + AsyncWrite + Unpin>(io: &mut I, rbuf: &mut BytesMu
         }
     };
     let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+/// The client connection while the proxy writes to it: a write, flush or shutdown that makes
+/// no progress for `limit` fails with [`io::ErrorKind::TimedOut`], so a client that stops
+/// reading cannot hold its task and backend connection forever. It counts down on the
+/// connection's one timer (unused while a response is written), armed only when a write has
+/// to wait and disarmed by the next progress: writes that go through at once cost nothing.
+struct TimedWrite<'a, I> {
+    io: &'a mut I,
+    timer: Pin<&'a mut Sleep>,
+    limit: Duration,
+    /// Whether the timer counts down the current wait.
+    armed: bool,
+}
+
+impl<'a, I> TimedWrite<'a, I> {
+    fn new(io: &'a mut I, timer: Pin<&'a mut Sleep>, limit: Duration) -> Self {
+        TimedWrite {
+            io,
+            timer,
+            limit,
+            armed: false,
+        }
+    }
+
+    /// What the inner write's `poll` means with the time limit applied.
+    fn limited<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.armed = false;
+            return poll;
+        }
+        if !self.armed {
+            self.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + self.limit);
+            self.armed = true;
+        }
+        ready!(self.timer.as_mut().poll(cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the client accepted no bytes for {:?}", self.limit),
+        )))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for TimedWrite<'_, I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let poll = Pin::new(&mut *this.io).poll_write(cx, buf);
+        this.limited(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        let poll = Pin::new(&mut *this.io).poll_write_vectored(cx, bufs);
+        this.limited(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let poll = Pin::new(&mut *this.io).poll_flush(cx);
+        this.limited(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let poll = Pin::new(&mut *this.io).poll_shutdown(cx);
+        this.limited(cx, poll)
+    }
 }
 
 /// A parsed request head and what it says about the body and the connection.
@@ -471,6 +580,16 @@ fn parse_request(
         expect_continue && version == Version::HTTP_11 && body != BodyLength::Length(0);
     let head = RawRequest::new(head, method, target, std::mem::take(spans))
         .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    // An absolute-form target names the host the request is routed by (and the backend's
+    // Host); credentials in it are refused (RFC 9110 §4.2.4).
+    if head
+        .authority()
+        .is_some_and(|a| a.is_empty() || a.contains('@'))
+    {
+        return Err(ProxyError::BadRequest(
+            "the request target's authority must be a host (and port), without userinfo",
+        ));
+    }
     Ok(Some(ParsedRequest {
         head,
         version,

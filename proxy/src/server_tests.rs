@@ -2,6 +2,7 @@
 //! real proxy and upstream on `127.0.0.1:0` (pipelining, HTTP/1.0, `100-continue`, refused
 //! heads, keep-alive and shutdown).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -506,4 +507,315 @@ async fn a_client_that_leaves_mid_request_frees_its_backend_connection() {
         .expect("the backend connection stayed open after its client left")
         .unwrap_or(0);
     assert_eq!(n, 0, "the backend connection ends, with nothing more sent");
+}
+
+/// Routes `id.DOMAIN` to `addr` for each pair (replacing the test's default route table).
+fn route_to(r: &Running, routes: &[(&str, SocketAddr)]) {
+    r.proxy.routes().publish(Arc::new(RouteTable::new(
+        2,
+        routes.iter().map(|&(id, addr)| Route {
+            address: Some(addr),
+            public: true,
+            ..Route::new(BackendId::parse(id).unwrap(), RouteState::Ready)
+        }),
+    )));
+}
+
+#[test]
+fn absolute_form_targets_keep_their_authority_and_refuse_userinfo() {
+    let h = parse(b"GET http://b2.hangar.test:8080/p?q=1 HTTP/1.1\r\nHost: b1.hangar.test\r\n\r\n")
+        .unwrap()
+        .unwrap();
+    assert_eq!(h.head.authority(), Some("b2.hangar.test:8080"));
+    assert_eq!(h.head.target(), "/p?q=1");
+    for bad in [
+        &b"GET http://user@b2.hangar.test/ HTTP/1.1\r\nHost: b2.hangar.test\r\n\r\n"[..],
+        b"GET http://b2.hangar.test@evil.example/ HTTP/1.1\r\nHost: b2.hangar.test\r\n\r\n",
+    ] {
+        let e = parse(bad).err();
+        assert_eq!(
+            e.as_ref().map(|e| e.status().as_u16()),
+            Some(400),
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+}
+
+/// The authority of an absolute-form target used to be ignored in favour of `Host`, and the
+/// backend got the `Host` the client sent rather than the target's authority.
+#[tokio::test]
+async fn an_absolute_form_target_is_routed_by_its_authority_and_forwarded_in_origin_form() {
+    let r = start(config(), None).await;
+    let other = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let default = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    route_to(
+        &r,
+        &[
+            (ID, default.local_addr().unwrap()),
+            ("b2", other.local_addr().unwrap()),
+        ],
+    );
+    let mut s = connect(&r).await;
+    // The Host names b1; the target names b2, and wins.
+    send(
+        &mut s,
+        format!("GET http://b2.{DOMAIN}:8080/p?q=1 HTTP/1.1\r\nhost: {ID}.{DOMAIN}\r\n\r\n"),
+    )
+    .await;
+    let (mut up, _) = tokio::time::timeout(Duration::from_secs(10), other.accept())
+        .await
+        .expect("the request did not reach the backend its target names")
+        .unwrap();
+    let head = backend_reads_head(&mut up, &mut Vec::new()).await;
+    assert!(head.starts_with("GET /p?q=1 HTTP/1.1\r\n"), "{head}");
+    assert!(
+        head.contains(&format!("\r\nhost: b2.{DOMAIN}:8080\r\n")),
+        "{head}"
+    );
+    assert!(
+        head.contains(&format!("\r\nx-forwarded-host: b2.{DOMAIN}:8080\r\n")),
+        "{head}"
+    );
+    assert!(!head.contains(&format!("{ID}.{DOMAIN}")), "{head}");
+    assert_eq!(
+        head.matches("host: ").count(),
+        2,
+        "one host, one x-forwarded-host: {head}"
+    );
+    up.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nb2")
+        .await
+        .unwrap();
+    let (status, head, body) = read_response(&mut s).await;
+    assert_eq!((status, &body[..]), (200, &b"b2"[..]), "{head}");
+}
+
+/// There was no limit on the size of a request body.
+#[tokio::test]
+async fn a_body_announced_larger_than_the_limit_gets_413_without_reaching_the_backend() {
+    let mut cfg = config();
+    cfg.max_body_bytes = 1000;
+    let r = start(cfg, None).await;
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    route_to(&r, &[(ID, backend.local_addr().unwrap())]);
+
+    // The head alone: the 413 comes at once, before (and instead of) a 100 Continue.
+    let mut s = connect(&r).await;
+    send(
+        &mut s,
+        raw_post("content-length: 1001\r\nexpect: 100-continue\r\n", ""),
+    )
+    .await;
+    let (status, head, body) = tokio::time::timeout(Duration::from_secs(10), read_response(&mut s))
+        .await
+        .expect("no answer to a body announced past the limit");
+    assert_eq!(status, 413, "{head}");
+    assert!(
+        head.contains("x-hangar-error: request_body_too_large"),
+        "{head}"
+    );
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(String::from_utf8_lossy(&body).contains("1000 bytes"));
+    assert!(closed_by_server(&mut s).await);
+
+    // A body at the limit goes through; it is the first request the backend sees.
+    let mut s = connect(&r).await;
+    send(&mut s, post(&"x".repeat(1000), "")).await;
+    let (mut up, _) = backend.accept().await.unwrap();
+    let head = backend_reads_head(&mut up, &mut Vec::new()).await;
+    assert!(head.contains("content-length: 1000\r\n"), "{head}");
+}
+
+/// A chunked body that grows past the limit is cut off with a 413, and its backend
+/// connection, which has part of the body, is closed rather than reused.
+#[tokio::test]
+async fn a_chunked_body_that_grows_past_the_limit_gets_413_and_its_backend_connection_closes() {
+    let mut cfg = config();
+    cfg.max_body_bytes = 1000;
+    let r = start(cfg, None).await;
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    route_to(&r, &[(ID, backend.local_addr().unwrap())]);
+    let chunk = format!("258\r\n{}\r\n", "c".repeat(0x258)); // 600 bytes
+    let mut s = connect(&r).await;
+    send(&mut s, raw_post("transfer-encoding: chunked\r\n", &chunk)).await;
+    let (mut up, _) = backend.accept().await.unwrap();
+    let mut got = Vec::new();
+    let head = backend_reads_head(&mut up, &mut got).await;
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+
+    // 1200 bytes in all.
+    send(&mut s, &chunk).await;
+    let (status, head, _) = tokio::time::timeout(Duration::from_secs(10), read_response(&mut s))
+        .await
+        .expect("no answer to a body past the limit");
+    assert_eq!(status, 413, "{head}");
+    assert!(
+        head.contains("x-hangar-error: request_body_too_large"),
+        "{head}"
+    );
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(closed_by_server(&mut s).await);
+    let ended = tokio::time::timeout(Duration::from_secs(10), up.read_to_end(&mut got))
+        .await
+        .expect("the backend connection stayed open with half a body");
+    assert!(ended.is_ok(), "{ended:?}");
+    assert!(
+        !got.windows(5).any(|w| w == b"0\r\n\r\n"),
+        "the backend never sees the body end"
+    );
+    assert_eq!(r.proxy.activity().snapshot()[0].open, 0);
+}
+
+/// A backend that stopped sending mid-body used to hold the client's connection (and the
+/// proxy's task) for as long as it kept its connection open.
+#[tokio::test]
+async fn a_backend_that_stalls_mid_body_is_cut_off_and_the_client_connection_closes() {
+    let mut cfg = config();
+    cfg.upstream_body_timeout = Duration::from_millis(200);
+    let r = start(cfg, None).await;
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    route_to(&r, &[(ID, backend.local_addr().unwrap())]);
+    let mut s = connect(&r).await;
+    send(&mut s, get("1.1", "")).await;
+    let (mut up, _) = backend.accept().await.unwrap();
+    backend_reads_head(&mut up, &mut Vec::new()).await;
+    up.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+        .await
+        .unwrap();
+    let stalled = Instant::now();
+
+    // The client gets the head and what the backend sent, then the connection closes.
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .expect("the client connection stayed open")
+        .unwrap();
+    let waited = stalled.elapsed();
+    let got = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(got.starts_with("http/1.1 200"), "{got}");
+    assert!(got.contains("content-length: 10\r\n"), "{got}");
+    assert!(got.ends_with("\r\n\r\nabc"), "{got}");
+    assert!(
+        waited >= Duration::from_millis(150) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    // The backend connection is closed, not pooled.
+    let mut rest = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), up.read(&mut rest))
+        .await
+        .expect("the stalled backend connection stayed open")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+}
+
+/// Server-sent events keep their stream through pauses longer than the body timeout.
+#[tokio::test]
+async fn server_sent_events_may_stay_quiet_longer_than_the_body_timeout() {
+    let mut cfg = config();
+    cfg.upstream_body_timeout = Duration::from_millis(100);
+    cfg.upstream_sse_timeout = Duration::from_secs(30);
+    let r = start(cfg, None).await;
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    route_to(&r, &[(ID, backend.local_addr().unwrap())]);
+    let mut s = connect(&r).await;
+    send(&mut s, get("1.1", "")).await;
+    let (mut up, _) = backend.accept().await.unwrap();
+    backend_reads_head(&mut up, &mut Vec::new()).await;
+    up.write_all(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        s.read_line(&mut head).await.unwrap();
+    }
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    let mut events = Vec::new();
+    while events != b"data: 1\n\n" {
+        events.extend(read_chunk(&mut s).await.expect("the stream ended early"));
+    }
+
+    // Quiet for four body timeouts (the pause under test), then the next event and the end.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    up.write_all(b"9\r\ndata: 2\n\n\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    events.clear();
+    let rest = async {
+        while let Some(data) = read_chunk(&mut s).await {
+            events.extend(data);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), rest)
+        .await
+        .expect("the rest of the stream did not arrive");
+    assert_eq!(events, b"data: 2\n\n", "the stream went on and ended whole");
+}
+
+/// One chunk's data from a chunked body, or `None` at the last chunk (whose end is read too).
+async fn read_chunk<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> Option<Vec<u8>> {
+    let mut size = String::new();
+    let n = r.read_line(&mut size).await.unwrap();
+    assert!(n > 0, "the connection closed mid-body");
+    let len = usize::from_str_radix(size.trim(), 16).unwrap();
+    let mut data = vec![0; len + 2];
+    r.read_exact(&mut data).await.unwrap();
+    assert!(data.ends_with(b"\r\n"));
+    data.truncate(len);
+    (len > 0).then_some(data)
+}
+
+/// A client that never read its response used to keep its task and its backend connection
+/// for as long as the backend had something to send.
+#[tokio::test]
+async fn a_client_that_never_reads_is_disconnected_and_its_backend_connection_closed() {
+    let mut cfg = config();
+    cfg.client_write_timeout = Duration::from_millis(300);
+    let r = start(cfg, None).await;
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    route_to(&r, &[(ID, backend.local_addr().unwrap())]);
+    // A small receive window, so the proxy's writes block soon.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let mut client = socket.connect(r.addr).await.unwrap();
+    client.write_all(get("1.1", "").as_bytes()).await.unwrap();
+
+    // A gigabyte, written until the proxy closes the connection.
+    let (mut up, _) = backend.accept().await.unwrap();
+    backend_reads_head(&mut up, &mut Vec::new()).await;
+    const ANNOUNCED: u64 = 1 << 30;
+    let feeder = tokio::spawn(async move {
+        up.write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {ANNOUNCED}\r\n\r\n").as_bytes())
+            .await?;
+        let piece = vec![b'z'; 64 * 1024];
+        let mut sent = 0u64;
+        while sent < ANNOUNCED {
+            up.write_all(&piece).await?;
+            sent += piece.len() as u64;
+        }
+        Ok::<u64, std::io::Error>(sent)
+    });
+    let fed = tokio::time::timeout(Duration::from_secs(10), feeder)
+        .await
+        .expect("the backend connection stayed open for a client that never reads")
+        .unwrap();
+    assert!(
+        fed.is_err(),
+        "the backend could send the whole body: {fed:?}"
+    );
+
+    // The request's task has ended: nothing is open for the backend any more.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while r.proxy.activity().snapshot()[0].open != 0 {
+        assert!(Instant::now() < deadline, "the request is still open");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The client's connection ends too, short of the body.
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
+        .await
+        .expect("the client connection stayed open");
+    assert!((got.len() as u64) < ANNOUNCED, "{}", got.len());
 }

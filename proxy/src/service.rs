@@ -7,6 +7,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -27,7 +28,7 @@ use crate::activity::ActivityTracker;
 use crate::config::ProxyConfig;
 use crate::error::ProxyError;
 use crate::forward::{self, CountingBody, CountingIo, GuardedBody, ProxyBody, is_upgrade};
-use crate::h1;
+use crate::h1::{self, RequestFraming};
 use crate::head::{ProxyResponse, RequestHead};
 use crate::pool::{SendError, request_framing};
 use crate::route_table::RouteHandle;
@@ -156,9 +157,10 @@ fn text(v: &[u8]) -> Option<&str> {
     std::str::from_utf8(v).ok()
 }
 
-/// Finds the route the request names.
+/// Finds the route the request names. The authority of an absolute-form target (or an HTTP/2
+/// request's) names the host, ahead of any `Host` field (RFC 9112 §3.2.2, RFC 9113 §8.3.1).
 fn find_route(shared: &Shared, head: &impl RequestHead) -> Result<Route, ProxyError> {
-    let host = head.get("host").and_then(text).or_else(|| head.authority());
+    let host = head.authority().or_else(|| head.get("host").and_then(text));
     let header_name = head.get(route::BACKEND_HEADER).and_then(text);
     // Requests rarely carry more than one Cookie header; more than eight are ignored.
     let mut cookie_buf = [""; 8];
@@ -329,6 +331,15 @@ where
         }
         other => other?,
     };
+    // How the body goes to the backend, known from the head alone; a body announced larger
+    // than the limit is refused before anything else is done for it (a chunked body is cut
+    // off by `CountingBody` when it grows past the limit).
+    let framing = request_framing(&body, req.get("content-length").is_some());
+    if let RequestFraming::Length(n) = framing
+        && n > shared.config.max_body_bytes
+    {
+        return Err(ProxyError::BodyTooLarge(shared.config.max_body_bytes));
+    }
     let (user, query_token) = if route.public {
         (None, None)
     } else {
@@ -353,7 +364,6 @@ where
             upgrade,
         },
     );
-    let framing = request_framing(&body, req.get("content-length").is_some());
     let backend = route.backend.clone();
     let sent = shared
         .pool
@@ -366,6 +376,7 @@ where
                 body,
                 guard.received_bytes(),
                 shared.config.client_body_timeout,
+                shared.config.max_body_bytes,
             ),
         )
         .await;
@@ -387,6 +398,7 @@ where
                     ProxyError::BadRequest("the request body could not be read from the client")
                 }
                 SendError::ClientBodyStalled(waited) => ProxyError::BodyTimeout(waited),
+                SendError::ClientBodyTooLarge(max) => ProxyError::BodyTooLarge(max),
                 SendError::Timeout => ProxyError::UpstreamTimeout {
                     backend: backend.to_string(),
                     waited: shared.config.upstream_response_timeout,
@@ -411,23 +423,36 @@ where
         // The request is answered; from here the guard counts an open WebSocket.
         guard.upgraded();
         // The guard moves into the copy task: an open WebSocket keeps the backend busy.
+        let idle = shared.config.upgrade_idle_timeout;
         shared.tasks.spawn(async move {
             let mut guard = guard;
             match client_upgrade.await {
                 Ok(client) => {
-                    let mut client = CountingIo::new(client);
+                    let (read, written) = (AtomicU64::new(0), AtomicU64::new(0));
+                    let mut client = CountingIo::new(client, &read, &written);
                     let mut upstream = upstream_io;
-                    if let Err(e) = tokio::io::copy_bidirectional_with_sizes(
+                    let copy = tokio::io::copy_bidirectional_with_sizes(
                         &mut client,
                         &mut upstream,
                         16 * 1024,
                         16 * 1024,
-                    )
-                    .await
-                    {
-                        tracing::debug!(backend = %backend, error = %e, "upgraded connection ended");
+                    );
+                    let moved = || read.load(Ordering::Relaxed) + written.load(Ordering::Relaxed);
+                    match forward::until_idle(copy, idle, moved).await {
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => {
+                            tracing::debug!(backend = %backend, error = %e, "upgraded connection ended");
+                        }
+                        None => {
+                            tracing::debug!(backend = %backend, ?idle, "upgraded connection idle; closed");
+                        }
                     }
-                    guard.add_upgraded_bytes(client.read, client.written);
+                    // Both sides close here (the client's and the backend's sockets drop).
+                    drop((client, upstream));
+                    guard.add_upgraded_bytes(
+                        read.load(Ordering::Relaxed),
+                        written.load(Ordering::Relaxed),
+                    );
                 }
                 Err(e) => tracing::debug!(backend = %backend, error = %e, "upgrade failed"),
             }
@@ -551,8 +576,9 @@ fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u8> {
         h1::write_header(&mut out, b"connection", b"upgrade");
     }
 
-    // HTTP/2 clients name the host in the request target, not in a Host header.
-    if let Some(host) = host.or_else(|| req.authority().map(str::as_bytes)) {
+    // The authority of an absolute-form target replaces the Host field (RFC 9112 §3.2.2; the
+    // target itself goes out in origin form); HTTP/2 clients name the host there too.
+    if let Some(host) = req.authority().map(str::as_bytes).or(host) {
         h1::write_header(&mut out, b"host", host);
         h1::write_header(&mut out, b"x-forwarded-host", host);
     }

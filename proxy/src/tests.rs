@@ -523,3 +523,55 @@ async fn a_backend_that_does_not_answer_in_time_is_a_504_and_the_client_connecti
     let resp = send.send_request(get("/")).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
 }
+
+/// An upgraded connection on which nobody sent anything used to stay open (with its backend
+/// connection and task) until one side closed it.
+#[tokio::test]
+async fn an_idle_upgraded_connection_is_closed_and_a_busy_one_stays_open() {
+    let mut cfg = config();
+    cfg.upgrade_idle_timeout = Duration::from_millis(300);
+    let r = start(cfg, None).await;
+    let host = format!("{ID}.{DOMAIN}");
+    let mut busy = TcpStream::connect(r.addr).await.unwrap();
+    switch_protocols(&mut busy, &host, "/echo").await;
+    let mut idle = TcpStream::connect(r.addr).await.unwrap();
+    switch_protocols(&mut idle, &host, "/echo").await;
+    let idle_since = Instant::now();
+    let idle_end = tokio::spawn(async move {
+        let mut buf = [0u8; 16];
+        let read = idle.read(&mut buf).await;
+        (read.map_err(|e| e.kind()), idle_since.elapsed())
+    });
+
+    // A message every 100 ms for three times the idle timeout: never idle for as long as it.
+    for i in 0..9 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let msg = format!("ping {i}");
+        busy.write_all(msg.as_bytes()).await.unwrap();
+        let mut echo = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(10), busy.read_exact(&mut echo))
+            .await
+            .expect("no echo")
+            .expect("the busy upgraded connection was closed");
+        assert_eq!(echo, msg.as_bytes());
+    }
+
+    let (read, after) = tokio::time::timeout(Duration::from_secs(10), idle_end)
+        .await
+        .expect("the idle upgraded connection stayed open")
+        .unwrap();
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(
+        after >= Duration::from_millis(250) && after < Duration::from_secs(5),
+        "{after:?}"
+    );
+    // Its copy task ended: only the busy connection is still open for the backend.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while r.proxy.activity().snapshot()[0].open != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the idle connection is still counted"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
