@@ -32,6 +32,9 @@ pub struct ClientArgs {
         default_value = "http://127.0.0.1:7070"
     )]
     pub api_url: String,
+    /// An API token (`hangar serve` writes the first admin token to <data-dir>/admin.token).
+    #[arg(long = "api-token", env = "HANGAR_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -73,6 +76,12 @@ pub enum Command {
     /// Export the store as JSON lines, or import such an export into an empty store.
     #[command(subcommand)]
     State(StateCommand),
+    /// API tokens: create (shown once), list and revoke.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Per-namespace quotas: live backends and connects a second (429 past them).
+    #[command(subcommand)]
+    Quota(QuotaCommand),
     /// Maintenance windows: a promise that no drone is declared lost before the window ends,
     /// so that every session survives a stop of the whole control plane within it.
     #[command(subcommand)]
@@ -228,6 +237,15 @@ pub struct DroneArgs {
     /// the scheduler]
     #[arg(long, value_name = "IP")]
     pub advertise_address: Option<IpAddr>,
+    /// An executable a spawn may name as `spawn.command[0]` (process runtime; repeatable).
+    /// Without any, the drone runs only its default backend.
+    #[arg(long = "allow-command", value_name = "PATH")]
+    pub allow_commands: Vec<String>,
+    /// An image pattern a spawn's `spawn.image` may match, `*` for any run of characters
+    /// (Docker runtime; repeatable, e.g. `registry.example/team/*`). Without any, the drone
+    /// runs only its default image.
+    #[arg(long = "allow-image", value_name = "PATTERN")]
+    pub allow_images: Vec<String>,
 }
 
 impl DroneArgs {
@@ -399,6 +417,20 @@ pub struct ProxyTuningArgs {
     /// A backend that has not sent response headers within this is a 504.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub upstream_response_timeout: Duration,
+    /// A backend that sends no response body bytes for this long, mid-body, has its
+    /// connection and the client's closed.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub upstream_body_timeout: Duration,
+    /// --upstream-body-timeout for server-sent events (content-type: text/event-stream).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub upstream_sse_timeout: Duration,
+    /// An HTTP/1.1 client that accepts no response bytes for this long is disconnected (and
+    /// its backend connection closed).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub client_write_timeout: Duration,
+    /// An upgraded connection (WebSocket) with no bytes either way for this long is closed.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    pub upgrade_idle_timeout: Duration,
     /// A TLS handshake that takes longer than this is dropped.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub tls_handshake_timeout: Duration,
@@ -409,6 +441,9 @@ pub struct ProxyTuningArgs {
     /// larger gets 431.
     #[arg(long, value_name = "BYTES", default_value = "65536")]
     pub max_header_bytes: usize,
+    /// Largest request body accepted, in bytes (at least 1); a larger one gets 413.
+    #[arg(long, value_name = "BYTES", default_value = "104857600")]
+    pub max_body_bytes: u64,
     /// Client connections served at once; past this, new ones wait in the kernel's accept
     /// queue until one closes.
     #[arg(long, value_name = "N", default_value = "10000")]
@@ -441,6 +476,10 @@ impl ProxyTuningArgs {
                 "--upstream-response-timeout",
                 self.upstream_response_timeout,
             ),
+            ("--upstream-body-timeout", self.upstream_body_timeout),
+            ("--upstream-sse-timeout", self.upstream_sse_timeout),
+            ("--client-write-timeout", self.client_write_timeout),
+            ("--upgrade-idle-timeout", self.upgrade_idle_timeout),
             ("--tls-handshake-timeout", self.tls_handshake_timeout),
             ("--shutdown-grace", self.shutdown_grace),
         ] {
@@ -455,6 +494,12 @@ impl ProxyTuningArgs {
                 "--max-header-bytes {} is out of range: allowed {MIN_HEADER_BYTES} to {MAX_HEADER_BYTES} (1 MiB)",
                 self.max_header_bytes
             )));
+        }
+        if self.max_body_bytes == 0 {
+            return Err(ConfigError(
+                "--max-body-bytes must be at least 1 (the largest request body accepted, in bytes)"
+                    .into(),
+            ));
         }
         if self.max_connections == 0 {
             return Err(ConfigError(
@@ -474,9 +519,14 @@ impl ProxyTuningArgs {
         cfg.client_body_timeout = self.client_body_timeout;
         cfg.upstream_connect_timeout = self.upstream_connect_timeout;
         cfg.upstream_response_timeout = self.upstream_response_timeout;
+        cfg.upstream_body_timeout = self.upstream_body_timeout;
+        cfg.upstream_sse_timeout = self.upstream_sse_timeout;
+        cfg.client_write_timeout = self.client_write_timeout;
+        cfg.upgrade_idle_timeout = self.upgrade_idle_timeout;
         cfg.tls_handshake_timeout = self.tls_handshake_timeout;
         cfg.shutdown_grace = self.shutdown_grace;
         cfg.max_header_bytes = self.max_header_bytes;
+        cfg.max_body_bytes = self.max_body_bytes;
         cfg.max_connections = self.max_connections;
         cfg.upstream_idle_per_backend = self.upstream_idle_per_backend;
         Ok(())
@@ -580,7 +630,7 @@ mod tests {
     }
 
     /// The fields the tuning flags set, for comparison (`ProxyConfig` has no `PartialEq`).
-    fn tuned(c: &ProxyConfig) -> [Duration; 7] {
+    fn tuned(c: &ProxyConfig) -> [Duration; 11] {
         [
             c.header_read_timeout,
             c.keep_alive_timeout,
@@ -589,14 +639,19 @@ mod tests {
             c.upstream_response_timeout,
             c.tls_handshake_timeout,
             c.shutdown_grace,
+            c.upstream_body_timeout,
+            c.upstream_sse_timeout,
+            c.client_write_timeout,
+            c.upgrade_idle_timeout,
         ]
     }
 
-    fn limits(c: &ProxyConfig) -> (usize, usize, usize) {
+    fn limits(c: &ProxyConfig) -> (usize, usize, usize, u64) {
         (
             c.max_header_bytes,
             c.max_connections,
             c.upstream_idle_per_backend,
+            c.max_body_bytes,
         )
     }
 
@@ -623,9 +678,14 @@ mod tests {
             cfg.upstream_response_timeout = Duration::from_millis(1);
             cfg.tls_handshake_timeout = Duration::from_millis(1);
             cfg.shutdown_grace = Duration::from_millis(1);
+            cfg.upstream_body_timeout = Duration::from_millis(1);
+            cfg.upstream_sse_timeout = Duration::from_millis(1);
+            cfg.client_write_timeout = Duration::from_millis(1);
+            cfg.upgrade_idle_timeout = Duration::from_millis(1);
             cfg.max_header_bytes = 1;
             cfg.max_connections = 1;
             cfg.upstream_idle_per_backend = 1;
+            cfg.max_body_bytes = 1;
             tuning(role).apply(&mut cfg).unwrap();
             assert_eq!(tuned(&cfg), tuned(&defaults), "{role:?}");
             assert_eq!(limits(&cfg), limits(&defaults), "{role:?}");
@@ -659,12 +719,22 @@ mod tests {
             "4s",
             "--shutdown-grace",
             "9s",
+            "--upstream-body-timeout",
+            "12s",
+            "--upstream-sse-timeout",
+            "2h",
+            "--client-write-timeout",
+            "13s",
+            "--upgrade-idle-timeout",
+            "5m",
             "--max-header-bytes",
             "1024",
             "--max-connections",
             "1",
             "--upstream-idle-per-backend",
             "0",
+            "--max-body-bytes",
+            "1",
         ];
         for role in ROLES {
             let args: Vec<&str> = role.iter().chain(&flags).copied().collect();
@@ -680,11 +750,15 @@ mod tests {
                     s(3),
                     s(3600),
                     s(4),
-                    s(9)
+                    s(9),
+                    s(12),
+                    s(7200),
+                    s(13),
+                    s(300)
                 ],
                 "{role:?}"
             );
-            assert_eq!(limits(&cfg), (1024, 1, 0), "{role:?}");
+            assert_eq!(limits(&cfg), (1024, 1, 0, 1), "{role:?}");
         }
         let mut cfg = config();
         tuning(&["dev", "--max-header-bytes", "1048576"])
@@ -716,6 +790,11 @@ mod tests {
             ("--max-header-bytes", "1048577", "allowed 1024 to 1048576"),
             ("--max-connections", "0", "at least 1"),
             ("--max-connections", &too_many, "allowed 1 to"),
+            ("--upstream-body-timeout", "0", "allowed 1ms to 7 days"),
+            ("--upstream-sse-timeout", "8d", "allowed 1ms to 7 days"),
+            ("--client-write-timeout", "0s", "allowed 1ms to 7 days"),
+            ("--upgrade-idle-timeout", "0ms", "allowed 1ms to 7 days"),
+            ("--max-body-bytes", "0", "at least 1"),
         ];
         for &(flag, value, range) in cases {
             for role in ROLES {
@@ -753,6 +832,60 @@ pub struct FenceWatchdogArgs {
     /// The Docker engine whose containers it may have to kill.
     #[arg(long)]
     pub docker_host: Option<String>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum QuotaCommand {
+    /// Set a namespace's quota (what is not given is unlimited).
+    Set(QuotaSetArgs),
+    /// List every namespace's quota.
+    Ls(ClientOnlyArgs),
+    /// Remove a namespace's quota.
+    Rm(NameArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct QuotaSetArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The namespace (keyless backends count under `default`).
+    pub namespace: String,
+    /// Live backends at most.
+    #[arg(long)]
+    pub max_live: Option<u64>,
+    /// Connects a second at most (a burst of one second's worth).
+    #[arg(long)]
+    pub connects_per_second: Option<f64>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print it (the only time its secret is shown).
+    Create(TokenCreateArgs),
+    /// List tokens (never their secrets).
+    Ls(ClientOnlyArgs),
+    /// Revoke a token by id: it stops working at once.
+    Revoke(NameArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TokenCreateArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// admin (everything), connect (connect, and status, events and termination of its own
+    /// backends), read (lists, status, events, hot, cluster), drone (join as a drone) or
+    /// proxy (a remote proxy's route feed and activity).
+    #[arg(long)]
+    pub scope: String,
+    /// Bind a connect token to this namespace: it reaches only keys of it.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Expire after this long (e.g. 12h, 90d); without it, the token does not expire.
+    #[arg(long)]
+    pub ttl: Option<String>,
+    /// What the token is for (shown by `token ls`).
+    #[arg(long)]
+    pub description: Option<String>,
 }
 
 #[derive(Debug, clap::Subcommand)]

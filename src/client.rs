@@ -11,6 +11,8 @@ use hangar_core::api::{
 };
 use hangar_core::{BackendState, KeyRef};
 use hangar_scheduler::api::{MaintenanceRequest, MaintenanceView};
+use hangar_scheduler::api_tokens::{CreateTokenRequest, CreatedToken, Scope, TokenView};
+use hangar_scheduler::quotas::{Quota, QuotaList};
 use serde::de::DeserializeOwned;
 
 use crate::cli::{
@@ -34,8 +36,20 @@ impl Api {
             ))
             .into());
         }
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = args.api_token.as_deref() {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| {
+                    crate::ConfigError(
+                        "--api-token (HANGAR_TOKEN) has characters a header cannot carry".into(),
+                    )
+                })?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
+            .default_headers(headers)
             .build()
             .context("cannot build the HTTP client")?;
         Ok(Api { http, base })
@@ -61,6 +75,11 @@ impl Api {
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(self.http.delete(format!("{}{path}", self.base)))
             .await
     }
 
@@ -252,13 +271,15 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         (n, 60_000)
     } else if let Some(n) = t.strip_suffix('h') {
         (n, 3_600_000)
+    } else if let Some(n) = t.strip_suffix('d') {
+        (n, 86_400_000)
     } else {
         (t, 1_000)
     };
     let n: u64 = num
         .trim()
         .parse()
-        .map_err(|_| format!("{s:?} is not a duration: use e.g. 500ms, 90, 60s, 5m or 1h"))?;
+        .map_err(|_| format!("{s:?} is not a duration: use e.g. 500ms, 90, 60s, 5m, 1h or 90d"))?;
     n.checked_mul(unit_ms)
         .map(std::time::Duration::from_millis)
         .ok_or_else(|| format!("{s:?} is too long a duration"))
@@ -391,6 +412,149 @@ pub async fn revoke(args: crate::cli::RevokeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `hangar hot`: what the hot-shard detector flags now, and why.
+fn print_tokens(tokens: &[TokenView]) {
+    let width = |f: &dyn Fn(&TokenView) -> usize, title: &str| {
+        tokens.iter().map(f).max().unwrap_or(0).max(title.len())
+    };
+    let id_w = width(&|t| t.id.len(), "ID");
+    let ns_w = width(
+        &|t| t.namespace.as_deref().unwrap_or("-").len(),
+        "NAMESPACE",
+    );
+    println!(
+        "{:<id_w$}  {:<8}  {:<ns_w$}  {:<13}  {:<13}  DESCRIPTION",
+        "ID", "SCOPE", "NAMESPACE", "CREATED", "EXPIRES"
+    );
+    for t in tokens {
+        println!(
+            "{:<id_w$}  {:<8}  {:<ns_w$}  {:<13}  {:<13}  {}",
+            t.id,
+            t.scope.as_str(),
+            t.namespace.as_deref().unwrap_or("-"),
+            t.created_at,
+            t.expires_at
+                .map_or_else(|| "never".into(), |e| e.to_string()),
+            t.description.as_deref().unwrap_or(""),
+        );
+    }
+}
+
+pub async fn token(cmd: crate::cli::TokenCommand) -> anyhow::Result<ExitCode> {
+    use crate::cli::TokenCommand;
+    match cmd {
+        TokenCommand::Create(args) => {
+            let scope: Scope = args.scope.parse().map_err(crate::ConfigError)?;
+            let ttl_s = match &args.ttl {
+                Some(t) => Some(parse_duration_s(t).map_err(crate::ConfigError)?),
+                None => None,
+            };
+            let api = Api::new(&args.client)?;
+            let created: CreatedToken = api
+                .post(
+                    "/v1/tokens",
+                    &CreateTokenRequest {
+                        scope: Some(scope),
+                        namespace: args.namespace,
+                        ttl_s,
+                        description: args.description,
+                    },
+                )
+                .await?;
+            if args.client.json {
+                print_json(&created)?;
+            } else {
+                println!("{}", created.token);
+                eprintln!(
+                    "token {} ({} scope{}) created: it is shown this once, keep it secret",
+                    created.record.id,
+                    created.record.scope,
+                    created
+                        .record
+                        .namespace
+                        .as_deref()
+                        .map(|n| format!(", namespace {n}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        TokenCommand::Ls(args) => {
+            let api = Api::new(&args.client)?;
+            let tokens: Vec<TokenView> = api.get("/v1/tokens").await?;
+            if args.client.json {
+                print_json(&tokens)?;
+            } else {
+                print_tokens(&tokens);
+            }
+        }
+        TokenCommand::Revoke(args) => {
+            let api = Api::new(&args.client)?;
+            let view: TokenView = api.delete(&format!("/v1/tokens/{}", args.name)).await?;
+            if args.client.json {
+                print_json(&view)?;
+            } else {
+                println!("token {} ({} scope) revoked", view.id, view.scope);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn quota(cmd: crate::cli::QuotaCommand) -> anyhow::Result<ExitCode> {
+    use crate::cli::QuotaCommand;
+    let (client, list): (&ClientArgs, QuotaList) = match &cmd {
+        QuotaCommand::Set(args) => {
+            let api = Api::new(&args.client)?;
+            let quota = Quota {
+                max_live: args.max_live,
+                connects_per_second: args.connects_per_second,
+            };
+            let list = api
+                .send(
+                    api.http
+                        .put(format!("{}/v1/quotas/{}", api.base, args.namespace))
+                        .json(&quota),
+                )
+                .await?;
+            (&args.client, list)
+        }
+        QuotaCommand::Ls(args) => (
+            &args.client,
+            Api::new(&args.client)?.get("/v1/quotas").await?,
+        ),
+        QuotaCommand::Rm(args) => {
+            let api = Api::new(&args.client)?;
+            (
+                &args.client,
+                api.delete(&format!("/v1/quotas/{}", args.name)).await?,
+            )
+        }
+    };
+    if client.json {
+        print_json(&list)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let width = list
+        .keys()
+        .map(String::len)
+        .max()
+        .unwrap_or(0)
+        .max("NAMESPACE".len());
+    println!(
+        "{:<width$}  {:>9}  {:>17}",
+        "NAMESPACE", "MAX LIVE", "CONNECTS/SECOND"
+    );
+    for (ns, q) in &list {
+        println!(
+            "{:<width$}  {:>9}  {:>17}",
+            ns,
+            q.max_live.map_or_else(|| "-".into(), |n| n.to_string()),
+            q.connects_per_second
+                .map_or_else(|| "-".into(), |r| r.to_string()),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn print_maintenance(view: &MaintenanceView) {
     match &view.window {
         Some(w) => println!(
@@ -554,7 +718,8 @@ mod tests {
         assert_eq!(parse_duration(" 90 "), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        for bad in ["", "soon", "1.5s", "-1s", "5d"] {
+        assert_eq!(parse_duration("90d"), Ok(Duration::from_secs(90 * 86_400)));
+        for bad in ["", "soon", "1.5s", "-1s", "5w"] {
             let err = parse_duration(bad).unwrap_err();
             assert!(err.contains("not a duration"), "{bad:?}: {err}");
         }

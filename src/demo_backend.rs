@@ -20,7 +20,7 @@
 //! Environment: `PORT` (required), `HANGAR_BIND` (the address to listen on, default
 //! `127.0.0.1`; the Docker runtime sets `0.0.0.0` so that a bridge-networked container is
 //! reachable through its published port), `HANGAR_BACKEND_ID`, `HANGAR_KEY`, `HANGAR_EPOCH`,
-//! and `HANGAR_DEMO_STARTUP_DELAY_MS` (sleep before listening, so that tests can observe a
+//! and `DEMO_STARTUP_DELAY_MS` (sleep before listening, so that tests can observe a
 //! backend that is still starting). `SIGTERM` or `SIGINT` shut it down gracefully with exit
 //! code 0.
 
@@ -164,11 +164,11 @@ fn bind_from_env() -> anyhow::Result<IpAddr> {
 }
 
 fn startup_delay() -> anyhow::Result<Option<Duration>> {
-    match std::env::var("HANGAR_DEMO_STARTUP_DELAY_MS") {
+    match std::env::var("DEMO_STARTUP_DELAY_MS") {
         Err(_) => Ok(None),
         Ok(raw) => {
             let ms: u64 = raw.trim().parse().with_context(|| {
-                format!("HANGAR_DEMO_STARTUP_DELAY_MS must be milliseconds, got {raw:?}")
+                format!("DEMO_STARTUP_DELAY_MS must be milliseconds, got {raw:?}")
             })?;
             Ok(Some(Duration::from_millis(ms)))
         }

@@ -118,6 +118,8 @@ async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         cli::Command::State(cli::StateCommand::Export(args)) => return state::export(args).await,
         cli::Command::State(cli::StateCommand::Import(args)) => return state::import(args).await,
         cli::Command::Revoke(args) => return client::revoke(args).await,
+        cli::Command::Token(cmd) => return client::token(cmd).await,
+        cli::Command::Quota(cmd) => return client::quota(cmd).await,
         cli::Command::Maintenance(cli::MaintenanceCommand::Start(args)) => {
             return client::maintenance_start(args).await;
         }

@@ -223,7 +223,7 @@ async fn a_request_sent_while_the_backend_starts_waits_and_succeeds() {
     let a = dev
         .connect(json!({
             "key": {"name": "slow"},
-            "spawn": {"env": {"HANGAR_DEMO_STARTUP_DELAY_MS": "1500"}}
+            "spawn": {"env": {"DEMO_STARTUP_DELAY_MS": "1500"}}
         }))
         .await;
     let started = Instant::now();
@@ -526,7 +526,9 @@ async fn events_stream_every_state_change_until_terminated() {
     let dir = scratch();
     let dev = Dev::start(dir.path(), &[]);
     let a = dev
-        .connect(json!({"key": {"name": "sse"}, "spawn": {"env": {"HANGAR_DEMO_STARTUP_DELAY_MS": "300"}}}))
+        .connect(
+            json!({"key": {"name": "sse"}, "spawn": {"env": {"DEMO_STARTUP_DELAY_MS": "300"}}}),
+        )
         .await;
     let resp = dev
         .http

@@ -293,33 +293,31 @@ async fn a_minute_of_maintenance_keeps_every_session_through_thirty_seconds_with
     let dir = tempfile::tempdir().unwrap();
     let (mut first, _d1, kept) = serve_with_session(dir.path(), &[], "kept").await;
     let api = format!("http://{}", first.api);
+    let token = first.token.clone().expect("serve wrote an admin token");
+    let cli = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--api", &api, "--api-token", &token]);
+        cli(&all)
+    };
     // Bad lengths are refused and say what is allowed.
-    for bad in ["0s", "200h", "soon"] {
-        let (code, out, err) = cli(&["maintenance", "start", "--for", bad, "--api", &api]);
+    for bad in ["0s", "200d", "soon"] {
+        let (code, out, err) = cli(&["maintenance", "start", "--for", bad]);
         assert_ne!(code, 0, "--for {bad}: {out}");
         assert!(
             err.contains("7 days") || err.contains("duration") || err.contains("second"),
             "--for {bad}: {err}"
         );
     }
-    let (code, out, err) = cli(&["maintenance", "start", "--for", "60s", "--api", &api]);
+    let (code, out, err) = cli(&["maintenance", "start", "--for", "60s"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("maintenance window in force"), "{out}");
-    let (code, out, err) = cli(&["maintenance", "status", "--api", &api, "--json"]);
+    let (code, out, err) = cli(&["maintenance", "status", "--json"]);
     assert_eq!(code, 0, "{err}");
     let view: serde_json::Value = serde_json::from_str(&out).unwrap();
     let until_s = view["window"]["until"].as_u64().expect("a window") / 1000;
     assert!(until_s + 2 >= unix_now() + 60, "{view}");
     // A shorter window does not shorten it.
-    let (code, out, _) = cli(&[
-        "maintenance",
-        "start",
-        "--for",
-        "5s",
-        "--api",
-        &api,
-        "--json",
-    ]);
+    let (code, out, _) = cli(&["maintenance", "start", "--for", "5s", "--json"]);
     assert_eq!(code, 0);
     let again: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(again["window"], view["window"], "never shortened");

@@ -103,7 +103,7 @@ impl Plane {
             Some((api, proxy)) => (api.to_string(), proxy.to_string()),
             None => ("127.0.0.1:0".to_string(), "127.0.0.1:0".to_string()),
         };
-        Dev::start_role_in(
+        let mut dev = Dev::start_role_in(
             None,
             "serve",
             &self.dir.path().join(format!("serve-{i}")),
@@ -127,7 +127,15 @@ impl Plane {
                 "--proxy",
                 &proxy,
             ],
-        )
+        );
+        // The first instance wrote the cluster's admin token; the others use it too.
+        if dev.token.is_none()
+            && let Ok(token) =
+                std::fs::read_to_string(self.dir.path().join("serve-0").join("admin.token"))
+        {
+            dev.use_token(token.trim());
+        }
+        dev
     }
 
     fn dev(&self, i: usize) -> &Dev {

@@ -66,7 +66,15 @@ impl Cluster {
                 &name,
                 "process",
                 dir.path(),
-                &["--metrics", "off", "--host-id", &host_id],
+                // The witness backends are python3 programs.
+                &[
+                    "--metrics",
+                    "off",
+                    "--host-id",
+                    &host_id,
+                    "--allow-command",
+                    "python3",
+                ],
             ));
             let d = serve.wait_drone(&name, "ready").await;
             assert_eq!(d.name, name);

@@ -8,6 +8,7 @@ mod drones;
 mod ha;
 mod partition;
 mod remote;
+mod security;
 
 mod dns;
 mod metrics;

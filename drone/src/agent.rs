@@ -56,6 +56,8 @@ pub struct AgentConfig {
     /// 5 s). Otherwise they are left to the runtime (process children die with the agent
     /// process anyway; containers would be re-adopted).
     pub stop_backends_on_shutdown: bool,
+    /// What this drone agrees to run beyond its default backend.
+    pub spawn_policy: crate::policy::SpawnPolicy,
 }
 
 impl Default for AgentConfig {
@@ -66,6 +68,7 @@ impl Default for AgentConfig {
             probe_interval_max: Duration::from_millis(50),
             stop_grace: Duration::from_secs(10),
             stop_backends_on_shutdown: true,
+            spawn_policy: crate::policy::SpawnPolicy::default(),
         }
     }
 }
@@ -324,6 +327,12 @@ struct BackendTask {
 impl BackendTask {
     async fn run(mut self, cmd: SpawnCommand) {
         self.report(BackendEvent::Starting).await;
+        if let Err(message) = self.ctx.config.spawn_policy.check(&cmd) {
+            tracing::warn!(backend = %self.backend, %message, "refusing a spawn");
+            self.report(BackendEvent::SpawnFailed { message }).await;
+            lock(&self.ctx.registry).remove(&self.backend);
+            return;
+        }
         // Not raced against shutdown: dropping a half-done start could leak the backend, and
         // starting returns quickly (it does not wait for readiness).
         let started = match self.ctx.runtime.start(&cmd).await {
@@ -552,7 +561,13 @@ mod tests {
     }
 
     impl Harness {
-        fn new(config: AgentConfig) -> Self {
+        fn new(mut config: AgentConfig) -> Self {
+            // What these tests run, allowed as an operator would allow it.
+            config
+                .spawn_policy
+                .commands
+                .extend(["sh", "sleep", "/nonexistent/hangar-test-binary"].map(String::from));
+            config.spawn_policy.images.push("*".into());
             let runtime = Arc::new(ProcessRuntime::new(ProcessRuntimeConfig::default()));
             let (commands, commands_rx) = mpsc::channel(16);
             let (events_tx, events) = mpsc::channel(64);

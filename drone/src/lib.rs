@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod fence;
+pub mod policy;
 pub mod runtime;
 pub mod session;
 pub mod usage;

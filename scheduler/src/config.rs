@@ -60,6 +60,9 @@ pub struct SchedulerConfig {
     pub instance_id: String,
     /// The shared secret drones present; `None` refuses every network drone.
     pub drone_secret: Option<String>,
+    /// Whether the API needs tokens (`serve`, and `dev` off loopback); without, it is open
+    /// to anyone who reaches it (`dev` on loopback), except the drone and proxy endpoints.
+    pub api_tokens: bool,
     /// The hot-shard detector's thresholds.
     pub hot: crate::hot::HotConfig,
     /// Relocate idle neighbours of hot backends (`--relieve-hot`); `None`: never.
@@ -93,6 +96,7 @@ impl SchedulerConfig {
             leader_ttl: Duration::from_secs(10),
             instance_id: format!("i-{}", hangar_core::BackendId::generate()),
             drone_secret: None,
+            api_tokens: false,
             hot: crate::hot::HotConfig::default(),
             relieve: None,
             monitor_interval: Duration::from_secs(1),

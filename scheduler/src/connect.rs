@@ -11,6 +11,7 @@ use hangar_core::{BackendId, BackendState};
 use hangar_store::{Compare, Expect, KeyValue, Revision, Store, TxnOp, TxnOutcome, WatchEvent};
 use tokio::time::Instant;
 
+use crate::api_tokens::{Caller, Scope};
 use crate::clock::Clock;
 use crate::config::SchedulerConfig;
 use crate::error::ApiError;
@@ -36,6 +37,14 @@ const RESERVED_ENV: [&str; 5] = [
     "HANGAR_KEY",
     "HANGAR_EPOCH",
 ];
+
+/// Bounds on what a spawn may carry.
+const MAX_ENV: usize = 64;
+const MAX_ENV_NAME: usize = 128;
+const MAX_ENV_VALUE: usize = 4096;
+const MAX_ARGS: usize = 64;
+const MAX_ARG: usize = 4096;
+const MAX_IMAGE: usize = 255;
 
 /// Validates a connect request; errors name the field.
 pub fn validate_connect(req: &ConnectRequest) -> Result<(), ApiError> {
@@ -78,18 +87,47 @@ pub fn validate_connect(req: &ConnectRequest) -> Result<(), ApiError> {
                 "spawn.lifetime_s must be at least 1 (omit it for no limit)".into(),
             ));
         }
-        for k in spawn.env.keys() {
-            if k.is_empty() || k.contains('=') || k.contains('\0') {
+        if spawn.env.len() > MAX_ENV {
+            return Err(ApiError::BadRequest(format!(
+                "spawn.env has {} variables: at most {MAX_ENV} are allowed",
+                spawn.env.len()
+            )));
+        }
+        for (k, v) in &spawn.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || k.len() > MAX_ENV_NAME {
                 return Err(ApiError::BadRequest(format!(
-                    "spawn.env has an invalid variable name {k:?}"
+                    "spawn.env has an invalid variable name {k:?} (1 to {MAX_ENV_NAME} bytes, no '=' or NUL)"
                 )));
             }
-            if RESERVED_ENV.contains(&k.as_str()) {
+            if RESERVED_ENV.contains(&k.as_str())
+                || k.eq_ignore_ascii_case("PORT")
+                || k.to_ascii_uppercase().starts_with("HANGAR_")
+            {
                 return Err(ApiError::BadRequest(format!(
-                    "spawn.env may not set {k}: Hangar sets {} itself",
+                    "spawn.env may not set {k}: PORT and HANGAR_* are Hangar's ({} are set for every backend)",
                     RESERVED_ENV.join(", ")
                 )));
             }
+            if v.len() > MAX_ENV_VALUE || v.contains('\0') {
+                return Err(ApiError::BadRequest(format!(
+                    "spawn.env.{k} must be at most {MAX_ENV_VALUE} bytes with no NUL"
+                )));
+            }
+        }
+        if let Some(cmd) = &spawn.command
+            && (cmd.len() > MAX_ARGS || cmd.iter().any(|a| a.len() > MAX_ARG || a.contains('\0')))
+        {
+            return Err(ApiError::BadRequest(format!(
+                "spawn.command must have at most {MAX_ARGS} arguments of at most {MAX_ARG} bytes each, with no NUL"
+            )));
+        }
+        if let Some(image) = &spawn.image
+            && (image.len() > MAX_IMAGE
+                || image.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(ApiError::BadRequest(format!(
+                "spawn.image must be an image reference of at most {MAX_IMAGE} characters, without spaces"
+            )));
         }
         if let Some(Resources {
             cpu_millis,
@@ -121,6 +159,7 @@ pub struct Connector {
     pub(crate) routes: Arc<Routes>,
     /// Placement is the leader's: a connect carries its fencing token.
     pub(crate) leadership: Arc<Leadership>,
+    pub(crate) quotas: Arc<crate::quotas::Quotas>,
 }
 
 impl Connector {
@@ -199,9 +238,42 @@ impl Connector {
         }
     }
 
-    /// `POST /v1/connect`: returns the key's live backend, or starts one.
+    /// Connects with everything allowed (in-process callers and tests).
     pub async fn connect(&self, req: ConnectRequest) -> Result<ConnectResponse, ApiError> {
+        self.connect_as(req, &Caller::Open).await
+    }
+
+    /// `POST /v1/connect`: returns the key's live backend, or starts one, for `caller`: a raw
+    /// `spawn.command` or `spawn.image` needs the admin scope (others get what the operator
+    /// defined), and a namespace-bound token only reaches keys of its namespace.
+    pub async fn connect_as(
+        &self,
+        req: ConnectRequest,
+        caller: &Caller,
+    ) -> Result<ConnectResponse, ApiError> {
         validate_connect(&req)?;
+        if let Some(spawn) = &req.spawn
+            && (spawn.command.is_some() || spawn.image.is_some())
+        {
+            caller.require(Scope::Admin, "a raw spawn.command or spawn.image")?;
+        }
+        if let Caller::Token {
+            namespace: Some(ns),
+            ..
+        } = caller
+            && req.key.as_ref().is_some_and(|k| k.namespace != *ns)
+        {
+            return Err(ApiError::Forbidden(format!(
+                "this token is bound to namespace {ns:?}: it cannot connect keys of another namespace"
+            )));
+        }
+        let created_by = caller.token_id().map(str::to_owned);
+        let namespace = req
+            .key
+            .as_ref()
+            .map_or("default", |k| k.namespace.as_str())
+            .to_string();
+        self.quotas.admit_connect(&namespace)?;
         let user = req.user.clone().unwrap_or_default();
         let wait_until = Instant::now() + self.config.predecessor_wait;
         for _ in 0..CONNECT_ATTEMPTS {
@@ -230,6 +302,10 @@ impl Connector {
             // 2. Place a new backend: the leader's job.
             let token = self.leadership.token().ok_or_else(|| self.not_leader())?;
             let spawn = self.resolve_spawn(&req);
+            // Counted against the namespace's live quota until the route table counts it.
+            let _placing = self
+                .quotas
+                .place(&namespace, self.routes.live_in_namespace(&namespace))?;
             let reservation = self.placement.place(&spawn)?;
             let drone = reservation.drone.clone();
             let now = self.clock.now_ms();
@@ -251,6 +327,7 @@ impl Connector {
                 terminating_at: None,
                 kill_requested_at: None,
                 message: None,
+                created_by: created_by.clone(),
             };
             // 3. One transaction: the backend record and the key's claim, or neither (no orphan
             //    record if the claim loses, no claim without its record).
@@ -342,6 +419,48 @@ mod tests {
                     ..Default::default()
                 }),
                 "PORT",
+            ),
+            (
+                req(SpawnSpec {
+                    env: [("hangar_token".to_string(), "x".to_string())].into(),
+                    ..Default::default()
+                }),
+                "hangar_token",
+            ),
+            (
+                req(SpawnSpec {
+                    env: [("port".to_string(), "1".to_string())].into(),
+                    ..Default::default()
+                }),
+                "port",
+            ),
+            (
+                req(SpawnSpec {
+                    env: (0..65).map(|i| (format!("V{i}"), String::new())).collect(),
+                    ..Default::default()
+                }),
+                "spawn.env",
+            ),
+            (
+                req(SpawnSpec {
+                    env: [("BIG".to_string(), "x".repeat(4097))].into(),
+                    ..Default::default()
+                }),
+                "spawn.env.BIG",
+            ),
+            (
+                req(SpawnSpec {
+                    command: Some(vec!["x".to_string(); 65]),
+                    ..Default::default()
+                }),
+                "spawn.command",
+            ),
+            (
+                req(SpawnSpec {
+                    image: Some("a b".into()),
+                    ..Default::default()
+                }),
+                "spawn.image",
             ),
             (
                 ConnectRequest {

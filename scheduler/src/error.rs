@@ -29,6 +29,12 @@ pub enum ApiError {
         message: String,
         retry_after: std::time::Duration,
     },
+    /// A quota is used up: 429 with `Retry-After`.
+    #[error("{message}")]
+    TooMany {
+        message: String,
+        retry_after: std::time::Duration,
+    },
     /// Nowhere to run the backend, or a dependency is down: retry later.
     #[error("{0}")]
     Unavailable(String),
@@ -50,6 +56,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) | ApiError::Busy { .. } => StatusCode::CONFLICT,
+            ApiError::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) | ApiError::Store(_) | ApiError::Fenced(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -64,6 +71,7 @@ impl ApiError {
             ApiError::Unavailable(_)
             | ApiError::Conflict(_)
             | ApiError::Busy { .. }
+            | ApiError::TooMany { .. }
             | ApiError::Fenced(_) => true,
             ApiError::Store(e) => e.is_transient(),
             _ => false,
@@ -78,6 +86,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::Conflict(_) => "conflict",
             ApiError::Busy { .. } => "busy",
+            ApiError::TooMany { .. } => "quota",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Store(_) => "store_unavailable",
             ApiError::Fenced(_) => "not_leader",
@@ -92,7 +101,9 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %self, "api request failed");
         }
         let retry_after = match &self {
-            ApiError::Busy { retry_after, .. } => Some(retry_after.as_secs().max(1)),
+            ApiError::Busy { retry_after, .. } | ApiError::TooMany { retry_after, .. } => {
+                Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
+            }
             ApiError::Fenced(_) => Some(1),
             _ => None,
         };

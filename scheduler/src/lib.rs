@@ -19,6 +19,7 @@
 
 pub mod activity;
 pub mod api;
+pub mod api_tokens;
 pub mod clock;
 pub mod config;
 pub mod connect;
@@ -35,6 +36,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod monitor;
 pub mod placement;
+pub mod quotas;
 pub mod reconciler;
 pub mod records;
 pub mod relay;

@@ -36,6 +36,8 @@ pub const LEADER_WRITES_TOTAL: &str = "hangar_leader_writes_total";
 pub const FENCED_WRITES_TOTAL: &str = "hangar_leader_fenced_writes_total";
 /// Commands (spawn, stop, kill) this instance wrote into backend records as the leader.
 pub const LEADER_COMMANDS_TOTAL: &str = "hangar_leader_commands_total";
+/// Connects refused by a namespace quota, by quota.
+pub const QUOTA_REFUSALS_TOTAL: &str = "hangar_quota_refusals_total";
 /// Commands this instance relayed from backend records to the drone sessions it holds.
 pub const RELAYED_COMMANDS_TOTAL: &str = "hangar_relayed_commands_total";
 /// Backends that ended, by reason.
@@ -81,6 +83,10 @@ pub fn describe() {
     describe_counter!(
         LEADER_COMMANDS_TOTAL,
         "Commands (spawn, stop, kill) this instance wrote into backend records as the leader, each fenced by its term's token."
+    );
+    describe_counter!(
+        QUOTA_REFUSALS_TOTAL,
+        "Connects refused with 429 by a namespace quota; `quota` is max_live or connects_per_second."
     );
     describe_counter!(
         RELAYED_COMMANDS_TOTAL,

@@ -253,6 +253,7 @@ mod tests {
             terminated_at: None,
             terminating_at: None,
             kill_requested_at: None,
+            created_by: None,
             message: None,
         }
     }

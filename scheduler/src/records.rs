@@ -69,6 +69,9 @@ pub struct BackendRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kill_requested_at: Option<UnixMillis>,
     pub message: Option<String>,
+    /// The API token that created it (a `connect` token sees its own backends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
 }
 
 impl BackendRecord {

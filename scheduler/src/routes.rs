@@ -146,11 +146,26 @@ struct RecordIndex {
     live: HashMap<BackendId, Stored<BackendRecord>>,
     ended: BTreeMap<(UnixMillis, BackendId), Revision>,
     ended_at: HashMap<BackendId, UnixMillis>,
+    /// Live backends per key namespace (keyless ones count under `default`), for quotas.
+    live_per_namespace: HashMap<String, u64>,
+}
+
+/// The namespace a backend counts under for quotas.
+pub fn quota_namespace(rec: &BackendRecord) -> &str {
+    rec.key.as_ref().map_or("default", |k| k.namespace.as_str())
 }
 
 impl RecordIndex {
     fn remove(&mut self, id: &BackendId) {
-        self.live.remove(id);
+        if let Some(old) = self.live.remove(id) {
+            let ns = quota_namespace(&old.record);
+            if let Some(n) = self.live_per_namespace.get_mut(ns) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.live_per_namespace.remove(ns);
+                }
+            }
+        }
         if let Some(at) = self.ended_at.remove(id) {
             self.ended.remove(&(at, id.clone()));
         }
@@ -160,6 +175,10 @@ impl RecordIndex {
         let id = rec.id.clone();
         self.remove(&id);
         if rec.state.is_live() {
+            *self
+                .live_per_namespace
+                .entry(quota_namespace(&rec).to_string())
+                .or_default() += 1;
             self.live.insert(
                 id,
                 Stored {
@@ -248,6 +267,15 @@ impl Routes {
     /// Every live backend record, as of the last change the feed applied.
     pub fn live_records(&self) -> Vec<Stored<BackendRecord>> {
         self.index().live.values().cloned().collect()
+    }
+
+    /// How many backends of namespace `ns` are live, as of the last change the feed applied.
+    pub fn live_in_namespace(&self, ns: &str) -> u64 {
+        self.index()
+            .live_per_namespace
+            .get(ns)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Ended backend records that ended at or before `cutoff`: key and revision, oldest first.

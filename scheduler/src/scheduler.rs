@@ -34,6 +34,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::activity::ActivityBook;
 use crate::api::Handles;
+use crate::api_tokens::ApiTokens;
 use crate::clock::Clock;
 use crate::config::SchedulerConfig;
 use crate::connect::Connector;
@@ -109,6 +110,7 @@ impl Scheduler {
             config.api_base_url.clone(),
             config.leader_ttl,
         ));
+        let quotas = Arc::new(crate::quotas::Quotas::new(store.clone()));
         let connector = Arc::new(Connector {
             store: store.clone(),
             clock: clock.clone(),
@@ -117,12 +119,14 @@ impl Scheduler {
             placement: placement.clone(),
             routes: routes.clone(),
             leadership: leadership.clone(),
+            quotas: quotas.clone(),
         });
         let maintenance = Arc::new(Maintenance::new(
             store.clone(),
             clock.clone(),
             config.clone(),
         ));
+        let tokens = Arc::new(ApiTokens::new(store.clone(), clock.clone()));
         let sessions = Arc::new(DroneSessions::new(
             store.clone(),
             clock.clone(),
@@ -152,6 +156,8 @@ impl Scheduler {
                 revocations,
                 leadership,
                 maintenance,
+                tokens,
+                quotas,
                 forwarder: crate::api::forward_client(),
                 tasks,
                 cancel,
@@ -168,6 +174,16 @@ impl Scheduler {
         let feed = RouteFeed::new(h.store.clone(), h.config.clone(), h.routes.clone());
         let initial = feed.load().await?;
         h.tasks.spawn(feed.run(initial, cancel.clone()));
+
+        // Tokens work from the first request, and follow the store from then on.
+        h.tokens
+            .load()
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string().into()))?;
+        let (tokens, c) = (h.tokens.clone(), cancel.clone());
+        h.tasks.spawn(async move { tokens.follow(c).await });
+        let (quotas, c) = (h.quotas.clone(), cancel.clone());
+        h.tasks.spawn(async move { quotas.follow(c).await });
 
         // Every drone of the cluster, for placement; and the commands in backend records,
         // relayed to the drone sessions held here, whoever leads.
@@ -271,6 +287,24 @@ impl Scheduler {
         Ok(crate::api::begin_maintenance(&self.handles, length)
             .await?
             .until)
+    }
+
+    /// Creates an admin token if the store has none (a new cluster, or every admin token
+    /// revoked or expired); returns it, to hand to the operator once.
+    pub async fn bootstrap_admin_token(&self) -> Result<Option<String>, ApiError> {
+        if self.handles.tokens.has_admin().await? {
+            return Ok(None);
+        }
+        let created = self
+            .handles
+            .tokens
+            .create(crate::api_tokens::CreateTokenRequest {
+                scope: Some(crate::api_tokens::Scope::Admin),
+                description: Some("the first admin token, written by serve".into()),
+                ..Default::default()
+            })
+            .await?;
+        Ok(Some(created.token))
     }
 
     /// Waits for every background task to finish (after cancellation).

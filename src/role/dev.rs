@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use hangar_core::drone::{Capacity, DroneMessage, Hello, SchedulerMessage};
 use hangar_drone::agent::{Agent, AgentConfig};
+use hangar_drone::policy::SpawnPolicy;
 use hangar_drone::runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
 use hangar_drone::usage::UsageCollector;
 use hangar_scheduler::Scheduler;
@@ -138,6 +139,7 @@ impl EmbeddedDrone {
             .await
             .context("cannot register the embedded drone")?;
         let logs = data_dir.join("logs");
+        let allowed: Vec<String> = demo_command.first().cloned().into_iter().collect();
         let runtime = Arc::new(ProcessRuntime::new(ProcessRuntimeConfig {
             default_command: Some(demo_command),
             log_dir: Some(logs.clone()),
@@ -145,7 +147,17 @@ impl EmbeddedDrone {
         }));
         std::fs::create_dir_all(&logs).context("cannot create the logs directory")?;
         Ok(EmbeddedDrone {
-            agent: Agent::new(runtime.clone(), AgentConfig::default()),
+            // The demo backend is what dev runs: the hangar executable, with any arguments.
+            agent: Agent::new(
+                runtime.clone(),
+                AgentConfig {
+                    spawn_policy: SpawnPolicy {
+                        commands: allowed,
+                        images: Vec::new(),
+                    },
+                    ..AgentConfig::default()
+                },
+            ),
             runtime,
             commands,
             events,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use hangar_core::drone::Capacity;
 use hangar_drone::agent::AgentConfig;
+use hangar_drone::policy::SpawnPolicy;
 use hangar_drone::runtime::Runtime;
 use hangar_drone::runtime::docker::{DockerNetwork, DockerRuntime, DockerRuntimeConfig};
 use hangar_drone::runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
@@ -93,6 +94,10 @@ impl Config {
                 // Backends outlive the agent: a restarted agent re-adopts them (Docker).
                 // Process backends die with the agent regardless.
                 stop_backends_on_shutdown: false,
+                spawn_policy: SpawnPolicy {
+                    commands: args.allow_commands.clone(),
+                    images: args.allow_images.clone(),
+                },
                 ..AgentConfig::default()
             },
             host: args.host_id.clone().or_else(crate::host::host_id),

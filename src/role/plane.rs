@@ -184,7 +184,14 @@ impl Config {
         cfg.hot = self.hot.clone();
         cfg.relieve = self.relieve.clone();
         cfg.instance_id = super::instance::id(&self.data_dir);
+        cfg.api_tokens = self.api_tokens();
         cfg
+    }
+
+    /// Whether the API needs tokens: always for `serve` (drones and remote proxies reach it
+    /// from other hosts), and for `dev` unless it listens on loopback only.
+    fn api_tokens(&self) -> bool {
+        self.role == "serve" || !self.api.ip().is_loopback()
     }
 
     /// Opens the store, binds every listener, installs the metrics recorder and builds the
@@ -301,6 +308,7 @@ impl Plane {
             .start(cancel.clone())
             .await
             .context("cannot load state from the store")?;
+        bootstrap_admin_token(&scheduler, &report).await?;
         if let Some((setup, listener)) = listeners.https {
             crate::tls::serve(setup, listener, proxy.clone(), tasks, cancel)?;
         }
@@ -333,6 +341,50 @@ impl Plane {
             report,
         })
     }
+}
+
+/// Where `serve` leaves the first admin token, readable by its user only.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// With tokens required and no admin token in the store, creates one and writes it to the
+/// data directory (mode 0600), saying where; on an open API, says that it is open.
+async fn bootstrap_admin_token(scheduler: &Scheduler, report: &Report) -> anyhow::Result<()> {
+    let role = report.role;
+    if !scheduler.config().api_tokens {
+        eprintln!(
+            "hangar {role}: the API listens on loopback and is open to anyone on this host (no tokens); on any other address it needs tokens"
+        );
+        return Ok(());
+    }
+    let path = report.data_dir.join(ADMIN_TOKEN_FILE);
+    let Some(token) = scheduler
+        .bootstrap_admin_token()
+        .await
+        .context("cannot create the first admin token")?
+    else {
+        eprintln!(
+            "hangar {role}: the API needs tokens; an admin token exists (the instance that created it wrote it to its data directory as {ADMIN_TOKEN_FILE})"
+        );
+        return Ok(());
+    };
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot write the admin token to {}", path.display()))?;
+    // An existing file keeps its mode: make sure it is the user's alone.
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    writeln!(file, "{token}")?;
+    eprintln!(
+        "hangar {role}: the API needs tokens; an admin token was written to {} (readable by this user only): export HANGAR_TOKEN=$(cat {}) and create narrower ones with `hangar token create`",
+        path.display(),
+        path.display()
+    );
+    Ok(())
 }
 
 /// The plane's servers, running.

@@ -80,6 +80,14 @@ impl Drone {
                 "--data-dir",
             ])
             .arg(dir.join(name))
+            // Docker drones run only allowed images: the test images are all hangar-*.
+            .args(
+                if runtime == "docker" && !extra.contains(&"--allow-image") {
+                    &["--allow-image", "hangar-*"][..]
+                } else {
+                    &[][..]
+                },
+            )
             .args(if extra.contains(&"--metrics") {
                 &[][..]
             } else {

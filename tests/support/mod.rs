@@ -35,6 +35,22 @@ pub fn command_in(ns: Option<&str>) -> Command {
 /// How long a test waits for a condition before failing.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
+/// An HTTP client that sends `token` as the bearer credential, if given.
+fn client(token: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = token {
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {t}").parse().unwrap(),
+        );
+    }
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
 /// A running `hangar dev`.
 pub struct Dev {
     child: Child,
@@ -45,7 +61,10 @@ pub struct Dev {
     /// The metrics listener (`GET /metrics`), unless started with `--metrics off`.
     pub metrics: Option<SocketAddr>,
     pub data_dir: PathBuf,
+    /// Sends the API token (if any) with every request.
     pub http: reqwest::Client,
+    /// The API token `http` sends: the admin token `serve` wrote to its data directory.
+    pub token: Option<String>,
 }
 
 impl Dev {
@@ -143,6 +162,10 @@ impl Dev {
                 metrics = Some(a.trim().parse().expect("metrics address"));
             }
         }
+        // `serve` wrote its first admin token before reporting its addresses.
+        let token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .ok()
+            .map(|t| t.trim().to_string());
         Dev {
             child,
             api: api.unwrap(),
@@ -150,11 +173,16 @@ impl Dev {
             dns,
             metrics,
             data_dir: data_dir.to_path_buf(),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()
-                .unwrap(),
+            http: client(token.as_deref()),
+            token,
         }
+    }
+
+    /// Sends `token` with every API request from now on (an instance that did not create the
+    /// cluster's first admin token has none in its data directory).
+    pub fn use_token(&mut self, token: &str) {
+        self.token = Some(token.to_string());
+        self.http = client(Some(token));
     }
 
     pub fn api_url(&self, path: &str) -> String {

@@ -600,6 +600,10 @@ async fn agent_with_docker_runtime_reports_waiting_ready_failure_and_exit() {
     let cancel = CancellationToken::new();
     let config = AgentConfig {
         stop_grace: Duration::from_secs(5),
+        spawn_policy: crate::policy::SpawnPolicy {
+            commands: Vec::new(),
+            images: vec!["hangar-*".into()],
+        },
         ..Default::default()
     };
     let agent = tokio::spawn(Agent::new(runtime.clone(), config).run(

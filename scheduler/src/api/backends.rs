@@ -4,7 +4,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use hangar_core::api::{BackendList, ConnectRequest, TerminateRequest};
@@ -14,19 +14,22 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::auth::may_touch;
 use super::extract::ApiJson;
 use super::handles::Handles;
+use crate::api_tokens::Caller;
 use crate::error::ApiError;
 use crate::records::{BackendRecord, backend_key};
 
 /// `POST /v1/connect`.
 pub(crate) async fn connect(
     State(h): State<Handles>,
+    Extension(caller): Extension<Caller>,
     ApiJson(req): ApiJson<ConnectRequest>,
 ) -> Result<Response, ApiError> {
     let resp = h
         .connector
-        .connect(req)
+        .connect_as(req, &caller)
         .await
         .inspect_err(|e| crate::metrics::connect(e.code()))?;
     crate::metrics::connect(if resp.spawned { "spawned" } else { "reused" });
@@ -89,20 +92,43 @@ pub(crate) async fn list(
 /// `GET /v1/backends/{id}`.
 pub(crate) async fn get(
     State(h): State<Handles>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     match h.backends.get(&id).await? {
-        Some((rec, _)) => Ok(Json(rec.view()).into_response()),
+        Some((rec, _)) => {
+            own(&caller, &rec, false)?;
+            Ok(Json(rec.view()).into_response())
+        }
         None => Err(ApiError::NotFound(format!("no backend {id}"))),
+    }
+}
+
+/// Refuses a `connect` token a backend that is not its own.
+fn own(caller: &Caller, rec: &BackendRecord, write: bool) -> Result<(), ApiError> {
+    if may_touch(caller, rec, write) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "backend {} is not this token's: a connect token reaches only the backends of its namespace or the ones it created",
+            rec.id
+        )))
     }
 }
 
 /// `POST /v1/backends/{id}/terminate`.
 pub(crate) async fn terminate(
     State(h): State<Handles>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<TerminateRequest>,
 ) -> Result<Response, ApiError> {
+    if !caller.is_admin() {
+        let Some((rec, _)) = h.backends.get(&id).await? else {
+            return Err(ApiError::NotFound(format!("no backend {id}")));
+        };
+        own(&caller, &rec, true)?;
+    }
     let rec = h
         .backends
         .terminate(&id, TerminationReason::Requested, req.hard)
@@ -115,6 +141,7 @@ pub(crate) async fn terminate(
 /// `terminated`.
 pub(crate) async fn events(
     State(h): State<Handles>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let key = backend_key(&id);
@@ -123,6 +150,7 @@ pub(crate) async fn events(
     };
     let first: BackendRecord = serde_json::from_slice(&kv.value)
         .map_err(|e| ApiError::Internal(format!("backend record {id} is unreadable: {e}")))?;
+    own(&caller, &first, false)?;
     let mut watch = h.store.watch(&key, kv.mod_revision + 1).await?;
     let (tx, rx) = mpsc::channel(16);
     let cancel = h.cancel.clone();

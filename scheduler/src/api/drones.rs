@@ -7,36 +7,18 @@ use axum::Json;
 use axum::extract::{Path, State, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
 use hangar_core::api::{DrainRequest, DroneList, DroneView};
-use http::HeaderMap;
-use subtle::ConstantTimeEq;
 
 use super::extract::ApiJson;
 use super::handles::Handles;
 use crate::error::ApiError;
 use crate::records::{drain_key, drone_key, list_drains, list_drones};
 
-/// `GET /v1/drones/connect`: a drone's session, authenticated by the shared drone secret.
+/// `GET /v1/drones/connect`: a drone's session (authenticated by `api::auth`: the cluster
+/// secret or a drone token).
 pub(crate) async fn connect(
     State(h): State<Handles>,
-    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let Some(secret) = h.config.drone_secret.as_deref() else {
-        return Err(ApiError::Forbidden(
-            "this scheduler accepts no network drones: start it with --drone-secret".into(),
-        ));
-    };
-    let given = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !bool::from(given.as_bytes().ct_eq(secret.as_bytes())) {
-        return Err(ApiError::Unauthorized(
-            "drone secret is missing or wrong: start the drone with the scheduler's --drone-secret"
-                .into(),
-        ));
-    }
     let sessions = h.sessions.clone();
     let tasks = h.tasks.clone();
     Ok(

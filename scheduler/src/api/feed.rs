@@ -14,9 +14,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use hangar_core::activity::ActivityBatch;
 use hangar_core::feed::FeedMessage;
-use http::HeaderMap;
 use serde::Deserialize;
-use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
 
 use super::extract::ApiJson;
@@ -26,27 +24,6 @@ use crate::revocations::RevokeRequest;
 
 /// A ping every so often lets both ends notice a dead connection.
 const PING_EVERY: Duration = Duration::from_secs(5);
-
-pub(crate) fn check_cluster_secret(h: &Handles, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(secret) = h.config.drone_secret.as_deref() else {
-        return Err(ApiError::Forbidden(
-            "this scheduler accepts no remote proxies or drones: start it with --drone-secret"
-                .into(),
-        ));
-    };
-    let given = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if bool::from(given.as_bytes().ct_eq(secret.as_bytes())) {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized(
-            "cluster secret is missing or wrong: pass the scheduler's --drone-secret".into(),
-        ))
-    }
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,10 +41,8 @@ fn line(m: &FeedMessage) -> Result<Bytes, Infallible> {
 /// `GET /v1/routes/feed?from=<revision>`.
 pub(crate) async fn route_feed(
     State(h): State<Handles>,
-    headers: HeaderMap,
     query: Result<Query<FeedQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    check_cluster_secret(&h, &headers)?;
     let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(256);
     // Subscribe before reading the current table so no delta falls in between.
@@ -148,12 +123,10 @@ pub(crate) async fn revoke(
 /// `POST /v1/activity`: a remote proxy's activity report.
 pub(crate) async fn activity(
     State(h): State<Handles>,
-    headers: HeaderMap,
     ApiJson(batch): ApiJson<ActivityBatch>,
 ) -> Result<http::StatusCode, ApiError> {
-    // Remote proxies report with the cluster secret; without one nobody may report (a forged
-    // report could keep backends alive forever).
-    check_cluster_secret(&h, &headers)?;
+    // Remote proxies report with the cluster secret or a proxy token (`api::auth`): a forged
+    // report could keep backends alive forever.
     h.activity.record(&batch);
     h.hot.observe_activity(&batch);
     Ok(http::StatusCode::NO_CONTENT)

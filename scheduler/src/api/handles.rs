@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::activity::ActivityBook;
+use crate::api_tokens::ApiTokens;
 use crate::clock::Clock;
 use crate::config::SchedulerConfig;
 use crate::connect::Connector;
@@ -50,6 +51,10 @@ pub struct Handles {
     pub revocations: Arc<Revocations>,
     pub leadership: Arc<Leadership>,
     pub maintenance: Arc<Maintenance>,
+    /// API tokens (who may call what).
+    pub tokens: Arc<ApiTokens>,
+    /// Per-namespace quotas.
+    pub quotas: Arc<crate::quotas::Quotas>,
     /// Forwards writes to the leader (see `api::forward`).
     pub forwarder: ForwardClient,
     pub tasks: TaskTracker,

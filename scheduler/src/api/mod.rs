@@ -15,6 +15,7 @@ use hangar_core::api::HotList;
 use crate::error::ApiError;
 
 mod acme;
+pub mod auth;
 mod backends;
 mod drones;
 mod extract;
@@ -22,6 +23,8 @@ mod feed;
 pub mod forward;
 mod handles;
 mod maintenance;
+mod quotas;
+mod tokens;
 
 pub use extract::ApiJson;
 use extract::MAX_BODY;
@@ -42,6 +45,13 @@ pub fn router(handles: Handles) -> Router {
         .route("/v1/activity", post(feed::activity))
         .route("/v1/routes/feed", get(feed::route_feed))
         .route("/v1/tokens/revoke", post(feed::revoke))
+        .route("/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/v1/tokens/{id}", axum::routing::delete(tokens::revoke))
+        .route("/v1/quotas", get(quotas::list))
+        .route(
+            "/v1/quotas/{namespace}",
+            axum::routing::put(quotas::set).delete(quotas::remove),
+        )
         .route("/v1/hot", get(hot))
         .route("/v1/cluster", get(cluster))
         .route(
@@ -64,6 +74,11 @@ pub fn router(handles: Handles) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             handles.clone(),
             forward::writes_to_leader,
+        ))
+        // Outermost: a request is authorized before it is forwarded to the leader.
+        .layer(axum::middleware::from_fn_with_state(
+            handles.clone(),
+            auth::authorize,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(handles)

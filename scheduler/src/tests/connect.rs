@@ -73,3 +73,49 @@ async fn concurrent_connects_for_one_key_write_one_record() {
     assert!(keys.try_recv().is_err(), "the key is claimed once");
     f.stop().await;
 }
+
+/// A namespace's live quota bounds new backends (429), never the reuse of a live one, and
+/// other namespaces are not affected.
+#[tokio::test]
+async fn a_live_quota_refuses_new_backends_but_not_existing_ones() {
+    let f = Fixture::start(|_| {}).await;
+    let s = &f.sched;
+    let _d = s
+        .handles()
+        .sessions
+        .admit(&hello("d1", "r1"), false)
+        .await
+        .unwrap();
+    s.handles()
+        .quotas
+        .set(
+            "team-a",
+            crate::quotas::Quota {
+                max_live: Some(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let in_team = |name: &str| ConnectRequest {
+        key: Some(KeyRef::new("team-a", name)),
+        ..Default::default()
+    };
+    let first = s.handles().connector.connect(in_team("one")).await.unwrap();
+    let err = s
+        .handles()
+        .connector
+        .connect(in_team("two"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), http::StatusCode::TOO_MANY_REQUESTS, "{err}");
+    let again = s.handles().connector.connect(in_team("one")).await.unwrap();
+    assert_eq!(again.backend_id, first.backend_id);
+    assert!(!again.spawned);
+    s.handles()
+        .connector
+        .connect(super::key("elsewhere"))
+        .await
+        .unwrap();
+    f.stop().await;
+}

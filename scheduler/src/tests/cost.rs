@@ -41,6 +41,7 @@ fn ended(i: usize, terminated_at: u64) -> BackendRecord {
         terminated_at: Some(terminated_at),
         terminating_at: None,
         kill_requested_at: None,
+        created_by: None,
         message: None,
     }
 }

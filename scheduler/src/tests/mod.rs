@@ -3,6 +3,7 @@
 //! module imports the scheduler.
 
 mod admission;
+mod auth;
 mod connect;
 mod cost;
 mod forward;
