@@ -35,6 +35,10 @@ pub struct ClientArgs {
     /// An API token (`hangar serve` writes the first admin token to <data-dir>/admin.token).
     #[arg(long = "api-token", env = "HANGAR_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+    /// A PEM file of CA certificates to trust for an `https://` API, besides the system's
+    /// (also HANGAR_CA).
+    #[arg(long, env = "HANGAR_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -126,6 +130,13 @@ pub struct ProxyArgs {
     /// Seconds a per-backend series is kept after its last update.
     #[arg(long, default_value_t = 300)]
     pub metrics_grace: u64,
+    /// A bearer token scrapes must present (also HANGAR_METRICS_TOKEN).
+    #[arg(long, env = "HANGAR_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+    /// A PEM file of CA certificates to trust for `https://` scheduler URLs, besides the
+    /// system's.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
 }
 
 impl ProxyArgs {
@@ -134,6 +145,7 @@ impl ProxyArgs {
         MetricsArgs {
             metrics: self.metrics.clone(),
             metrics_grace: self.metrics_grace,
+            metrics_token: self.metrics_token.clone(),
         }
     }
 }
@@ -228,6 +240,9 @@ pub struct DroneArgs {
     /// Seconds a series is kept after its last update.
     #[arg(long, default_value_t = 300)]
     pub metrics_grace: u64,
+    /// A bearer token scrapes must present (also HANGAR_METRICS_TOKEN).
+    #[arg(long, env = "HANGAR_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
     /// This host's identity: a drone name is held by one host at a time, and a new agent on
     /// the same host takes over its backends. [default: /etc/machine-id, else the hostname]
     #[arg(long)]
@@ -246,6 +261,10 @@ pub struct DroneArgs {
     /// runs only its default image.
     #[arg(long = "allow-image", value_name = "PATTERN")]
     pub allow_images: Vec<String>,
+    /// A PEM file of CA certificates to trust for `https://` scheduler URLs, besides the
+    /// system's.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
 }
 
 impl DroneArgs {
@@ -254,6 +273,7 @@ impl DroneArgs {
         MetricsArgs {
             metrics: self.metrics.clone(),
             metrics_grace: self.metrics_grace,
+            metrics_token: self.metrics_token.clone(),
         }
     }
 }
@@ -269,6 +289,10 @@ pub struct MetricsArgs {
     /// ended backends and departed drones leave the scrape after this.
     #[arg(long, default_value_t = 300)]
     pub metrics_grace: u64,
+    /// A bearer token scrapes must present (`Authorization: Bearer <token>`; Prometheus's
+    /// `authorization` setting); without it the listener answers anyone who reaches it.
+    #[arg(long, env = "HANGAR_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
 }
 
 /// The hot-shard detector and its remedy.
@@ -348,10 +372,21 @@ pub struct DevArgs {
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub api: SocketAddr,
     /// The API's URL as other hosts reach it (status URLs; where other instances forward
-    /// writes and send drones when this instance leads). [default: http://<the bound --api
-    /// address>; give it when --api is a wildcard such as 0.0.0.0:7070]
+    /// writes when this instance leads). [default: http(s)://<the bound --api address>; give
+    /// it when --api is a wildcard such as 0.0.0.0:7070]
     #[arg(long, value_name = "URL")]
     pub api_url: Option<String>,
+    /// Serve the API over HTTPS with this PEM certificate chain (with --api-tls-key);
+    /// reloaded on SIGHUP or when the file changes.
+    #[arg(long, value_name = "FILE")]
+    pub api_tls_cert: Option<PathBuf>,
+    /// The PEM private key of --api-tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub api_tls_key: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust for other instances' `https://` APIs, besides
+    /// the system's.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
     /// Where the proxy listens.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub proxy: SocketAddr,

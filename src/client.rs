@@ -47,9 +47,11 @@ impl Api {
             value.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
+        let tls = crate::tls::client_config(args.ca.as_deref())?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .default_headers(headers)
+            .use_preconfigured_tls((*tls).clone())
             .build()
             .context("cannot build the HTTP client")?;
         Ok(Api { http, base })
@@ -57,8 +59,22 @@ impl Api {
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
         let resp = req.send().await.map_err(|e| {
+            // The whole cause chain: a refused connection and an untrusted certificate need
+            // different fixes.
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why.push_str(": ");
+                why.push_str(&s.to_string());
+                source = s.source();
+            }
+            let hint = if why.contains("certificate") || why.contains("UnknownIssuer") {
+                "the API's TLS certificate is not trusted: pass its CA with --ca or HANGAR_CA"
+            } else {
+                "is Hangar running there? set --api or HANGAR_API"
+            };
             anyhow::anyhow!(
-                "cannot reach the Hangar API at {}: {e} (is `hangar dev` running? set --api or HANGAR_API)",
+                "cannot reach the Hangar API at {}: {why} ({hint})",
                 self.base
             )
         })?;

@@ -5,8 +5,8 @@ use std::os::unix::fs::PermissionsExt;
 
 use serde_json::json;
 
-use crate::support::cluster::{Drone, SECRET};
-use crate::support::{Dev, cli};
+use crate::support::cluster::{Drone, RemoteProxy, SECRET};
+use crate::support::{DEADLINE, Dev, cli};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_needs_tokens_and_the_cli_manages_them() {
@@ -149,4 +149,149 @@ async fn a_drone_runs_only_what_its_operator_allows() {
     assert!(r.headers().contains_key("retry-after"));
     let again = serve.connect_key("default").await;
     assert_eq!(again.backend_id, ok.backend_id);
+}
+
+/// A test CA and a certificate for 127.0.0.1 and localhost signed by it, as PEM files in
+/// `dir`: (ca.pem, cert.pem, key.pem).
+fn test_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// The API over HTTPS with a private CA: a drone (wss), a remote proxy (its route feed) and the
+/// CLI reach it when given `--ca`, and refuse it without; the metrics listener wants its
+/// bearer token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_drones_proxies_and_the_cli_work_over_tls_with_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = test_pki(dir.path());
+    let (ca, cert, key) = (
+        ca.to_str().unwrap().to_string(),
+        cert.to_str().unwrap().to_string(),
+        key.to_str().unwrap().to_string(),
+    );
+    let serve = Dev::start_serve(
+        &dir.path().join("serve"),
+        &[
+            "--drone-secret",
+            SECRET,
+            "--dns",
+            "off",
+            "--api-tls-cert",
+            &cert,
+            "--api-tls-key",
+            &key,
+            "--metrics-token",
+            "scrape-secret",
+        ],
+    );
+    let api = format!("https://{}", serve.api);
+    let token = serve.token.clone().unwrap();
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap())
+        .default_headers(
+            [(
+                reqwest::header::AUTHORIZATION,
+                format!("Bearer {token}").parse().unwrap(),
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .build()
+        .unwrap();
+    let get = |path: &str| http.get(format!("{api}{path}")).send();
+    assert_eq!(get("/v1/backends").await.unwrap().status(), 200);
+    // Plain HTTP on the TLS port gets nowhere.
+    assert!(
+        reqwest::get(format!("http://{}/v1/backends", serve.api))
+            .await
+            .map_or(true, |r| !r.status().is_success())
+    );
+
+    // The CLI: with the CA it works; without, it says the certificate is not trusted.
+    let (code, _, err) = cli(&["ls", "--api", &api, "--api-token", &token, "--ca", &ca]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = cli(&["ls", "--api", &api, "--api-token", &token]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--ca"),
+        "the error says the certificate is not trusted: {err}"
+    );
+
+    // A drone over wss, with the CA.
+    let _d1 = Drone::spawn_for(None, &api, "d1", "process", dir.path(), &["--ca", &ca]);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let drones: serde_json::Value = get("/v1/drones").await.unwrap().json().await.unwrap();
+        if drones["drones"][0]["state"] == "ready" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the drone never joined: {drones}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let r: hangar_core::api::ConnectResponse = http
+        .post(format!("{api}/v1/connect"))
+        .json(&json!({"key": {"name": "tls"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+
+    // A remote proxy following the feed over https routes the session.
+    let key_hex = std::fs::read_to_string(serve.data_dir.join("token.key")).unwrap();
+    let edge = RemoteProxy::start_with(&api, key_hex.trim(), &["--ca", &ca]);
+    let via_edge = || {
+        reqwest::Client::new()
+            .get(format!("http://{}/count", edge.addr))
+            .header("host", format!("{}.hangar.localhost", r.backend_id))
+            .bearer_auth(&r.token)
+            .send()
+    };
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        if let Ok(resp) = via_edge().await
+            && resp.status() == 200
+        {
+            assert_eq!(resp.text().await.unwrap().trim(), "1");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the remote proxy never routed it"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Metrics want the bearer token.
+    let metrics = format!("http://{}/metrics", serve.metrics.unwrap());
+    assert_eq!(reqwest::get(&metrics).await.unwrap().status(), 401);
+    let scraped = reqwest::Client::new()
+        .get(&metrics)
+        .bearer_auth("scrape-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scraped.status(), 200);
 }

@@ -81,6 +81,9 @@ pub struct DroneSessionConfig {
     pub host: Option<String>,
     /// The fence watchdog process to start (`None`: the agent fences alone).
     pub watchdog: Option<WatchdogConfig>,
+    /// The TLS client settings (trusted roots) for `https://` scheduler URLs; `None` uses the
+    /// system's roots.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Why the drone stopped.
@@ -401,26 +404,34 @@ impl DroneSession {
             })?;
         req.headers_mut().insert("authorization", auth);
         let attempt = async {
-            let (mut socket, _) = match tokio_tungstenite::connect_async(req).await {
-                Ok(x) => x,
-                Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-                    let status = resp.status();
-                    let body = resp
-                        .body()
-                        .as_ref()
-                        .map(|b| String::from_utf8_lossy(b).into_owned())
-                        .unwrap_or_default();
-                    let msg = serde_json::from_str::<hangar_core::api::ErrorBody>(&body)
-                        .map(|e| e.error.message)
-                        .unwrap_or(body);
-                    return Err(if status == 401 || status == 403 {
-                        Attempt::Fatal(msg)
-                    } else {
-                        Attempt::Retry(format!("{status}: {msg}"))
-                    });
-                }
-                Err(e) => return Err(Attempt::Retry(e.to_string())),
-            };
+            let connector = self
+                .config
+                .tls
+                .clone()
+                .map(tokio_tungstenite::Connector::Rustls);
+            let (mut socket, _) =
+                match tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector)
+                    .await
+                {
+                    Ok(x) => x,
+                    Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                        let status = resp.status();
+                        let body = resp
+                            .body()
+                            .as_ref()
+                            .map(|b| String::from_utf8_lossy(b).into_owned())
+                            .unwrap_or_default();
+                        let msg = serde_json::from_str::<hangar_core::api::ErrorBody>(&body)
+                            .map(|e| e.error.message)
+                            .unwrap_or(body);
+                        return Err(if status == 401 || status == 403 {
+                            Attempt::Fatal(msg)
+                        } else {
+                            Attempt::Retry(format!("{status}: {msg}"))
+                        });
+                    }
+                    Err(e) => return Err(Attempt::Retry(e.to_string())),
+                };
             let hello = Hello {
                 drone: self.config.name.clone(),
                 run_id: self.run_id.clone(),
@@ -552,6 +563,7 @@ mod tests {
             usage_interval: Duration::from_secs(5),
             host: None,
             watchdog: None,
+            tls: None,
         };
         let runtime: Arc<dyn Runtime> = Arc::new(crate::runtime::process::ProcessRuntime::new(
             crate::runtime::process::ProcessRuntimeConfig::default(),

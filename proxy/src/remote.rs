@@ -40,6 +40,9 @@ pub struct RemoteConfig {
     pub name: String,
     /// How often activity is reported.
     pub activity_interval: Duration,
+    /// The TLS client settings (trusted roots: the system's and `hangar proxy --ca`) for
+    /// `https://` scheduler URLs.
+    pub tls: std::sync::Arc<rustls::ClientConfig>,
 }
 
 /// Why following failed for good.
@@ -47,11 +50,11 @@ pub struct RemoteConfig {
 pub enum RemoteError {
     #[error("the scheduler refused this proxy: {0}")]
     Refused(String),
-    #[error("invalid scheduler url {0:?}: it must start with http://")]
+    #[error("invalid scheduler url {0:?}: it must start with http:// or https://")]
     BadUrl(String),
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 enum Failure {
     Retry(String),
@@ -77,12 +80,22 @@ impl Proxy {
         if bases.is_empty() {
             return Err(RemoteError::BadUrl(cfg.scheduler_url.clone()));
         }
-        if let Some(bad) = bases.iter().find(|b| !b.starts_with("http://")) {
+        if let Some(bad) = bases
+            .iter()
+            .find(|b| !b.starts_with("http://") && !b.starts_with("https://"))
+        {
             return Err(RemoteError::BadUrl(bad.clone()));
         }
         // The instance followed now; activity goes there too.
         let current = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*cfg.tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client: HttpClient = Client::builder(TokioExecutor::new()).build(connector);
         let reporter = {
             let client = client.clone();
             let cfg = cfg.clone();

@@ -63,6 +63,8 @@ pub struct SchedulerConfig {
     /// Whether the API needs tokens (`serve`, and `dev` off loopback); without, it is open
     /// to anyone who reaches it (`dev` on loopback), except the drone and proxy endpoints.
     pub api_tokens: bool,
+    /// The TLS client settings (trusted roots) for reaching other instances' `https://` APIs.
+    pub tls_client: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// The hot-shard detector's thresholds.
     pub hot: crate::hot::HotConfig,
     /// Relocate idle neighbours of hot backends (`--relieve-hot`); `None`: never.
@@ -97,6 +99,7 @@ impl SchedulerConfig {
             instance_id: format!("i-{}", hangar_core::BackendId::generate()),
             drone_secret: None,
             api_tokens: false,
+            tls_client: None,
             hot: crate::hot::HotConfig::default(),
             relieve: None,
             monitor_interval: Duration::from_secs(1),

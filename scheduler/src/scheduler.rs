@@ -138,6 +138,7 @@ impl Scheduler {
             cancel.clone(),
             tasks.clone(),
         ));
+        let forwarder = crate::api::forward_client_with(config.tls_client.clone());
         Scheduler {
             handles: Handles {
                 config,
@@ -158,7 +159,7 @@ impl Scheduler {
                 maintenance,
                 tokens,
                 quotas,
-                forwarder: crate::api::forward_client(),
+                forwarder,
                 tasks,
                 cancel,
             },

@@ -50,6 +50,8 @@ pub struct MetricsSetup {
     explicit: bool,
     /// Per-backend and per-drone series are dropped this long after their last update.
     pub grace: Duration,
+    /// The bearer token scrapes must present (`--metrics-token`), if any.
+    pub token: Option<String>,
 }
 
 /// Validates the flags; `None` with `--metrics off`.
@@ -66,6 +68,11 @@ pub fn validate(args: &MetricsArgs, default: &str) -> Result<Option<MetricsSetup
     if spec.eq_ignore_ascii_case("off") {
         return Ok(None);
     }
+    if args.metrics_token.as_ref().is_some_and(|t| t.len() < 8) {
+        return Err(ConfigError(
+            "--metrics-token must be at least 8 characters".into(),
+        ));
+    }
     let addr = spec.parse().map_err(|_| {
         ConfigError(format!(
             "--metrics {spec:?} is neither an address like {default} nor off"
@@ -75,6 +82,7 @@ pub fn validate(args: &MetricsArgs, default: &str) -> Result<Option<MetricsSetup
         addr,
         explicit,
         grace: Duration::from_secs(args.metrics_grace),
+        token: args.metrics_token.clone(),
     }))
 }
 
@@ -84,6 +92,7 @@ pub struct MetricsListener {
     addr: SocketAddr,
     exporter: Exporter,
     grace: Duration,
+    token: Option<String>,
 }
 
 /// Binds the listener of `setup`, then installs the exporter: before anything records (the
@@ -107,6 +116,7 @@ pub async fn listen(
         addr,
         exporter,
         grace: setup.grace,
+        token: setup.token.clone(),
     }))
 }
 
@@ -123,7 +133,9 @@ impl MetricsListener {
 
     /// The server for this listener (add collectors to it), and the listener to run it on.
     pub fn into_server(self) -> (MetricsServer, TcpListener) {
-        (MetricsServer::new(self.exporter, self.grace), self.listener)
+        let mut server = MetricsServer::new(self.exporter, self.grace);
+        server.token = self.token;
+        (server, self.listener)
     }
 }
 
@@ -164,6 +176,7 @@ type Collector = Box<dyn Fn() + Send + Sync>;
 
 struct Shared {
     exporter: Exporter,
+    token: Option<String>,
     collectors: Vec<Collector>,
     /// When the last scrape (or housekeeping render) happened.
     rendered_at: Mutex<Instant>,
@@ -189,6 +202,8 @@ pub struct MetricsServer {
     exporter: Exporter,
     grace: Duration,
     collectors: Vec<Collector>,
+    /// The bearer token a scrape must present, if any.
+    token: Option<String>,
 }
 
 impl MetricsServer {
@@ -197,6 +212,7 @@ impl MetricsServer {
             exporter,
             grace,
             collectors: Vec::new(),
+            token: None,
         }
     }
 
@@ -210,6 +226,7 @@ impl MetricsServer {
     pub async fn run(self, listener: TcpListener, shutdown: CancellationToken) {
         let shared = Arc::new(Shared {
             exporter: self.exporter,
+            token: self.token,
             collectors: self.collectors,
             rendered_at: Mutex::new(Instant::now()),
         });
@@ -272,6 +289,29 @@ async fn serve(
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "use GET /metrics\n"));
+    }
+    if let Some(token) = &shared.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, t)| t.trim());
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(
+            given.as_bytes(),
+            token.as_bytes(),
+        )) {
+            let mut r = text(
+                StatusCode::UNAUTHORIZED,
+                "metrics need the bearer token given to --metrics-token\n",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return Ok(r);
+        }
     }
     let body = match tokio::task::spawn_blocking(move || shared.scrape()).await {
         Ok(b) => b,

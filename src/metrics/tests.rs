@@ -202,9 +202,20 @@ fn flags_are_validated() {
     let args = |metrics: Option<&str>, grace| MetricsArgs {
         metrics: metrics.map(str::to_string),
         metrics_grace: grace,
+        metrics_token: None,
     };
     let d = validate(&args(None, 300), DEFAULT_ADDR).unwrap().unwrap();
     assert_eq!(d.addr.to_string(), DEFAULT_ADDR);
+    let short = MetricsArgs {
+        metrics_token: Some("short".into()),
+        ..args(None, 300)
+    };
+    assert!(
+        validate(&short, DEFAULT_ADDR)
+            .unwrap_err()
+            .to_string()
+            .contains("--metrics-token")
+    );
     assert!(!d.explicit);
     assert!(
         validate(&args(Some("off"), 300), DEFAULT_ADDR)

@@ -43,6 +43,8 @@ pub struct Config {
     usage_interval: Duration,
     /// `None` with `--metrics off`.
     metrics: Option<MetricsSetup>,
+    /// Trusted roots for `https://` scheduler URLs (the system's and `--ca`).
+    tls: std::sync::Arc<rustls::ClientConfig>,
 }
 
 impl Config {
@@ -118,6 +120,7 @@ impl Config {
             data_dir: args.data_dir,
             usage_interval: args.usage_interval,
             metrics,
+            tls: crate::tls::client_config(args.ca.as_deref())?,
         })
     }
 
@@ -139,6 +142,7 @@ impl Config {
                 usage_interval: self.usage_interval,
                 watchdog: Some(watchdog),
                 host: self.host,
+                tls: Some(self.tls.clone()),
             },
             runtime,
             run_id.clone(),

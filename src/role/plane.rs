@@ -54,6 +54,10 @@ pub struct Config {
     api_url: Option<String>,
     proxy_addr: SocketAddr,
     https: Option<HttpsSetup>,
+    /// `--api-tls-cert/--api-tls-key`: the API over HTTPS.
+    api_tls: Option<crate::tls::ApiTls>,
+    /// Trusted roots for other instances' `https://` APIs (the system's and `--ca`).
+    tls_client: Arc<rustls::ClientConfig>,
     data_dir: PathBuf,
     /// `--store` (serve); the embedded store in `data_dir` otherwise.
     store: StoreLocation,
@@ -111,8 +115,13 @@ impl Config {
         proxy.start_wait = Duration::from_secs(args.start_wait);
         args.tuning.apply(&mut proxy)?;
         let https = crate::tls::load(&args.tls)?;
+        let api_tls =
+            crate::tls::load_api(args.api_tls_cert.as_deref(), args.api_tls_key.as_deref())?;
+        let tls_client = crate::tls::client_config(args.ca.as_deref())?;
         Ok(Config {
             role,
+            api_tls,
+            tls_client,
             api_url: match args.api_url {
                 Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
                     Some(u.trim_end_matches('/').to_string())
@@ -159,10 +168,15 @@ impl Config {
     /// The scheduler's configuration, once the API and the proxy are bound (clients are
     /// handed URLs with their addresses).
     fn scheduler_config(&self, addrs: &Addresses) -> SchedulerConfig {
+        let scheme = if self.api_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let api_url = self
             .api_url
             .clone()
-            .unwrap_or_else(|| format!("http://{}", addrs.api));
+            .unwrap_or_else(|| format!("{scheme}://{}", addrs.api));
         let mut cfg = SchedulerConfig::new(&self.domain, api_url);
         cfg.proxy_port = Some(addrs.proxy.port());
         match &self.drones {
@@ -185,6 +199,7 @@ impl Config {
         cfg.relieve = self.relieve.clone();
         cfg.instance_id = super::instance::id(&self.data_dir);
         cfg.api_tokens = self.api_tokens();
+        cfg.tls_client = Some(self.tls_client.clone());
         cfg
     }
 
@@ -237,6 +252,7 @@ impl Config {
             proxy: Arc::new(Proxy::new(self.proxy)),
             listeners: Listeners {
                 api,
+                api_tls: self.api_tls,
                 proxy,
                 https,
                 dns,
@@ -262,6 +278,7 @@ pub struct Plane {
 
 struct Listeners {
     api: TcpListener,
+    api_tls: Option<crate::tls::ApiTls>,
     proxy: TcpListener,
     https: Option<(HttpsSetup, TcpListener)>,
     dns: Option<(DnsServer, (UdpSocket, TcpListener))>,
@@ -325,9 +342,15 @@ impl Plane {
             proxy.clone(),
             cancel.clone(),
         ));
+        let api_tls = match listeners.api_tls {
+            Some(tls) => Some(tls.acceptor(tasks, cancel)?),
+            None => None,
+        };
         let api_task = tasks.spawn(wires::serve_api(
             scheduler.clone(),
             listeners.api,
+            api_tls,
+            tasks.clone(),
             cancel.clone(),
         ));
         let proxy_task = tasks.spawn(wires::serve_proxy(proxy, listeners.proxy, cancel.clone()));

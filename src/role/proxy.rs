@@ -53,7 +53,7 @@ impl Config {
         let token_key =
             TokenKey::from_hex(key).map_err(|e| ConfigError(format!("--token-key: {e}")))?;
         for url in args.scheduler.split(',').map(str::trim) {
-            if !url.starts_with("http://") {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
                 return Err(ConfigError(format!(
                     "--scheduler {url:?} must be the scheduler's API URL, e.g. http://127.0.0.1:7070 (several instances: comma-separated)"
                 ))
@@ -75,6 +75,7 @@ impl Config {
             metrics,
             proxy,
             remote: RemoteConfig {
+                tls: crate::tls::client_config(args.ca.as_deref())?,
                 scheduler_url: args.scheduler,
                 secret,
                 name: args.name,

@@ -27,9 +27,17 @@ const LOCAL_PROXY: &str = "local";
 pub async fn serve_api(
     scheduler: Scheduler,
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    tasks: TaskTracker,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    scheduler.serve_api(listener, cancel).await
+    let Some(acceptor) = tls else {
+        return scheduler.serve_api(listener, cancel).await;
+    };
+    let listener = crate::tls::TlsListener::new(listener, acceptor, &tasks, cancel.clone())?;
+    axum::serve(listener, scheduler.router())
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
 }
 
 /// Serves plain-text proxy connections until `cancel` fires.

@@ -245,8 +245,14 @@ impl RemoteProxy {
     /// Starts a remote proxy following the scheduler(s) at `scheduler` (one API URL, or
     /// several comma-separated) with the token key `key_hex`.
     pub fn start_for(scheduler: &str, key_hex: &str) -> RemoteProxy {
+        Self::start_with(scheduler, key_hex, &[])
+    }
+
+    /// [`RemoteProxy::start_for`] with `extra` flags.
+    pub fn start_with(scheduler: &str, key_hex: &str, extra: &[&str]) -> RemoteProxy {
         let mut child = Command::new(BIN)
             .args(["proxy", "--scheduler", scheduler])
+            .args(extra)
             .args([
                 "--secret",
                 SECRET,

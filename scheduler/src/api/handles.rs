@@ -61,10 +61,42 @@ pub struct Handles {
     pub cancel: CancellationToken,
 }
 
-/// The HTTP client that forwards writes to the leader.
-pub type ForwardClient = Client<HttpConnector, Full<Bytes>>;
+/// The HTTP client that forwards writes (and a follower's activity) to the leader: plain
+/// `http://`, or `https://` when the instances' APIs serve TLS.
+pub type ForwardClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// A new forwarding client.
+/// A new forwarding client, trusting `tls`'s roots for `https://` (without it, only `http://`
+/// URLs can be reached).
+pub fn forward_client_with(tls: Option<std::sync::Arc<rustls::ClientConfig>>) -> ForwardClient {
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let connector = match tls {
+        Some(cfg) => builder
+            .with_tls_config((*cfg).clone())
+            .https_or_http()
+            .enable_http1()
+            .build(),
+        None => {
+            let mut http = HttpConnector::new();
+            http.enforce_http(false);
+            builder
+                .with_tls_config(
+                    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                        rustls::crypto::ring::default_provider(),
+                    ))
+                    .with_safe_default_protocol_versions()
+                    .expect("ring supports the default protocol versions")
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+                )
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(http)
+        }
+    };
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// A forwarding client for plain `http://` (tests, and instances without TLS).
 pub fn forward_client() -> ForwardClient {
-    Client::builder(TokioExecutor::new()).build_http()
+    forward_client_with(None)
 }
