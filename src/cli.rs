@@ -86,6 +86,12 @@ pub enum Command {
     /// Per-namespace quotas: live backends and connects a second (429 past them).
     #[command(subcommand)]
     Quota(QuotaCommand),
+    /// Print a shell completion script (e.g. `hangar completions bash >
+    /// /etc/bash_completion.d/hangar`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Maintenance windows: a promise that no drone is declared lost before the window ends,
     /// so that every session survives a stop of the whole control plane within it.
     #[command(subcommand)]

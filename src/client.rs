@@ -109,6 +109,76 @@ impl Api {
     }
 }
 
+/// A text table: each column as wide as its widest cell, `>` columns aligned right; the last
+/// column is not padded.
+struct Table {
+    headers: Vec<&'static str>,
+    right: Vec<bool>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// Columns by header; a header starting with `>` is right-aligned (the `>` is not shown).
+    fn new(headers: &[&'static str]) -> Table {
+        Table {
+            headers: headers.iter().map(|h| h.trim_start_matches('>')).collect(),
+            right: headers.iter().map(|h| h.starts_with('>')).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    fn render(&self) -> String {
+        let n = self.headers.len();
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (w, c) in widths.iter_mut().zip(row) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        let line = |cells: &mut dyn Iterator<Item = &str>| {
+            let mut out = String::new();
+            for (i, cell) in cells.enumerate().take(n) {
+                if i > 0 {
+                    out.push_str("  ");
+                }
+                let pad = widths[i].saturating_sub(cell.chars().count());
+                if self.right[i] {
+                    out.extend(std::iter::repeat_n(' ', pad));
+                    out.push_str(cell);
+                } else {
+                    out.push_str(cell);
+                    if i + 1 < n {
+                        out.extend(std::iter::repeat_n(' ', pad));
+                    }
+                }
+            }
+            out.trim_end().to_string() + "\n"
+        };
+        let mut out = line(&mut self.headers.iter().copied());
+        for row in &self.rows {
+            out.push_str(&line(&mut row.iter().map(String::as_str)));
+        }
+        out
+    }
+
+    fn print(&self) {
+        print!("{}", self.render());
+    }
+}
+
+/// A capacity figure: `used/total`, or `used/unlimited` for a drone that sets no limit.
+fn of_capacity(used: u64, total: u64) -> String {
+    if total >= u64::from(u32::MAX) {
+        format!("{used}/unlimited")
+    } else {
+        format!("{used}/{total}")
+    }
+}
+
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -203,19 +273,19 @@ pub async fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {
         print_json(&list)?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<15} {:<28} {:<24} {:<8}", "ID", "STATUS", "KEY", "DRONE");
+    let mut table = Table::new(&["ID", "STATUS", "KEY", "DRONE"]);
     for b in &list.backends {
-        println!(
-            "{:<15} {:<28} {:<24} {:<8}",
-            b.id,
+        table.row(vec![
+            b.id.to_string(),
             b.state.to_string(),
             b.key
                 .as_ref()
                 .map(|k| k.to_string())
                 .unwrap_or_else(|| "-".into()),
-            b.drone.as_deref().unwrap_or("-")
-        );
+            b.drone.clone().unwrap_or_else(|| "-".into()),
+        ]);
     }
+    table.print();
     Ok(ExitCode::SUCCESS)
 }
 
@@ -302,10 +372,19 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 }
 
 fn print_drones(list: &DroneList) {
-    println!(
-        "{:<14} {:<13} {:<8} {:<9} {:>10} {:>12} {:>6} {:>10}  INSTANCE",
-        "NAME", "STATE", "RUNTIME", "POOL", "CPU(m)", "MEMORY(MB)", "LIVE", "HEARTBEAT"
-    );
+    let mut table = Table::new(&[
+        "NAME",
+        "STATE",
+        "RUNTIME",
+        "POOL",
+        ">CPU(m)",
+        ">MEMORY(MB)",
+        ">BACKENDS",
+        ">LIVE",
+        ">HEARTBEAT",
+        "INSTANCE",
+    ]);
+    let mut messages = Vec::new();
     for d in &list.drones {
         let cap = d.capacity.unwrap_or_default();
         let live: u64 = d
@@ -314,23 +393,27 @@ fn print_drones(list: &DroneList) {
             .filter(|(s, _)| s.as_str() != "terminated")
             .map(|(_, n)| n)
             .sum();
-        println!(
-            "{:<14} {:<13} {:<8} {:<9} {:>10} {:>12} {:>6} {:>10}  {}",
-            d.name,
-            d.state,
-            d.runtime.as_deref().unwrap_or("-"),
-            d.pool.as_deref().unwrap_or("-"),
-            format!("{}/{}", d.reserved.cpu_millis, cap.cpu_millis),
-            format!("{}/{}", d.reserved.memory_mb, cap.memory_mb),
-            live,
+        table.row(vec![
+            d.name.clone(),
+            d.state.clone(),
+            d.runtime.clone().unwrap_or_else(|| "-".into()),
+            d.pool.clone().unwrap_or_else(|| "-".into()),
+            of_capacity(d.reserved.cpu_millis, cap.cpu_millis),
+            of_capacity(d.reserved.memory_mb, cap.memory_mb),
+            of_capacity(d.reserved.backends, cap.max_backends),
+            live.to_string(),
             d.heartbeat_age_ms
                 .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
                 .unwrap_or_else(|| "-".into()),
-            d.instance.as_deref().unwrap_or("-"),
-        );
+            d.instance.clone().unwrap_or_else(|| "-".into()),
+        ]);
         if let Some(m) = &d.message {
-            println!("    {m}");
+            messages.push(format!("{}: {m}", d.name));
         }
+    }
+    table.print();
+    for m in messages {
+        println!("  {m}");
     }
 }
 
@@ -429,30 +512,26 @@ pub async fn revoke(args: crate::cli::RevokeArgs) -> anyhow::Result<ExitCode> {
 
 /// `hangar hot`: what the hot-shard detector flags now, and why.
 fn print_tokens(tokens: &[TokenView]) {
-    let width = |f: &dyn Fn(&TokenView) -> usize, title: &str| {
-        tokens.iter().map(f).max().unwrap_or(0).max(title.len())
-    };
-    let id_w = width(&|t| t.id.len(), "ID");
-    let ns_w = width(
-        &|t| t.namespace.as_deref().unwrap_or("-").len(),
+    let mut table = Table::new(&[
+        "ID",
+        "SCOPE",
         "NAMESPACE",
-    );
-    println!(
-        "{:<id_w$}  {:<8}  {:<ns_w$}  {:<13}  {:<13}  DESCRIPTION",
-        "ID", "SCOPE", "NAMESPACE", "CREATED", "EXPIRES"
-    );
+        ">CREATED",
+        ">EXPIRES",
+        "DESCRIPTION",
+    ]);
     for t in tokens {
-        println!(
-            "{:<id_w$}  {:<8}  {:<ns_w$}  {:<13}  {:<13}  {}",
-            t.id,
-            t.scope.as_str(),
-            t.namespace.as_deref().unwrap_or("-"),
-            t.created_at,
+        table.row(vec![
+            t.id.clone(),
+            t.scope.as_str().to_string(),
+            t.namespace.clone().unwrap_or_else(|| "-".into()),
+            t.created_at.to_string(),
             t.expires_at
                 .map_or_else(|| "never".into(), |e| e.to_string()),
-            t.description.as_deref().unwrap_or(""),
-        );
+            t.description.clone().unwrap_or_default(),
+        ]);
     }
+    table.print();
 }
 
 pub async fn token(cmd: crate::cli::TokenCommand) -> anyhow::Result<ExitCode> {
@@ -549,25 +628,16 @@ pub async fn quota(cmd: crate::cli::QuotaCommand) -> anyhow::Result<ExitCode> {
         print_json(&list)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let width = list
-        .keys()
-        .map(String::len)
-        .max()
-        .unwrap_or(0)
-        .max("NAMESPACE".len());
-    println!(
-        "{:<width$}  {:>9}  {:>17}",
-        "NAMESPACE", "MAX LIVE", "CONNECTS/SECOND"
-    );
+    let mut table = Table::new(&["NAMESPACE", ">MAX LIVE", ">CONNECTS/SECOND"]);
     for (ns, q) in &list {
-        println!(
-            "{:<width$}  {:>9}  {:>17}",
-            ns,
+        table.row(vec![
+            ns.clone(),
             q.max_live.map_or_else(|| "-".into(), |n| n.to_string()),
             q.connects_per_second
                 .map_or_else(|| "-".into(), |r| r.to_string()),
-        );
+        ]);
     }
+    table.print();
     Ok(ExitCode::SUCCESS)
 }
 
@@ -727,6 +797,30 @@ fn print_hot(list: &hangar_core::api::HotList) {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn tables_line_up_and_unlimited_capacity_says_so() {
+        let mut t = Table::new(&["NAME", ">CPU(m)", "NOTE"]);
+        t.row(vec![
+            "local".into(),
+            of_capacity(100, u64::from(u32::MAX)),
+            String::new(),
+        ]);
+        t.row(vec![
+            "a-much-longer-name".into(),
+            of_capacity(5, 1000),
+            "x".into(),
+        ]);
+        let text = t.render();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        // Every row's right-aligned column ends where its header does.
+        let end = lines[0].find("CPU(m)").unwrap() + "CPU(m)".len();
+        assert_eq!(lines[1].find("100/unlimited").unwrap() + 13, end, "{text}");
+        assert_eq!(lines[2].find("5/1000").unwrap() + 6, end, "{text}");
+        assert!(!text.contains("4294967295"), "{text}");
+        assert!(lines.iter().all(|l| !l.ends_with(' ')), "{text}");
+    }
 
     #[test]
     fn durations_take_units_and_refuse_what_they_cannot_hold() {

@@ -119,6 +119,14 @@ async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         cli::Command::State(cli::StateCommand::Import(args)) => return state::import(args).await,
         cli::Command::Revoke(args) => return client::revoke(args).await,
         cli::Command::Token(cmd) => return client::token(cmd).await,
+        cli::Command::Completions { shell } => {
+            let mut cmd = <cli::Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "hangar", &mut script);
+            // A closed pipe (`| head`) is not an error worth a message.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+            return Ok(ExitCode::SUCCESS);
+        }
         cli::Command::Quota(cmd) => return client::quota(cmd).await,
         cli::Command::Maintenance(cli::MaintenanceCommand::Start(args)) => {
             return client::maintenance_start(args).await;

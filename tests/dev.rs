@@ -786,3 +786,18 @@ async fn serve_on_a_wildcard_address_needs_its_api_url() {
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("http://"), "{err}");
 }
+
+/// Shell completions cover the commands; an unknown shell is a usage error.
+#[test]
+fn completions_are_printed_for_each_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = cli(&["completions", shell]);
+        assert_eq!(code, 0, "{shell}: {err}");
+        for word in ["connect", "drones", "token", "maintenance"] {
+            assert!(out.contains(word), "{shell} completions lack {word}");
+        }
+    }
+    let (code, _, err) = cli(&["completions", "tcsh"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("tcsh"), "{err}");
+}
