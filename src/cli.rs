@@ -104,6 +104,9 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct ProxyArgs {
+    /// Read flags from this TOML file (keys are the flag names; flags given here win).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// The scheduler's API URL.
     #[arg(long)]
     pub scheduler: String,
@@ -199,6 +202,9 @@ pub struct ServeArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct DroneArgs {
+    /// Read flags from this TOML file (keys are the flag names; flags given here win).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// The scheduler's API URL; for several control-plane instances, all of them,
     /// comma-separated (the drone moves to another when one goes).
     #[arg(long)]
@@ -374,6 +380,9 @@ pub struct DrainArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct DevArgs {
+    /// Read flags from this TOML file (keys are the flag names; flags given here win).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Where the API listens.
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub api: SocketAddr,

@@ -4,6 +4,7 @@
 
 mod cli;
 mod client;
+mod config_file;
 mod demo_backend;
 mod host;
 mod metrics;
@@ -30,7 +31,14 @@ const EXIT_CONFIG: u8 = 64;
 pub struct ConfigError(pub String);
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let args = match config_file::expand(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let cli = cli::Cli::parse_from(args);
     init_tracing(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -801,3 +801,24 @@ fn completions_are_printed_for_each_shell() {
     assert_eq!(code, 2);
     assert!(err.contains("tcsh"), "{err}");
 }
+
+/// `--config hangar.toml`: the file's keys set flags (the command line's win), and an unknown
+/// key stops the start with exit 64, naming the key and the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_sets_flags_and_unknown_keys_are_refused() {
+    let dir = scratch();
+    let file = dir.path().join("hangar.toml");
+    std::fs::write(&file, "domain = \"cfg.localhost\"\nidle_timeout = 77\n").unwrap();
+    let path = file.to_str().unwrap();
+    let dev = Dev::start(&dir.path().join("data"), &["--config", path]);
+    let r = dev.connect_key("from-config").await;
+    assert!(r.url.contains(".cfg.localhost:"), "{}", r.url);
+    let v = dev.backend(r.backend_id.as_str()).await;
+    assert_eq!(v.idle_timeout_s, Some(77));
+
+    std::fs::write(&file, "domain = \"cfg.localhost\"\ntypo_flag = 1\n").unwrap();
+    let data = dir.path().join("other");
+    let (code, _, err) = dev_cli(data.to_str().unwrap(), &["--config", path]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("typo_flag") && err.contains(path), "{err}");
+}
