@@ -54,10 +54,16 @@ def free_port():
     return port
 
 
+# The admin token the first `serve` wrote to its data directory (serve's API needs one).
+TOKEN = None
+
+
 def http(method, url, body=None, timeout=30):
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("content-type", "application/json")
+    if TOKEN:
+        req.add_header("authorization", f"Bearer {TOKEN}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             raw = r.read()
@@ -128,6 +134,11 @@ class Serve:
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=log)
         CHILDREN.append(self.proc)
         wait(lambda: http("GET", f"http://{self.api}/healthz")[0] == 200, "serve up")
+        global TOKEN
+        path = os.path.join(self.data, "admin.token")
+        if os.path.exists(path):
+            with open(path) as f:
+                TOKEN = f.read().strip()
 
     def cluster(self):
         return http("GET", f"http://{self.api}/v1/cluster", timeout=2)[1]
