@@ -77,6 +77,9 @@ pub enum Command {
     Hot(ClientOnlyArgs),
     /// The control-plane instances, the leader and its term, and the store's health.
     Cluster(ClientOnlyArgs),
+    /// Follow the cluster's events: backend state changes, drones joining and leaving,
+    /// drains.
+    Events(ClientOnlyArgs),
     /// Export the store as JSON lines, or import such an export into an empty store.
     #[command(subcommand)]
     State(StateCommand),

@@ -10,6 +10,7 @@ use hangar_core::api::{
     ErrorBody, SpawnSpec, TerminateRequest,
 };
 use hangar_core::{BackendState, KeyRef};
+use hangar_scheduler::api::events::ClusterEvent;
 use hangar_scheduler::api::{MaintenanceRequest, MaintenanceView};
 use hangar_scheduler::api_tokens::{CreateTokenRequest, CreatedToken, Scope, TokenView};
 use hangar_scheduler::quotas::{Quota, QuotaList};
@@ -415,6 +416,75 @@ fn print_drones(list: &DroneList) {
     for m in messages {
         println!("  {m}");
     }
+}
+
+/// The time of day (UTC) as `HH:MM:SS`.
+fn time_of_day() -> String {
+    let s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        % 86_400;
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// `hangar events`: follows the cluster's events until interrupted.
+pub async fn events(args: ClientOnlyArgs) -> anyhow::Result<ExitCode> {
+    use futures_util::StreamExt;
+    let api = Api::new(&args.client)?;
+    // A follow has no end: no total timeout (the server sends a keep-alive every 15 s).
+    let resp = api
+        .http
+        .get(format!("{}/v1/events", api.base))
+        .timeout(Duration::from_secs(10 * 365 * 86_400))
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the Hangar API at {}: {e}", api.base))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        let msg = serde_json::from_str::<ErrorBody>(&body)
+            .map(|b| b.error.message)
+            .unwrap_or(body);
+        anyhow::bail!("the API answered {status}: {msg}");
+    }
+    let mut stream = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut out = std::io::stdout();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.context("the event stream broke")?;
+        buf.extend_from_slice(&chunk);
+        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            let Some(data) = line.trim_end().strip_prefix("data:") else {
+                continue;
+            };
+            let Ok(e) = serde_json::from_str::<ClusterEvent>(data.trim()) else {
+                continue;
+            };
+            let text = if args.client.json {
+                serde_json::to_string(&e)?
+            } else {
+                let detail = e.detail.as_deref().filter(|d| !d.is_empty());
+                format!(
+                    "{}  {:<7} {:<14} {}{}",
+                    time_of_day(),
+                    e.kind,
+                    e.id,
+                    e.what,
+                    detail.map(|d| format!("  ({d})")).unwrap_or_default()
+                )
+            };
+            // Stdout closed (`| head`): done.
+            if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
+    anyhow::bail!(
+        "the API closed the event stream (the instance stopped?): run hangar events again"
+    )
 }
 
 pub async fn drones(args: ClientOnlyArgs) -> anyhow::Result<ExitCode> {

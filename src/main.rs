@@ -123,6 +123,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         cli::Command::Undrain(args) => return client::undrain(args).await,
         cli::Command::Hot(args) => return client::hot(args).await,
         cli::Command::Cluster(args) => return client::cluster(args).await,
+        cli::Command::Events(args) => return client::events(args).await,
         cli::Command::State(cli::StateCommand::Export(args)) => return state::export(args).await,
         cli::Command::State(cli::StateCommand::Import(args)) => return state::import(args).await,
         cli::Command::Revoke(args) => return client::revoke(args).await,

@@ -822,3 +822,82 @@ async fn a_config_file_sets_flags_and_unknown_keys_are_refused() {
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("typo_flag") && err.contains(path), "{err}");
 }
+
+/// `hangar events` tails the cluster: a backend's states in order, from scheduled to
+/// terminated, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hangar_events_tails_backend_state_changes() {
+    use std::io::BufRead;
+    let dir = scratch();
+    let dev = Dev::start(dir.path(), &[]);
+    let mut child = std::process::Command::new(crate::support::BIN)
+        .args(["events", "--json", "--api", &format!("http://{}", dev.api)])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(v) = serde_json::from_str(&line)
+                && tx.send(v).is_err()
+            {
+                break;
+            }
+        }
+    });
+    // The follower is subscribed once a connect made now shows up in it: retry a fresh key
+    // until one does (the stream starts at the revision current when it connected).
+    let deadline = Instant::now() + DEADLINE;
+    let mut states = Vec::new();
+    let mut id = None;
+    let mut n = 0;
+    while id.is_none() {
+        n += 1;
+        let r = dev.connect_key(&format!("tail-{n}")).await;
+        let until = Instant::now() + Duration::from_secs(2);
+        while let Ok(v) = rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            if v["kind"] == "backend" && v["id"] == r.backend_id.as_str() {
+                states.push(v["what"].as_str().unwrap().to_string());
+                id = Some(r.backend_id.clone());
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "hangar events showed nothing");
+    }
+    let id = id.unwrap();
+    dev.wait_ready(id.as_str()).await;
+    let r = dev
+        .http
+        .post(dev.api_url(&format!("/v1/backends/{id}/terminate")))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    while states.last().map(String::as_str) != Some("terminated") {
+        let v = rx
+            .recv_timeout(DEADLINE)
+            .expect("an event before the deadline");
+        if v["kind"] == "backend" && v["id"] == id.as_str() {
+            states.push(v["what"].as_str().unwrap().to_string());
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    // In order, each once (a record rewritten without a state change is not an event).
+    let order = [
+        "scheduled",
+        "starting",
+        "waiting",
+        "ready",
+        "terminating",
+        "terminated",
+    ];
+    let mut sorted = states.clone();
+    sorted.sort_by_key(|s| order.iter().position(|o| o == s));
+    sorted.dedup();
+    assert_eq!(states, sorted, "{states:?}");
+    assert!(states.contains(&"ready".to_string()), "{states:?}");
+}

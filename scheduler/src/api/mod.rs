@@ -18,6 +18,7 @@ mod acme;
 pub mod auth;
 mod backends;
 mod drones;
+pub mod events;
 mod extract;
 mod feed;
 pub mod forward;
@@ -54,6 +55,7 @@ pub fn router(handles: Handles) -> Router {
         )
         .route("/v1/hot", get(hot))
         .route("/v1/cluster", get(cluster))
+        .route("/v1/events", get(events::events))
         .route(
             "/v1/maintenance",
             get(maintenance::get).post(maintenance::post),
