@@ -237,30 +237,56 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Polls the backend until it is ready or ended, showing a spinner with the state on a TTY.
-async fn wait_ready(api: &Api, resp: &ConnectResponse, show: bool) -> anyhow::Result<BackendView> {
-    let tty = show && std::io::stderr().is_terminal();
-    let frames = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
-    let mut last = String::new();
-    let path = format!("/v1/backends/{}", resp.backend_id);
-    for i in 0usize.. {
-        let view: BackendView = api.get(&path).await?;
-        let name = view.state.to_string();
-        if tty {
-            eprint!("\r{} {} {:<40}", frames[i % frames.len()], view.id, name);
-            let _ = std::io::stderr().flush();
-        } else if show && name != last {
-            eprintln!("{} {}", view.id, name);
+/// Progress of a long wait on stderr: a spinner with the current state when stderr is a
+/// terminal, a plain line per change otherwise, nothing when hidden (`--json`).
+struct Progress {
+    show: bool,
+    tty: bool,
+    frame: usize,
+    last: String,
+}
+
+impl Progress {
+    fn new(show: bool) -> Progress {
+        Progress {
+            show,
+            tty: show && std::io::stderr().is_terminal(),
+            frame: 0,
+            last: String::new(),
         }
-        last = name;
+    }
+
+    fn update(&mut self, state: String) {
+        const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+        if self.tty {
+            eprint!("\r{} {state:<60}", FRAMES[self.frame % FRAMES.len()]);
+            let _ = std::io::stderr().flush();
+            self.frame += 1;
+        } else if self.show && state != self.last {
+            eprintln!("{state}");
+        }
+        self.last = state;
+    }
+
+    fn done(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}
+
+async fn wait_ready(api: &Api, resp: &ConnectResponse, show: bool) -> anyhow::Result<BackendView> {
+    let mut progress = Progress::new(show);
+    let path = format!("/v1/backends/{}", resp.backend_id);
+    loop {
+        let view: BackendView = api.get(&path).await?;
+        progress.update(format!("{} {}", view.id, view.state));
         if view.state == BackendState::Ready || !view.state.is_live() {
-            if tty {
-                eprintln!();
-            }
+            progress.done();
             return Ok(view);
         }
         tokio::time::sleep(WAIT_POLL).await;
     }
-    unreachable!("the loop above only ends by returning")
 }
 
 pub async fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {
@@ -511,7 +537,7 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<ExitCode> {
         )
         .await?;
     if args.wait {
-        let mut last = String::new();
+        let mut progress = Progress::new(!args.client.json);
         while view.state != "drained" {
             let live: u64 = view
                 .backends
@@ -519,11 +545,10 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<ExitCode> {
                 .filter(|(s, _)| s.as_str() != "terminated")
                 .map(|(_, n)| n)
                 .sum();
-            let line = format!("{} {}: {live} live backends", view.name, view.state);
-            if line != last && !args.client.json {
-                eprintln!("{line}");
-                last = line;
-            }
+            progress.update(format!(
+                "{} {}: {live} live backends",
+                view.name, view.state
+            ));
             tokio::time::sleep(WAIT_POLL * 5).await;
             let list: DroneList = api.get("/v1/drones").await?;
             view = list
@@ -532,6 +557,7 @@ pub async fn drain(args: DrainArgs) -> anyhow::Result<ExitCode> {
                 .find(|d| d.name == args.name)
                 .ok_or_else(|| anyhow::anyhow!("drone {} disappeared while draining", args.name))?;
         }
+        progress.done();
     }
     if args.client.json {
         print_json(&view)?;
