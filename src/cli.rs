@@ -67,6 +67,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run a drone: the agent that runs backends on this host for a scheduler.
     Drone(DroneArgs),
+    /// For benchmarks and tests only: many drones in one process whose backends run nothing
+    /// (they all answer 200 at one shared address), through real drone sessions.
+    HollowDrones(HollowDronesArgs),
     /// List drones with their state, capacity, reservations and backends.
     Drones(ClientOnlyArgs),
     /// Stop placing on a drone; with --deadline, terminate what remains then.
@@ -201,6 +204,31 @@ pub struct ServeArgs {
     /// fence until then, so every session survives a restart or upgrade within it.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub maintenance_window: Option<std::time::Duration>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct HollowDronesArgs {
+    /// The scheduler's API URL(s), comma-separated.
+    #[arg(long)]
+    pub scheduler: String,
+    /// The scheduler's drone secret (also HANGAR_DRONE_SECRET).
+    #[arg(long, env = "HANGAR_DRONE_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// How many drones.
+    #[arg(long, default_value_t = 10)]
+    pub count: usize,
+    /// Drone names are <prefix>-0, <prefix>-1, ...
+    #[arg(long, default_value = "hollow")]
+    pub name_prefix: String,
+    /// The pool the drones serve.
+    #[arg(long, default_value = "default")]
+    pub pool: String,
+    /// Backends each drone takes at most.
+    #[arg(long, default_value_t = 1000)]
+    pub max_backends: u64,
+    /// A PEM file of CA certificates to trust for `https://` scheduler URLs.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

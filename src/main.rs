@@ -100,6 +100,9 @@ async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
             let drone = role::drone::Config::from_args(args)?.build().await?;
             drone.run(shutdown).await?;
         }
+        cli::Command::HollowDrones(args) => {
+            role::hollow::run(args, shutdown_signal()).await?;
+        }
         cli::Command::Proxy(args) => {
             let shutdown = shutdown_signal();
             let proxy = role::proxy::Config::from_args(args)?.build().await?;

@@ -592,3 +592,96 @@ async fn two_docker_drones_share_backends_and_a_lost_one_hands_its_keys_to_the_o
     assert_eq!(nv.drone.as_deref(), Some("dk-b2"));
     assert_eq!(serve.count(&next).await, 1);
 }
+
+/// Hollow drones (benchmarks and tests only): twenty drone sessions in one process take
+/// backends through the real protocol, their shared address answers through the proxy, a stop
+/// ends a backend, and when the process dies every drone is lost and its backends with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hollow_drones_take_backends_through_real_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = serve(dir.path(), &[]);
+    let mut hollow = std::process::Command::new(BIN)
+        .args([
+            "hollow-drones",
+            "--scheduler",
+            &format!("http://{}", serve.api),
+            "--secret",
+            SECRET,
+            "--count",
+            "20",
+        ])
+        .env("HANGAR_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let ready = serve
+            .drones()
+            .await
+            .iter()
+            .filter(|d| d.state == "ready" && d.name.starts_with("hollow-"))
+            .count();
+        if ready == 20 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ready} of 20 hollow drones ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut sessions = Vec::new();
+    for i in 0..60 {
+        sessions.push(serve.connect_key(&format!("hollow-{i}")).await);
+    }
+    let mut drones = HashSet::new();
+    for r in &sessions {
+        let v = serve.wait_ready(r.backend_id.as_str()).await;
+        drones.insert(v.drone.unwrap());
+    }
+    assert!(drones.len() > 5, "spread over the drones: {drones:?}");
+    let answer = serve
+        .get_by_host(
+            sessions[0].backend_id.as_str(),
+            &sessions[0].token,
+            "/anything",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.text().await.unwrap(), "hollow\n");
+    let stopped = serve
+        .http
+        .post(serve.api_url(&format!(
+            "/v1/backends/{}/terminate",
+            sessions[1].backend_id
+        )))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stopped.status(), 202);
+    serve
+        .wait_for(sessions[1].backend_id.as_str(), "terminated", |v| {
+            v.state.name() == "terminated"
+        })
+        .await;
+    // The process dies: every drone's lease runs out and its backends are lost.
+    let _ = hollow.kill();
+    let _ = hollow.wait();
+    for r in &sessions[2..] {
+        let v = serve
+            .wait_for(r.backend_id.as_str(), "lost", |v| !v.state.is_live())
+            .await;
+        assert_eq!(
+            v.state
+                .termination_reason()
+                .map(ToString::to_string)
+                .as_deref(),
+            Some("lost"),
+            "{v:?}"
+        );
+    }
+}

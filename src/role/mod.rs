@@ -16,6 +16,7 @@
 pub mod dev;
 mod dns;
 pub mod drone;
+pub mod hollow;
 mod instance;
 mod plane;
 pub mod proxy;

@@ -12,6 +12,7 @@ use hangar_core::drone::{BackendUsage, SpawnCommand};
 use tokio::sync::oneshot;
 
 pub mod docker;
+pub mod hollow;
 pub mod process;
 
 /// How a backend process ended.
