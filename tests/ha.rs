@@ -949,3 +949,107 @@ async fn ha_state_moves_from_etcd_to_an_embedded_store() {
         v.epoch
     );
 }
+
+/// Instances whose APIs serve TLS forward writes to the leader over TLS (trusting `--ca`): a
+/// token created through the follower is created by the leader and works on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_writes_reach_the_leader_over_tls() {
+    let etcd = EtcdCluster::start(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = crate::support::test_pki(dir.path());
+    let (ca, cert, key) = (
+        ca.to_str().unwrap().to_string(),
+        cert.to_str().unwrap().to_string(),
+        key.to_str().unwrap().to_string(),
+    );
+    let token_key = TokenKey::generate().to_hex();
+    let store = etcd.url();
+    let start = |i: usize| {
+        Dev::start_role_in(
+            None,
+            "serve",
+            &dir.path().join(format!("serve-{i}")),
+            &[
+                "--store",
+                &store,
+                "--drone-secret",
+                SECRET,
+                "--dns",
+                "off",
+                "--metrics",
+                "off",
+                "--token-key",
+                &token_key,
+                "--api-tls-cert",
+                &cert,
+                "--api-tls-key",
+                &key,
+                "--ca",
+                &ca,
+            ],
+        )
+    };
+    let leader = start(0);
+    let follower = start(1);
+    let admin = leader
+        .token
+        .clone()
+        .expect("the first instance wrote the admin token");
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap())
+        .build()
+        .unwrap();
+    let url = |dev: &Dev, path: &str| format!("https://{}{path}", dev.api);
+    // The follower knows the leader (its https:// URL).
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let view: Value = http
+            .get(url(&follower, "/v1/cluster"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if view["leader"]["api_url"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("https://"))
+            && view["this_instance"] != view["leader"]["instance"]
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no leader seen: {view}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let created = http
+        .post(url(&follower, "/v1/tokens"))
+        .bearer_auth(&admin)
+        .json(&json!({"scope": "read"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201, "forwarded to the leader over TLS");
+    let read: Value = created.json().await.unwrap();
+    let read = read["token"].as_str().unwrap().to_string();
+    for dev in [&leader, &follower] {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let status = http
+                .get(url(dev, "/v1/backends"))
+                .bearer_auth(&read)
+                .send()
+                .await
+                .unwrap()
+                .status();
+            if status == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the new token never worked: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use serde_json::json;
 
 use crate::support::cluster::{Drone, RemoteProxy, SECRET};
-use crate::support::{DEADLINE, Dev, cli};
+use crate::support::{DEADLINE, Dev, cli, test_pki};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_needs_tokens_and_the_cli_manages_them() {
@@ -149,30 +149,6 @@ async fn a_drone_runs_only_what_its_operator_allows() {
     assert!(r.headers().contains_key("retry-after"));
     let again = serve.connect_key("default").await;
     assert_eq!(again.backend_id, ok.backend_id);
-}
-
-/// A test CA and a certificate for 127.0.0.1 and localhost signed by it, as PEM files in
-/// `dir`: (ca.pem, cert.pem, key.pem).
-fn test_pki(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let paths = (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    );
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, cert.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    paths
 }
 
 /// The API over HTTPS with a private CA: a drone (wss), a remote proxy (its route feed) and the
