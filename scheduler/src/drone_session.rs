@@ -130,6 +130,8 @@ pub struct DroneSessions {
     hot: Arc<HotShards>,
     /// Maintenance windows: told to connected drones; no drone is lost during one.
     maintenance: Arc<Maintenance>,
+    /// The live records by drone run, for losing a drone.
+    routes: Arc<crate::routes::Routes>,
     /// Serialises drone admission, drone loss and reconciler passes: between writing a new
     /// run's record and re-adopting its backends, records name the old run and must not be
     /// judged lost.
@@ -149,6 +151,7 @@ impl DroneSessions {
         backends: Arc<Backends>,
         hot: Arc<HotShards>,
         maintenance: Arc<Maintenance>,
+        routes: Arc<crate::routes::Routes>,
         cancel: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
@@ -160,6 +163,7 @@ impl DroneSessions {
             backends,
             hot,
             maintenance,
+            routes,
             admission: Mutex::new(()),
             cancel,
             tasks,
@@ -473,18 +477,17 @@ impl DroneSessions {
         }
         self.drones.remove_run(name, run_id);
         let mut lost = 0;
-        for b in self.backends.list().await? {
-            let b = b.record;
-            if b.drone.as_deref() == Some(name)
-                && b.drone_run_id.as_deref() == Some(run_id)
-                && b.state.is_live()
-                && backends
-                    .mark_lost(
-                        b.id.as_str(),
-                        run_id,
-                        "its drone stopped renewing its lease (lost)",
-                    )
-                    .await?
+        // From the route feed's index of live records, not a listing of the store: losing a
+        // drone costs what it ran. `mark_lost` re-reads each record and closes it only if it
+        // still names this run.
+        for id in self.routes.live_on_run(name, run_id) {
+            if backends
+                .mark_lost(
+                    id.as_str(),
+                    run_id,
+                    "its drone stopped renewing its lease (lost)",
+                )
+                .await?
             {
                 lost += 1;
             }

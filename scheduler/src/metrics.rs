@@ -36,6 +36,14 @@ pub const LEADER_WRITES_TOTAL: &str = "hangar_leader_writes_total";
 pub const FENCED_WRITES_TOTAL: &str = "hangar_leader_fenced_writes_total";
 /// Commands (spawn, stop, kill) this instance wrote into backend records as the leader.
 pub const LEADER_COMMANDS_TOTAL: &str = "hangar_leader_commands_total";
+/// How long one placement decision takes (choosing a drone and reserving on it).
+pub const PLACEMENT_SECONDS: &str = "hangar_scheduler_placement_seconds";
+/// How long one reconciler pass takes.
+pub const RECONCILE_PASS_SECONDS: &str = "hangar_scheduler_reconcile_pass_seconds";
+/// Buckets of [`PLACEMENT_SECONDS`]: 10 µs to 10 ms.
+pub const PLACEMENT_BUCKETS: [f64; 10] = [
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+];
 /// Connects refused by a namespace quota, by quota.
 pub const QUOTA_REFUSALS_TOTAL: &str = "hangar_quota_refusals_total";
 /// Commands this instance relayed from backend records to the drone sessions it holds.
@@ -83,6 +91,16 @@ pub fn describe() {
     describe_counter!(
         LEADER_COMMANDS_TOTAL,
         "Commands (spawn, stop, kill) this instance wrote into backend records as the leader, each fenced by its term's token."
+    );
+    metrics::describe_histogram!(
+        PLACEMENT_SECONDS,
+        metrics::Unit::Seconds,
+        "How long one placement decision takes (choosing a drone and reserving on it)."
+    );
+    metrics::describe_histogram!(
+        RECONCILE_PASS_SECONDS,
+        metrics::Unit::Seconds,
+        "How long one reconciler pass takes (the leader's; its cost follows live and due records)."
     );
     describe_counter!(
         QUOTA_REFUSALS_TOTAL,

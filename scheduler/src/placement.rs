@@ -288,6 +288,13 @@ impl Placement {
 
     /// Chooses a drone for `spawn` and reserves what it needs there.
     pub fn place(self: &Arc<Self>, spawn: &ResolvedSpawn) -> Result<Reservation, ApiError> {
+        let started = std::time::Instant::now();
+        let placed = self.place_now(spawn);
+        metrics::histogram!(crate::metrics::PLACEMENT_SECONDS).record(started.elapsed());
+        placed
+    }
+
+    fn place_now(self: &Arc<Self>, spawn: &ResolvedSpawn) -> Result<Reservation, ApiError> {
         let mut pending = self.pending();
         // The table's revision first: a load read after it is at least as new, so a backend
         // is counted twice (safe) rather than not at all.

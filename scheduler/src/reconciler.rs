@@ -142,6 +142,13 @@ impl Reconciler {
 
     /// One pass over every record.
     pub(crate) async fn pass(&self) -> Result<(), crate::error::ApiError> {
+        let started = std::time::Instant::now();
+        let result = self.pass_once().await;
+        metrics::histogram!(crate::metrics::RECONCILE_PASS_SECONDS).record(started.elapsed());
+        result
+    }
+
+    async fn pass_once(&self) -> Result<(), crate::error::ApiError> {
         // Serialised with drone admission (see `DroneSessions::exclusive`).
         let _admission = self.sessions.exclusive().await;
         let now = self.clock.now_ms();

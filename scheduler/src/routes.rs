@@ -269,6 +269,20 @@ impl Routes {
         self.index().live.values().cloned().collect()
     }
 
+    /// The live backends the feed's index puts on `drone`'s run `run_id` (no record is
+    /// cloned: drone loss looks up what to close here instead of listing every record).
+    pub fn live_on_run(&self, drone: &str, run_id: &str) -> Vec<BackendId> {
+        self.index()
+            .live
+            .values()
+            .filter(|s| {
+                s.record.drone.as_deref() == Some(drone)
+                    && s.record.drone_run_id.as_deref() == Some(run_id)
+            })
+            .map(|s| s.record.id.clone())
+            .collect()
+    }
+
     /// How many backends of namespace `ns` are live, as of the last change the feed applied.
     pub fn live_in_namespace(&self, ns: &str) -> u64 {
         self.index()

@@ -135,6 +135,7 @@ impl Scheduler {
             backends.clone(),
             hot.clone(),
             maintenance.clone(),
+            routes.clone(),
             cancel.clone(),
             tasks.clone(),
         ));

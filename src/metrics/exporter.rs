@@ -58,6 +58,10 @@ fn builder() -> Result<PrometheusBuilder, BuildError> {
         .set_buckets_for_metric(
             Matcher::Prefix("hangar_scheduler_spawn_".to_string()),
             &hangar_scheduler::metrics::SPAWN_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(hangar_scheduler::metrics::PLACEMENT_SECONDS.to_string()),
+            &hangar_scheduler::metrics::PLACEMENT_BUCKETS,
         )
 }
 
