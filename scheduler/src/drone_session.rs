@@ -476,22 +476,13 @@ impl DroneSessions {
             return Ok(0);
         }
         self.drones.remove_run(name, run_id);
-        let mut lost = 0;
         // From the route feed's index of live records, not a listing of the store: losing a
-        // drone costs what it ran. `mark_lost` re-reads each record and closes it only if it
-        // still names this run.
-        for id in self.routes.live_on_run(name, run_id) {
-            if backends
-                .mark_lost(
-                    id.as_str(),
-                    run_id,
-                    "its drone stopped renewing its lease (lost)",
-                )
-                .await?
-            {
-                lost += 1;
-            }
-        }
+        // drone costs what it ran, in batched writes; each record is re-read and closed only
+        // if it still names this run.
+        let ids = self.routes.live_on_run(name, run_id);
+        let lost = backends
+            .mark_lost_many(&ids, run_id, "its drone stopped renewing its lease (lost)")
+            .await?;
         tracing::warn!(drone = %name, run_id, lost, "drone lost");
         Ok(lost)
     }

@@ -32,6 +32,10 @@ pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
+/// Backend records closed as lost per store transaction (at most half of a transaction's
+/// operations, so the compares and the fence fit too).
+const LOST_BATCH: usize = 63;
+
 /// Backend records and what changes them.
 #[derive(Clone)]
 pub struct Backends {
@@ -332,6 +336,86 @@ impl Backends {
     pub async fn mark_lost(&self, id: &str, run_id: &str, why: &str) -> Result<bool, ApiError> {
         self.close_run(id, run_id, TerminationReason::Lost, why)
             .await
+    }
+
+    /// Closes as lost every backend of `ids` that is live and still on drone run `run_id` (a
+    /// lost drone's backends), up to [`LOST_BATCH`] per store transaction: one write per batch
+    /// instead of one per backend. A batch that meets a concurrent change to one of its records
+    /// falls back to closing them one by one. Returns how many were closed.
+    pub async fn mark_lost_many(
+        &self,
+        ids: &[BackendId],
+        run_id: &str,
+        why: &str,
+    ) -> Result<usize, ApiError> {
+        let mut closed = 0;
+        for chunk in ids.chunks(LOST_BATCH) {
+            let now = self.clock.now_ms();
+            let (mut compares, mut ops, mut changes) = (Vec::new(), Vec::new(), Vec::new());
+            for id in chunk {
+                let Some((rec, rev)) = self.get(id.as_str()).await? else {
+                    continue;
+                };
+                if rec.drone_run_id.as_deref() != Some(run_id) || !rec.state.is_live() {
+                    continue;
+                }
+                let mut next = rec.clone();
+                next.state = BackendState::Terminated {
+                    reason: TerminationReason::Lost,
+                };
+                if check_transition(&rec.state, &next.state).is_err() {
+                    continue;
+                }
+                next.message = Some(why.to_string());
+                next.updated_at = now;
+                next.terminated_at = Some(now);
+                let key = backend_key(id.as_str());
+                compares.push(Compare::mod_revision(key.clone(), rev));
+                ops.push(TxnOp::put(key, encode(&next), None));
+                changes.push((rec, next));
+            }
+            if ops.is_empty() {
+                continue;
+            }
+            let fence_at = compares.len();
+            if let Some(token) = self.fence {
+                compares.push(Compare::create_revision(crate::leader::LEADER_KEY, token));
+            }
+            match self.store.txn(compares, ops).await? {
+                TxnOutcome::Committed(_) => {
+                    if self.fence.is_some() {
+                        metrics::counter!(crate::metrics::LEADER_WRITES_TOTAL).increment(1);
+                    }
+                    for (rec, next) in &changes {
+                        crate::metrics::state_changed(
+                            &rec.state,
+                            &next.state,
+                            rec.updated_at,
+                            rec.created_at,
+                            next.updated_at,
+                        );
+                        self.activity.forget(rec.id.as_str());
+                        tracing::warn!(backend = %rec.id, run_id, reason = "lost", why, "backend closed: its drone run no longer has it");
+                    }
+                    closed += changes.len();
+                }
+                TxnOutcome::Failed { compare, .. } if compare == fence_at => {
+                    metrics::counter!(crate::metrics::FENCED_WRITES_TOTAL).increment(1);
+                    return Err(ApiError::Fenced(format!(
+                        "this instance is no longer the leader (term {} ended): the write was refused",
+                        self.fence.unwrap_or_default()
+                    )));
+                }
+                TxnOutcome::Failed { .. } => {
+                    for (rec, _) in changes {
+                        if self.mark_lost(rec.id.as_str(), run_id, why).await? {
+                            closed += 1;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(closed)
     }
 
     /// Closes a backend of run `run_id` that its drone no longer runs although the record says

@@ -105,3 +105,62 @@ async fn an_expired_lease_closes_the_runs_backends_as_lost() {
     );
     f.stop().await;
 }
+
+/// A lost drone's backends are closed in batched writes: more than one batch, only those
+/// still on the lost run, and a deposed leader's batch is fenced, not retried.
+#[tokio::test]
+async fn a_lost_runs_backends_close_in_batches() {
+    let f = Fixture::start(|_| {}).await;
+    let s = &f.sched;
+    let _d = s
+        .handles()
+        .sessions
+        .admit(&hello("d1", "r1"), false)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..70 {
+        ids.push(
+            s.handles()
+                .connector
+                .connect(key(&format!("b{i}")))
+                .await
+                .unwrap()
+                .backend_id,
+        );
+    }
+    // One of them already moved on to another run: it is left alone.
+    s.handles()
+        .backends
+        .update(ids[0].as_str(), |r| {
+            r.drone_run_id = Some("r2".into());
+            true
+        })
+        .await
+        .unwrap();
+    let token = s.handles().leadership.token().expect("it leads");
+    let stale = s.handles().backends.fenced(token + 1_000_000);
+    let err = stale
+        .mark_lost_many(&ids, "r1", "lost in a test")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, crate::ApiError::Fenced(_)), "{err:?}");
+    let closed = s
+        .handles()
+        .backends
+        .fenced(token)
+        .mark_lost_many(&ids, "r1", "lost in a test")
+        .await
+        .unwrap();
+    assert_eq!(closed, 69);
+    assert!(state_of(s, ids[0].as_str()).await.is_live());
+    for id in &ids[1..] {
+        assert_eq!(
+            state_of(s, id.as_str()).await,
+            BackendState::Terminated {
+                reason: TerminationReason::Lost
+            }
+        );
+    }
+    f.stop().await;
+}
