@@ -463,27 +463,42 @@ impl DroneSessions {
         Ok(wanted.len())
     }
 
-    /// Closes every live backend of drone run `run_id` as lost (its lease expired).
-    pub(crate) async fn lose(
+    /// Closes every live backend of these drone runs as lost (their leases expired), in
+    /// batched writes across runs: a thousand drones lost at once cost a few dozen writes,
+    /// not one (and an fsync) per drone.
+    pub(crate) async fn lose_runs(
         &self,
-        name: &str,
-        run_id: &str,
+        runs: &[(String, String)],
         backends: &Backends,
     ) -> Result<usize, ApiError> {
         let _admission = self.admission.lock().await;
         if self.maintenance.protects_drones().await? {
-            tracing::warn!(drone = %name, run_id, "maintenance window: its lease expired, but no drone is declared lost before the window ends");
+            tracing::warn!(
+                drones = runs.len(),
+                "maintenance window: leases expired, but no drone is declared lost before the window ends"
+            );
             return Ok(0);
         }
-        self.drones.remove_run(name, run_id);
         // From the route feed's index of live records, not a listing of the store: losing a
-        // drone costs what it ran, in batched writes; each record is re-read and closed only
-        // if it still names this run.
-        let ids = self.routes.live_on_run(name, run_id);
+        // drone costs what it ran; each record is re-read and closed only if it still names
+        // its run.
+        let mut on_runs = Vec::new();
+        for (name, run_id) in runs {
+            self.drones.remove_run(name, run_id);
+            on_runs.extend(
+                self.routes
+                    .live_on_run(name, run_id)
+                    .into_iter()
+                    .map(|id| (id, run_id.clone())),
+            );
+        }
         let lost = backends
-            .mark_lost_many(&ids, run_id, "its drone stopped renewing its lease (lost)")
+            .mark_lost_many(&on_runs, "its drone stopped renewing its lease (lost)")
             .await?;
-        tracing::warn!(drone = %name, run_id, lost, "drone lost");
+        for (name, run_id) in runs {
+            tracing::warn!(drone = %name, run_id, "drone lost");
+        }
+        tracing::warn!(drones = runs.len(), backends = lost, "drones lost");
         Ok(lost)
     }
 
@@ -693,24 +708,36 @@ impl DroneSessions {
                     ev = events.recv() => ev,
                 };
                 let Some(ev) = ev else { break };
-                let WatchEvent::Delete {
-                    key,
-                    prev: Some(prev),
-                    ..
-                } = ev
-                else {
-                    continue;
-                };
-                let Ok(rec) = serde_json::from_slice::<DroneRecord>(&prev.value) else {
-                    continue;
-                };
-                // A newer run may already have re-registered under the same name.
-                if let Ok(Some(_)) = inner.store.get(&key).await {
+                // Leases that expire together are handled together.
+                let mut batch = vec![ev];
+                while let Ok(more) = events.try_recv() {
+                    batch.push(more);
+                }
+                let mut runs = Vec::new();
+                for ev in batch {
+                    let WatchEvent::Delete {
+                        key,
+                        prev: Some(prev),
+                        ..
+                    } = ev
+                    else {
+                        continue;
+                    };
+                    let Ok(rec) = serde_json::from_slice::<DroneRecord>(&prev.value) else {
+                        continue;
+                    };
+                    // A newer run may already have re-registered under the same name.
+                    if let Ok(Some(_)) = inner.store.get(&key).await {
+                        continue;
+                    }
+                    metrics::counter!(crate::metrics::LEASE_EXPIRIES_TOTAL).increment(1);
+                    runs.push((rec.name, rec.run_id));
+                }
+                if runs.is_empty() {
                     continue;
                 }
-                metrics::counter!(crate::metrics::LEASE_EXPIRIES_TOTAL).increment(1);
-                if let Err(e) = inner.lose(&rec.name, &rec.run_id, &backends).await {
-                    tracing::error!(drone = %rec.name, error = %e, "cannot close a lost drone's backends");
+                if let Err(e) = inner.lose_runs(&runs, &backends).await {
+                    tracing::error!(drones = runs.len(), error = %e, "cannot close lost drones' backends");
                 }
             }
         }

@@ -338,21 +338,21 @@ impl Backends {
             .await
     }
 
-    /// Closes as lost every backend of `ids` that is live and still on drone run `run_id` (a
-    /// lost drone's backends), up to [`LOST_BATCH`] per store transaction: one write per batch
-    /// instead of one per backend. A batch that meets a concurrent change to one of its records
-    /// falls back to closing them one by one. Returns how many were closed.
+    /// Closes as lost every backend of `on_runs` that is live and still on the drone run given
+    /// with it (lost drones' backends), up to [`LOST_BATCH`] per store transaction: one write
+    /// per batch instead of one per backend. A batch that meets a concurrent change to one of
+    /// its records falls back to closing them one by one. Returns how many were closed.
     pub async fn mark_lost_many(
         &self,
-        ids: &[BackendId],
-        run_id: &str,
+        on_runs: &[(BackendId, String)],
         why: &str,
     ) -> Result<usize, ApiError> {
         let mut closed = 0;
-        for chunk in ids.chunks(LOST_BATCH) {
+        for chunk in on_runs.chunks(LOST_BATCH) {
             let now = self.clock.now_ms();
             let (mut compares, mut ops, mut changes) = (Vec::new(), Vec::new(), Vec::new());
-            for id in chunk {
+            for (id, run_id) in chunk {
+                let run_id = run_id.as_str();
                 let Some((rec, rev)) = self.get(id.as_str()).await? else {
                     continue;
                 };
@@ -372,7 +372,7 @@ impl Backends {
                 let key = backend_key(id.as_str());
                 compares.push(Compare::mod_revision(key.clone(), rev));
                 ops.push(TxnOp::put(key, encode(&next), None));
-                changes.push((rec, next));
+                changes.push((rec, next, run_id.to_string()));
             }
             if ops.is_empty() {
                 continue;
@@ -386,7 +386,7 @@ impl Backends {
                     if self.fence.is_some() {
                         metrics::counter!(crate::metrics::LEADER_WRITES_TOTAL).increment(1);
                     }
-                    for (rec, next) in &changes {
+                    for (rec, next, run_id) in &changes {
                         crate::metrics::state_changed(
                             &rec.state,
                             &next.state,
@@ -395,7 +395,7 @@ impl Backends {
                             next.updated_at,
                         );
                         self.activity.forget(rec.id.as_str());
-                        tracing::warn!(backend = %rec.id, run_id, reason = "lost", why, "backend closed: its drone run no longer has it");
+                        tracing::warn!(backend = %rec.id, %run_id, reason = "lost", why, "backend closed: its drone run no longer has it");
                     }
                     closed += changes.len();
                 }
@@ -407,8 +407,8 @@ impl Backends {
                     )));
                 }
                 TxnOutcome::Failed { .. } => {
-                    for (rec, _) in changes {
-                        if self.mark_lost(rec.id.as_str(), run_id, why).await? {
+                    for (rec, _, run_id) in changes {
+                        if self.mark_lost(rec.id.as_str(), &run_id, why).await? {
                             closed += 1;
                         }
                     }

@@ -140,8 +140,12 @@ async fn a_lost_runs_backends_close_in_batches() {
         .unwrap();
     let token = s.handles().leadership.token().expect("it leads");
     let stale = s.handles().backends.fenced(token + 1_000_000);
+    let on_run: Vec<_> = ids
+        .iter()
+        .map(|id| (id.clone(), "r1".to_string()))
+        .collect();
     let err = stale
-        .mark_lost_many(&ids, "r1", "lost in a test")
+        .mark_lost_many(&on_run, "lost in a test")
         .await
         .unwrap_err();
     assert!(matches!(err, crate::ApiError::Fenced(_)), "{err:?}");
@@ -149,7 +153,7 @@ async fn a_lost_runs_backends_close_in_batches() {
         .handles()
         .backends
         .fenced(token)
-        .mark_lost_many(&ids, "r1", "lost in a test")
+        .mark_lost_many(&on_run, "lost in a test")
         .await
         .unwrap();
     assert_eq!(closed, 69);
