@@ -170,6 +170,7 @@ impl Reconciler {
             terminate_timeout: self.config.terminate_timeout,
             retention: self.config.terminated_retention,
         };
+        let mut lost = Vec::new();
         for stored in backends {
             let rec = &stored.record;
             let drone_run_matches = rec
@@ -205,15 +206,9 @@ impl Reconciler {
                 // whose record is gone (its lease ran out while nobody led) gets one TTL to
                 // reconnect; a drone that came back as a new run is settled at once.
                 Action::Lost if window || (grace && drone_run_matches.is_none()) => {}
+                // Closed together below: many drones may have gone at once.
                 Action::Lost => {
-                    let run = rec.drone_run_id.clone().unwrap_or_default();
-                    self.backends
-                        .mark_lost(
-                            rec.id.as_str(),
-                            &run,
-                            "its drone's agent is gone (lease expired or restarted without it)",
-                        )
-                        .await?;
+                    lost.push((rec.id.clone(), rec.drone_run_id.clone().unwrap_or_default()));
                 }
                 Action::Remove => {
                     self.backends
@@ -221,6 +216,14 @@ impl Reconciler {
                         .await?;
                 }
             }
+        }
+        if !lost.is_empty() {
+            self.backends
+                .mark_lost_many(
+                    &lost,
+                    "its drone's agent is gone (lease expired or restarted without it)",
+                )
+                .await?;
         }
         Ok(())
     }
