@@ -9,10 +9,15 @@ pub mod activity;
 pub mod api;
 pub mod drone;
 pub mod feed;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod lifecycle;
 pub mod route;
 pub mod token;
+
+#[cfg(test)]
+mod proptests;
 
 pub use ids::{BackendId, KeyRef};
 pub use lifecycle::{BackendState, TerminationReason};

@@ -199,7 +199,9 @@ pub fn host_label<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
         return None;
     }
     let split = host.len() - domain.len();
-    let (head, tail) = host.split_at(split);
+    // A multi-byte character across the split cannot end in `domain` (which starts with a
+    // whole character); splitting there used to panic (found by fuzzing).
+    let (head, tail) = host.split_at_checked(split)?;
     if !tail.eq_ignore_ascii_case(domain) {
         return None;
     }
@@ -395,6 +397,24 @@ mod tests {
                 got, *want,
                 "host={host:?} header={header:?} cookies={cookies:?}"
             );
+        }
+    }
+
+    /// Found by fuzzing (`fuzz/artifacts/route/`): a multi-byte character where the domain
+    /// would start panicked, and the proxy asks this of every `Host`.
+    #[test]
+    fn a_multibyte_character_across_the_domain_is_no_label() {
+        assert_eq!(
+            host_label("\u{e9}\u{e9}.hangar.localhost", D),
+            Some("\u{e9}\u{e9}")
+        );
+        for host in [
+            "a\u{e9}angar.localhost",
+            "\u{10348}aaaaaaaaaaaaaa",
+            "b1.\u{fffd}\u{fffd}xxxxxxxxxxxx:8080",
+        ] {
+            assert_eq!(host_label(host, D), None, "{host:?}");
+            assert!(resolve(&names(Some(host), None, &[]), D).is_none());
         }
     }
 

@@ -30,8 +30,10 @@ pub struct Claims {
 /// Whether `value` looks like a Hangar token (whoever's, valid or not): what a proxy must never
 /// let reach a backend.
 pub fn looks_like_token(value: &str) -> bool {
-    let v = value.trim().trim_matches('"');
-    v.len() > PREFIX.len() && v[..PREFIX.len()].eq_ignore_ascii_case(PREFIX)
+    let v = value.trim().trim_matches('"').as_bytes();
+    // Bytes, not a `str` slice: a multi-byte character across the prefix's end used to
+    // panic (found by fuzzing).
+    v.len() > PREFIX.len() && v[..PREFIX.len()].eq_ignore_ascii_case(PREFIX.as_bytes())
 }
 
 pub fn peek_backend(token: &str) -> Option<String> {
@@ -112,6 +114,11 @@ impl TokenKey {
         }
         let mut raw = [0u8; 32];
         for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+            // Digits only: `u8::from_str_radix` also takes a sign (`+f`), which let a key
+            // that is not hexadecimal load as another key (found by fuzzing).
+            if !chunk.iter().all(u8::is_ascii_hexdigit) {
+                return Err(TokenKeyError::NotHex);
+            }
             let hex = std::str::from_utf8(chunk).map_err(|_| TokenKeyError::NotHex)?;
             raw[i] = u8::from_str_radix(hex, 16).map_err(|_| TokenKeyError::NotHex)?;
         }
@@ -205,6 +212,17 @@ mod tests {
         assert_eq!(k.verify(&forged, "b1", 10), Err(TokenError::BadSignature));
     }
 
+    /// Found by fuzzing (`fuzz/artifacts/token/`): a multi-byte character across the end of
+    /// the `v1.` prefix panicked, and the proxy asks this of every `Authorization` value.
+    #[test]
+    fn a_multibyte_character_across_the_prefix_is_not_a_token() {
+        for value in ["v\u{fffd}.YWJj.x", "ab\u{e9}cd", "\u{10348}", "\"v\u{e9}"] {
+            assert!(!looks_like_token(value), "{value:?}");
+        }
+        assert!(looks_like_token(" \"V1.\u{e9}\" "));
+        assert!(!looks_like_token("v1."));
+    }
+
     #[test]
     fn ids_and_peeking() {
         let k = TokenKey::generate();
@@ -229,5 +247,17 @@ mod tests {
             TokenKey::from_hex(&"zz".repeat(32)).unwrap_err(),
             TokenKeyError::NotHex
         );
+        // Found by fuzzing (`fuzz/artifacts/token/`): a sign is not a hex digit.
+        for signed in [
+            "+f".repeat(32),
+            format!("0f{}", "+f".repeat(31)),
+            "-1".repeat(32),
+        ] {
+            assert_eq!(
+                TokenKey::from_hex(&signed).unwrap_err(),
+                TokenKeyError::NotHex,
+                "{signed}"
+            );
+        }
     }
 }

@@ -15,6 +15,8 @@
 //! blocks a query on anything but the snapshots.
 
 mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 mod server;
 mod zone;

@@ -177,8 +177,8 @@ impl DnsServer {
 
 /// Answers queries from the zone's snapshots; hickory's transport calls it once per parsed
 /// message.
-struct Handler {
-    zone: Arc<Zone>,
+pub(crate) struct Handler {
+    pub(crate) zone: Arc<Zone>,
 }
 
 impl Handler {

@@ -121,6 +121,14 @@ impl RawRequest {
             (Some(target), None)
         } else {
             let uri = Uri::from_maybe_shared(buf.slice(target.range()))?;
+            // An empty path (`http://h?q`) is `/` in origin form (RFC 9112 §3.2.1): the
+            // backend used to get `?q` as its request target (found by fuzzing).
+            let uri = match (uri.scheme_str(), uri.authority(), uri.path_and_query()) {
+                (Some(scheme), Some(authority), Some(pq)) if pq.as_str().starts_with('?') => {
+                    Uri::try_from(format!("{scheme}://{authority}/{}", pq.as_str()))?
+                }
+                _ => uri,
+            };
             (None, Some(uri))
         };
         Ok(RawRequest {

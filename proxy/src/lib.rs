@@ -12,6 +12,8 @@ mod activity;
 mod config;
 mod error;
 mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 mod h1;
 mod head;
 mod listener;
@@ -26,6 +28,8 @@ mod token_cache;
 
 #[cfg(test)]
 mod pool_tests;
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;
 

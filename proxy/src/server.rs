@@ -432,19 +432,19 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for TimedWrite<'_, I> {
 }
 
 /// A parsed request head and what it says about the body and the connection.
-struct ParsedRequest {
-    head: RawRequest,
-    version: Version,
-    body: BodyLength,
+pub(crate) struct ParsedRequest {
+    pub(crate) head: RawRequest,
+    pub(crate) version: Version,
+    pub(crate) body: BodyLength,
     /// Whether the client lets the connection carry another request.
-    keep_alive: bool,
+    pub(crate) keep_alive: bool,
     /// `Expect: 100-continue` on a request with a body.
-    expect_continue: bool,
+    pub(crate) expect_continue: bool,
 }
 
 /// How a request body is delimited (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BodyLength {
+pub(crate) enum BodyLength {
     Length(u64),
     Chunked,
 }
@@ -452,7 +452,7 @@ enum BodyLength {
 /// Parses a request head from the front of `buf`: `Ok(None)` if it is not complete yet;
 /// otherwise the head, which is split off `buf` (field names lower-cased in place; the head
 /// keeps the bytes and where each field lies in them, in `spans`' allocation).
-fn parse_request(
+pub(crate) fn parse_request(
     buf: &mut BytesMut,
     max_head: usize,
     spans: &mut Vec<(Span, Span)>,
@@ -486,11 +486,13 @@ fn parse_request(
     // Origin-form (`/path`) or absolute-form (`http://host/path`) only: an authority-form or
     // bare target (`CONNECT host:80`, `abc`) used to be rewritten to `/`.
     let origin_form = target.starts_with('/');
-    let absolute_form = target.len() > 7
-        && (target[..7].eq_ignore_ascii_case("http://")
-            || target
-                .get(..8)
-                .is_some_and(|t| t.eq_ignore_ascii_case("https://")));
+    // Bytes, not `str` slices: a target may hold UTF-8, and a character across byte 7 used to
+    // panic (found by fuzzing).
+    let t = target.as_bytes();
+    let absolute_form = t.len() > 7
+        && (t[..7].eq_ignore_ascii_case(b"http://")
+            || t.get(..8)
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"https://")));
     let asterisk = target == "*" && method == Method::OPTIONS;
     if method == Method::CONNECT || !(origin_form || absolute_form || asterisk) {
         return Err(ProxyError::BadRequest(

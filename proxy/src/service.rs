@@ -488,19 +488,19 @@ fn forwarded(head: h1::ResponseHead, body: GuardedBody) -> ProxyResponse {
 }
 
 /// What the proxy adds to or removes from a request on its way to the backend.
-struct Forwarding<'a> {
-    backend: &'a BackendId,
+pub(crate) struct Forwarding<'a> {
+    pub(crate) backend: &'a BackendId,
     /// The token's user (empty for public backends).
-    user: &'a str,
-    client: &'a ClientInfo,
-    upgrade: bool,
+    pub(crate) user: &'a str,
+    pub(crate) client: &'a ClientInfo,
+    pub(crate) upgrade: bool,
 }
 
-/// Whether an `Authorization` value is a bearer credential in Hangar's token format.
+/// Whether an `Authorization` value is a bearer credential in Hangar's token format. A value
+/// that is not UTF-8 is read lossily, as a backend might read it (it used to be forwarded
+/// whole, token and all: found by fuzzing).
 fn carries_token(value: &[u8]) -> bool {
-    let Ok(v) = std::str::from_utf8(value) else {
-        return false;
-    };
+    let v = String::from_utf8_lossy(value);
     let v = v.trim_start();
     let Some((scheme, credential)) = v.split_once(|c: char| c.is_ascii_whitespace()) else {
         return false;
@@ -513,7 +513,7 @@ fn carries_token(value: &[u8]) -> bool {
 /// parameter) and its end-to-end headers, minus hop-by-hop fields (RFC 9110 §7.6.1), inbound
 /// `x-hangar-*` headers and the Hangar token; plus `x-hangar-backend-id`, `x-hangar-user` and
 /// the `x-forwarded-*` headers. The body framing header is added by the pool.
-fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u8> {
+pub(crate) fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     // No backend ever sees a Hangar token, whoever's and wherever it is: the query parameter
     // (under any spelling of its name), every token cookie, any bearer credential in the
@@ -561,11 +561,14 @@ fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u8> {
         {
             continue;
         }
+        // A `Cookie` value that is not UTF-8 is searched too, lossily, as a backend might read
+        // it: it used to be forwarded whole, token cookie and all (found by fuzzing). The
+        // cookies kept from such a value go out with U+FFFD for the bytes that were not UTF-8.
         if name == b"cookie"
-            && let Ok(v) = std::str::from_utf8(value)
-            && cookie_value(v, TOKEN_COOKIE).is_some()
+            && let v = String::from_utf8_lossy(value)
+            && cookie_value(&v, TOKEN_COOKIE).is_some()
         {
-            if let Some(rest) = strip_cookie(v, TOKEN_COOKIE) {
+            if let Some(rest) = strip_cookie(&v, TOKEN_COOKIE) {
                 h1::write_header(&mut out, b"cookie", rest.as_bytes());
             }
             continue;
@@ -741,6 +744,43 @@ mod tests {
             .body(())
             .unwrap();
         assert!(head_for(only, "", false).starts_with("GET / HTTP/1.1\r\n"));
+    }
+
+    /// Found by fuzzing (`fuzz/artifacts/request_head/`): a `Cookie` or `Authorization` value
+    /// that was not UTF-8 was forwarded whole, Hangar token included.
+    #[test]
+    fn a_token_in_a_value_that_is_not_utf8_is_removed_too() {
+        let value = |b: &[u8]| http::HeaderValue::from_bytes(b).unwrap();
+        let req = Request::get("/")
+            .header("host", "b1.hangar.test")
+            .header(
+                "cookie",
+                value(b"\xe4\x9e=1; hangar-token=v1.abc; theme=dark"),
+            )
+            .header("cookie", value(b"lang=\xff"))
+            .header("authorization", value(b"Bearer v1.secret\xff"))
+            .body(())
+            .unwrap();
+        let (parts, ()) = req.into_parts();
+        let backend = BackendId::parse("b1").unwrap();
+        let client = ClientInfo::new("10.1.2.3:4567".parse().unwrap(), false);
+        let f = Forwarding {
+            backend: &backend,
+            user: "",
+            client: &client,
+            upgrade: false,
+        };
+        let head = upstream_head(&parts, &f);
+        let text = String::from_utf8_lossy(&head);
+        assert!(!text.contains("v1."), "a token reached the backend: {text}");
+        assert!(
+            text.contains("cookie: \u{fffd}=1; theme=dark\r\n"),
+            "the other cookies are kept: {text}"
+        );
+        assert!(
+            head.windows(14).any(|w| w == b"cookie: lang=\xff"),
+            "a value without a token goes out as it came: {text}"
+        );
     }
 
     fn req_clone(req: &Request<()>) -> Request<()> {

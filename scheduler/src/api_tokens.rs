@@ -208,8 +208,9 @@ fn sha256_hex(secret: &str) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Splits `hgr_<id>_<secret>`.
-fn parse(token: &str) -> Option<(&str, &str)> {
+/// Splits `hgr_<id>_<secret>` into id and secret (both non-empty; the id has no `_`).
+/// Public for the fuzz target (`hangar_scheduler::fuzzing`); nothing is verified here.
+pub fn parse(token: &str) -> Option<(&str, &str)> {
     let rest = token.strip_prefix(TOKEN_PREFIX)?;
     let (id, secret) = rest.split_once('_')?;
     (!id.is_empty() && !secret.is_empty()).then_some((id, secret))

@@ -28,6 +28,8 @@ pub mod drains;
 pub mod drone_session;
 pub mod drones;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hot;
 pub mod hot_state;
 pub mod leader;
