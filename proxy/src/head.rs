@@ -117,6 +117,13 @@ impl RawRequest {
         target: Span,
         fields: Vec<(Span, Span)>,
     ) -> Result<Self, http::uri::InvalidUri> {
+        // A target that is not UTF-8, or holds control bytes, is refused (400); one in UTF-8 is
+        // forwarded as it came. Never rewritten: `target` used to make a target that is not
+        // UTF-8 into `/`.
+        let bytes = &buf[target.range()];
+        if std::str::from_utf8(bytes).is_err() || bytes.iter().any(u8::is_ascii_control) {
+            return Err(Uri::try_from(&b"\0"[..]).expect_err("NUL is not a URI"));
+        }
         let (target, uri) = if buf.get(target.start) == Some(&b'/') {
             (Some(target), None)
         } else {

@@ -95,6 +95,19 @@ fn broken_or_oversized_heads_are_refused_with_the_right_status() {
         parse(raw.as_bytes()).err().map(|e| e.status().as_u16())
     };
     let unhosted = |raw: &[u8]| parse(raw).err().map(|e| e.status().as_u16());
+    // Targets that are not UTF-8, or hold control bytes, are refused, never rewritten (a
+    // target that is not UTF-8 used to reach the backend as `/`); UTF-8 passes as it came.
+    for bad in [
+        &b"GET /\xff HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+        b"GET /a\xc3 HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET /a\x7fb HTTP/1.1\r\nHost: a\r\n\r\n",
+    ] {
+        assert_eq!(unhosted(bad), Some(400), "{}", String::from_utf8_lossy(bad));
+    }
+    let utf8 = parse(b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap()
+        .unwrap();
+    assert_eq!(utf8.head.target(), "/caf\u{e9}");
     // Host missing or repeated in HTTP/1.1 (it used to be accepted).
     assert_eq!(unhosted(b"GET / HTTP/1.1\r\n\r\n"), Some(400));
     assert_eq!(
