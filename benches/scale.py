@@ -21,7 +21,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 
@@ -71,36 +70,6 @@ def phase(before, after, name):
     return (s1 - s0) / n * 1000, p99
 
 
-def connect_many(api, start, n, inflight):
-    latencies, errors, lock = [], [], threading.Lock()
-    keys = iter(range(start, start + n))
-
-    def worker():
-        while True:
-            with lock:
-                k = next(keys, None)
-            if k is None:
-                return
-            t = time.perf_counter()
-            status, _ = ha.http("POST", f"http://{api}/v1/connect",
-                                {"key": {"name": f"k{k}"}, "spawn": {"idle_timeout_s": 86400}})
-            dt = time.perf_counter() - t
-            with lock:
-                (latencies if status in (200, 201) else errors).append(dt if status < 300 else status)
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(inflight)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    took = time.perf_counter() - t0
-    latencies.sort()
-    pct = lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else 0
-    return {"n": len(latencies), "errors": len(errors), "per_s": len(latencies) / took,
-            "p50_ms": pct(0.5), "p99_ms": pct(0.99), "first_errors": errors[:5]}
-
-
 def live(api):
     status, body = ha.http("GET", f"http://{api}/v1/backends?status=live", timeout=120)
     return len(body.get("backends", [])) if status == 200 else -1
@@ -138,7 +107,8 @@ def main():
         rows = []
         for level in levels:
             before = scrape(metrics)
-            r = connect_many(s.api, have, level - have, a.inflight)
+            # New keys per level (ha.connects names them `<tag>-<n>`).
+            r = ha.connects(s.api, level - have, a.inflight, f"l{level}")
             after = scrape(metrics)
             have = level
             place_mean, place_p99 = phase(before, after, "hangar_scheduler_placement_seconds")
