@@ -31,6 +31,8 @@ fn route(i: usize) -> Route {
         public: false,
         drone: Some(format!("drone-{}", i % DRONES).into()),
         pool: Some("default".into()),
+        key: None,
+        epoch: 0,
     }
 }
 

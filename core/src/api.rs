@@ -26,6 +26,11 @@ pub struct ConnectRequest {
     /// A public backend needs no token.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub public: bool,
+    /// The pool whose template (and warm backends) a new backend comes from (default:
+    /// `default`, when that pool exists; otherwise the cluster's configured default). An
+    /// explicit `spawn.command` or `spawn.image` starts cold, outside any pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 /// What to run for a backend. Every field is optional; the cluster default fills gaps.
@@ -68,6 +73,10 @@ pub struct ConnectResponse {
     pub key: Option<KeyRef>,
     /// False when an existing live backend was returned.
     pub spawned: bool,
+    /// True when the new backend is a warm one of a pool, claimed for this key (it was
+    /// started ahead, so it is ready already).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warm: bool,
     pub status: String,
     /// Where clients reach the backend through the proxy.
     pub url: String,

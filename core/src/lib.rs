@@ -13,6 +13,7 @@ pub mod feed;
 pub mod fuzzing;
 pub mod ids;
 pub mod lifecycle;
+pub mod pool;
 pub mod route;
 pub mod token;
 

@@ -41,6 +41,9 @@ pub enum TerminationReason {
     /// It was idle on a drone that also runs a hot backend, and was stopped to relieve that
     /// drone (`--relieve-hot`): its key's next connect places a new backend elsewhere.
     Relocated,
+    /// A warm backend its pool no longer needed (the warm target was lowered, its
+    /// generation was replaced, or the pool was deleted). Never a claimed one.
+    Surplus,
     /// Its drone (or the agent process that ran it) disappeared.
     Lost,
     /// Its drone lost contact with the control plane and stopped it itself (self-fencing), so
@@ -117,6 +120,7 @@ impl fmt::Display for TerminationReason {
             TerminationReason::Requested => f.write_str("requested"),
             TerminationReason::Drained => f.write_str("drained"),
             TerminationReason::Relocated => f.write_str("relocated"),
+            TerminationReason::Surplus => f.write_str("surplus"),
             TerminationReason::Lost => f.write_str("lost"),
             TerminationReason::Fenced => f.write_str("fenced"),
             TerminationReason::StartupTimeout => f.write_str("startup_timeout"),

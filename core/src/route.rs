@@ -50,11 +50,22 @@ pub struct Route {
     pub drone: Option<Arc<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<Arc<str>>,
+    /// The key the backend serves, as `namespace/name`; `None` for a keyless backend (a warm
+    /// one not claimed yet). Sent to the backend as `x-hangar-key` on every request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Arc<str>>,
+    /// The key's fencing epoch (0 when keyless). Sent to the backend as `x-hangar-epoch`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Route {
-    /// A route to a private backend with no address yet, on no named drone or pool; set the
-    /// other fields with struct update syntax.
+    /// A route to a private, keyless backend with no address yet, on no named drone or pool;
+    /// set the other fields with struct update syntax.
     pub fn new(backend: BackendId, state: RouteState) -> Self {
         Route {
             backend,
@@ -63,6 +74,8 @@ impl Route {
             public: false,
             drone: None,
             pool: None,
+            key: None,
+            epoch: 0,
         }
     }
 }
@@ -448,6 +461,26 @@ mod tests {
         assert_eq!(old.apply(5, &up, &rm), new);
         let (up, rm) = new.diff(&new);
         assert!(up.is_empty() && rm.is_empty());
+    }
+
+    /// Routes serialized before `key` and `epoch` existed still decode (keyless), and a keyless
+    /// route serializes without them.
+    #[test]
+    fn key_and_epoch_are_optional_on_the_wire() {
+        let old = r#"{"backend":"b1","state":"ready","address":null,"public":false}"#;
+        let r: Route = serde_json::from_str(old).unwrap();
+        assert_eq!((r.key.as_deref(), r.epoch), (None, 0));
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(!json.contains("key") && !json.contains("epoch"), "{json}");
+
+        let keyed = Route {
+            key: Some("team/alice".into()),
+            epoch: 7,
+            ..Route::new(BackendId::parse("b1").unwrap(), RouteState::Ready)
+        };
+        let json = serde_json::to_string(&keyed).unwrap();
+        assert!(json.contains(r#""key":"team/alice","epoch":7"#), "{json}");
+        assert_eq!(serde_json::from_str::<Route>(&json).unwrap(), keyed);
     }
 
     #[test]

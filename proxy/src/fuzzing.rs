@@ -180,6 +180,8 @@ fn check_upstream(p: &ParsedRequest) {
     let f = Forwarding {
         backend: &backend,
         user: "alice",
+        key: Some("team/alice"),
+        epoch: 3,
         client: &client,
         upgrade: is_upgrade(&p.head),
     };
@@ -205,7 +207,7 @@ fn check_upstream(p: &ParsedRequest) {
             "the token query parameter reaches the backend: {lossy}"
         );
     }
-    let (mut backend_ids, mut users, mut protos) = (0, 0, 0);
+    let (mut backend_ids, mut users, mut protos, mut keys, mut epochs) = (0, 0, 0, 0, 0);
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let value = String::from_utf8_lossy(h.value);
@@ -226,6 +228,14 @@ fn check_upstream(p: &ParsedRequest) {
                 users += 1;
                 assert_eq!(h.value, b"alice", "{lossy}");
             }
+            b"x-hangar-key" => {
+                keys += 1;
+                assert_eq!(h.value, b"team/alice", "{lossy}");
+            }
+            b"x-hangar-epoch" => {
+                epochs += 1;
+                assert_eq!(h.value, b"3", "{lossy}");
+            }
             n if n.starts_with(b"x-hangar-") => panic!("a client's x-hangar-* field: {lossy}"),
             b"x-forwarded-proto" => {
                 protos += 1;
@@ -243,7 +253,11 @@ fn check_upstream(p: &ParsedRequest) {
             _ => {}
         }
     }
-    assert_eq!((backend_ids, users, protos), (1, 1, 1), "{lossy}");
+    assert_eq!(
+        (backend_ids, users, protos, keys, epochs),
+        (1, 1, 1, 1, 1),
+        "{lossy}"
+    );
 }
 
 /// A little xorshift generator: read sizes from one input byte.

@@ -92,6 +92,8 @@ fn route(up: SocketAddr, state: RouteState) -> Route {
         public: true,
         drone: Some("d1".into()),
         pool: Some("blue".into()),
+        key: None,
+        epoch: 0,
     }
 }
 

@@ -4,6 +4,7 @@
 //! tokens locally; waits for starting backends on the route handle's change signal.
 
 use std::future::Future;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -360,6 +361,8 @@ where
         &Forwarding {
             backend: &route.backend,
             user: user.as_deref().unwrap_or(""),
+            key: route.key.as_deref(),
+            epoch: route.epoch,
             client,
             upgrade,
         },
@@ -492,6 +495,10 @@ pub(crate) struct Forwarding<'a> {
     pub(crate) backend: &'a BackendId,
     /// The token's user (empty for public backends).
     pub(crate) user: &'a str,
+    /// The route's key (`namespace/name`) and fencing epoch; `None` for a keyless backend,
+    /// which gets neither header.
+    pub(crate) key: Option<&'a str>,
+    pub(crate) epoch: u64,
     pub(crate) client: &'a ClientInfo,
     pub(crate) upgrade: bool,
 }
@@ -511,8 +518,9 @@ fn carries_token(value: &[u8]) -> bool {
 /// The request head the backend gets, encoded directly (the client's head is read, never
 /// rebuilt): the client's method and origin-form target (without a `hangar_token` query
 /// parameter) and its end-to-end headers, minus hop-by-hop fields (RFC 9110 §7.6.1), inbound
-/// `x-hangar-*` headers and the Hangar token; plus `x-hangar-backend-id`, `x-hangar-user` and
-/// the `x-forwarded-*` headers. The body framing header is added by the pool.
+/// `x-hangar-*` headers and the Hangar token; plus `x-hangar-backend-id`, `x-hangar-user`,
+/// `x-hangar-key` and `x-hangar-epoch` (when the route has a key) and the `x-forwarded-*`
+/// headers. The body framing header is added by the pool.
 pub(crate) fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     // No backend ever sees a Hangar token, whoever's and wherever it is: the query parameter
@@ -607,6 +615,15 @@ pub(crate) fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u
     if !f.user.is_empty() && h1::is_header_value(f.user.as_bytes()) {
         h1::write_header(&mut out, b"x-hangar-user", f.user.as_bytes());
     }
+    // A backend started warm learns its key from the first request too; both or neither.
+    if let Some(key) = f.key
+        && !key.is_empty()
+        && h1::is_header_value(key.as_bytes())
+    {
+        h1::write_header(&mut out, b"x-hangar-key", key.as_bytes());
+        // Writing to a Vec cannot fail.
+        let _ = write!(out, "x-hangar-epoch: {}\r\n", f.epoch);
+    }
     out
 }
 
@@ -621,6 +638,8 @@ mod tests {
         let f = Forwarding {
             backend: &backend,
             user,
+            key: None,
+            epoch: 0,
             client: &client,
             upgrade,
         };
@@ -698,6 +717,8 @@ mod tests {
         let f = Forwarding {
             backend: &backend,
             user: "",
+            key: None,
+            epoch: 0,
             client: &client,
             upgrade: false,
         };
@@ -767,6 +788,8 @@ mod tests {
         let f = Forwarding {
             backend: &backend,
             user: "",
+            key: None,
+            epoch: 0,
             client: &client,
             upgrade: false,
         };
@@ -780,6 +803,58 @@ mod tests {
         assert!(
             head.windows(14).any(|w| w == b"cookie: lang=\xff"),
             "a value without a token goes out as it came: {text}"
+        );
+    }
+
+    /// The route's key and epoch replace any a client sent (a backend started warm trusts
+    /// them to learn what it serves); a keyless route sends neither, whatever the client sent.
+    #[test]
+    fn the_key_and_epoch_come_from_the_route_never_from_the_client() {
+        let forged = || {
+            Request::get("/")
+                .header("host", "b1.hangar.test")
+                .header("x-hangar-key", "evil/mallory")
+                .header("x-hangar-epoch", "999")
+                .header("X-Hangar-Epoch", "998")
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0
+        };
+        let backend = BackendId::parse("b1").unwrap();
+        let client = ClientInfo::new("10.1.2.3:4567".parse().unwrap(), false);
+        let head = |key: Option<&str>, epoch: u64| {
+            let f = Forwarding {
+                backend: &backend,
+                user: "alice",
+                key,
+                epoch,
+                client: &client,
+                upgrade: false,
+            };
+            String::from_utf8(upstream_head(&forged(), &f)).unwrap()
+        };
+
+        let keyed = head(Some("team/alice"), 42);
+        for gone in ["evil/mallory", "999", "998"] {
+            assert!(!keyed.contains(gone), "{gone} was forwarded: {keyed}");
+        }
+        assert_eq!(keyed.matches("x-hangar-key: ").count(), 1, "{keyed}");
+        assert_eq!(keyed.matches("x-hangar-epoch: ").count(), 1, "{keyed}");
+        assert!(keyed.contains("x-hangar-key: team/alice\r\n"), "{keyed}");
+        assert!(keyed.contains("x-hangar-epoch: 42\r\n"), "{keyed}");
+
+        let keyless = head(None, 0);
+        for gone in ["x-hangar-key", "x-hangar-epoch", "evil/mallory", "999"] {
+            assert!(!keyless.contains(gone), "{gone} was forwarded: {keyless}");
+        }
+
+        // A key that is no header value is left out, and its epoch with it.
+        let bad = head(Some("team/a\r\nx-evil: 1"), 5);
+        assert!(!bad.contains("x-evil"), "{bad}");
+        assert!(
+            !bad.contains("x-hangar-key") && !bad.contains("x-hangar-epoch"),
+            "{bad}"
         );
     }
 

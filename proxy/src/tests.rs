@@ -48,6 +48,25 @@ async fn upstream(tasks: &TaskTracker) -> SocketAddr {
                             .insert("x-framing", framing.parse().unwrap());
                         return Ok::<_, std::convert::Infallible>(resp);
                     }
+                    if req.uri().path() == "/hangar-key" {
+                        // Answers with every `x-hangar-key` and `x-hangar-epoch` it got.
+                        let values = |name| {
+                            req.headers()
+                                .get_all(name)
+                                .iter()
+                                .map(|v| v.to_str().unwrap())
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        };
+                        let body = format!(
+                            "key=[{}] epoch=[{}]",
+                            values("x-hangar-key"),
+                            values("x-hangar-epoch")
+                        );
+                        return Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(Bytes::from(body)),
+                        ));
+                    }
                     if req.uri().path() == "/slow" {
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
@@ -213,6 +232,61 @@ async fn request_bodies_reach_the_backend_with_their_framing_over_http1_and_http
     let got = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(got.len(), 100_000);
     assert!(got.iter().all(|&b| b == b'y'));
+}
+
+/// The route's key and epoch reach the backend over HTTP/1.1 and HTTP/2 alike (both servers
+/// share the request path), replacing whatever the client sent; a keyless route sends neither.
+#[tokio::test]
+async fn the_backend_gets_the_routes_key_and_epoch_over_http1_and_http2() {
+    let r = start(config(), None).await;
+    let forged = || {
+        Request::get(format!("http://{ID}.{DOMAIN}/hangar-key"))
+            .header("host", format!("{ID}.{DOMAIN}"))
+            .header("x-hangar-key", "evil/mallory")
+            .header("x-hangar-epoch", "999")
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let s = TcpStream::connect(r.addr).await.unwrap();
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut h2 = h2c_client(r.addr).await;
+    let mut ask = async |http2: bool| {
+        let resp = if http2 {
+            h2.send_request(forged()).await.unwrap()
+        } else {
+            h1.send_request(forged()).await.unwrap()
+        };
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    };
+
+    for http2 in [false, true] {
+        assert_eq!(
+            ask(http2).await,
+            "key=[] epoch=[]",
+            "keyless, http2 {http2}"
+        );
+    }
+    let keyless = r.proxy.routes().load().get(ID).unwrap().clone();
+    r.proxy.routes().publish(Arc::new(RouteTable::new(
+        2,
+        [Route {
+            key: Some("team/alice".into()),
+            epoch: 7,
+            ..keyless
+        }],
+    )));
+    for http2 in [false, true] {
+        assert_eq!(
+            ask(http2).await,
+            "key=[team/alice] epoch=[7]",
+            "keyed, http2 {http2}"
+        );
+    }
 }
 
 /// Asks `host` for an `echo` upgrade of `path` on `io` and reads the response head, which must

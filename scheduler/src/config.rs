@@ -71,6 +71,10 @@ pub struct SchedulerConfig {
     pub relieve: Option<crate::hot::ReliefConfig>,
     /// How often the monitor evaluates the detector and publishes drone and backend gauges.
     pub monitor_interval: Duration,
+    /// How often the pool converger runs when no event wakes it sooner.
+    pub pool_interval: Duration,
+    /// Whether the leader runs the pool converger (tests turn it off to run passes by hand).
+    pub run_pool_converger: bool,
 }
 
 impl SchedulerConfig {
@@ -103,6 +107,8 @@ impl SchedulerConfig {
             hot: crate::hot::HotConfig::default(),
             relieve: None,
             monitor_interval: Duration::from_secs(1),
+            pool_interval: Duration::from_secs(1),
+            run_pool_converger: true,
         }
     }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hangar_core::api::{ConnectRequest, ConnectResponse, Resources};
+use hangar_core::api::{ConnectRequest, ConnectResponse};
 use hangar_core::token::TokenKey;
 use hangar_core::{BackendId, BackendState};
 use hangar_store::{Compare, Expect, KeyValue, Revision, Store, TxnOp, TxnOutcome, WatchEvent};
@@ -21,6 +21,35 @@ use crate::placement::Placement;
 use crate::records::{BackendRecord, KeyRecord, ResolvedSpawn, backend_key, key_key};
 use crate::routes::Routes;
 
+/// A placement transaction: the backend record's compare and write, plus (for a keyed
+/// connect) the key's claim for `backend` at `epoch`, if the key is as read (`expect`).
+fn with_key_claim(
+    compare: Compare,
+    op: TxnOp,
+    req: &ConnectRequest,
+    backend: &BackendId,
+    epoch: u64,
+    expect: Expect,
+) -> (Vec<Compare>, Vec<TxnOp>) {
+    let mut compares = vec![compare];
+    let mut ops = vec![op];
+    if let Some(key) = &req.key {
+        let kr = KeyRecord {
+            backend: backend.clone(),
+            epoch,
+        };
+        compares.push(Compare::new(key_key(key), expect));
+        ops.push(TxnOp::put(key_key(key), encode(&kr), None));
+    }
+    (compares, ops)
+}
+
+/// A random value for a keyless connect's canary bucket.
+fn rand_hash() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
 /// Attempts at claiming the key before giving up (each attempt re-reads).
 const CONNECT_ATTEMPTS: usize = 64;
 
@@ -29,125 +58,7 @@ fn decode_key(kv: &KeyValue) -> Result<KeyRecord, ApiError> {
         .map_err(|e| ApiError::Internal(format!("key record {} is unreadable: {e}", kv.key)))
 }
 
-/// Variables the drone sets for every backend; a spawn may not override them.
-const RESERVED_ENV: [&str; 5] = [
-    "PORT",
-    "HANGAR_BIND",
-    "HANGAR_BACKEND_ID",
-    "HANGAR_KEY",
-    "HANGAR_EPOCH",
-];
-
-/// Bounds on what a spawn may carry.
-const MAX_ENV: usize = 64;
-const MAX_ENV_NAME: usize = 128;
-const MAX_ENV_VALUE: usize = 4096;
-const MAX_ARGS: usize = 64;
-const MAX_ARG: usize = 4096;
-const MAX_IMAGE: usize = 255;
-
-/// Validates a connect request; errors name the field.
-pub fn validate_connect(req: &ConnectRequest) -> Result<(), ApiError> {
-    if let Some(key) = &req.key {
-        key.validate()
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    }
-    if let Some(user) = &req.user
-        && (user.len() > 200 || user.contains(['\n', '\r']) || user.chars().any(char::is_control))
-    {
-        return Err(ApiError::BadRequest(
-            "user must be at most 200 characters with no control characters".into(),
-        ));
-    }
-    if let Some(spawn) = &req.spawn {
-        if let Some(cmd) = &spawn.command
-            && (cmd.is_empty() || cmd[0].is_empty())
-        {
-            return Err(ApiError::BadRequest(
-                "spawn.command must name an executable: a non-empty list of strings".into(),
-            ));
-        }
-        if spawn.command.is_some() && spawn.image.is_some() {
-            return Err(ApiError::BadRequest(
-                "spawn.command and spawn.image are exclusive: give one".into(),
-            ));
-        }
-        if let Some(image) = &spawn.image
-            && image.trim().is_empty()
-        {
-            return Err(ApiError::BadRequest("spawn.image is empty".into()));
-        }
-        if spawn.idle_timeout_s == Some(0) {
-            return Err(ApiError::BadRequest(
-                "spawn.idle_timeout_s must be at least 1 (omit it for the default)".into(),
-            ));
-        }
-        if spawn.lifetime_s == Some(0) {
-            return Err(ApiError::BadRequest(
-                "spawn.lifetime_s must be at least 1 (omit it for no limit)".into(),
-            ));
-        }
-        if spawn.env.len() > MAX_ENV {
-            return Err(ApiError::BadRequest(format!(
-                "spawn.env has {} variables: at most {MAX_ENV} are allowed",
-                spawn.env.len()
-            )));
-        }
-        for (k, v) in &spawn.env {
-            if k.is_empty() || k.contains('=') || k.contains('\0') || k.len() > MAX_ENV_NAME {
-                return Err(ApiError::BadRequest(format!(
-                    "spawn.env has an invalid variable name {k:?} (1 to {MAX_ENV_NAME} bytes, no '=' or NUL)"
-                )));
-            }
-            if RESERVED_ENV.contains(&k.as_str())
-                || k.eq_ignore_ascii_case("PORT")
-                || k.to_ascii_uppercase().starts_with("HANGAR_")
-            {
-                return Err(ApiError::BadRequest(format!(
-                    "spawn.env may not set {k}: PORT and HANGAR_* are Hangar's ({} are set for every backend)",
-                    RESERVED_ENV.join(", ")
-                )));
-            }
-            if v.len() > MAX_ENV_VALUE || v.contains('\0') {
-                return Err(ApiError::BadRequest(format!(
-                    "spawn.env.{k} must be at most {MAX_ENV_VALUE} bytes with no NUL"
-                )));
-            }
-        }
-        if let Some(cmd) = &spawn.command
-            && (cmd.len() > MAX_ARGS || cmd.iter().any(|a| a.len() > MAX_ARG || a.contains('\0')))
-        {
-            return Err(ApiError::BadRequest(format!(
-                "spawn.command must have at most {MAX_ARGS} arguments of at most {MAX_ARG} bytes each, with no NUL"
-            )));
-        }
-        if let Some(image) = &spawn.image
-            && (image.len() > MAX_IMAGE
-                || image.chars().any(|c| c.is_whitespace() || c.is_control()))
-        {
-            return Err(ApiError::BadRequest(format!(
-                "spawn.image must be an image reference of at most {MAX_IMAGE} characters, without spaces"
-            )));
-        }
-        if let Some(Resources {
-            cpu_millis,
-            memory_mb,
-        }) = spawn.resources
-        {
-            if cpu_millis == Some(0) {
-                return Err(ApiError::BadRequest(
-                    "spawn.resources.cpu_millis must be at least 1".into(),
-                ));
-            }
-            if memory_mb == Some(0) {
-                return Err(ApiError::BadRequest(
-                    "spawn.resources.memory_mb must be at least 1".into(),
-                ));
-            }
-        }
-    }
-    Ok(())
-}
+pub use crate::validate::validate_connect;
 
 /// Answers connects.
 pub struct Connector {
@@ -160,6 +71,16 @@ pub struct Connector {
     /// Placement is the leader's: a connect carries its fencing token.
     pub(crate) leadership: Arc<Leadership>,
     pub(crate) quotas: Arc<crate::quotas::Quotas>,
+    pub(crate) pools: Arc<crate::pools::Pools>,
+    pub(crate) backends: Arc<crate::lifecycle::Backends>,
+}
+
+/// How a connect got its new backend.
+enum Placed {
+    /// A new record was written (cold start).
+    Cold(BackendRecord),
+    /// A warm backend was claimed.
+    Warm(BackendRecord),
 }
 
 impl Connector {
@@ -187,6 +108,7 @@ impl Connector {
             backend_id: rec.id.clone(),
             key: rec.key.clone(),
             spawned,
+            warm: false,
             status: rec.state.name().to_string(),
             url: self.config.backend_url(rec.id.as_str()),
             token: self.token_key.sign(rec.id.as_str(), user, expires),
@@ -235,6 +157,148 @@ impl Connector {
                     }
                 }
             }
+        }
+    }
+
+    /// Writes a new backend record and the key's claim in one fenced transaction, once the
+    /// route table has it. `None`: the key or the id was taken meanwhile (read again).
+    #[allow(clippy::too_many_arguments)]
+    async fn place_cold(
+        &self,
+        req: &ConnectRequest,
+        spawn: ResolvedSpawn,
+        pool: Option<crate::records::PoolMember>,
+        epoch: u64,
+        expect: Expect,
+        token: Revision,
+        created_by: Option<String>,
+    ) -> Result<Option<BackendRecord>, ApiError> {
+        let reservation = self.placement.place(&spawn)?;
+        let drone = reservation.drone.clone();
+        let now = self.clock.now_ms();
+        let rec = BackendRecord {
+            key: req.key.clone(),
+            epoch,
+            user: req.user.clone(),
+            public: req.public,
+            created_by,
+            pool,
+            ..BackendRecord::scheduled(spawn, &drone.name, &drone.run_id, now)
+        };
+        // One transaction: the backend record and the key's claim, or neither (no orphan
+        // record if the claim loses, no claim without its record).
+        let bkey = backend_key(rec.id.as_str());
+        let (compares, ops) = with_key_claim(
+            Compare::absent(bkey.clone()),
+            TxnOp::put(bkey, encode(&rec), None),
+            req,
+            &rec.id,
+            epoch,
+            expect,
+        );
+        let brev = self.commit(compares, ops, token).await?;
+        let Some(brev) = brev else { return Ok(None) };
+        // The record is the spawn command: the instance holding the drone's session relays it.
+        metrics::counter!(crate::metrics::LEADER_COMMANDS_TOTAL).increment(1);
+        reservation.written(brev);
+        // Answer only once the route table has the backend, so a client that uses the URL
+        // right away finds it starting in the proxy instead of unknown.
+        self.routes.wait_for(brev).await;
+        Ok(Some(rec))
+    }
+
+    /// Claims warm backend `id` for the connect's key: one fenced transaction moves it from
+    /// warm to claimed (with the key, its next epoch and the caller) if it is still warm and
+    /// unchanged, and writes the key's claim; then the backend is told its key. `None`:
+    /// someone claimed or removed it first, or the key changed (read again).
+    async fn claim(
+        &self,
+        id: &BackendId,
+        req: &ConnectRequest,
+        epoch: u64,
+        expect: Expect,
+        token: Revision,
+        created_by: Option<String>,
+    ) -> Result<Option<BackendRecord>, ApiError> {
+        let Some(stored) = self.routes.live_record(id) else {
+            return Ok(None);
+        };
+        let mut rec = stored.record;
+        if !rec.is_unclaimed() || rec.state != BackendState::Ready {
+            return Ok(None);
+        }
+        let now = self.clock.now_ms();
+        rec.key = req.key.clone();
+        rec.epoch = if req.key.is_some() { epoch } else { rec.epoch };
+        rec.user = req.user.clone();
+        rec.public = req.public;
+        rec.created_by = created_by;
+        rec.updated_at = now;
+        let secret = rec.pool.as_ref().and_then(|p| p.claim_secret.clone());
+        if let Some(p) = rec.pool.as_mut() {
+            p.claimed_at = Some(now);
+        }
+        let bkey = backend_key(rec.id.as_str());
+        let (compares, ops) = with_key_claim(
+            Compare::mod_revision(bkey.clone(), stored.mod_revision),
+            TxnOp::put(bkey, encode(&rec), None),
+            req,
+            &rec.id,
+            epoch,
+            expect,
+        );
+        let Some(brev) = self.commit(compares, ops, token).await? else {
+            return Ok(None);
+        };
+        // The backend learns its key before the connect answers (and the route table routes
+        // it only from this revision on).
+        if let (Some(address), Some(secret)) = (rec.address, secret) {
+            let key = rec.key.as_ref().map(|k| k.to_string()).unwrap_or_default();
+            let told =
+                async { crate::pools::claim::send_claim(address, &secret, &key, rec.epoch).await };
+            let (answer, ()) = tokio::join!(told, self.routes.wait_for(brev));
+            if let crate::pools::claim::ClaimAnswer::Refused(why) = answer {
+                // It holds the key now, but cannot be trusted with it: stop it, and let the
+                // connect wait for it to go and start a cold one.
+                tracing::warn!(backend = %rec.id, %why, "a claimed warm backend refused its claim; stopping it");
+                let backends = self.backends.fenced(token);
+                backends
+                    .terminate(
+                        rec.id.as_str(),
+                        hangar_core::TerminationReason::Failed { exit_code: None },
+                        false,
+                    )
+                    .await?;
+                return Ok(None);
+            }
+        } else {
+            self.routes.wait_for(brev).await;
+        }
+        Ok(Some(rec))
+    }
+
+    /// Commits a placement transaction with the leader's fence. `None`: a compare other
+    /// than the fence failed.
+    async fn commit(
+        &self,
+        mut compares: Vec<Compare>,
+        ops: Vec<TxnOp>,
+        token: Revision,
+    ) -> Result<Option<Revision>, ApiError> {
+        let fence = compares.len();
+        compares.push(Compare::create_revision(LEADER_KEY, token));
+        match self.store.txn(compares, ops).await? {
+            TxnOutcome::Committed(r) => {
+                metrics::counter!(crate::metrics::LEADER_WRITES_TOTAL).increment(1);
+                Ok(Some(r))
+            }
+            TxnOutcome::Failed { compare, .. } if compare == fence => {
+                metrics::counter!(crate::metrics::FENCED_WRITES_TOTAL).increment(1);
+                Err(ApiError::Fenced(format!(
+                    "this instance stopped leading (term {token}) during the connect: retry"
+                )))
+            }
+            TxnOutcome::Failed { .. } => Ok(None),
         }
     }
 
@@ -301,180 +365,107 @@ impl Connector {
             }
             // 2. Place a new backend: the leader's job.
             let token = self.leadership.token().ok_or_else(|| self.not_leader())?;
-            let spawn = self.resolve_spawn(&req);
+            let pool = self.pools.for_connect(&req)?;
             // Counted against the namespace's live quota until the route table counts it.
             let _placing = self
                 .quotas
                 .place(&namespace, self.routes.live_in_namespace(&namespace))?;
-            let reservation = self.placement.place(&spawn)?;
-            let drone = reservation.drone.clone();
-            let now = self.clock.now_ms();
-            let rec = BackendRecord {
-                id: BackendId::generate(),
-                key: req.key.clone(),
-                epoch,
-                spawn,
-                user: req.user.clone(),
-                public: req.public,
-                state: BackendState::Scheduled,
-                drone: Some(drone.name.clone()),
-                drone_run_id: Some(drone.run_id.clone()),
-                address: None,
-                created_at: now,
-                updated_at: now,
-                ready_at: None,
-                terminated_at: None,
-                terminating_at: None,
-                kill_requested_at: None,
-                message: None,
-                created_by: created_by.clone(),
-            };
-            // 3. One transaction: the backend record and the key's claim, or neither (no orphan
-            //    record if the claim loses, no claim without its record).
-            let bkey = backend_key(rec.id.as_str());
-            let mut compares = vec![Compare::absent(bkey.clone())];
-            let mut ops = vec![TxnOp::put(bkey, encode(&rec), None)];
-            if let Some(key) = &req.key {
-                let kr = KeyRecord {
-                    backend: rec.id.clone(),
-                    epoch,
-                };
-                compares.push(Compare::new(key_key(key), expect));
-                ops.push(TxnOp::put(key_key(key), encode(&kr), None));
-            }
-            let fence = compares.len();
-            compares.push(Compare::create_revision(LEADER_KEY, token));
-            let brev = match self.store.txn(compares, ops).await? {
-                TxnOutcome::Committed(r) => {
-                    metrics::counter!(crate::metrics::LEADER_WRITES_TOTAL).increment(1);
-                    // The record is the spawn command: the instance holding the drone's
-                    // session relays it.
-                    metrics::counter!(crate::metrics::LEADER_COMMANDS_TOTAL).increment(1);
-                    reservation.written(r);
-                    r
+            let placed = match &pool {
+                Some(pool) => {
+                    let hash = match &req.key {
+                        Some(k) => hangar_core::pool::key_hash(&k.to_string()),
+                        None => rand_hash(),
+                    };
+                    let generation = pool.generation_for(hash);
+                    // A warm backend serves only a connect that asks for nothing of its own.
+                    let warm = if req.spawn.is_none() {
+                        self.pools.hold_warm(&self.routes, &pool.name, generation)
+                    } else {
+                        None
+                    };
+                    match warm {
+                        Some(held) => {
+                            match self
+                                .claim(&held.id, &req, epoch, expect, token, created_by.clone())
+                                .await?
+                            {
+                                Some(rec) => Placed::Warm(rec),
+                                // Claimed or removed by someone else meanwhile: read again.
+                                None => continue,
+                            }
+                        }
+                        None => {
+                            if let Some(max) = pool.max_live {
+                                let live = self.routes.pool_members(&pool.name).len() as u64;
+                                if live >= u64::from(max) {
+                                    return Err(ApiError::TooMany {
+                                        message: format!(
+                                            "pool {} may have at most {max} live backends and has {live}: raise it with `hangar pool set {} --max-live N`",
+                                            pool.name, pool.name
+                                        ),
+                                        retry_after: Duration::from_secs(5),
+                                    });
+                                }
+                            }
+                            let spawn = self.pools.resolve(pool, generation, req.spawn.as_ref())?;
+                            let member = crate::records::PoolMember {
+                                name: pool.name.clone(),
+                                generation,
+                                claimed_at: Some(self.clock.now_ms()),
+                                claim_secret: None,
+                            };
+                            match self
+                                .place_cold(
+                                    &req,
+                                    spawn,
+                                    Some(member),
+                                    epoch,
+                                    expect,
+                                    token,
+                                    created_by.clone(),
+                                )
+                                .await?
+                            {
+                                Some(rec) => Placed::Cold(rec),
+                                None => continue,
+                            }
+                        }
+                    }
                 }
-                TxnOutcome::Failed { compare, .. } if compare == fence => {
-                    metrics::counter!(crate::metrics::FENCED_WRITES_TOTAL).increment(1);
-                    return Err(ApiError::Fenced(format!(
-                        "this instance stopped leading (term {token}) during the connect: retry"
-                    )));
+                None => {
+                    let spawn = self.resolve_spawn(&req);
+                    match self
+                        .place_cold(&req, spawn, None, epoch, expect, token, created_by.clone())
+                        .await?
+                    {
+                        Some(rec) => Placed::Cold(rec),
+                        None => continue,
+                    }
                 }
-                // A random id collided, try another; or another connect claimed the key
-                // first, reuse theirs.
-                TxnOutcome::Failed { .. } => continue,
             };
-            // Answer only once the route table has the backend, so a client that uses the
-            // URL right away finds it starting in the proxy instead of unknown.
-            self.routes.wait_for(brev).await;
-            metrics::counter!(crate::metrics::SPAWNS_TOTAL).increment(1);
-            tracing::info!(backend = %rec.id, key = ?rec.key.as_ref().map(|k| k.to_string()), drone = %drone.name, "backend scheduled");
-            return Ok(self.response(&rec, true, &user));
+            return Ok(match placed {
+                Placed::Cold(rec) => {
+                    metrics::counter!(crate::metrics::SPAWNS_TOTAL).increment(1);
+                    if let Some(p) = &rec.pool {
+                        crate::metrics::pool_claim(&p.name, "cold");
+                    }
+                    tracing::info!(backend = %rec.id, key = ?rec.key.as_ref().map(|k| k.to_string()), drone = ?rec.drone, "backend scheduled");
+                    self.response(&rec, true, &user)
+                }
+                Placed::Warm(rec) => {
+                    if let Some(p) = &rec.pool {
+                        crate::metrics::pool_claim(&p.name, "warm");
+                    }
+                    tracing::info!(backend = %rec.id, key = ?rec.key.as_ref().map(|k| k.to_string()), drone = ?rec.drone, "warm backend claimed");
+                    ConnectResponse {
+                        warm: true,
+                        ..self.response(&rec, true, &user)
+                    }
+                }
+            });
         }
         Err(ApiError::Conflict(
             "the key is contended by too many concurrent connects; retry".into(),
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use hangar_core::KeyRef;
-    use hangar_core::api::SpawnSpec;
-
-    fn req(spawn: SpawnSpec) -> ConnectRequest {
-        ConnectRequest {
-            spawn: Some(spawn),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn validation_names_fields() {
-        let cases = [
-            (
-                req(SpawnSpec {
-                    command: Some(vec![]),
-                    ..Default::default()
-                }),
-                "spawn.command",
-            ),
-            (
-                req(SpawnSpec {
-                    idle_timeout_s: Some(0),
-                    ..Default::default()
-                }),
-                "spawn.idle_timeout_s",
-            ),
-            (
-                req(SpawnSpec {
-                    lifetime_s: Some(0),
-                    ..Default::default()
-                }),
-                "spawn.lifetime_s",
-            ),
-            (
-                req(SpawnSpec {
-                    env: [("PORT".to_string(), "1".to_string())].into(),
-                    ..Default::default()
-                }),
-                "PORT",
-            ),
-            (
-                req(SpawnSpec {
-                    env: [("hangar_token".to_string(), "x".to_string())].into(),
-                    ..Default::default()
-                }),
-                "hangar_token",
-            ),
-            (
-                req(SpawnSpec {
-                    env: [("port".to_string(), "1".to_string())].into(),
-                    ..Default::default()
-                }),
-                "port",
-            ),
-            (
-                req(SpawnSpec {
-                    env: (0..65).map(|i| (format!("V{i}"), String::new())).collect(),
-                    ..Default::default()
-                }),
-                "spawn.env",
-            ),
-            (
-                req(SpawnSpec {
-                    env: [("BIG".to_string(), "x".repeat(4097))].into(),
-                    ..Default::default()
-                }),
-                "spawn.env.BIG",
-            ),
-            (
-                req(SpawnSpec {
-                    command: Some(vec!["x".to_string(); 65]),
-                    ..Default::default()
-                }),
-                "spawn.command",
-            ),
-            (
-                req(SpawnSpec {
-                    image: Some("a b".into()),
-                    ..Default::default()
-                }),
-                "spawn.image",
-            ),
-            (
-                ConnectRequest {
-                    key: Some(KeyRef::new("default", "")),
-                    ..Default::default()
-                },
-                "key.name",
-            ),
-        ];
-        for (r, field) in cases {
-            let e = validate_connect(&r).unwrap_err();
-            assert!(matches!(e, ApiError::BadRequest(_)));
-            assert!(e.to_string().contains(field), "{e} should name {field}");
-        }
-        assert!(validate_connect(&ConnectRequest::default()).is_ok());
     }
 }

@@ -38,6 +38,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod monitor;
 pub mod placement;
+pub mod pools;
 pub mod quotas;
 pub mod reconciler;
 pub mod records;
@@ -45,6 +46,7 @@ pub mod relay;
 pub mod revocations;
 pub mod routes;
 mod scheduler;
+pub mod validate;
 
 #[cfg(test)]
 mod tests;

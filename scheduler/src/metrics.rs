@@ -53,6 +53,14 @@ pub const TERMINATIONS_TOTAL: &str = "hangar_scheduler_terminations_total";
 /// Idle backends stopped to relieve a hot drone (`--relieve-hot`).
 pub const RELOCATIONS_TOTAL: &str = "hangar_scheduler_relocations_total";
 /// Hot backends and hot drones right now.
+/// Connects of a pool by how they were served (`served`: `warm` or `cold`).
+pub const POOL_CLAIMS_TOTAL: &str = "hangar_pool_claims_total";
+/// A pool's backends by `state`: `warm_ready`, `warm_starting`, `claimed`.
+pub const POOL_BACKENDS: &str = "hangar_pool_backends";
+/// Starts of a pool's backends that failed (before ready, or within the settle time).
+pub const POOL_FAILED_STARTS_TOTAL: &str = "hangar_pool_failed_starts_total";
+/// Warm backends the converger started and removed.
+pub const POOL_CONVERGER_ACTIONS_TOTAL: &str = "hangar_pool_converger_actions_total";
 pub const HOT_BACKENDS: &str = "hangar_scheduler_hot_backends";
 pub const HOT_DRONES: &str = "hangar_scheduler_hot_drones";
 
@@ -144,6 +152,22 @@ pub fn describe() {
         "Idle backends stopped to relieve a drone running a hot backend (--relieve-hot)."
     );
     describe_gauge!(HOT_BACKENDS, "Backends the detector flags hot.");
+    describe_counter!(
+        POOL_CLAIMS_TOTAL,
+        "Connects of a pool by how they were served: a warm backend claimed, or a cold start."
+    );
+    describe_gauge!(
+        POOL_BACKENDS,
+        "A pool's live backends by state: warm_ready, warm_starting, claimed."
+    );
+    describe_counter!(
+        POOL_FAILED_STARTS_TOTAL,
+        "Starts of a pool's backends that failed before becoming ready or soon after."
+    );
+    describe_counter!(
+        POOL_CONVERGER_ACTIONS_TOTAL,
+        "Warm backends the pool converger started (action=add) and removed (action=remove)."
+    );
     describe_gauge!(HOT_DRONES, "Drones the detector flags hot.");
     describe_gauge!(DRONE_CAPACITY_CPU_CORES, "CPU the drone offers, in cores.");
     describe_gauge!(
@@ -186,6 +210,12 @@ pub fn describe() {
     );
 }
 
+/// Counts a pool connect by how it was served (`warm` or `cold`).
+pub(crate) fn pool_claim(pool: &str, served: &'static str) {
+    metrics::counter!(POOL_CLAIMS_TOTAL, "pool" => pool.to_string(), "served" => served)
+        .increment(1);
+}
+
 /// Counts a connect by outcome.
 pub(crate) fn connect(outcome: &'static str) {
     metrics::counter!(CONNECTS_TOTAL, "outcome" => outcome).increment(1);
@@ -199,6 +229,7 @@ pub fn termination_label(r: &TerminationReason) -> &'static str {
         TerminationReason::Requested => "requested",
         TerminationReason::Drained => "drained",
         TerminationReason::Relocated => "relocated",
+        TerminationReason::Surplus => "surplus",
         TerminationReason::Lost => "lost",
         TerminationReason::Fenced => "fenced",
         TerminationReason::StartupTimeout => "startup_timeout",

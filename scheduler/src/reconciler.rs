@@ -80,9 +80,19 @@ pub fn decide(rec: &BackendRecord, obs: Observed, limits: Limits) -> Action {
             }
         }
         _ if obs.drain_deadline_passed => Action::Terminate(TerminationReason::Drained),
+        // A warm backend waits for its claim: it has no session to be idle in or to outlive
+        // (the pool's converger replaces or removes it).
+        _ if rec.is_unclaimed() => {
+            if rec.state.is_starting()
+                && elapsed(rec.created_at) >= limits.startup_timeout + Duration::from_secs(10)
+            {
+                return Action::Terminate(TerminationReason::StartupTimeout);
+            }
+            Action::Nothing
+        }
         state => {
             if let Some(l) = rec.spawn.lifetime_s
-                && elapsed(rec.created_at) >= Duration::from_secs(l)
+                && elapsed(rec.session_start()) >= Duration::from_secs(l)
             {
                 return Action::Terminate(TerminationReason::Lifetime);
             }
@@ -96,7 +106,9 @@ pub fn decide(rec: &BackendRecord, obs: Observed, limits: Limits) -> Action {
             }
             if let Some(idle) = rec.spawn.idle_timeout_s {
                 let (last, open) = obs.activity.unwrap_or((0, 0));
-                let last = last.max(rec.ready_at.unwrap_or(rec.created_at));
+                let last = last
+                    .max(rec.ready_at.unwrap_or(rec.created_at))
+                    .max(rec.session_start());
                 if open == 0 && elapsed(last) >= Duration::from_secs(idle) {
                     return Action::Terminate(TerminationReason::Idle);
                 }
@@ -265,7 +277,40 @@ mod tests {
             kill_requested_at: None,
             created_by: None,
             message: None,
+            pool: None,
         }
+    }
+
+    #[test]
+    fn a_warm_backend_is_never_idle_and_a_claimed_one_counts_from_its_claim() {
+        let mut r = rec(BackendState::Ready, Some(10), Some(100));
+        r.pool = Some(crate::records::PoolMember {
+            name: "p".into(),
+            generation: 1,
+            claimed_at: None,
+            claim_secret: Some("s".into()),
+        });
+        // Unclaimed for far longer than its idle timeout and lifetime: kept.
+        assert_eq!(decide(&r, obs(1000 * S, None), L), Action::Nothing);
+        // Claimed at 1000 s: idle 10 s and lifetime 100 s count from then.
+        r.pool.as_mut().unwrap().claimed_at = Some(1000 * S);
+        assert_eq!(decide(&r, obs(1009 * S, None), L), Action::Nothing);
+        assert_eq!(
+            decide(&r, obs(1010 * S, None), L),
+            Action::Terminate(TerminationReason::Idle)
+        );
+        assert_eq!(
+            decide(&r, obs(1100 * S, Some((1099 * S, 1))), L),
+            Action::Terminate(TerminationReason::Lifetime)
+        );
+        // A warm backend that never starts is still timed out.
+        let mut w = rec(BackendState::Starting, None, None);
+        w.pool = r.pool.clone();
+        w.pool.as_mut().unwrap().claimed_at = None;
+        assert_eq!(
+            decide(&w, obs(71 * S, None), L),
+            Action::Terminate(TerminationReason::StartupTimeout)
+        );
     }
 
     fn obs(now: u64, activity: Option<(u64, u64)>) -> Observed {

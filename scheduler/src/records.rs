@@ -42,6 +42,9 @@ pub fn default_pool() -> String {
     "default".to_string()
 }
 
+/// The variable a warm backend finds its claim secret in.
+pub const CLAIM_TOKEN_ENV: &str = "HANGAR_CLAIM_TOKEN";
+
 /// One backend: its spec, where it runs and where it is in its life.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendRecord {
@@ -72,9 +75,69 @@ pub struct BackendRecord {
     /// The API token that created it (a `connect` token sees its own backends).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_by: Option<String>,
+    /// The pool it was started from, if any: warm (started ahead, keyless until claimed) or
+    /// cold for a connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolMember>,
+}
+
+/// A backend's membership of a pool ([`crate::pools`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PoolMember {
+    pub name: String,
+    /// The generation of the pool's template it runs.
+    pub generation: u64,
+    /// When a connect claimed it (a warm backend until then; a cold start is claimed at its
+    /// creation). Idle timeout and lifetime count from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_at: Option<UnixMillis>,
+    /// The secret a warm backend is started with (`HANGAR_CLAIM_TOKEN`), which its claim
+    /// request carries so that nobody else can claim it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_secret: Option<String>,
 }
 
 impl BackendRecord {
+    /// A new record, `scheduled` on drone `drone`'s run `run_id` at `now`, with no key (set
+    /// the rest with struct update syntax).
+    pub fn scheduled(spawn: ResolvedSpawn, drone: &str, run_id: &str, now: UnixMillis) -> Self {
+        BackendRecord {
+            id: BackendId::generate(),
+            key: None,
+            epoch: 0,
+            spawn,
+            user: None,
+            public: false,
+            state: BackendState::Scheduled,
+            drone: Some(drone.to_string()),
+            drone_run_id: Some(run_id.to_string()),
+            address: None,
+            created_at: now,
+            updated_at: now,
+            ready_at: None,
+            terminated_at: None,
+            terminating_at: None,
+            kill_requested_at: None,
+            message: None,
+            created_by: None,
+            pool: None,
+        }
+    }
+
+    /// True for a warm backend nobody has claimed yet: keyless, not routable, not subject to
+    /// idle timeout or lifetime.
+    pub fn is_unclaimed(&self) -> bool {
+        self.pool.as_ref().is_some_and(|p| p.claimed_at.is_none())
+    }
+
+    /// When its session began: the claim of a pool backend, the creation of any other.
+    pub fn session_start(&self) -> UnixMillis {
+        self.pool
+            .as_ref()
+            .and_then(|p| p.claimed_at)
+            .unwrap_or(self.created_at)
+    }
+
     pub fn view(&self) -> BackendView {
         BackendView {
             id: self.id.clone(),
@@ -98,6 +161,9 @@ impl BackendRecord {
     /// The proxy's view of this backend.
     pub fn route(&self) -> Route {
         let state = match &self.state {
+            // A warm backend is reached only once claimed (it has no key, and no token is
+            // ever signed for it).
+            _ if self.is_unclaimed() => RouteState::Gone,
             BackendState::Ready => RouteState::Ready,
             s if s.is_starting() => RouteState::Starting,
             _ => RouteState::Gone,
@@ -109,6 +175,8 @@ impl BackendRecord {
             public: self.public,
             drone: self.drone.as_deref().map(Into::into),
             pool: Some(self.spawn.pool.as_str().into()),
+            key: self.key.as_ref().map(|k| k.to_string().into()),
+            epoch: if self.key.is_some() { self.epoch } else { 0 },
         }
     }
 
@@ -123,7 +191,14 @@ impl BackendRecord {
                 epoch: self.epoch,
                 command: self.spawn.command.clone(),
                 image: self.spawn.image.clone(),
-                env: self.spawn.env.clone(),
+                env: match self.pool.as_ref().and_then(|p| p.claim_secret.as_ref()) {
+                    Some(secret) => {
+                        let mut env = self.spawn.env.clone();
+                        env.insert(CLAIM_TOKEN_ENV.to_string(), secret.clone());
+                        env
+                    }
+                    None => self.spawn.env.clone(),
+                },
                 resources: self.spawn.resources,
                 startup_timeout_ms: startup_timeout.as_millis() as u64,
             })),

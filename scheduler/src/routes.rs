@@ -19,7 +19,7 @@ use dashmap::DashMap;
 use hangar_core::api::Amounts;
 use hangar_core::feed::FeedMessage;
 use hangar_core::route::{Route, RouteTable};
-use hangar_core::{BackendId, UnixMillis};
+use hangar_core::{BackendId, TerminationReason, UnixMillis};
 use hangar_store::{Revision, Store, StoreResult, WatchEvent};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -148,7 +148,38 @@ struct RecordIndex {
     ended_at: HashMap<BackendId, UnixMillis>,
     /// Live backends per key namespace (keyless ones count under `default`), for quotas.
     live_per_namespace: HashMap<String, u64>,
+    /// Members of each pool not stopping, for the converger and claims.
+    pools: HashMap<String, HashMap<BackendId, PoolFacts>>,
+    /// Starts per pool generation since this index was built.
+    tallies: HashMap<(String, u64), StartTally>,
 }
+
+/// A live pool member as the converger and claims need it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolFacts {
+    pub generation: u64,
+    pub unclaimed: bool,
+    pub ready: bool,
+    pub created_at: UnixMillis,
+    pub mod_revision: Revision,
+}
+
+/// How the starts of one pool generation went, counted as records change (from the feed's
+/// last re-list on: the converger compares successive readings).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StartTally {
+    /// Members that became ready.
+    pub ready: u64,
+    /// Members that ended before becoming ready (failed, startup timeout).
+    pub failed: u64,
+    /// Members that failed within [`SETTLE`] of becoming ready.
+    pub failed_after_ready: u64,
+    pub last_ready_at: Option<UnixMillis>,
+    pub last_failure: Option<(UnixMillis, String)>,
+}
+
+/// A backend that fails this soon after becoming ready counts as a failed start.
+pub const SETTLE: Duration = Duration::from_secs(10);
 
 /// The namespace a backend counts under for quotas.
 pub fn quota_namespace(rec: &BackendRecord) -> &str {
@@ -158,6 +189,14 @@ pub fn quota_namespace(rec: &BackendRecord) -> &str {
 impl RecordIndex {
     fn remove(&mut self, id: &BackendId) {
         if let Some(old) = self.live.remove(id) {
+            if let Some(member) = &old.record.pool
+                && let Some(members) = self.pools.get_mut(&member.name)
+            {
+                members.remove(id);
+                if members.is_empty() {
+                    self.pools.remove(&member.name);
+                }
+            }
             let ns = quota_namespace(&old.record);
             if let Some(n) = self.live_per_namespace.get_mut(ns) {
                 *n = n.saturating_sub(1);
@@ -171,9 +210,63 @@ impl RecordIndex {
         }
     }
 
+    /// Counts what a change of pool member `rec` says about its start (`was`: the record
+    /// before, if it was live).
+    fn tally(&mut self, was: Option<&BackendRecord>, rec: &BackendRecord) {
+        let Some(member) = &rec.pool else { return };
+        let became_ready = rec.state == hangar_core::BackendState::Ready
+            && was.is_none_or(|w| w.state != hangar_core::BackendState::Ready);
+        let failed = was.is_some()
+            && matches!(
+                rec.state.termination_reason(),
+                Some(TerminationReason::Failed { .. } | TerminationReason::StartupTimeout)
+            )
+            && !rec.state.is_live();
+        if !became_ready && !failed {
+            return;
+        }
+        let t = self
+            .tallies
+            .entry((member.name.clone(), member.generation))
+            .or_default();
+        if became_ready {
+            t.ready += 1;
+            t.last_ready_at = rec.ready_at;
+        }
+        if failed {
+            let at = rec.terminated_at.unwrap_or(rec.updated_at);
+            match rec.ready_at {
+                None => t.failed += 1,
+                Some(r) if at.saturating_sub(r) < SETTLE.as_millis() as u64 => {
+                    t.failed_after_ready += 1
+                }
+                Some(_) => return,
+            }
+            let why = rec.message.clone().unwrap_or_else(|| rec.state.to_string());
+            t.last_failure = Some((at, why));
+        }
+    }
+
     fn put(&mut self, rec: BackendRecord, key: String, mod_revision: Revision) {
         let id = rec.id.clone();
+        let was = self.live.get(&id).map(|s| s.record.clone());
+        self.tally(was.as_ref(), &rec);
         self.remove(&id);
+        // A stopping member no longer counts: it is neither warm nor a session.
+        if let Some(member) = &rec.pool
+            && rec.holds_key()
+        {
+            self.pools.entry(member.name.clone()).or_default().insert(
+                id.clone(),
+                PoolFacts {
+                    generation: member.generation,
+                    unclaimed: member.claimed_at.is_none(),
+                    ready: rec.state == hangar_core::BackendState::Ready,
+                    created_at: rec.created_at,
+                    mod_revision,
+                },
+            );
+        }
         if rec.state.is_live() {
             *self
                 .live_per_namespace
@@ -281,6 +374,34 @@ impl Routes {
             })
             .map(|s| s.record.id.clone())
             .collect()
+    }
+
+    /// The live members of pool `pool`, as of the last change the feed applied.
+    pub fn pool_members(&self, pool: &str) -> Vec<(BackendId, PoolFacts)> {
+        self.index()
+            .pools
+            .get(pool)
+            .map(|m| m.iter().map(|(id, f)| (id.clone(), f.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// The pools that have live members.
+    pub fn pools_with_members(&self) -> Vec<String> {
+        self.index().pools.keys().cloned().collect()
+    }
+
+    /// The live record of a backend, as of the last change the feed applied.
+    pub fn live_record(&self, id: &BackendId) -> Option<Stored<BackendRecord>> {
+        self.index().live.get(id).cloned()
+    }
+
+    /// How the starts of `pool`'s generation `generation` went since the feed's last re-list.
+    pub fn start_tally(&self, pool: &str, generation: u64) -> StartTally {
+        self.index()
+            .tallies
+            .get(&(pool.to_string(), generation))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// How many backends of namespace `ns` are live, as of the last change the feed applied.

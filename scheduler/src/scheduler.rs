@@ -111,6 +111,11 @@ impl Scheduler {
             config.leader_ttl,
         ));
         let quotas = Arc::new(crate::quotas::Quotas::new(store.clone()));
+        let pools = Arc::new(crate::pools::Pools::new(
+            store.clone(),
+            clock.clone(),
+            config.clone(),
+        ));
         let connector = Arc::new(Connector {
             store: store.clone(),
             clock: clock.clone(),
@@ -120,6 +125,8 @@ impl Scheduler {
             routes: routes.clone(),
             leadership: leadership.clone(),
             quotas: quotas.clone(),
+            pools: pools.clone(),
+            backends: backends.clone(),
         });
         let maintenance = Arc::new(Maintenance::new(
             store.clone(),
@@ -160,6 +167,8 @@ impl Scheduler {
                 maintenance,
                 tokens,
                 quotas,
+                pools,
+                placement,
                 forwarder,
                 tasks,
                 cancel,
@@ -186,6 +195,8 @@ impl Scheduler {
         h.tasks.spawn(async move { tokens.follow(c).await });
         let (quotas, c) = (h.quotas.clone(), cancel.clone());
         h.tasks.spawn(async move { quotas.follow(c).await });
+        let (pools, c) = (h.pools.clone(), cancel.clone());
+        h.tasks.spawn(async move { pools.follow(c).await });
 
         // Every drone of the cluster, for placement; and the commands in backend records,
         // relayed to the drone sessions held here, whoever leads.
@@ -214,6 +225,9 @@ impl Scheduler {
                 this.reconciler(term.token, elected_at)
                     .run(term.cancel.clone()),
             );
+            if this.handles.config.run_pool_converger {
+                tasks.spawn(this.converger(term.token).run(term.cancel.clone()));
+            }
             let sessions = this.handles.sessions.clone();
             let fenced = this.handles.backends.fenced(term.token);
             let c = term.cancel.clone();
@@ -263,6 +277,24 @@ impl Scheduler {
             routes: h.routes.clone(),
             maintenance: h.maintenance.clone(),
         }
+    }
+
+    /// The pool converger of the leader's term with fencing token `token`.
+    pub(crate) fn converger(
+        &self,
+        token: hangar_store::Revision,
+    ) -> crate::pools::converger::Converger {
+        let h = &self.handles;
+        crate::pools::converger::Converger::new(
+            h.store.clone(),
+            h.clock.clone(),
+            h.config.clone(),
+            h.pools.clone(),
+            h.routes.clone(),
+            h.placement.clone(),
+            Arc::new(h.backends.fenced(token)),
+            token,
+        )
     }
 
     /// The monitor over this scheduler's components.

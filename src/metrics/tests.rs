@@ -38,6 +38,8 @@ fn route(id: &str, state: RouteState) -> Route {
         public: false,
         drone: Some("d1".into()),
         pool: Some("default".into()),
+        key: None,
+        epoch: 0,
     }
 }
 

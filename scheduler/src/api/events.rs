@@ -17,16 +17,18 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::handles::Handles;
 use crate::error::ApiError;
+use crate::pools::POOLS_PREFIX;
 use crate::records::{
     BACKENDS_PREFIX, BackendRecord, DRAINS_PREFIX, DRONES_PREFIX, DrainRecord, DroneRecord,
 };
+use hangar_core::pool::Pool;
 
 /// One event of the cluster.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClusterEvent {
     /// The store revision it happened at (resume with `?from=<revision + 1>`).
     pub revision: u64,
-    /// `backend`, `drone` or `drain`.
+    /// `backend`, `drone`, `drain` or `pool`.
     pub kind: String,
     /// The backend id or the drone name.
     pub id: String,
@@ -50,6 +52,8 @@ pub(crate) struct EventsQuery {
 struct Seen {
     backends: HashMap<String, String>,
     drones: HashMap<String, Option<String>>,
+    /// Each pool's generation and rollout generation.
+    pools: HashMap<String, (u64, Option<u64>)>,
 }
 
 impl Seen {
@@ -108,6 +112,51 @@ impl Seen {
                         detail.push_str(&format!(": {why}"));
                     }
                     Some(mk("drone", name, what, Some(detail)))
+                } else if let Some(name) = key.strip_prefix(POOLS_PREFIX) {
+                    let pool: Pool = serde_json::from_slice(value).ok()?;
+                    let rollout = pool.rollout.as_ref().map(|r| r.generation);
+                    let now = (pool.generation, rollout);
+                    let before = self.pools.insert(name.to_string(), now);
+                    let generation = |n: u64| pool.generations.iter().find(|g| g.number == n);
+                    let (what, detail) = match before {
+                        None => ("created", format!("generation {}", pool.generation)),
+                        Some(b) if b == now => return None,
+                        Some((_, None)) if rollout.is_some() => {
+                            let r = pool.rollout.as_ref()?;
+                            (
+                                "rollout",
+                                format!(
+                                    "generation {} to {}% of new sessions",
+                                    r.generation, r.canary_percent
+                                ),
+                            )
+                        }
+                        Some((from, Some(g))) if rollout.is_none() => {
+                            let ended = generation(g);
+                            let status = ended.map_or("ended", |e| e.status.as_str());
+                            let what = match status {
+                                "stable" => "promoted",
+                                "rolled_back" => "rolled_back",
+                                _ => "reverted",
+                            };
+                            let why = ended.and_then(|e| e.message.clone()).unwrap_or_default();
+                            (
+                                what,
+                                format!(
+                                    "generation {g}; new sessions get {} (was {from}): {why}",
+                                    pool.generation
+                                ),
+                            )
+                        }
+                        Some((from, _)) => (
+                            "rolled_back",
+                            format!(
+                                "new sessions get generation {} (was {from})",
+                                pool.generation
+                            ),
+                        ),
+                    };
+                    Some(mk("pool", name, what, Some(detail)))
                 } else if let Some(name) = key.strip_prefix(DRAINS_PREFIX) {
                     let rec: DrainRecord = serde_json::from_slice(value).ok()?;
                     let detail = rec.deadline_at.map(|at| format!("deadline {at}"));
@@ -117,7 +166,10 @@ impl Seen {
                 }
             }
             WatchEvent::Delete { key, .. } => {
-                if let Some(name) = key.strip_prefix(DRONES_PREFIX) {
+                if let Some(name) = key.strip_prefix(POOLS_PREFIX) {
+                    self.pools.remove(name);
+                    Some(mk("pool", name, "deleted", None))
+                } else if let Some(name) = key.strip_prefix(DRONES_PREFIX) {
                     self.drones.remove(name);
                     Some(mk("drone", name, "left", None))
                 } else {
@@ -133,6 +185,29 @@ impl Seen {
 pub(crate) async fn events(
     State(h): State<Handles>,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    stream(h, query, |_| true).await
+}
+
+/// `GET /v1/pools/{name}/events[?from=<revision>]`: one pool's events (created, rollout,
+/// promoted, reverted, rolled_back, deleted).
+pub(crate) async fn pool_events(
+    State(h): State<Handles>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    if h.pools.get(&name).is_none() {
+        return Err(ApiError::NotFound(format!(
+            "no pool {name:?}: see `hangar pool ls`"
+        )));
+    }
+    stream(h, query, move |e| e.kind == "pool" && e.id == name).await
+}
+
+async fn stream(
+    h: Handles,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+    wanted: impl Fn(&ClusterEvent) -> bool + Send + 'static,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
     let from = match q.from {
@@ -151,7 +226,7 @@ pub(crate) async fn events(
                 ev = watch.recv() => ev,
             };
             let Some(ev) = ev else { return };
-            let Some(event) = seen.event(&ev) else {
+            let Some(event) = seen.event(&ev).filter(|e| wanted(e)) else {
                 continue;
             };
             let sse = Event::default()
@@ -240,5 +315,68 @@ mod tests {
             seen.event(&put("/hangar/keys/default/doc", &1, 9))
                 .is_none()
         );
+    }
+
+    /// Every generation change of a pool is one event: created, a rollout starting, its
+    /// promotion or revert, a rollback, the pool deleted; status updates are not events.
+    #[test]
+    fn generation_changes_of_a_pool_are_events() {
+        use hangar_core::pool::{Bounds, Generation, Rollout, Template};
+        let mut seen = Seen::default();
+        let generation = |number: u64, status: &str, message: Option<&str>| Generation {
+            number,
+            template: Template::default(),
+            created_at: 0,
+            status: status.into(),
+            message: message.map(Into::into),
+        };
+        let mut pool = Pool {
+            name: "rooms".into(),
+            warm: 2,
+            max_live: None,
+            drone_pool: "default".into(),
+            bounds: Bounds::for_warm(2),
+            promote_after: 3,
+            generation: 1,
+            rollout: None,
+            generations: vec![generation(1, "stable", None)],
+            status: Default::default(),
+            created_at: 0,
+            updated_at: 0,
+        };
+        let key = format!("{POOLS_PREFIX}rooms");
+        let tell = |seen: &mut Seen, pool: &Pool, rev: u64| {
+            seen.event(&put(&key, pool, rev))
+                .map(|e| (e.what, e.detail.unwrap_or_default()))
+        };
+        assert_eq!(tell(&mut seen, &pool, 1).unwrap().0, "created");
+        pool.status.warm_ready = 2;
+        assert!(tell(&mut seen, &pool, 2).is_none(), "a status update");
+        pool.generations.push(generation(2, "rolling", None));
+        pool.rollout = Some(Rollout {
+            generation: 2,
+            canary_percent: 20,
+            started_at: 0,
+            deadline_at: 1,
+            max_failure_percent: 50,
+            healthy: 0,
+            failed: 0,
+        });
+        let (what, detail) = tell(&mut seen, &pool, 3).unwrap();
+        assert_eq!(what, "rollout");
+        assert!(detail.contains("generation 2 to 20%"), "{detail}");
+        pool.rollout = None;
+        pool.generations[1] = generation(2, "reverted", Some("2 of 2 starts failed"));
+        let (what, detail) = tell(&mut seen, &pool, 4).unwrap();
+        assert_eq!(what, "reverted");
+        assert!(detail.contains("2 of 2 starts failed"), "{detail}");
+        pool.generation = 2;
+        assert_eq!(tell(&mut seen, &pool, 5).unwrap().0, "rolled_back");
+        let gone = WatchEvent::Delete {
+            key: key.clone(),
+            revision: 6,
+            prev: None,
+        };
+        assert_eq!(seen.event(&gone).unwrap().what, "deleted");
     }
 }

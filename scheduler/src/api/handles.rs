@@ -55,6 +55,9 @@ pub struct Handles {
     pub tokens: Arc<ApiTokens>,
     /// Per-namespace quotas.
     pub quotas: Arc<crate::quotas::Quotas>,
+    /// Pools (templates, warm backends, rollouts).
+    pub pools: Arc<crate::pools::Pools>,
+    pub placement: Arc<crate::placement::Placement>,
     /// Forwards writes to the leader (see `api::forward`).
     pub forwarder: ForwardClient,
     pub tasks: TaskTracker,

@@ -24,6 +24,7 @@ mod feed;
 pub mod forward;
 mod handles;
 mod maintenance;
+mod pools;
 mod quotas;
 mod tokens;
 
@@ -53,6 +54,15 @@ pub fn router(handles: Handles) -> Router {
             "/v1/quotas/{namespace}",
             axum::routing::put(quotas::set).delete(quotas::remove),
         )
+        .route("/v1/pools", get(pools::list).post(pools::create))
+        .route(
+            "/v1/pools/{name}",
+            get(pools::get).patch(pools::set).delete(pools::delete),
+        )
+        .route("/v1/pools/{name}/rollout", post(pools::rollout))
+        .route("/v1/pools/{name}/promote", post(pools::promote))
+        .route("/v1/pools/{name}/rollback", post(pools::rollback))
+        .route("/v1/pools/{name}/events", get(events::pool_events))
         .route("/v1/hot", get(hot))
         .route("/v1/cluster", get(cluster))
         .route("/v1/events", get(events::events))

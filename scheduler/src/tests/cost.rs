@@ -42,6 +42,7 @@ fn ended(i: usize, terminated_at: u64) -> BackendRecord {
         terminating_at: None,
         kill_requested_at: None,
         created_by: None,
+        pool: None,
         message: None,
     }
 }

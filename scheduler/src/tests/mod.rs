@@ -11,6 +11,7 @@ mod layers;
 mod leader;
 mod lease_expiry;
 mod monitor;
+mod pools;
 mod races;
 mod relay;
 mod session;
