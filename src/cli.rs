@@ -10,7 +10,7 @@ use hangar_proxy::ProxyConfig;
 
 use crate::ConfigError;
 // Durations on the command line: `500ms`, `90`, `60s`, `5m`, `1h`.
-use crate::client::parse_duration;
+use crate::client::{parse_duration, parse_duration_s, parse_env, parse_percent};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -92,6 +92,10 @@ pub enum Command {
     /// Per-namespace quotas: live backends and connects a second (429 past them).
     #[command(subcommand)]
     Quota(QuotaCommand),
+    /// Pools: a spawn template, warm backends kept ready for it, and rollouts of new
+    /// generations of the template (canary, promote, rollback).
+    #[command(subcommand)]
+    Pool(PoolCommand),
     /// Print a shell completion script (e.g. `hangar completions bash >
     /// /etc/bash_completion.d/hangar`).
     Completions {
@@ -659,6 +663,11 @@ pub struct ConnectArgs {
     /// Wait until the backend is ready, showing its progress.
     #[arg(long)]
     pub wait: bool,
+    /// Take the backend from this pool: its template, and a warm backend when one is ready
+    /// [default: the pool `default` when it exists]. --command and --image start a cold
+    /// backend outside any pool instead.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["command", "image"])]
+    pub pool: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -906,6 +915,179 @@ mod tests {
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
     }
+
+    fn pool_create(args: &[&str]) -> PoolCreateArgs {
+        let args: Vec<&str> = ["pool", "create"].iter().chain(args).copied().collect();
+        match parse(&args).command {
+            Command::Pool(PoolCommand::Create(a)) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn pool_rollout(args: &[&str]) -> PoolRolloutArgs {
+        let args: Vec<&str> = ["pool", "rollout"].iter().chain(args).copied().collect();
+        match parse(&args).command {
+            Command::Pool(PoolCommand::Rollout(a)) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn pool_create_takes_an_image_or_a_command_and_the_settings() {
+        let a = pool_create(&[
+            "rooms",
+            "--warm",
+            "5",
+            "--max-live",
+            "50",
+            "--image",
+            "ghcr.io/acme/room:1",
+            "--env",
+            "MODE=fast",
+            "--env",
+            "URL=http://x/?a=b",
+            "--idle-timeout",
+            "5m",
+            "--lifetime",
+            "12h",
+            "--cpu-millis",
+            "500",
+            "--memory-mb",
+            "256",
+            "--max-add",
+            "3",
+            "--max-remove",
+            "2",
+            "--promote-after",
+            "4",
+            "--drone-pool",
+            "gpu",
+        ]);
+        assert_eq!(a.name, "rooms");
+        assert_eq!((a.warm, a.max_live), (Some(5), Some(50)));
+        assert_eq!(a.image.as_deref(), Some("ghcr.io/acme/room:1"));
+        assert_eq!(a.command, None);
+        assert_eq!(
+            a.env,
+            [
+                ("MODE".to_string(), "fast".to_string()),
+                ("URL".to_string(), "http://x/?a=b".to_string())
+            ]
+        );
+        assert_eq!((a.idle_timeout, a.lifetime), (Some(300), Some(43_200)));
+        assert_eq!((a.cpu_millis, a.memory_mb), (Some(500), Some(256)));
+        assert_eq!(
+            (
+                a.tuning.max_add,
+                a.tuning.max_remove,
+                a.tuning.promote_after
+            ),
+            (Some(3), Some(2), Some(4))
+        );
+        assert_eq!(a.drone_pool.as_deref(), Some("gpu"));
+
+        // A command takes the rest of the line, flags of its own included.
+        let a = pool_create(&[
+            "workers",
+            "--warm",
+            "2",
+            "--command",
+            "/usr/bin/worker",
+            "--port",
+            "8080",
+            "-v",
+        ]);
+        assert_eq!(a.warm, Some(2));
+        assert_eq!(a.image, None);
+        assert_eq!(
+            a.command.unwrap(),
+            ["/usr/bin/worker", "--port", "8080", "-v"]
+        );
+
+        for bad in [
+            &["p", "--image", "x", "--command", "y"][..],
+            &["p", "--env", "NOVALUE"],
+            &["p", "--env", "=v"],
+            &["p", "--idle-timeout", "soon"],
+            &["p", "--warm", "-1"],
+        ] {
+            let args: Vec<&str> = ["hangar", "pool", "create"]
+                .iter()
+                .chain(bad)
+                .copied()
+                .collect();
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn pool_rollout_takes_a_canary_in_percent() {
+        for canary in ["20%", "20"] {
+            let a = pool_rollout(&[
+                "rooms",
+                "--image",
+                "room:2",
+                "--canary",
+                canary,
+                "--deadline",
+                "10m",
+                "--max-failure-percent",
+                "30%",
+            ]);
+            assert_eq!(a.canary, Some(20), "{canary}");
+            assert_eq!(a.deadline, Some(600));
+            assert_eq!(a.max_failure_percent, Some(30));
+            assert_eq!(a.image.as_deref(), Some("room:2"));
+        }
+        let a = pool_rollout(&["rooms", "--command", "./srv", "--fast"]);
+        assert_eq!(a.command.unwrap(), ["./srv", "--fast"]);
+        assert_eq!(a.canary, None);
+        for bad in [
+            &["rooms", "--image", "x", "--canary", "0"][..],
+            &["rooms", "--image", "x", "--canary", "101%"],
+            &["rooms", "--image", "x", "--canary", "ten"],
+            &["rooms", "--image", "x", "--canary", "-5"],
+            // A rollout needs something to roll out.
+            &["rooms", "--canary", "10"],
+            &["rooms", "--image", "x", "--command", "y"],
+        ] {
+            let args: Vec<&str> = ["hangar", "pool", "rollout"]
+                .iter()
+                .chain(bad)
+                .copied()
+                .collect();
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn connect_takes_a_pool_but_not_with_its_own_template() {
+        match parse(&["connect", "doc-1", "--pool", "rooms"]).command {
+            Command::Connect(a) => assert_eq!(a.pool.as_deref(), Some("rooms")),
+            other => panic!("{other:?}"),
+        }
+        let args = [
+            "hangar", "connect", "doc-1", "--pool", "rooms", "--image", "x",
+        ];
+        assert!(Cli::try_parse_from(args).is_err());
+    }
+
+    #[test]
+    fn completions_cover_the_pool_commands() {
+        let mut script = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "hangar",
+            &mut script,
+        );
+        let script = String::from_utf8(script).unwrap();
+        for word in [
+            "pool", "rollout", "promote", "rollback", "--canary", "--warm",
+        ] {
+            assert!(script.contains(word), "completions lack {word}");
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -937,6 +1119,143 @@ pub struct QuotaSetArgs {
     /// Connects a second at most (a burst of one second's worth).
     #[arg(long)]
     pub connects_per_second: Option<f64>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum PoolCommand {
+    /// Create a pool: its first generation's template and how many warm backends to keep.
+    Create(PoolCreateArgs),
+    /// List pools: warm backends ready of the target, claimed, generation and template.
+    Ls(ClientOnlyArgs),
+    /// Show a pool: settings, status, the rollout in progress and the generation history.
+    Show(NameArgs),
+    /// Change a pool's settings (what is not given keeps its value).
+    Set(PoolSetArgs),
+    /// Delete a pool and stop its warm backends.
+    Delete(NameArgs),
+    /// Roll out a new generation of the template to new sessions (a canary share first with
+    /// --canary); sessions already running keep theirs.
+    Rollout(PoolRolloutArgs),
+    /// Promote the generation being rolled out: every new session gets it.
+    Promote(NameArgs),
+    /// Send new sessions back to an earlier generation (default: the one before the current).
+    Rollback(PoolRollbackArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PoolCreateArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The pool's name (lowercase letters, digits and dashes, starting with a letter).
+    pub name: String,
+    /// Warm backends to keep: started, ready and unclaimed.
+    #[arg(long, value_name = "N")]
+    pub warm: Option<u32>,
+    /// Live backends at most, warm and claimed (0: no limit).
+    #[arg(long, value_name = "N")]
+    pub max_live: Option<u32>,
+    /// The drone pool the backends run on [default: default].
+    #[arg(long, value_name = "POOL")]
+    pub drone_pool: Option<String>,
+    /// Run this container image (docker drones).
+    #[arg(long, conflicts_with = "command")]
+    pub image: Option<String>,
+    /// Run this command (process drones); it takes the rest of the line, so give it last
+    /// (or as one string split on spaces).
+    #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+    pub command: Option<Vec<String>>,
+    /// An environment variable of the backends (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Idle timeout of a claimed backend (e.g. 90, 5m, 1h).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_s)]
+    pub idle_timeout: Option<u64>,
+    /// Lifetime of a claimed backend, counted from its claim (e.g. 12h).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_s)]
+    pub lifetime: Option<u64>,
+    /// CPU millicores reserved (and capped) per backend.
+    #[arg(long, value_name = "N")]
+    pub cpu_millis: Option<u64>,
+    /// Memory in MB reserved (and capped) per backend.
+    #[arg(long, value_name = "N")]
+    pub memory_mb: Option<u64>,
+    #[command(flatten)]
+    pub tuning: PoolTuningArgs,
+}
+
+/// How fast a pool converges and when a canary promotes itself (`pool create` and `pool
+/// set`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PoolTuningArgs {
+    /// Warm backends started per converger pass at most [default: 7, or a quarter of
+    /// --warm].
+    #[arg(long, value_name = "N")]
+    pub max_add: Option<u32>,
+    /// Warm backends stopped per converger pass at most [default: 1, or a twentieth of
+    /// --warm].
+    #[arg(long, value_name = "N")]
+    pub max_remove: Option<u32>,
+    /// Healthy starts of a canary generation after which it is promoted by itself.
+    #[arg(long, value_name = "N")]
+    pub promote_after: Option<u32>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PoolSetArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub name: String,
+    /// Warm backends to keep.
+    #[arg(long, value_name = "N")]
+    pub warm: Option<u32>,
+    /// Live backends at most, warm and claimed (0 clears the limit).
+    #[arg(long, value_name = "N")]
+    pub max_live: Option<u32>,
+    /// The drone pool the backends run on.
+    #[arg(long, value_name = "POOL")]
+    pub drone_pool: Option<String>,
+    #[command(flatten)]
+    pub tuning: PoolTuningArgs,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("template").required(true).args(["image", "command"])))]
+pub struct PoolRolloutArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub name: String,
+    /// The new generation runs this container image.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// The new generation runs this command; it takes the rest of the line, so give it last
+    /// (or as one string split on spaces).
+    #[arg(long, num_args = 1.., allow_hyphen_values = true)]
+    pub command: Option<Vec<String>>,
+    /// The new generation's environment (repeatable; replaces the current generation's
+    /// when given, else the current one is kept).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// The share of new sessions (and warm backends) that get the new generation until it
+    /// is promoted, 1 to 100 (e.g. 10% or 10) [default: 100, every new session].
+    #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+    pub canary: Option<u8>,
+    /// Revert by itself if not promoted within this long (e.g. 10m) [default: 5m].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_s)]
+    pub deadline: Option<u64>,
+    /// Revert by itself once this share of its starts failed (after at least 2), 1 to 100
+    /// [default: 50].
+    #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+    pub max_failure_percent: Option<u8>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PoolRollbackArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub name: String,
+    /// The generation new sessions go back to [default: the one before the current].
+    #[arg(long, value_name = "GENERATION")]
+    pub to: Option<u64>,
 }
 
 #[derive(Debug, clap::Subcommand)]

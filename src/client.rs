@@ -1,4 +1,4 @@
-//! Client verbs (`connect`, `ls`, `status`, `terminate`) against the HTTP API.
+//! Client verbs (`connect`, `ls`, `status`, `terminate`, `pool`, ...) against the HTTP API.
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -9,7 +9,11 @@ use hangar_core::api::{
     BackendList, BackendView, ConnectRequest, ConnectResponse, DrainRequest, DroneList, DroneView,
     ErrorBody, SpawnSpec, TerminateRequest,
 };
-use hangar_core::{BackendState, KeyRef};
+use hangar_core::pool::{
+    CreatePool, Pool, PoolList, PoolSettings, RollbackRequest, RolloutRequest, Template,
+    validate_name,
+};
+use hangar_core::{BackendState, KeyRef, UnixMillis};
 use hangar_scheduler::api::events::ClusterEvent;
 use hangar_scheduler::api::{MaintenanceRequest, MaintenanceView};
 use hangar_scheduler::api_tokens::{CreateTokenRequest, CreatedToken, Scope, TokenView};
@@ -17,7 +21,8 @@ use hangar_scheduler::quotas::{Quota, QuotaList};
 use serde::de::DeserializeOwned;
 
 use crate::cli::{
-    ClientArgs, ClientOnlyArgs, ConnectArgs, DrainArgs, IdArgs, LsArgs, NameArgs, TerminateArgs,
+    ClientArgs, ClientOnlyArgs, ConnectArgs, DrainArgs, IdArgs, LsArgs, NameArgs, PoolCommand,
+    PoolTuningArgs, TerminateArgs,
 };
 
 /// How often `connect --wait` polls the backend's status.
@@ -59,6 +64,12 @@ impl Api {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let bytes = self.send_raw(req).await?;
+        serde_json::from_slice(&bytes).context("the API's answer is not what this client expects")
+    }
+
+    /// Sends a request and returns the body of a successful answer (empty for a 204).
+    async fn send_raw(&self, req: reqwest::RequestBuilder) -> anyhow::Result<bytes::Bytes> {
         let resp = req.send().await.map_err(|e| {
             // The whole cause chain: a refused connection and an untrusted certificate need
             // different fixes.
@@ -87,7 +98,7 @@ impl Api {
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
             anyhow::bail!("the API answered {status}: {msg}");
         }
-        serde_json::from_slice(&bytes).context("the API's answer is not what this client expects")
+        Ok(bytes)
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
@@ -97,6 +108,22 @@ impl Api {
 
     async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.send(self.http.delete(format!("{}{path}", self.base)))
+            .await
+    }
+
+    /// A `DELETE` answered with no body (204).
+    async fn delete_empty(&self, path: &str) -> anyhow::Result<()> {
+        self.send_raw(self.http.delete(format!("{}{path}", self.base)))
+            .await
+            .map(drop)
+    }
+
+    async fn patch<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        self.send(self.http.patch(format!("{}{path}", self.base)).json(body))
             .await
     }
 
@@ -185,15 +212,21 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A `--command`: its words, or one string split on spaces.
+fn command_words(c: Vec<String>) -> Vec<String> {
+    if c.len() == 1 {
+        c[0].split_whitespace().map(str::to_string).collect()
+    } else {
+        c
+    }
+}
+
 pub async fn connect(args: ConnectArgs) -> anyhow::Result<ExitCode> {
+    if let Some(pool) = &args.pool {
+        validate_name(pool).map_err(crate::ConfigError)?;
+    }
     let api = Api::new(&args.client)?;
-    let command = args.command.map(|c| {
-        if c.len() == 1 {
-            c[0].split_whitespace().map(str::to_string).collect()
-        } else {
-            c
-        }
-    });
+    let command = args.command.map(command_words);
     let spawn = SpawnSpec {
         command,
         image: args.image,
@@ -206,6 +239,7 @@ pub async fn connect(args: ConnectArgs) -> anyhow::Result<ExitCode> {
         spawn: (spawn != SpawnSpec::default()).then_some(spawn),
         user: args.user,
         public: args.public,
+        pool: args.pool,
     };
     let mut resp: ConnectResponse = api.post("/v1/connect", &req).await?;
     if args.wait {
@@ -396,6 +430,492 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     n.checked_mul(unit_ms)
         .map(std::time::Duration::from_millis)
         .ok_or_else(|| format!("{s:?} is too long a duration"))
+}
+
+/// Parses an environment variable, `KEY=VALUE` (the value may hold `=` and be empty).
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE: use e.g. --env MODE=fast")),
+    }
+}
+
+/// Parses a share in percent, 1 to 100, with or without `%` (`10%`, `10`).
+pub fn parse_percent(s: &str) -> Result<u8, String> {
+    let t = s.trim();
+    let n = t.strip_suffix('%').unwrap_or(t).trim();
+    match n.parse::<u8>() {
+        Ok(p) if (1..=100).contains(&p) => Ok(p),
+        _ => Err(format!(
+            "{s:?} is not a percentage from 1 to 100: use e.g. 10% or 10"
+        )),
+    }
+}
+
+/// A span of time for people: `45s`, `4m 12s`, `2h 3m`, `3d 4h`.
+fn span(ms: u64) -> String {
+    let s = ms / 1000;
+    let (big, big_unit, small, small_unit) = match s {
+        0..60 => return format!("{s}s"),
+        60..3600 => (s / 60, "m", s % 60, "s"),
+        3600..86_400 => (s / 3600, "h", s / 60 % 60, "m"),
+        _ => (s / 86_400, "d", s / 3600 % 24, "h"),
+    };
+    if small == 0 {
+        format!("{big}{big_unit}")
+    } else {
+        format!("{big}{big_unit} {small}{small_unit}")
+    }
+}
+
+/// `at` relative to `now`: `12s ago` or `in 4m`.
+fn relative(at: UnixMillis, now: UnixMillis) -> String {
+    if at <= now {
+        format!("{} ago", span(now - at))
+    } else {
+        format!("in {}", span(at - now))
+    }
+}
+
+/// A moment in UTC, `2023-11-14 22:13:20Z`.
+fn utc(at: UnixMillis) -> String {
+    let secs = at / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since the epoch to a civil date (Howard Hinnant's `civil_from_days`).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// A moment with how long ago (or until) it is: `2023-11-14 22:13:20Z (5m ago)`.
+fn when(at: UnixMillis, now: UnixMillis) -> String {
+    format!("{} ({})", utc(at), relative(at, now))
+}
+
+fn now_millis() -> UnixMillis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as UnixMillis)
+        .unwrap_or_default()
+}
+
+/// At most `max` characters, the cut marked with `…`.
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+        out.push('…');
+        out
+    }
+}
+
+/// Widest template shown in a table column.
+const TEMPLATE_WIDTH: usize = 40;
+
+/// What a template runs: its image, or its command's words.
+fn template_runs(t: &Template) -> String {
+    match (&t.image, &t.command) {
+        (Some(image), _) => image.clone(),
+        (None, Some(command)) => command.join(" "),
+        (None, None) => "(cluster default)".into(),
+    }
+}
+
+/// A template in full, for `pool show`: what it runs, then its environment's names (not
+/// their values, which may be secrets: `--json` shows them), resources and timeouts.
+fn template_detail(t: &Template) -> String {
+    let mut out = match (&t.image, &t.command) {
+        (Some(image), _) => format!("image {image}"),
+        (None, Some(command)) => format!("command {}", command.join(" ")),
+        (None, None) => "the cluster's default backend".into(),
+    };
+    if !t.env.is_empty() {
+        let names: Vec<&str> = t.env.keys().map(String::as_str).collect();
+        out.push_str(&format!("; env {}", names.join(", ")));
+    }
+    if let Some(r) = &t.resources {
+        if let Some(cpu) = r.cpu_millis {
+            out.push_str(&format!("; cpu {cpu}m"));
+        }
+        if let Some(mem) = r.memory_mb {
+            out.push_str(&format!("; memory {mem}MB"));
+        }
+    }
+    if let Some(s) = t.idle_timeout_s {
+        out.push_str(&format!("; idle timeout {}", span(s * 1000)));
+    }
+    if let Some(s) = t.lifetime_s {
+        out.push_str(&format!("; lifetime {}", span(s * 1000)));
+    }
+    out
+}
+
+/// Warm backends: `ready/target`, and those starting: `3/5 (+2 starting)`.
+fn warm_cell(p: &Pool) -> String {
+    let mut out = format!("{}/{}", p.status.warm_ready, p.warm);
+    if p.status.warm_starting > 0 {
+        out.push_str(&format!(" (+{} starting)", p.status.warm_starting));
+    }
+    out
+}
+
+/// The generation new sessions get, and the one rolling out: `1 → 2 (20%)`.
+fn generation_cell(p: &Pool) -> String {
+    match &p.rollout {
+        Some(r) => format!(
+            "{} → {} ({}%)",
+            p.generation, r.generation, r.canary_percent
+        ),
+        None => p.generation.to_string(),
+    }
+}
+
+fn max_live_text(p: &Pool) -> String {
+    match p.max_live {
+        Some(n) if n > 0 => n.to_string(),
+        _ => "unlimited".into(),
+    }
+}
+
+/// `hangar pool ls`.
+fn render_pools(list: &PoolList) -> String {
+    let mut table = Table::new(&[
+        "NAME",
+        ">WARM",
+        ">CLAIMED",
+        "GENERATION",
+        "TEMPLATE",
+        ">FAILED",
+    ]);
+    for p in &list.pools {
+        let template = p
+            .template(p.generation)
+            .map_or_else(|| "-".into(), template_runs);
+        table.row(vec![
+            p.name.clone(),
+            warm_cell(p),
+            p.status.claimed.to_string(),
+            generation_cell(p),
+            truncate(&template, TEMPLATE_WIDTH),
+            p.status.failed_starts.to_string(),
+        ]);
+    }
+    table.render()
+}
+
+/// A pool's settings on one line (`pool set`, `pool create`).
+fn render_pool_settings(p: &Pool) -> String {
+    format!(
+        "pool {}: warm {}, max live {}, drone pool {}, max add {}, max remove {}, promote after {}",
+        p.name,
+        p.warm,
+        max_live_text(p),
+        p.drone_pool,
+        p.bounds.max_add,
+        p.bounds.max_remove,
+        p.promote_after
+    )
+}
+
+/// `hangar pool show`, with times relative to `now`.
+fn render_pool(p: &Pool, now: UnixMillis) -> String {
+    let mut out = String::new();
+    let mut line = |label: &str, value: String| {
+        out.push_str(&format!("{label:<16}{value}\n"));
+    };
+    line("pool", p.name.clone());
+    line(
+        "generation",
+        match &p.rollout {
+            Some(r) => format!(
+                "{} ({} rolling out to {}% of new sessions)",
+                p.generation, r.generation, r.canary_percent
+            ),
+            None => p.generation.to_string(),
+        },
+    );
+    line(
+        "template",
+        p.template(p.generation)
+            .map_or_else(|| "-".into(), template_detail),
+    );
+    let s = &p.status;
+    line(
+        "warm",
+        format!(
+            "{} ready of {}{}",
+            s.warm_ready,
+            p.warm,
+            if s.warm_starting > 0 {
+                format!(", {} starting", s.warm_starting)
+            } else {
+                String::new()
+            }
+        ),
+    );
+    line("claimed", s.claimed.to_string());
+    line("max live", max_live_text(p));
+    line("drone pool", p.drone_pool.clone());
+    line(
+        "bounds",
+        format!(
+            "start up to {}, stop up to {} a pass",
+            p.bounds.max_add, p.bounds.max_remove
+        ),
+    );
+    line(
+        "promote after",
+        format!("{} healthy starts of a canary", p.promote_after),
+    );
+    line(
+        "failed starts",
+        if s.consecutive_failures > 0 {
+            format!("{} ({} in a row)", s.failed_starts, s.consecutive_failures)
+        } else {
+            s.failed_starts.to_string()
+        },
+    );
+    if let Some(msg) = &s.last_failure {
+        let at = s
+            .last_failure_at
+            .map(|at| format!(" ({}, {})", utc(at), relative(at, now)))
+            .unwrap_or_default();
+        line("last failure", format!("{msg}{at}"));
+    }
+    if let Some(step) = s.slow_start {
+        line(
+            "slow start",
+            format!("starting up to {step} a pass after failures"),
+        );
+    }
+    line("created", when(p.created_at, now));
+    line("updated", when(p.updated_at, now));
+    if let Some(r) = &p.rollout {
+        out.push('\n');
+        let mut line = |label: &str, value: String| {
+            out.push_str(&format!("{label:<16}{value}\n"));
+        };
+        line(
+            "rollout",
+            format!(
+                "generation {} to {}% of new sessions",
+                r.generation, r.canary_percent
+            ),
+        );
+        line(
+            "  template",
+            p.template(r.generation)
+                .map_or_else(|| "-".into(), template_detail),
+        );
+        line("  started", when(r.started_at, now));
+        line(
+            "  health",
+            format!(
+                "{} healthy, {} failed (promoted at {} healthy, reverted at {}% failed)",
+                r.healthy, r.failed, p.promote_after, r.max_failure_percent
+            ),
+        );
+        line(
+            "  deadline",
+            format!("{}: reverted unless promoted", when(r.deadline_at, now)),
+        );
+    }
+    if !p.generations.is_empty() {
+        out.push_str("\ngenerations\n");
+        let mut table = Table::new(&[">NUMBER", "STATUS", "CREATED", "TEMPLATE", "MESSAGE"]);
+        for g in &p.generations {
+            table.row(vec![
+                g.number.to_string(),
+                g.status.clone(),
+                utc(g.created_at),
+                truncate(&template_runs(&g.template), TEMPLATE_WIDTH),
+                g.message.clone().unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        out.push_str(&table.render());
+    }
+    out
+}
+
+/// What `pool rollout` started.
+fn render_rollout_started(p: &Pool, now: UnixMillis) -> String {
+    match &p.rollout {
+        Some(r) if r.canary_percent < 100 => format!(
+            "pool {}: generation {} rolling out to {}% of new sessions (generation {} for the rest): promote it with `hangar pool promote {}`, or it reverts {}",
+            p.name,
+            r.generation,
+            r.canary_percent,
+            p.generation,
+            p.name,
+            relative(r.deadline_at, now)
+        ),
+        Some(r) => format!(
+            "pool {}: generation {} rolling out to every new session: promote it with `hangar pool promote {}`, or it reverts {}",
+            p.name,
+            r.generation,
+            p.name,
+            relative(r.deadline_at, now)
+        ),
+        None => format!(
+            "pool {}: new sessions get generation {}",
+            p.name, p.generation
+        ),
+    }
+}
+
+fn pool_settings(
+    warm: Option<u32>,
+    max_live: Option<u32>,
+    drone_pool: Option<String>,
+    tuning: PoolTuningArgs,
+) -> PoolSettings {
+    PoolSettings {
+        warm,
+        max_live,
+        drone_pool,
+        max_add: tuning.max_add,
+        max_remove: tuning.max_remove,
+        promote_after: tuning.promote_after,
+    }
+}
+
+/// `hangar pool ...`.
+pub async fn pool(cmd: PoolCommand) -> anyhow::Result<ExitCode> {
+    // Names go into URL paths: checked here, so that no name reaches another endpoint.
+    let (client, name) = match &cmd {
+        PoolCommand::Ls(a) => (a.client.clone(), None),
+        PoolCommand::Create(a) => (a.client.clone(), Some(&a.name)),
+        PoolCommand::Show(a) | PoolCommand::Delete(a) | PoolCommand::Promote(a) => {
+            (a.client.clone(), Some(&a.name))
+        }
+        PoolCommand::Set(a) => (a.client.clone(), Some(&a.name)),
+        PoolCommand::Rollout(a) => (a.client.clone(), Some(&a.name)),
+        PoolCommand::Rollback(a) => (a.client.clone(), Some(&a.name)),
+    };
+    if let Some(name) = name {
+        validate_name(name).map_err(crate::ConfigError)?;
+    }
+    let api = Api::new(&client)?;
+    let print = |pool: &Pool, text: String| -> anyhow::Result<ExitCode> {
+        if client.json {
+            print_json(pool)?;
+        } else {
+            println!("{text}");
+        }
+        Ok(ExitCode::SUCCESS)
+    };
+    match cmd {
+        PoolCommand::Ls(_) => {
+            let list: PoolList = api.get("/v1/pools").await?;
+            if client.json {
+                print_json(&list)?;
+            } else {
+                print!("{}", render_pools(&list));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PoolCommand::Create(a) => {
+            let resources = (a.cpu_millis.is_some() || a.memory_mb.is_some()).then_some(
+                hangar_core::api::Resources {
+                    cpu_millis: a.cpu_millis,
+                    memory_mb: a.memory_mb,
+                },
+            );
+            let body = CreatePool {
+                name: a.name,
+                settings: pool_settings(a.warm, a.max_live, a.drone_pool, a.tuning),
+                template: Template {
+                    command: a.command.map(command_words),
+                    image: a.image,
+                    env: a.env.into_iter().collect(),
+                    resources,
+                    idle_timeout_s: a.idle_timeout,
+                    lifetime_s: a.lifetime,
+                },
+            };
+            let pool: Pool = api.post("/v1/pools", &body).await?;
+            let text = format!("created {}", render_pool_settings(&pool));
+            print(&pool, text)
+        }
+        PoolCommand::Show(a) => {
+            let pool: Pool = api.get(&format!("/v1/pools/{}", a.name)).await?;
+            let text = render_pool(&pool, now_millis());
+            print(&pool, text.trim_end().to_string())
+        }
+        PoolCommand::Set(a) => {
+            let body = pool_settings(a.warm, a.max_live, a.drone_pool, a.tuning);
+            if body == PoolSettings::default() {
+                return Err(crate::ConfigError(
+                    "nothing to change: give --warm, --max-live, --drone-pool, --max-add, --max-remove or --promote-after".into(),
+                )
+                .into());
+            }
+            let pool: Pool = api.patch(&format!("/v1/pools/{}", a.name), &body).await?;
+            let text = render_pool_settings(&pool);
+            print(&pool, text)
+        }
+        PoolCommand::Delete(a) => {
+            api.delete_empty(&format!("/v1/pools/{}", a.name)).await?;
+            if !client.json {
+                println!("pool {} deleted", a.name);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PoolCommand::Rollout(a) => {
+            let body = RolloutRequest {
+                image: a.image,
+                command: a.command.map(command_words),
+                env: (!a.env.is_empty()).then(|| a.env.into_iter().collect()),
+                canary_percent: a.canary,
+                deadline_s: a.deadline,
+                max_failure_percent: a.max_failure_percent,
+            };
+            let pool: Pool = api
+                .post(&format!("/v1/pools/{}/rollout", a.name), &body)
+                .await?;
+            let text = render_rollout_started(&pool, now_millis());
+            print(&pool, text)
+        }
+        PoolCommand::Promote(a) => {
+            let pool: Pool = api
+                .post(
+                    &format!("/v1/pools/{}/promote", a.name),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            let text = format!(
+                "pool {}: generation {} promoted: every new session gets it",
+                pool.name, pool.generation
+            );
+            print(&pool, text)
+        }
+        PoolCommand::Rollback(a) => {
+            let pool: Pool = api
+                .post(
+                    &format!("/v1/pools/{}/rollback", a.name),
+                    &RollbackRequest { to: a.to },
+                )
+                .await?;
+            let text = format!(
+                "pool {}: new sessions get generation {} again",
+                pool.name, pool.generation
+            );
+            print(&pool, text)
+        }
+    }
 }
 
 fn print_drones(list: &DroneList) {
@@ -916,6 +1436,271 @@ mod tests {
         assert_eq!(lines[2].find("5/1000").unwrap() + 6, end, "{text}");
         assert!(!text.contains("4294967295"), "{text}");
         assert!(lines.iter().all(|l| !l.ends_with(' ')), "{text}");
+    }
+
+    use hangar_core::pool::{Bounds, Generation, PoolStatus, Rollout};
+
+    /// 2023-11-14 22:13:20Z.
+    const NOW: UnixMillis = 1_700_000_000_000;
+
+    fn generation(number: u64, status: &str, template: Template) -> Generation {
+        Generation {
+            number,
+            template,
+            created_at: NOW - 3_600_000 * number,
+            status: status.into(),
+            message: None,
+        }
+    }
+
+    fn image(i: &str) -> Template {
+        Template {
+            image: Some(i.into()),
+            ..Template::default()
+        }
+    }
+
+    fn pool(name: &str, warm: u32) -> Pool {
+        Pool {
+            name: name.into(),
+            warm,
+            max_live: None,
+            drone_pool: "default".into(),
+            bounds: Bounds::for_warm(warm),
+            promote_after: 3,
+            generation: 1,
+            rollout: None,
+            generations: vec![generation(1, "stable", image("room:1"))],
+            status: PoolStatus {
+                warm_ready: warm,
+                ..PoolStatus::default()
+            },
+            created_at: NOW - 86_400_000,
+            updated_at: NOW - 5_000,
+        }
+    }
+
+    fn with_rollout(mut p: Pool, canary: u8) -> Pool {
+        p.generations
+            .push(generation(2, "rolling", image("room:2")));
+        p.rollout = Some(Rollout {
+            generation: 2,
+            canary_percent: canary,
+            started_at: NOW - 60_000,
+            deadline_at: NOW + 240_000,
+            max_failure_percent: 50,
+            healthy: 1,
+            failed: 1,
+        });
+        p
+    }
+
+    #[test]
+    fn pool_ls_lines_up_warm_generation_and_template() {
+        let mut starting = pool("game-rooms", 5);
+        starting.status.warm_ready = 3;
+        starting.status.warm_starting = 2;
+        starting.status.claimed = 12;
+        starting.status.failed_starts = 4;
+        let mut long = pool("w", 20);
+        long.generations[0].template = Template {
+            command: Some(vec![
+                "/usr/local/bin/worker".into(),
+                "--listen".into(),
+                "0.0.0.0:8080".into(),
+                "--verbose".into(),
+            ]),
+            ..Template::default()
+        };
+        let list = PoolList {
+            pools: vec![starting, with_rollout(pool("p", 10), 20), long],
+        };
+        let text = render_pools(&list);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[1].contains("3/5 (+2 starting)"), "{text}");
+        assert!(lines[2].contains("10/10 "), "{text}");
+        assert!(!lines[2].contains("starting"), "{text}");
+        assert!(lines[2].contains("1 → 2 (20%)"), "{text}");
+        assert!(lines[1].contains("room:1"), "{text}");
+        // A long command is cut to the column's width, and marked.
+        assert!(
+            lines[3].contains("/usr/local/bin/worker --listen 0.0.0.0:…"),
+            "{text}"
+        );
+        // Right-aligned columns end under their header; left-aligned ones start there.
+        let ends = |header: &str| lines[0].find(header).unwrap() + header.chars().count();
+        for (header, cells) in [
+            ("WARM", ["3/5 (+2 starting)", "10/10", "20/20"]),
+            ("CLAIMED", ["12", "0", "0"]),
+        ] {
+            for (line, cell) in lines[1..].iter().zip(cells) {
+                let at = line.find(&format!(" {cell} ")).unwrap() + 1;
+                let end = line[..at].chars().count() + cell.chars().count();
+                assert_eq!(end, ends(header), "{header}: {text}");
+            }
+        }
+        let col = |line: &str, header: &str| {
+            line.chars()
+                .skip(lines[0][..lines[0].find(header).unwrap()].chars().count())
+                .collect::<String>()
+        };
+        assert!(col(lines[1], "GENERATION").starts_with("1 "), "{text}");
+        assert!(
+            col(lines[2], "GENERATION").starts_with("1 → 2 (20%)"),
+            "{text}"
+        );
+        assert!(col(lines[2], "TEMPLATE").starts_with("room:1"), "{text}");
+        assert!(lines[1].ends_with(" 4"), "{text}");
+        assert!(lines.iter().all(|l| !l.ends_with(' ')), "{text}");
+    }
+
+    #[test]
+    fn pool_show_says_unlimited_and_shows_settings_and_history() {
+        let mut p = pool("rooms", 5);
+        p.generations[0].template.env = [("API_KEY".to_string(), "secret".to_string())].into();
+        p.generations[0].template.idle_timeout_s = Some(300);
+        let text = render_pool(&p, NOW);
+        assert!(text.contains("max live        unlimited\n"), "{text}");
+        assert!(text.contains("warm            5 ready of 5\n"), "{text}");
+        assert!(text.contains("generation      1\n"), "{text}");
+        assert!(
+            text.contains("template        image room:1; env API_KEY; idle timeout 5m\n"),
+            "{text}"
+        );
+        // Environment values may be secrets: only --json shows them.
+        assert!(!text.contains("secret"), "{text}");
+        assert!(
+            text.contains("bounds          start up to 7, stop up to 1 a pass"),
+            "{text}"
+        );
+        assert!(text.contains("failed starts   0\n"), "{text}");
+        assert!(!text.contains("last failure"), "{text}");
+        assert!(!text.contains("rollout"), "{text}");
+        assert!(
+            text.contains("updated         2023-11-14 22:13:15Z (5s ago)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("created         2023-11-13 22:13:20Z (1d ago)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\ngenerations\nNUMBER  STATUS  CREATED"),
+            "{text}"
+        );
+        assert!(
+            text.contains("     1  stable  2023-11-14 21:13:20Z  room:1    -\n"),
+            "{text}"
+        );
+        // An explicit 0 is no limit either; a limit is shown as is.
+        p.max_live = Some(0);
+        assert!(render_pool(&p, NOW).contains("max live        unlimited\n"));
+        p.max_live = Some(40);
+        assert!(render_pool(&p, NOW).contains("max live        40\n"));
+        assert_eq!(
+            render_pool_settings(&p),
+            "pool rooms: warm 5, max live 40, drone pool default, max add 7, max remove 1, promote after 3"
+        );
+    }
+
+    #[test]
+    fn pool_show_explains_failures() {
+        let mut p = pool("rooms", 5);
+        p.status.warm_ready = 1;
+        p.status.warm_starting = 1;
+        p.status.failed_starts = 9;
+        p.status.consecutive_failures = 3;
+        p.status.last_failure = Some("image \"room:1\" not found on drone d1".into());
+        p.status.last_failure_at = Some(NOW - 12_000);
+        p.status.slow_start = Some(2);
+        let text = render_pool(&p, NOW);
+        assert!(
+            text.contains("warm            1 ready of 5, 1 starting\n"),
+            "{text}"
+        );
+        assert!(text.contains("failed starts   9 (3 in a row)\n"), "{text}");
+        assert!(
+            text.contains(
+                "last failure    image \"room:1\" not found on drone d1 (2023-11-14 22:13:08Z, 12s ago)\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("slow start      starting up to 2 a pass after failures\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn pool_show_describes_a_rollout() {
+        let p = with_rollout(pool("rooms", 10), 20);
+        let text = render_pool(&p, NOW);
+        assert!(
+            text.contains("generation      1 (2 rolling out to 20% of new sessions)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nrollout         generation 2 to 20% of new sessions\n"),
+            "{text}"
+        );
+        assert!(text.contains("  template      image room:2\n"), "{text}");
+        assert!(
+            text.contains("  started       2023-11-14 22:12:20Z (1m ago)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  health        1 healthy, 1 failed (promoted at 3 healthy, reverted at 50% failed)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "  deadline      2023-11-14 22:17:20Z (in 4m): reverted unless promoted\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("     2  rolling  "), "{text}");
+        assert_eq!(
+            render_rollout_started(&p, NOW),
+            "pool rooms: generation 2 rolling out to 20% of new sessions (generation 1 for the rest): promote it with `hangar pool promote rooms`, or it reverts in 4m"
+        );
+        let mut done = p.clone();
+        done.rollout = None;
+        done.generation = 2;
+        assert_eq!(
+            render_rollout_started(&done, NOW),
+            "pool rooms: new sessions get generation 2"
+        );
+    }
+
+    #[test]
+    fn times_and_spans_read_well() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00Z");
+        assert_eq!(utc(NOW), "2023-11-14 22:13:20Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00Z");
+        assert_eq!(span(45_999), "45s");
+        assert_eq!(span(252_000), "4m 12s");
+        assert_eq!(span(300_000), "5m");
+        assert_eq!(span(7_380_000), "2h 3m");
+        assert_eq!(span(3 * 86_400_000 + 4 * 3_600_000 + 59_000), "3d 4h");
+        assert_eq!(relative(NOW - 12_000, NOW), "12s ago");
+        assert_eq!(relative(NOW + 60_000, NOW), "in 1m");
+        assert_eq!(truncate("abcdef", 4), "abc…");
+        assert_eq!(truncate("abcd", 4), "abcd");
+    }
+
+    #[test]
+    fn percentages_and_env_parse() {
+        assert_eq!(parse_percent("10%"), Ok(10));
+        assert_eq!(parse_percent("10"), Ok(10));
+        assert_eq!(parse_percent("100%"), Ok(100));
+        for bad in ["0", "101", "0%", "ten", "%", "-5", "1.5"] {
+            assert!(parse_percent(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert_eq!(parse_env("A="), Ok(("A".into(), String::new())));
+        assert!(parse_env("A").is_err());
+        assert!(parse_env("=b").is_err());
     }
 
     #[test]

@@ -140,6 +140,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         cli::Command::Quota(cmd) => return client::quota(cmd).await,
+        cli::Command::Pool(cmd) => return client::pool(cmd).await,
         cli::Command::Maintenance(cli::MaintenanceCommand::Start(args)) => {
             return client::maintenance_start(args).await;
         }
