@@ -7,6 +7,7 @@ mod dev;
 mod drones;
 mod ha;
 mod partition;
+mod pools;
 mod remote;
 mod security;
 

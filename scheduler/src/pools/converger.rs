@@ -36,6 +36,11 @@ use crate::routes::{Routes, SETTLE, StartTally};
 /// The shortest time between two passes: changes arriving meanwhile fold into the next.
 pub const MIN_GAP: Duration = Duration::from_millis(50);
 
+/// A status that only counts backends is written at most this often (a claim changes it, and
+/// a store write per claim would double the cost of a connect); failures and rollout changes
+/// are written at once.
+pub const STATUS_EVERY: Duration = Duration::from_secs(1);
+
 /// Removals per pass for a deleted pool's warm backends.
 const DELETED_POOL_BOUNDS: Bounds = Bounds {
     max_add: 0,
@@ -49,6 +54,8 @@ struct Memory {
     slow_start: Option<u32>,
     /// The start tallies last seen, per generation (absent until the first pass).
     seen: Option<HashMap<u64, StartTally>>,
+    /// When the pool's status was last written.
+    status_written: Option<tokio::time::Instant>,
 }
 
 /// What changed in a pool's starts since the last pass.
@@ -311,7 +318,21 @@ impl Converger {
             metrics::gauge!(crate::metrics::POOL_BACKENDS, "pool" => pool.name.clone(), "state" => state)
                 .set(f64::from(n));
         }
-        if next.status != pool.status || next.rollout != pool.rollout {
+        let urgent = next.rollout != pool.rollout
+            || next.status.failed_starts != pool.status.failed_starts
+            || next.status.slow_start != pool.status.slow_start;
+        let due = {
+            let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+            let m = memory.entry(pool.name.clone()).or_default();
+            let due = urgent
+                || (next.status != pool.status
+                    && m.status_written.is_none_or(|t| t.elapsed() >= STATUS_EVERY));
+            if due {
+                m.status_written = Some(tokio::time::Instant::now());
+            }
+            due
+        };
+        if due {
             let (status, rollout, generation, generations) = (
                 next.status.clone(),
                 next.rollout.clone(),
