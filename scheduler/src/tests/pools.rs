@@ -125,6 +125,7 @@ async fn fake_drone_named(
                         )
                         .await;
                 }
+                SchedulerMessage::Logs(_) | SchedulerMessage::CancelLogs { .. } => {}
             }
         }
     });
@@ -231,6 +232,15 @@ async fn warm_backends_are_added_and_removed_within_the_bounds_per_pass() {
         );
         total += expected;
     }
+    // The relay hands the spawns to the drone as it follows the records.
+    let relayed = async {
+        while spawns.lock().unwrap().len() < 20 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), relayed)
+        .await
+        .expect("20 spawns relayed to the drone");
     assert_eq!(spawns.lock().unwrap().len(), 20);
     // Every warm backend got its own claim secret.
     let secrets: std::collections::HashSet<_> = spawns
@@ -389,6 +399,14 @@ async fn connects_claim_warm_backends_first_then_start_cold_and_the_pool_refills
     wait_members(&f.sched, "default", |r, _, c| r == 5 && c == 20).await;
     // Never more started than needed: the first five, one refill per claim, the cold starts
     // (5 + W + (20 - W)).
+    let relayed = async {
+        while spawns.lock().unwrap().len() < 25 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), relayed)
+        .await
+        .expect("25 spawns relayed to the drone");
     assert_eq!(spawns.lock().unwrap().len(), 25);
     f.stop().await;
 }
@@ -576,5 +594,61 @@ async fn rollouts_canary_revert_and_rollback() {
     }
     // And the pool fills with generation 1 again.
     wait_members(&f.sched, "default", |r, _, _| r == 2).await;
+    f.stop().await;
+}
+
+/// A claim and the converger's removal of the same warm backend race: exactly one wins. The
+/// connect either got the warm backend (and it stays ready) or a cold one (and the warm one
+/// was stopped as surplus); never a claimed backend that is being stopped.
+#[tokio::test]
+async fn a_claim_racing_a_removal_never_hands_out_a_stopping_backend() {
+    let f = Fixture::start(|c| c.run_pool_converger = false).await;
+    let (addr, _) = claim_server().await;
+    fake_drone(&f.sched, addr).await;
+    create(&f.sched, "default", 1, "true").await;
+    let c = converger(&f.sched);
+    for round in 0..20 {
+        // One ready warm backend, then the target drops to 0 while a connect comes in.
+        f.sched
+            .handles()
+            .pools
+            .set(
+                "default",
+                PoolSettings {
+                    warm: Some(1),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        c.pass().await.unwrap();
+        wait_members(&f.sched, "default", |r, s, _| r == 1 && s == 0).await;
+        f.sched
+            .handles()
+            .pools
+            .set(
+                "default",
+                PoolSettings {
+                    warm: Some(0),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let connector = f.sched.handles().connector.clone();
+        let (removed, connected) =
+            tokio::join!(c.pass(), connector.connect(key(&format!("race-{round}"))));
+        removed.unwrap();
+        let r = connected.unwrap();
+        let (rec, _) = record(&f.sched, r.backend_id.as_str()).await;
+        assert!(
+            rec.holds_key(),
+            "round {round}: the connect's backend is {} (warm: {})",
+            rec.state,
+            r.warm
+        );
+        settle(&f.sched).await;
+        assert_eq!(warm_counts(&f.sched, "default"), (0, 0), "round {round}");
+    }
     f.stop().await;
 }
