@@ -55,13 +55,15 @@ def sample(serve, pool, key):
     return (t1 - t0) * 1000, (t2 - t0) * 1000, body.get("warm", False)
 
 
-def pool_status(serve, pool):
-    return ha.http("GET", f"http://{serve.api}/v1/pools/{pool}")[1].get("status", {})
+def warm_ready(serve):
+    """Ready backends with no key: the warm ones (the pool's status is written at most once a
+    second, so it may lag)."""
+    backends = ha.http("GET", f"http://{serve.api}/v1/backends?status=ready")[1]["backends"]
+    return sum(1 for b in backends if not b.get("key"))
 
 
 def wait_full(serve, pool, warm):
-    ha.wait(lambda: pool_status(serve, pool).get("warm_ready", 0) >= warm,
-            f"pool {pool} with {warm} ready", limit=300)
+    ha.wait(lambda: warm_ready(serve) >= warm, f"pool {pool} with {warm} ready", limit=300)
 
 
 def terminate_all(serve):
