@@ -38,6 +38,12 @@ if ! command -v dig >/dev/null 2>&1; then
     echo "scripts/test.sh: installing dnsutils (dig)" >&2
     apt-get update -qq && apt-get install -y -qq dnsutils
 fi
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    # The dashboard's process-level test (tests/ui.rs) drives a real headless Chromium
+    # through chromedriver.
+    echo "scripts/test.sh: installing chromium and chromium-driver" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+fi
 
 # The Docker runtime's tests run the demo backend as the image hangar-demo:dev, which no
 # registry serves: build it (or find it up to date) first. Without a reachable engine those

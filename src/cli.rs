@@ -61,6 +61,9 @@ pub enum Command {
     Ls(LsArgs),
     /// Show one backend.
     Status(IdArgs),
+    /// Print a backend's output (stdout and stderr) from the drone that runs or ran it; with
+    /// -f, go on printing new output until the backend ends (or Ctrl-C).
+    Logs(LogsArgs),
     /// Stop a backend.
     Terminate(TerminateArgs),
     /// Run the control plane (scheduler, API, proxy) for network drones.
@@ -253,7 +256,8 @@ pub struct DroneArgs {
     /// How backends run: docker containers or local processes.
     #[arg(long, value_enum, default_value = "docker")]
     pub runtime: RuntimeKind,
-    /// Where the drone keeps backend logs (process runtime).
+    /// Where the drone keeps backend logs (in `logs/`, for either runtime) and its fence
+    /// watchdog's pid file.
     #[arg(long, default_value = "./.hangar-drone")]
     pub data_dir: PathBuf,
     /// CPU millicores offered (default: 1000 per core).
@@ -280,6 +284,8 @@ pub struct DroneArgs {
     /// How often the backends' CPU and memory use is read and reported (e.g. 5s).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub usage_interval: std::time::Duration,
+    #[command(flatten)]
+    pub logs: LogArgs,
     /// Where Prometheus scrapes this drone's own metrics (`GET /metrics`), or `off`.
     /// [default: 127.0.0.1:7072, skipped with a warning if that port is taken]
     #[arg(long, value_name = "ADDR|off")]
@@ -340,6 +346,46 @@ pub struct MetricsArgs {
     /// `authorization` setting); without it the listener answers anyone who reaches it.
     #[arg(long, env = "HANGAR_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
+}
+
+/// What a drone keeps of its backends' output (in `<data-dir>/logs`), for `hangar logs`.
+#[derive(Args, Debug, Clone)]
+pub struct LogArgs {
+    /// How long the logs of an ended backend are kept (e.g. 24h, 30m).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub log_retention: Duration,
+    /// The most output kept per backend, in bytes (at least 4096): its log is rotated at half
+    /// of this, so the newest half to all of it is kept.
+    #[arg(long, value_name = "BYTES", default_value = "10485760")]
+    pub log_max_bytes: u64,
+}
+
+impl LogArgs {
+    /// The drone's log configuration, the flags checked.
+    pub fn config(
+        &self,
+        dir: std::path::PathBuf,
+        drone: &str,
+    ) -> Result<hangar_drone::logs::LogConfig, ConfigError> {
+        if self.log_max_bytes < hangar_drone::logs::MIN_MAX_BYTES {
+            return Err(ConfigError(format!(
+                "--log-max-bytes {} is too small: give at least {}",
+                self.log_max_bytes,
+                hangar_drone::logs::MIN_MAX_BYTES
+            )));
+        }
+        if self.log_retention.is_zero() {
+            return Err(ConfigError(
+                "--log-retention must be longer than zero (e.g. 1h)".into(),
+            ));
+        }
+        Ok(hangar_drone::logs::LogConfig {
+            dir,
+            drone: drone.to_string(),
+            max_bytes: self.log_max_bytes,
+            retention: self.log_retention,
+        })
+    }
 }
 
 /// The hot-shard detector and its remedy.
@@ -480,6 +526,9 @@ pub struct DevArgs {
     /// How often the embedded drone reads its backends' CPU and memory use (dev).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub usage_interval: std::time::Duration,
+    /// The embedded drone's backend logs (dev).
+    #[command(flatten)]
+    pub logs: LogArgs,
 }
 
 /// The proxy's timeouts and limits, shared by every role that runs a proxy (`dev`, `serve`,
@@ -685,6 +734,19 @@ pub struct IdArgs {
     #[command(flatten)]
     pub client: ClientArgs,
     pub id: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub id: String,
+    /// Go on printing new output until the backend ends.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only the last N lines (default: everything the drone kept).
+    #[arg(long, value_name = "N")]
+    pub tail: Option<u64>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -1,4 +1,5 @@
-//! Client verbs (`connect`, `ls`, `status`, `terminate`, `pool`, ...) against the HTTP API.
+//! Client verbs (`connect`, `ls`, `status`, `logs`, `terminate`, `pool`, ...) against the HTTP
+//! API.
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -21,8 +22,8 @@ use hangar_scheduler::quotas::{Quota, QuotaList};
 use serde::de::DeserializeOwned;
 
 use crate::cli::{
-    ClientArgs, ClientOnlyArgs, ConnectArgs, DrainArgs, IdArgs, LsArgs, NameArgs, PoolCommand,
-    PoolTuningArgs, TerminateArgs,
+    ClientArgs, ClientOnlyArgs, ConnectArgs, DrainArgs, IdArgs, LogsArgs, LsArgs, NameArgs,
+    PoolCommand, PoolTuningArgs, TerminateArgs,
 };
 
 /// How often `connect --wait` polls the backend's status.
@@ -972,6 +973,51 @@ fn time_of_day() -> String {
         .as_secs()
         % 86_400;
     format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// `hangar logs`: prints a backend's output as it arrives; with `--follow` until the backend
+/// ends (or Ctrl-C, whose default action ends the process).
+pub async fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
+    use futures_util::StreamExt;
+    let api = Api::new(&args.client)?;
+    let mut url = format!(
+        "{}/v1/backends/{}/logs?follow={}",
+        api.base, args.id, args.follow
+    );
+    if let Some(n) = args.tail {
+        url.push_str(&format!("&tail={n}"));
+    }
+    // A follow has no end, and a long log takes its time: no total timeout.
+    let resp = api
+        .http
+        .get(url)
+        .timeout(Duration::from_secs(10 * 365 * 86_400))
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the Hangar API at {}: {e} (is Hangar running there? set --api or HANGAR_API)",
+                api.base
+            )
+        })?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        let msg = serde_json::from_str::<ErrorBody>(&body)
+            .map(|b| format!("{} ({})", b.error.message, b.error.code))
+            .unwrap_or(body);
+        anyhow::bail!("the API answered {status}: {msg}");
+    }
+    let mut stream = resp.bytes_stream();
+    let mut out = std::io::stdout();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.context("the log stream broke (the API instance stopped?)")?;
+        // Stdout closed (`| head`): done.
+        if out.write_all(&chunk).and_then(|()| out.flush()).is_err() {
+            break;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `hangar events`: follows the cluster's events until interrupted.

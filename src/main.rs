@@ -120,6 +120,7 @@ async fn run(cli: cli::Cli) -> anyhow::Result<ExitCode> {
         cli::Command::Connect(args) => return client::connect(args).await,
         cli::Command::Ls(args) => return client::ls(args).await,
         cli::Command::Status(args) => return client::status(args).await,
+        cli::Command::Logs(args) => return client::logs(args).await,
         cli::Command::Terminate(args) => return client::terminate(args).await,
         cli::Command::Drones(args) => return client::drones(args).await,
         cli::Command::Drain(args) => return client::drain(args).await,

@@ -201,13 +201,22 @@ async fn a_docker_pool_claims_a_warm_container_that_answers_with_its_key() {
     let p = wait_pool(&serve, "web", "reverted", |p| p.rollout.is_none()).await;
     let g2 = p.generations.iter().find(|g| g.number == 2).unwrap();
     assert_eq!(g2.status, "reverted", "{g2:?}");
-    assert!(started.elapsed() < Duration::from_secs(60), "within its deadline");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "within its deadline"
+    );
     assert_eq!(p.generation, 1);
     assert!(p.status.failed_starts >= 2, "{:?}", p.status);
     let why = p.status.last_failure.clone().unwrap_or_default();
-    assert!(why.contains("hangar-missing:none"), "the failure names the image: {why}");
+    assert!(
+        why.contains("hangar-missing:none"),
+        "the failure names the image: {why}"
+    );
     assert_eq!(serve.count(&r).await, 1, "the live session was not touched");
-    wait_pool(&serve, "web", "2 warm of generation 1", |p| p.status.warm_ready == 2).await;
+    wait_pool(&serve, "web", "2 warm of generation 1", |p| {
+        p.status.warm_ready == 2
+    })
+    .await;
 
     // Deleting the pool stops its warm containers; the claimed one lives on.
     let deleted = serve

@@ -6,10 +6,12 @@ mod support;
 mod dev;
 mod drones;
 mod ha;
+mod logs;
 mod partition;
 mod pools;
 mod remote;
 mod security;
+mod ui;
 
 mod dns;
 mod metrics;

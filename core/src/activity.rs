@@ -19,6 +19,14 @@ pub struct ActivityReport {
     /// scheduler derives request rates for hot-shard detection.
     #[serde(default)]
     pub requests: u64,
+    /// Requests this proxy has answered for the backend (their durations are in
+    /// `duration_us_total`): cumulative, like `requests`.
+    #[serde(default)]
+    pub answered: u64,
+    /// The summed durations of the answered requests, in microseconds: cumulative, from which
+    /// the scheduler derives mean latencies (`GET /v1/backends/{id}/traffic`).
+    #[serde(default)]
+    pub duration_us_total: u64,
 }
 
 /// A batch of reports from one proxy.

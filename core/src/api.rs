@@ -106,6 +106,9 @@ pub struct BackendView {
     pub terminated_at: Option<UnixMillis>,
     /// A human-readable note on the last transition (e.g. why it failed).
     pub message: Option<String>,
+    /// The pool it was started from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 /// `GET /v1/backends`.

@@ -1,5 +1,13 @@
 //! The scheduler ⇄ drone protocol. In `hangar dev` these messages travel over in-process
 //! channels; between hosts they travel over a persistent connection with the same shapes.
+//!
+//! Besides commands and backend events the session carries backend logs: the scheduler asks
+//! with [`SchedulerMessage::Logs`] (a request id of its choosing), the drone answers with
+//! [`DroneMessage::Logs`] chunks tagged with that id and one [`DroneMessage::LogsEnd`], and
+//! [`SchedulerMessage::CancelLogs`] stops a follow early. Log messages are not acknowledged
+//! nor re-sent: a request lives as long as the session that carried it. A drone older than
+//! the scheduler ignores the request (it cannot parse it), so the scheduler bounds how long it
+//! waits for the first answer.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -35,6 +43,51 @@ pub enum SchedulerMessage {
         backend: BackendId,
         hard: bool,
     },
+    /// Send a backend's output (see [`LogsRequest`]).
+    Logs(LogsRequest),
+    /// Stop answering log request `request` (its reader went away). Unknown ids are ignored.
+    CancelLogs {
+        request: u64,
+    },
+}
+
+/// The largest `data` of one [`DroneMessage::Logs`] chunk, in bytes: chunks end at a line's
+/// end, except for a line longer than this, which is cut (at a character boundary).
+pub const LOG_CHUNK_MAX: usize = 64 * 1024;
+
+/// A request for a backend's output: its stdout and stderr as the drone kept them, oldest
+/// first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsRequest {
+    /// Chosen by the scheduler, unique among its open requests: tags every answer.
+    pub request: u64,
+    pub backend: BackendId,
+    /// Only the last `tail` lines of what is kept; `None`: all of it.
+    #[serde(default)]
+    pub tail: Option<u64>,
+    /// After the tail, keep sending new output until the backend has ended (and its output
+    /// is drained) or the request is cancelled.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+/// Why a log request ended early.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LogsFailure {
+    /// The drone keeps no logs of that backend: it never ran there, or it ended longer ago
+    /// than the drone's retention period.
+    NotFound { message: String },
+    /// The logs exist but could not be read (a disk or Docker error).
+    Failed { message: String },
+}
+
+impl LogsFailure {
+    pub fn message(&self) -> &str {
+        match self {
+            LogsFailure::NotFound { message } | LogsFailure::Failed { message } => message,
+        }
+    }
 }
 
 /// What happened to a backend on a drone. Reported in order per backend.
@@ -65,6 +118,17 @@ pub enum DroneMessage {
     Event {
         backend: BackendId,
         event: BackendEvent,
+    },
+    /// Output of the backend of log request `request`: whole lines of at most
+    /// [`LOG_CHUNK_MAX`] bytes (invalid UTF-8 replaced). The first chunk of a request is sent
+    /// as soon as the backend's logs are found (empty if need be), so the scheduler learns at
+    /// once that the request was accepted.
+    Logs { request: u64, data: String },
+    /// The last message of log request `request`: `error` says why it ended early, `None`
+    /// that everything asked for was sent.
+    LogsEnd {
+        request: u64,
+        error: Option<LogsFailure>,
     },
 }
 
@@ -128,6 +192,16 @@ pub enum FromDrone {
     Stats {
         usage: Vec<BackendUsage>,
     },
+    /// [`DroneMessage::Logs`] over the session (not acknowledged).
+    Logs {
+        request: u64,
+        data: String,
+    },
+    /// [`DroneMessage::LogsEnd`] over the session (not acknowledged).
+    LogsEnd {
+        request: u64,
+        error: Option<LogsFailure>,
+    },
 }
 
 /// One backend's resource use, as its drone measured it.
@@ -174,4 +248,57 @@ pub enum ToDrone {
     Hold {
         for_ms: u64,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The log messages' wire shapes, and a request from a scheduler that leaves out the
+    /// optional fields.
+    #[test]
+    fn log_messages_round_trip() {
+        let backend = BackendId::parse("b1").unwrap();
+        let ask = ToDrone::Command {
+            id: 3,
+            message: SchedulerMessage::Logs(LogsRequest {
+                request: 9,
+                backend: backend.clone(),
+                tail: Some(10),
+                follow: true,
+            }),
+        };
+        let text = serde_json::to_string(&ask).unwrap();
+        assert_eq!(serde_json::from_str::<ToDrone>(&text).unwrap(), ask);
+        let minimal: SchedulerMessage =
+            serde_json::from_str(r#"{"type":"logs","request":1,"backend":"b1"}"#).unwrap();
+        assert_eq!(
+            minimal,
+            SchedulerMessage::Logs(LogsRequest {
+                request: 1,
+                backend,
+                tail: None,
+                follow: false,
+            })
+        );
+        for m in [
+            FromDrone::Logs {
+                request: 9,
+                data: "listening on 127.0.0.1:1\n".into(),
+            },
+            FromDrone::LogsEnd {
+                request: 9,
+                error: Some(LogsFailure::NotFound {
+                    message: "no logs".into(),
+                }),
+            },
+            FromDrone::LogsEnd {
+                request: 9,
+                error: None,
+            },
+        ] {
+            let text = serde_json::to_string(&m).unwrap();
+            assert_eq!(serde_json::from_str::<FromDrone>(&text).unwrap(), m);
+        }
+    }
 }

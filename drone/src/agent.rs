@@ -6,6 +6,10 @@
 //! reports for its backend, events for one backend are always in order. Terminate commands are
 //! forwarded to the backend's task rather than acted on directly, so that a terminate that
 //! arrives while the backend is still starting is not lost.
+//!
+//! Log requests run on tasks of their own: each reads the backend's output through the
+//! runtime and sends it back as `Logs` chunks and one `LogsEnd`, until it is done, cancelled
+//! (`CancelLogs`) or the agent shuts down.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hangar_core::BackendId;
-use hangar_core::drone::{BackendEvent, DroneMessage, SchedulerMessage, SpawnCommand};
+use hangar_core::drone::{BackendEvent, DroneMessage, LogsRequest, SchedulerMessage, SpawnCommand};
 use http_body_util::Empty;
 use hyper::Uri;
 use hyper_util::client::legacy::Client;
@@ -145,6 +149,8 @@ impl Agent {
             events,
             registry: Arc::new(Mutex::new(HashMap::new())),
             ended: Arc::default(),
+            log_requests: Arc::default(),
+            log_serial: Arc::default(),
             tracker: TaskTracker::new(),
             shutdown: shutdown.clone(),
         };
@@ -161,6 +167,8 @@ impl Agent {
                 Some(SchedulerMessage::Terminate { backend, hard }) => {
                     ctx.terminate(backend, hard).await;
                 }
+                Some(SchedulerMessage::Logs(request)) => ctx.logs(request),
+                Some(SchedulerMessage::CancelLogs { request }) => ctx.cancel_logs(request),
                 None => break,
             }
         }
@@ -184,6 +192,10 @@ struct Context {
     /// Backends that ended in this agent run: a spawn of one of them (the scheduler re-sends
     /// spawns it is unsure of after a reconnect) is ignored instead of starting it again.
     ended: Arc<Mutex<Ended>>,
+    /// The log requests being answered, by id: cancelling the token ends one. The serial
+    /// tells a request from a later one under the same id.
+    log_requests: Arc<Mutex<HashMap<u64, (u64, CancellationToken)>>>,
+    log_serial: Arc<std::sync::atomic::AtomicU64>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -261,6 +273,61 @@ impl Context {
                 self.tracker.spawn(task.run(cmd));
             }
             None => tracing::debug!(backend = %cmd.backend, "ignoring spawn of a known backend"),
+        }
+    }
+
+    /// Handles `Logs`: a task reads the backend's output through the runtime and sends it
+    /// back, then ends the request (with the failure, if any). A cancelled request ends
+    /// without a word: its reader is gone.
+    fn logs(&self, request: LogsRequest) {
+        let cancel = self.shutdown.child_token();
+        let serial = self
+            .log_serial
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let entry = (serial, cancel.clone());
+        if let Some((_, old)) = lock(&self.log_requests).insert(request.request, entry) {
+            // The scheduler reused an id (a new session of its own): the old reader is gone.
+            old.cancel();
+        }
+        let ctx = self.clone();
+        self.tracker.spawn(async move {
+            let id = request.request;
+            let (tx, mut rx) = mpsc::channel::<String>(16);
+            let read = ctx.runtime.logs(&request, tx, cancel.clone());
+            let forward = async {
+                while let Some(data) = rx.recv().await {
+                    let message = DroneMessage::Logs { request: id, data };
+                    if ctx.events.send(message).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let (result, ()) = tokio::join!(read, forward);
+            {
+                let mut requests = lock(&ctx.log_requests);
+                // Only this request's own entry (an id reused meanwhile has a new one).
+                if requests.get(&id).is_some_and(|(s, _)| *s == serial) {
+                    requests.remove(&id);
+                }
+            }
+            if cancel.is_cancelled() {
+                return;
+            }
+            let error = result.err().map(|e| {
+                tracing::debug!(backend = %request.backend, error = %e, "log request failed");
+                e.to_wire()
+            });
+            let _ = ctx
+                .events
+                .send(DroneMessage::LogsEnd { request: id, error })
+                .await;
+        });
+    }
+
+    /// Handles `CancelLogs`.
+    fn cancel_logs(&self, request: u64) {
+        if let Some((_, cancel)) = lock(&self.log_requests).remove(&request) {
+            cancel.cancel();
         }
     }
 
@@ -561,14 +628,18 @@ mod tests {
     }
 
     impl Harness {
-        fn new(mut config: AgentConfig) -> Self {
+        fn new(config: AgentConfig) -> Self {
+            Self::with_runtime(config, ProcessRuntimeConfig::default())
+        }
+
+        fn with_runtime(mut config: AgentConfig, runtime: ProcessRuntimeConfig) -> Self {
             // What these tests run, allowed as an operator would allow it.
             config
                 .spawn_policy
                 .commands
                 .extend(["sh", "sleep", "/nonexistent/hangar-test-binary"].map(String::from));
             config.spawn_policy.images.push("*".into());
-            let runtime = Arc::new(ProcessRuntime::new(ProcessRuntimeConfig::default()));
+            let runtime = Arc::new(ProcessRuntime::new(runtime));
             let (commands, commands_rx) = mpsc::channel(16);
             let (events_tx, events) = mpsc::channel(64);
             let cancel = CancellationToken::new();
@@ -607,9 +678,36 @@ mod tests {
                 .await
                 .expect("timed out waiting for a backend event")
                 .expect("agent hung up");
-            let DroneMessage::Event { backend: b, event } = message;
+            let DroneMessage::Event { backend: b, event } = message else {
+                panic!("expected a backend event, got {message:?}");
+            };
             assert_eq!(&b, backend, "event {event:?} for another backend");
             event
+        }
+
+        /// The text of log request `request` until `done` holds for it (events and other
+        /// requests' messages are skipped), and how the request ended if it did.
+        async fn logs_until(
+            &mut self,
+            request: u64,
+            done: impl Fn(&str, bool) -> bool,
+        ) -> (String, Option<Option<hangar_core::drone::LogsFailure>>) {
+            let mut text = String::new();
+            let mut end = None;
+            while !done(&text, end.is_some()) {
+                let message = tokio::time::timeout(WAIT, self.events.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("timed out waiting for logs; got {text:?}"))
+                    .expect("agent hung up");
+                match message {
+                    DroneMessage::Logs { request: r, data } if r == request => text.push_str(&data),
+                    DroneMessage::LogsEnd { request: r, error } if r == request => {
+                        end = Some(error)
+                    }
+                    _ => {}
+                }
+            }
+            (text, end)
         }
 
         /// Expects `Starting` then `Waiting`, returning the address.
@@ -945,5 +1043,75 @@ mod tests {
             BackendEvent::Exited { .. }
         ));
         assert_eq!(h.shutdown().await, vec![]);
+    }
+
+    /// Log requests through the agent: a tail ends with `LogsEnd` and no error, a follow
+    /// sends new output until cancelled, an unknown backend's request ends as not found.
+    #[tokio::test]
+    async fn log_requests_are_answered_followed_and_cancelled() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Arc::new(crate::logs::LogFiles::new(crate::logs::LogConfig::new(
+            dir.path().join("logs"),
+            "d1",
+        )));
+        let mut h = Harness::with_runtime(
+            fast_stop(),
+            ProcessRuntimeConfig {
+                logs: Some(files),
+                ..ProcessRuntimeConfig::default()
+            },
+        );
+        let fifo = dir.path().join("more");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let script = format!(
+            r#"echo first; echo second; cat "{}"; sleep 30"#,
+            fifo.display()
+        );
+        let cmd = spawn_command("alogs", &["sh", "-c", &script]);
+        h.spawn(&cmd).await;
+        h.started(&cmd.backend).await;
+
+        let ask = |request, tail, follow| {
+            SchedulerMessage::Logs(LogsRequest {
+                request,
+                backend: cmd.backend.clone(),
+                tail,
+                follow,
+            })
+        };
+        h.send(ask(2, None, true)).await;
+        let (text, _) = h.logs_until(2, |t, _| t.contains("second\n")).await;
+        assert_eq!(text, "first\nsecond\n");
+        h.send(ask(1, Some(1), false)).await;
+        let (text, end) = h.logs_until(1, |_, ended| ended).await;
+        assert_eq!(text, "second\n");
+        assert_eq!(end, Some(None), "a tail ends without an error");
+
+        let writer = std::thread::spawn(move || std::fs::write(fifo, "third\n"));
+        let (text, end) = h.logs_until(2, |t, _| t.contains("third")).await;
+        assert_eq!(text, "third\n");
+        assert_eq!(end, None, "a follow goes on while the backend runs");
+        writer.join().unwrap().unwrap();
+        h.send(SchedulerMessage::CancelLogs { request: 2 }).await;
+
+        let mut unknown = ask(3, None, false);
+        if let SchedulerMessage::Logs(r) = &mut unknown {
+            r.backend = BackendId::parse("nothere").unwrap();
+        }
+        h.send(unknown).await;
+        let (_, end) = h.logs_until(3, |_, ended| ended).await;
+        assert!(
+            matches!(
+                end,
+                Some(Some(hangar_core::drone::LogsFailure::NotFound { .. }))
+            ),
+            "{end:?}"
+        );
+        h.terminate(&cmd.backend, true).await;
+        h.shutdown().await;
     }
 }

@@ -6,12 +6,15 @@
 //! with the first that admits it: any instance keeps its lease and relays the commands the
 //! leader writes into the records, so the drone moves only when its instance goes.
 //!
+//! Log requests ride the session too: the answers to a request are sent only on the connection
+//! that carried it, and a lost connection cancels its requests (the scheduler has ended them).
+//!
 //! Self-fencing ([`crate::fence`]): if the drone cannot renew its lease within three quarters
 //! of the lease TTL (measured on its own monotonic clock from the send time of the last
 //! heartbeat the scheduler acknowledged), it kills its own backends before the scheduler may
 //! declare it lost and start the same keys elsewhere: a key never has two live backends.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -256,7 +259,21 @@ impl DroneSession {
         // Send times of heartbeats not yet acknowledged; the lease was renewed no earlier than
         // the send time of the one acknowledged last.
         let mut in_flight: VecDeque<Instant> = VecDeque::new();
+        // The log requests the current connection carried and the agent still answers.
+        let mut log_requests: HashSet<u64> = HashSet::new();
         let result = loop {
+            if ws.is_none() && !log_requests.is_empty() {
+                // Their readers are gone with the connection.
+                for request in log_requests.drain() {
+                    if cmd_tx
+                        .send(SchedulerMessage::CancelLogs { request })
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
             if ws.is_none() && Instant::now() >= next_attempt {
                 // The hello is sent after this: its admission granted a lease no earlier.
                 let attempt_at = Instant::now();
@@ -289,8 +306,29 @@ impl DroneSession {
             tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
                 ev = ev_rx.recv() => {
-                    let Some(DroneMessage::Event { backend, mut event }) = ev else {
-                        break Ok(());
+                    let (backend, mut event) = match ev {
+                        None => break Ok(()),
+                        Some(DroneMessage::Event { backend, event }) => (backend, event),
+                        Some(DroneMessage::Logs { request, data }) => {
+                            if log_requests.contains(&request)
+                                && let Some(socket) = ws.as_mut()
+                                && send(socket, &FromDrone::Logs { request, data }).await.is_err()
+                            {
+                                ws = None;
+                                next_attempt = Instant::now();
+                            }
+                            continue;
+                        }
+                        Some(DroneMessage::LogsEnd { request, error }) => {
+                            if log_requests.remove(&request)
+                                && let Some(socket) = ws.as_mut()
+                                && send(socket, &FromDrone::LogsEnd { request, error }).await.is_err()
+                            {
+                                ws = None;
+                                next_attempt = Instant::now();
+                            }
+                            continue;
+                        }
                     };
                     match &event {
                         BackendEvent::Starting => fence.running(&backend, None),
@@ -341,6 +379,15 @@ impl DroneSession {
                             // Past the fence deadline the scheduler may free this drone's keys
                             // at any moment: nothing new starts here. (A spawn the scheduler
                             // still wants is sent again when the run is admitted again.)
+                            match &message {
+                                SchedulerMessage::Logs(r) => {
+                                    log_requests.insert(r.request);
+                                }
+                                SchedulerMessage::CancelLogs { request } => {
+                                    log_requests.remove(request);
+                                }
+                                _ => {}
+                            }
                             if matches!(message, SchedulerMessage::Spawn(_)) && fence.expired() {
                                 tracing::warn!("refusing a spawn: the lease was not renewed in time (self-fenced)");
                             } else if cmd_tx.send(message).await.is_err() {

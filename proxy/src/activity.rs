@@ -192,6 +192,8 @@ impl ActivityTracker {
                 last_active: e.value().last_active.load(Ordering::Relaxed),
                 open: e.value().open.load(Ordering::Relaxed),
                 requests: e.value().requests.load(Ordering::Relaxed),
+                answered: e.value().traffic.answered(),
+                duration_us_total: e.value().traffic.duration_us.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -256,10 +258,13 @@ impl ActivityGuard {
         } else {
             status_class(self.status)
         };
+        let elapsed = self.start.elapsed();
         self.counters.traffic.by_class[class].fetch_add(1, Ordering::Relaxed);
         self.counters
-            .series
-            .record_duration(self.start.elapsed().as_secs_f64());
+            .traffic
+            .duration_us
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.counters.series.record_duration(elapsed.as_secs_f64());
     }
 }
 
@@ -304,5 +309,21 @@ mod tests {
         drop(g2);
         t.prune(&RouteTable::default());
         assert!(t.snapshot().is_empty());
+    }
+
+    #[test]
+    fn answered_requests_and_their_durations_are_reported() {
+        let t = ActivityTracker::new();
+        let id = BackendId::parse("b1").unwrap();
+        let mut g = t.begin(&id);
+        g.set_status(200);
+        std::thread::sleep(Duration::from_millis(2));
+        let open = t.snapshot();
+        assert_eq!((open[0].requests, open[0].answered), (1, 0));
+        assert_eq!(open[0].duration_us_total, 0, "counted once answered");
+        drop(g);
+        let done = t.snapshot();
+        assert_eq!((done[0].requests, done[0].answered), (1, 1));
+        assert!(done[0].duration_us_total >= 2_000, "{:?}", done[0]);
     }
 }

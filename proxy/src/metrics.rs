@@ -101,6 +101,19 @@ pub(crate) struct Traffic {
     pub(crate) received_bytes: AtomicU64,
     pub(crate) sent_bytes: AtomicU64,
     pub(crate) websockets: AtomicU64,
+    /// Summed durations of the answered requests (those counted in `by_class`), in
+    /// microseconds: reported to the scheduler for mean latencies.
+    pub(crate) duration_us: AtomicU64,
+}
+
+impl Traffic {
+    /// Requests answered so far (every status class).
+    pub(crate) fn answered(&self) -> u64 {
+        self.by_class
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 /// Handles registered with the recorder, used only by the publisher.

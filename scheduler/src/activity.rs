@@ -60,6 +60,8 @@ mod tests {
                 last_active: last,
                 open,
                 requests: 0,
+                answered: 0,
+                duration_us_total: 0,
             }],
         };
         book.record(&rep("p1", 100, 2));

@@ -10,6 +10,7 @@
 //! (spawns of still-scheduled backends, stops of still-terminating ones). A session may be held
 //! by any instance: the leader places on the drones of the store's records and writes commands
 //! into backend records, and the instance holding the session relays them ([`crate::relay`]).
+//! Answers to log requests are handed to [`crate::drone_logs`], and end with their session.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
 use crate::config::SchedulerConfig;
+use crate::drone_logs::LogStreams;
 use crate::drones::{DroneConn, DroneRegistry, DroneStatus};
 use crate::error::ApiError;
 use crate::hot_state::HotShards;
@@ -136,6 +138,8 @@ pub struct DroneSessions {
     /// run's record and re-adopting its backends, records name the old run and must not be
     /// judged lost.
     admission: Mutex<()>,
+    /// Log requests carried by the sessions this instance holds.
+    logs: Arc<LogStreams>,
     /// Session tasks end when this fires (scheduler shutdown).
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -165,6 +169,7 @@ impl DroneSessions {
             maintenance,
             routes,
             admission: Mutex::new(()),
+            logs: Arc::default(),
             cancel,
             tasks,
         }
@@ -184,6 +189,11 @@ impl DroneSessions {
                 self.drones.remove_run(&conn.name, &conn.run_id);
             }
         }
+    }
+
+    /// The log requests of this instance's sessions.
+    pub fn logs(&self) -> &Arc<LogStreams> {
+        &self.logs
     }
 
     /// Holds off admissions and losses while the caller (a reconciler pass) judges records
@@ -219,14 +229,23 @@ impl DroneSessions {
                     _ = this.cancel.cancelled() => break,
                     m = ev_rx.recv() => m,
                 };
-                let Some(DroneMessage::Event { backend, event }) = msg else {
-                    break;
-                };
-                if let Err(e) = this.apply_event(&name, &run_id, &backend, event).await {
-                    tracing::error!(backend = %backend, error = %e, "cannot apply drone event");
+                match msg {
+                    None => break,
+                    Some(DroneMessage::Event { backend, event }) => {
+                        if let Err(e) = this.apply_event(&name, &run_id, &backend, event).await {
+                            tracing::error!(backend = %backend, error = %e, "cannot apply drone event");
+                        }
+                    }
+                    Some(DroneMessage::Logs { request, data }) => {
+                        this.logs.deliver(&name, session, request, data);
+                    }
+                    Some(DroneMessage::LogsEnd { request, error }) => {
+                        this.logs.end(&name, session, request, error);
+                    }
                 }
             }
             this.drones.remove_session(&name, session);
+            this.logs.session_ended(&name, session);
             tracing::info!(drone = %name, run_id = %run_id, "drone detached");
         });
         Ok((cmd_rx, ev_tx))
@@ -660,6 +679,12 @@ impl DroneSessions {
                         FromDrone::Stats { usage } => {
                             inner.hot.observe_usage(&hello.drone, &usage);
                         }
+                        FromDrone::Logs { request, data } => {
+                            inner.logs.deliver(&hello.drone, session, request, data);
+                        }
+                        FromDrone::LogsEnd { request, error } => {
+                            inner.logs.end(&hello.drone, session, request, error);
+                        }
                     }
                 }
             }
@@ -667,6 +692,7 @@ impl DroneSessions {
         // The lease is left to expire (unless the scheduler is the one stopping): a drone that
         // reconnects within the TTL loses nothing.
         inner.drones.remove_session(&hello.drone, session);
+        inner.logs.session_ended(&hello.drone, session);
         if !unacked.is_empty() {
             tracing::debug!(drone = %hello.drone, unacked = unacked.len(), "session ended with unacknowledged commands; they are re-sent on readmission");
         }

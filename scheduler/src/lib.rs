@@ -11,8 +11,8 @@
 //! 1. plain data and pure logic: `clock`, `config`, `error`, `metrics`, `records`, `hot`
 //!    (the detector), the pure parts of `placement` and `reconciler`;
 //! 2. components, each the only writer of its state: `activity`, `drones`, `routes`,
-//!    `drains`, `hot_state`, `revocations`, `dns_records`, `leader`, `lifecycle`, `maintenance`, `placement`,
-//!    `connect`, `drone_session`;
+//!    `drains`, `hot_state`, `traffic`, `revocations`, `dns_records`, `leader`, `lifecycle`, `maintenance`, `placement`,
+//!    `connect`, `drone_logs`, `drone_session`;
 //! 3. background loops over components: `reconciler`, `monitor`;
 //! 4. HTTP handlers over components: `api`;
 //! 5. the composition root: `scheduler` ([`Scheduler`]).
@@ -25,6 +25,7 @@ pub mod config;
 pub mod connect;
 pub mod dns_records;
 pub mod drains;
+pub mod drone_logs;
 pub mod drone_session;
 pub mod drones;
 pub mod error;
@@ -46,6 +47,7 @@ pub mod relay;
 pub mod revocations;
 pub mod routes;
 mod scheduler;
+pub mod traffic;
 pub mod validate;
 
 #[cfg(test)]

@@ -155,6 +155,7 @@ impl BackendRecord {
             ready_at: self.ready_at,
             terminated_at: self.terminated_at,
             message: self.message.clone(),
+            pool: self.pool.as_ref().map(|p| p.name.clone()),
         }
     }
 

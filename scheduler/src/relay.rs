@@ -67,6 +67,8 @@ impl CommandRelay {
             SchedulerMessage::Spawn(_) => "spawn",
             SchedulerMessage::Terminate { hard: true, .. } => "kill",
             SchedulerMessage::Terminate { .. } => "stop",
+            // Never asked of a record: log requests go straight to a session.
+            SchedulerMessage::Logs(_) | SchedulerMessage::CancelLogs { .. } => return,
         };
         if conn.tx.send(cmd).is_ok() {
             metrics::counter!(crate::metrics::RELAYED_COMMANDS_TOTAL, "command" => kind)

@@ -84,6 +84,7 @@ impl Scheduler {
             clock.clone(),
             routes.clone(),
         ));
+        let traffic = Arc::new(crate::traffic::Traffic::new(clock.clone(), routes.clone()));
         let revocations = Arc::new(Revocations::new(
             store.clone(),
             config.clone(),
@@ -161,6 +162,7 @@ impl Scheduler {
                 drains,
                 routes,
                 hot,
+                traffic,
                 activity,
                 revocations,
                 leadership,
@@ -364,11 +366,12 @@ impl Scheduler {
         self.handles.revocations.subscribe()
     }
 
-    /// Merges activity reported by a proxy: idle timeouts, and request counts for the
-    /// hot-shard detector.
+    /// Merges activity reported by a proxy: idle timeouts, request counts for the hot-shard
+    /// detector, and the traffic chart.
     pub fn report_activity(&self, batch: &ActivityBatch) {
         self.handles.activity.record(batch);
         self.handles.hot.observe_activity(batch);
+        self.handles.traffic.observe_activity(batch);
         // The leader decides idle timeouts: a follower's proxy traffic must reach it too.
         if let crate::leader::Role::Follower {
             leader: Some(leader),
@@ -376,7 +379,13 @@ impl Scheduler {
             && let Some(secret) = self.handles.config.drone_secret.clone()
             && !batch.reports.is_empty()
         {
-            let body = serde_json::to_vec(batch).unwrap_or_default();
+            // Named by this instance too: every instance's colocated proxy reports as the same
+            // name, and the leader keeps cumulative counters per proxy name.
+            let forwarded = ActivityBatch {
+                proxy: format!("{}@{}", batch.proxy, self.handles.config.instance_id),
+                reports: batch.reports.clone(),
+            };
+            let body = serde_json::to_vec(&forwarded).unwrap_or_default();
             let client = self.handles.forwarder.clone();
             let url = format!("{}/v1/activity", leader.api_url.trim_end_matches('/'));
             self.handles.tasks.spawn(async move {

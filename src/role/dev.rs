@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use hangar_core::drone::{Capacity, DroneMessage, Hello, SchedulerMessage};
 use hangar_drone::agent::{Agent, AgentConfig};
+use hangar_drone::logs::{LogConfig, LogFiles};
 use hangar_drone::policy::SpawnPolicy;
 use hangar_drone::runtime::process::{ProcessRuntime, ProcessRuntimeConfig};
 use hangar_drone::usage::UsageCollector;
@@ -31,6 +32,9 @@ pub struct Config {
     demo_command: Vec<String>,
     /// How often the embedded drone reads its backends' CPU and memory use.
     usage_interval: Duration,
+    /// What the embedded drone keeps of its backends' output (its directory is set once the
+    /// data directory is known).
+    logs: LogConfig,
 }
 
 impl Config {
@@ -39,6 +43,7 @@ impl Config {
     pub fn from_args(args: DevArgs) -> anyhow::Result<Config> {
         let demo_command = demo_command()?;
         let usage_interval = args.usage_interval;
+        let logs = args.logs.config(std::path::PathBuf::new(), LOCAL_DRONE)?;
         let plane = plane::Config::from_args(
             "dev",
             args,
@@ -50,6 +55,7 @@ impl Config {
             plane,
             demo_command,
             usage_interval,
+            logs,
         })
     }
 
@@ -61,6 +67,7 @@ impl Config {
             self.demo_command,
             plane.data_dir(),
             self.usage_interval,
+            self.logs,
         )
         .await?;
         Ok(Dev { plane, drone })
@@ -108,6 +115,8 @@ struct EmbeddedDrone {
     commands: mpsc::UnboundedReceiver<SchedulerMessage>,
     events: mpsc::Sender<DroneMessage>,
     usage_interval: Duration,
+    /// Backend logs: their janitor runs with the drone.
+    logs: Arc<LogFiles>,
 }
 
 impl EmbeddedDrone {
@@ -118,6 +127,7 @@ impl EmbeddedDrone {
         demo_command: Vec<String>,
         data_dir: &Path,
         usage_interval: Duration,
+        logs: LogConfig,
     ) -> anyhow::Result<EmbeddedDrone> {
         let (commands, events) = scheduler
             .attach_drone(Hello {
@@ -138,14 +148,15 @@ impl EmbeddedDrone {
             })
             .await
             .context("cannot register the embedded drone")?;
-        let logs = data_dir.join("logs");
+        let dir = data_dir.join("logs");
+        std::fs::create_dir_all(&dir).context("cannot create the logs directory")?;
+        let logs = Arc::new(LogFiles::new(LogConfig { dir, ..logs }));
         let allowed: Vec<String> = demo_command.first().cloned().into_iter().collect();
         let runtime = Arc::new(ProcessRuntime::new(ProcessRuntimeConfig {
             default_command: Some(demo_command),
-            log_dir: Some(logs.clone()),
+            logs: Some(logs.clone()),
             ..ProcessRuntimeConfig::default()
         }));
-        std::fs::create_dir_all(&logs).context("cannot create the logs directory")?;
         Ok(EmbeddedDrone {
             // The demo backend is what dev runs: the hangar executable, with any arguments.
             agent: Agent::new(
@@ -162,6 +173,7 @@ impl EmbeddedDrone {
             commands,
             events,
             usage_interval,
+            logs,
         })
     }
 
@@ -174,6 +186,7 @@ impl EmbeddedDrone {
         cancel: &CancellationToken,
         agent_cancel: &CancellationToken,
     ) -> JoinHandle<()> {
+        tasks.spawn(self.logs.run_janitor(cancel.clone()));
         tasks.spawn(pump_usage(
             scheduler.clone(),
             self.runtime,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use hangar_core::drone::Capacity;
 use hangar_drone::agent::AgentConfig;
+use hangar_drone::logs::{LogConfig, LogFiles};
 use hangar_drone::policy::SpawnPolicy;
 use hangar_drone::runtime::Runtime;
 use hangar_drone::runtime::docker::{DockerNetwork, DockerRuntime, DockerRuntimeConfig};
@@ -36,8 +37,10 @@ pub struct Config {
     runtime: RuntimeKind,
     docker_host: Option<String>,
     host_network: bool,
-    /// Backend logs of the process runtime live in its `logs` directory.
+    /// The fence watchdog's pid file lives here, and backend logs in its `logs` directory.
     data_dir: PathBuf,
+    /// What is kept of backends' output, and for how long.
+    logs: LogConfig,
     capacity: Capacity,
     agent: AgentConfig,
     usage_interval: Duration,
@@ -79,6 +82,7 @@ impl Config {
         }
         let metrics =
             crate::metrics::validate(&args.metrics_args(), crate::metrics::DEFAULT_DRONE_ADDR)?;
+        let logs = args.logs.config(args.data_dir.join("logs"), &args.name)?;
         std::fs::create_dir_all(args.data_dir.join("logs")).map_err(|e| {
             ConfigError(format!(
                 "cannot create data directory {}: {e}",
@@ -118,6 +122,7 @@ impl Config {
             docker_host: args.docker_host,
             host_network: args.host_network,
             data_dir: args.data_dir,
+            logs,
             usage_interval: args.usage_interval,
             metrics,
             tls: crate::tls::client_config(args.ca.as_deref())?,
@@ -129,7 +134,8 @@ impl Config {
     pub async fn build(self) -> anyhow::Result<Drone> {
         let metrics = crate::metrics::listen(self.metrics.as_ref(), "drone").await?;
         let run_id = new_run_id();
-        let runtime = self.runtime(&run_id)?;
+        let logs = Arc::new(LogFiles::new(self.logs.clone()));
+        let runtime = self.runtime(&run_id, &logs)?;
         let watchdog = self.watchdog()?;
         let session = DroneSession::new(
             DroneSessionConfig {
@@ -153,6 +159,7 @@ impl Config {
             scheduler_url: self.scheduler_url,
             session,
             metrics,
+            logs,
         })
     }
 
@@ -170,7 +177,7 @@ impl Config {
         })
     }
 
-    fn runtime(&self, run_id: &str) -> anyhow::Result<Arc<dyn Runtime>> {
+    fn runtime(&self, run_id: &str, logs: &Arc<LogFiles>) -> anyhow::Result<Arc<dyn Runtime>> {
         Ok(match self.runtime {
             RuntimeKind::Process => {
                 let exe = std::env::current_exe().context("cannot find the hangar executable")?;
@@ -179,7 +186,7 @@ impl Config {
                         exe.to_string_lossy().into_owned(),
                         "demo-backend".into(),
                     ]),
-                    log_dir: Some(self.data_dir.join("logs")),
+                    logs: Some(logs.clone()),
                     bind_host: self.advertise,
                 }))
             }
@@ -187,6 +194,7 @@ impl Config {
                 let mut cfg = DockerRuntimeConfig::new(&self.name, run_id);
                 cfg.docker_host = self.docker_host.clone();
                 cfg.advertise = self.advertise;
+                cfg.logs = Some(logs.clone());
                 if self.host_network {
                     cfg.network = DockerNetwork::Host;
                 }
@@ -209,6 +217,8 @@ pub struct Drone {
     scheduler_url: String,
     session: DroneSession,
     metrics: Option<MetricsListener>,
+    /// Backend logs: their janitor runs with the drone.
+    logs: Arc<LogFiles>,
 }
 
 impl Drone {
@@ -225,6 +235,7 @@ impl Drone {
             crate::metrics::announce("drone", metrics.addr());
             wires::serve_metrics(metrics, None, &tasks, &cancel);
         }
+        tasks.spawn(self.logs.run_janitor(cancel.clone()));
         tasks.close();
 
         let session = self.session.run(cancel.clone());

@@ -21,6 +21,12 @@
 //! first one wins); the container is removed once its exit has been delivered. `stop` asks the
 //! engine for the exit code itself, so it never waits on the event stream.
 //!
+//! **Logs.** With a [`LogFiles`] configured, containers log through the engine's `local`
+//! driver bounded like the drone's files (two files of half the bound each), a running
+//! container's logs are read from the engine, and an ended container's output is archived
+//! into its backend's log file before the container is removed, so the logs of ended
+//! backends stay readable for the retention period.
+//!
 //! **Restarts.** Containers outlive the agent: dropping a [`DockerRuntime`] stops watching but
 //! stops no container. [`Runtime::adopt`] finds the running containers of any earlier run of
 //! this drone (and removes the exited ones); the scheduler then decides which to keep. A start
@@ -42,7 +48,7 @@ use async_trait::async_trait;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum,
-    ContainerSummaryStateEnum, EventMessage, HostConfig, PortBinding,
+    ContainerSummaryStateEnum, EventMessage, HostConfig, HostConfigLogConfig, PortBinding,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, EventsOptionsBuilder, KillContainerOptionsBuilder,
@@ -53,12 +59,13 @@ use bollard::query_parameters::{
 use bollard::{API_DEFAULT_VERSION, ClientVersion, Docker};
 use futures_util::StreamExt;
 use hangar_core::BackendId;
-use hangar_core::drone::SpawnCommand;
+use hangar_core::drone::{LogsRequest, SpawnCommand};
 use tokio::sync::{OnceCell, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{ExitStatus, ExitWatch, Runtime, RuntimeError, Started};
+use super::{ExitStatus, ExitWatch, LogSink, LogsError, Runtime, RuntimeError, Started};
+use crate::logs::{Chunker, LogFiles};
 
 /// The engine used when the configuration names none.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
@@ -108,6 +115,8 @@ const OUTPUT_TAIL_LINES: &str = "20";
 const OUTPUT_TAIL_BYTES: usize = 2000;
 /// Upper bound on collecting that output.
 const OUTPUT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Upper bound on reading an ended container's output into its archive.
+const ARCHIVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Variables the runtime sets itself; the spawn's values for them are ignored.
 const RESERVED_ENV: [&str; 5] = [
     "PORT",
@@ -162,6 +171,9 @@ pub struct DockerRuntimeConfig {
     pub pids_limit: i64,
     /// The image run when a spawn gives none.
     pub default_image: Option<String>,
+    /// Where ended containers' output is archived (and what bounds the engine's log files);
+    /// `None` keeps no logs past a container's removal.
+    pub logs: Option<Arc<LogFiles>>,
 }
 
 impl DockerRuntimeConfig {
@@ -177,6 +189,7 @@ impl DockerRuntimeConfig {
             container_port: DEFAULT_CONTAINER_PORT,
             pids_limit: DEFAULT_PIDS_LIMIT,
             default_image: None,
+            logs: None,
         }
     }
 }
@@ -356,6 +369,10 @@ impl DockerRuntime {
             // Equal to the memory limit: the cap is on memory, not memory plus as much swap.
             memory_swap: memory,
             pids_limit: Some(config.pids_limit),
+            log_config: config
+                .logs
+                .as_ref()
+                .map(|files| engine_log_config(files.config().max_bytes)),
             ..Default::default()
         };
         let mut exposed_ports = None;
@@ -472,7 +489,8 @@ impl DockerRuntime {
     /// Undoes a start that failed after the container was created.
     fn abandon(&self, backend: &BackendId, container: &str) {
         self.inner.untrack(backend, container);
-        self.inner.remove_later(container.to_string());
+        self.inner
+            .remove_later(backend.clone(), container.to_string());
     }
 
     /// Builds the error for a container that exited before its address could be read.
@@ -569,20 +587,63 @@ impl Inner {
             // The agent may have stopped watching; nothing to do then.
             let _ = exit.send(status);
         }
-        self.remove_later(container.to_string());
+        self.remove_later(backend.clone(), container.to_string());
     }
 
-    /// Removes a container in the background (it has exited, or is being abandoned).
-    fn remove_later(self: &Arc<Self>, container: String) {
+    /// Archives a container's output and removes the container, in the background (it has
+    /// exited, or is being abandoned).
+    fn remove_later(self: &Arc<Self>, backend: BackendId, container: String) {
         let inner = self.clone();
         self.tasks.spawn(async move {
             let Ok(docker) = inner.docker().await else {
                 return;
             };
+            inner.archive(docker, &backend, &container).await;
             if let Err(error) = remove_container(docker, &container).await {
                 tracing::warn!(container = short(&container), %error, "cannot remove an exited container; the next agent run's adopt removes it");
             }
         });
+    }
+
+    /// Keeps an ended container's output as its backend's log (if logs are kept), before the
+    /// container is removed: a reader then finds the container or the archive, never neither.
+    async fn archive(&self, docker: &Docker, backend: &BackendId, container: &str) {
+        let Some(files) = &self.config.logs else {
+            return;
+        };
+        let max = usize::try_from(files.config().max_bytes).unwrap_or(usize::MAX);
+        let options = LogsOptionsBuilder::new()
+            .stdout(true)
+            .stderr(true)
+            .tail("all")
+            .build();
+        let collect = async {
+            let mut output: Vec<u8> = Vec::new();
+            let mut logs = docker.logs(container, Some(options));
+            while let Some(item) = logs.next().await {
+                output.extend_from_slice(&item?.into_bytes());
+                // Only the newest `max` bytes are kept: drop the rest now and then.
+                if output.len() > max.saturating_mul(2) {
+                    let excess = output.len() - max;
+                    output.drain(..excess);
+                }
+            }
+            Ok::<_, DockerError>(output)
+        };
+        let output = match tokio::time::timeout(ARCHIVE_TIMEOUT, collect).await {
+            Ok(Ok(output)) => output,
+            Ok(Err(error)) => {
+                tracing::warn!(%backend, container = short(container), %error, "cannot read an ended container's output; its logs are lost");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%backend, container = short(container), "reading an ended container's output took longer than {ARCHIVE_TIMEOUT:?}; its logs are lost");
+                return;
+            }
+        };
+        if let Err(error) = files.archive(backend, &output) {
+            tracing::warn!(%backend, %error, "cannot archive an ended container's output; its logs are lost");
+        }
     }
 
     /// The containers labelled with this drone, in any state.
@@ -911,8 +972,11 @@ impl Runtime for DockerRuntime {
                         | ContainerSummaryStateEnum::RESTARTING
                 )
             );
-            let Some(backend) = backend.filter(|_| running) else {
+            let Some(backend) = backend.clone().filter(|_| running) else {
                 tracing::info!(container = short(&container), state = ?summary.state, "removing a container left by an earlier agent run");
+                if let Some(backend) = &backend {
+                    self.inner.archive(docker, backend, &container).await;
+                }
                 if let Err(error) = remove_container(docker, &container).await {
                     tracing::warn!(container = short(&container), %error, "cannot remove a leftover container");
                 }
@@ -971,6 +1035,90 @@ impl Runtime for DockerRuntime {
                 self.inner.host
             )),
         }
+    }
+
+    /// A running (or stopped, not yet removed) container's logs from the engine; an ended
+    /// one's from its archive.
+    async fn logs(
+        &self,
+        request: &LogsRequest,
+        out: LogSink,
+        cancel: CancellationToken,
+    ) -> Result<(), LogsError> {
+        let Some(files) = self.inner.config.logs.clone() else {
+            return Err(LogsError::NotKept { runtime: "docker" });
+        };
+        let backend = &request.backend;
+        let archived = || files.read(backend, request.tail, request.follow, &out, &cancel);
+        let docker = match self.inner.docker().await {
+            Ok(docker) => docker,
+            // Ended backends' logs do not need the engine.
+            Err(_) if files.has(backend) => return archived().await,
+            Err(error) => {
+                return Err(LogsError::Unavailable {
+                    backend: backend.clone(),
+                    reason: error.to_string(),
+                });
+            }
+        };
+        let name = container_name(backend);
+        match docker.inspect_container(&name, None).await {
+            Ok(_) => {}
+            Err(error) if status_code(&error) == Some(404) => return archived().await,
+            Err(source) => {
+                return Err(LogsError::Docker {
+                    backend: backend.clone(),
+                    source,
+                });
+            }
+        }
+        let tail = request
+            .tail
+            .map_or_else(|| "all".to_string(), |n| n.to_string());
+        let options = LogsOptionsBuilder::new()
+            .stdout(true)
+            .stderr(true)
+            .follow(request.follow)
+            .tail(&tail)
+            .build();
+        let mut logs = docker.logs(&name, Some(options));
+        // The container exists: the request is accepted.
+        if out.send(String::new()).await.is_err() {
+            return Ok(());
+        }
+        let mut chunker = Chunker::default();
+        let mut sent = false;
+        loop {
+            let item = tokio::select! {
+                () = cancel.cancelled() => break,
+                item = logs.next() => item,
+            };
+            match item {
+                None => break,
+                Some(Ok(output)) => {
+                    for chunk in chunker.push(&output.into_bytes()) {
+                        sent = true;
+                        if out.send(chunk).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                // Removed since the inspect, archived before that.
+                Some(Err(error)) if status_code(&error) == Some(404) && !sent => {
+                    return archived().await;
+                }
+                Some(Err(source)) => {
+                    return Err(LogsError::Docker {
+                        backend: backend.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        if let Some(rest) = chunker.finish() {
+            let _ = out.send(rest).await;
+        }
+        Ok(())
     }
 
     async fn usage(&self) -> Vec<hangar_core::drone::BackendUsage> {
@@ -1114,6 +1262,18 @@ async fn output_tail_once(docker: &Docker, container: &str) -> String {
     let _ = tokio::time::timeout(OUTPUT_TIMEOUT, collect).await;
     let start = output.len().saturating_sub(OUTPUT_TAIL_BYTES);
     String::from_utf8_lossy(&output[start..]).trim().to_string()
+}
+
+/// The engine's log driver for backend containers: `local`, in two files of half of
+/// `max_bytes` each (the same bound as the drone's own files).
+fn engine_log_config(max_bytes: u64) -> HostConfigLogConfig {
+    HostConfigLogConfig {
+        typ: Some("local".to_string()),
+        config: Some(HashMap::from([
+            ("max-size".to_string(), (max_bytes / 2).max(1).to_string()),
+            ("max-file".to_string(), "2".to_string()),
+        ])),
+    }
 }
 
 fn container_name(backend: &BackendId) -> String {

@@ -616,7 +616,9 @@ async fn agent_with_docker_runtime_reports_waiting_ready_failure_and_exit() {
             .await
             .expect("timed out waiting for a backend event")
             .expect("agent hung up");
-        let DroneMessage::Event { backend: b, event } = message;
+        let DroneMessage::Event { backend: b, event } = message else {
+            panic!("expected a backend event, got {message:?}");
+        };
         assert_eq!(&b, backend, "event {event:?} for another backend");
         event
     };
@@ -732,4 +734,110 @@ fn api_versions_and_event_times_are_parsed_and_formatted() {
         unix_time(UNIX_EPOCH + Duration::new(1_700_000_000, 5)),
         "1700000000.000000005"
     );
+}
+
+/// Reads `backend`'s logs through the runtime until `done` holds for the text received (or
+/// the read ends); returns the text and whether the read ended.
+async fn logs_until(
+    runtime: &Arc<DockerRuntime>,
+    backend: &BackendId,
+    tail: Option<u64>,
+    follow: bool,
+    done: impl Fn(&str) -> bool,
+) -> (String, Option<Result<(), LogsError>>) {
+    let (tx, mut rx) = mpsc::channel(64);
+    let request = LogsRequest {
+        request: 1,
+        backend: backend.clone(),
+        tail,
+        follow,
+    };
+    let cancel = CancellationToken::new();
+    let read = {
+        let (runtime, cancel) = (runtime.clone(), cancel.clone());
+        tokio::spawn(async move { runtime.logs(&request, tx, cancel).await })
+    };
+    let mut text = String::new();
+    let mut ended = false;
+    while !done(&text) {
+        match tokio::time::timeout(WAIT, rx.recv()).await {
+            Ok(Some(chunk)) => text.push_str(&chunk),
+            Ok(None) => {
+                ended = true;
+                break;
+            }
+            Err(_) => panic!("no more logs within {WAIT:?}; got {text:?}"),
+        }
+    }
+    if !ended {
+        cancel.cancel();
+    }
+    let result = tokio::time::timeout(WAIT, read).await.unwrap().unwrap();
+    (text, ended.then_some(result))
+}
+
+/// A container's logs come from the engine while it runs (a tail, then a follow that sees
+/// each request's line), and from the drone's archive once it has ended and been removed.
+#[tokio::test]
+async fn logs_of_a_running_container_then_of_its_archive() {
+    let Some(drone) = TestDrone::new("logs").await else {
+        return;
+    };
+    let docker = engine().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let files = Arc::new(LogFiles::new(crate::logs::LogConfig::new(
+        dir.path(),
+        &drone.name,
+    )));
+    let mut config = drone.config();
+    config.logs = Some(files.clone());
+    let runtime = Arc::new(DockerRuntime::connect(config).unwrap());
+    let cmd = spawn_command();
+    let backend = cmd.backend.clone();
+    let started = runtime.start(&cmd).await.unwrap();
+    get_ok(started.address, "/").await;
+    let name = format!("hangar-{backend}");
+    let info = docker.inspect_container(&name, None).await.unwrap();
+    let log_config = info.host_config.unwrap().log_config.unwrap();
+    assert_eq!(log_config.typ.as_deref(), Some("local"));
+
+    let (all, end) = logs_until(&runtime, &backend, None, false, |_| false).await;
+    assert!(matches!(end, Some(Ok(()))), "{end:?}");
+    assert!(all.contains("listening on"), "{all:?}");
+    assert!(all.contains("GET / 200"), "{all:?}");
+    let (last, _) = logs_until(&runtime, &backend, Some(1), false, |_| false).await;
+    assert_eq!(last.lines().count(), 1, "{last:?}");
+
+    let follow = {
+        let (runtime, backend) = (runtime.clone(), backend.clone());
+        tokio::spawn(async move {
+            logs_until(&runtime, &backend, Some(0), true, |t| {
+                t.contains("GET /count 200")
+            })
+            .await
+        })
+    };
+    // The follow may start after this request: ask until the follow has seen one.
+    let deadline = Instant::now() + WAIT;
+    while !follow.is_finished() {
+        get_ok(started.address, "/count").await;
+        assert!(Instant::now() < deadline, "the follow saw no request line");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (seen, _) = follow.await.unwrap();
+    assert!(seen.contains("GET /count 200"), "{seen:?}");
+
+    runtime.stop(&backend, Duration::ZERO).await.unwrap();
+    removed(&docker, &name).await;
+    assert!(
+        files.has(&backend),
+        "the output was archived before the removal"
+    );
+    let (archived, end) = logs_until(&runtime, &backend, None, true, |_| false).await;
+    assert!(
+        matches!(end, Some(Ok(()))),
+        "a follow of an ended backend ends"
+    );
+    assert!(archived.contains("listening on"), "{archived:?}");
+    assert!(archived.contains("GET /count 200"), "{archived:?}");
 }

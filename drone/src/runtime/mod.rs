@@ -8,8 +8,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hangar_core::BackendId;
-use hangar_core::drone::{BackendUsage, SpawnCommand};
+use hangar_core::drone::{BackendUsage, LogsRequest, SpawnCommand};
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::logs::{LogSink, LogsError};
 
 pub mod docker;
 pub mod hollow;
@@ -174,5 +177,22 @@ pub trait Runtime: Send + Sync + 'static {
     /// runtimes that cannot measure, reports nothing.
     async fn usage(&self) -> Vec<BackendUsage> {
         Vec::new()
+    }
+
+    /// Sends the backend's output to `out` as [`crate::logs`] describes (the last
+    /// `request.tail` lines, an empty opening chunk when there are none, then with
+    /// `request.follow` new output until the backend has ended or `cancel` fires). Processes:
+    /// their kept files; Docker: the engine's logs of a running container, the archived file
+    /// of an ended one. The default, for runtimes that keep no output, has none.
+    async fn logs(
+        &self,
+        request: &LogsRequest,
+        out: LogSink,
+        cancel: CancellationToken,
+    ) -> Result<(), LogsError> {
+        let _ = (request, out, cancel);
+        Err(LogsError::NotKept {
+            runtime: self.name(),
+        })
     }
 }

@@ -11,10 +11,8 @@
 //! process, and then signalled.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,13 +20,20 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hangar_core::BackendId;
-use hangar_core::drone::{BackendUsage, SpawnCommand};
-use tokio::process::{Child, Command};
+use hangar_core::drone::{BackendUsage, LogsRequest, SpawnCommand};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{ExitStatus, Runtime, RuntimeError, Started};
+use super::{ExitStatus, LogSink, LogsError, Runtime, RuntimeError, Started};
+use crate::logs::{LineBuffer, LogFiles, LogWriter};
+
+/// How long a backend's output is still read after its main process exited: what it wrote
+/// last is in the pipe; a descendant that escaped its process group and keeps the pipe open
+/// does not hold the log open for ever.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
 
 /// Configuration of a [`ProcessRuntime`].
 #[derive(Clone, Debug)]
@@ -38,9 +43,9 @@ pub struct ProcessRuntimeConfig {
     /// The address backends listen on (`HANGAR_BIND`, with `PORT`); also the host of the
     /// address handed to proxies, so it must be one they can reach (`--advertise-address`).
     pub bind_host: IpAddr,
-    /// If set, each child's stdout and stderr are appended to `<log_dir>/<backend>.log`;
-    /// otherwise they go to `/dev/null`.
-    pub log_dir: Option<PathBuf>,
+    /// If set, each child's stdout and stderr are kept there (read through a pipe, a line at
+    /// a time, by a capture task: see [`crate::logs`]); otherwise they go to `/dev/null`.
+    pub logs: Option<Arc<LogFiles>>,
 }
 
 impl Default for ProcessRuntimeConfig {
@@ -48,7 +53,7 @@ impl Default for ProcessRuntimeConfig {
         ProcessRuntimeConfig {
             default_command: None,
             bind_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            log_dir: None,
+            logs: None,
         }
     }
 }
@@ -133,18 +138,13 @@ impl ProcessRuntime {
             })
     }
 
-    /// Where the child's stdout and stderr go.
-    fn output(&self, backend: &BackendId) -> io::Result<(Stdio, Stdio)> {
-        let Some(dir) = &self.inner.config.log_dir else {
-            return Ok((Stdio::null(), Stdio::null()));
+    /// Where the child's stdout and stderr go: pipes read into its log, or nowhere.
+    fn output(&self, backend: &BackendId) -> io::Result<(Stdio, Stdio, Option<LogWriter>)> {
+        let Some(files) = &self.inner.config.logs else {
+            return Ok((Stdio::null(), Stdio::null(), None));
         };
-        std::fs::create_dir_all(dir)?;
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(format!("{backend}.log")))?;
-        let stderr = file.try_clone()?;
-        Ok((file.into(), stderr.into()))
+        let writer = files.writer(backend)?;
+        Ok((Stdio::piped(), Stdio::piped(), Some(writer)))
     }
 }
 
@@ -257,7 +257,7 @@ impl Runtime for ProcessRuntime {
             backend: backend.clone(),
             source,
         })?;
-        let (stdout, stderr) = self.output(backend).map_err(spawn_error)?;
+        let (stdout, stderr, log) = self.output(backend).map_err(spawn_error)?;
 
         let mut command = Command::new(&argv[0]);
         command
@@ -276,7 +276,7 @@ impl Runtime for ProcessRuntime {
         // Spawning here, on the calling (tokio worker) thread, matters: the parent-death signal
         // fires when the *thread* that forked the child exits, and worker threads live as long
         // as the tokio runtime, unlike `spawn_blocking` threads.
-        let child = command.spawn().map_err(spawn_error)?;
+        let mut child = command.spawn().map_err(spawn_error)?;
         let Some(pid) = child.id() else {
             // Only possible if the child was already reaped, which nothing has done yet.
             return Err(spawn_error(io::Error::other("the child has no pid")));
@@ -287,6 +287,11 @@ impl Runtime for ProcessRuntime {
         let (signals_tx, signals_rx) = mpsc::unbounded_channel();
         let (exited_tx, exited_rx) = watch::channel(None);
         let (exit_tx, exit_rx) = oneshot::channel();
+        if let (Some(log), Some(out), Some(err)) = (log, child.stdout.take(), child.stderr.take()) {
+            self.inner
+                .tasks
+                .spawn(capture(log, out, err, exited_rx.clone()));
+        }
         lock(&self.inner.children).insert(
             backend.clone(),
             ChildEntry {
@@ -346,6 +351,26 @@ impl Runtime for ProcessRuntime {
         Ok(Vec::new())
     }
 
+    async fn logs(
+        &self,
+        request: &LogsRequest,
+        out: LogSink,
+        cancel: CancellationToken,
+    ) -> Result<(), LogsError> {
+        let Some(files) = &self.inner.config.logs else {
+            return Err(LogsError::NotKept { runtime: "process" });
+        };
+        files
+            .read(
+                &request.backend,
+                request.tail,
+                request.follow,
+                &out,
+                &cancel,
+            )
+            .await
+    }
+
     async fn usage(&self) -> Vec<BackendUsage> {
         let pids: Vec<(BackendId, libc::pid_t)> = lock(&self.inner.children)
             .iter()
@@ -401,6 +426,69 @@ fn parse_stat_times(stat: &str) -> Option<(u64, u64)> {
 /// The resident set (second field, in pages) of `/proc/<pid>/statm`.
 fn parse_statm_resident(statm: &str) -> Option<u64> {
     statm.split_ascii_whitespace().nth(1)?.parse().ok()
+}
+
+/// The task that keeps one child's output: reads its stdout and stderr into its log a line at
+/// a time, until both pipes close or [`OUTPUT_DRAIN`] after the child exited. Dropping the
+/// writer at the end tells followers that the output has ended.
+async fn capture(
+    mut log: LogWriter,
+    stdout: ChildStdout,
+    stderr: ChildStderr,
+    mut exited: watch::Receiver<Option<ExitStatus>>,
+) {
+    let (mut out, mut err) = (Some(stdout), Some(stderr));
+    let (mut out_lines, mut err_lines) = (LineBuffer::default(), LineBuffer::default());
+    let (mut out_buf, mut err_buf) = (vec![0u8; 8192], vec![0u8; 8192]);
+    let mut drain_until: Option<tokio::time::Instant> = None;
+    // A write error is reported once; the pipes are still read, so the child never blocks.
+    let mut failed = false;
+    let mut keep = |log: &mut LogWriter, data: Option<Vec<u8>>| {
+        if let Some(data) = data
+            && let Err(error) = log.write(&data)
+            && !std::mem::replace(&mut failed, true)
+        {
+            tracing::warn!(%error, "cannot write a backend's output to its log; dropping it");
+        }
+    };
+    while out.is_some() || err.is_some() {
+        tokio::select! {
+            n = read_some(&mut out, &mut out_buf) => match n {
+                Some(n) => keep(&mut log, out_lines.push(&out_buf[..n])),
+                None => out = None,
+            },
+            n = read_some(&mut err, &mut err_buf) => match n {
+                Some(n) => keep(&mut log, err_lines.push(&err_buf[..n])),
+                None => err = None,
+            },
+            _ = exited.wait_for(Option::is_some), if drain_until.is_none() => {
+                drain_until = Some(tokio::time::Instant::now() + OUTPUT_DRAIN);
+            }
+            () = sleep_until_some(drain_until) => break,
+        }
+    }
+    keep(&mut log, out_lines.finish());
+    keep(&mut log, err_lines.finish());
+}
+
+/// Reads from `pipe` into `buf`: `Some(n)` bytes, or `None` at its end (or on an error);
+/// never resolves when there is no pipe.
+async fn read_some<R: AsyncRead + Unpin>(pipe: &mut Option<R>, buf: &mut [u8]) -> Option<usize> {
+    match pipe {
+        Some(pipe) => match pipe.read(buf).await {
+            Ok(0) | Err(_) => None,
+            Ok(n) => Some(n),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at`; never resolves without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The task that owns one child: delivers signals to it and reaps it.
@@ -498,13 +586,43 @@ mod tests {
         }
     }
 
+    /// Reads a backend's whole log, following it until its output has ended.
+    async fn log_of(runtime: &ProcessRuntime, backend: &BackendId) -> String {
+        let (tx, mut rx) = mpsc::channel(64);
+        let request = LogsRequest {
+            request: 1,
+            backend: backend.clone(),
+            tail: None,
+            follow: true,
+        };
+        let read = runtime.logs(&request, tx, CancellationToken::new());
+        let collect = async {
+            let mut text = String::new();
+            while let Some(chunk) = rx.recv().await {
+                text.push_str(&chunk);
+            }
+            text
+        };
+        let (result, text) = tokio::time::timeout(WAIT, async { tokio::join!(read, collect) })
+            .await
+            .expect("the follow ended with the backend's output");
+        result.unwrap();
+        text
+    }
+
+    fn logged(dir: &std::path::Path) -> ProcessRuntimeConfig {
+        ProcessRuntimeConfig {
+            logs: Some(Arc::new(LogFiles::new(crate::logs::LogConfig::new(
+                dir, "d1",
+            )))),
+            ..Default::default()
+        }
+    }
+
     #[tokio::test]
     async fn passes_env_and_reports_exit_code() {
         let dir = tempfile::tempdir().unwrap();
-        let runtime = ProcessRuntime::new(ProcessRuntimeConfig {
-            log_dir: Some(dir.path().to_path_buf()),
-            ..Default::default()
-        });
+        let runtime = ProcessRuntime::new(logged(dir.path()));
         let cmd = spawn_command(
             "penv",
             &[
@@ -521,11 +639,53 @@ mod tests {
             .unwrap();
         assert_eq!(status.code, Some(5));
         assert!(runtime.running().is_empty());
-        let log = std::fs::read_to_string(dir.path().join("penv.log")).unwrap();
         assert_eq!(
-            log,
+            log_of(&runtime, &cmd.backend).await,
             format!("{} penv default/doc 7 hi\n", started.address.port())
         );
+    }
+
+    /// stdout and stderr go to one log, a whole line at a time, and the log outlives the
+    /// process; a runtime without a log directory keeps nothing.
+    #[tokio::test]
+    async fn keeps_stdout_and_stderr_by_line_after_the_exit() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = ProcessRuntime::new(logged(dir.path()));
+        let cmd = spawn_command(
+            "pboth",
+            &[
+                "sh",
+                "-c",
+                "printf 'out one\\n'; printf 'err one\\n' >&2; printf 'out two\\n'; printf 'no end'",
+            ],
+        );
+        let started = runtime.start(&cmd).await.unwrap();
+        tokio::time::timeout(WAIT, started.exit)
+            .await
+            .unwrap()
+            .unwrap();
+        let log = log_of(&runtime, &cmd.backend).await;
+        let mut lines: Vec<&str> = log.split_inclusive('\n').collect();
+        lines.sort_unstable();
+        assert_eq!(
+            lines,
+            ["err one\n", "no end", "out one\n", "out two\n"],
+            "{log:?}"
+        );
+        assert!(dir.path().join("pboth.log").exists());
+
+        let bare = ProcessRuntime::new(ProcessRuntimeConfig::default());
+        let (tx, _rx) = mpsc::channel(1);
+        let request = LogsRequest {
+            request: 1,
+            backend: cmd.backend.clone(),
+            tail: None,
+            follow: false,
+        };
+        assert!(matches!(
+            bare.logs(&request, tx, CancellationToken::new()).await,
+            Err(LogsError::NotKept { .. })
+        ));
     }
 
     #[tokio::test]

@@ -34,6 +34,8 @@ fn need(method: &Method, path: &str) -> Need {
     let post = *method == Method::POST;
     match path {
         "/healthz" | "/readyz" => Need::Nothing,
+        // The dashboard's static assets: the page asks for a token and sends it on its calls.
+        p if read && (p == "/ui" || p.starts_with("/ui/")) => Need::Nothing,
         "/v1/drones/connect" if read => Need::Scope(Scope::Drone),
         "/v1/routes/feed" if read => Need::Scope(Scope::Proxy),
         "/v1/activity" if post => Need::Scope(Scope::Proxy),
@@ -170,6 +172,16 @@ mod tests {
         let delete = Method::DELETE;
         for (m, p, n) in [
             (&get, "/healthz", Need::Nothing),
+            (&get, "/ui", Need::Nothing),
+            (&get, "/ui/", Need::Nothing),
+            (&get, "/ui/app.js", Need::Nothing),
+            (&post, "/ui", Need::Scope(Scope::Admin)),
+            (&get, "/uix", Need::Scope(Scope::Read)),
+            (
+                &get,
+                "/v1/backends/b1/traffic",
+                Need::Backend { write: false },
+            ),
             (&get, "/v1/drones/connect", Need::Scope(Scope::Drone)),
             (&get, "/v1/routes/feed", Need::Scope(Scope::Proxy)),
             (&post, "/v1/activity", Need::Scope(Scope::Proxy)),
@@ -181,6 +193,7 @@ mod tests {
                 "/v1/backends/b1/events",
                 Need::Backend { write: false },
             ),
+            (&get, "/v1/backends/b1/logs", Need::Backend { write: false }),
             (
                 &post,
                 "/v1/backends/b1/terminate",

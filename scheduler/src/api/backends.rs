@@ -45,6 +45,46 @@ pub(crate) async fn connect(
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListQuery {
     status: Option<String>,
+    /// Only keys containing this (`namespace/name`).
+    key: Option<String>,
+    /// Only backends of this pool.
+    pool: Option<String>,
+    /// Only backends on this drone.
+    drone: Option<String>,
+    /// Paging (any of the three asks for a [`BackendPage`]): at most `limit` backends
+    /// (default [`PAGE`], at most [`MAX_PAGE`]), after the cursor `after` (a page's `next`),
+    /// `order` `asc` (oldest first, the default) or `desc`.
+    limit: Option<usize>,
+    after: Option<String>,
+    order: Option<String>,
+}
+
+/// A page's default size.
+const PAGE: usize = 100;
+/// The largest page.
+const MAX_PAGE: usize = 1000;
+
+/// `GET /v1/backends?limit=…`: one page of the backends that match, in creation order.
+#[derive(serde::Serialize)]
+pub(crate) struct BackendPage {
+    backends: Vec<hangar_core::api::BackendView>,
+    /// How many backends match every filter.
+    total: usize,
+    /// Backends matching the filters but `status`, by state name.
+    counts: std::collections::BTreeMap<&'static str, usize>,
+    /// The cursor of the next page (`after=`), if there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+}
+
+/// A page cursor: the last backend's creation time and id.
+fn cursor(r: &BackendRecord) -> String {
+    format!("{}-{}", r.created_at, r.id)
+}
+
+fn parse_cursor(c: &str) -> Option<(u64, &str)> {
+    let (at, id) = c.split_once('-')?;
+    Some((at.parse().ok()?, id))
 }
 
 const STATUSES: [&str; 7] = [
@@ -57,11 +97,11 @@ const STATUSES: [&str; 7] = [
     "live",
 ];
 
-/// `GET /v1/backends[?status=…]`.
+/// `GET /v1/backends[?status=…&key=…&pool=…&drone=…][&limit=…&after=…&order=…]`.
 pub(crate) async fn list(
     State(h): State<Handles>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<BackendList>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
     if let Some(s) = &q.status
         && !STATUSES.contains(&s.as_str())
@@ -71,12 +111,45 @@ pub(crate) async fn list(
             STATUSES.join(", ")
         )));
     }
+    let paged = q.limit.is_some() || q.after.is_some() || q.order.is_some();
+    let desc = match q.order.as_deref() {
+        None | Some("asc") => false,
+        Some("desc") => true,
+        Some(o) => {
+            return Err(ApiError::BadRequest(format!(
+                "invalid field `order`: {o:?} is not one of asc, desc"
+            )));
+        }
+    };
+    let after = match q.after.as_deref() {
+        None => None,
+        Some(c) => Some(parse_cursor(c).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "invalid field `after`: {c:?} is not a cursor: pass a page's `next`"
+            ))
+        })?),
+    };
+    let mut counts = std::collections::BTreeMap::new();
     let mut backends: Vec<BackendRecord> = h
         .backends
         .list()
         .await?
         .into_iter()
         .map(|s| s.record)
+        .filter(|r| {
+            q.key.as_deref().is_none_or(|k| {
+                r.key
+                    .as_ref()
+                    .is_some_and(|key| key.to_string().contains(k))
+            }) && q
+                .pool
+                .as_deref()
+                .is_none_or(|p| r.pool.as_ref().is_some_and(|m| m.name == p))
+                && q.drone
+                    .as_deref()
+                    .is_none_or(|d| r.drone.as_deref() == Some(d))
+        })
+        .inspect(|r| *counts.entry(r.state.name()).or_insert(0) += 1)
         .filter(|r| match q.status.as_deref() {
             None => true,
             Some("live") => r.state.is_live(),
@@ -84,9 +157,39 @@ pub(crate) async fn list(
         })
         .collect();
     backends.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
-    Ok(Json(BackendList {
-        backends: backends.iter().map(BackendRecord::view).collect(),
-    }))
+    if !paged {
+        return Ok(Json(BackendList {
+            backends: backends.iter().map(BackendRecord::view).collect(),
+        })
+        .into_response());
+    }
+    if desc {
+        backends.reverse();
+    }
+    let total = backends.len();
+    let start = after.map_or(0, |(at, id)| {
+        backends.partition_point(|r| {
+            let here = (r.created_at, r.id.as_str());
+            if desc {
+                here >= (at, id)
+            } else {
+                here <= (at, id)
+            }
+        })
+    });
+    let limit = q.limit.unwrap_or(PAGE).min(MAX_PAGE);
+    let end = (start + limit).min(total);
+    let page = &backends[start..end];
+    let next = (end < total && !page.is_empty())
+        .then(|| page.last().map(cursor))
+        .flatten();
+    Ok(Json(BackendPage {
+        backends: page.iter().map(BackendRecord::view).collect(),
+        total,
+        counts,
+        next,
+    })
+    .into_response())
 }
 
 /// `GET /v1/backends/{id}`.

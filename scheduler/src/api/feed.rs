@@ -129,5 +129,6 @@ pub(crate) async fn activity(
     // report could keep backends alive forever.
     h.activity.record(&batch);
     h.hot.observe_activity(&batch);
+    h.traffic.observe_activity(&batch);
     Ok(http::StatusCode::NO_CONTENT)
 }

@@ -47,6 +47,8 @@ pub struct Handles {
     pub drains: Arc<Drains>,
     pub routes: Arc<Routes>,
     pub hot: Arc<HotShards>,
+    /// Per-backend request rate and latency over the last minutes (the dashboard's chart).
+    pub traffic: Arc<crate::traffic::Traffic>,
     pub activity: Arc<ActivityBook>,
     pub revocations: Arc<Revocations>,
     pub leadership: Arc<Leadership>,

@@ -3,9 +3,11 @@
 //! Handlers depend on components ([`Handles`]: one `Arc` per component), never the reverse;
 //! nothing below this module knows about HTTP except the error type. Submodules import
 //! [`Handles`] and [`ApiJson`] from their own modules, never from this one. Each submodule serves one
-//! area: [`backends`] (connect, list, status, events, terminate), [`drones`] (the session
+//! area: [`backends`] (connect, list, status, events, terminate), [`logs`] (a backend's
+//! output, from its drone), [`drones`] (the session
 //! endpoint, list, drain), [`feed`] (what remote proxies follow and report), [`acme`] (DNS-01
-//! challenge records), [`maintenance`] (maintenance windows).
+//! challenge records), [`maintenance`] (maintenance windows), [`ui`] (the operator dashboard's
+//! embedded assets at `/ui`) and [`traffic`] (a backend's recent request rate and latency).
 
 use axum::extract::State;
 use axum::routing::{get, post};
@@ -23,10 +25,13 @@ mod extract;
 mod feed;
 pub mod forward;
 mod handles;
+mod logs;
 mod maintenance;
 mod pools;
 mod quotas;
 mod tokens;
+mod traffic;
+mod ui;
 
 pub use extract::ApiJson;
 use extract::MAX_BODY;
@@ -43,7 +48,9 @@ pub fn router(handles: Handles) -> Router {
         .route("/v1/backends", get(backends::list))
         .route("/v1/backends/{id}", get(backends::get))
         .route("/v1/backends/{id}/events", get(backends::events))
+        .route("/v1/backends/{id}/logs", get(logs::logs))
         .route("/v1/backends/{id}/terminate", post(backends::terminate))
+        .route("/v1/backends/{id}/traffic", get(traffic::get))
         .route("/v1/activity", post(feed::activity))
         .route("/v1/routes/feed", get(feed::route_feed))
         .route("/v1/tokens/revoke", post(feed::revoke))
@@ -79,6 +86,7 @@ pub fn router(handles: Handles) -> Router {
             get(acme::list).post(acme::post).delete(acme::delete),
         )
         .route("/healthz", get(|| async { "ok" }))
+        .merge(ui::routes())
         .route("/readyz", get(readyz))
         .fallback(|| async {
             ApiError::NotFound("no such API endpoint: see the README for the API".into())

@@ -141,6 +141,8 @@ async fn a_followers_proxy_activity_reaches_the_leader() {
                 last_active: 12_345,
                 open: 1,
                 requests: 3,
+                answered: 0,
+                duration_us_total: 0,
             }],
         });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

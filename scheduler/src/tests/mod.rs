@@ -10,11 +10,13 @@ mod forward;
 mod layers;
 mod leader;
 mod lease_expiry;
+mod logs;
 mod monitor;
 mod pools;
 mod races;
 mod relay;
 mod session;
+mod ui;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -159,6 +159,8 @@ async fn a_hot_backend_is_flagged_gauged_listed_and_its_idle_neighbours_relocate
                 last_active: if rate > 0 { now } else { start - 60_000 },
                 open: 0,
                 requests: rate * step / 4,
+                answered: 0,
+                duration_us_total: 0,
             })
             .collect();
         sched.report_activity(&ActivityBatch {
