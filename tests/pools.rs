@@ -86,6 +86,43 @@ async fn a_pool_keeps_warm_process_backends_that_learn_their_key_when_claimed() 
     })
     .await;
 
+    // A burst of 20 connects for new keys: the five warm backends go first, the rest start
+    // cold (or take warm ones refilled meanwhile); every one answers with its own key.
+    let warm: HashSet<_> = warm_backends(&dev)
+        .await
+        .into_iter()
+        .filter(|b| b.state.name() == "ready")
+        .map(|b| b.id)
+        .collect();
+    assert_eq!(warm.len(), 5);
+    let burst = (0..20).map(|i| {
+        let dev = &dev;
+        async move { dev.connect_key(&format!("burst-{i}")).await }
+    });
+    let answers = futures_util::future::join_all(burst).await;
+    let served_warm = answers.iter().filter(|a| a.warm).count();
+    assert!(
+        (5..20).contains(&served_warm),
+        "{served_warm} of 20 served warm"
+    );
+    for id in &warm {
+        assert!(
+            answers.iter().any(|a| a.warm && a.backend_id == *id),
+            "every warm backend was claimed by the burst"
+        );
+    }
+    for (i, a) in answers.iter().enumerate() {
+        let hello = text(dev.get_by_host(a.backend_id.as_str(), &a.token, "/")).await;
+        assert!(
+            hello.ends_with(&format!("key default/burst-{i} epoch 1\n")),
+            "{hello}"
+        );
+    }
+    wait_pool(&dev, "default", "refilled after the burst", |p| {
+        p.status.warm_ready == 5 && p.status.claimed == 21
+    })
+    .await;
+
     // Lowered to 1: the converger removes the surplus (never the claimed one).
     let (code, out, err) = cli(&["pool", "set", "default", "--warm", "1", "--api", &api]);
     assert_eq!(code, 0, "{out}{err}");
