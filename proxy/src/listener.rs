@@ -208,6 +208,22 @@ async fn serve_conn<I>(
             Served::Http2(io) => io,
         }
     };
+    // Boxed: HTTP/2's connection state is large, and the HTTP/1.1 connections (most of them,
+    // and all the idle keep-alive ones) should not carry its size.
+    Box::pin(serve_h2(h2, shutdown, shared, io, peer, tls)).await;
+}
+
+/// Serves an HTTP/2 connection with hyper's server.
+async fn serve_h2<I>(
+    h2: &http2::Builder<TokioExecutor>,
+    shutdown: Shutdown,
+    shared: Arc<Shared>,
+    io: Prefixed<I>,
+    peer: std::net::SocketAddr,
+    tls: bool,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let client = Arc::new(ClientInfo::new(peer, tls));
     let svc = service_fn(move |req| handle(shared.clone(), req, client.clone()));
     let conn = h2.serve_connection(TokioIo::new(io), svc);
@@ -231,4 +247,22 @@ fn is_transient(e: &std::io::Error) -> bool {
         e.kind(),
         ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
     ) || e.raw_os_error().is_some_and(|c| c == 24 || c == 23) // EMFILE, ENFILE
+}
+
+#[cfg(test)]
+mod tests {
+    /// An idle keep-alive connection costs its task's future: the request path, the response
+    /// writer and HTTP/2 are boxed while in use so the future stays small (measured here on
+    /// the test build, which makes futures larger than a release build does).
+    #[tokio::test]
+    async fn a_connection_task_is_small_while_it_waits() {
+        let p = super::Proxy::new(crate::tests::config());
+        let (io, _peer) = tokio::io::duplex(64);
+        let h2 = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+        let shutdown = crate::server::Shutdown::new(Default::default());
+        let peer = "127.0.0.1:1".parse().unwrap();
+        let conn = super::serve_conn(&h2, shutdown, p.shared.clone(), io, peer, false, false);
+        let size = std::mem::size_of_val(&conn);
+        assert!(size <= 2048, "a connection's future is {size} bytes");
+    }
 }

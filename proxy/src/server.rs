@@ -46,6 +46,8 @@ pub(crate) const MAX_REQUEST_HEADERS: usize = 100;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The read buffer grows by this much when it runs low.
 const READ_CHUNK: usize = 8 * 1024;
+/// A write buffer larger than this is given back while the connection is idle.
+const IDLE_WBUF: usize = 1024;
 /// Body pieces smaller than this are copied out of the read buffer (which keeps its
 /// allocation); larger ones are split off without copying.
 const COPY_BELOW: usize = 8 * 1024;
@@ -109,7 +111,9 @@ where
 {
     let cfg = &shared.config;
     let client = ClientInfo::new(peer, tls);
-    let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+    // Allocated when the first bytes arrive, and given back whenever the connection waits for
+    // its next request (see [`read_some`]): an idle connection holds no buffers.
+    let mut rbuf = BytesMut::new();
     // Where a head's fields lie in the buffer while it is parsed (kept, not zeroed, per request).
     let mut spans = Vec::new();
     let mut wbuf: Vec<u8> = Vec::new();
@@ -137,7 +141,14 @@ where
                     Ok(Some(head)) => break head,
                     Ok(None) => {}
                     Err(e) => {
-                        answer_and_close(&shared, &mut io, timer.as_mut(), &mut wbuf, e).await;
+                        Box::pin(answer_and_close(
+                            &shared,
+                            &mut io,
+                            timer.as_mut(),
+                            &mut wbuf,
+                            e,
+                        ))
+                        .await;
                         return Served::Closed;
                     }
                 }
@@ -161,12 +172,19 @@ where
                     .reset(tokio::time::Instant::now() + phase.limit(cfg));
                 armed = Some(phase);
             }
-            if rbuf.capacity() - rbuf.len() < 1024 {
+            if idle {
+                // Nothing buffered: give the buffers back while the client thinks (a
+                // response's gathered body can leave the write buffer large).
+                rbuf = BytesMut::new();
+                if wbuf.capacity() > IDLE_WBUF {
+                    wbuf = Vec::new();
+                }
+            } else if rbuf.capacity() - rbuf.len() < 1024 {
                 rbuf.reserve(READ_CHUNK);
             }
             let event = tokio::select! {
                 biased;
-                r = io.read_buf(&mut rbuf) => match r {
+                r = read_some(&mut io, &mut rbuf) => match r {
                     Ok(0) | Err(_) => Wait::Closed,
                     Ok(_) => Wait::Read,
                 },
@@ -180,7 +198,14 @@ where
                     if !idle {
                         // A slow client: cut off, with a 408 it may read.
                         let e = ProxyError::HeadTimeout(phase.limit(cfg));
-                        answer_and_close(&shared, &mut io, timer.as_mut(), &mut wbuf, e).await;
+                        Box::pin(answer_and_close(
+                            &shared,
+                            &mut io,
+                            timer.as_mut(),
+                            &mut wbuf,
+                            e,
+                        ))
+                        .await;
                     }
                     return Served::Closed;
                 }
@@ -203,7 +228,9 @@ where
                 rbuf: &mut rbuf,
                 state: &mut body,
             });
-            let respond = crate::service::respond(
+            // Boxed: the request path's state is the largest part of this future, and a
+            // connection waiting for its next request should not carry it.
+            let respond = Box::pin(crate::service::respond(
                 &shared,
                 &head.head,
                 ClientBody { side: &side },
@@ -216,7 +243,7 @@ where
                             .map_err(|_| "the client connection closed before the upgrade".into())
                     }) as ClientUpgrade
                 },
-            );
+            ));
             tokio::select! {
                 biased;
                 response = respond => Some(response),
@@ -249,7 +276,16 @@ where
         let body_read = body.is_done() || body.skip_buffered(&mut rbuf);
         let keep = keep_alive && body_read && !shutdown.is_stopping();
         let mut out = TimedWrite::new(&mut io, timer.as_mut(), cfg.client_write_timeout);
-        match write_response(&mut out, &mut wbuf, response, method_is_head, version, keep).await {
+        match Box::pin(write_response(
+            &mut out,
+            &mut wbuf,
+            response,
+            method_is_head,
+            version,
+            keep,
+        ))
+        .await
+        {
             Ok(true) => {}
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                 // A client that stopped reading: dropping the connection drops the response
@@ -258,7 +294,7 @@ where
                 return Served::Closed;
             }
             Ok(false) | Err(_) => {
-                close(out, &mut rbuf, !body_read).await;
+                Box::pin(close(out, &mut rbuf, !body_read)).await;
                 return Served::Closed;
             }
         }
@@ -311,6 +347,28 @@ async fn answer_and_close<I: AsyncWrite + Unpin>(
     {
         let _ = out.shutdown().await;
     }
+}
+
+/// Reads what the client sent into `buf`. A buffer with no allocation (a connection that
+/// was waiting for its next request) is read through the stack first and allocated only
+/// once bytes arrived, so the wait itself holds no buffer: the stack array lives for one
+/// poll, not in the connection's future.
+async fn read_some<I: AsyncRead + Unpin>(io: &mut I, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.capacity() > 0 {
+        return io.read_buf(buf).await;
+    }
+    std::future::poll_fn(|cx| {
+        let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut read = tokio::io::ReadBuf::uninit(&mut stack);
+        ready!(Pin::new(&mut *io).poll_read(cx, &mut read))?;
+        let got = read.filled();
+        if !got.is_empty() {
+            buf.reserve(READ_CHUNK);
+            buf.extend_from_slice(got);
+        }
+        Poll::Ready(Ok(got.len()))
+    })
+    .await
 }
 
 /// Closes the connection after a response; if part of the request body was left unread, reads
