@@ -170,6 +170,27 @@ impl DroneInfo {
     }
 }
 
+/// Every drone at one moment: this instance's sessions, then the drones other instances
+/// hold that are not also held here (a session here is newer than a record saying otherwise).
+pub struct DroneSnapshot {
+    local: Vec<DroneInfo>,
+    elsewhere: Arc<Vec<DroneInfo>>,
+}
+
+impl DroneSnapshot {
+    pub fn iter(&self) -> impl Iterator<Item = &DroneInfo> {
+        self.local.iter().chain(
+            self.elsewhere
+                .iter()
+                .filter(|d| !self.local.iter().any(|l| l.name == d.name)),
+        )
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.local.is_empty() && self.elsewhere.is_empty()
+    }
+}
+
 /// Every drone of the cluster: the leased drone records in the store (a record lives as long
 /// as its session's lease, on whichever instance holds the session), with this instance's own
 /// sessions taking precedence (they are current before their record's watch event arrives,
@@ -183,6 +204,10 @@ pub struct DroneDirectory {
     instance: String,
     /// A std lock held only to swap or clone the `Arc`.
     records: RwLock<Arc<BTreeMap<String, DroneRecord>>>,
+    /// The drones whose sessions other instances hold, built once per change of the records
+    /// (placement reads every drone for every new backend: it must not rebuild them each
+    /// time).
+    elsewhere: RwLock<Arc<Vec<DroneInfo>>>,
     /// Set once the records were listed.
     loaded: AtomicBool,
 }
@@ -193,22 +218,29 @@ impl DroneDirectory {
             local,
             instance,
             records: RwLock::default(),
+            elsewhere: RwLock::default(),
             loaded: AtomicBool::new(false),
         }
     }
 
     /// Every drone, by name.
     pub fn all(&self) -> Vec<DroneInfo> {
-        let records = self.records();
-        let mut by_name: BTreeMap<String, DroneInfo> = records
-            .values()
-            .filter(|r| self.held_elsewhere(r))
-            .map(|r| (r.name.clone(), DroneInfo::of_record(r)))
-            .collect();
-        for conn in self.local.all() {
-            by_name.insert(conn.name.clone(), DroneInfo::of_session(&conn));
+        let snapshot = self.snapshot();
+        let mut all: Vec<DroneInfo> = snapshot.iter().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// Every drone, without copying those other instances hold.
+    pub fn snapshot(&self) -> DroneSnapshot {
+        DroneSnapshot {
+            local: self.local.all().iter().map(DroneInfo::of_session).collect(),
+            elsewhere: self
+                .elsewhere
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
-        by_name.into_values().collect()
     }
 
     /// The drone `name`, if it is connected to any instance.
@@ -228,7 +260,7 @@ impl DroneDirectory {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.all().is_empty()
+        self.snapshot().is_empty()
     }
 
     /// Whether the store's drone records were read at least once.
@@ -245,7 +277,13 @@ impl DroneDirectory {
 
     /// Replaces the mirrored records (keyed by store key).
     pub(crate) fn publish(&self, records: &BTreeMap<String, DroneRecord>) {
+        let elsewhere: Vec<DroneInfo> = records
+            .values()
+            .filter(|r| self.held_elsewhere(r))
+            .map(DroneInfo::of_record)
+            .collect();
         *self.records.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(records.clone());
+        *self.elsewhere.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(elsewhere);
         self.loaded.store(true, Ordering::Release);
     }
 

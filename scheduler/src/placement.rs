@@ -113,7 +113,7 @@ pub struct DroneFacts<'a> {
     pub capacity: Capacity,
     pub load: Amounts,
     pub draining: bool,
-    pub unhealthy: Option<String>,
+    pub unhealthy: Option<&'a str>,
     /// Flagged hot by the detector (on CPU or reservations).
     pub hot: bool,
 }
@@ -140,8 +140,8 @@ pub fn admit(
     if d.draining {
         return Err(Refusal::Draining);
     }
-    if let Some(why) = &d.unhealthy {
-        return Err(Refusal::Unhealthy(why.clone()));
+    if let Some(why) = d.unhealthy {
+        return Err(Refusal::Unhealthy(why.to_string()));
     }
     if d.load.backends >= d.capacity.max_backends {
         return Err(Refusal::Full {
@@ -323,7 +323,7 @@ impl Placement {
         spawn: &ResolvedSpawn,
         pending: &[PendingEntry],
     ) -> Result<DroneInfo, ApiError> {
-        let drones = self.drones.all();
+        let drones = self.drones.snapshot();
         if drones.is_empty() {
             metrics::counter!(crate::metrics::PLACEMENT_FAILURES_TOTAL, "reason" => "no_drone")
                 .increment(1);
@@ -355,7 +355,7 @@ impl Placement {
                     },
                 ),
                 draining: self.drains.is_draining(&d.name),
-                unhealthy: d.unhealthy.clone(),
+                unhealthy: d.unhealthy.as_deref(),
                 hot: hot.contains(&d.name),
             })
             .collect();
