@@ -99,6 +99,31 @@ fn flags_from_file(role: &str, path: &Path, given: &[String]) -> Result<Vec<Stri
             clap::ArgAction::SetTrue | clap::ArgAction::SetFalse
         );
         let bad = |what: &str| ConfigError(format!("key {key:?} in {}: {what}", path.display()));
+        // Each value is checked by the flag's own parser here, so that a bad one is a
+        // configuration error naming the key and the file (clap would name only the flag).
+        let check = |v: String| -> Result<String, ConfigError> {
+            let probe = clap::Command::new("hangar")
+                .no_binary_name(true)
+                .arg(arg.clone().required(false));
+            match probe.try_get_matches_from([format!("--{long}"), v.clone()]) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        clap::error::ErrorKind::InvalidValue
+                            | clap::error::ErrorKind::ValueValidation
+                    ) =>
+                {
+                    let why = e.to_string();
+                    let why = why
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .trim_start_matches("error: ");
+                    Err(bad(why))
+                }
+                _ => Ok(v),
+            }
+        };
         match value {
             toml::Value::Boolean(b) if switch => {
                 if *b {
@@ -109,16 +134,16 @@ fn flags_from_file(role: &str, path: &Path, given: &[String]) -> Result<Vec<Stri
             toml::Value::Array(items) => {
                 for item in items {
                     flags.push(format!("--{long}"));
-                    flags.push(
+                    flags.push(check(
                         scalar(item).ok_or_else(|| bad("list items must be strings or numbers"))?,
-                    );
+                    )?);
                 }
             }
             other => {
                 flags.push(format!("--{long}"));
-                flags.push(
+                flags.push(check(
                     scalar(other).ok_or_else(|| bad("must be a string, a number or a list"))?,
-                );
+                )?);
             }
         }
     }
@@ -233,5 +258,116 @@ relieve-hot = true
             panic!("drone")
         };
         assert_eq!(d.allow_commands, ["/usr/bin/python3", "/srv/app"]);
+    }
+
+    /// Parses a command line into what clap makes of it, as text to compare.
+    fn parsed(argv: &[String]) -> String {
+        let cli = <crate::cli::Cli as clap::Parser>::try_parse_from(argv)
+            .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        format!("{:?}", cli.command)
+    }
+
+    /// For every role, a file and the same settings as flags give the same configuration.
+    #[test]
+    fn every_role_gets_the_same_configuration_from_the_file_as_from_flags() {
+        let cases: [(&str, &[&str], &str); 4] = [
+            (
+                "dev",
+                &[
+                    "--api",
+                    "127.0.0.1:7001",
+                    "--idle-timeout",
+                    "90",
+                    "--relieve-hot",
+                    "--log-retention",
+                    "2h",
+                ],
+                "api = \"127.0.0.1:7001\"\nidle-timeout = 90\nrelieve-hot = true\nlog_retention = \"2h\"\n",
+            ),
+            (
+                "serve",
+                &[
+                    "--drone-secret",
+                    "s3",
+                    "--lease-ttl",
+                    "4",
+                    "--dns",
+                    "off",
+                    "--metrics",
+                    "127.0.0.1:9100",
+                ],
+                "drone-secret = \"s3\"\nlease-ttl = 4\ndns = \"off\"\nmetrics = \"127.0.0.1:9100\"\n",
+            ),
+            (
+                "drone",
+                &[
+                    "--scheduler",
+                    "http://a:1",
+                    "--name",
+                    "d1",
+                    "--runtime",
+                    "process",
+                    "--allow-command",
+                    "/bin/a",
+                    "--allow-command",
+                    "/bin/b",
+                ],
+                "scheduler = \"http://a:1\"\nname = \"d1\"\nruntime = \"process\"\nallow-command = [\"/bin/a\", \"/bin/b\"]\n",
+            ),
+            (
+                "proxy",
+                &[
+                    "--scheduler",
+                    "http://a:1",
+                    "--token-key",
+                    &"ab".repeat(32),
+                    "--proxy",
+                    "127.0.0.1:8081",
+                    "--header-read-timeout",
+                    "5s",
+                ],
+                &format!(
+                    "scheduler = \"http://a:1\"\ntoken-key = \"{}\"\nproxy = \"127.0.0.1:8081\"\nheader-read-timeout = \"5s\"\n",
+                    "ab".repeat(32)
+                ),
+            ),
+        ];
+        for (role, flags, toml) in cases {
+            let by_flags: Vec<String> = ["hangar", role]
+                .iter()
+                .copied()
+                .chain(flags.iter().copied())
+                .map(str::to_string)
+                .collect();
+            let (_d, path) = file(toml);
+            let by_file: Vec<String> = expand(args(&["hangar", role, "--config", &path]))
+                .unwrap_or_else(|e| panic!("{role}: {}", e.0))
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            // The file's run also carries `--config FILE` itself.
+            let file_parsed = parsed(&by_file).replace(&format!("Some({path:?})"), "None");
+            assert_eq!(file_parsed, parsed(&by_flags), "{role}");
+        }
+    }
+
+    /// A bad value in the file is a configuration error (exit 64) naming the key and the
+    /// file, for every role.
+    #[test]
+    fn a_bad_value_names_the_key_and_the_file_for_every_role() {
+        for (role, toml, key) in [
+            ("dev", "idle-timeout = \"soon\"\n", "idle-timeout"),
+            ("serve", "lease-ttl = \"soon\"\n", "lease-ttl"),
+            ("drone", "runtime = \"vm\"\n", "runtime"),
+            ("proxy", "proxy = \"not an address\"\n", "proxy"),
+        ] {
+            let (_d, path) = file(toml);
+            let err = expand(args(&["hangar", role, "--config", &path])).unwrap_err();
+            assert!(
+                err.0.contains(key) && err.0.contains(&path),
+                "{role}: {}",
+                err.0
+            );
+        }
     }
 }

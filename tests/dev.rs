@@ -821,6 +821,12 @@ async fn a_config_file_sets_flags_and_unknown_keys_are_refused() {
     let (code, _, err) = dev_cli(data.to_str().unwrap(), &["--config", path]);
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("typo_flag") && err.contains(path), "{err}");
+
+    // A bad value is a configuration error too, naming the key and the file.
+    std::fs::write(&file, "idle_timeout = \"soon\"\n").unwrap();
+    let (code, _, err) = dev_cli(data.to_str().unwrap(), &["--config", path]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("idle_timeout") && err.contains(path), "{err}");
 }
 
 /// `hangar events` tails the cluster: a backend's states in order, from scheduled to
