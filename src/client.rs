@@ -279,33 +279,48 @@ struct Progress {
     tty: bool,
     frame: usize,
     last: String,
+    out: Box<dyn Write + Send>,
 }
 
 impl Progress {
     fn new(show: bool) -> Progress {
+        Progress::to(
+            Box::new(std::io::stderr()),
+            show,
+            show && std::io::stderr().is_terminal(),
+        )
+    }
+
+    /// Progress written to `out`, as a spinner when `tty`.
+    fn to(out: Box<dyn Write + Send>, show: bool, tty: bool) -> Progress {
         Progress {
             show,
-            tty: show && std::io::stderr().is_terminal(),
+            tty,
             frame: 0,
             last: String::new(),
+            out,
         }
     }
 
     fn update(&mut self, state: String) {
         const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
         if self.tty {
-            eprint!("\r{} {state:<60}", FRAMES[self.frame % FRAMES.len()]);
-            let _ = std::io::stderr().flush();
+            let _ = write!(
+                self.out,
+                "\r{} {state:<60}",
+                FRAMES[self.frame % FRAMES.len()]
+            );
+            let _ = self.out.flush();
             self.frame += 1;
         } else if self.show && state != self.last {
-            eprintln!("{state}");
+            let _ = writeln!(self.out, "{state}");
         }
         self.last = state;
     }
 
-    fn done(&self) {
+    fn done(&mut self) {
         if self.tty {
-            eprintln!();
+            let _ = writeln!(self.out);
         }
     }
 }
@@ -1459,6 +1474,45 @@ fn print_hot(list: &hangar_core::api::HotList) {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A wait shows a spinner redrawn in place on a terminal, one plain line per change
+    /// elsewhere, and nothing when hidden.
+    #[test]
+    fn progress_spins_on_a_terminal_and_prints_lines_otherwise() {
+        #[derive(Clone, Default)]
+        struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let states = ["b1 scheduled", "b1 starting", "b1 starting", "b1 ready"];
+        let run = |show: bool, tty: bool| {
+            let sink = Sink::default();
+            let mut p = Progress::to(Box::new(sink.clone()), show, tty);
+            for s in states {
+                p.update(s.to_string());
+            }
+            p.done();
+            String::from_utf8(sink.0.lock().unwrap().clone()).unwrap()
+        };
+        assert_eq!(run(true, false), "b1 scheduled\nb1 starting\nb1 ready\n");
+        let spun = run(true, true);
+        assert_eq!(
+            spun.matches('\r').count(),
+            4,
+            "redrawn once per poll: {spun:?}"
+        );
+        assert!(
+            spun.contains("⠋ b1 scheduled") && spun.ends_with('\n'),
+            "{spun:?}"
+        );
+        assert_eq!(run(false, false), "");
+    }
 
     #[test]
     fn tables_line_up_and_unlimited_capacity_says_so() {
