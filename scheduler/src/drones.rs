@@ -27,9 +27,16 @@ pub struct DroneStatus {
     last_heartbeat: AtomicU64,
 }
 
+/// Bumped whenever a session's health changes, so cached views of the drones are rebuilt.
+static HEALTH_CHANGES: AtomicU64 = AtomicU64::new(0);
+
 impl DroneStatus {
     pub fn set_unhealthy(&self, why: Option<String>) {
-        *self.unhealthy.lock().unwrap_or_else(|e| e.into_inner()) = why;
+        let mut current = self.unhealthy.lock().unwrap_or_else(|e| e.into_inner());
+        if *current != why {
+            *current = why;
+            HEALTH_CHANGES.fetch_add(1, Ordering::Release);
+        }
     }
 
     pub fn unhealthy(&self) -> Option<String> {
@@ -74,6 +81,11 @@ pub struct DroneConn {
 pub struct DroneRegistry {
     drones: RwLock<HashMap<String, DroneConn>>,
     sessions: AtomicU64,
+    /// Bumped on every insert and removal.
+    version: AtomicU64,
+    /// The sessions as placement reads them, with the registry version and health changes
+    /// they were built at (rebuilt only when either moved).
+    infos: RwLock<(u64, u64, Arc<Vec<DroneInfo>>)>,
 }
 
 impl DroneRegistry {
@@ -85,6 +97,7 @@ impl DroneRegistry {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(conn.name.clone(), conn);
+        self.version.fetch_add(1, Ordering::Release);
         session
     }
 
@@ -94,6 +107,7 @@ impl DroneRegistry {
         let mut d = self.drones.write().unwrap_or_else(|e| e.into_inner());
         if d.get(name).is_some_and(|c| c.session == session) {
             d.remove(name);
+            self.version.fetch_add(1, Ordering::Release);
         }
     }
 
@@ -103,7 +117,33 @@ impl DroneRegistry {
         let mut d = self.drones.write().unwrap_or_else(|e| e.into_inner());
         if d.get(name).is_some_and(|c| c.run_id == run_id) {
             d.remove(name);
+            self.version.fetch_add(1, Ordering::Release);
         }
+    }
+
+    /// The sessions as placement sees them, rebuilt only after a session came, went or
+    /// changed health.
+    pub fn infos(&self) -> Arc<Vec<DroneInfo>> {
+        // The counters are read before the map: a change after this reading rebuilds next
+        // time.
+        let version = self.version.load(Ordering::Acquire);
+        let health = HEALTH_CHANGES.load(Ordering::Acquire);
+        {
+            let cached = self.infos.read().unwrap_or_else(|e| e.into_inner());
+            if cached.0 == version && cached.1 == health {
+                return cached.2.clone();
+            }
+        }
+        let infos: Arc<Vec<DroneInfo>> = Arc::new(
+            self.drones
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .map(DroneInfo::of_session)
+                .collect(),
+        );
+        *self.infos.write().unwrap_or_else(|e| e.into_inner()) = (version, health, infos.clone());
+        infos
     }
 
     pub fn get(&self, name: &str) -> Option<DroneConn> {
@@ -173,16 +213,22 @@ impl DroneInfo {
 /// Every drone at one moment: this instance's sessions, then the drones other instances
 /// hold that are not also held here (a session here is newer than a record saying otherwise).
 pub struct DroneSnapshot {
-    local: Vec<DroneInfo>,
+    local: Arc<Vec<DroneInfo>>,
     elsewhere: Arc<Vec<DroneInfo>>,
 }
 
 impl DroneSnapshot {
     pub fn iter(&self) -> impl Iterator<Item = &DroneInfo> {
+        // Sessions held here win over records (a lookup set only when both have some).
+        let here: std::collections::HashSet<&str> = if self.elsewhere.is_empty() {
+            Default::default()
+        } else {
+            self.local.iter().map(|l| l.name.as_str()).collect()
+        };
         self.local.iter().chain(
             self.elsewhere
                 .iter()
-                .filter(|d| !self.local.iter().any(|l| l.name == d.name)),
+                .filter(move |d| !here.contains(d.name.as_str())),
         )
     }
 
@@ -234,7 +280,7 @@ impl DroneDirectory {
     /// Every drone, without copying those other instances hold.
     pub fn snapshot(&self) -> DroneSnapshot {
         DroneSnapshot {
-            local: self.local.all().iter().map(DroneInfo::of_session).collect(),
+            local: self.local.infos(),
             elsewhere: self
                 .elsewhere
                 .read()
