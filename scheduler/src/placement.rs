@@ -454,7 +454,7 @@ mod tests {
         d.draining = true;
         assert_eq!(admit(&d, NEED, "docker", "default"), Err(Refusal::Draining));
         let mut d = ok.clone();
-        d.unhealthy = Some("docker down".into());
+        d.unhealthy = Some("docker down");
         assert!(matches!(
             admit(&d, NEED, "docker", "default"),
             Err(Refusal::Unhealthy(_))
