@@ -379,13 +379,7 @@ impl Scheduler {
             && let Some(secret) = self.handles.config.drone_secret.clone()
             && !batch.reports.is_empty()
         {
-            // Named by this instance too: every instance's colocated proxy reports as the same
-            // name, and the leader keeps cumulative counters per proxy name.
-            let forwarded = ActivityBatch {
-                proxy: format!("{}@{}", batch.proxy, self.handles.config.instance_id),
-                reports: batch.reports.clone(),
-            };
-            let body = serde_json::to_vec(&forwarded).unwrap_or_default();
+            let body = serde_json::to_vec(batch).unwrap_or_default();
             let client = self.handles.forwarder.clone();
             let url = format!("{}/v1/activity", leader.api_url.trim_end_matches('/'));
             self.handles.tasks.spawn(async move {

@@ -20,7 +20,9 @@ use crate::metrics::MetricsListener;
 /// How often the proxy's activity is handed to the scheduler (bounds idle-timeout precision).
 const ACTIVITY_INTERVAL: Duration = Duration::from_millis(250);
 
-/// The proxy's name in its activity reports when it shares the scheduler's process.
+/// The proxy's name in its activity reports when it shares the scheduler's process, followed
+/// by `@<instance>`: every instance has one, and the leader (to which followers forward their
+/// reports) keeps cumulative counters per proxy name.
 const LOCAL_PROXY: &str = "local";
 
 /// Serves the API until `cancel` fires.
@@ -114,6 +116,7 @@ pub async fn pump_revocations(scheduler: Scheduler, proxy: Arc<Proxy>, cancel: C
 /// [`ACTIVITY_INTERVAL`], for idle timeouts and the hot-shard detector.
 pub async fn pump_activity(scheduler: Scheduler, proxy: Arc<Proxy>, cancel: CancellationToken) {
     let activity = proxy.activity();
+    let name = format!("{LOCAL_PROXY}@{}", scheduler.config().instance_id);
     let mut tick = tokio::time::interval(ACTIVITY_INTERVAL);
     loop {
         tokio::select! {
@@ -121,7 +124,7 @@ pub async fn pump_activity(scheduler: Scheduler, proxy: Arc<Proxy>, cancel: Canc
             _ = tick.tick() => {}
         }
         scheduler.report_activity(&ActivityBatch {
-            proxy: LOCAL_PROXY.into(),
+            proxy: name.clone(),
             reports: activity.snapshot(),
         });
     }
