@@ -40,6 +40,21 @@ pub struct Template {
     pub lifetime_s: Option<u64>,
 }
 
+impl Template {
+    /// The template as a connect's spawn (for validation and resolution alike).
+    pub fn spec(&self) -> crate::api::SpawnSpec {
+        crate::api::SpawnSpec {
+            command: self.command.clone(),
+            image: self.image.clone(),
+            env: self.env.clone(),
+            idle_timeout_s: self.idle_timeout_s,
+            lifetime_s: self.lifetime_s,
+            resources: self.resources,
+            pool: None,
+        }
+    }
+}
+
 /// How far one converger pass may move a pool: additions are cheap to undo, removals are not
 /// (a missing warm backend makes a user wait), so the defaults are asymmetric.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -112,6 +112,25 @@ impl SchedulerConfig {
         }
     }
 
+    /// What a backend runs: `spec` with the cluster's defaults filling its gaps (the default
+    /// command or image when it names neither).
+    pub fn resolve_spawn(&self, spec: hangar_core::api::SpawnSpec) -> ResolvedSpawn {
+        let d = &self.defaults;
+        let (command, image) = match (spec.command, spec.image) {
+            (None, None) => (d.command.clone(), d.image.clone()),
+            (c, i) => (c, i),
+        };
+        ResolvedSpawn {
+            command,
+            image,
+            env: spec.env,
+            idle_timeout_s: spec.idle_timeout_s.or(d.idle_timeout_s),
+            lifetime_s: spec.lifetime_s.or(d.lifetime_s),
+            resources: spec.resources.unwrap_or_default(),
+            pool: spec.pool.unwrap_or_else(crate::records::default_pool),
+        }
+    }
+
     /// What a spawn reserves on its drone: its resources, or the configured default.
     pub fn need(&self, spawn: &ResolvedSpawn) -> Need {
         Need {

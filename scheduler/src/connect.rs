@@ -84,24 +84,6 @@ enum Placed {
 }
 
 impl Connector {
-    fn resolve_spawn(&self, req: &ConnectRequest) -> ResolvedSpawn {
-        let d = &self.config.defaults;
-        let s = req.spawn.clone().unwrap_or_default();
-        let (command, image) = match (s.command, s.image) {
-            (None, None) => (d.command.clone(), d.image.clone()),
-            (c, i) => (c, i),
-        };
-        ResolvedSpawn {
-            command,
-            image,
-            env: s.env,
-            idle_timeout_s: s.idle_timeout_s.or(d.idle_timeout_s),
-            lifetime_s: s.lifetime_s.or(d.lifetime_s),
-            resources: s.resources.unwrap_or_default(),
-            pool: s.pool.unwrap_or_else(crate::records::default_pool),
-        }
-    }
-
     fn response(&self, rec: &BackendRecord, spawned: bool, user: &str) -> ConnectResponse {
         let expires = self.clock.now_ms() / 1000 + self.config.token_ttl.as_secs();
         ConnectResponse {
@@ -433,7 +415,9 @@ impl Connector {
                     }
                 }
                 None => {
-                    let spawn = self.resolve_spawn(&req);
+                    let spawn = self
+                        .config
+                        .resolve_spawn(req.spawn.clone().unwrap_or_default());
                     match self
                         .place_cold(&req, spawn, None, epoch, expect, token, created_by.clone())
                         .await?

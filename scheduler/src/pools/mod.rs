@@ -172,23 +172,18 @@ impl Pools {
                 pool.name
             ))
         })?;
-        let d = &self.config.defaults;
-        let (command, image) = match (&t.command, &t.image) {
-            (None, None) => (d.command.clone(), d.image.clone()),
-            (c, i) => (c.clone(), i.clone()),
-        };
-        let mut env = t.env.clone();
+        // The connect's own settings over the template's (never a command or image).
         let o = overrides.cloned().unwrap_or_default();
+        let mut env = t.env.clone();
         env.extend(o.env);
-        Ok(ResolvedSpawn {
-            command,
-            image,
+        Ok(self.config.resolve_spawn(SpawnSpec {
             env,
-            idle_timeout_s: o.idle_timeout_s.or(t.idle_timeout_s).or(d.idle_timeout_s),
-            lifetime_s: o.lifetime_s.or(t.lifetime_s).or(d.lifetime_s),
-            resources: o.resources.or(t.resources).unwrap_or_default(),
-            pool: pool.drone_pool.clone(),
-        })
+            idle_timeout_s: o.idle_timeout_s.or(t.idle_timeout_s),
+            lifetime_s: o.lifetime_s.or(t.lifetime_s),
+            resources: o.resources.or(t.resources),
+            pool: Some(pool.drone_pool.clone()),
+            ..t.spec()
+        }))
     }
 
     /// `POST /v1/pools`.
@@ -217,7 +212,7 @@ impl Pools {
             created_at: now,
             updated_at: now,
         };
-        apply_settings(&mut pool, &req.settings, true)?;
+        apply_settings(&mut pool, &req.settings)?;
         let key = pool_key(&pool.name);
         match self
             .store
@@ -241,7 +236,7 @@ impl Pools {
 
     /// `PATCH /v1/pools/{name}`.
     pub async fn set(&self, name: &str, settings: PoolSettings) -> Result<Pool, ApiError> {
-        self.modify(name, None, |p, _| apply_settings(p, &settings, false))
+        self.modify(name, None, |p, _| apply_settings(p, &settings))
             .await
     }
 
@@ -491,22 +486,14 @@ fn not_found(name: &str) -> ApiError {
 /// A template must run something the cluster allows, within the connect limits.
 fn validate_template(t: &Template) -> Result<(), ApiError> {
     let req = ConnectRequest {
-        spawn: Some(SpawnSpec {
-            command: t.command.clone(),
-            image: t.image.clone(),
-            env: t.env.clone(),
-            idle_timeout_s: t.idle_timeout_s,
-            lifetime_s: t.lifetime_s,
-            resources: t.resources,
-            pool: None,
-        }),
+        spawn: Some(t.spec()),
         ..Default::default()
     };
     crate::validate::validate_connect(&req)
         .map_err(|e| ApiError::BadRequest(format!("template: {e}")))
 }
 
-fn apply_settings(p: &mut Pool, s: &PoolSettings, creating: bool) -> Result<(), ApiError> {
+fn apply_settings(p: &mut Pool, s: &PoolSettings) -> Result<(), ApiError> {
     if let Some(warm) = s.warm {
         if warm > MAX_WARM {
             return Err(ApiError::BadRequest(format!(
@@ -559,7 +546,6 @@ fn apply_settings(p: &mut Pool, s: &PoolSettings, creating: bool) -> Result<(), 
             p.warm
         )));
     }
-    let _ = creating;
     Ok(())
 }
 
