@@ -189,6 +189,21 @@ async fn create(s: &Scheduler, name: &str, warm: u32, command: &str) {
         .unwrap();
 }
 
+/// Sets pool `name`'s warm target.
+async fn set_warm(s: &Scheduler, name: &str, warm: u32) {
+    s.handles()
+        .pools
+        .set(
+            name,
+            PoolSettings {
+                warm: Some(warm),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+}
+
 /// Counts the pool's unclaimed members per state.
 fn warm_counts(s: &Scheduler, pool: &str) -> (usize, usize) {
     let m = s.handles().routes.pool_members(pool);
@@ -271,18 +286,7 @@ async fn warm_backends_are_added_and_removed_within_the_bounds_per_pass() {
 
     // Three that are not ready yet (held) and 20 ready: lower to 1.
     hold.store(true, std::sync::atomic::Ordering::SeqCst);
-    f.sched
-        .handles()
-        .pools
-        .set(
-            "rooms",
-            PoolSettings {
-                warm: Some(23),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    set_warm(&f.sched, "rooms", 23).await;
     c.pass().await.unwrap();
     settle(&f.sched).await;
     assert_eq!(warm_counts(&f.sched, "rooms"), (20, 3));
@@ -432,18 +436,7 @@ async fn a_warm_backend_is_claimed_once_and_never_removed_once_claimed() {
         "one warm backend, one claim"
     );
     // Lower the target to 0: the claimed one stays.
-    f.sched
-        .handles()
-        .pools
-        .set(
-            "default",
-            PoolSettings {
-                warm: Some(0),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    set_warm(&f.sched, "default", 0).await;
     c.pass().await.unwrap();
     settle(&f.sched).await;
     let warm_id = if a.warm { &a.backend_id } else { &b.backend_id };
@@ -546,16 +539,7 @@ async fn rollouts_canary_revert_and_rollback() {
         .into_iter()
         .map(|(id, _)| id)
         .collect();
-    pools
-        .set(
-            "default",
-            PoolSettings {
-                warm: Some(2),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    set_warm(&f.sched, "default", 2).await;
     pools
         .rollout(
             "default",
@@ -609,32 +593,10 @@ async fn a_claim_racing_a_removal_never_hands_out_a_stopping_backend() {
     let c = converger(&f.sched);
     for round in 0..20 {
         // One ready warm backend, then the target drops to 0 while a connect comes in.
-        f.sched
-            .handles()
-            .pools
-            .set(
-                "default",
-                PoolSettings {
-                    warm: Some(1),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
+        set_warm(&f.sched, "default", 1).await;
         c.pass().await.unwrap();
         wait_members(&f.sched, "default", |r, s, _| r == 1 && s == 0).await;
-        f.sched
-            .handles()
-            .pools
-            .set(
-                "default",
-                PoolSettings {
-                    warm: Some(0),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
+        set_warm(&f.sched, "default", 0).await;
         let connector = f.sched.handles().connector.clone();
         let (removed, connected) =
             tokio::join!(c.pass(), connector.connect(key(&format!("race-{round}"))));
