@@ -17,14 +17,16 @@ use crate::api::forward_client;
 use crate::leader::Role;
 use crate::{ManualClock, Scheduler, SchedulerConfig};
 
-struct Instance {
-    sched: Scheduler,
-    api: std::net::SocketAddr,
-    cancel: CancellationToken,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
+/// A started scheduler serving its API on a loopback port, on a shared store.
+pub(super) struct Instance {
+    pub(super) sched: Scheduler,
+    pub(super) api: std::net::SocketAddr,
+    pub(super) cancel: CancellationToken,
+    pub(super) server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
-async fn instance(store: Arc<dyn Store>, id: &str) -> Instance {
+/// Instance `id` on `store` (cluster secret `cluster-secret`, default spawn `true`).
+pub(super) async fn instance(store: Arc<dyn Store>, id: &str) -> Instance {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api = listener.local_addr().unwrap();
     let mut cfg = SchedulerConfig::new("hangar.test", format!("http://{api}"));

@@ -10,51 +10,22 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hangar_core::drone::{FromDrone, LogsFailure, LogsRequest, SchedulerMessage, ToDrone};
-use hangar_core::token::TokenKey;
 use hangar_store::Store;
 use hangar_store::embedded::EmbeddedStore;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_util::sync::CancellationToken;
 
+use super::forward::instance;
 use super::{hello, key};
-use crate::{ManualClock, Scheduler, SchedulerConfig};
 
 /// Bound on any single wait.
 const WAIT: Duration = Duration::from_secs(10);
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-struct Instance {
-    sched: Scheduler,
-    api: std::net::SocketAddr,
-    cancel: CancellationToken,
-}
-
-async fn instance(store: Arc<dyn Store>, id: &str) -> Instance {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = listener.local_addr().unwrap();
-    let mut cfg = SchedulerConfig::new("hangar.test", format!("http://{api}"));
-    cfg.defaults.command = Some(vec!["true".into()]);
-    cfg.instance_id = id.into();
-    cfg.drone_secret = Some("cluster-secret".into());
-    let sched = Scheduler::new(
-        cfg,
-        store,
-        TokenKey::generate(),
-        Arc::new(ManualClock::new(1_000)),
-    );
-    let cancel = CancellationToken::new();
-    sched.start(cancel.clone()).await.unwrap();
-    let (s, c) = (sched.clone(), cancel.clone());
-    tokio::spawn(async move { s.serve_api(listener, c).await });
-    Instance { sched, api, cancel }
-}
 
 /// A drone session (driven by the test) with the instance at `api`.
 async fn drone(api: std::net::SocketAddr) -> Ws {
