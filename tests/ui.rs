@@ -210,18 +210,23 @@ impl Session {
         }
     }
 
+    /// The WebDriver id of the element `css` selects.
+    async fn find(&self, css: &str) -> String {
+        let found = self
+            .cmd(
+                reqwest::Method::POST,
+                "/element",
+                Some(json!({"using": "css selector", "value": css})),
+            )
+            .await;
+        found[ELEMENT].as_str().expect("element id").to_string()
+    }
+
     /// Clicks the element `css` selects, as a user would (WebDriver element click). A live
     /// page may replace the element between finding and clicking it: then it is found again.
     async fn click(&self, css: &str) {
         for _ in 0..5 {
-            let found = self
-                .cmd(
-                    reqwest::Method::POST,
-                    "/element",
-                    Some(json!({"using": "css selector", "value": css})),
-                )
-                .await;
-            let id = found[ELEMENT].as_str().expect("element id").to_string();
+            let id = self.find(css).await;
             let r = self
                 .http
                 .post(format!("{}/element/{id}/click", self.url))
@@ -244,14 +249,7 @@ impl Session {
 
     /// Types `text` into the element `css` selects.
     async fn type_into(&self, css: &str, text: &str) {
-        let found = self
-            .cmd(
-                reqwest::Method::POST,
-                "/element",
-                Some(json!({"using": "css selector", "value": css})),
-            )
-            .await;
-        let id = found[ELEMENT].as_str().expect("element id").to_string();
+        let id = self.find(css).await;
         self.cmd(
             reqwest::Method::POST,
             &format!("/element/{id}/value"),
