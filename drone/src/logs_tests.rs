@@ -36,6 +36,24 @@ async fn read_all(files: &LogFiles, backend: &BackendId, tail: Option<u64>) -> S
     text
 }
 
+/// A follow of all of `backend`'s output on a task, with the channel it sends on.
+fn spawn_follow(
+    files: &Arc<LogFiles>,
+    backend: &BackendId,
+) -> (
+    tokio::task::JoinHandle<Result<(), LogsError>>,
+    mpsc::Receiver<String>,
+) {
+    let (tx, rx) = mpsc::channel(1024);
+    let (files, b) = (files.clone(), backend.clone());
+    let follow = tokio::spawn(async move {
+        files
+            .read(&b, None, true, &tx, &CancellationToken::new())
+            .await
+    });
+    (follow, rx)
+}
+
 /// Receives chunks until their text contains `needle`; returns all of it.
 async fn until_contains(rx: &mut mpsc::Receiver<String>, needle: &str) -> String {
     let mut text = String::new();
@@ -260,15 +278,7 @@ async fn the_size_bound_keeps_the_newest_output_and_a_follow_reads_across_rotati
     let files = files(dir.path(), max);
     let b = id("bound1");
     let mut writer = files.writer(&b).unwrap();
-    let (tx, mut rx) = mpsc::channel(1024);
-    let follow = {
-        let (files, b) = (files.clone(), b.clone());
-        tokio::spawn(async move {
-            files
-                .read(&b, None, true, &tx, &CancellationToken::new())
-                .await
-        })
-    };
+    let (follow, mut rx) = spawn_follow(&files, &b);
     assert_eq!(rx.recv().await.as_deref(), Some(""));
     let mut expected = String::new();
     for i in 0..100 {
@@ -299,15 +309,7 @@ async fn a_follow_that_sees_every_line_once_across_rotations() {
     let files = files(dir.path(), 120);
     let b = id("bound2");
     let mut writer = files.writer(&b).unwrap();
-    let (tx, mut rx) = mpsc::channel(1024);
-    let follow = {
-        let (files, b) = (files.clone(), b.clone());
-        tokio::spawn(async move {
-            files
-                .read(&b, None, true, &tx, &CancellationToken::new())
-                .await
-        })
-    };
+    let (follow, mut rx) = spawn_follow(&files, &b);
     let mut seen = tokio::time::timeout(WAIT, rx.recv())
         .await
         .unwrap()
