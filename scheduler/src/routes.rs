@@ -161,7 +161,6 @@ pub struct PoolFacts {
     pub unclaimed: bool,
     pub ready: bool,
     pub created_at: UnixMillis,
-    pub mod_revision: Revision,
 }
 
 /// How the starts of one pool generation went, counted as records change (from the feed's
@@ -263,7 +262,6 @@ impl RecordIndex {
                     unclaimed: member.claimed_at.is_none(),
                     ready: rec.state == hangar_core::BackendState::Ready,
                     created_at: rec.created_at,
-                    mod_revision,
                 },
             );
         }

@@ -71,16 +71,16 @@ struct Outcomes {
 }
 
 pub(crate) struct Converger {
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) clock: Arc<dyn Clock>,
-    pub(crate) config: Arc<SchedulerConfig>,
-    pub(crate) pools: Arc<Pools>,
-    pub(crate) routes: Arc<Routes>,
-    pub(crate) placement: Arc<Placement>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    config: Arc<SchedulerConfig>,
+    pools: Arc<Pools>,
+    routes: Arc<Routes>,
+    placement: Arc<Placement>,
     /// The leader's fenced view.
-    pub(crate) backends: Arc<Backends>,
+    backends: Arc<Backends>,
     /// The leader's fencing token.
-    pub(crate) token: Revision,
+    token: Revision,
     memory: Mutex<HashMap<String, Memory>>,
 }
 
