@@ -378,7 +378,7 @@ impl Connector {
                         }
                         None => {
                             if let Some(max) = pool.max_live {
-                                let live = self.routes.pool_members(&pool.name).len() as u64;
+                                let live = self.routes.pool_size(&pool.name) as u64;
                                 if live >= u64::from(max) {
                                     return Err(ApiError::TooMany {
                                         message: format!(

@@ -383,6 +383,27 @@ impl Routes {
             .unwrap_or_default()
     }
 
+    /// How many members pool `pool` has (warm and claimed), without copying them: a connect
+    /// checks it against the pool's `max_live`.
+    pub fn pool_size(&self, pool: &str) -> usize {
+        self.index().pools.get(pool).map_or(0, HashMap::len)
+    }
+
+    /// The pool's ready warm members of generation `generation` (id and creation time),
+    /// chosen under the lock so that a connect copies only what it can claim.
+    pub fn ready_warm(&self, pool: &str, generation: u64) -> Vec<(BackendId, UnixMillis)> {
+        self.index()
+            .pools
+            .get(pool)
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, f)| f.unclaimed && f.ready && f.generation == generation)
+                    .map(|(id, f)| (id.clone(), f.created_at))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The pools that have live members.
     pub fn pools_with_members(&self) -> Vec<String> {
         self.index().pools.keys().cloned().collect()

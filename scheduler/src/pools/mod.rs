@@ -146,12 +146,8 @@ impl Pools {
         pool: &str,
         generation: u64,
     ) -> Option<Claiming<'a>> {
-        let mut members: Vec<_> = routes
-            .pool_members(pool)
-            .into_iter()
-            .filter(|(_, f)| f.unclaimed && f.ready && f.generation == generation)
-            .collect();
-        members.sort_by(|(a, fa), (b, fb)| fa.created_at.cmp(&fb.created_at).then(a.cmp(b)));
+        let mut members = routes.ready_warm(pool, generation);
+        members.sort_by(|(a, at), (b, bt)| at.cmp(bt).then(a.cmp(b)));
         let mut claiming = self.claiming.lock().unwrap_or_else(|e| e.into_inner());
         let (id, _) = members.into_iter().find(|(id, _)| !claiming.contains(id))?;
         claiming.insert(id.clone());
