@@ -13,11 +13,21 @@
 //! and a watcher is handed all of a commit's events or, if they do not fit its buffer, none
 //! (its stream closes).
 //!
+//! Group commit: every write is queued, and one combiner (a blocking thread, started by the
+//! write that finds none running) takes everything queued and runs it, in queue order, in one
+//! redb transaction with one fsync, then takes what queued meanwhile, until the queue is
+//! empty. Each write keeps revisions of its own, sees the writes queued before it, and learns
+//! its outcome only once its batch is durable. A write that fails a check (a compare, a dead
+//! lease) writes nothing and fails alone; a write that fails after writing (an I/O error)
+//! aborts the whole batch, and every write in it gets the error. Lease checks inside a batch
+//! see the lease changes of the writes before them (a revoke, a key attached), which reach
+//! memory only after the commit.
+//!
 //! Locking: `writer` serialises write transactions together with the in-memory bookkeeping
 //! that must follow their commit in revision order. It spans an fsync, so it is only ever
 //! taken on blocking threads ([`tokio::task::spawn_blocking`]). `state` guards the in-memory
-//! part and is never held across I/O, so async code may take it briefly. Lock order is
-//! `writer` then `state`.
+//! part and is never held across I/O, so async code may take it briefly; `queue` is held only
+//! to push or take writes, never while taking another lock. Lock order is `writer` then `state`.
 //!
 //! Lease expiry happens in a background sweeper task owned by the store (aborted when the
 //! store is dropped) that sleeps on tokio time until the next deadline, and lazily on every
@@ -33,7 +43,7 @@ use async_trait::async_trait;
 use redb::{
     Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
 };
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::{
@@ -89,6 +99,9 @@ pub struct EmbeddedOptions {
     /// Per-watcher channel capacity beyond the replayed history. A watcher that falls this far
     /// behind has its stream closed instead of blocking writers.
     pub watch_buffer: usize,
+    /// Commit every queued write in one transaction (one fsync) rather than one transaction
+    /// per write. On by default; off only to measure what it saves.
+    pub group_commit: bool,
 }
 
 impl Default for EmbeddedOptions {
@@ -96,6 +109,7 @@ impl Default for EmbeddedOptions {
         EmbeddedOptions {
             history_capacity: 10_000,
             watch_buffer: 1024,
+            group_commit: true,
         }
     }
 }
@@ -121,6 +135,99 @@ struct LeaseIdsExhausted;
 #[derive(Debug, thiserror::Error)]
 #[error("watch channel too small for replayed history")]
 struct ReplayOverflow;
+
+/// A queued write was dropped without an outcome (its batch's thread panicked).
+#[derive(Debug, thiserror::Error)]
+#[error("store write lost: its batch did not complete")]
+struct BatchDropped;
+
+/// The batch a write was committed with failed; the message is the batch's error.
+#[derive(Debug, thiserror::Error)]
+#[error("store write batch failed: {0}")]
+struct BatchFailed(String);
+
+/// Writes waiting for the combiner.
+#[derive(Default)]
+struct WriteQueue {
+    jobs: Vec<Job>,
+    /// A combiner is running and will take every job queued before it sees the queue empty.
+    combining: bool,
+}
+
+/// Fails the queued writes when the combiner stops without emptying the queue.
+struct CombinerStop<'a> {
+    shared: &'a Shared,
+    reason: &'static str,
+}
+
+impl Drop for CombinerStop<'_> {
+    fn drop(&mut self) {
+        let jobs = {
+            let mut queue = self.shared.lock_queue();
+            queue.combining = false;
+            std::mem::take(&mut queue.jobs)
+        };
+        for job in jobs {
+            job.fail(self.reason);
+        }
+    }
+}
+
+/// Tells a queued write its outcome once its batch is settled: `Some(error)` if the batch
+/// failed, whatever the write itself returned.
+type Completion = Box<dyn FnOnce(Option<&str>) + Send>;
+
+/// One queued write: the operation and where its outcome goes.
+type Job = Box<dyn QueuedWrite>;
+
+trait QueuedWrite: Send {
+    /// Runs the write in the batch's transaction. Returns how to tell the caller its outcome
+    /// once the batch is settled, and an error if the write failed after changing the
+    /// transaction (which spoils the whole batch).
+    fn run(self: Box<Self>, shared: &Shared, txn: &mut Txn) -> (Completion, Option<String>);
+    /// Fails the write without running it: the batch could not begin.
+    fn fail(self: Box<Self>, error: &str);
+}
+
+struct Write<T, F> {
+    op: F,
+    done: oneshot::Sender<StoreResult<T>>,
+}
+
+impl<T, F> QueuedWrite for Write<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Shared, &mut Txn) -> StoreResult<T> + Send + 'static,
+{
+    fn run(self: Box<Self>, shared: &Shared, txn: &mut Txn) -> (Completion, Option<String>) {
+        let Write { op, done } = *self;
+        let before = txn.mark();
+        let out = op(shared, txn);
+        txn.end_write();
+        // Every check comes before the first write, so a write that failed having changed
+        // nothing leaves the batch intact; one that changed something failed on I/O, and its
+        // changes cannot be taken out of the transaction alone.
+        let spoiled = match &out {
+            Err(error) if txn.mark() != before => Some(error.to_string()),
+            _ => None,
+        };
+        let complete: Completion = Box::new(move |failure| {
+            let out = match failure {
+                Some(failure) => Err(backend_error(BatchFailed(failure.to_owned()))),
+                None => out,
+            };
+            // The caller may have stopped waiting; the outcome stands regardless.
+            let _ = done.send(out);
+        });
+        (complete, spoiled)
+    }
+
+    fn fail(self: Box<Self>, error: &str) {
+        let _ = self
+            .done
+            .send(Err(backend_error(BatchFailed(error.to_owned()))));
+    }
+}
 
 fn backend_error(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Backend(Box::new(e))
@@ -212,13 +319,41 @@ impl EmbeddedStore {
             .map_err(backend_error)?
     }
 
-    /// Runs `op` in one write transaction (see [`Shared::write`]).
+    /// Queues `op` for the next batch, starting the combiner if none runs, and waits until the
+    /// batch holding it is committed (see [`Shared::combine`]).
     async fn write<T, F>(&self, op: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&Shared, &mut Txn) -> StoreResult<T> + Send + 'static,
     {
-        self.blocking(move |shared| shared.write(op)).await
+        let (done, outcome) = oneshot::channel();
+        if self.shared.enqueue(Box::new(Write { op, done })) {
+            let shared = self.shared.clone();
+            // Not awaited: the combiner outlives this write if more keep coming, and ends
+            // when the queue is empty. Each write waits for its own outcome.
+            drop(tokio::task::spawn_blocking(move || shared.combine()));
+        }
+        outcome.await.map_err(|_| backend_error(BatchDropped))?
+    }
+
+    /// How many write transactions (each one fsync) have been committed since open: with
+    /// group commit, fewer than the writes.
+    pub fn commits(&self) -> u64 {
+        self.shared
+            .commits
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many writes wait for a batch (for tests of group commit).
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> usize {
+        self.shared.lock_queue().jobs.len()
+    }
+
+    /// Holds the writer lock so tests can queue several writes into one batch.
+    #[cfg(test)]
+    pub(crate) fn hold_writer(&self) -> MutexGuard<'_, ()> {
+        self.shared.writer.lock().unwrap()
     }
 
     /// How many watchers are registered (for tests of watcher cleanup).
@@ -252,7 +387,7 @@ impl Store for EmbeddedStore {
     ) -> StoreResult<Revision> {
         let key = key.to_owned();
         self.write(move |shared, txn| {
-            shared.check_lease(lease)?;
+            shared.check_lease(txn, lease)?;
             txn.put(&key, value, lease)
         })
         .await
@@ -273,7 +408,7 @@ impl Store for EmbeddedStore {
             if !expect.holds(current.as_ref()) {
                 return Ok(CasOutcome::Conflict(current));
             }
-            shared.check_lease(lease)?;
+            shared.check_lease(txn, lease)?;
             Ok(CasOutcome::Written(txn.put(&key, value, lease)?))
         })
         .await
@@ -298,7 +433,7 @@ impl Store for EmbeddedStore {
             // from depending on it.
             for op in &ops {
                 if let TxnOp::Put { lease, .. } = op {
-                    shared.check_lease(*lease)?;
+                    shared.check_lease(txn, *lease)?;
                 }
             }
             txn.one_revision();
@@ -440,7 +575,7 @@ impl Store for EmbeddedStore {
     async fn lease_revoke(&self, lease: LeaseId) -> StoreResult<()> {
         self.write(move |shared, txn| {
             let keys = shared
-                .lease_keys(lease)?
+                .lease_keys(txn, lease)?
                 .ok_or(StoreError::LeaseNotFound(lease))?;
             txn.remove_lease(lease, keys)
         })
@@ -459,6 +594,10 @@ struct Shared {
     /// Serialises write transactions and the bookkeeping after their commit. Blocking threads
     /// only: it is held across fsync.
     writer: Mutex<()>,
+    /// Writes waiting for the next batch, oldest first.
+    queue: Mutex<WriteQueue>,
+    /// Committed redb write transactions (each one fsync).
+    commits: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
     /// Wakes the sweeper when deadlines change. `notify_one` stores a permit, so a change made
     /// while the sweeper is busy is not lost.
@@ -565,6 +704,8 @@ impl Shared {
             clock,
             options,
             writer: Mutex::new(()),
+            queue: Mutex::new(WriteQueue::default()),
+            commits: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::new(State {
                 revision,
                 leases,
@@ -595,18 +736,101 @@ impl Shared {
         self.writer.lock().map_err(|_| backend_error(Poisoned))
     }
 
-    /// Runs `op` in one write transaction, after expiring any due leases. Commits only if `op`
-    /// succeeded and wrote something; then applies the in-memory consequences and publishes
-    /// the events, still under the writer lock so they go out in revision order.
-    fn write<T>(&self, op: impl FnOnce(&Self, &mut Txn) -> StoreResult<T>) -> StoreResult<T> {
-        let _writer = self.lock_writer()?;
-        self.expire_due_locked()?;
-        let mut txn = Txn::begin(&self.db)?;
-        let out = op(self, &mut txn)?;
-        if let Some(committed) = txn.commit()? {
-            self.apply(committed)?;
+    /// The queue holds no invariant a panic could break, so a poisoned lock is still usable.
+    fn lock_queue(&self) -> MutexGuard<'_, WriteQueue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues a write; true if the caller must start the combiner (none is running).
+    fn enqueue(&self, job: Job) -> bool {
+        let mut queue = self.lock_queue();
+        queue.jobs.push(job);
+        !std::mem::replace(&mut queue.combining, true)
+    }
+
+    /// The combiner: commits batches until the queue is empty, taking the writer lock for each
+    /// (so the lease sweeper and readers expiring leases get in between). If it stops early
+    /// (a poisoned writer lock, a panic), the writes left in the queue fail rather than wait
+    /// for a combiner that will never come.
+    fn combine(&self) {
+        let mut stop = CombinerStop {
+            shared: self,
+            reason: "store writer stopped unexpectedly",
+        };
+        loop {
+            let Ok(_writer) = self.lock_writer() else {
+                stop.reason = "store writer lock poisoned by an earlier panic";
+                return;
+            };
+            let jobs = {
+                let mut queue = self.lock_queue();
+                if queue.jobs.is_empty() {
+                    queue.combining = false;
+                    std::mem::forget(stop);
+                    return;
+                }
+                if self.options.group_commit {
+                    std::mem::take(&mut queue.jobs)
+                } else {
+                    vec![queue.jobs.remove(0)]
+                }
+            };
+            self.commit_batch(jobs);
         }
-        Ok(out)
+    }
+
+    /// Runs `jobs` in one transaction and tells each its outcome. Caller holds the writer
+    /// lock.
+    fn commit_batch(&self, jobs: Vec<Job>) {
+        let mut txn = match self.expire_due_locked().and_then(|()| Txn::begin(&self.db)) {
+            Ok(txn) => txn,
+            Err(error) => {
+                let error = error.to_string();
+                for job in jobs {
+                    job.fail(&error);
+                }
+                return;
+            }
+        };
+        let writes = jobs.len();
+        let mut completions = Vec::with_capacity(writes);
+        let mut failure = None;
+        let mut jobs = jobs.into_iter();
+        for job in jobs.by_ref() {
+            let (complete, spoiled) = job.run(self, &mut txn);
+            completions.push(complete);
+            if spoiled.is_some() {
+                failure = spoiled;
+                break;
+            }
+        }
+        if let Some(error) = &failure {
+            // The writes after the spoiling one never run.
+            for job in jobs {
+                job.fail(error);
+            }
+            txn.abort();
+        } else {
+            match txn.commit() {
+                Ok(Some(committed)) => {
+                    self.commits
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Err(error) = self.apply(committed) {
+                        failure = Some(error.to_string());
+                    }
+                }
+                Ok(None) => {}
+                Err(error) => failure = Some(error.to_string()),
+            }
+        }
+        if let Some(error) = &failure {
+            tracing::warn!(%error, writes, "store write batch failed");
+        }
+        for complete in completions {
+            complete(failure.as_deref());
+        }
     }
 
     /// A read snapshot that reflects every lease expiry due by now.
@@ -664,11 +888,17 @@ impl Shared {
         Ok(state.leases.values().map(|lease| lease.deadline).min())
     }
 
-    /// Fails unless `lease` (if any) is live.
-    fn check_lease(&self, lease: Option<LeaseId>) -> StoreResult<()> {
+    /// Fails unless `lease` (if any) is live, counting the lease changes `txn` has made so far
+    /// (an earlier write of the same batch may have revoked it).
+    fn check_lease(&self, txn: &Txn, lease: Option<LeaseId>) -> StoreResult<()> {
         let Some(id) = lease else {
             return Ok(());
         };
+        match txn.lease_fate(id) {
+            Some(true) => return Ok(()),
+            Some(false) => return Err(StoreError::LeaseNotFound(id)),
+            None => {}
+        }
         let now = self.clock.now();
         let state = self.lock_state()?;
         match state.leases.get(&id) {
@@ -677,12 +907,31 @@ impl Shared {
         }
     }
 
-    fn lease_keys(&self, id: LeaseId) -> StoreResult<Option<Vec<String>>> {
-        let state = self.lock_state()?;
-        Ok(state
-            .leases
-            .get(&id)
-            .map(|lease| lease.keys.iter().cloned().collect()))
+    /// The keys attached to lease `id`, counting the keys `txn` has attached and detached so
+    /// far; `None` if there is no such lease.
+    fn lease_keys(&self, txn: &Txn, id: LeaseId) -> StoreResult<Option<Vec<String>>> {
+        let mut keys = {
+            let state = self.lock_state()?;
+            state.leases.get(&id).map(|lease| lease.keys.clone())
+        };
+        for change in &txn.changes {
+            match change {
+                LeaseChange::Grant(granted, _) if *granted == id => keys = Some(BTreeSet::new()),
+                LeaseChange::Remove(removed) if *removed == id => keys = None,
+                LeaseChange::Attach(lease, key) if *lease == id => {
+                    if let Some(keys) = keys.as_mut() {
+                        keys.insert(key.clone());
+                    }
+                }
+                LeaseChange::Detach(lease, key) if *lease == id => {
+                    if let Some(keys) = keys.as_mut() {
+                        keys.remove(key);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(keys.map(|keys| keys.into_iter().collect()))
     }
 
     fn renew(&self, id: LeaseId) -> StoreResult<Renewal> {
@@ -862,6 +1111,26 @@ impl Txn {
         self.single_revision_base = Some(self.revision);
     }
 
+    /// Whether this transaction has granted (`Some(true)`) or removed (`Some(false)`) lease
+    /// `id`, the later change winning; `None` if it has done neither.
+    fn lease_fate(&self, id: LeaseId) -> Option<bool> {
+        self.changes.iter().rev().find_map(|change| match change {
+            LeaseChange::Grant(granted, _) if *granted == id => Some(true),
+            LeaseChange::Remove(removed) if *removed == id => Some(false),
+            _ => None,
+        })
+    }
+
+    /// How many changes this transaction holds: unchanged across a write that wrote nothing.
+    fn mark(&self) -> (usize, usize, bool) {
+        (self.events.len(), self.changes.len(), self.dirty)
+    }
+
+    /// Ends one write of a batch: the next one gets revisions of its own again.
+    fn end_write(&mut self) {
+        self.single_revision_base = None;
+    }
+
     /// The revision of the next change.
     fn next_revision(&mut self) -> Revision {
         self.revision = match self.single_revision_base {
@@ -965,6 +1234,13 @@ impl Txn {
         self.changes.push(LeaseChange::Remove(id));
         self.dirty = true;
         Ok(())
+    }
+
+    /// Drops every change of this transaction.
+    fn abort(self) {
+        if let Err(error) = self.txn.abort() {
+            tracing::warn!(%error, "aborting a store write transaction failed");
+        }
     }
 
     /// Commits if anything was written (with the new revision), else aborts without an fsync.

@@ -653,3 +653,192 @@ fn records_round_trip_and_corruption_is_detected() {
     let error = decode("k", &wrong_format).unwrap_err();
     assert!(error.to_string().contains("corrupt record"), "{error}");
 }
+
+/// Holds the writer lock on a thread of its own until the returned sender is dropped or sent
+/// to, so writes issued meanwhile queue up for one batch.
+async fn hold_writer(store: &Arc<EmbeddedStore>) -> std::sync::mpsc::Sender<()> {
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (locked, is_locked) = tokio::sync::oneshot::channel();
+    let held = store.clone();
+    std::thread::spawn(move || {
+        let _writer = held.hold_writer();
+        let _ = locked.send(());
+        let _ = released.recv();
+    });
+    is_locked.await.unwrap();
+    release
+}
+
+/// Waits until `n` writes are queued (each write queues itself before it waits for the lock).
+async fn queued(store: &EmbeddedStore, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.queued() < n {
+        assert!(Instant::now() < deadline, "{n} writes never queued");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn writes_queued_together_commit_in_one_transaction_with_revisions_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_in(&dir).await;
+    let mut stream = store.watch("g/", 0).await.unwrap();
+    let before = store.commits();
+    let release = hold_writer(&store).await;
+    let mut writes = Vec::new();
+    for n in 0..50 {
+        let s = store.clone();
+        writes.push(tokio::spawn(async move {
+            s.put(&format!("g/{n:02}"), n.to_string().into_bytes(), None)
+                .await
+        }));
+        // One at a time, so queue order (and so revision order) is known.
+        queued(&store, n + 1).await;
+    }
+    drop(release);
+    let mut revisions = Vec::new();
+    for write in writes {
+        revisions.push(write.await.unwrap().unwrap());
+    }
+    assert_eq!(
+        revisions,
+        (1..=50).collect::<Vec<_>>(),
+        "queue order, one each"
+    );
+    assert_eq!(store.commits() - before, 1, "50 writes, one transaction");
+    for n in 0..50u64 {
+        let (key, revision) = put_of(next_event(&mut stream).await);
+        assert_eq!((key, revision), (format!("g/{n:02}"), n + 1));
+    }
+    assert_no_event(&mut stream);
+    // Durable as one: all of it is there after a reopen.
+    drop(stream);
+    drop(store);
+    let store = open_in(&dir).await;
+    assert_eq!(store.revision().await.unwrap(), 50);
+    assert_eq!(store.list("g/").await.unwrap().kvs.len(), 50);
+}
+
+#[tokio::test]
+async fn a_write_that_fails_its_check_fails_alone_in_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_in(&dir).await;
+    store.put("c/k", b"0".to_vec(), None).await.unwrap();
+    let before = store.commits();
+    let release = hold_writer(&store).await;
+    let s = store.clone();
+    let first = tokio::spawn(async move { s.put("c/a", b"a".to_vec(), None).await });
+    queued(&store, 1).await;
+    let s = store.clone();
+    let unknown_lease = tokio::spawn(async move { s.put("c/x", b"x".to_vec(), Some(999)).await });
+    queued(&store, 2).await;
+    let s = store.clone();
+    let conflict = tokio::spawn(async move {
+        s.compare_and_swap("c/k", Expect::ModRevision(99), b"1".to_vec(), None)
+            .await
+    });
+    queued(&store, 3).await;
+    let s = store.clone();
+    let last = tokio::spawn(async move { s.put("c/b", b"b".to_vec(), None).await });
+    queued(&store, 4).await;
+    drop(release);
+    assert_eq!(first.await.unwrap().unwrap(), 2);
+    assert!(matches!(
+        unknown_lease.await.unwrap(),
+        Err(StoreError::LeaseNotFound(999))
+    ));
+    assert!(matches!(
+        conflict.await.unwrap().unwrap(),
+        CasOutcome::Conflict(Some(KeyValue {
+            mod_revision: 1,
+            ..
+        }))
+    ));
+    assert_eq!(last.await.unwrap().unwrap(), 3);
+    assert_eq!(store.commits() - before, 1);
+    assert!(store.get("c/x").await.unwrap().is_none());
+    assert_eq!(store.get("c/k").await.unwrap().unwrap().value, b"0");
+}
+
+/// A put with a lease queued behind that lease's revoke in the same batch: the revoke is not
+/// yet applied to memory when the put runs, so a check against memory alone would let the put
+/// attach a key to a lease that no longer exists, and the key would never expire.
+#[tokio::test]
+async fn a_put_behind_its_leases_revoke_in_one_batch_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_in(&dir).await;
+    let lease = store.lease_grant(Duration::from_secs(60)).await.unwrap();
+    let release = hold_writer(&store).await;
+    let s = store.clone();
+    let revoke = tokio::spawn(async move { s.lease_revoke(lease).await });
+    queued(&store, 1).await;
+    let s = store.clone();
+    let put = tokio::spawn(async move { s.put("o/k", b"v".to_vec(), Some(lease)).await });
+    queued(&store, 2).await;
+    let s = store.clone();
+    let txn_put = tokio::spawn(async move {
+        s.txn(
+            Vec::new(),
+            vec![TxnOp::Put {
+                key: "o/t".into(),
+                value: b"t".to_vec(),
+                lease: Some(lease),
+            }],
+        )
+        .await
+    });
+    queued(&store, 3).await;
+    drop(release);
+    revoke.await.unwrap().unwrap();
+    assert!(matches!(
+        put.await.unwrap(),
+        Err(StoreError::LeaseNotFound(l)) if l == lease
+    ));
+    assert!(matches!(
+        txn_put.await.unwrap(),
+        Err(StoreError::LeaseNotFound(l)) if l == lease
+    ));
+    assert!(store.list("o/").await.unwrap().kvs.is_empty());
+}
+
+/// A revoke queued behind a put attaching a key to the lease, in the same batch: the revoke
+/// must delete that key too, though memory learns of the attachment only after the commit.
+#[tokio::test]
+async fn a_revoke_behind_a_put_on_its_lease_in_one_batch_deletes_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_in(&dir).await;
+    let lease = store.lease_grant(Duration::from_secs(60)).await.unwrap();
+    store
+        .put("o/old", b"v".to_vec(), Some(lease))
+        .await
+        .unwrap();
+    let mut stream = store.watch("o/", 0).await.unwrap();
+    let release = hold_writer(&store).await;
+    let s = store.clone();
+    let put = tokio::spawn(async move { s.put("o/new", b"v".to_vec(), Some(lease)).await });
+    queued(&store, 1).await;
+    let s = store.clone();
+    // Moves o/old off the lease before the revoke: the revoke must leave it alone.
+    let detach = tokio::spawn(async move { s.put("o/old", b"kept".to_vec(), None).await });
+    queued(&store, 2).await;
+    let s = store.clone();
+    let revoke = tokio::spawn(async move { s.lease_revoke(lease).await });
+    queued(&store, 3).await;
+    drop(release);
+    put.await.unwrap().unwrap();
+    detach.await.unwrap().unwrap();
+    revoke.await.unwrap().unwrap();
+    let left = store.list("o/").await.unwrap().kvs;
+    assert_eq!(left.len(), 1, "only the detached key stays: {left:?}");
+    assert_eq!(left[0].key, "o/old");
+    assert_eq!(left[0].value, b"kept");
+    assert_eq!(put_of(next_event(&mut stream).await).0, "o/new");
+    assert_eq!(put_of(next_event(&mut stream).await).0, "o/old");
+    assert_eq!(delete_of(next_event(&mut stream).await).0, "o/new");
+    assert_no_event(&mut stream);
+    // The lease is gone for good.
+    assert!(matches!(
+        store.put("o/again", b"v".to_vec(), Some(lease)).await,
+        Err(StoreError::LeaseNotFound(_))
+    ));
+}
