@@ -210,32 +210,56 @@ impl DroneInfo {
     }
 }
 
-/// Every drone at one moment: this instance's sessions, then the drones other instances
-/// hold that are not also held here (a session here is newer than a record saying otherwise).
-pub struct DroneSnapshot {
-    local: Arc<Vec<DroneInfo>>,
-    elsewhere: Arc<Vec<DroneInfo>>,
+/// Every drone at one moment, each once (this instance's sessions, then the drones other
+/// instances hold that are not also held here: a session here is newer than a record saying
+/// otherwise), with the drones of each pool listed apart so placement can sample a pool's
+/// drones without walking the others. Built once per change of the drones.
+#[derive(Debug, Default)]
+pub struct DroneIndex {
+    drones: Vec<DroneInfo>,
+    /// Positions in `drones`, by pool.
+    by_pool: HashMap<String, Vec<usize>>,
 }
 
-impl DroneSnapshot {
-    pub fn iter(&self) -> impl Iterator<Item = &DroneInfo> {
-        // Sessions held here win over records (a lookup set only when both have some).
-        let here: std::collections::HashSet<&str> = if self.elsewhere.is_empty() {
+impl DroneIndex {
+    fn build(local: &[DroneInfo], elsewhere: &[DroneInfo]) -> DroneIndex {
+        let here: std::collections::HashSet<&str> = if elsewhere.is_empty() {
             Default::default()
         } else {
-            self.local.iter().map(|l| l.name.as_str()).collect()
+            local.iter().map(|l| l.name.as_str()).collect()
         };
-        self.local.iter().chain(
-            self.elsewhere
-                .iter()
-                .filter(move |d| !here.contains(d.name.as_str())),
-        )
+        let drones: Vec<DroneInfo> = local
+            .iter()
+            .chain(elsewhere.iter().filter(|d| !here.contains(d.name.as_str())))
+            .cloned()
+            .collect();
+        let mut by_pool: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, d) in drones.iter().enumerate() {
+            by_pool.entry(d.pool.clone()).or_default().push(i);
+        }
+        DroneIndex { drones, by_pool }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &DroneInfo> {
+        self.drones.iter()
+    }
+
+    pub fn get(&self, i: usize) -> &DroneInfo {
+        &self.drones[i]
+    }
+
+    /// Positions of `pool`'s drones (for [`DroneIndex::get`]).
+    pub fn in_pool(&self, pool: &str) -> &[usize] {
+        self.by_pool.get(pool).map_or(&[], Vec::as_slice)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.local.is_empty() && self.elsewhere.is_empty()
+        self.drones.is_empty()
     }
 }
+
+/// The index with the two lists it was built from, so it is rebuilt only when either changes.
+type IndexCache = (Arc<Vec<DroneInfo>>, Arc<Vec<DroneInfo>>, Arc<DroneIndex>);
 
 /// Every drone of the cluster: the leased drone records in the store (a record lives as long
 /// as its session's lease, on whichever instance holds the session), with this instance's own
@@ -254,6 +278,8 @@ pub struct DroneDirectory {
     /// (placement reads every drone for every new backend: it must not rebuild them each
     /// time).
     elsewhere: RwLock<Arc<Vec<DroneInfo>>>,
+    /// The last index built, with what it was built from.
+    index: RwLock<Option<IndexCache>>,
     /// Set once the records were listed.
     loaded: AtomicBool,
 }
@@ -265,28 +291,37 @@ impl DroneDirectory {
             instance,
             records: RwLock::default(),
             elsewhere: RwLock::default(),
+            index: RwLock::default(),
             loaded: AtomicBool::new(false),
         }
     }
 
     /// Every drone, by name.
     pub fn all(&self) -> Vec<DroneInfo> {
-        let snapshot = self.snapshot();
-        let mut all: Vec<DroneInfo> = snapshot.iter().cloned().collect();
+        let mut all: Vec<DroneInfo> = self.index().iter().cloned().collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         all
     }
 
-    /// Every drone, without copying those other instances hold.
-    pub fn snapshot(&self) -> DroneSnapshot {
-        DroneSnapshot {
-            local: self.local.infos(),
-            elsewhere: self
-                .elsewhere
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
+    /// Every drone, indexed by pool; the same `Arc` until a drone comes, goes or changes
+    /// health, so placement pays for building it once per change, not per decision.
+    pub fn index(&self) -> Arc<DroneIndex> {
+        let local = self.local.infos();
+        let elsewhere = self
+            .elsewhere
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some((l, e, index)) = &*self.index.read().unwrap_or_else(|e| e.into_inner())
+            && Arc::ptr_eq(l, &local)
+            && Arc::ptr_eq(e, &elsewhere)
+        {
+            return index.clone();
         }
+        let index = Arc::new(DroneIndex::build(&local, &elsewhere));
+        *self.index.write().unwrap_or_else(|e| e.into_inner()) =
+            Some((local, elsewhere, index.clone()));
+        index
     }
 
     /// The drone `name`, if it is connected to any instance.
@@ -306,7 +341,7 @@ impl DroneDirectory {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.snapshot().is_empty()
+        self.index().is_empty()
     }
 
     /// Whether the store's drone records were read at least once.

@@ -323,7 +323,7 @@ impl Placement {
         spawn: &ResolvedSpawn,
         pending: &[PendingEntry],
     ) -> Result<DroneInfo, ApiError> {
-        let drones = self.drones.snapshot();
+        let drones = self.drones.index();
         if drones.is_empty() {
             metrics::counter!(crate::metrics::PLACEMENT_FAILURES_TOTAL, "reason" => "no_drone")
                 .increment(1);
@@ -338,27 +338,17 @@ impl Placement {
         };
         let need = self.config.need(spawn);
         let hot = self.hot.hot_drones();
-        let facts: Vec<DroneFacts<'_>> = drones
-            .iter()
-            .map(|d| DroneFacts {
-                name: &d.name,
-                runtime: &d.runtime,
-                pool: &d.pool,
-                capacity: d.capacity,
-                load: pending.iter().filter(|p| p.drone == d.name).fold(
-                    self.routes.load_of(&d.name),
-                    |mut load, p| {
-                        load.backends += 1;
-                        load.cpu_millis += p.need.cpu_millis;
-                        load.memory_mb += p.need.memory_mb;
-                        load
-                    },
-                ),
-                draining: self.drains.is_draining(&d.name),
-                unhealthy: d.unhealthy.as_deref(),
-                hot: hot.contains(&d.name),
-            })
-            .collect();
+        let facts = |d| self.drone_facts(d, pending, &hot);
+        let mut rng = rand::rng();
+        if let Some(i) = sample_two(drones.in_pool(&spawn.pool), need, &mut rng, |i| {
+            let f = facts(drones.get(i));
+            (admit(&f, need, runtime, &spawn.pool).is_ok() && !f.hot).then_some(f)
+        }) {
+            return Ok(drones.get(i).clone());
+        }
+        // Too few drones to sample, or sampling kept hitting drones that cannot take it: look
+        // at every drone (which also names why each refused).
+        let facts: Vec<DroneFacts<'_>> = drones.iter().map(facts).collect();
         let mut reasons = Vec::new();
         let mut refusals = Vec::new();
         let admitted: Vec<DroneFacts<'_>> = facts
@@ -383,7 +373,6 @@ impl Placement {
             )
             .increment(1);
         }
-        let mut rng = rand::rng();
         match choose(&admitted, need, |n| rng.random_range(0..n)) {
             Some(f) => drones
                 .iter()
@@ -399,6 +388,77 @@ impl Placement {
             ))),
         }
     }
+}
+
+impl Placement {
+    /// What placement knows of drone `d`: its load counts the reservations made here that the
+    /// route table does not show yet.
+    fn drone_facts<'d>(
+        &self,
+        d: &'d DroneInfo,
+        pending: &[PendingEntry],
+        hot: &std::collections::HashSet<String>,
+    ) -> DroneFacts<'d> {
+        DroneFacts {
+            name: &d.name,
+            runtime: &d.runtime,
+            pool: &d.pool,
+            capacity: d.capacity,
+            load: pending.iter().filter(|p| p.drone == d.name).fold(
+                self.routes.load_of(&d.name),
+                |mut load, p| {
+                    load.backends += 1;
+                    load.cpu_millis += p.need.cpu_millis;
+                    load.memory_mb += p.need.memory_mb;
+                    load
+                },
+            ),
+            draining: self.drains.is_draining(&d.name),
+            unhealthy: d.unhealthy.as_deref(),
+            hot: hot.contains(&d.name),
+        }
+    }
+}
+
+/// Below this many drones in a pool, placement looks at all of them.
+const SAMPLE_FROM: usize = 16;
+/// Random drones a sampled decision looks at before it falls back to looking at all.
+const SAMPLE_TRIES: usize = 12;
+
+/// The power of two choices without looking at every drone: draws drones of `pool` (positions)
+/// at random until two distinct ones are eligible (`eligible` gives their facts: admitted and
+/// not hot), and returns the better of the two as [`choose`] would. Drawing at random and
+/// skipping the ineligible picks each eligible pair with the same chance as choosing among all
+/// eligible drones, so the outcome has the same distribution as the full evaluation, at the
+/// cost of a few drones instead of all. `None` when the pool is small or too few draws were
+/// eligible: the caller then evaluates every drone.
+fn sample_two<'a, R: rand::Rng>(
+    pool: &[usize],
+    need: Need,
+    rng: &mut R,
+    mut eligible: impl FnMut(usize) -> Option<DroneFacts<'a>>,
+) -> Option<usize> {
+    if pool.len() < SAMPLE_FROM {
+        return None;
+    }
+    let mut found: Vec<(usize, DroneFacts<'a>)> = Vec::with_capacity(2);
+    for _ in 0..SAMPLE_TRIES {
+        let pick = pool[rng.random_range(0..pool.len())];
+        if found.iter().any(|(i, _)| *i == pick) {
+            continue;
+        }
+        if let Some(f) = eligible(pick) {
+            found.push((pick, f));
+            if found.len() == 2 {
+                break;
+            }
+        }
+    }
+    let [(a, fa), (b, fb)] = <[_; 2]>::try_from(found).ok()?;
+    let pair = [fa, fb];
+    // With two, `choose` compares exactly these two.
+    let better = choose(&pair, need, |_| 0)?;
+    Some(if std::ptr::eq(better, &pair[0]) { a } else { b })
 }
 
 #[cfg(test)]
@@ -562,6 +622,85 @@ mod tests {
         ];
         for r in &all {
             assert_eq!(failure_reason(std::slice::from_ref(r)), r.label());
+        }
+    }
+
+    /// Sampling looks at a handful of drones, never an ineligible one, and picks the better of
+    /// two eligible ones as the full evaluation would.
+    #[test]
+    fn sampling_takes_the_better_of_two_eligible_drones_and_looks_at_few() {
+        use rand::SeedableRng;
+        let names: Vec<String> = (0..1000).map(|i| format!("d{i:04}")).collect();
+        // Drone i has i backends reserved; odd drones are not eligible.
+        let fact = |i: usize| {
+            let mut f = facts(&names[i], 100_000, 100_000, 0, 0, i as u64);
+            f.capacity.max_backends = 10_000;
+            f
+        };
+        let positions: Vec<usize> = (0..1000).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let (mut total, mut looked, mut misses, runs) = (0usize, 0usize, 0usize, 2_000);
+        for _ in 0..runs {
+            let mut seen = Vec::new();
+            let Some(picked) = sample_two(&positions, NEED, &mut rng, |i| {
+                seen.push(i);
+                (i % 2 == 0).then(|| fact(i))
+            }) else {
+                // Fewer than two eligible in all the draws (about 1 in 300 here): the caller
+                // evaluates every drone.
+                assert_eq!(seen.len(), SAMPLE_TRIES);
+                misses += 1;
+                continue;
+            };
+            assert_eq!(picked % 2, 0, "an ineligible drone was picked");
+            let eligible: Vec<usize> = seen.iter().copied().filter(|i| i % 2 == 0).collect();
+            assert_eq!(eligible.len(), 2, "stops at two eligible: {seen:?}");
+            assert_eq!(
+                picked,
+                eligible[0].min(eligible[1]),
+                "the less loaded of the two"
+            );
+            looked += seen.len();
+            total += picked;
+        }
+        assert!(
+            misses <= runs / 50,
+            "{misses} of {runs} decisions fell back"
+        );
+        // Uniform picks would average 499 backends; the better of two, about a third of that.
+        let mean = total as f64 / (runs - misses) as f64;
+        assert!((250.0..420.0).contains(&mean), "mean load picked {mean}");
+        assert!(
+            looked <= runs * 6,
+            "looked at {looked} drones for {runs} decisions"
+        );
+    }
+
+    /// A small pool, or one where sampling cannot find two eligible drones, is left to the
+    /// full evaluation.
+    #[test]
+    fn sampling_gives_up_on_small_pools_and_scarce_eligible_drones() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let small: Vec<usize> = (0..SAMPLE_FROM - 1).collect();
+        let mut looked = 0;
+        assert!(
+            sample_two(&small, NEED, &mut rng, |_| {
+                looked += 1;
+                Some(facts("x", 1, 1, 0, 0, 0))
+            })
+            .is_none()
+        );
+        assert_eq!(looked, 0, "a small pool is not sampled");
+        let big: Vec<usize> = (0..1000).collect();
+        for _ in 0..100 {
+            let mut looked = 0;
+            let only_one = sample_two(&big, NEED, &mut rng, |i| {
+                looked += 1;
+                (i == 500).then(|| facts("only", 100_000, 100_000, 0, 0, 0))
+            });
+            assert!(only_one.is_none(), "one eligible drone is not a pair");
+            assert!(looked <= SAMPLE_TRIES);
         }
     }
 }

@@ -119,3 +119,73 @@ async fn a_live_quota_refuses_new_backends_but_not_existing_ones() {
         .unwrap();
     f.stop().await;
 }
+
+/// With many drones placement samples a few instead of evaluating all: backends spread over
+/// the pool, and drones that cannot take one (draining, full) are never chosen, even when
+/// only two can (sampling then falls back to looking at every drone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_among_many_drones_spreads_and_never_picks_one_that_cannot_take_it() {
+    let f = Fixture::start(|_| {}).await;
+    let s = &f.sched;
+    let names: Vec<String> = (0..40).map(|i| format!("d{i:02}")).collect();
+    let mut sessions = Vec::new();
+    for name in &names {
+        sessions.push(
+            s.handles()
+                .sessions
+                .admit(&hello(name, "r1"), false)
+                .await
+                .unwrap(),
+        );
+    }
+    // All but two drain.
+    for name in &names[..38] {
+        s.handles().drains.start(name, 1, None).await.unwrap();
+    }
+    let placed_on = |id: BackendId| async move {
+        let (rec, _) = s
+            .handles()
+            .backends
+            .get(id.as_str())
+            .await
+            .unwrap()
+            .unwrap();
+        rec.drone.unwrap()
+    };
+    for n in 0..30 {
+        let r = s
+            .handles()
+            .connector
+            .connect(super::key(&format!("drain-{n}")))
+            .await
+            .unwrap();
+        let drone = placed_on(r.backend_id).await;
+        assert!(
+            drone == "d38" || drone == "d39",
+            "placed on draining {drone}"
+        );
+    }
+    for name in &names[..38] {
+        s.handles().drains.cancel(name).await.unwrap();
+    }
+    let mut used = std::collections::BTreeMap::<String, usize>::new();
+    for n in 0..200 {
+        let r = s
+            .handles()
+            .connector
+            .connect(super::key(&format!("spread-{n}")))
+            .await
+            .unwrap();
+        *used.entry(placed_on(r.backend_id).await).or_default() += 1;
+    }
+    assert!(
+        used.len() >= 30,
+        "200 backends on only {} of 40 drones",
+        used.len()
+    );
+    // The two that already had 15 each take few more: two choices prefer the less loaded.
+    let old = used.get("d38").copied().unwrap_or(0) + used.get("d39").copied().unwrap_or(0);
+    assert!(old <= 6, "the loaded drones took {old} more: {used:?}");
+    drop(sessions);
+    f.stop().await;
+}
