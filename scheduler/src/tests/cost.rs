@@ -1,5 +1,6 @@
 //! A reconciler pass costs what is live and due, not what the store has seen: with a long
-//! history of ended backends in the store, a pass reads no backend record from it.
+//! history of ended backends in the store (100,000 here, and 10 live), a pass reads no
+//! backend record from it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -50,13 +51,19 @@ fn ended(i: usize, terminated_at: u64) -> BackendRecord {
 #[tokio::test]
 async fn a_reconciler_pass_reads_no_backend_history_and_removes_only_what_is_due() {
     const NOW: u64 = 100_000_000;
+    const HISTORY: usize = 100_000;
     let dir = tempfile::tempdir().unwrap();
     let store = TestStore::open(dir.path()).await;
-    // History: 2,000 ended backends, 5 of them past the retention.
+    // History: 100,000 ended backends, 5 of them past the retention, written 100 to a
+    // transaction, many transactions at once (the store commits them in groups).
     let mut cfg = SchedulerConfig::new("hangar.test", "http://127.0.0.1:1");
     cfg.defaults.command = Some(vec!["true".into()]);
+    // Nothing renews the leadership here (the scheduler is not started): it must outlast
+    // loading the history on a slow debug build.
+    cfg.leader_ttl = std::time::Duration::from_secs(600);
     let retention = cfg.terminated_retention.as_millis() as u64;
-    for chunk in (0..2_000).collect::<Vec<_>>().chunks(100) {
+    let mut writes = tokio::task::JoinSet::new();
+    for chunk in (0..HISTORY).collect::<Vec<_>>().chunks(100) {
         let ops = chunk
             .iter()
             .map(|&i| {
@@ -73,8 +80,11 @@ async fn a_reconciler_pass_reads_no_backend_history_and_removes_only_what_is_due
                 )
             })
             .collect();
-        let done = store.txn(Vec::new(), ops).await.unwrap();
-        assert!(matches!(done, TxnOutcome::Committed(_)));
+        let store = store.clone();
+        writes.spawn(async move { store.txn(Vec::new(), ops).await });
+    }
+    while let Some(done) = writes.join_next().await {
+        assert!(matches!(done.unwrap().unwrap(), TxnOutcome::Committed(_)));
     }
     let sched = Scheduler::new(
         cfg,
@@ -105,19 +115,19 @@ async fn a_reconciler_pass_reads_no_backend_history_and_removes_only_what_is_due
         .admit(&hello("d1", "r1"), false)
         .await
         .unwrap();
-    for k in ["a", "b", "c"] {
+    for k in 0..10 {
         sched
             .handles()
             .connector
             .connect(ConnectRequest {
-                key: Some(KeyRef::new("default", k)),
+                key: Some(KeyRef::new("default", &format!("live-{k}"))),
                 ..Default::default()
             })
             .await
             .unwrap();
     }
-    // A connect answers once the publisher has its record: the index has all three.
-    assert_eq!(sched.handles().routes.live_records().len(), 3);
+    // A connect answers once the publisher has its record: the index has all ten.
+    assert_eq!(sched.handles().routes.live_records().len(), 10);
 
     let reconciler = sched.reconciler(token, 0);
     let (lists, gets) = (
