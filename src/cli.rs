@@ -155,6 +155,10 @@ pub struct ProxyArgs {
     /// A bearer token scrapes must present (also HANGAR_METRICS_TOKEN).
     #[arg(long, env = "HANGAR_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
+    /// Per-backend series only for the N backends with the most requests; the others are
+    /// summed per pool (series labelled `pool` instead of `backend`). [default: every backend]
+    #[arg(long, value_name = "N")]
+    pub metrics_top_k: Option<usize>,
     /// A PEM file of CA certificates to trust for `https://` scheduler URLs, besides the
     /// system's.
     #[arg(long, value_name = "FILE")]
@@ -168,6 +172,7 @@ impl ProxyArgs {
             metrics: self.metrics.clone(),
             metrics_grace: self.metrics_grace,
             metrics_token: self.metrics_token.clone(),
+            metrics_top_k: self.metrics_top_k,
         }
     }
 }
@@ -327,6 +332,8 @@ impl DroneArgs {
             metrics: self.metrics.clone(),
             metrics_grace: self.metrics_grace,
             metrics_token: self.metrics_token.clone(),
+            // A drone has no per-backend series.
+            metrics_top_k: None,
         }
     }
 }
@@ -346,6 +353,11 @@ pub struct MetricsArgs {
     /// `authorization` setting); without it the listener answers anyone who reaches it.
     #[arg(long, env = "HANGAR_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
+    /// Per-backend series only for the N backends with the most requests and every hot one;
+    /// the others are summed per pool (series labelled `pool` instead of `backend`, `drone`
+    /// and `pool`), which bounds the scrape for large fleets. [default: every backend]
+    #[arg(long, value_name = "N")]
+    pub metrics_top_k: Option<usize>,
 }
 
 /// What a drone keeps of its backends' output (in `<data-dir>/logs`), for `hangar logs`.

@@ -295,8 +295,10 @@ relieve-hot = true
                     "off",
                     "--metrics",
                     "127.0.0.1:9100",
+                    "--metrics-top-k",
+                    "500",
                 ],
-                "drone-secret = \"s3\"\nlease-ttl = 4\ndns = \"off\"\nmetrics = \"127.0.0.1:9100\"\n",
+                "drone-secret = \"s3\"\nlease-ttl = 4\ndns = \"off\"\nmetrics = \"127.0.0.1:9100\"\nmetrics-top-k = 500\n",
             ),
             (
                 "drone",
@@ -325,9 +327,11 @@ relieve-hot = true
                     "127.0.0.1:8081",
                     "--header-read-timeout",
                     "5s",
+                    "--metrics-top-k",
+                    "50",
                 ],
                 &format!(
-                    "scheduler = \"http://a:1\"\ntoken-key = \"{}\"\nproxy = \"127.0.0.1:8081\"\nheader-read-timeout = \"5s\"\n",
+                    "scheduler = \"http://a:1\"\ntoken-key = \"{}\"\nproxy = \"127.0.0.1:8081\"\nheader-read-timeout = \"5s\"\nmetrics-top-k = 50\n",
                     "ab".repeat(32)
                 ),
             ),

@@ -1,20 +1,22 @@
-//! The Prometheus exporter behind one `metrics` recorder: `metrics-exporter-prometheus`
-//! recorders and a router between them.
+//! The Prometheus exporter behind one `metrics` recorder: a router between three stores.
 //!
-//! Series labelled with a `backend` or a `drone` go to the *expiring* recorders, which drop a
-//! series not updated for the grace period: that is how the series of ended backends and
-//! departed drones leave the scrape. Their owners update live ones at least every quarter of
-//! the grace period (the proxy on every scrape, the scheduler's monitor every second, usage
-//! reports every few seconds), so a live series is never dropped. Everything else (per
-//! proxy, per reason, per phase: small fixed label sets) goes to the *stable* recorder and is
-//! never dropped, so that a rare event's counter does not vanish between occurrences.
+//! - Series labelled with a `backend` go to [`BackendRecorder`]: plain atomics rendered
+//!   straight into the text format, dropped when untouched for the grace period (see
+//!   `backends`), optionally only for the top K backends by traffic with the rest summed per
+//!   pool. With thousands of backends they are nearly all of a scrape.
+//! - Series labelled with a `drone` (and no backend) go to an *expiring*
+//!   `metrics-exporter-prometheus` recorder, which drops a series not updated for the grace
+//!   period: that is how departed drones leave the scrape.
+//! - Everything else (per proxy, per reason, per phase: small fixed label sets) goes to the
+//!   *stable* recorder and is never dropped, so that a rare event's counter does not vanish
+//!   between occurrences.
 //!
-//! The expiring side is split by metric name over a few recorders rendered in parallel: with
-//! thousands of backends nearly all of a scrape is per-backend series, and the exporter renders
-//! one recorder on one thread. A metric name always lands in the same shard, so every family
-//! stays one contiguous group in the exposition, as the text format requires.
+//! Owners update live series at least every quarter of the grace period (the proxy on every
+//! scrape, the scheduler's monitor every second, usage reports every few seconds), so a live
+//! series is never dropped. A metric name always lands in one store, so every family stays
+//! one contiguous group in the exposition, as the text format requires.
 //!
-//! Self-contained so that the scrape benchmark can build the same exporter.
+//! Self-contained (with `backends`) so that the scrape benchmark can build the same exporter.
 
 use std::time::Duration;
 
@@ -24,28 +26,43 @@ use metrics_exporter_prometheus::{
 };
 use metrics_util::MetricKindMask;
 
-/// Labels that make a series per backend or per drone: routed to the expiring recorders.
-pub const EXPIRING_LABELS: [&str; 2] = ["backend", "drone"];
+use super::backends::{self, BackendRecorder};
 
-/// Expiring recorders, rendered in parallel.
-const SHARDS: usize = 4;
+/// The label that makes a series per drone: routed to the expiring recorder (a series with a
+/// `backend` label goes to the [`BackendRecorder`]).
+pub const DRONE_LABEL: &str = "drone";
 
 /// Histogram buckets (seconds) for histograms without their own.
 const DEFAULT_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
-/// Routes each series to the stable or an expiring recorder (see the module docs).
+/// Routes each series to the store it belongs in (see the module docs).
 pub struct RoutingRecorder {
     stable: PrometheusRecorder,
-    expiring: Vec<PrometheusRecorder>,
+    expiring: PrometheusRecorder,
+    backends: BackendRecorder,
 }
 
 /// Renders what the recorders hold.
 #[derive(Clone)]
 pub struct Exporter {
     stable: PrometheusHandle,
-    expiring: Vec<PrometheusHandle>,
+    expiring: PrometheusHandle,
+    backends: BackendRecorder,
+}
+
+/// The buckets of a histogram of the [`BackendRecorder`], as [`builder`] sets them.
+fn buckets_for(name: &str) -> Vec<f64> {
+    if name == hangar_proxy::metrics::BACKEND_REQUEST_DURATION_SECONDS {
+        hangar_proxy::metrics::DURATION_BUCKETS.to_vec()
+    } else if name.starts_with("hangar_scheduler_spawn_") {
+        hangar_scheduler::metrics::SPAWN_BUCKETS.to_vec()
+    } else if name == hangar_scheduler::metrics::PLACEMENT_SECONDS {
+        hangar_scheduler::metrics::PLACEMENT_BUCKETS.to_vec()
+    } else {
+        DEFAULT_BUCKETS.to_vec()
+    }
 }
 
 fn builder() -> Result<PrometheusBuilder, BuildError> {
@@ -67,116 +84,164 @@ fn builder() -> Result<PrometheusBuilder, BuildError> {
 
 /// Builds the recorder (to install) and the exporter (to render), dropping per-backend and
 /// per-drone series `grace` after their last update.
+#[cfg(test)]
 pub fn build(grace: Duration) -> Result<(RoutingRecorder, Exporter), BuildError> {
-    let stable = builder()?.build_recorder();
-    let expiring = (0..SHARDS)
-        .map(|_| {
-            builder().map(|b| {
-                b.idle_timeout(MetricKindMask::ALL, Some(grace))
-                    .build_recorder()
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let exporter = Exporter {
-        stable: stable.handle(),
-        expiring: expiring.iter().map(PrometheusRecorder::handle).collect(),
-    };
-    Ok((RoutingRecorder { stable, expiring }, exporter))
+    build_with(grace, None)
 }
 
-/// The expiring shard of a metric name (FNV-1a: the same in every run and build).
-fn shard_of(name: &str) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    (h % SHARDS as u64) as usize
+/// Like [`build`]; with `top_k`, per-backend series only for the `top_k` backends with the
+/// most requests and the hot ones, the others summed per pool (`--metrics-top-k`).
+pub fn build_with(
+    grace: Duration,
+    top_k: Option<usize>,
+) -> Result<(RoutingRecorder, Exporter), BuildError> {
+    let stable = builder()?.build_recorder();
+    let expiring = builder()?
+        .idle_timeout(MetricKindMask::ALL, Some(grace))
+        .build_recorder();
+    let backends = BackendRecorder::new(backends::Config {
+        grace,
+        buckets: buckets_for,
+        top_k: top_k.map(|k| backends::TopK {
+            k,
+            traffic: hangar_proxy::metrics::BACKEND_REQUESTS_TOTAL,
+            hot: hangar_scheduler::metrics::BACKEND_HOT,
+            cumulative_gauges: &[hangar_scheduler::metrics::BACKEND_CPU_SECONDS],
+        }),
+    });
+    let exporter = Exporter {
+        stable: stable.handle(),
+        expiring: expiring.handle(),
+        backends: backends.clone(),
+    };
+    Ok((
+        RoutingRecorder {
+            stable,
+            expiring,
+            backends,
+        },
+        exporter,
+    ))
+}
+
+enum Route<'a> {
+    Generic(&'a PrometheusRecorder),
+    Backends,
 }
 
 impl RoutingRecorder {
-    fn for_key(&self, key: &Key) -> &PrometheusRecorder {
-        if key.labels().any(|l| EXPIRING_LABELS.contains(&l.key())) {
-            &self.expiring[shard_of(key.name())]
+    fn for_key(&self, key: &Key) -> Route<'_> {
+        if BackendRecorder::wants(key) {
+            Route::Backends
+        } else if key.labels().any(|l| l.key() == DRONE_LABEL) {
+            Route::Generic(&self.expiring)
         } else {
-            &self.stable
+            Route::Generic(&self.stable)
         }
     }
 
-    /// Every recorder: descriptions go to all (each renders HELP only for names it holds).
-    fn all(&self) -> impl Iterator<Item = &PrometheusRecorder> {
-        std::iter::once(&self.stable).chain(&self.expiring)
+    /// The generic recorders: descriptions go to both (each renders HELP only for names it
+    /// holds), and to the backends' store.
+    fn generic(&self) -> [&PrometheusRecorder; 2] {
+        [&self.stable, &self.expiring]
     }
 }
 
 impl Recorder for RoutingRecorder {
     fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
-        for r in self.all() {
+        self.backends.describe(&key, &description);
+        for r in self.generic() {
             r.describe_counter(key.clone(), unit, description.clone());
         }
     }
 
     fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
-        for r in self.all() {
+        self.backends.describe(&key, &description);
+        for r in self.generic() {
             r.describe_gauge(key.clone(), unit, description.clone());
         }
     }
 
     fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
-        for r in self.all() {
+        self.backends.describe(&key, &description);
+        for r in self.generic() {
             r.describe_histogram(key.clone(), unit, description.clone());
         }
     }
 
     fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
-        self.for_key(key).register_counter(key, metadata)
+        match self.for_key(key) {
+            Route::Generic(r) => r.register_counter(key, metadata),
+            Route::Backends => self.backends.counter(key),
+        }
     }
 
     fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {
-        self.for_key(key).register_gauge(key, metadata)
+        match self.for_key(key) {
+            Route::Generic(r) => r.register_gauge(key, metadata),
+            Route::Backends => self.backends.gauge(key),
+        }
     }
 
     fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> Histogram {
-        self.for_key(key).register_histogram(key, metadata)
+        match self.for_key(key) {
+            Route::Generic(r) => r.register_histogram(key, metadata),
+            Route::Backends => self.backends.histogram(key),
+        }
     }
 }
 
 impl Exporter {
-    /// The Prometheus text exposition of every series, the expiring shards rendered on
-    /// threads of their own. Rendering is also where the expiring recorders drop series idle
-    /// past the grace period.
+    /// The Prometheus text exposition of every series: the per-backend store rendered
+    /// (itself over several threads) while this thread renders the generic recorders.
+    /// Rendering is also where series idle past the grace period are dropped.
     pub fn render(&self) -> Vec<u8> {
-        // Writing to a Vec cannot fail.
-        let shards: Vec<Vec<u8>> = std::thread::scope(|scope| {
-            let running: Vec<_> = self
-                .expiring
-                .iter()
-                .map(|h| {
-                    scope.spawn(move || {
-                        let mut out = Vec::new();
-                        let _ = h.render_to_write(&mut out);
-                        out
-                    })
-                })
-                .collect();
-            running
-                .into_iter()
-                .map(|t| t.join().unwrap_or_default())
-                .collect()
-        });
-        let mut out = Vec::with_capacity(16 * 1024 + shards.iter().map(Vec::len).sum::<usize>());
-        let _ = self.stable.render_to_write(&mut out);
-        for s in shards {
-            out.extend_from_slice(&s);
-        }
-        out
+        std::thread::scope(|scope| {
+            let backends = scope.spawn(|| {
+                let mut out = Vec::new();
+                self.backends.render(&mut out);
+                out
+            });
+            let mut out = Vec::with_capacity(64 * 1024);
+            // Writing to a Vec cannot fail.
+            let _ = self.stable.render_to_write(&mut out);
+            let _ = self.expiring.render_to_write(&mut out);
+            match backends.join() {
+                Ok(b) if out.is_empty() => b,
+                Ok(b) => {
+                    out.extend_from_slice(&b);
+                    out
+                }
+                Err(_) => out,
+            }
+        })
     }
 
-    /// Drains recorded histogram samples into their buckets, so that memory stays bounded
-    /// between scrapes. Call every few seconds.
+    /// Drains recorded histogram samples of the generic recorders into their buckets, so
+    /// that memory stays bounded between scrapes (the per-backend store keeps buckets, not
+    /// samples), and frees the series renders dropped. Call every few seconds.
     pub fn run_upkeep(&self) {
         self.stable.run_upkeep();
-        for h in &self.expiring {
-            h.run_upkeep();
-        }
+        self.expiring.run_upkeep();
+        self.backends.collect_garbage();
     }
+
+    /// How many backends have series in the per-backend store.
+    #[cfg(test)]
+    pub fn backends(&self) -> usize {
+        self.backends.backends()
+    }
+}
+
+/// The exposition gzipped at the fastest level (a scrape is compressed once and thrown away;
+/// the text shrinks about tenfold even so).
+pub fn gzip(text: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut z = flate2::write::GzEncoder::new(
+        Vec::with_capacity(text.len() / 8),
+        flate2::Compression::fast(),
+    );
+    // Writing to a Vec cannot fail.
+    let _ = z.write_all(text);
+    z.finish().unwrap_or_default()
 }

@@ -6,8 +6,10 @@
 //! counters into the recorder); a maintenance loop drains histograms every few seconds, runs
 //! the collectors every quarter of the grace period so live series stay fresh, and renders
 //! once (discarding the output) whenever nobody has scraped for a grace period, so that the
-//! series of ended backends are dropped even without a scraper. See `docs/metrics.md`.
+//! series of ended backends are dropped even without a scraper. A scrape that accepts gzip
+//! gets the exposition gzipped. See `docs/metrics.md`.
 
+pub mod backends;
 pub mod exporter;
 
 use std::net::SocketAddr;
@@ -52,6 +54,9 @@ pub struct MetricsSetup {
     pub grace: Duration,
     /// The bearer token scrapes must present (`--metrics-token`), if any.
     pub token: Option<String>,
+    /// `--metrics-top-k`: per-backend series only for this many backends (and the hot ones),
+    /// the rest summed per pool.
+    pub top_k: Option<usize>,
 }
 
 /// Validates the flags; `None` with `--metrics off`.
@@ -83,6 +88,7 @@ pub fn validate(args: &MetricsArgs, default: &str) -> Result<Option<MetricsSetup
         explicit,
         grace: Duration::from_secs(args.metrics_grace),
         token: args.metrics_token.clone(),
+        top_k: args.metrics_top_k,
     }))
 }
 
@@ -110,7 +116,7 @@ pub async fn listen(
         return Ok(None);
     };
     let addr = listener.local_addr()?;
-    let exporter = install(setup.grace)?;
+    let exporter = install(setup.grace, setup.top_k)?;
     Ok(Some(MetricsListener {
         listener,
         addr,
@@ -160,8 +166,8 @@ async fn bind(setup: &MetricsSetup, role: &str) -> anyhow::Result<Option<TcpList
 
 /// Installs the exporter as the process's recorder and describes every metric. Call once,
 /// before the libraries start recording.
-fn install(grace: Duration) -> anyhow::Result<Exporter> {
-    let (recorder, exporter) = exporter::build(grace)
+fn install(grace: Duration, top_k: Option<usize>) -> anyhow::Result<Exporter> {
+    let (recorder, exporter) = exporter::build_with(grace, top_k)
         .map_err(|e| anyhow::anyhow!("cannot set up the metrics exporter: {e}"))?;
     metrics::set_global_recorder(recorder)
         .map_err(|_| anyhow::anyhow!("a metrics recorder is already installed"))?;
@@ -313,7 +319,13 @@ async fn serve(
             return Ok(r);
         }
     }
-    let body = match tokio::task::spawn_blocking(move || shared.scrape()).await {
+    let gzip = accepts_gzip(req.headers());
+    let body = match tokio::task::spawn_blocking(move || {
+        let text = shared.scrape();
+        if gzip { exporter::gzip(&text) } else { text }
+    })
+    .await
+    {
         Ok(b) => b,
         Err(_) => {
             return Ok(text(
@@ -327,7 +339,44 @@ async fn serve(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static(TEXT_FORMAT),
     );
+    r.headers_mut().insert(
+        header::VARY,
+        header::HeaderValue::from_static("accept-encoding"),
+    );
+    if gzip {
+        r.headers_mut().insert(
+            header::CONTENT_ENCODING,
+            header::HeaderValue::from_static("gzip"),
+        );
+    }
     Ok(r)
+}
+
+/// Whether `Accept-Encoding` admits gzip (`gzip`, `x-gzip` or `*`, with a q-value above 0;
+/// Prometheus sends `gzip`).
+fn accepts_gzip(headers: &http::HeaderMap) -> bool {
+    let mut gzip = None;
+    let mut any = None;
+    for value in headers.get_all(header::ACCEPT_ENCODING) {
+        let Ok(value) = value.to_str() else { continue };
+        for item in value.split(',') {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim();
+            let q = parts
+                .filter_map(|p| {
+                    let p = p.trim();
+                    p.strip_prefix("q=").or_else(|| p.strip_prefix("Q="))
+                })
+                .find_map(|q| q.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+                gzip = Some(q > 0.0);
+            } else if coding == "*" {
+                any = Some(q > 0.0);
+            }
+        }
+    }
+    gzip.or(any).unwrap_or(false)
 }
 
 /// Drains histograms, keeps live series fresh and drops expired ones without a scraper.
