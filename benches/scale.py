@@ -3,13 +3,18 @@
 (`hangar hollow-drones`: real drone sessions whose backends run nothing), backends connected
 up to each level of live backends.
 
-    cargo build --release && python3 benches/scale.py [--drones 1000] [--levels 1000,10000]
+    cargo build --release --bin hangar --example connect_load
+    python3 benches/scale.py [--drones 1000] [--levels 1000,10000,100000]
 
-At each level it reports: connect throughput and p50/p99 of the connects that reached the
-level (`--inflight` at a time); placement decision time and reconciler pass time (mean and
-p99 from serve's histograms over that phase); serve's RSS per live backend (above its RSS
-with no backend). At the end: the time to lose every backend when the hollow drones' process
-dies (lease TTL plus handling), and `serve`'s restart time to ready with every record.
+Connects come from `examples/connect_load.rs` (keep-alive HTTP/1.1, new keys, `--inflight` at
+a time). At each level it reports: connect throughput and p50/p99 of the connects that reached
+the level; placement decision time and reconciler pass time (mean and p99 from serve's
+histograms over that phase); serve's RSS per live backend (above its RSS with no backend);
+then, with 100 connects a second running for `--propagation-s` seconds, route propagation to
+a remote `hangar proxy` (p50/p99 from the start of the connect, whose record is written
+during it, until the remote proxy routes the backend's hostname). At the end: the time to
+handle the loss of one drone holding `--lone` backends (its own process killed), then of
+every drone at once, and `serve`'s restart time to ready with every record.
 
 Everything runs as child processes on free loopback ports in a temporary directory and is
 stopped at the end (also when a run fails).
@@ -20,12 +25,15 @@ import os
 import signal
 import subprocess
 import sys
+import json
 import tempfile
 import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ha  # noqa: E402  (free_port, http, wait, Serve, the token and the child reaper)
+
+LOAD = os.path.join(ha.ROOT, "target", "release", "examples", "connect_load")
 
 
 def rss_kib(pid):
@@ -70,9 +78,39 @@ def phase(before, after, name):
     return (s1 - s0) / n * 1000, p99
 
 
-def live(api):
-    status, body = ha.http("GET", f"http://{api}/v1/backends?status=live", timeout=120)
-    return len(body.get("backends", [])) if status == 200 else -1
+def live(api, **filters):
+    query = "".join(f"&{k}={v}" for k, v in filters.items())
+    status, body = ha.http("GET", f"http://{api}/v1/backends?status=live&limit=1{query}",
+                           timeout=300)
+    return body.get("total", -1) if status == 200 else -1
+
+
+def load(serve, count, inflight, tag, *extra):
+    """Runs the Rust load generator; its JSON summary."""
+    out = subprocess.run(
+        [LOAD, "--api", serve.api, "--token-file", os.path.join(serve.data, "admin.token"),
+         "--count", str(count), "--inflight", str(inflight), "--tag", tag, *extra],
+        check=True, capture_output=True, text=True)
+    r = json.loads(out.stdout)
+    if r["errors"]:
+        print(f"scale: {r['errors']} connects failed, first: {r['first_error']}", flush=True)
+    return r
+
+
+def hollow(serve, tmp, name, count, max_backends, *extra):
+    log = open(os.path.join(tmp, f"{name}.log"), "w")
+    proc = subprocess.Popen(
+        [ha.HANGAR, "hollow-drones", "--scheduler", f"http://{serve.api}", "--secret", ha.SECRET,
+         "--count", str(count), "--max-backends", str(max_backends), "--name-prefix", name,
+         *extra],
+        stdout=log, stderr=log, env={**os.environ, "HANGAR_LOG": "warn"})
+    ha.CHILDREN.append(proc)
+    return proc
+
+
+def ready_drones(api):
+    return sum(1 for d in ha.http("GET", f"http://{api}/v1/drones", timeout=60)[1]
+               .get("drones", []) if d["state"] == "ready")
 
 
 def main():
@@ -81,9 +119,14 @@ def main():
     ap.add_argument("--levels", default="1000,10000")
     ap.add_argument("--inflight", type=int, default=32)
     ap.add_argument("--lease-ttl", type=int, default=10)
+    ap.add_argument("--propagation-s", type=int, default=5,
+                    help="seconds of 100 connects a second for the propagation figures")
+    ap.add_argument("--lone", type=int, default=100,
+                    help="backends on the one drone whose loss is timed")
     a = ap.parse_args()
-    if not os.path.exists(ha.HANGAR):
-        sys.exit("scale.py: build the release binary first: cargo build --release")
+    for path, build in ((ha.HANGAR, "--bin hangar"), (LOAD, "--example connect_load")):
+        if not os.path.exists(path):
+            sys.exit(f"scale.py: build it first: cargo build --release {build}")
     levels = [int(x) for x in a.levels.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         metrics = f"127.0.0.1:{ha.free_port()}"
@@ -91,63 +134,93 @@ def main():
                      ("--lease-ttl", str(a.lease_ttl), "--idle-timeout", "86400",
                       "--metrics", metrics))
         base_rss = rss_kib(s.proc.pid)
-        log = open(os.path.join(tmp, "hollow.log"), "w")
-        hollow = subprocess.Popen(
-            [ha.HANGAR, "hollow-drones", "--scheduler", f"http://{s.api}", "--secret", ha.SECRET,
-             "--count", str(a.drones), "--max-backends", str(max(levels) // a.drones * 4 + 100)],
-            stdout=log, stderr=log, env={**os.environ, "HANGAR_LOG": "warn"})
-        ha.CHILDREN.append(hollow)
+        per_drone = max(levels) // a.drones * 2 + 100 + a.propagation_s * 100 * len(levels) // a.drones
+        drones = hollow(s, tmp, "hollow", a.drones, per_drone)
         t0 = time.perf_counter()
-        ha.wait(lambda: sum(1 for d in ha.http("GET", f"http://{s.api}/v1/drones", timeout=60)[1]
-                            .get("drones", []) if d["state"] == "ready") >= a.drones,
-                f"{a.drones} hollow drones ready", limit=300)
+        ha.wait(lambda: ready_drones(s.api) >= a.drones, f"{a.drones} hollow drones ready", limit=300)
         print(f"scale: {a.drones} hollow drones ready in {time.perf_counter() - t0:.1f} s; "
               f"serve RSS {base_rss / 1024:.1f} MiB with no backend", flush=True)
+
+        # A remote data-plane proxy following serve's route feed.
+        remote = f"127.0.0.1:{ha.free_port()}"
+        with open(os.path.join(s.data, "token.key")) as f:
+            token_key = f.read().strip()
+        plog = open(os.path.join(tmp, "proxy.log"), "w")
+        proxy = subprocess.Popen(
+            [ha.HANGAR, "proxy", "--scheduler", f"http://{s.api}", "--secret", ha.SECRET,
+             "--token-key", token_key, "--proxy", remote, "--metrics", "off",
+             "--name", "remote"], stdout=plog, stderr=plog)
+        ha.CHILDREN.append(proxy)
+
         have = 0
         rows = []
         for level in levels:
             before = scrape(metrics)
-            # New keys per level (ha.connects names them `<tag>-<n>`).
-            r = ha.connects(s.api, level - have, a.inflight, f"l{level}")
+            r = load(s, level - have, a.inflight, f"l{level}")
             after = scrape(metrics)
-            have = level
             place_mean, place_p99 = phase(before, after, "hangar_scheduler_placement_seconds")
             pass_mean, pass_p99 = phase(before, after, "hangar_scheduler_reconcile_pass_seconds")
             rss = rss_kib(s.proc.pid)
-            row = {"live": level, **r, "placement_mean_ms": place_mean, "placement_p99_ms": place_p99,
-                   "pass_mean_ms": pass_mean, "pass_p99_ms": pass_p99,
-                   "rss_mib": rss / 1024, "rss_per_backend_kib": (rss - base_rss) / level}
+            at_level = live(s.api)
+            # Propagation to the remote proxy while 100 connects a second run.
+            p = load(s, 100 * a.propagation_s, 64, f"p{level}", "--rate", "100",
+                     "--proxy", remote)
+            have = level + p["connects"]
+            row = {"live": at_level, **r, "placement_mean_ms": place_mean,
+                   "placement_p99_ms": place_p99, "pass_mean_ms": pass_mean,
+                   "pass_p99_ms": pass_p99, "rss_mib": rss / 1024,
+                   "rss_per_backend_kib": (rss - base_rss) / max(at_level, 1),
+                   "prop_p50_ms": p["propagation_p50_ms"], "prop_p99_ms": p["propagation_p99_ms"],
+                   "prop_n": p["propagated"], "at100_p50_ms": p["p50_ms"],
+                   "at100_p99_ms": p["p99_ms"]}
             rows.append(row)
             print(f"scale: {row}", flush=True)
+
+        # Losing one drone holding --lone backends: a process of its own, in a pool of its own.
+        lone = hollow(s, tmp, "lone", 1, a.lone + 10, "--pool", "lone")
+        ha.wait(lambda: ready_drones(s.api) >= a.drones + 1, "the lone drone ready", limit=60)
+        load(s, a.lone, 16, "lone", "--spawn-pool", "lone")
+        n = live(s.api, drone="lone-0")
+        t0 = time.perf_counter()
+        lone.send_signal(signal.SIGKILL)
+        lone.wait()
+        ha.wait(lambda: live(s.api, drone="lone-0") == 0, "the lone drone's backends lost",
+                limit=a.lease_ttl * 10 + 120)
+        lone_after = time.perf_counter() - t0
+        print(f"scale: {n} backends on one drone lost {lone_after:.2f} s after its process "
+              f"died (lease TTL {a.lease_ttl} s)", flush=True)
 
         # Losing every drone at once: the hollow process dies.
         n = live(s.api)
         t0 = time.perf_counter()
-        hollow.send_signal(signal.SIGKILL)
-        hollow.wait()
-        ha.wait(lambda: live(s.api) == 0, "every backend lost", limit=a.lease_ttl * 10 + 120)
+        drones.send_signal(signal.SIGKILL)
+        drones.wait()
+        ha.wait(lambda: live(s.api) == 0, "every backend lost", limit=a.lease_ttl * 10 + 300)
         lost_after = time.perf_counter() - t0
         print(f"scale: {n} backends on {a.drones} drones lost {lost_after:.2f} s after the "
               f"drones' process died (lease TTL {a.lease_ttl} s)", flush=True)
 
         # Restart with every record.
+        proxy.kill()
+        proxy.wait()
         s.proc.send_signal(signal.SIGTERM)
         s.proc.wait()
         t0 = time.perf_counter()
         s.start()
         restart = time.perf_counter() - t0
-        print(f"scale: serve restarted (healthz) in {restart:.2f} s with {max(levels)} backend "
+        print(f"scale: serve restarted (healthz) in {restart:.2f} s with {have} backend "
               f"records", flush=True)
         s.stop()
 
-    print("\n| Live backends | Connects/s | p50 | p99 | Placement mean / p99 | Reconciler pass mean / p99 | serve RSS | RSS per backend |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| Live backends | Connects/s | p50 | p99 | Placement mean / p99 | Reconciler pass mean / p99 | serve RSS | RSS per backend | Propagation p50 / p99 (at 100/s) |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     fmt = lambda v: "-" if v is None else f"{v:.3f} ms"
     for r in rows:
         print(f"| {r['live']} | {r['per_s']:.0f} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms "
               f"| {fmt(r['placement_mean_ms'])} / {fmt(r['placement_p99_ms'])} "
               f"| {fmt(r['pass_mean_ms'])} / {fmt(r['pass_p99_ms'])} "
-              f"| {r['rss_mib']:.0f} MiB | {r['rss_per_backend_kib']:.1f} KiB |")
+              f"| {r['rss_mib']:.0f} MiB | {r['rss_per_backend_kib']:.1f} KiB "
+              f"| {r['prop_p50_ms']:.1f} / {r['prop_p99_ms']:.1f} ms ({r['prop_n']}) |")
 
 
 if __name__ == "__main__":
