@@ -36,7 +36,9 @@ pub struct ProxyConfig {
     /// An HTTP/1.1 client that accepts no response bytes for this long, while a write to it
     /// waits, has its connection and the backend's closed (clients that never read would
     /// otherwise hold a task and a backend connection forever); like nginx's `send_timeout`.
-    /// (HTTP/2 streams are paced by hyper's flow control.)
+    /// Over HTTP/2, a stream whose client takes none of the next piece of the response body
+    /// for this long (it grants no flow-control window, or stops reading its socket) is reset
+    /// and its backend connection closed; the connection itself stays for its other streams.
     pub client_write_timeout: Duration,
     /// An upgraded connection (a WebSocket after its `101`) on which neither side sends a byte
     /// for this long is closed on both sides.

@@ -15,6 +15,7 @@ mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
 mod h1;
+mod h2_stream;
 mod head;
 mod listener;
 pub mod metrics;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::activity::ActivityTracker;
 use crate::config::ProxyConfig;
 use crate::forward::Prefixed;
+use crate::h2_stream::StreamExec;
 use crate::route_table::RouteHandle;
 use crate::server::{self, Served, Shutdown};
 use crate::service::{ClientInfo, Shared, handle};
@@ -94,10 +95,13 @@ impl Proxy {
     }
 
     /// hyper's HTTP/2 server, for h2c with prior knowledge and `h2` by ALPN (HTTP/1.1 is
-    /// Hangar's own, [`crate::server`]).
-    fn http2(&self) -> http2::Builder<TokioExecutor> {
+    /// Hangar's own, [`crate::server`]). Its stream tasks give up on a client that takes no
+    /// response bytes for `client_write_timeout` ([`StreamExec`]); a connection whose client
+    /// does not answer a PING (one every 30 s) within hyper's keep-alive timeout (20 s) is
+    /// closed, which also ends a client that stopped reading its socket.
+    fn http2(&self) -> http2::Builder<StreamExec> {
         let cfg = &self.shared.config;
-        let mut builder = http2::Builder::new(TokioExecutor::new());
+        let mut builder = http2::Builder::new(StreamExec::new(cfg.client_write_timeout));
         builder
             .timer(TokioTimer::new())
             .max_header_list_size(cfg.max_header_bytes as u32)
@@ -190,7 +194,7 @@ impl Proxy {
 /// Serves one client connection: HTTP/1.1 with Hangar's own server, HTTP/2 (by ALPN or the
 /// prior-knowledge preface) with hyper's.
 async fn serve_conn<I>(
-    h2: &http2::Builder<TokioExecutor>,
+    h2: &http2::Builder<StreamExec>,
     shutdown: Shutdown,
     shared: Arc<Shared>,
     io: I,
@@ -215,7 +219,7 @@ async fn serve_conn<I>(
 
 /// Serves an HTTP/2 connection with hyper's server.
 async fn serve_h2<I>(
-    h2: &http2::Builder<TokioExecutor>,
+    h2: &http2::Builder<StreamExec>,
     shutdown: Shutdown,
     shared: Arc<Shared>,
     io: Prefixed<I>,
@@ -258,7 +262,9 @@ mod tests {
     async fn a_connection_task_is_small_while_it_waits() {
         let p = super::Proxy::new(crate::tests::config());
         let (io, _peer) = tokio::io::duplex(64);
-        let h2 = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+        let h2 = hyper::server::conn::http2::Builder::new(crate::h2_stream::StreamExec::new(
+            std::time::Duration::from_secs(1),
+        ));
         let shutdown = crate::server::Shutdown::new(Default::default());
         let peer = "127.0.0.1:1".parse().unwrap();
         let conn = super::serve_conn(&h2, shutdown, p.shared.clone(), io, peer, false, false);

@@ -30,6 +30,7 @@ use crate::config::ProxyConfig;
 use crate::error::ProxyError;
 use crate::forward::{self, CountingBody, CountingIo, GuardedBody, ProxyBody, is_upgrade};
 use crate::h1::{self, RequestFraming};
+use crate::h2_stream::WatchedBody;
 use crate::head::{ProxyResponse, RequestHead};
 use crate::pool::{SendError, request_framing};
 use crate::route_table::RouteHandle;
@@ -83,12 +84,13 @@ impl ClientInfo {
 }
 
 /// Serves one request that came through hyper (HTTP/2); never fails (errors become
-/// responses).
+/// responses). The response's body reports to its stream's watch ([`crate::h2_stream`]),
+/// which gives up on a client that stops taking it.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
     client: Arc<ClientInfo>,
-) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+) -> Result<Response<WatchedBody<ProxyBody>>, std::convert::Infallible> {
     let (mut parts, body) = req.into_parts();
     // Taken out now (an extension of the request); awaited only if the backend agrees.
     let on = is_upgrade(&parts).then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
@@ -104,7 +106,7 @@ pub(crate) async fn handle(
         })
     })
     .await;
-    Ok(resp.into_http())
+    Ok(crate::h2_stream::hand_over(resp.into_http()))
 }
 
 /// Serves one request, from whichever server read it: `on_upgrade` is called for a request
