@@ -1,8 +1,10 @@
 //! Routes: the table the scheduler publishes and the proxy (and DNS) read, and the pure
 //! functions that find which backend a request names.
 //!
-//! A [`RouteTable`] is an immutable snapshot: the scheduler builds a new one on every change
-//! and publishes it whole; readers never see a half-applied update.
+//! A [`RouteTable`] is an immutable snapshot: the scheduler publishes a new one for every batch
+//! of changes and readers never see a half-applied update. A new table shares every shard the
+//! batch did not touch with the one before, so a change costs what it touches, not the size of
+//! the table.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -80,66 +82,177 @@ impl Route {
     }
 }
 
+/// How many shards a table has (a power of two). A change copies its shard: at 100,000
+/// routes, about a hundred of them.
+const SHARD_BITS: u32 = 10;
+const SHARDS: usize = 1 << SHARD_BITS;
+
+/// Hashed with foldhash: looked up on every proxied request, and its keys are ids the
+/// scheduler made, not input an attacker chooses.
+type Shard = HashMap<BackendId, Route, foldhash::fast::RandomState>;
+
+/// Which shard holds `id`: a fixed hash, so every table (and every process) agrees.
+fn shard_of(id: &str) -> usize {
+    use std::hash::BuildHasher;
+    const PLACE: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x68616e676172);
+    (PLACE.hash_one(id) >> (64 - SHARD_BITS)) as usize
+}
+
 /// An immutable snapshot of every known route, with the store revision it reflects.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Sharded: [`RouteTable::apply`] copies only the shards its changes fall in and shares the
+/// others with the table it started from, and [`RouteTable::diff`] compares only the shards
+/// two tables do not share.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(from = "WireTable", into = "WireTable")]
 pub struct RouteTable {
     pub revision: u64,
-    /// Hashed with foldhash: looked up on every proxied request, and its keys are ids the
-    /// scheduler made, not input an attacker chooses.
-    routes: HashMap<BackendId, Route, foldhash::fast::RandomState>,
+    shards: Vec<Arc<Shard>>,
+    len: usize,
+}
+
+/// A table as it travels (to a remote proxy's snapshot): every route by id.
+#[derive(Serialize, Deserialize)]
+struct WireTable {
+    revision: u64,
+    routes: HashMap<BackendId, Route>,
+}
+
+impl From<WireTable> for RouteTable {
+    fn from(w: WireTable) -> Self {
+        RouteTable::new(w.revision, w.routes.into_values())
+    }
+}
+
+impl From<RouteTable> for WireTable {
+    fn from(t: RouteTable) -> Self {
+        WireTable {
+            revision: t.revision,
+            routes: t.routes().map(|r| (r.backend.clone(), r.clone())).collect(),
+        }
+    }
+}
+
+impl Default for RouteTable {
+    fn default() -> Self {
+        let empty = Arc::new(Shard::default());
+        RouteTable {
+            revision: 0,
+            shards: vec![empty; SHARDS],
+            len: 0,
+        }
+    }
+}
+
+impl PartialEq for RouteTable {
+    fn eq(&self, other: &Self) -> bool {
+        self.revision == other.revision
+            && self.len == other.len
+            && self
+                .shards
+                .iter()
+                .zip(&other.shards)
+                .all(|(a, b)| Arc::ptr_eq(a, b) || a == b)
+    }
+}
+
+impl Eq for RouteTable {}
+
+impl std::fmt::Debug for RouteTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteTable")
+            .field("revision", &self.revision)
+            .field("routes", &self.len)
+            .finish()
+    }
 }
 
 impl RouteTable {
     pub fn new(revision: u64, routes: impl IntoIterator<Item = Route>) -> Self {
+        let mut shards: Vec<Shard> = (0..SHARDS).map(|_| Shard::default()).collect();
+        for r in routes {
+            shards[shard_of(r.backend.as_str())].insert(r.backend.clone(), r);
+        }
+        let len = shards.iter().map(HashMap::len).sum();
         RouteTable {
             revision,
-            routes: routes.into_iter().map(|r| (r.backend.clone(), r)).collect(),
+            shards: shards.into_iter().map(Arc::new).collect(),
+            len,
         }
     }
 
     pub fn get(&self, backend: &str) -> Option<&Route> {
-        self.routes.get(backend)
+        self.shards[shard_of(backend)].get(backend)
     }
 
     pub fn len(&self) -> usize {
-        self.routes.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
+        self.len == 0
     }
 
     pub fn routes(&self) -> impl Iterator<Item = &Route> {
-        self.routes.values()
+        self.shards.iter().flat_map(|s| s.values())
     }
 
     /// The changes that turn `self` into `newer`: routes added or changed, and removed ids.
+    /// Shards the two tables share are skipped, so the cost is that of the shards changed
+    /// between them.
     pub fn diff(&self, newer: &RouteTable) -> (Vec<Route>, Vec<BackendId>) {
-        let upserts = newer
-            .routes
-            .values()
-            .filter(|r| self.routes.get(&r.backend) != Some(r))
-            .cloned()
-            .collect();
-        let removals = self
-            .routes
-            .keys()
-            .filter(|id| !newer.routes.contains_key(*id))
-            .cloned()
-            .collect();
+        let mut upserts = Vec::new();
+        let mut removals = Vec::new();
+        for (old, new) in self.shards.iter().zip(&newer.shards) {
+            if Arc::ptr_eq(old, new) {
+                continue;
+            }
+            upserts.extend(
+                new.values()
+                    .filter(|r| old.get(&r.backend) != Some(r))
+                    .cloned(),
+            );
+            removals.extend(old.keys().filter(|id| !new.contains_key(*id)).cloned());
+        }
         (upserts, removals)
     }
 
-    /// A new table at `revision` with `upserts` applied and `removals` removed.
+    /// A new table at `revision` with `upserts` applied and `removals` removed. It shares
+    /// every shard without a change with `self`.
     pub fn apply(&self, revision: u64, upserts: &[Route], removals: &[BackendId]) -> RouteTable {
-        let mut routes = self.routes.clone();
+        let mut shards = self.shards.clone();
+        let mut len = self.len;
         for id in removals {
-            routes.remove(id);
+            let shard = &mut shards[shard_of(id.as_str())];
+            if shard.contains_key(id) {
+                Arc::make_mut(shard).remove(id);
+                len -= 1;
+            }
         }
         for r in upserts {
-            routes.insert(r.backend.clone(), r.clone());
+            let shard = &mut shards[shard_of(r.backend.as_str())];
+            if shard.get(&r.backend) != Some(r)
+                && Arc::make_mut(shard)
+                    .insert(r.backend.clone(), r.clone())
+                    .is_none()
+            {
+                len += 1;
+            }
         }
-        RouteTable { revision, routes }
+        RouteTable {
+            revision,
+            shards,
+            len,
+        }
+    }
+
+    /// How many shards `self` and `other` do not share (for tests of the cost of a change).
+    pub fn shards_not_shared_with(&self, other: &RouteTable) -> usize {
+        self.shards
+            .iter()
+            .zip(&other.shards)
+            .filter(|(a, b)| !Arc::ptr_eq(a, b))
+            .count()
     }
 
     /// Live routes (starting or ready): what DNS answers for.
@@ -491,5 +604,58 @@ mod tests {
         assert_eq!(t.get("b1").unwrap().state, RouteState::Gone);
         assert!(!t.is_live("b1"));
         assert!(t.get("b2").is_none());
+    }
+
+    /// A change copies only the shard it falls in; the rest of a 10,000-route table is shared,
+    /// and the diff of the two tables is exactly the change.
+    #[test]
+    fn a_change_copies_its_shard_and_shares_the_rest() {
+        let r = |i: usize, state| Route::new(BackendId::parse(&format!("b{i}")).unwrap(), state);
+        let big = RouteTable::new(1, (0..10_000).map(|i| r(i, RouteState::Ready)));
+        assert_eq!(big.len(), 10_000);
+        let changed = big.apply(2, &[r(7, RouteState::Gone)], &[]);
+        assert_eq!(changed.shards_not_shared_with(&big), 1);
+        assert_eq!(changed.len(), 10_000);
+        assert_eq!(changed.get("b7").unwrap().state, RouteState::Gone);
+        assert_eq!(
+            big.get("b7").unwrap().state,
+            RouteState::Ready,
+            "the old table is intact"
+        );
+        let (up, rm) = big.diff(&changed);
+        assert_eq!((up, rm), (vec![r(7, RouteState::Gone)], vec![]));
+
+        let removed = BackendId::parse("b9").unwrap();
+        let next = changed.apply(
+            3,
+            &[r(20_000, RouteState::Starting)],
+            std::slice::from_ref(&removed),
+        );
+        assert!(next.shards_not_shared_with(&changed) <= 2);
+        assert_eq!(next.len(), 10_000);
+        assert!(next.get("b9").is_none());
+        let (up, rm) = changed.diff(&next);
+        assert_eq!(
+            (up, rm),
+            (vec![r(20_000, RouteState::Starting)], vec![removed])
+        );
+        // An upsert that changes nothing copies nothing.
+        let same = next.apply(4, &[r(20_000, RouteState::Starting)], &[]);
+        assert_eq!(same.shards_not_shared_with(&next), 0);
+        // Built whole or by changes, the same routes make equal tables.
+        let whole = RouteTable::new(3, next.routes().cloned());
+        assert_eq!(whole, next);
+    }
+
+    /// On the wire a table is its revision and its routes by id, as before it was sharded.
+    #[test]
+    fn a_table_travels_as_routes_by_id() {
+        let id = BackendId::parse("b1").unwrap();
+        let t = RouteTable::new(7, [Route::new(id, RouteState::Ready)]);
+        let v = serde_json::to_value(&t).unwrap();
+        assert_eq!(v["revision"], 7);
+        assert_eq!(v["routes"]["b1"]["state"], "ready");
+        let back: RouteTable = serde_json::from_value(v).unwrap();
+        assert_eq!(back, t);
     }
 }

@@ -55,7 +55,12 @@ pub struct ActivityTracker {
     metrics: ProxyMetrics,
     /// See [`ActivityTracker::set_metrics_grace`]; milliseconds.
     series_stale_ms: AtomicU64,
+    /// When [`ActivityTracker::prune_lazily`] last pruned.
+    pruned_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How often [`ActivityTracker::prune_lazily`] walks the tracked backends at most.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Default for ActivityTracker {
     fn default() -> Self {
@@ -63,6 +68,7 @@ impl Default for ActivityTracker {
             backends: DashMap::default(),
             metrics: ProxyMetrics::default(),
             series_stale_ms: AtomicU64::new(DEFAULT_SERIES_STALE.as_millis() as u64),
+            pruned_at: std::sync::Mutex::new(None),
         }
     }
 }
@@ -201,6 +207,24 @@ impl ActivityTracker {
     /// Forgets backends that are no longer live in `table` and have nothing open, so the map
     /// stays bounded by the live backends. A forgotten backend's metrics are published one
     /// last time (its gauges at zero); the exporter drops them after the grace period.
+    /// [`ActivityTracker::prune`], at most once a second: for every published table, whose
+    /// changes are few while the tracked backends may be many (a backend that ended stays
+    /// tracked until the first prune after its table, a second at most while tables come).
+    pub fn prune_lazily(&self, table: &RouteTable) {
+        let now = std::time::Instant::now();
+        {
+            let mut at = self
+                .pruned_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if at.is_some_and(|at| now.duration_since(at) < PRUNE_EVERY) {
+                return;
+            }
+            *at = Some(now);
+        }
+        self.prune(table);
+    }
+
     pub fn prune(&self, table: &RouteTable) {
         self.backends.retain(|id, c| {
             let keep = table.is_live(id.as_str()) || c.open.load(Ordering::Relaxed) > 0;

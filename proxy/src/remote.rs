@@ -256,7 +256,7 @@ impl Proxy {
                 }
                 let table = current.apply(revision, &upserts, &removals);
                 if !removals.is_empty() {
-                    self.activity().prune(&table);
+                    self.activity().prune_lazily(&table);
                 }
                 routes.publish(Arc::new(table));
             }

@@ -10,7 +10,7 @@
 //! everything else (placement, the drone list, the monitor, connect waiting for its backend to
 //! be routable, the route feed endpoint), and its fields are private to this module.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -51,7 +51,7 @@ pub struct Placed {
     pub since: UnixMillis,
 }
 
-/// Every live backend, published whole after each batch.
+/// Every live backend, updated change by change after each batch.
 pub type Directory = HashMap<BackendId, Placed>;
 
 /// The change between two published tables, for remote proxies.
@@ -465,10 +465,84 @@ struct Entry {
     cpu_cap_millis: Option<u64>,
 }
 
-/// Routes as of a store revision.
+/// Routes as of a store revision, and what changed since the last publish.
 pub(crate) struct FeedState {
     entries: HashMap<BackendId, Entry>,
     revision: Revision,
+    /// Backends changed since the last publish; `None` after a listing (publish all).
+    changed: Option<HashSet<BackendId>>,
+    /// Reservations of live backends per drone, kept change by change.
+    load: HashMap<String, Amounts>,
+    /// Drones whose reservations changed since the last publish.
+    load_changed: HashSet<String>,
+}
+
+impl FeedState {
+    fn listed(entries: HashMap<BackendId, Entry>, revision: Revision) -> FeedState {
+        let mut state = FeedState {
+            entries: HashMap::with_capacity(entries.len()),
+            revision,
+            changed: None,
+            load: HashMap::new(),
+            load_changed: HashSet::new(),
+        };
+        for (id, e) in entries {
+            state.insert(id, e);
+        }
+        state
+    }
+
+    /// Adds or replaces a backend's entry, keeping the drones' reservations.
+    fn insert(&mut self, id: BackendId, e: Entry) {
+        self.count(&e, true);
+        if let Some(old) = self.entries.insert(id.clone(), e) {
+            self.count(&old, false);
+        }
+        self.touch(id);
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some((id, old)) = self.entries.remove_entry(id) {
+            self.count(&old, false);
+            self.touch(id);
+        }
+    }
+
+    fn touch(&mut self, id: BackendId) {
+        if let Some(changed) = &mut self.changed {
+            changed.insert(id);
+        }
+    }
+
+    /// Adds (or takes away) a live entry's reservation on its drone.
+    fn count(&mut self, e: &Entry, add: bool) {
+        let (true, Some(drone)) = (e.live, &e.drone) else {
+            return;
+        };
+        let load = self.load.entry(drone.clone()).or_default();
+        if add {
+            load.backends += 1;
+            load.cpu_millis += e.need.cpu_millis;
+            load.memory_mb += e.need.memory_mb;
+        } else {
+            load.backends = load.backends.saturating_sub(1);
+            load.cpu_millis = load.cpu_millis.saturating_sub(e.need.cpu_millis);
+            load.memory_mb = load.memory_mb.saturating_sub(e.need.memory_mb);
+        }
+        if !self.load_changed.contains(drone.as_str()) {
+            self.load_changed.insert(drone.clone());
+        }
+    }
+
+    fn placed(e: &Entry) -> Placed {
+        Placed {
+            drone: e.route.drone.clone(),
+            pool: e.route.pool.clone().unwrap_or_else(|| "default".into()),
+            state: e.state,
+            cpu_cap_millis: e.cpu_cap_millis,
+            since: e.since,
+        }
+    }
 }
 
 /// The writer: follows the store and publishes into [`Routes`].
@@ -519,54 +593,105 @@ impl RouteFeed {
                 }
             }
         }
-        let state = FeedState {
-            entries,
-            revision: listing.revision,
-        };
+        let mut state = FeedState::listed(entries, listing.revision);
         *self.routes.index() = index;
-        self.publish(&state);
+        self.publish(&mut state);
         Ok(state)
     }
 
-    fn publish(&self, state: &FeedState) {
-        let table = Arc::new(RouteTable::new(
-            state.revision,
-            state.entries.values().map(|e| e.route.clone()),
-        ));
-        let mut load: HashMap<&str, Amounts> = HashMap::new();
-        for e in state.entries.values().filter(|e| e.live) {
-            if let Some(d) = &e.drone {
-                let l = load.entry(d.as_str()).or_default();
-                l.backends += 1;
-                l.cpu_millis += e.need.cpu_millis;
-                l.memory_mb += e.need.memory_mb;
+    /// Publishes what changed since the last publish: the route table (sharing every shard
+    /// the changes did not touch with the last one), the drones' reservations, the directory
+    /// of live backends and the delta for remote proxies, each at the cost of the changes.
+    /// After a listing, all of it is rebuilt.
+    fn publish(&self, state: &mut FeedState) {
+        let routes = &self.routes;
+        let last = routes.table.borrow().clone();
+        let changed = state.changed.replace(HashSet::new());
+        let (table, upserts, removals) = match &changed {
+            None => {
+                let table = RouteTable::new(
+                    state.revision,
+                    state.entries.values().map(|e| e.route.clone()),
+                );
+                let (upserts, removals) = last.diff(&table);
+                (table, upserts, removals)
+            }
+            Some(changed) => {
+                let mut upserts = Vec::new();
+                let mut removals = Vec::new();
+                for id in changed {
+                    match state.entries.get(id) {
+                        Some(e) if last.get(id.as_str()) != Some(&e.route) => {
+                            upserts.push(e.route.clone())
+                        }
+                        Some(_) => {}
+                        None if last.get(id.as_str()).is_some() => removals.push(id.clone()),
+                        None => {}
+                    }
+                }
+                let table = last.apply(state.revision, &upserts, &removals);
+                (table, upserts, removals)
+            }
+        };
+        let table = Arc::new(table);
+
+        // Reservations per drone: the drones whose reservations changed.
+        if changed.is_none() {
+            routes
+                .load
+                .retain(|k, _| state.load.contains_key(k.as_str()));
+        }
+        let drones: Vec<String> = match changed {
+            None => state.load.keys().cloned().collect(),
+            Some(_) => state.load_changed.drain().collect(),
+        };
+        state.load_changed.clear();
+        for d in drones {
+            match state.load.get(&d) {
+                Some(n) if n.backends > 0 => {
+                    routes.load.insert(d, *n);
+                }
+                _ => {
+                    state.load.remove(&d);
+                    routes.load.remove(&d);
+                }
             }
         }
-        let routes = &self.routes;
-        routes.load.retain(|k, _| load.contains_key(k.as_str()));
-        for (d, n) in load {
-            routes.load.insert(d.to_string(), n);
-        }
+
         // The live backends for the monitor, labelled like their routes.
-        let directory: Directory = state
-            .entries
-            .iter()
-            .filter(|(_, e)| e.live)
-            .map(|(id, e)| {
-                let placed = Placed {
-                    drone: e.route.drone.clone(),
-                    pool: e.route.pool.clone().unwrap_or_else(|| "default".into()),
-                    state: e.state,
-                    cpu_cap_millis: e.cpu_cap_millis,
-                    since: e.since,
-                };
-                (id.clone(), placed)
-            })
-            .collect();
-        *routes
-            .directory
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(directory);
+        {
+            let mut directory = routes
+                .directory
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match &changed {
+                None => {
+                    *directory = Arc::new(
+                        state
+                            .entries
+                            .iter()
+                            .filter(|(_, e)| e.live)
+                            .map(|(id, e)| (id.clone(), FeedState::placed(e)))
+                            .collect(),
+                    );
+                }
+                Some(ids) if !ids.is_empty() => {
+                    // Copies the map only if a reader still holds the last one.
+                    let dir = Arc::make_mut(&mut directory);
+                    for id in ids {
+                        match state.entries.get(id) {
+                            Some(e) if e.live => {
+                                dir.insert(id.clone(), FeedState::placed(e));
+                            }
+                            _ => {
+                                dir.remove(id);
+                            }
+                        }
+                    }
+                }
+                Some(_) => {}
+            }
+        }
         for sink in routes
             .sinks
             .read()
@@ -577,8 +702,7 @@ impl RouteFeed {
         }
         // The delta for remote proxies, against the table published before this one (none for
         // the first table: a proxy starts from a snapshot).
-        let last = routes.table.send_replace(table.clone());
-        let (upserts, removals) = last.diff(&table);
+        routes.table.send_replace(table.clone());
         let first = !routes.ready.load(Ordering::Acquire);
         if !first
             && (table.revision != last.revision || !upserts.is_empty() || !removals.is_empty())
@@ -598,7 +722,7 @@ impl RouteFeed {
         match ev {
             WatchEvent::Put(kv) => match serde_json::from_slice::<BackendRecord>(&kv.value) {
                 Ok(rec) => {
-                    state.entries.insert(rec.id.clone(), self.entry(&rec));
+                    state.insert(rec.id.clone(), self.entry(&rec));
                     self.routes.index().put(rec, kv.key, kv.mod_revision);
                 }
                 Err(e) => {
@@ -607,7 +731,7 @@ impl RouteFeed {
             },
             WatchEvent::Delete { key, .. } => {
                 if let Some(id) = key.strip_prefix(BACKENDS_PREFIX) {
-                    state.entries.remove(id);
+                    state.remove(id);
                     if let Ok(id) = BackendId::parse(id) {
                         self.routes.index().remove(&id);
                     }
@@ -636,7 +760,7 @@ impl RouteFeed {
                     while let Ok(ev) = events.try_recv() {
                         self.apply(&mut state, ev);
                     }
-                    self.publish(&state);
+                    self.publish(&mut state);
                 },
                 Err(e) => tracing::warn!(error = %e, "route feed watch failed; listing again"),
             }

@@ -317,7 +317,7 @@ impl Plane {
             let handle = proxy.routes();
             let activity = proxy.activity();
             scheduler.publish_routes_to(move |table| {
-                activity.prune(table);
+                activity.prune_lazily(table);
                 handle.publish(table.clone());
             });
         }

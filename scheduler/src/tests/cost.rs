@@ -120,7 +120,7 @@ async fn a_reconciler_pass_reads_no_backend_history_and_removes_only_what_is_due
             .handles()
             .connector
             .connect(ConnectRequest {
-                key: Some(KeyRef::new("default", &format!("live-{k}"))),
+                key: Some(KeyRef::new("default", format!("live-{k}"))),
                 ..Default::default()
             })
             .await
@@ -160,6 +160,111 @@ async fn a_reconciler_pass_reads_no_backend_history_and_removes_only_what_is_due
         );
     }
     assert!(store.get(&backend_key("bold5")).await.unwrap().is_some());
+    cancel.cancel();
+    publisher.await.unwrap();
+}
+
+/// A route change costs what it touches: with 5,000 backends published, ending one produces
+/// a table that shares every shard but one with the last, a delta of exactly that route, and
+/// the drone's reservations and the directory of live backends follow it; so does deleting
+/// a record.
+#[tokio::test]
+async fn a_route_change_is_a_delta_and_copies_one_shard_of_the_table() {
+    const LIVE: usize = 5_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store = TestStore::open(dir.path()).await;
+    let record = |i: usize, state: BackendState| BackendRecord {
+        state,
+        terminated_at: None,
+        ..ended(i, 1_000)
+    };
+    let mut writes = tokio::task::JoinSet::new();
+    for chunk in (0..LIVE).collect::<Vec<_>>().chunks(100) {
+        let ops = chunk
+            .iter()
+            .map(|&i| {
+                let rec = record(i, BackendState::Ready);
+                TxnOp::put(
+                    backend_key(rec.id.as_str()),
+                    serde_json::to_vec(&rec).unwrap(),
+                    None,
+                )
+            })
+            .collect();
+        let store = store.clone();
+        writes.spawn(async move { store.txn(Vec::new(), ops).await });
+    }
+    while let Some(done) = writes.join_next().await {
+        done.unwrap().unwrap();
+    }
+    let mut cfg = SchedulerConfig::new("hangar.test", "http://127.0.0.1:1");
+    cfg.defaults.command = Some(vec!["true".into()]);
+    let routes = Arc::new(crate::routes::Routes::default());
+    let feed = crate::routes::RouteFeed::new(store.clone(), Arc::new(cfg), routes.clone());
+    let loaded = feed.load().await.unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let publisher = tokio::spawn(feed.run(loaded, cancel.clone()));
+    assert_eq!(routes.current().len(), LIVE);
+    assert_eq!(routes.load_of("d1").backends, LIVE as u64);
+    assert_eq!(routes.directory().len(), LIVE);
+
+    // One backend ends.
+    let before = routes.current();
+    let mut deltas = routes.follow_deltas();
+    let gone = record(
+        7,
+        BackendState::Terminated {
+            reason: TerminationReason::Idle,
+        },
+    );
+    let rev = store
+        .put(
+            &backend_key(gone.id.as_str()),
+            serde_json::to_vec(&gone).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    let delta = deltas.recv().await.unwrap();
+    let hangar_core::feed::FeedMessage::Delta {
+        revision,
+        upserts,
+        removals,
+        ..
+    } = delta.message()
+    else {
+        panic!("not a delta")
+    };
+    assert_eq!(revision, rev);
+    assert_eq!(upserts, vec![gone.route()]);
+    assert!(removals.is_empty());
+    let after = routes.current();
+    assert_eq!(after.revision, rev);
+    assert_eq!(after.shards_not_shared_with(&before), 1, "one shard copied");
+    assert_eq!(after.len(), LIVE);
+    assert_eq!(routes.load_of("d1").backends, LIVE as u64 - 1);
+    assert_eq!(routes.directory().len(), LIVE - 1);
+
+    // Its record is deleted.
+    store.delete(&backend_key(gone.id.as_str())).await.unwrap();
+    let delta = deltas.recv().await.unwrap();
+    let hangar_core::feed::FeedMessage::Delta {
+        upserts, removals, ..
+    } = delta.message()
+    else {
+        panic!("not a delta")
+    };
+    assert!(upserts.is_empty());
+    assert_eq!(removals, vec![gone.id.clone()]);
+    let last = routes.current();
+    assert_eq!(last.shards_not_shared_with(&after), 1);
+    assert_eq!(last.len(), LIVE - 1);
+    assert!(last.get(gone.id.as_str()).is_none());
+    // The same state listed afresh makes the same table.
+    assert_eq!(
+        *last,
+        hangar_core::route::RouteTable::new(last.revision, last.routes().cloned())
+    );
     cancel.cancel();
     publisher.await.unwrap();
 }
