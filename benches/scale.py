@@ -177,9 +177,10 @@ def main():
             print(f"scale: {row}", flush=True)
 
         # Losing one drone holding --lone backends: a process of its own, in a pool of its own.
-        lone = hollow(s, tmp, "lone", 1, a.lone + 10, "--pool", "lone")
+        # Room for twice --lone: placement counts a backend twice while the table catches up.
+        lone = hollow(s, tmp, "lone", 1, a.lone * 2 + 16, "--pool", "lone")
         ha.wait(lambda: ready_drones(s.api) >= a.drones + 1, "the lone drone ready", limit=60)
-        load(s, a.lone, 16, "lone", "--spawn-pool", "lone")
+        load(s, a.lone, 8, "lone", "--spawn-pool", "lone")
         n = live(s.api, drone="lone-0")
         t0 = time.perf_counter()
         lone.send_signal(signal.SIGKILL)

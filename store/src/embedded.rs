@@ -331,7 +331,7 @@ impl EmbeddedStore {
             let shared = self.shared.clone();
             // Not awaited: the combiner outlives this write if more keep coming, and ends
             // when the queue is empty. Each write waits for its own outcome.
-            drop(tokio::task::spawn_blocking(move || shared.combine()));
+            drop(tokio::task::spawn_blocking(move || Shared::combine(shared)));
         }
         outcome.await.map_err(|_| backend_error(BatchDropped))?
     }
@@ -369,14 +369,17 @@ impl EmbeddedStore {
 #[async_trait]
 impl Store for EmbeddedStore {
     async fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
+        // One key from a read snapshot is a lookup in redb's page cache, shorter than handing
+        // it to a blocking thread and waking this task again (which cost more than the read
+        // under load). Only when a lease is due does the read first take the writer lock and
+        // write the expiry, which must not happen on an async thread.
+        if !self.shared.any_due()? {
+            let snapshot = self.shared.db.begin_read().backend()?;
+            return read_one(&snapshot, key);
+        }
         let key = key.to_owned();
-        self.blocking(move |shared| {
-            let snapshot = shared.snapshot()?;
-            let table = snapshot.open_table(KV).backend()?;
-            let found = table.get(key.as_str()).backend()?;
-            found.map(|guard| decode(&key, guard.value())).transpose()
-        })
-        .await
+        self.blocking(move |shared| read_one(&shared.snapshot()?, &key))
+            .await
     }
 
     async fn put(
@@ -753,37 +756,56 @@ impl Shared {
     /// The combiner: commits batches until the queue is empty, taking the writer lock for each
     /// (so the lease sweeper and readers expiring leases get in between). If it stops early
     /// (a poisoned writer lock, a panic), the writes left in the queue fail rather than wait
-    /// for a combiner that will never come.
-    fn combine(&self) {
-        let mut stop = CombinerStop {
-            shared: self,
-            reason: "store writer stopped unexpectedly",
-        };
+    /// for a combiner that will never come. It lets go of the store before it tells the last
+    /// batch's writers their outcome, so a caller that drops the store after its last write
+    /// has returned finds the file released.
+    fn combine(self: Arc<Self>) {
         loop {
-            let Ok(_writer) = self.lock_writer() else {
+            let mut stop = CombinerStop {
+                shared: &self,
+                reason: "store writer stopped unexpectedly",
+            };
+            let Ok(writer) = self.lock_writer() else {
                 stop.reason = "store writer lock poisoned by an earlier panic";
                 return;
             };
             let jobs = {
                 let mut queue = self.lock_queue();
-                if queue.jobs.is_empty() {
-                    queue.combining = false;
-                    std::mem::forget(stop);
-                    return;
-                }
                 if self.options.group_commit {
                     std::mem::take(&mut queue.jobs)
+                } else if queue.jobs.is_empty() {
+                    Vec::new()
                 } else {
                     vec![queue.jobs.remove(0)]
                 }
             };
-            self.commit_batch(jobs);
+            let (completions, failure) = self.commit_batch(jobs);
+            drop(writer);
+            let last = {
+                let mut queue = self.lock_queue();
+                let last = queue.jobs.is_empty();
+                if last {
+                    queue.combining = false;
+                }
+                last
+            };
+            std::mem::forget(stop);
+            if last {
+                drop(self);
+                for complete in completions {
+                    complete(failure.as_deref());
+                }
+                return;
+            }
+            for complete in completions {
+                complete(failure.as_deref());
+            }
         }
     }
 
-    /// Runs `jobs` in one transaction and tells each its outcome. Caller holds the writer
-    /// lock.
-    fn commit_batch(&self, jobs: Vec<Job>) {
+    /// Runs `jobs` in one transaction. Caller holds the writer lock. Returns how to tell each
+    /// its outcome, and the batch's failure if it failed.
+    fn commit_batch(&self, jobs: Vec<Job>) -> (Vec<Completion>, Option<String>) {
         let mut txn = match self.expire_due_locked().and_then(|()| Txn::begin(&self.db)) {
             Ok(txn) => txn,
             Err(error) => {
@@ -791,7 +813,7 @@ impl Shared {
                 for job in jobs {
                     job.fail(&error);
                 }
-                return;
+                return (Vec::new(), None);
             }
         };
         let writes = jobs.len();
@@ -828,9 +850,7 @@ impl Shared {
         if let Some(error) = &failure {
             tracing::warn!(%error, writes, "store write batch failed");
         }
-        for complete in completions {
-            complete(failure.as_deref());
-        }
+        (completions, failure)
     }
 
     /// A read snapshot that reflects every lease expiry due by now.
@@ -1268,6 +1288,12 @@ impl Txn {
             changes,
         }))
     }
+}
+
+fn read_one(snapshot: &ReadTransaction, key: &str) -> StoreResult<Option<KeyValue>> {
+    let table = snapshot.open_table(KV).backend()?;
+    let found = table.get(key).backend()?;
+    found.map(|guard| decode(key, guard.value())).transpose()
 }
 
 fn read_counter(txn: &WriteTransaction, name: &str) -> StoreResult<u64> {

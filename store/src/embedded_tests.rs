@@ -842,3 +842,17 @@ async fn a_revoke_behind_a_put_on_its_lease_in_one_batch_deletes_the_key() {
         Err(StoreError::LeaseNotFound(_))
     ));
 }
+
+/// The combiner lets go of the store before it tells the last writers their outcome: a store
+/// dropped right after a write returned can be opened again at once (the file is released).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_dropped_after_its_last_write_returns_releases_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..200u64 {
+        let store = EmbeddedStore::open_default(dir.path().join("store.redb"))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        store.put("k", round.to_string().into_bytes(), None).await.unwrap();
+        drop(store);
+    }
+}
