@@ -20,7 +20,8 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::zone_handler::MessageResponse;
 
 use crate::config::DnsConfig;
-use crate::server::Handler;
+use crate::server::{EDNS_PAYLOAD, Handler};
+use crate::udp;
 use crate::zone::Zone;
 
 /// The zone every input is asked of, with live, gone and TXT names in it.
@@ -58,9 +59,10 @@ fn same_name(a: &Name, b: &Name) -> bool {
             .all(|(x, y)| x.eq_ignore_ascii_case(y))
 }
 
-/// `dns_query`: `<mode>` then, for an even mode, a DNS message (decoded as hickory's server
-/// decodes it and, when it is a query, answered by the server's handler: the answer must
-/// encode and decode back, echo the id and never offer recursion); for an odd mode
+/// `dns_query`: `<mode>` then, for an even mode, a DNS message (answered by the UDP fast path
+/// when it takes it, which must match the general path byte for byte; decoded as hickory's
+/// server decodes it and, when it is a query, answered by the server's handler: the answer
+/// must encode and decode back, echo the id and never offer recursion); for an odd mode
 /// `<type: 2 bytes><class: 2 bytes><name>` asked of `Zone::lookup` directly (the name read as
 /// text or, with mode bit 1, as raw labels split at dots): names outside the zone are refused,
 /// names in it get an authoritative answer about that name only.
@@ -163,6 +165,19 @@ impl ResponseHandler for Capture {
 
 fn fuzz_message(data: &[u8]) {
     let src = SocketAddr::from(([127, 0, 0, 1], 5353));
+    // Differential: whatever the UDP fast path answers, the general path (hickory's decoding
+    // and encoding around the handler) answers with the same bytes.
+    let mut fast = Vec::new();
+    if crate::fast::answer(zone(), data, EDNS_PAYLOAD, &mut fast).is_some() {
+        let handler = Handler {
+            zone: zone().clone(),
+        };
+        assert_eq!(
+            Some(fast),
+            udp::general_answer(&handler, data, src),
+            "the fast path and the general path answer {data:02x?} differently"
+        );
+    }
     let Ok(request) = Request::from_bytes(data.to_vec(), src, Protocol::Udp) else {
         return;
     };

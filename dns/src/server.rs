@@ -1,12 +1,13 @@
-//! The server: [`DnsServer`] serves the [`Zone`] over UDP and TCP through hickory-server's
-//! transport (`hickory_server::Server`) with a [`RequestHandler`] of our own that answers from
-//! the published snapshots. It never calls the scheduler: the binary pumps route tables and
+//! The server: [`DnsServer`] serves the [`Zone`] over TCP through hickory-server's transport
+//! (`hickory_server::Server`) and over UDP through our own loop (`udp`, with the `fast` path),
+//! both with a [`RequestHandler`] of our own that answers from the published snapshots. It never calls the scheduler: the binary pumps route tables and
 //! ACME challenges in with [`DnsServer::publish_routes`] and
 //! [`DnsServer::publish_acme_challenges`].
 //!
-//! Malformed packets never reach the handler: hickory drops what has no readable header and
-//! answers FORMERR to what has one but does not parse. Each UDP query and each TCP connection
-//! is a task in hickory's `JoinSet`s, aborted when [`DnsServer::run`] returns.
+//! Malformed packets never reach the handler: hickory (and the UDP loop, in the same way) drops
+//! what has no readable header and answers FORMERR to what has one but does not parse. Each
+//! TCP connection is a task in hickory's `JoinSet`s, aborted when [`DnsServer::run`] returns;
+//! the UDP loop is part of `run`'s own future.
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,21 +20,22 @@ use hickory_proto::rr::Record;
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, DnsConfig};
 use crate::metrics::{self, TYPE_NONE};
-use crate::zone::Zone;
+use crate::udp;
+use crate::zone::{Answer, Zone};
 
 /// Responses queued per TCP connection (a channel of messages) before sending fails.
 const TCP_RESPONSE_BUFFER: usize = 32;
 
 /// UDP payload advertised and used for answers to EDNS queries: the DNS flag day 2020 value,
 /// which avoids IP fragmentation. Our answers are far smaller anyway.
-const EDNS_PAYLOAD: u16 = 1232;
+pub(crate) const EDNS_PAYLOAD: u16 = 1232;
 
 /// How often [`bind`] retries when the TCP port matching an ephemeral UDP port is taken.
 const BIND_ATTEMPTS: usize = 8;
@@ -154,31 +156,77 @@ impl DnsServer {
         shutdown: CancellationToken,
     ) -> Result<(), DnsError> {
         metrics::describe();
+        // TCP through hickory's transport; UDP through our loop (`udp`), which answers the
+        // common queries on a fast path and the rest like hickory would.
         let mut server = Server::new(Handler {
             zone: self.zone.clone(),
         });
-        server.register_socket(udp);
         server.register_listener(tcp, self.tcp_idle_timeout, TCP_RESPONSE_BUFFER);
         let stop = server.shutdown_token().clone();
         let done = server.block_until_done();
         tokio::pin!(done);
+        let udp = udp::serve(
+            udp,
+            Handler {
+                zone: self.zone.clone(),
+            },
+            shutdown.clone(),
+        );
+        tokio::pin!(udp);
         tokio::select! {
             r = &mut done => match r {
                 Ok(()) => Err(DnsError::Stopped),
                 Err(e) => Err(DnsError::Serve(e.to_string())),
             },
-            _ = shutdown.cancelled() => {
+            // The UDP loop returns `Ok` only once `shutdown` fired.
+            r = &mut udp => {
                 stop.cancel();
-                done.await.map_err(|e| DnsError::Serve(e.to_string()))
+                let tcp = done.await.map_err(|e| DnsError::Serve(e.to_string()));
+                r.and(tcp)
             }
         }
     }
 }
 
-/// Answers queries from the zone's snapshots; hickory's transport calls it once per parsed
-/// message.
+/// Answers queries from the zone's snapshots: hickory's TCP transport calls it once per parsed
+/// message, the UDP loop (`udp`) for every query the fast path declines.
 pub(crate) struct Handler {
     pub(crate) zone: Arc<Zone>,
+}
+
+/// The answer to one request, before encoding: the response header, EDNS and records.
+pub(crate) struct Prepared {
+    pub(crate) metadata: Metadata,
+    pub(crate) edns: Option<Edns>,
+    answer: Option<Answer>,
+}
+
+impl Prepared {
+    /// The response message, borrowing the records and the request's question section.
+    pub(crate) fn response<'q>(
+        &'q self,
+        request: &'q Request,
+    ) -> MessageResponse<
+        'q,
+        'q,
+        impl Iterator<Item = &'q Record> + Send + 'q,
+        impl Iterator<Item = &'q Record> + Send + 'q,
+        impl Iterator<Item = &'q Record> + Send + 'q,
+        impl Iterator<Item = &'q Record> + Send + 'q,
+    > {
+        let (answers, authorities, additionals): (&[Record], &[Record], &[Record]) =
+            match &self.answer {
+                Some(a) => (&a.answers, &a.authorities, &a.additionals),
+                None => (&[], &[], &[]),
+            };
+        MessageResponseBuilder::new(&request.queries, self.edns.as_ref()).build(
+            self.metadata,
+            answers.iter(),
+            authorities.iter(),
+            std::iter::empty(),
+            additionals.iter(),
+        )
+    }
 }
 
 impl Handler {
@@ -190,6 +238,40 @@ impl Handler {
         edns.set_max_payload(req.max_payload().clamp(512, EDNS_PAYLOAD));
         Some(edns)
     }
+
+    /// Answers one parsed request (and counts it). No IO, no waiting.
+    pub(crate) fn prepare(&self, request: &Request) -> Prepared {
+        let edns = Self::response_edns(request);
+        let queries = request.queries.queries();
+        let qtype = match queries {
+            [q] => metrics::type_label(q.query_type()),
+            _ => TYPE_NONE,
+        };
+        let mut metadata = Metadata::response_from_request(&request.metadata);
+        metadata.recursion_available = false;
+
+        let mut answer = None;
+        if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+            metadata.response_code = ResponseCode::BADVERS;
+        } else if request.metadata.op_code != OpCode::Query {
+            // No updates, notifies or anything else: the zone is generated from live state.
+            metadata.response_code = ResponseCode::NotImp;
+        } else if let [query] = queries {
+            let a = self.zone.lookup(query);
+            metadata.response_code = a.rcode;
+            metadata.authoritative = a.authoritative;
+            answer = Some(a);
+        } else {
+            // Zero or several questions: nobody sends that (RFC 9619).
+            metadata.response_code = ResponseCode::FormErr;
+        }
+        metrics::count(qtype, metadata.response_code);
+        Prepared {
+            metadata,
+            edns,
+            answer,
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -199,51 +281,18 @@ impl RequestHandler for Handler {
         request: &Request,
         mut response_handle: R,
     ) -> ResponseInfo {
-        let edns = Self::response_edns(request);
-        let queries = request.queries.queries();
-        let qtype = match queries {
-            [q] => metrics::type_label(q.query_type()),
-            _ => TYPE_NONE,
-        };
-        let mut meta = Metadata::response_from_request(&request.metadata);
-        meta.recursion_available = false;
-
-        let empty: Vec<Record> = Vec::new();
-        let answer;
-        let (answers, authorities, additionals) =
-            if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
-                meta.response_code = ResponseCode::BADVERS;
-                (&empty, &empty, &empty)
-            } else if request.metadata.op_code != OpCode::Query {
-                // No updates, notifies or anything else: the zone is generated from live state.
-                meta.response_code = ResponseCode::NotImp;
-                (&empty, &empty, &empty)
-            } else if let [query] = queries {
-                answer = self.zone.lookup(query);
-                meta.response_code = answer.rcode;
-                meta.authoritative = answer.authoritative;
-                (&answer.answers, &answer.authorities, &answer.additionals)
-            } else {
-                // Zero or several questions: nobody sends that (RFC 9619).
-                meta.response_code = ResponseCode::FormErr;
-                (&empty, &empty, &empty)
-            };
-        metrics::count(qtype, meta.response_code);
-
-        let response = MessageResponseBuilder::new(&request.queries, edns.as_ref()).build(
-            meta,
-            answers.iter(),
-            authorities.iter(),
-            std::iter::empty(),
-            additionals.iter(),
-        );
-        match response_handle.send_response(response).await {
+        let prepared = self.prepare(request);
+        match response_handle
+            .send_response(prepared.response(request))
+            .await
+        {
             Ok(info) => info,
             Err(error) => {
                 tracing::debug!(%error, src = %request.src(), "cannot send a dns response");
-                meta.response_code = ResponseCode::ServFail;
+                let mut metadata = prepared.metadata;
+                metadata.response_code = ResponseCode::ServFail;
                 ResponseInfo::from(Header {
-                    metadata: meta,
+                    metadata,
                     counts: HeaderCounts::default(),
                 })
             }

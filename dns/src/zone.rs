@@ -10,7 +10,7 @@
 //! Anything else in the zone is NXDOMAIN (with the SOA, for negative caching); names outside
 //! it are REFUSED. Every in-zone answer is authoritative.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
@@ -38,6 +38,10 @@ const MAX_TXT_LEN: usize = 255;
 #[derive(Debug, Default)]
 pub(crate) struct TxtRecords {
     by_name: HashMap<LowerName, Vec<String>>,
+    /// Every TXT owner and each of its ancestors, in lowercase wire form: the names whose
+    /// answers depend on the TXT records (their own values, or NODATA as an empty
+    /// non-terminal). The UDP fast path leaves these to [`Zone::lookup`].
+    related_wire: HashSet<Box<[u8]>>,
 }
 
 impl TxtRecords {
@@ -46,6 +50,22 @@ impl TxtRecords {
     fn has_below(&self, name: &LowerName) -> bool {
         self.by_name.keys().any(|k| k != name && name.zone_of(k))
     }
+
+    /// Whether the answer for `name` (lowercase wire form) depends on the TXT records.
+    pub(crate) fn relates_to(&self, name: &[u8]) -> bool {
+        !self.related_wire.is_empty() && self.related_wire.contains(name)
+    }
+}
+
+/// The wire form of a name (labels, then the root).
+pub(crate) fn wire_name(name: &Name) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    for label in name.iter() {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label);
+    }
+    out.push(0);
+    out
 }
 
 /// What one query gets back.
@@ -85,21 +105,23 @@ enum Node<'a> {
 pub(crate) struct Zone {
     origin: LowerName,
     origin_name: Name,
+    /// The origin in lowercase wire form, for the UDP fast path (`fast`).
+    pub(crate) origin_wire: Vec<u8>,
     /// Label count of the origin, for telling the apex from `<label>.<zone>` and deeper names.
-    origin_labels: usize,
+    pub(crate) origin_labels: usize,
     ns_name: Name,
     hostmaster: Name,
-    ttl: u32,
-    proxy_v4: Vec<Ipv4Addr>,
-    proxy_v6: Vec<Ipv6Addr>,
-    ns_v4: Vec<Ipv4Addr>,
-    ns_v6: Vec<Ipv6Addr>,
+    pub(crate) ttl: u32,
+    pub(crate) proxy_v4: Vec<Ipv4Addr>,
+    pub(crate) proxy_v6: Vec<Ipv6Addr>,
+    pub(crate) ns_v4: Vec<Ipv4Addr>,
+    pub(crate) ns_v6: Vec<Ipv6Addr>,
     /// The route table snapshot the proxy also reads; replaced whole by `publish_routes`
     /// (one writer: the route feed pump), loaded once per query and never held across
     /// `.await`.
-    routes: ArcSwap<RouteTable>,
+    pub(crate) routes: ArcSwap<RouteTable>,
     /// ACME challenge values; replaced whole whenever the API changes them.
-    txt: ArcSwap<TxtRecords>,
+    pub(crate) txt: ArcSwap<TxtRecords>,
 }
 
 fn split(addrs: &[IpAddr]) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
@@ -142,6 +164,7 @@ impl Zone {
         let (ns_v4, ns_v6) = split(ns_addrs);
         Ok(Zone {
             origin: LowerName::new(&origin_name),
+            origin_wire: wire_name(&origin_name),
             origin_labels: origin_name.iter().count(),
             origin_name,
             ns_name,
@@ -187,7 +210,18 @@ impl Zone {
             values.sort();
             values.dedup();
         }
-        self.txt.store(Arc::new(TxtRecords { by_name }));
+        let mut related_wire = HashSet::new();
+        for owner in by_name.keys() {
+            let mut name = Name::from(owner);
+            while name.iter().count() > self.origin_labels {
+                related_wire.insert(wire_name(&name).into_boxed_slice());
+                name = name.base_name();
+            }
+        }
+        self.txt.store(Arc::new(TxtRecords {
+            by_name,
+            related_wire,
+        }));
     }
 
     /// The zone's SOA record; the serial follows the route table revision.
