@@ -14,6 +14,8 @@
 //! acts on its verdicts; [`plan_relief`] picks the idle neighbours to move off a hot drone.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+
+type Fast = foldhash::fast::RandomState;
 use std::time::Duration;
 
 use hangar_core::api::{HotBackend, HotDrone, HotReason, HotSettings};
@@ -235,9 +237,11 @@ pub struct Evaluation {
 #[derive(Debug, Default)]
 pub struct HotDetector {
     config: HotConfig,
-    backends: HashMap<BackendId, BackendTrack>,
+    /// Hashed with foldhash: every live backend is looked up every pass, and the ids are the
+    /// scheduler's own.
+    backends: HashMap<BackendId, BackendTrack, Fast>,
     /// The last cumulative request count each proxy reported per backend.
-    last_by_proxy: HashMap<String, HashMap<BackendId, u64>>,
+    last_by_proxy: HashMap<String, HashMap<BackendId, u64, Fast>>,
     drones: HashMap<String, Sustained>,
 }
 
@@ -322,7 +326,7 @@ impl HotDetector {
     ) -> Evaluation {
         let cfg = self.config.clone();
         let (window, sustain) = (cfg.window_ms(), cfg.sustain.as_millis() as u64);
-        let live: HashSet<&BackendId> = backends.iter().map(|b| b.id).collect();
+        let live: HashSet<&BackendId, Fast> = backends.iter().map(|b| b.id).collect();
         self.backends.retain(|id, _| live.contains(id));
         for m in self.last_by_proxy.values_mut() {
             m.retain(|id, _| live.contains(id));

@@ -51,7 +51,8 @@ pub struct Placed {
     pub since: UnixMillis,
 }
 
-/// Every live backend, updated change by change after each batch.
+/// Every live backend, updated change by change after each batch (lagging the table by up to
+/// a second while a reader holds it).
 pub type Directory = HashMap<BackendId, Placed>;
 
 /// The change between two published tables, for remote proxies.
@@ -143,7 +144,8 @@ pub type RouteSink = Box<dyn Fn(&Arc<RouteTable>) + Send + Sync>;
 /// The live records, and the ended ones by when they ended.
 #[derive(Debug, Default)]
 struct RecordIndex {
-    live: HashMap<BackendId, Stored<BackendRecord>>,
+    /// Shared, so that a reconciler pass takes every live record without copying one.
+    live: HashMap<BackendId, Arc<Stored<BackendRecord>>>,
     ended: BTreeMap<(UnixMillis, BackendId), Revision>,
     ended_at: HashMap<BackendId, UnixMillis>,
     /// Live backends per key namespace (keyless ones count under `default`), for quotas.
@@ -248,8 +250,8 @@ impl RecordIndex {
 
     fn put(&mut self, rec: BackendRecord, key: String, mod_revision: Revision) {
         let id = rec.id.clone();
-        let was = self.live.get(&id).map(|s| s.record.clone());
-        self.tally(was.as_ref(), &rec);
+        let was = self.live.get(&id).cloned();
+        self.tally(was.as_ref().map(|s| &s.record), &rec);
         self.remove(&id);
         // A stopping member no longer counts: it is neither warm nor a session.
         if let Some(member) = &rec.pool
@@ -272,11 +274,11 @@ impl RecordIndex {
                 .or_default() += 1;
             self.live.insert(
                 id,
-                Stored {
+                Arc::new(Stored {
                     key,
                     mod_revision,
                     record: rec,
-                },
+                }),
             );
         } else {
             let at = rec.terminated_at.unwrap_or(rec.updated_at);
@@ -356,7 +358,7 @@ impl Routes {
     }
 
     /// Every live backend record, as of the last change the feed applied.
-    pub fn live_records(&self) -> Vec<Stored<BackendRecord>> {
+    pub fn live_records(&self) -> Vec<Arc<Stored<BackendRecord>>> {
         self.index().live.values().cloned().collect()
     }
 
@@ -411,7 +413,7 @@ impl Routes {
 
     /// The live record of a backend, as of the last change the feed applied.
     pub fn live_record(&self, id: &BackendId) -> Option<Stored<BackendRecord>> {
-        self.index().live.get(id).cloned()
+        self.index().live.get(id).map(|s| Stored::clone(s))
     }
 
     /// How the starts of `pool`'s generation `generation` went since the feed's last re-list.
@@ -475,7 +477,17 @@ pub(crate) struct FeedState {
     load: HashMap<String, Amounts>,
     /// Drones whose reservations changed since the last publish.
     load_changed: HashSet<String>,
+    /// Changes the directory has not taken yet: a reader held it at the last publish, and
+    /// since when.
+    directory_behind: HashSet<BackendId>,
+    directory_behind_since: Option<std::time::Instant>,
 }
+
+/// How long the directory may lag the table while readers keep holding it (the monitor holds
+/// it for a pass) before a publish copies it to catch up.
+const DIRECTORY_LAG: Duration = Duration::from_secs(1);
+/// How soon the feed retries, without new changes, to bring a lagging directory up to date.
+const DIRECTORY_RETRY: Duration = Duration::from_millis(50);
 
 impl FeedState {
     fn listed(entries: HashMap<BackendId, Entry>, revision: Revision) -> FeedState {
@@ -485,6 +497,8 @@ impl FeedState {
             changed: None,
             load: HashMap::new(),
             load_changed: HashSet::new(),
+            directory_behind: HashSet::new(),
+            directory_behind_since: None,
         };
         for (id, e) in entries {
             state.insert(id, e);
@@ -658,40 +672,7 @@ impl RouteFeed {
             }
         }
 
-        // The live backends for the monitor, labelled like their routes.
-        {
-            let mut directory = routes
-                .directory
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match &changed {
-                None => {
-                    *directory = Arc::new(
-                        state
-                            .entries
-                            .iter()
-                            .filter(|(_, e)| e.live)
-                            .map(|(id, e)| (id.clone(), FeedState::placed(e)))
-                            .collect(),
-                    );
-                }
-                Some(ids) if !ids.is_empty() => {
-                    // Copies the map only if a reader still holds the last one.
-                    let dir = Arc::make_mut(&mut directory);
-                    for id in ids {
-                        match state.entries.get(id) {
-                            Some(e) if e.live => {
-                                dir.insert(id.clone(), FeedState::placed(e));
-                            }
-                            _ => {
-                                dir.remove(id);
-                            }
-                        }
-                    }
-                }
-                Some(_) => {}
-            }
-        }
+        self.update_directory(state, changed.as_ref());
         for sink in routes
             .sinks
             .read()
@@ -715,6 +696,65 @@ impl RouteFeed {
             });
         }
         routes.ready.store(true, Ordering::Release);
+    }
+
+    /// The live backends for the monitor, labelled like their routes: `changed` (all after a
+    /// listing) applied, with any changes left behind while a reader held the directory.
+    fn update_directory(&self, state: &mut FeedState, changed: Option<&HashSet<BackendId>>) {
+        let routes = &self.routes;
+        let mut directory = routes
+            .directory
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match changed {
+            None => {
+                state.directory_behind.clear();
+                state.directory_behind_since = None;
+                *directory = Arc::new(
+                    state
+                        .entries
+                        .iter()
+                        .filter(|(_, e)| e.live)
+                        .map(|(id, e)| (id.clone(), FeedState::placed(e)))
+                        .collect(),
+                );
+            }
+            Some(ids) => {
+                state.directory_behind.extend(ids.iter().cloned());
+                let overdue = state
+                    .directory_behind_since
+                    .is_some_and(|at| at.elapsed() >= DIRECTORY_LAG);
+                // Changed in place while nobody holds it; while a reader does (a monitor
+                // pass), the changes wait, copying the whole map only once they are
+                // overdue.
+                let dir = match Arc::get_mut(&mut directory) {
+                    Some(dir) => Some(dir),
+                    None if overdue => Some(Arc::make_mut(&mut directory)),
+                    None => None,
+                };
+                match dir {
+                    Some(dir) => {
+                        for id in state.directory_behind.drain() {
+                            match state.entries.get(&id) {
+                                Some(e) if e.live => {
+                                    dir.insert(id, FeedState::placed(e));
+                                }
+                                _ => {
+                                    dir.remove(&id);
+                                }
+                            }
+                        }
+                        state.directory_behind_since = None;
+                    }
+                    None if !state.directory_behind.is_empty() => {
+                        state
+                            .directory_behind_since
+                            .get_or_insert_with(std::time::Instant::now);
+                    }
+                    None => {}
+                }
+            }
+        }
     }
 
     fn apply(&self, state: &mut FeedState, ev: WatchEvent) {
@@ -753,6 +793,13 @@ impl RouteFeed {
                     let first = tokio::select! {
                         _ = cancel.cancelled() => return,
                         ev = events.recv() => ev,
+                        // Changes the directory could not take while a reader held it.
+                        _ = tokio::time::sleep(DIRECTORY_RETRY),
+                            if !state.directory_behind.is_empty() =>
+                        {
+                            self.update_directory(&mut state, Some(&HashSet::new()));
+                            continue;
+                        }
                     };
                     let Some(first) = first else { break };
                     self.apply(&mut state, first);
