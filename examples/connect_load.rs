@@ -49,6 +49,9 @@ struct Args {
     /// Place every backend on drones of this pool (`spawn.pool`).
     #[arg(long)]
     spawn_pool: Option<String>,
+    /// Write the ids of the backends connected to this file, one per line.
+    #[arg(long)]
+    ids: Option<std::path::PathBuf>,
     /// A remote proxy to measure route propagation on.
     #[arg(long)]
     proxy: Option<SocketAddr>,
@@ -57,6 +60,7 @@ struct Args {
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 struct Sample {
+    backend: String,
     connect: Duration,
     propagation: Option<Duration>,
 }
@@ -74,7 +78,7 @@ async fn connect(
     args: &Args,
     token: &Option<String>,
     n: u64,
-) -> Result<(Duration, String), String> {
+) -> Result<(Duration, String, String), String> {
     let pool = args
         .spawn_pool
         .as_ref()
@@ -106,6 +110,10 @@ async fn connect(
         return Err(format!("{status}: {}", String::from_utf8_lossy(&body)));
     }
     let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    let backend = v["backend_id"]
+        .as_str()
+        .ok_or("connect answer without backend_id")?
+        .to_owned();
     let url = v["url"].as_str().ok_or("connect answer without url")?;
     // http://host[:port]/...
     let authority = url
@@ -115,7 +123,7 @@ async fn connect(
         .next()
         .unwrap_or_default();
     let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-    Ok((took, host.to_owned()))
+    Ok((took, host.to_owned(), backend))
 }
 
 /// Probes the proxy for `host` until it routes it; the time from `since`.
@@ -180,7 +188,7 @@ async fn main() {
         let (client, args, token) = (client.clone(), args.clone(), token.clone());
         tasks.spawn(async move {
             let _permit = permit;
-            let (took, host) = connect(&client, &args, &token, n).await?;
+            let (took, host, backend) = connect(&client, &args, &token, n).await?;
             let propagation = match args.proxy {
                 Some(proxy) => {
                     let since = Instant::now() - took;
@@ -189,6 +197,7 @@ async fn main() {
                 None => None,
             };
             Ok::<_, String>(Sample {
+                backend,
                 connect: took,
                 propagation,
             })
@@ -201,11 +210,19 @@ async fn main() {
     while let Some(done) = tasks.join_next().await {
         results.add(done);
     }
+    if let Some(path) = &args.ids {
+        let ids: String = results.ids.iter().map(|id| format!("{id}\n")).collect();
+        if let Err(e) = std::fs::write(path, ids) {
+            eprintln!("connect_load: cannot write {}: {e}", path.display());
+            std::process::exit(1);
+        }
+    }
     results.report(started.elapsed());
 }
 
 #[derive(Default)]
 struct Results {
+    ids: Vec<String>,
     connects: Vec<Duration>,
     propagations: Vec<Duration>,
     errors: u64,
@@ -216,6 +233,7 @@ impl Results {
     fn add(&mut self, done: Result<Result<Sample, String>, tokio::task::JoinError>) {
         match done.map_err(|e| e.to_string()).and_then(|r| r) {
             Ok(sample) => {
+                self.ids.push(sample.backend);
                 self.connects.push(sample.connect);
                 self.propagations.extend(sample.propagation);
             }
