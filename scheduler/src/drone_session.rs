@@ -501,16 +501,10 @@ impl DroneSessions {
         // From the route feed's index of live records, not a listing of the store: losing a
         // drone costs what it ran; each record is re-read and closed only if it still names
         // its run.
-        let mut on_runs = Vec::new();
         for (name, run_id) in runs {
             self.drones.remove_run(name, run_id);
-            on_runs.extend(
-                self.routes
-                    .live_on_run(name, run_id)
-                    .into_iter()
-                    .map(|id| (id, run_id.clone())),
-            );
         }
+        let on_runs = self.routes.live_on_runs(runs);
         let lost = backends
             .mark_lost_many(&on_runs, "its drone stopped renewing its lease (lost)")
             .await?;

@@ -183,7 +183,12 @@ impl Reconciler {
             retention: self.config.terminated_retention,
         };
         let mut lost = Vec::new();
-        for stored in backends {
+        for (n, stored) in backends.into_iter().enumerate() {
+            // A pass over a hundred thousand backends must not hold a runtime thread from
+            // the connects and sessions for its whole length.
+            if n % 1024 == 1023 {
+                tokio::task::yield_now().await;
+            }
             let rec = &stored.record;
             let drone_run_matches = rec
                 .drone

@@ -362,17 +362,24 @@ impl Routes {
         self.index().live.values().cloned().collect()
     }
 
-    /// The live backends the feed's index puts on `drone`'s run `run_id` (no record is
-    /// cloned: drone loss looks up what to close here instead of listing every record).
-    pub fn live_on_run(&self, drone: &str, run_id: &str) -> Vec<BackendId> {
+    /// The live backends on any of `runs` (drone, run id), each with its run id, from the
+    /// feed's index (drone loss looks up what to close here instead of listing every record):
+    /// one walk over the live records however many drones were lost together.
+    pub fn live_on_runs(&self, runs: &[(String, String)]) -> Vec<(BackendId, String)> {
+        let wanted: HashSet<(&str, &str)> = runs
+            .iter()
+            .map(|(drone, run)| (drone.as_str(), run.as_str()))
+            .collect();
         self.index()
             .live
             .values()
-            .filter(|s| {
-                s.record.drone.as_deref() == Some(drone)
-                    && s.record.drone_run_id.as_deref() == Some(run_id)
+            .filter_map(|s| {
+                let run = s.record.drone_run_id.as_deref()?;
+                let on = (s.record.drone.as_deref()?, run);
+                wanted
+                    .contains(&on)
+                    .then(|| (s.record.id.clone(), run.to_owned()))
             })
-            .map(|s| s.record.id.clone())
             .collect()
     }
 
