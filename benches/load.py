@@ -1,26 +1,35 @@
 #!/usr/bin/env python3
-"""Load benchmark: the demo backend directly, through Hangar's proxy, and through nginx.
+"""Load benchmark: the demo backend directly, and through Hangar's proxy, nginx and haproxy.
 
 Each target is pinned the same way: the proxy and the backend share core 0, the load generator
-(oha) runs on core 1. Targets are interleaved, three runs each. Reports, per target:
+runs on core 1. Targets are interleaved round by round. Scenarios (`--scenarios`):
 
-- req/s and p50/p99 latency at saturation (oha with -c connections, no rate limit);
-- p50/p99 at a fixed 5,000 req/s, and what the proxy adds over the direct backend;
-- time per request on one connection, one request at a time (closed loop, no queueing), and
-  what the proxy adds over the direct backend: the proxy's own latency with the least noise;
-- req/s per CPU-second of the proxy process (its utime+stime over the saturation run);
-- memory per idle keep-alive client connection: RSS growth with 1,000 idle connections, and
-  again with 1,000 more once the first ones have closed (steady state: the allocator reuses
-  what the first burst reserved; nginx preallocates its connection structures).
+- h1, HTTP/1.1: req/s and p50/p99 latency at saturation (oha with -c connections, no rate
+  limit); p50/p99 at a fixed 5,000 req/s and what each proxy adds over the direct backend;
+  time per request on one connection, one request at a time (closed loop, no queueing); memory
+  per idle keep-alive client connection (RSS growth with 1,000 idle connections, and again
+  with 1,000 more once the first ones have closed). `--quick` keeps only the saturation run.
+- h2, HTTP/2 with prior knowledge (h2c): oha with 8 connections x 8 streams at saturation;
+  every proxy speaks HTTP/1.1 to the backend.
+- tls: TLS handshakes, one request per new connection (oha --disable-keepalive) over HTTPS
+  with a fresh self-signed ECDSA P-256 certificate; oha resumes the sessions the servers offer
+  (all three do by default), so most handshakes are TLS 1.3 resumptions.
+- ws: WebSocket messages, echoed by the demo backend's `/ws`, from `examples/ws_load.rs`
+  (50 connections, 4 messages in flight on each).
 
-Hangar runs as `hangar dev` with tokens checked (Authorization: Bearer) and Host routing;
-nginx 1.22 is configured the same way (Host routing, upstream keep-alive, access log off,
-one worker, and the forwarding fields Hangar adds: host, x-forwarded-host/-for/-proto and the
-backend id). Needs: a release build (`cargo build --release`), oha (`cargo install oha
---locked`), nginx and taskset. Everything stays on 127.0.0.1.
+Every scenario reports its unit (requests, handshakes, messages) per CPU-second of the proxy
+process (utime+stime over the run), side by side. Hangar runs as `hangar dev` (scheduler,
+drone and proxy: the whole process is charged) with tokens checked (Authorization: Bearer)
+and Host routing; nginx 1.22 and haproxy 2.6 are configured the same way (Host routing by
+regex, upstream keep-alive, no access log, one worker or thread, and the forwarding fields
+Hangar adds: host, x-forwarded-host/-for/-proto and the backend id); neither checks a token.
+
+Needs: a release build (`cargo build --release`, and `cargo build --release --example ws_load`
+for the ws scenario), oha (`cargo install oha --locked`) and the Debian packages nginx,
+haproxy, openssl and util-linux (taskset). Everything stays on 127.0.0.1 on free ports.
 
     python3 benches/load.py [--duration 10] [--runs 3] [--fixed-runs N] [--connections 50]
-                            [--hangar PATH]
+                            [--scenarios h1,h2,tls,ws] [--quick] [--hangar PATH]
 """
 
 import argparse
@@ -38,6 +47,7 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANGAR = os.path.join(ROOT, "target", "release", "hangar")
+WS_LOAD = os.path.join(ROOT, "target", "release", "examples", "ws_load")
 PROXY_CORE = "0"
 LOAD_CORE = "1"
 
@@ -86,9 +96,9 @@ def children(pid):
     return [int(p) for p in out.split()]
 
 
-def oha(url, headers, duration, connections, rate=None):
+def oha(url, headers, duration, connections, rate=None, extra=()):
     cmd = ["taskset", "-c", LOAD_CORE, "oha", "--no-tui", "--output-format", "json",
-           "-z", f"{duration}s", "-c", str(connections)]
+           "-z", f"{duration}s", "-c", str(connections), *extra]
     if rate:
         cmd += ["-q", str(rate)]
     for h in headers:
@@ -123,6 +133,115 @@ def idle_memory(port, host, headers, pids, n=1000):
     return (after - before) * 1024 / n
 
 
+def nginx_conf(work, backend_port, ports, cert, key):
+    return f"""
+worker_processes 1;
+worker_cpu_affinity 01;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/nginx-body;
+    proxy_temp_path {work}/nginx-proxy;
+    fastcgi_temp_path {work}/nginx-fastcgi;
+    uwsgi_temp_path {work}/nginx-uwsgi;
+    scgi_temp_path {work}/nginx-scgi;
+    upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
+    # Keep-alive to the backend for requests, `Connection: upgrade` for WebSockets.
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}
+    # Session resumption as each server does by default (see TLS_NOTE).
+    ssl_protocols TLSv1.2 TLSv1.3;
+    server {{
+        listen 127.0.0.1:{ports['h1']};
+        listen 127.0.0.1:{ports['h2']} http2;
+        listen 127.0.0.1:{ports['tls']} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        server_name ~^(?<bid>[a-z0-9]+)\\.hangar\\.localhost$;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_read_timeout 1h;
+            # The fields Hangar adds, so the backend parses the same request from all.
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Hangar-Backend-Id $bid;
+        }}
+    }}
+}}
+"""
+
+
+def haproxy_conf(work, backend_port, ports, pem):
+    return f"""
+global
+    nbthread 1
+    maxconn 8000
+    pidfile {work}/haproxy.pid
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout tunnel 1h
+    timeout http-keep-alive 60s
+
+frontend fe
+    bind 127.0.0.1:{ports['h1']}
+    bind 127.0.0.1:{ports['h2']} proto h2
+    bind 127.0.0.1:{ports['tls']} ssl crt {pem} alpn http/1.1
+    # Host routing like nginx's regex server_name, and the fields Hangar adds.
+    acl hangar_host req.hdr(host),field(1,:) -m reg -i '^[a-z0-9]+\\.hangar\\.localhost$'
+    http-request deny deny_status 404 unless hangar_host
+    http-request set-header X-Forwarded-Host %[req.hdr(host),field(1,:)]
+    http-request set-header X-Forwarded-Proto %[ssl_fc,iif(https,http)]
+    http-request set-header X-Hangar-Backend-Id %[req.hdr(host),field(1,.)]
+    option forwardfor
+    default_backend be
+
+backend be
+    http-reuse always
+    server backend 127.0.0.1:{backend_port}
+"""
+
+
+# oha's rustls client keeps the sessions servers offer and resumes them (TLS 1.3 PSK with an
+# X25519 exchange, no certificate signature); all three servers offer resumption by default
+# (Hangar's rustls listener a stateful session cache, nginx and haproxy tickets), and they are
+# left that way.
+TLS_NOTE = "TLS 1.3 with resumption as each server does by default, ECDSA P-256, one request per connection"
+
+NEEDS = {
+    # tool: what to install
+    "oha": "cargo install oha --locked",
+    "nginx": "apt-get install nginx",
+    "haproxy": "apt-get install haproxy",
+    "taskset": "apt-get install util-linux",
+    "openssl": "apt-get install openssl",
+    "pgrep": "apt-get install procps",
+}
+
+
+def ws_load(binary, port, host, headers, duration, connections, inflight):
+    cmd = ["taskset", "-c", LOAD_CORE, binary, "--addr", f"127.0.0.1:{port}", "--host", host,
+           "--duration", str(duration), "--connections", str(connections),
+           "--inflight", str(inflight)]
+    for h in headers:
+        cmd += ["--header", h]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"ws_load failed: {out.stderr.strip()}")
+    return json.loads(out.stdout)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
@@ -132,21 +251,50 @@ def main():
     ap.add_argument("--fixed-runs", type=int, default=0,
                     help="rounds of the fixed-rate test in all (default: --runs); the rounds "
                          "beyond --runs measure only the fixed rate, to settle its p99")
+    ap.add_argument("--scenarios", default="h1,h2,tls,ws",
+                    help="comma-separated: h1 (HTTP/1.1), h2 (h2c), tls (handshakes), ws")
+    ap.add_argument("--quick", action="store_true",
+                    help="HTTP/1.1 at saturation only: no fixed rate, one connection or idle "
+                         "memory")
+    ap.add_argument("--h2-connections", type=int, default=8)
+    ap.add_argument("--h2-streams", type=int, default=8, help="streams per h2 connection")
+    ap.add_argument("--ws-connections", type=int, default=50)
+    ap.add_argument("--ws-inflight", type=int, default=4,
+                    help="messages outstanding per WebSocket connection")
     ap.add_argument("--hangar", default=HANGAR, help="the hangar binary (default: release build)")
+    ap.add_argument("--ws-load", default=WS_LOAD,
+                    help="the ws_load binary (default: cargo build --release --example ws_load)")
     args = ap.parse_args()
-    for tool in ("oha", "nginx", "taskset"):
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    for s in scenarios:
+        if s not in ("h1", "h2", "tls", "ws"):
+            sys.exit(f"unknown scenario {s!r}: use h1, h2, tls, ws")
+    for tool, how in NEEDS.items():
         if not shutil.which(tool):
-            sys.exit(f"{tool} is missing: see the docstring for how to install it")
+            sys.exit(f"{tool} is missing: {how}")
     if not os.path.exists(args.hangar):
         sys.exit("build first: cargo build --release")
+    if "ws" in scenarios and not os.path.exists(args.ws_load):
+        sys.exit("build the WebSocket client first: cargo build --release --example ws_load")
 
     work = tempfile.mkdtemp(prefix="hangar-load-")
     procs = []
     try:
-        api, proxy = free_port(), free_port()
+        cert, key, pem = (os.path.join(work, n) for n in ("cert.pem", "key.pem", "both.pem"))
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj",
+             "/CN=hangar.localhost", "-addext",
+             "subjectAltName=DNS:*.hangar.localhost,DNS:hangar.localhost"],
+            check=True, capture_output=True)
+        with open(pem, "w") as f:
+            f.write(open(cert).read() + open(key).read())
+
+        api, proxy, https = free_port(), free_port(), free_port()
         dev = subprocess.Popen(
             ["taskset", "-c", PROXY_CORE, args.hangar, "dev", "--api", f"127.0.0.1:{api}",
-             "--proxy", f"127.0.0.1:{proxy}", "--dns", "off", "--metrics", "off",
+             "--proxy", f"127.0.0.1:{proxy}", "--https", f"127.0.0.1:{https}",
+             "--tls-cert", cert, "--tls-key", key, "--dns", "off", "--metrics", "off",
              "--data-dir", os.path.join(work, "dev"), "--idle-timeout", "3600"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(dev)
@@ -167,124 +315,198 @@ def main():
         host = f"{bid}.hangar.localhost"
         auth = f"Authorization: Bearer {token}"
 
-        nginx_port = free_port()
+        ports = {
+            "hangar": {"h1": proxy, "h2": proxy, "tls": https},
+            "nginx": {s: free_port() for s in ("h1", "h2", "tls")},
+            "haproxy": {s: free_port() for s in ("h1", "h2", "tls")},
+        }
         conf = os.path.join(work, "nginx.conf")
         with open(conf, "w") as f:
-            f.write(f"""
-worker_processes 1;
-worker_cpu_affinity 01;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {work}/nginx-body;
-    proxy_temp_path {work}/nginx-proxy;
-    fastcgi_temp_path {work}/nginx-fastcgi;
-    uwsgi_temp_path {work}/nginx-uwsgi;
-    scgi_temp_path {work}/nginx-scgi;
-    upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
-    server {{
-        listen 127.0.0.1:{nginx_port};
-        server_name ~^(?<bid>[a-z0-9]+)\\.hangar\\.localhost$;
-        location / {{
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            # The fields Hangar adds, so the backend parses the same request from both.
-            proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-Host $host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto $scheme;
-            proxy_set_header X-Hangar-Backend-Id $bid;
-        }}
-    }}
-}}
-""")
+            f.write(nginx_conf(work, backend_port, ports["nginx"], cert, key))
         ngx = subprocess.Popen(["taskset", "-c", PROXY_CORE, "nginx", "-c", conf, "-p", work],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(ngx)
-        wait_port(nginx_port)
+        hconf = os.path.join(work, "haproxy.cfg")
+        with open(hconf, "w") as f:
+            f.write(haproxy_conf(work, backend_port, ports["haproxy"], pem))
+        hap = subprocess.Popen(["taskset", "-c", PROXY_CORE, "haproxy", "-db", "-f", hconf],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        procs.append(hap)
+        for p in (*ports["nginx"].values(), *ports["haproxy"].values()):
+            try:
+                wait_port(p)
+            except RuntimeError:
+                if hap.poll() is not None:
+                    sys.exit(f"haproxy did not start: {hap.stderr.read()}")
+                raise
 
-        hangar_pids = [dev.pid]
-        nginx_pids = children(ngx.pid) or [ngx.pid]
-        targets = {
-            "direct": (f"http://127.0.0.1:{backend_port}/count", [], None),
-            "hangar": (f"http://127.0.0.1:{proxy}/count", [f"Host: {host}", auth], hangar_pids),
-            "nginx": (f"http://127.0.0.1:{nginx_port}/count", [f"Host: {host}"], nginx_pids),
-        }
-        results = {t: {"sat": [], "fixed": [], "per_cpu": [], "seq": []} for t in targets}
+        pids = {"hangar": [dev.pid], "nginx": children(ngx.pid) or [ngx.pid],
+                "haproxy": [hap.pid], "direct": None}
+        hdrs = {"hangar": [f"Host: {host}", auth], "nginx": [f"Host: {host}"],
+                "haproxy": [f"Host: {host}"], "direct": []}
+        proxies = ("hangar", "nginx", "haproxy")
+
+        def url(name, scenario):
+            if name == "direct":
+                return f"http://127.0.0.1:{backend_port}/count"
+            scheme = "https" if scenario == "tls" else "http"
+            return f"{scheme}://{host}:{ports[name][scenario]}/count"
+
+        def connect_to(name, scenario):
+            # The URL names the backend's host (HTTP/2 and TLS clients send it as the authority
+            # and SNI); oha connects to 127.0.0.1 all the same.
+            if name == "direct":
+                return []
+            p = ports[name][scenario]
+            return ["--connect-to", f"{host}:{p}:127.0.0.1:{p}"]
+
+        def measured(name, fn):
+            """Runs `fn` and returns its result with the CPU-seconds the server used."""
+            c0 = cpu_seconds(pids[name]) if pids[name] else None
+            r = fn()
+            used = cpu_seconds(pids[name]) - c0 if pids[name] else None
+            return r, used
+
+        targets = {"h1": ("direct", *proxies), "h2": proxies, "tls": proxies,
+                   "ws": ("direct", *proxies)}
+        res = {s: {t: {"sat": [], "fixed": [], "per_cpu": [], "seq": []} for t in targets[s]}
+               for s in scenarios}
         seq_bad = 0
+        bad = 0
         for run in range(args.runs):
-            for name, (url, headers, pids) in targets.items():
-                c0 = cpu_seconds(pids) if pids else None
-                sat = oha(url, headers, args.duration, args.connections)
-                if pids:
-                    used = cpu_seconds(pids) - c0
-                    results[name]["per_cpu"].append(sat["ok"] / used if used else 0)
-                results[name]["sat"].append(sat)
-                fixed = oha(url, headers, args.duration, args.connections, rate=args.rate)
-                results[name]["fixed"].append(fixed)
-                seq = oha(url, headers, args.duration, 1)
-                results[name]["seq"].append(1e6 / seq["rps"])
-                seq_bad += seq["non200"]
-                print(f"run {run + 1} {name}: {sat['rps']:.0f} req/s p50 {sat['p50']:.3f} ms "
-                      f"p99 {sat['p99']:.3f} ms | @{args.rate}/s p50 {fixed['p50']:.3f} "
-                      f"p99 {fixed['p99']:.3f} | one connection {1e6 / seq['rps']:.1f} us/req "
-                      f"| non-200 {sat['non200'] + fixed['non200'] + seq['non200']}",
-                      file=sys.stderr)
-        for run in range(args.runs, args.fixed_runs):
-            for name, (url, headers, pids) in targets.items():
-                fixed = oha(url, headers, args.duration, args.connections, rate=args.rate)
-                results[name]["fixed"].append(fixed)
-                print(f"fixed-rate round {run + 1} {name}: @{args.rate}/s p50 {fixed['p50']:.3f} "
-                      f"p99 {fixed['p99']:.3f} | non-200 {fixed['non200']}", file=sys.stderr)
-        mem = {
-            "hangar": [idle_memory(proxy, host, [auth], hangar_pids) for _ in range(2)],
-            "nginx": [idle_memory(nginx_port, host, [], nginx_pids) for _ in range(2)],
-        }
+            for scenario in scenarios:
+                for name in targets[scenario]:
+                    r = res[scenario][name]
+                    if scenario == "ws":
+                        ws_host = "localhost" if name == "direct" else host
+                        ws_port = backend_port if name == "direct" else ports[name]["h1"]
+                        ws, used = measured(name, lambda: ws_load(
+                            args.ws_load, ws_port, ws_host, hdrs[name][1:], args.duration,
+                            args.ws_connections, args.ws_inflight))
+                        r["sat"].append({"rps": ws["per_sec"], "p50": 0, "p99": 0,
+                                         "non200": ws["failed"], "ok": ws["messages"]})
+                        if used:
+                            r["per_cpu"].append(ws["messages"] / used)
+                        bad += ws["failed"]
+                        print(f"run {run + 1} ws {name}: {ws['per_sec']:.0f} messages/s"
+                              + (f", {ws['messages'] / used:,.0f} per CPU-second" if used else ""),
+                              file=sys.stderr)
+                        continue
+                    extra = connect_to(name, scenario)
+                    conns = args.connections
+                    if scenario == "h2":
+                        extra += ["--http2", "-p", str(args.h2_streams)]
+                        conns = args.h2_connections
+                    elif scenario == "tls":
+                        extra += ["--insecure", "--disable-keepalive"]
+                    headers = hdrs[name] if scenario == "h1" else hdrs[name][1:]
+                    sat, used = measured(name, lambda: oha(
+                        url(name, scenario), headers, args.duration, conns, extra=extra))
+                    if used:
+                        r["per_cpu"].append(sat["ok"] / used)
+                    r["sat"].append(sat)
+                    bad += sat["non200"]
+                    line = (f"run {run + 1} {scenario} {name}: {sat['rps']:.0f} req/s p50 "
+                            f"{sat['p50']:.3f} ms p99 {sat['p99']:.3f} ms"
+                            + (f", {sat['ok'] / used:,.0f} per CPU-second" if used else ""))
+                    if scenario == "h1" and not args.quick:
+                        fixed = oha(url(name, scenario), headers, args.duration, conns,
+                                    rate=args.rate)
+                        r["fixed"].append(fixed)
+                        seq = oha(url(name, scenario), headers, args.duration, 1)
+                        r["seq"].append(1e6 / seq["rps"])
+                        seq_bad += seq["non200"]
+                        bad += fixed["non200"]
+                        line += (f" | @{args.rate}/s p50 {fixed['p50']:.3f} p99 "
+                                 f"{fixed['p99']:.3f} | one connection "
+                                 f"{1e6 / seq['rps']:.1f} us/req")
+                    print(line + f" | non-200 {sat['non200']}", file=sys.stderr)
+        if "h1" in scenarios and not args.quick:
+            for run in range(args.runs, args.fixed_runs):
+                for name in targets["h1"]:
+                    fixed = oha(url(name, "h1"), hdrs[name], args.duration, args.connections,
+                                rate=args.rate)
+                    res["h1"][name]["fixed"].append(fixed)
+                    bad += fixed["non200"]
+                    print(f"fixed-rate round {run + 1} {name}: @{args.rate}/s p50 "
+                          f"{fixed['p50']:.3f} p99 {fixed['p99']:.3f} | non-200 "
+                          f"{fixed['non200']}", file=sys.stderr)
 
         med = statistics.median
-        d50 = med(r["p50"] for r in results["direct"]["fixed"])
-        d99 = med(r["p99"] for r in results["direct"]["fixed"])
-        dseq = med(results["direct"]["seq"])
-        print(f"| Target | req/s at saturation | p50 / p99 at saturation (ms) | p50 / p99 at {args.rate} req/s (ms) | added p50 / p99 (ms) | one connection: µs per request (added) | req/s per proxy CPU-second | memory per idle connection (first / next 1,000) |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for name in targets:
-            r = results[name]
-            rps = med(x["rps"] for x in r["sat"])
-            s50 = med(x["p50"] for x in r["sat"])
-            s99 = med(x["p99"] for x in r["sat"])
-            f50 = med(x["p50"] for x in r["fixed"])
-            f99 = med(x["p99"] for x in r["fixed"])
-            added = "-" if name == "direct" else f"{f50 - d50:.3f} / {f99 - d99:.3f}"
-            sq = med(r["seq"])
-            seq = f"{sq:.1f}" if name == "direct" else f"{sq:.1f} ({sq - dseq:+.1f})"
-            per_cpu = f"{med(r['per_cpu']):,.0f}" if r["per_cpu"] else "-"
-            m = " / ".join(f"{x / 1024:.1f} KB" for x in mem[name]) if name in mem else "-"
-            print(f"| {name} | {rps:,.0f} | {s50:.3f} / {s99:.3f} | {f50:.3f} / {f99:.3f} | {added} | {seq} | {per_cpu} | {m} |")
-        for name in targets:
-            r = results[name]
-            print(f"{name} per run: p99 at {args.rate} req/s "
-                  + ", ".join(f"{x['p99']:.3f}" for x in r["fixed"])
-                  + (" | req/s per CPU-second " + ", ".join(f"{x:,.0f}" for x in r["per_cpu"])
-                     if r["per_cpu"] else "")
-                  + " | µs per request on one connection " + ", ".join(f"{x:.1f}" for x in r["seq"]))
-        # Each round's added p99 against the direct backend's in the same round, and how
-        # often each proxy had the lower p99 of the two in a round.
-        rounds = len(results["direct"]["fixed"])
-        added = {n: [results[n]["fixed"][i]["p99"] - results["direct"]["fixed"][i]["p99"]
-                     for i in range(rounds)] for n in ("hangar", "nginx")}
-        lower = sum(1 for i in range(rounds)
-                    if results["hangar"]["fixed"][i]["p99"] < results["nginx"]["fixed"][i]["p99"])
-        print(f"added p99 at {args.rate} req/s over {rounds} rounds, median of per-round "
-              f"differences: hangar {med(added['hangar']):.3f} ms, nginx "
-              f"{med(added['nginx']):.3f} ms; hangar's p99 was the lower in {lower} of "
-              f"{rounds} rounds")
-        bad = seq_bad + sum(
-            x["non200"] for r in results.values() for k in ("sat", "fixed") for x in r[k])
-        print(f"\nnon-200 responses in all runs: {bad}")
+        load = os.getloadavg()
+        print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+        units = {"h1": "requests", "h2": "requests", "tls": "handshakes", "ws": "messages"}
+        names = {"h1": "HTTP/1.1", "h2": f"HTTP/2 h2c ({args.h2_connections} connections x "
+                 f"{args.h2_streams} streams)", "tls": f"TLS ({TLS_NOTE})",
+                 "ws": f"WebSocket ({args.ws_connections} connections x {args.ws_inflight} "
+                       "messages in flight, 32-byte echoes)"}
+        print("\n| Scenario | unit per proxy CPU-second | Hangar | nginx | haproxy | "
+              "Hangar / better of the others |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for s in scenarios:
+            m = {n: med(res[s][n]["per_cpu"]) for n in proxies}
+            best = max(m["nginx"], m["haproxy"])
+            print(f"| {names[s]} | {units[s]} | {m['hangar']:,.0f} | {m['nginx']:,.0f} | "
+                  f"{m['haproxy']:,.0f} | {m['hangar'] / best:.2f}x |")
+        print("\n| Scenario | throughput (per second, medians) | " + " | ".join(
+            ("direct", *proxies)) + " |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for s in scenarios:
+            cells = [f"{med(x['rps'] for x in res[s][n]['sat']):,.0f}" if n in res[s] else "-"
+                     for n in ("direct", *proxies)]
+            print(f"| {names[s]} | {units[s]} | " + " | ".join(cells) + " |")
+        print()
+        for s in scenarios:
+            for n in proxies:
+                print(f"{s} {n} per run: {units[s]} per CPU-second "
+                      + ", ".join(f"{x:,.0f}" for x in res[s][n]["per_cpu"])
+                      + " | per second " + ", ".join(f"{x['rps']:,.0f}" for x in res[s][n]["sat"]))
+
+        if "h1" in scenarios and not args.quick:
+            mem = {
+                "hangar": [idle_memory(proxy, host, [auth], pids["hangar"]) for _ in range(2)],
+                "nginx": [idle_memory(ports["nginx"]["h1"], host, [], pids["nginx"])
+                          for _ in range(2)],
+                "haproxy": [idle_memory(ports["haproxy"]["h1"], host, [], pids["haproxy"])
+                            for _ in range(2)],
+            }
+            h1 = res["h1"]
+            d50 = med(r["p50"] for r in h1["direct"]["fixed"])
+            d99 = med(r["p99"] for r in h1["direct"]["fixed"])
+            dseq = med(h1["direct"]["seq"])
+            print(f"\nHTTP/1.1:\n\n| Target | req/s at saturation | p50 / p99 at saturation (ms) | p50 / p99 at {args.rate} req/s (ms) | added p50 / p99 (ms) | one connection: µs per request (added) | req/s per proxy CPU-second | memory per idle connection (first / next 1,000) |")
+            print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+            for name in targets["h1"]:
+                r = h1[name]
+                rps = med(x["rps"] for x in r["sat"])
+                s50 = med(x["p50"] for x in r["sat"])
+                s99 = med(x["p99"] for x in r["sat"])
+                f50 = med(x["p50"] for x in r["fixed"])
+                f99 = med(x["p99"] for x in r["fixed"])
+                added = "-" if name == "direct" else f"{f50 - d50:.3f} / {f99 - d99:.3f}"
+                sq = med(r["seq"])
+                seq = f"{sq:.1f}" if name == "direct" else f"{sq:.1f} ({sq - dseq:+.1f})"
+                per_cpu = f"{med(r['per_cpu']):,.0f}" if r["per_cpu"] else "-"
+                m = " / ".join(f"{x / 1024:.1f} KB" for x in mem[name]) if name in mem else "-"
+                print(f"| {name} | {rps:,.0f} | {s50:.3f} / {s99:.3f} | {f50:.3f} / {f99:.3f} | {added} | {seq} | {per_cpu} | {m} |")
+            for name in targets["h1"]:
+                r = h1[name]
+                print(f"{name} per run: p99 at {args.rate} req/s "
+                      + ", ".join(f"{x['p99']:.3f}" for x in r["fixed"])
+                      + " | µs per request on one connection "
+                      + ", ".join(f"{x:.1f}" for x in r["seq"]))
+            # Each round's added p99 against the direct backend's in the same round, and how
+            # often Hangar had the lowest p99 of the proxies in a round.
+            rounds = len(h1["direct"]["fixed"])
+            added = {n: [h1[n]["fixed"][i]["p99"] - h1["direct"]["fixed"][i]["p99"]
+                         for i in range(rounds)] for n in proxies}
+            lowest = sum(1 for i in range(rounds)
+                         if h1["hangar"]["fixed"][i]["p99"]
+                         <= min(h1[n]["fixed"][i]["p99"] for n in proxies))
+            print(f"added p99 at {args.rate} req/s over {rounds} rounds, median of per-round "
+                  "differences: " + ", ".join(f"{n} {med(added[n]):.3f} ms" for n in proxies)
+                  + f"; hangar's p99 was the lowest in {lowest} of {rounds} rounds")
+        print(f"\nnon-200 responses (or failed WebSockets) in all runs: {bad + seq_bad}")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

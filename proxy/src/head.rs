@@ -10,7 +10,7 @@
 //! copies them out in one go; the HTTP/2 side turns them into a header map.
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Uri};
 
 use crate::forward::ProxyBody;
@@ -199,18 +199,26 @@ pub(crate) struct ProxyResponse {
 }
 
 impl ProxyResponse {
-    /// The response as hyper's HTTP/2 server takes it.
+    /// The response as hyper's HTTP/2 server takes it. The values share the block of header
+    /// lines (one allocation for the whole block, not one copy per value), and the map is
+    /// sized for the lines once.
     pub(crate) fn into_http(self) -> Response<ProxyBody> {
-        let mut resp = Response::new(self.body);
-        *resp.status_mut() = self.status;
-        let headers = resp.headers_mut();
-        for (name, value) in field_lines(&self.fields) {
+        let lines = self.fields.iter().filter(|&&b| b == b'\n').count();
+        let mut headers = HeaderMap::with_capacity(lines);
+        let block = Bytes::from(self.fields);
+        for (name, value) in field_lines(&block) {
             // Every line was checked when it was written; HTTP/2 has no place for a name
             // that is not a token.
-            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name),
+                HeaderValue::from_maybe_shared(block.slice_ref(value)),
+            ) {
                 headers.append(n, v);
             }
         }
+        let mut resp = Response::new(self.body);
+        *resp.status_mut() = self.status;
+        *resp.headers_mut() = headers;
         resp
     }
 }

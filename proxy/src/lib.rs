@@ -9,6 +9,7 @@
 //! on the request path, so live sessions keep working while the control plane is away.
 
 mod activity;
+mod coalesce;
 mod config;
 mod error;
 mod forward;

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::activity::ActivityTracker;
+use crate::coalesce::Coalesce;
 use crate::config::ProxyConfig;
 use crate::forward::Prefixed;
 use crate::h2_stream::StreamExec;
@@ -230,7 +231,8 @@ async fn serve_h2<I>(
 {
     let client = Arc::new(ClientInfo::new(peer, tls));
     let svc = service_fn(move |req| handle(shared.clone(), req, client.clone()));
-    let conn = h2.serve_connection(TokioIo::new(io), svc);
+    // Responses of streams answered in the same scheduler round leave in one write.
+    let conn = h2.serve_connection(TokioIo::new(Coalesce::new(io)), svc);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,

@@ -94,7 +94,9 @@ pub(crate) async fn handle(
     let (mut parts, body) = req.into_parts();
     // Taken out now (an extension of the request); awaited only if the backend agrees.
     let on = is_upgrade(&parts).then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
-    let resp = respond(&shared, &parts, body, &client, || {
+    // Boxed: hyper moves every stream's future into a task of its own (and through the
+    // stream's watch), and the request path's state is large; a pointer moves cheaper.
+    let resp = Box::pin(respond(&shared, &parts, body, &client, || {
         Box::pin(async move {
             match on.flatten() {
                 Some(on) => match on.await {
@@ -104,7 +106,7 @@ pub(crate) async fn handle(
                 None => Err("this connection cannot switch protocols".into()),
             }
         })
-    })
+    }))
     .await;
     Ok(crate::h2_stream::hand_over(resp.into_http()))
 }

@@ -852,7 +852,10 @@ async fn a_store_dropped_after_its_last_write_returns_releases_the_file() {
         let store = EmbeddedStore::open_default(dir.path().join("store.redb"))
             .await
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
-        store.put("k", round.to_string().into_bytes(), None).await.unwrap();
+        store
+            .put("k", round.to_string().into_bytes(), None)
+            .await
+            .unwrap();
         drop(store);
     }
 }
