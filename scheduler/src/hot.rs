@@ -344,7 +344,7 @@ impl HotDetector {
                 None => (None, None),
             })
             .collect();
-        let mut pools: HashMap<&str, Vec<f64>> = HashMap::new();
+        let mut pools: HashMap<&str, Vec<f64>, Fast> = HashMap::default();
         for (b, (rps, _)) in backends.iter().zip(&figures) {
             if let Some(r) = rps
                 && *r > 0.0
@@ -357,7 +357,7 @@ impl HotDetector {
         }
 
         let mut out = Evaluation::default();
-        let mut drone_cpu: HashMap<&str, f64> = HashMap::new();
+        let mut drone_cpu: HashMap<&str, f64, Fast> = HashMap::default();
         for (b, (rps, cpu)) in backends.iter().zip(figures) {
             let median = match (rps, pools.get(b.pool)) {
                 (Some(r), Some(rates)) if r > 0.0 && rates.len() >= cfg.min_active_in_pool => {

@@ -3,6 +3,7 @@
 //! retention of terminated records) and corrects it. Level-triggered: whatever edge was
 //! missed, even across restarts, the next pass recovers it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -182,6 +183,15 @@ impl Reconciler {
             terminate_timeout: self.config.terminate_timeout,
             retention: self.config.terminated_retention,
         };
+        // Looked up once per live backend: hashed, not searched by string comparisons.
+        let runs: HashMap<&str, &str, foldhash::fast::RandomState> = drones
+            .iter()
+            .map(|(name, d)| (name.as_str(), d.run_id.as_str()))
+            .collect();
+        let drain_deadlines: HashMap<&str, UnixMillis, foldhash::fast::RandomState> = drains
+            .iter()
+            .filter_map(|(name, d)| Some((name.as_str(), d.deadline_at?)))
+            .collect();
         let mut lost = Vec::new();
         for (n, stored) in backends.into_iter().enumerate() {
             // A pass over a hundred thousand backends must not hold a runtime thread from
@@ -193,14 +203,14 @@ impl Reconciler {
             let drone_run_matches = rec
                 .drone
                 .as_deref()
-                .and_then(|d| drones.get(d))
-                .map(|d| Some(&d.run_id) == rec.drone_run_id.as_ref());
-            let drain_deadline_passed = rec
-                .drone
-                .as_deref()
-                .and_then(|d| drains.get(d))
-                .and_then(|d| d.deadline_at)
-                .is_some_and(|at| now >= at);
+                .and_then(|d| runs.get(d))
+                .map(|run| Some(*run) == rec.drone_run_id.as_deref());
+            let drain_deadline_passed = !drain_deadlines.is_empty()
+                && rec
+                    .drone
+                    .as_deref()
+                    .and_then(|d| drain_deadlines.get(d))
+                    .is_some_and(|at| now >= *at);
             let obs = Observed {
                 activity: self.activity.get(rec.id.as_str()),
                 drone_run_matches,
