@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Control-plane scale benchmark: one `hangar serve` (embedded store) and many hollow drones
+"""Control-plane scale benchmark: one `hangar serve` (embedded store, or with `--store etcd` a
+3-member etcd from Debian's etcd-server) and many hollow drones
 (`hangar hollow-drones`: real drone sessions whose backends run nothing), backends connected
 up to each level of live backends.
 
@@ -134,6 +135,8 @@ def main():
     ap.add_argument("--lease-ttl", type=int, default=10)
     ap.add_argument("--propagation-s", type=int, default=5,
                     help="seconds of 100 connects a second for the propagation figures")
+    ap.add_argument("--store", choices=("embedded", "etcd"), default="embedded",
+                    help="serve's store: the embedded one, or a 3-member etcd (Debian's etcd-server)")
     ap.add_argument("--lone", type=int, default=100,
                     help="backends on the one drone whose loss is timed")
     a = ap.parse_args()
@@ -143,7 +146,10 @@ def main():
     levels = [int(x) for x in a.levels.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         metrics = f"127.0.0.1:{ha.free_port()}"
-        s = ha.Serve(tmp, "serve", "embedded",
+        store = "embedded"
+        if a.store == "etcd":
+            store = ha.Etcd(tmp).url
+        s = ha.Serve(tmp, "serve", store,
                      ("--lease-ttl", str(a.lease_ttl), "--idle-timeout", "86400",
                       "--metrics", metrics))
         base_rss = rss_kib(s.proc.pid)
