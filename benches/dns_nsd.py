@@ -23,8 +23,6 @@ end, whatever happens.
 """
 
 import argparse
-import atexit
-import json
 import os
 import re
 import shutil
@@ -34,30 +32,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HANGAR = os.path.join(ROOT, "target", "release", "hangar")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ha  # noqa: E402  (HANGAR, CHILDREN and their reaper, wait, http)
+
 DOMAIN = "hangar.localhost"
 TTL = 5
 SERVER_CPU = "0"
 CLIENT_CPU = "1"
 BACKENDS = 8
-
-CHILDREN = []
-
-
-@atexit.register
-def _stop_children():
-    for proc in CHILDREN:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
 
 def free_port():
     """A port free for both UDP and TCP on 127.0.0.1."""
@@ -74,18 +57,6 @@ def free_port():
         finally:
             t.close()
             u.close()
-
-
-def wait(pred, what, limit=30.0):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    sys.exit(f"dns_nsd.py: {what} did not happen within {limit:.0f} s")
 
 
 def tcp_open(port):
@@ -110,11 +81,7 @@ def dns_answers(port, name):
 
 
 def http_json(url, body=None):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method="POST" if data else "GET")
-    req.add_header("content-type", "application/json")
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.load(r)
+    return ha.http("POST" if body is not None else "GET", url, body)[1]
 
 
 def cpu_seconds(pids):
@@ -154,16 +121,16 @@ def start_hangar(binary, work):
          "--proxy", f"127.0.0.1:{proxy}", "--dns", f"127.0.0.1:{dns}", "--metrics", "off",
          "--data-dir", os.path.join(work, "dev"), "--idle-timeout", "3600"],
         stdout=log, stderr=log)
-    CHILDREN.append(proc)
-    wait(lambda: tcp_open(api), "hangar dev's API listening")
+    ha.CHILDREN.append(proc)
+    ha.wait(lambda: tcp_open(api), "hangar dev's API listening")
     backends = []
     for i in range(BACKENDS):
         resp = http_json(f"http://127.0.0.1:{api}/v1/connect", {"key": {"name": f"dns-{i}"}})
         backends.append((resp["backend_id"], resp["status_url"]))
     for bid, status_url in backends:
-        wait(lambda: http_json(status_url)["status"] == "ready", f"backend {bid} ready", 60)
+        ha.wait(lambda: http_json(status_url)["status"] == "ready", f"backend {bid} ready", 60)
     ids = [b for b, _ in backends]
-    wait(lambda: all(dns_answers(dns, f"{b}.{DOMAIN}") for b in ids), "hangar answering dns")
+    ha.wait(lambda: all(dns_answers(dns, f"{b}.{DOMAIN}") for b in ids), "hangar answering dns")
     return proc, dns, ids
 
 
@@ -207,8 +174,8 @@ zone:
     log = open(os.path.join(work, "nsd.out"), "w")
     proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, "nsd", "-d", "-c", conf],
                             stdout=log, stderr=log)
-    CHILDREN.append(proc)
-    wait(lambda: dns_answers(port, f"{ids[0]}.{DOMAIN}"), "nsd answering")
+    ha.CHILDREN.append(proc)
+    ha.wait(lambda: dns_answers(port, f"{ids[0]}.{DOMAIN}"), "nsd answering")
     return proc, port
 
 
@@ -247,7 +214,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=8)
     ap.add_argument("--latency-qps", type=int, default=20000)
-    ap.add_argument("--hangar", default=HANGAR, help="the hangar binary (default: release build)")
+    ap.add_argument("--hangar", default=ha.HANGAR, help="the hangar binary (default: release build)")
     ap.add_argument("--compare", metavar="BINARY",
                     help="another hangar binary (an earlier build) measured in the same rounds")
     args = ap.parse_args()
