@@ -48,34 +48,18 @@ fn ended(i: usize, terminated_at: u64) -> BackendRecord {
     }
 }
 
-#[tokio::test]
-async fn a_reconciler_pass_reads_no_backend_history_and_removes_only_what_is_due() {
-    const NOW: u64 = 100_000_000;
-    const HISTORY: usize = 100_000;
-    let dir = tempfile::tempdir().unwrap();
-    let store = TestStore::open(dir.path()).await;
-    // History: 100,000 ended backends, 5 of them past the retention, written 100 to a
-    // transaction, many transactions at once (the store commits them in groups).
-    let mut cfg = SchedulerConfig::new("hangar.test", "http://127.0.0.1:1");
-    cfg.defaults.command = Some(vec!["true".into()]);
-    // Nothing renews the leadership here (the scheduler is not started): it must outlast
-    // loading the history on a slow debug build.
-    cfg.leader_ttl = std::time::Duration::from_secs(600);
-    let retention = cfg.terminated_retention.as_millis() as u64;
+/// Writes `records` 100 to a transaction, many transactions at once (the store commits them
+/// in groups).
+async fn write_records(store: &Arc<TestStore>, records: impl Iterator<Item = BackendRecord>) {
+    let records: Vec<BackendRecord> = records.collect();
     let mut writes = tokio::task::JoinSet::new();
-    for chunk in (0..HISTORY).collect::<Vec<_>>().chunks(100) {
+    for chunk in records.chunks(100) {
         let ops = chunk
             .iter()
-            .map(|&i| {
-                let at = if i < 5 {
-                    NOW - retention - 1
-                } else {
-                    NOW - 1_000
-                };
-                let rec = ended(i, at);
+            .map(|rec| {
                 TxnOp::put(
                     backend_key(rec.id.as_str()),
-                    serde_json::to_vec(&rec).unwrap(),
+                    serde_json::to_vec(rec).unwrap(),
                     None,
                 )
             })
@@ -86,6 +70,33 @@ async fn a_reconciler_pass_reads_no_backend_history_and_removes_only_what_is_due
     while let Some(done) = writes.join_next().await {
         assert!(matches!(done.unwrap().unwrap(), TxnOutcome::Committed(_)));
     }
+}
+
+#[tokio::test]
+async fn a_reconciler_pass_reads_no_backend_history_and_removes_only_what_is_due() {
+    const NOW: u64 = 100_000_000;
+    const HISTORY: usize = 100_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store = TestStore::open(dir.path()).await;
+    // History: 100,000 ended backends, 5 of them past the retention.
+    let mut cfg = SchedulerConfig::new("hangar.test", "http://127.0.0.1:1");
+    cfg.defaults.command = Some(vec!["true".into()]);
+    // Nothing renews the leadership here (the scheduler is not started): it must outlast
+    // loading the history on a slow debug build.
+    cfg.leader_ttl = std::time::Duration::from_secs(600);
+    let retention = cfg.terminated_retention.as_millis() as u64;
+    write_records(
+        &store,
+        (0..HISTORY).map(|i| {
+            let at = if i < 5 {
+                NOW - retention - 1
+            } else {
+                NOW - 1_000
+            };
+            ended(i, at)
+        }),
+    )
+    .await;
     let sched = Scheduler::new(
         cfg,
         store.clone(),
@@ -178,25 +189,7 @@ async fn a_route_change_is_a_delta_and_copies_one_shard_of_the_table() {
         terminated_at: None,
         ..ended(i, 1_000)
     };
-    let mut writes = tokio::task::JoinSet::new();
-    for chunk in (0..LIVE).collect::<Vec<_>>().chunks(100) {
-        let ops = chunk
-            .iter()
-            .map(|&i| {
-                let rec = record(i, BackendState::Ready);
-                TxnOp::put(
-                    backend_key(rec.id.as_str()),
-                    serde_json::to_vec(&rec).unwrap(),
-                    None,
-                )
-            })
-            .collect();
-        let store = store.clone();
-        writes.spawn(async move { store.txn(Vec::new(), ops).await });
-    }
-    while let Some(done) = writes.join_next().await {
-        done.unwrap().unwrap();
-    }
+    write_records(&store, (0..LIVE).map(|i| record(i, BackendState::Ready))).await;
     let mut cfg = SchedulerConfig::new("hangar.test", "http://127.0.0.1:1");
     cfg.defaults.command = Some(vec!["true".into()]);
     let routes = Arc::new(crate::routes::Routes::default());
