@@ -17,7 +17,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -170,16 +169,11 @@ async fn main() {
     let client: HttpClient = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(args.inflight as usize * 2)
         .build(connector);
-    let next = Arc::new(AtomicU64::new(0));
     let limit = Arc::new(tokio::sync::Semaphore::new(args.inflight as usize));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let mut results = Results::default();
-    loop {
-        let n = next.fetch_add(1, Ordering::Relaxed);
-        if n >= args.count {
-            break;
-        }
+    for n in 0..args.count {
         if let Some(rate) = args.rate {
             let due = started + Duration::from_secs_f64(n as f64 / rate);
             tokio::time::sleep_until(due.into()).await;

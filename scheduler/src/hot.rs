@@ -14,12 +14,13 @@
 //! acts on its verdicts; [`plan_relief`] picks the idle neighbours to move off a hot drone.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-
-type Fast = foldhash::fast::RandomState;
 use std::time::Duration;
 
 use hangar_core::api::{HotBackend, HotDrone, HotReason, HotSettings};
 use hangar_core::{BackendId, UnixMillis};
+
+/// Hashes the scheduler's own ids (not attacker-chosen input) fast.
+type Fast = foldhash::fast::RandomState;
 
 /// The detector's thresholds.
 #[derive(Clone, Debug, PartialEq)]
