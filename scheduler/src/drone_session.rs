@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket};
+use futures_util::StreamExt;
 use hangar_core::drone::{BackendEvent, FromDrone, Hello, SchedulerMessage, ToDrone};
 use hangar_core::{BackendId, BackendState};
 use tokio::sync::mpsc;
@@ -499,8 +500,8 @@ impl DroneSessions {
             return Ok(0);
         }
         // From the route feed's index of live records, not a listing of the store: losing a
-        // drone costs what it ran; each record is re-read and closed only if it still names
-        // its run.
+        // drone costs what it ran; each record is closed only at the revision the index holds
+        // (re-read if it changed since) and only while it still names its run.
         for (name, run_id) in runs {
             self.drones.remove_run(name, run_id);
         }
@@ -733,7 +734,9 @@ impl DroneSessions {
                 while let Ok(more) = events.try_recv() {
                     batch.push(more);
                 }
-                let mut runs = Vec::new();
+                // A newer run may already have re-registered under the same name: asked for
+                // every drone at once (each a round trip on etcd).
+                let mut checks = futures_util::stream::FuturesUnordered::new();
                 for ev in batch {
                     let WatchEvent::Delete {
                         key,
@@ -746,13 +749,20 @@ impl DroneSessions {
                     let Ok(rec) = serde_json::from_slice::<DroneRecord>(&prev.value) else {
                         continue;
                     };
-                    // A newer run may already have re-registered under the same name.
-                    if let Ok(Some(_)) = inner.store.get(&key).await {
-                        continue;
-                    }
-                    metrics::counter!(crate::metrics::LEASE_EXPIRIES_TOTAL).increment(1);
-                    runs.push((rec.name, rec.run_id));
+                    let store = inner.store.clone();
+                    checks.push(async move {
+                        match store.get(&key).await {
+                            Ok(Some(_)) => None,
+                            _ => Some((rec.name, rec.run_id)),
+                        }
+                    });
                 }
+                let mut runs = Vec::new();
+                while let Some(checked) = checks.next().await {
+                    runs.extend(checked);
+                }
+                metrics::counter!(crate::metrics::LEASE_EXPIRIES_TOTAL)
+                    .increment(runs.len() as u64);
                 if runs.is_empty() {
                     continue;
                 }

@@ -36,6 +36,10 @@ pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
 /// operations, so the compares and the fence fit too).
 const LOST_BATCH: usize = 63;
 
+/// Batches of lost backends written at once (the embedded store commits them together; on
+/// etcd they share the round trips).
+const LOST_IN_FLIGHT: usize = 16;
+
 /// Backend records and what changes them.
 #[derive(Clone)]
 pub struct Backends {
@@ -338,84 +342,107 @@ impl Backends {
             .await
     }
 
-    /// Closes as lost every backend of `on_runs` that is live and still on the drone run given
-    /// with it (lost drones' backends), up to [`LOST_BATCH`] per store transaction: one write
-    /// per batch instead of one per backend. A batch that meets a concurrent change to one of
-    /// its records falls back to closing them one by one. Returns how many were closed.
+    /// Closes as lost every one of `records` (live records from the route feed's index, of
+    /// lost drone runs) that is still live on the run it names, up to [`LOST_BATCH`] per store
+    /// transaction and [`LOST_IN_FLIGHT`] transactions at a time: each batch compares the
+    /// revisions the index holds instead of reading its records again, so losing a thousand
+    /// drones costs a few dozen writes and no reads. A batch that meets a change the index
+    /// has not seen yet falls back to closing its records one by one (each re-read). Returns
+    /// how many were closed.
     pub async fn mark_lost_many(
         &self,
-        on_runs: &[(BackendId, String)],
+        records: &[Arc<Stored<BackendRecord>>],
         why: &str,
     ) -> Result<usize, ApiError> {
+        use futures_util::StreamExt;
+        let mut chunks = records.chunks(LOST_BATCH);
+        let mut running = futures_util::stream::FuturesUnordered::new();
         let mut closed = 0;
-        for chunk in on_runs.chunks(LOST_BATCH) {
-            let now = self.clock.now_ms();
-            let (mut compares, mut ops, mut changes) = (Vec::new(), Vec::new(), Vec::new());
-            for (id, run_id) in chunk {
-                let run_id = run_id.as_str();
-                let Some((rec, rev)) = self.get(id.as_str()).await? else {
-                    continue;
-                };
-                if rec.drone_run_id.as_deref() != Some(run_id) || !rec.state.is_live() {
-                    continue;
-                }
-                let mut next = rec.clone();
-                next.state = BackendState::Terminated {
-                    reason: TerminationReason::Lost,
-                };
-                if check_transition(&rec.state, &next.state).is_err() {
-                    continue;
-                }
-                next.message = Some(why.to_string());
-                next.updated_at = now;
-                next.terminated_at = Some(now);
-                let key = backend_key(id.as_str());
-                compares.push(Compare::mod_revision(key.clone(), rev));
-                ops.push(TxnOp::put(key, encode(&next), None));
-                changes.push((rec, next, run_id.to_string()));
+        loop {
+            while running.len() < LOST_IN_FLIGHT
+                && let Some(chunk) = chunks.next()
+            {
+                running.push(self.mark_lost_batch(chunk, why));
             }
-            if ops.is_empty() {
-                continue;
-            }
-            let fence_at = compares.len();
-            if let Some(token) = self.fence {
-                compares.push(Compare::create_revision(crate::leader::LEADER_KEY, token));
-            }
-            match self.store.txn(compares, ops).await? {
-                TxnOutcome::Committed(_) => {
-                    if self.fence.is_some() {
-                        metrics::counter!(crate::metrics::LEADER_WRITES_TOTAL).increment(1);
-                    }
-                    for (rec, next, run_id) in &changes {
-                        crate::metrics::state_changed(
-                            &rec.state,
-                            &next.state,
-                            rec.updated_at,
-                            rec.created_at,
-                            next.updated_at,
-                        );
-                        self.activity.forget(rec.id.as_str());
-                        tracing::warn!(backend = %rec.id, %run_id, reason = "lost", why, "backend closed: its drone run no longer has it");
-                    }
-                    closed += changes.len();
-                }
-                TxnOutcome::Failed { compare, .. } if compare == fence_at => {
-                    metrics::counter!(crate::metrics::FENCED_WRITES_TOTAL).increment(1);
-                    return Err(ApiError::Fenced(format!(
-                        "this instance is no longer the leader (term {} ended): the write was refused",
-                        self.fence.unwrap_or_default()
-                    )));
-                }
-                TxnOutcome::Failed { .. } => {
-                    for (rec, _, run_id) in changes {
-                        if self.mark_lost(rec.id.as_str(), &run_id, why).await? {
-                            closed += 1;
-                        }
-                    }
-                }
+            match running.next().await {
+                Some(n) => closed += n?,
+                None => return Ok(closed),
             }
         }
-        Ok(closed)
+    }
+
+    /// One transaction of [`Backends::mark_lost_many`].
+    async fn mark_lost_batch(
+        &self,
+        chunk: &[Arc<Stored<BackendRecord>>],
+        why: &str,
+    ) -> Result<usize, ApiError> {
+        let now = self.clock.now_ms();
+        let (mut compares, mut ops, mut changes) = (Vec::new(), Vec::new(), Vec::new());
+        for stored in chunk {
+            let rec = &stored.record;
+            let Some(run_id) = rec.drone_run_id.as_deref() else {
+                continue;
+            };
+            let mut next = rec.clone();
+            next.state = BackendState::Terminated {
+                reason: TerminationReason::Lost,
+            };
+            if !rec.state.is_live() || check_transition(&rec.state, &next.state).is_err() {
+                continue;
+            }
+            next.message = Some(why.to_string());
+            next.updated_at = now;
+            next.terminated_at = Some(now);
+            compares.push(Compare::mod_revision(
+                stored.key.clone(),
+                stored.mod_revision,
+            ));
+            ops.push(TxnOp::put(stored.key.clone(), encode(&next), None));
+            changes.push((rec, next, run_id));
+        }
+        if ops.is_empty() {
+            return Ok(0);
+        }
+        let fence_at = compares.len();
+        if let Some(token) = self.fence {
+            compares.push(Compare::create_revision(crate::leader::LEADER_KEY, token));
+        }
+        match self.store.txn(compares, ops).await? {
+            TxnOutcome::Committed(_) => {
+                if self.fence.is_some() {
+                    metrics::counter!(crate::metrics::LEADER_WRITES_TOTAL).increment(1);
+                }
+                for (rec, next, run_id) in &changes {
+                    crate::metrics::state_changed(
+                        &rec.state,
+                        &next.state,
+                        rec.updated_at,
+                        rec.created_at,
+                        next.updated_at,
+                    );
+                    self.activity.forget(rec.id.as_str());
+                    tracing::warn!(backend = %rec.id, %run_id, reason = "lost", why, "backend closed: its drone run no longer has it");
+                }
+                Ok(changes.len())
+            }
+            TxnOutcome::Failed { compare, .. } if compare == fence_at => {
+                metrics::counter!(crate::metrics::FENCED_WRITES_TOTAL).increment(1);
+                Err(ApiError::Fenced(format!(
+                    "this instance is no longer the leader (term {} ended): the write was refused",
+                    self.fence.unwrap_or_default()
+                )))
+            }
+            TxnOutcome::Failed { .. } => {
+                let mut closed = 0;
+                for (rec, _, run_id) in changes {
+                    if self.mark_lost(rec.id.as_str(), run_id, why).await? {
+                        closed += 1;
+                    }
+                }
+                Ok(closed)
+            }
+        }
     }
 
     /// Closes a backend of run `run_id` that its drone no longer runs although the record says

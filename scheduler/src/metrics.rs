@@ -40,6 +40,8 @@ pub const LEADER_COMMANDS_TOTAL: &str = "hangar_leader_commands_total";
 pub const PLACEMENT_SECONDS: &str = "hangar_scheduler_placement_seconds";
 /// How long one reconciler pass takes.
 pub const RECONCILE_PASS_SECONDS: &str = "hangar_scheduler_reconcile_pass_seconds";
+/// Backend records the reconciler looked at.
+pub const RECONCILE_RECORDS_TOTAL: &str = "hangar_scheduler_reconcile_records_total";
 /// Buckets of [`PLACEMENT_SECONDS`]: 10 µs to 10 ms.
 pub const PLACEMENT_BUCKETS: [f64; 10] = [
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
@@ -109,6 +111,10 @@ pub fn describe() {
         RECONCILE_PASS_SECONDS,
         metrics::Unit::Seconds,
         "How long one reconciler pass takes (the leader's; its cost follows live and due records)."
+    );
+    describe_counter!(
+        RECONCILE_RECORDS_TOTAL,
+        "Live backend records the reconciler looked at: changed or due ones, every record of a lost drone run or an expired drain, each at least once a minute, and all of them on a term's first pass."
     );
     describe_counter!(
         QUOTA_REFUSALS_TOTAL,

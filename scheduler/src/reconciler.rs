@@ -1,13 +1,19 @@
-//! The reconciler: on a period, compares every backend record with what should be (idle and
+//! The reconciler: on a period, compares backend records with what should be (idle and
 //! lifetime limits, startup deadline, the agent run that owns it, stops that never completed,
 //! retention of terminated records) and corrects it. Level-triggered: whatever edge was
 //! missed, even across restarts, the next pass recovers it.
+//!
+//! A pass looks at what may be due, not at every live record: the records changed since the
+//! last pass (from the route feed's change log), those whose own deadline ([`next_check`])
+//! has come, every record of a drone run that is gone or of a drain past its deadline, and
+//! each record at least every [`RECHECK_EVERY`] whatever it says. The first pass of a term,
+//! and any pass after the change log could not be followed, looks at every live record.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use hangar_core::{BackendState, TerminationReason, UnixMillis};
+use hangar_core::{BackendId, BackendState, TerminationReason, UnixMillis};
 use tokio_util::sync::CancellationToken;
 
 use crate::lifecycle::stop_overdue;
@@ -21,7 +27,11 @@ use crate::drains::Drains;
 use crate::drone_session::DroneSessions;
 use crate::lifecycle::Backends;
 use crate::maintenance::Maintenance;
-use crate::records::{BackendRecord, list_drones};
+use crate::records::{BackendRecord, Stored, list_drones};
+
+/// Every live record is looked at again at least this often, whatever its deadlines say (a
+/// safety net under [`next_check`]: a pass over 100,000 backends then looks at about 1,000).
+pub const RECHECK_EVERY: Duration = Duration::from_secs(60);
 use crate::routes::Routes;
 
 /// What the reconciler decides for one record.
@@ -119,6 +129,99 @@ pub fn decide(rec: &BackendRecord, obs: Observed, limits: Limits) -> Action {
     }
 }
 
+/// The earliest time at which [`decide`] could answer anything but [`Action::Nothing`] for
+/// this record if only the clock moves, capped at [`RECHECK_EVERY`] from `obs.now`. Activity
+/// only moves an idle deadline later, so a record looked at again then and found not idle is
+/// simply put off again. What depends on the drone (a lost run, a drain past its deadline) is
+/// not covered: the reconciler checks it per drone on every pass.
+pub fn next_check(rec: &BackendRecord, obs: Observed, limits: Limits) -> UnixMillis {
+    let after = |since: UnixMillis, d: Duration| since.saturating_add(d.as_millis() as u64);
+    let mut next = after(obs.now, RECHECK_EVERY);
+    let mut at = |t: UnixMillis| next = next.min(t);
+    let startup = limits.startup_timeout + Duration::from_secs(10);
+    match &rec.state {
+        BackendState::Terminated { .. } => {
+            at(after(
+                rec.terminated_at.unwrap_or(rec.updated_at),
+                limits.retention,
+            ));
+        }
+        BackendState::Terminating { .. } => {
+            at(after(
+                rec.terminating_at.unwrap_or(rec.updated_at),
+                limits.terminate_timeout,
+            ));
+        }
+        _ if rec.is_unclaimed() => {
+            if rec.state.is_starting() {
+                at(after(rec.created_at, startup));
+            }
+        }
+        state => {
+            if let Some(l) = rec.spawn.lifetime_s {
+                at(after(rec.session_start(), Duration::from_secs(l)));
+            }
+            if state.is_starting() {
+                at(after(rec.created_at, startup));
+            } else if let Some(idle) = rec.spawn.idle_timeout_s {
+                let idle = Duration::from_secs(idle);
+                match obs.activity.unwrap_or((0, 0)) {
+                    // Busy now: it cannot be idle before a full timeout from now.
+                    (_, open) if open > 0 => at(after(obs.now, idle)),
+                    (last, _) => {
+                        let last = last
+                            .max(rec.ready_at.unwrap_or(rec.created_at))
+                            .max(rec.session_start());
+                        at(after(last, idle));
+                    }
+                }
+            }
+        }
+    }
+    next
+}
+
+/// When each live record is next looked at, and where the reconciler is in the route feed's
+/// change log (`None`: the next pass looks at everything).
+#[derive(Debug, Default)]
+pub(crate) struct Agenda {
+    cursor: Option<u64>,
+    due: BTreeSet<(UnixMillis, BackendId)>,
+    at: HashMap<BackendId, UnixMillis, foldhash::fast::RandomState>,
+}
+
+impl Agenda {
+    fn schedule(&mut self, id: &BackendId, when: UnixMillis) {
+        if let Some(old) = self.at.insert(id.clone(), when) {
+            if old == when {
+                return;
+            }
+            self.due.remove(&(old, id.clone()));
+        }
+        self.due.insert((when, id.clone()));
+    }
+
+    /// Takes the backends due at `now`.
+    fn take_due(&mut self, now: UnixMillis) -> Vec<BackendId> {
+        let mut ids = Vec::new();
+        while let Some(first) = self.due.first()
+            && first.0 <= now
+        {
+            let (_, id) = self.due.pop_first().expect("just seen");
+            self.at.remove(&id);
+            ids.push(id);
+        }
+        ids
+    }
+
+    fn restart(&mut self, cursor: u64) {
+        *self = Agenda {
+            cursor: Some(cursor),
+            ..Agenda::default()
+        };
+    }
+}
+
 /// What the reconciler reads and acts through.
 pub(crate) struct Reconciler {
     pub(crate) store: Arc<dyn Store>,
@@ -136,6 +239,8 @@ pub(crate) struct Reconciler {
     /// Nor before this (wall clock, ms): a new leader gives every drone one lease TTL from its
     /// election to reconnect, whatever happened while nobody led.
     pub(crate) lost_not_before: UnixMillis,
+    /// What is due when; a std lock held only between awaits.
+    pub(crate) agenda: Mutex<Agenda>,
 }
 
 impl Reconciler {
@@ -153,15 +258,22 @@ impl Reconciler {
         }
     }
 
-    /// One pass over every record.
-    pub(crate) async fn pass(&self) -> Result<(), crate::error::ApiError> {
+    /// One pass over what may be due; returns how many live records it looked at.
+    pub(crate) async fn pass(&self) -> Result<usize, crate::error::ApiError> {
         let started = std::time::Instant::now();
         let result = self.pass_once().await;
         metrics::histogram!(crate::metrics::RECONCILE_PASS_SECONDS).record(started.elapsed());
+        if let Ok(n) = result {
+            metrics::counter!(crate::metrics::RECONCILE_RECORDS_TOTAL).increment(n as u64);
+        }
         result
     }
 
-    async fn pass_once(&self) -> Result<(), crate::error::ApiError> {
+    fn agenda(&self) -> std::sync::MutexGuard<'_, Agenda> {
+        self.agenda.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn pass_once(&self) -> Result<usize, crate::error::ApiError> {
         // Serialised with drone admission (see `DroneSessions::exclusive`).
         let _admission = self.sessions.exclusive().await;
         let now = self.clock.now_ms();
@@ -172,18 +284,11 @@ impl Reconciler {
             self.sessions.forget_lost_runs(&drones);
         }
         let drains = self.drains.refresh().await?;
-        // From the route publisher's index, not the store: a pass costs what is live and due.
-        let backends = self.routes.live_records();
         let cutoff = now.saturating_sub(self.config.terminated_retention.as_millis() as u64);
         for (key, revision) in self.routes.ended_before(cutoff) {
             self.backends.remove_if_unchanged(&key, revision).await?;
         }
-        let limits = Limits {
-            startup_timeout: self.config.startup_timeout,
-            terminate_timeout: self.config.terminate_timeout,
-            retention: self.config.terminated_retention,
-        };
-        // Looked up once per live backend: hashed, not searched by string comparisons.
+        // Looked up once per record looked at: hashed, not searched by string comparisons.
         let runs: HashMap<&str, &str, foldhash::fast::RandomState> = drones
             .iter()
             .map(|(name, d)| (name.as_str(), d.run_id.as_str()))
@@ -192,6 +297,66 @@ impl Reconciler {
             .iter()
             .filter_map(|(name, d)| Some((name.as_str(), d.deadline_at?)))
             .collect();
+        let backends = self.due_records(now, &runs, &drain_deadlines);
+        let looked_at = backends.len();
+        let settled = self
+            .settle(backends, now, window, grace, &runs, &drain_deadlines)
+            .await;
+        if settled.is_err() {
+            // Records taken off the agenda may not have been put back: look at all next time.
+            self.agenda().cursor = None;
+        }
+        settled.map(|()| looked_at)
+    }
+
+    /// The live records this pass looks at (from the route publisher's index, not the store):
+    /// those changed since the last pass, those due by their own deadlines, and every record
+    /// of a drone run that is gone or of a drain past its deadline. All of them on a first
+    /// pass, or when the change log moved on without this reconciler.
+    fn due_records(
+        &self,
+        now: UnixMillis,
+        runs: &HashMap<&str, &str, foldhash::fast::RandomState>,
+        drain_deadlines: &HashMap<&str, UnixMillis, foldhash::fast::RandomState>,
+    ) -> Vec<Arc<Stored<BackendRecord>>> {
+        let mut agenda = self.agenda();
+        let changed = agenda.cursor.and_then(|mut cursor| {
+            let records = self.routes.changed_since(&mut cursor)?;
+            Some((records, cursor))
+        });
+        let Some((mut records, cursor)) = changed else {
+            let (all, cursor) = self.routes.live_records_and_cursor();
+            agenda.restart(cursor);
+            return all;
+        };
+        agenda.cursor = Some(cursor);
+        let due = agenda.take_due(now);
+        drop(agenda);
+        records.extend(self.routes.live_of(&due));
+        records.extend(self.routes.live_on_runs_where(|drone, run| {
+            runs.get(drone) != Some(&run) || drain_deadlines.get(drone).is_some_and(|at| now >= *at)
+        }));
+        records.sort_unstable_by(|a, b| a.record.id.cmp(&b.record.id));
+        records.dedup_by(|a, b| a.record.id == b.record.id);
+        records
+    }
+
+    /// Decides and acts on each of `backends`, and puts each back on the agenda: when its
+    /// deadlines fall if nothing was done, at once (the next pass) if something was.
+    async fn settle(
+        &self,
+        backends: Vec<Arc<Stored<BackendRecord>>>,
+        now: UnixMillis,
+        window: bool,
+        grace: bool,
+        runs: &HashMap<&str, &str, foldhash::fast::RandomState>,
+        drain_deadlines: &HashMap<&str, UnixMillis, foldhash::fast::RandomState>,
+    ) -> Result<(), crate::error::ApiError> {
+        let limits = Limits {
+            startup_timeout: self.config.startup_timeout,
+            terminate_timeout: self.config.terminate_timeout,
+            retention: self.config.terminated_retention,
+        };
         let mut lost = Vec::new();
         for (n, stored) in backends.into_iter().enumerate() {
             // A pass over a hundred thousand backends must not hold a runtime thread from
@@ -217,7 +382,13 @@ impl Reconciler {
                 drain_deadline_passed,
                 now,
             };
-            match decide(rec, obs, limits) {
+            let action = decide(rec, obs, limits);
+            let again = match action {
+                Action::Nothing => next_check(rec, obs, limits),
+                _ => now,
+            };
+            self.agenda().schedule(&rec.id, again);
+            match action {
                 Action::Nothing => {}
                 Action::Terminate(reason) => {
                     self.backends
@@ -234,9 +405,7 @@ impl Reconciler {
                 // reconnect; a drone that came back as a new run is settled at once.
                 Action::Lost if window || (grace && drone_run_matches.is_none()) => {}
                 // Closed together below: many drones may have gone at once.
-                Action::Lost => {
-                    lost.push((rec.id.clone(), rec.drone_run_id.clone().unwrap_or_default()));
-                }
+                Action::Lost => lost.push(stored.clone()),
                 Action::Remove => {
                     self.backends
                         .remove_if_unchanged(&stored.key, stored.mod_revision)
@@ -294,6 +463,96 @@ mod tests {
             message: None,
             pool: None,
         }
+    }
+
+    /// `next_check` is exact: until it, `decide` answers `Nothing` (so a record put off until
+    /// then misses nothing), and at it something is due unless it is only the periodic
+    /// recheck or the backend is busy. Over every state, with and without limits and activity.
+    #[test]
+    fn next_check_is_the_first_moment_anything_is_due() {
+        let states = [
+            BackendState::Scheduled,
+            BackendState::Starting,
+            BackendState::Waiting,
+            BackendState::Ready,
+            BackendState::Terminating {
+                reason: TerminationReason::Requested,
+            },
+            BackendState::Terminated {
+                reason: TerminationReason::Idle,
+            },
+        ];
+        let activities = [
+            None,
+            Some((20 * S, 0)),
+            Some((40 * S, 2)),
+            Some((500 * S, 0)),
+        ];
+        let mut checked = 0;
+        for state in &states {
+            for idle in [None, Some(10), Some(90)] {
+                for lifetime in [None, Some(30), Some(200)] {
+                    for warm in [false, true] {
+                        let mut r = rec(state.clone(), idle, lifetime);
+                        r.created_at = 2 * S;
+                        r.terminating_at = Some(25 * S);
+                        r.terminated_at = Some(25 * S);
+                        if warm {
+                            r.pool = Some(crate::records::PoolMember {
+                                name: "p".into(),
+                                generation: 1,
+                                claimed_at: None,
+                                claim_secret: Some("s".into()),
+                            });
+                        }
+                        for activity in activities {
+                            for start in [0, 35 * S, 100 * S] {
+                                let next = next_check(&r, obs(start, activity), L);
+                                assert!(next <= start + RECHECK_EVERY.as_millis() as u64);
+                                let mut t = start;
+                                while t < next {
+                                    assert_eq!(
+                                        decide(&r, obs(t, activity), L),
+                                        Action::Nothing,
+                                        "{r:?} at {t} before its next check {next}"
+                                    );
+                                    t += 100;
+                                }
+                                // A busy backend is looked at again after a full idle
+                                // timeout, when it may have gone quiet: not necessarily due.
+                                let busy = activity.is_some_and(|(_, open)| open > 0);
+                                if next < start + RECHECK_EVERY.as_millis() as u64 && !busy {
+                                    assert_ne!(
+                                        decide(&r, obs(next, activity), L),
+                                        Action::Nothing,
+                                        "{r:?} at its next check {next}"
+                                    );
+                                }
+                                checked += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 6 * 3 * 3 * 2 * 4 * 3);
+    }
+
+    #[test]
+    fn the_agenda_hands_out_what_is_due_once_and_in_order() {
+        let mut a = Agenda::default();
+        let id = |s: &str| BackendId::parse(s).unwrap();
+        a.schedule(&id("b1"), 30);
+        a.schedule(&id("b2"), 10);
+        a.schedule(&id("b3"), 20);
+        // Rescheduling moves an entry; it is never due twice.
+        a.schedule(&id("b1"), 5);
+        a.schedule(&id("b3"), 50);
+        assert_eq!(a.take_due(4), Vec::<BackendId>::new());
+        assert_eq!(a.take_due(10), vec![id("b1"), id("b2")]);
+        assert_eq!(a.take_due(49), Vec::<BackendId>::new());
+        assert_eq!(a.take_due(1000), vec![id("b3")]);
+        assert!(a.due.is_empty() && a.at.is_empty());
     }
 
     #[test]

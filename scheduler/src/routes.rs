@@ -75,6 +75,10 @@ impl Delta {
     }
 }
 
+/// Changed record ids kept for the reconciler to follow ([`Routes::changed_since`]): far more
+/// than a pass sees at thousands of connects a second; a reader further behind re-reads all.
+const CHANGES_KEPT: usize = 65_536;
+
 /// Recent deltas (bounded) and a live broadcast of new ones.
 #[derive(Debug)]
 struct DeltaLog {
@@ -154,6 +158,57 @@ struct RecordIndex {
     pools: HashMap<String, HashMap<BackendId, PoolFacts>>,
     /// Starts per pool generation since this index was built.
     tallies: HashMap<(String, u64), StartTally>,
+    /// Live backends by the drone and agent run their records name (`""` for none): drone
+    /// loss and the reconciler's per-drone checks look up what a run holds instead of walking
+    /// every live record.
+    by_run: HashMap<(String, String), HashSet<BackendId>>,
+    /// The ids of records put since the index was built, in order, for the reconciler.
+    changes: ChangeLog,
+}
+
+/// The ids of changed records, in order and bounded, with sequence numbers: a reader keeps a
+/// cursor and takes what came after it; one that fell behind (or whose index was rebuilt from
+/// a listing) is told to start over.
+#[derive(Debug, Default)]
+struct ChangeLog {
+    ids: VecDeque<BackendId>,
+    /// The sequence number of `ids[0]`.
+    base: u64,
+}
+
+impl ChangeLog {
+    /// The cursor of a reader that has seen everything so far.
+    fn end(&self) -> u64 {
+        self.base + self.ids.len() as u64
+    }
+
+    fn push(&mut self, id: BackendId) {
+        if self.ids.len() == CHANGES_KEPT {
+            self.ids.pop_front();
+            self.base += 1;
+        }
+        self.ids.push_back(id);
+    }
+
+    /// Forgets everything: every reader's cursor is now behind.
+    fn reset(&mut self) {
+        self.base = self.end() + 1;
+        self.ids.clear();
+    }
+
+    /// What came after `cursor`, or `None` if the reader fell behind.
+    fn since(&self, cursor: u64) -> Option<impl Iterator<Item = &BackendId>> {
+        let skip = cursor.checked_sub(self.base)?;
+        Some(self.ids.iter().skip(skip as usize))
+    }
+}
+
+/// The (drone, run) a live record counts under in [`RecordIndex::by_run`].
+fn run_of(rec: &BackendRecord) -> (String, String) {
+    (
+        rec.drone.clone().unwrap_or_default(),
+        rec.drone_run_id.clone().unwrap_or_default(),
+    )
 }
 
 /// A live pool member as the converger and claims need it.
@@ -190,6 +245,13 @@ pub fn quota_namespace(rec: &BackendRecord) -> &str {
 impl RecordIndex {
     fn remove(&mut self, id: &BackendId) {
         if let Some(old) = self.live.remove(id) {
+            let run = run_of(&old.record);
+            if let Some(ids) = self.by_run.get_mut(&run) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    self.by_run.remove(&run);
+                }
+            }
             if let Some(member) = &old.record.pool
                 && let Some(members) = self.pools.get_mut(&member.name)
             {
@@ -267,11 +329,16 @@ impl RecordIndex {
                 },
             );
         }
+        self.changes.push(id.clone());
         if rec.state.is_live() {
             *self
                 .live_per_namespace
                 .entry(quota_namespace(&rec).to_string())
                 .or_default() += 1;
+            self.by_run
+                .entry(run_of(&rec))
+                .or_default()
+                .insert(id.clone());
             self.live.insert(
                 id,
                 Arc::new(Stored {
@@ -362,25 +429,62 @@ impl Routes {
         self.index().live.values().cloned().collect()
     }
 
-    /// The live backends on any of `runs` (drone, run id), each with its run id, from the
-    /// feed's index (drone loss looks up what to close here instead of listing every record):
-    /// one walk over the live records however many drones were lost together.
-    pub fn live_on_runs(&self, runs: &[(String, String)]) -> Vec<(BackendId, String)> {
+    /// Every live backend record, and the cursor from which [`Routes::changed_since`] tells
+    /// what changed after them.
+    pub fn live_records_and_cursor(&self) -> (Vec<Arc<Stored<BackendRecord>>>, u64) {
+        let index = self.index();
+        (index.live.values().cloned().collect(), index.changes.end())
+    }
+
+    /// The live records among those put after `cursor` (each once), moving the cursor to the
+    /// end; `None` if the reader fell too far behind or the index was rebuilt from a fresh
+    /// listing (it must start over from [`Routes::live_records_and_cursor`]).
+    pub fn changed_since(&self, cursor: &mut u64) -> Option<Vec<Arc<Stored<BackendRecord>>>> {
+        let index = self.index();
+        let ids = index.changes.since(*cursor)?;
+        let mut seen = HashSet::new();
+        let records = ids
+            .filter(|id| seen.insert(*id))
+            .filter_map(|id| index.live.get(id).cloned())
+            .collect();
+        *cursor = index.changes.end();
+        Some(records)
+    }
+
+    /// The live records of these backends (those that are no longer live are left out).
+    pub fn live_of<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a BackendId>,
+    ) -> Vec<Arc<Stored<BackendRecord>>> {
+        let index = self.index();
+        ids.into_iter()
+            .filter_map(|id| index.live.get(id).cloned())
+            .collect()
+    }
+
+    /// The live records whose (drone, agent run) satisfies `pick` (`""` for a record that
+    /// names none): one test per run, then only the records of the runs picked.
+    pub fn live_on_runs_where(
+        &self,
+        mut pick: impl FnMut(&str, &str) -> bool,
+    ) -> Vec<Arc<Stored<BackendRecord>>> {
+        let index = self.index();
+        index
+            .by_run
+            .iter()
+            .filter(|((drone, run), _)| pick(drone, run))
+            .flat_map(|(_, ids)| ids.iter().filter_map(|id| index.live.get(id).cloned()))
+            .collect()
+    }
+
+    /// The live records on any of `runs` (drone, run id), from the feed's index (drone loss
+    /// looks up what to close here instead of listing every record).
+    pub fn live_on_runs(&self, runs: &[(String, String)]) -> Vec<Arc<Stored<BackendRecord>>> {
         let wanted: HashSet<(&str, &str)> = runs
             .iter()
             .map(|(drone, run)| (drone.as_str(), run.as_str()))
             .collect();
-        self.index()
-            .live
-            .values()
-            .filter_map(|s| {
-                let run = s.record.drone_run_id.as_deref()?;
-                let on = (s.record.drone.as_deref()?, run);
-                wanted
-                    .contains(&on)
-                    .then(|| (s.record.id.clone(), run.to_owned()))
-            })
-            .collect()
+        self.live_on_runs_where(|drone, run| !drone.is_empty() && wanted.contains(&(drone, run)))
     }
 
     /// The live members of pool `pool`, as of the last change the feed applied.
@@ -615,7 +719,13 @@ impl RouteFeed {
             }
         }
         let mut state = FeedState::listed(entries, listing.revision);
-        *self.routes.index() = index;
+        {
+            // Readers of the change log start over from the new listing.
+            let mut current = self.routes.index();
+            index.changes = std::mem::take(&mut current.changes);
+            index.changes.reset();
+            *current = index;
+        }
         self.publish(&mut state);
         Ok(state)
     }

@@ -278,6 +278,7 @@ impl Scheduler {
             sessions: h.sessions.clone(),
             routes: h.routes.clone(),
             maintenance: h.maintenance.clone(),
+            agenda: Default::default(),
         }
     }
 

@@ -72,39 +72,23 @@ async fn write_records(store: &Arc<TestStore>, records: impl Iterator<Item = Bac
     }
 }
 
-#[tokio::test]
-async fn a_reconciler_pass_reads_no_backend_history_and_removes_only_what_is_due() {
-    const NOW: u64 = 100_000_000;
-    const HISTORY: usize = 100_000;
-    let dir = tempfile::tempdir().unwrap();
-    let store = TestStore::open(dir.path()).await;
-    // History: 100,000 ended backends, 5 of them past the retention.
+/// A scheduler on `store` that leads but is not started: passes are run by hand, and only its
+/// route publisher runs (stopped by cancelling the token, then awaiting the task).
+async fn leading(
+    store: &Arc<TestStore>,
+    clock: Arc<ManualClock>,
+) -> (
+    Scheduler,
+    hangar_store::Revision,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
     let mut cfg = SchedulerConfig::new("hangar.test", "http://127.0.0.1:1");
     cfg.defaults.command = Some(vec!["true".into()]);
     // Nothing renews the leadership here (the scheduler is not started): it must outlast
-    // loading the history on a slow debug build.
+    // loading a long history on a slow debug build.
     cfg.leader_ttl = std::time::Duration::from_secs(600);
-    let retention = cfg.terminated_retention.as_millis() as u64;
-    write_records(
-        &store,
-        (0..HISTORY).map(|i| {
-            let at = if i < 5 {
-                NOW - retention - 1
-            } else {
-                NOW - 1_000
-            };
-            ended(i, at)
-        }),
-    )
-    .await;
-    let sched = Scheduler::new(
-        cfg,
-        store.clone(),
-        TokenKey::generate(),
-        Arc::new(ManualClock::new(NOW)),
-    );
-    // Not started: passes are run by hand below; only the route publisher runs, and this
-    // instance leads (placement and the reconciler are the leader's).
+    let sched = Scheduler::new(cfg, store.clone(), TokenKey::generate(), clock);
     let (_, token) = sched
         .handles()
         .leadership
@@ -120,23 +104,54 @@ async fn a_reconciler_pass_reads_no_backend_history_and_removes_only_what_is_due
     let loaded = feed.load().await.unwrap();
     let cancel = tokio_util::sync::CancellationToken::new();
     let publisher = tokio::spawn(feed.run(loaded, cancel.clone()));
+    (sched, token, cancel, publisher)
+}
+
+/// Connects `n` new keys named `{prefix}-{k}`.
+async fn connect_new(sched: &Scheduler, prefix: &str, n: usize) {
+    for k in 0..n {
+        sched
+            .handles()
+            .connector
+            .connect(ConnectRequest {
+                key: Some(KeyRef::new("default", format!("{prefix}-{k}"))),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_reconciler_pass_reads_no_backend_history_and_removes_only_what_is_due() {
+    const NOW: u64 = 100_000_000;
+    const HISTORY: usize = 100_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store = TestStore::open(dir.path()).await;
+    // History: 100,000 ended backends, 5 of them past the retention.
+    let retention = SchedulerConfig::new("hangar.test", "http://127.0.0.1:1")
+        .terminated_retention
+        .as_millis() as u64;
+    write_records(
+        &store,
+        (0..HISTORY).map(|i| {
+            let at = if i < 5 {
+                NOW - retention - 1
+            } else {
+                NOW - 1_000
+            };
+            ended(i, at)
+        }),
+    )
+    .await;
+    let (sched, token, cancel, publisher) = leading(&store, Arc::new(ManualClock::new(NOW))).await;
     let _d = sched
         .handles()
         .sessions
         .admit(&hello("d1", "r1"), false)
         .await
         .unwrap();
-    for k in 0..10 {
-        sched
-            .handles()
-            .connector
-            .connect(ConnectRequest {
-                key: Some(KeyRef::new("default", format!("live-{k}"))),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
+    connect_new(&sched, "live", 10).await;
     // A connect answers once the publisher has its record: the index has all ten.
     assert_eq!(sched.handles().routes.live_records().len(), 10);
 
@@ -258,6 +273,91 @@ async fn a_route_change_is_a_delta_and_copies_one_shard_of_the_table() {
         *last,
         hangar_core::route::RouteTable::new(last.revision, last.routes().cloned())
     );
+    cancel.cancel();
+    publisher.await.unwrap();
+}
+
+/// After a term's first pass, a pass looks only at what changed or came due: with 1,400 live
+/// backends and nothing due, none of them; after three connects, those three; after a drone's
+/// run is gone, that drone's records (closed as lost); and every live record again once
+/// [`RECHECK_EVERY`](crate::reconciler::RECHECK_EVERY) has passed.
+#[tokio::test]
+async fn a_reconciler_pass_looks_only_at_what_changed_or_came_due() {
+    const NOW: u64 = 100_000_000;
+    const PER_DRONE: usize = 700;
+    let dir = tempfile::tempdir().unwrap();
+    let store = TestStore::open(dir.path()).await;
+    let clock = Arc::new(ManualClock::new(NOW));
+    let (sched, token, cancel, publisher) = leading(&store, clock.clone()).await;
+    let routes = sched.handles().routes.clone();
+    let sessions = &sched.handles().sessions;
+    let _d1 = sessions.admit(&hello("d1", "r1"), false).await.unwrap();
+    let _d2 = sessions.admit(&hello("d2", "r2"), false).await.unwrap();
+    // Ready backends with neither an idle timeout nor a lifetime: nothing about them is due.
+    let live = |i: usize, drone: &str, run: &str| BackendRecord {
+        state: BackendState::Ready,
+        terminated_at: None,
+        drone: Some(drone.into()),
+        drone_run_id: Some(run.into()),
+        ..ended(i, NOW - 1_000)
+    };
+    write_records(
+        &store,
+        (0..PER_DRONE)
+            .map(|i| live(i, "d1", "r1"))
+            .chain((PER_DRONE..2 * PER_DRONE).map(|i| live(i, "d2", "r2"))),
+    )
+    .await;
+    let settle = |n: usize| {
+        let routes = routes.clone();
+        async move {
+            let mut tables = routes.subscribe();
+            tables
+                .wait_for(|_| routes.live_records().len() == n)
+                .await
+                .unwrap();
+        }
+    };
+    settle(2 * PER_DRONE).await;
+
+    let reconciler = sched.reconciler(token, 0);
+    assert_eq!(
+        reconciler.pass().await.unwrap(),
+        2 * PER_DRONE,
+        "a first pass looks at all"
+    );
+    assert_eq!(
+        reconciler.pass().await.unwrap(),
+        0,
+        "nothing changed, nothing due"
+    );
+
+    connect_new(&sched, "new", 3).await;
+    assert_eq!(reconciler.pass().await.unwrap(), 3, "only the new backends");
+    assert_eq!(reconciler.pass().await.unwrap(), 0);
+
+    // d2's run is gone (its record expired): every record on it is looked at and closed.
+    let on_d2 = routes
+        .live_on_runs(&[("d2".to_string(), "r2".to_string())])
+        .len();
+    assert!(on_d2 >= PER_DRONE);
+    store
+        .delete(&crate::records::drone_key("d2"))
+        .await
+        .unwrap();
+    assert_eq!(reconciler.pass().await.unwrap(), on_d2);
+    let left = 2 * PER_DRONE + 3 - on_d2;
+    settle(left).await;
+    assert_eq!(
+        reconciler.pass().await.unwrap(),
+        0,
+        "the closed records are no longer live"
+    );
+
+    // Whatever its deadlines say, each live record is looked at again within a minute.
+    clock.advance_ms(crate::reconciler::RECHECK_EVERY.as_millis() as u64);
+    assert_eq!(reconciler.pass().await.unwrap(), left);
+    assert_eq!(reconciler.pass().await.unwrap(), 0);
     cancel.cancel();
     publisher.await.unwrap();
 }

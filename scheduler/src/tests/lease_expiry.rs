@@ -1,5 +1,6 @@
 //! Drone lease expiry with a paused clock and a real scheduler on the embedded store.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hangar_core::api::ConnectRequest;
@@ -131,7 +132,24 @@ async fn a_lost_runs_backends_close_in_batches() {
                 .backend_id,
         );
     }
-    // One of them already moved on to another run: it is left alone.
+    // The records as an index read them, before one of them moved on to another run: that
+    // one's batch meets the newer revision and falls back to closing its records one by one,
+    // leaving the moved one alone.
+    let mut on_run = Vec::new();
+    for id in &ids {
+        let (record, mod_revision) = s
+            .handles()
+            .backends
+            .get(id.as_str())
+            .await
+            .unwrap()
+            .unwrap();
+        on_run.push(Arc::new(crate::records::Stored {
+            key: crate::records::backend_key(id.as_str()),
+            mod_revision,
+            record,
+        }));
+    }
     s.handles()
         .backends
         .update(ids[0].as_str(), |r| {
@@ -142,10 +160,6 @@ async fn a_lost_runs_backends_close_in_batches() {
         .unwrap();
     let token = s.handles().leadership.token().expect("it leads");
     let stale = s.handles().backends.fenced(token + 1_000_000);
-    let on_run: Vec<_> = ids
-        .iter()
-        .map(|id| (id.clone(), "r1".to_string()))
-        .collect();
     let err = stale
         .mark_lost_many(&on_run, "lost in a test")
         .await
