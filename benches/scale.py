@@ -11,6 +11,8 @@ Connects come from `examples/connect_load.rs` (keep-alive HTTP/1.1, new keys, `-
 a time). At each level it reports: connect throughput and p50/p99 of the connects that reached
 the level; placement decision time and reconciler pass time (mean and p99 from serve's
 histograms over that phase); serve's RSS per live backend (above its RSS with no backend);
+serve's own CPU (share of one core) over `--quiet-s` seconds without load, and the records
+each reconciler pass looked at then;
 then, with 100 connects a second running for `--propagation-s` seconds, route propagation to
 a remote `hangar proxy` (p50/p99 from the start of the connect, whose record is written
 during it, until the remote proxy routes the backend's hostname). At the end: the time to
@@ -43,6 +45,20 @@ def rss_kib(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def cpu_s(pid):
+    """CPU seconds (user and system) the process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def counter(text, name):
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def scrape(addr):
@@ -137,6 +153,8 @@ def main():
                     help="seconds of 100 connects a second for the propagation figures")
     ap.add_argument("--store", choices=("embedded", "etcd"), default="embedded",
                     help="serve's store: the embedded one, or a 3-member etcd (Debian's etcd-server)")
+    ap.add_argument("--quiet-s", type=int, default=5,
+                    help="seconds without load at each level to measure serve's own CPU")
     ap.add_argument("--lone", type=int, default=100,
                     help="backends on the one drone whose loss is timed")
     a = ap.parse_args()
@@ -182,6 +200,15 @@ def main():
             pass_mean, pass_p99 = phase(before, after, "hangar_scheduler_reconcile_pass_seconds")
             rss = rss_kib(s.proc.pid)
             at_level = live(s.api)
+            # Serve with nothing to do but its periodic passes (reconciler, monitor, leases):
+            # its CPU over a quiet window, and how many records each reconciler pass looked at.
+            quiet0, cpu0 = scrape(metrics), cpu_s(s.proc.pid)
+            time.sleep(a.quiet_s)
+            quiet1, cpu1 = scrape(metrics), cpu_s(s.proc.pid)
+            passes = (histogram(quiet1, "hangar_scheduler_reconcile_pass_seconds")[0]
+                      - histogram(quiet0, "hangar_scheduler_reconcile_pass_seconds")[0])
+            looked = (counter(quiet1, "hangar_scheduler_reconcile_records_total")
+                      - counter(quiet0, "hangar_scheduler_reconcile_records_total"))
             # Propagation to the remote proxy while 100 connects a second run.
             p = load(s, 100 * a.propagation_s, 64, f"p{level}", "--rate", "100",
                      "--proxy", remote)
@@ -192,7 +219,9 @@ def main():
                    "rss_per_backend_kib": (rss - base_rss) / max(at_level, 1),
                    "prop_p50_ms": p["propagation_p50_ms"], "prop_p99_ms": p["propagation_p99_ms"],
                    "prop_n": p["propagated"], "at100_p50_ms": p["p50_ms"],
-                   "at100_p99_ms": p["p99_ms"]}
+                   "at100_p99_ms": p["p99_ms"],
+                   "quiet_cpu": (cpu1 - cpu0) / a.quiet_s,
+                   "records_per_pass": looked / passes if passes else None}
             rows.append(row)
             print(f"scale: {row}", flush=True)
 
@@ -247,15 +276,17 @@ def main():
               f"records", flush=True)
         s.stop()
 
-    print("\n| Live backends | Connects/s | p50 | p99 | Placement mean / p99 | Reconciler pass mean / p99 | serve RSS | RSS per backend | Propagation p50 / p99 (at 100/s) |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| Live backends | Connects/s | p50 | p99 | Placement mean / p99 | Reconciler pass mean / p99 | serve RSS | RSS per backend | Propagation p50 / p99 (at 100/s) | Quiet serve CPU | Records per pass |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     fmt = lambda v: "-" if v is None else f"{v:.3f} ms"
     for r in rows:
         print(f"| {r['live']} | {r['per_s']:.0f} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms "
               f"| {fmt(r['placement_mean_ms'])} / {fmt(r['placement_p99_ms'])} "
               f"| {fmt(r['pass_mean_ms'])} / {fmt(r['pass_p99_ms'])} "
               f"| {r['rss_mib']:.0f} MiB | {r['rss_per_backend_kib']:.1f} KiB "
-              f"| {r['prop_p50_ms']:.1f} / {r['prop_p99_ms']:.1f} ms ({r['prop_n']}) |")
+              f"| {r['prop_p50_ms']:.1f} / {r['prop_p99_ms']:.1f} ms ({r['prop_n']}) "
+              f"| {r['quiet_cpu'] * 100:.1f}% "
+              f"| {'-' if r['records_per_pass'] is None else round(r['records_per_pass'])} |")
 
 
 if __name__ == "__main__":

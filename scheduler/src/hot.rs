@@ -189,6 +189,21 @@ impl Sustained {
     }
 }
 
+impl BackendTrack {
+    /// Reported on within the window, or flagged (or about to be, or to clear).
+    fn active(&self, now: UnixMillis, window_ms: u64) -> bool {
+        let fresh = |r: &Rate| {
+            r.samples
+                .back()
+                .is_some_and(|(at, _)| now.saturating_sub(*at) <= window_ms)
+        };
+        fresh(&self.requests)
+            || fresh(&self.cpu)
+            || self.state.hot
+            || self.state.pending_since.is_some()
+    }
+}
+
 #[derive(Debug, Default)]
 struct BackendTrack {
     /// Requests summed over every proxy's deltas.
@@ -317,20 +332,44 @@ impl HotDetector {
         self.backends.get_mut(backend).expect("just inserted")
     }
 
-    /// Judges every live backend and connected drone at `now`. State of backends and drones
-    /// not given is forgotten, so the detector stays bounded by what is live.
+    /// Judges `backends` (those of them it has figures for) and every connected drone at
+    /// `now`: [`HotDetector::evaluate_live`] over a list.
     pub fn evaluate(
         &mut self,
         now: UnixMillis,
         backends: &[BackendInput<'_>],
         drones: &[DroneInput<'_>],
     ) -> Evaluation {
+        let by_id: HashMap<&BackendId, &BackendInput<'_>, Fast> =
+            backends.iter().map(|b| (b.id, b)).collect();
+        self.evaluate_live(now, |id| by_id.get(id).map(|b| (*b).clone()), drones)
+    }
+
+    /// Judges every backend with figures (requests or CPU reported within the window, or a
+    /// flag still to clear) and every connected drone at `now`; `live` says where a backend
+    /// is, `None` once it is no longer live. A backend nobody reports on is never hot and costs
+    /// nothing here: a pass follows the backends with traffic or usage, not every live one.
+    /// State of backends that are no longer live, or quiet for a whole window with no flag,
+    /// and of drones not given, is forgotten, so the detector stays bounded by what is active.
+    pub fn evaluate_live<'d>(
+        &mut self,
+        now: UnixMillis,
+        live: impl Fn(&BackendId) -> Option<BackendInput<'d>>,
+        drones: &[DroneInput<'_>],
+    ) -> Evaluation {
         let cfg = self.config.clone();
         let (window, sustain) = (cfg.window_ms(), cfg.sustain.as_millis() as u64);
-        let live: HashSet<&BackendId, Fast> = backends.iter().map(|b| b.id).collect();
-        self.backends.retain(|id, _| live.contains(id));
+        let mut backends: Vec<BackendInput<'d>> = Vec::new();
+        self.backends.retain(|id, track| {
+            let Some(b) = live(id) else { return false };
+            if !track.active(now, window) {
+                return false;
+            }
+            backends.push(b);
+            true
+        });
         for m in self.last_by_proxy.values_mut() {
-            m.retain(|id, _| live.contains(id));
+            m.retain(|id, _| live(id).is_some());
         }
         self.last_by_proxy.retain(|_, m| !m.is_empty());
 

@@ -81,13 +81,8 @@ fn rates_come_from_cumulative_counts_over_the_window() {
     let mut d = HotDetector::new(config());
     let b = id("b1");
     let inputs = [input(&b, "default")];
-    // Nothing yet, then less than a second of samples: unknown.
-    assert_eq!(
-        d.evaluate(0, &inputs, &[]).backends[0]
-            .view
-            .requests_per_second,
-        None
-    );
+    // Nothing yet: nothing to judge. Then less than a second of samples: unknown.
+    assert!(d.evaluate(0, &inputs, &[]).backends.is_empty());
     d.observe_requests(0, "p1", &b, 500);
     d.observe_requests(500, "p1", &b, 550);
     assert_eq!(
@@ -115,13 +110,12 @@ fn rates_come_from_cumulative_counts_over_the_window() {
         .requests_per_second
         .unwrap();
     assert_eq!(rps, 0.0);
-    // A backend nobody reports any more reads as idle once a window has passed.
-    let rps = d.evaluate(now + 40 * S, &inputs, &[]).backends[0]
-        .view
-        .requests_per_second;
-    assert_eq!(rps, Some(0.0));
     // Samples stay bounded by the window, however long the reports go on.
     assert!(d.backends[&b].requests.samples.len() <= 25);
+    // A backend nobody reports any more would read as idle once a window has passed: it is
+    // no longer judged, and its state is forgotten.
+    assert!(d.evaluate(now + 40 * S, &inputs, &[]).backends.is_empty());
+    assert!(!d.backends.contains_key(&b));
 }
 
 #[test]
@@ -438,4 +432,32 @@ fn thresholds_are_validated() {
     for (c, flag) in bad {
         assert!(c.validate().unwrap_err().contains(flag), "{flag}");
     }
+}
+
+/// A pass costs the backends reported on, not every live one: with 10,000 live backends and
+/// traffic reported for 3, only those 3 are looked up and judged.
+#[test]
+fn a_pass_judges_the_backends_reported_on_not_every_live_one() {
+    let mut d = HotDetector::new(config());
+    let ids: Vec<BackendId> = (0..10_000).map(|i| id(&format!("b{i}"))).collect();
+    let live: HashMap<&BackendId, BackendInput<'_>> =
+        ids.iter().map(|b| (b, input(b, "default"))).collect();
+    for b in &ids[..3] {
+        d.observe_requests(0, "p1", b, 1);
+        d.observe_requests(2 * S, "p1", b, 100);
+    }
+    let lookups = std::cell::Cell::new(0);
+    let eval = d.evaluate_live(
+        2 * S,
+        |b| {
+            lookups.set(lookups.get() + 1);
+            live.get(b).cloned()
+        },
+        &[drone("d1")],
+    );
+    let mut judged: Vec<_> = eval.backends.iter().map(|v| v.view.backend.clone()).collect();
+    judged.sort();
+    assert_eq!(judged, ids[..3].to_vec());
+    // Each tracked backend is looked up for its track and for each proxy's last count.
+    assert_eq!(lookups.get(), 6);
 }

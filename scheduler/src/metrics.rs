@@ -343,7 +343,7 @@ impl BackendSeries {
         });
     }
 
-    /// Sets a backend's hot flag (every monitor pass, for every live backend).
+    /// Sets a backend's hot flag (every monitor pass, for every backend with traffic or usage).
     pub(crate) fn hot(
         &self,
         backend: &BackendId,

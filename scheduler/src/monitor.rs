@@ -1,5 +1,5 @@
-//! The monitor: on a period, runs the hot-shard detector ([`crate::hot`]) over every live
-//! backend and connected drone, publishes per-backend and per-drone gauges, keeps the list
+//! The monitor: on a period, runs the hot-shard detector ([`crate::hot`]) over the live
+//! backends with traffic or usage reported and every connected drone, publishes per-backend and per-drone gauges, keeps the list
 //! `GET /v1/hot` answers (and placement reads), and, when `--relieve-hot` is on, stops a
 //! bounded number of idle neighbours of hot backends so that their next connect lands on
 //! another drone.
@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hangar_core::api::Amounts;
+use hangar_core::api::{Amounts, HotDrone};
 use hangar_core::{BackendId, TerminationReason, UnixMillis};
 use metrics::{Gauge, Label};
 use tokio_util::sync::CancellationToken;
@@ -22,7 +22,7 @@ use crate::config::SchedulerConfig;
 use crate::drains::Drains;
 use crate::drones::{DroneDirectory, DroneInfo, DroneRegistry};
 pub use crate::hot::ReliefConfig;
-use crate::hot::{BackendInput, DroneInput, Evaluation, Neighbour, plan_relief};
+use crate::hot::{BackendInput, DroneInput, Evaluation, Neighbour, Verdict, plan_relief};
 use crate::hot_state::HotShards;
 use crate::leader::Leadership;
 use crate::lifecycle::Backends;
@@ -148,15 +148,16 @@ impl Monitor {
                 used as f64 / cap as f64
             }
         };
-        let backend_inputs: Vec<BackendInput<'_>> = dir
-            .iter()
-            .map(|(id, p)| BackendInput {
+        // Looked up for the backends the detector has figures for, not built for every one.
+        let live = |id: &BackendId| {
+            let (id, p) = dir.get_key_value(id)?;
+            Some(BackendInput {
                 id,
                 drone: p.drone.as_deref(),
                 pool: &p.pool,
                 cpu_cap_cores: p.cpu_cap_millis.map(|m| m as f64 / 1000.0),
             })
-            .collect();
+        };
         let drone_inputs: Vec<DroneInput<'_>> = drones
             .iter()
             .zip(&loads)
@@ -167,7 +168,7 @@ impl Monitor {
                 reserved_memory_fraction: frac(load.memory_mb, d.capacity.memory_mb),
             })
             .collect();
-        let eval = hot.detector().evaluate(now, &backend_inputs, &drone_inputs);
+        let eval = hot.detector().evaluate_live(now, live, &drone_inputs);
 
         for v in &eval.backends {
             if let Some(placed) = dir.get(&v.view.backend) {
@@ -246,6 +247,11 @@ impl Monitor {
             }
             keep
         });
+        let verdicts: HashMap<&str, &Verdict<HotDrone>> = eval
+            .drones
+            .iter()
+            .map(|v| (v.view.drone.as_str(), v))
+            .collect();
         for (d, load) in drones.iter().zip(loads) {
             let Some(conn) = held.get(&d.name) else {
                 continue;
@@ -278,7 +284,7 @@ impl Monitor {
                 0.0
             };
             g.heartbeat_age.set(age);
-            let verdict = eval.drones.iter().find(|v| v.view.drone == d.name);
+            let verdict = verdicts.get(d.name.as_str());
             g.cpu_usage.set(verdict.map_or(0.0, |v| v.view.cpu_cores));
             g.hot.set(if verdict.is_some_and(|v| v.hot) {
                 1.0
