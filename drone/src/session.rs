@@ -456,29 +456,37 @@ impl DroneSession {
                 .tls
                 .clone()
                 .map(tokio_tungstenite::Connector::Rustls);
-            let (mut socket, _) =
-                match tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector)
-                    .await
-                {
-                    Ok(x) => x,
-                    Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-                        let status = resp.status();
-                        let body = resp
-                            .body()
-                            .as_ref()
-                            .map(|b| String::from_utf8_lossy(b).into_owned())
-                            .unwrap_or_default();
-                        let msg = serde_json::from_str::<hangar_core::api::ErrorBody>(&body)
-                            .map(|e| e.error.message)
-                            .unwrap_or(body);
-                        return Err(if status == 401 || status == 403 {
-                            Attempt::Fatal(msg)
-                        } else {
-                            Attempt::Retry(format!("{status}: {msg}"))
-                        });
-                    }
-                    Err(e) => return Err(Attempt::Retry(e.to_string())),
-                };
+            // Scheduler messages are small, and the read buffer is zeroed to its full size on
+            // every read (tungstenite's default is 128 KiB); it grows for a larger message.
+            let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                .read_buffer_size(8 * 1024);
+            let (mut socket, _) = match tokio_tungstenite::connect_async_tls_with_config(
+                req,
+                Some(config),
+                false,
+                connector,
+            )
+            .await
+            {
+                Ok(x) => x,
+                Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                    let status = resp.status();
+                    let body = resp
+                        .body()
+                        .as_ref()
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .unwrap_or_default();
+                    let msg = serde_json::from_str::<hangar_core::api::ErrorBody>(&body)
+                        .map(|e| e.error.message)
+                        .unwrap_or(body);
+                    return Err(if status == 401 || status == 403 {
+                        Attempt::Fatal(msg)
+                    } else {
+                        Attempt::Retry(format!("{status}: {msg}"))
+                    });
+                }
+                Err(e) => return Err(Attempt::Retry(e.to_string())),
+            };
             let hello = Hello {
                 drone: self.config.name.clone(),
                 run_id: self.run_id.clone(),

@@ -455,7 +455,11 @@ fn a_pass_judges_the_backends_reported_on_not_every_live_one() {
         },
         &[drone("d1")],
     );
-    let mut judged: Vec<_> = eval.backends.iter().map(|v| v.view.backend.clone()).collect();
+    let mut judged: Vec<_> = eval
+        .backends
+        .iter()
+        .map(|v| v.view.backend.clone())
+        .collect();
     judged.sort();
     assert_eq!(judged, ids[..3].to_vec());
     // Each tracked backend is looked up for its track and for each proxy's last count.

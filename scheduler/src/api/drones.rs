@@ -13,6 +13,9 @@ use super::handles::Handles;
 use crate::error::ApiError;
 use crate::records::{drain_key, drone_key, list_drains, list_drones};
 
+/// The read buffer of a drone session's WebSocket.
+const DRONE_READ_BUFFER: usize = 8 * 1024;
+
 /// `GET /v1/drones/connect`: a drone's session (authenticated by `api::auth`: the cluster
 /// secret or a drone token).
 pub(crate) async fn connect(
@@ -21,11 +24,12 @@ pub(crate) async fn connect(
 ) -> Result<Response, ApiError> {
     let sessions = h.sessions.clone();
     let tasks = h.tasks.clone();
-    Ok(
-        ws.on_upgrade(
-            move |socket| async move { tasks.track_future(sessions.serve(socket)).await },
-        ),
-    )
+    // Drone messages are small (heartbeats, events, usage), and the read buffer is zeroed
+    // to its full size on every read: tungstenite's default of 128 KiB made that a tenth of
+    // serve's CPU with 1,000 drones. It still grows for a larger message.
+    Ok(ws
+        .read_buffer_size(DRONE_READ_BUFFER)
+        .on_upgrade(move |socket| async move { tasks.track_future(sessions.serve(socket)).await }))
 }
 
 /// `GET /v1/drones`.
