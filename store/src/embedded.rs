@@ -612,6 +612,11 @@ struct State {
     /// Last revision whose events have been published.
     revision: Revision,
     leases: HashMap<LeaseId, LeaseEntry>,
+    /// No lease's deadline is before this (`None`: no lease). A lower bound, not the minimum:
+    /// renewals only move deadlines later and are not tracked here, so checking whether any
+    /// lease is due (on every read) costs a comparison, not a scan; a scan that finds nothing
+    /// due sets it to the true minimum again.
+    earliest: Option<Instant>,
     /// Recent events, oldest first.
     history: VecDeque<WatchEvent>,
     /// The oldest revision a watch may start from: every event from here on is in `history`.
@@ -700,6 +705,7 @@ impl Shared {
             }
         }
         drop(snapshot);
+        let earliest = leases.values().map(|lease| lease.deadline).min();
 
         Ok(Shared {
             db,
@@ -712,6 +718,7 @@ impl Shared {
             state: Mutex::new(State {
                 revision,
                 leases,
+                earliest,
                 history: VecDeque::new(),
                 // History is not persisted: only watches from the next revision can be served.
                 history_start: revision + 1,
@@ -882,6 +889,8 @@ impl Shared {
                 .collect()
         };
         if due.is_empty() {
+            let mut state = self.lock_state()?;
+            state.earliest = state.leases.values().map(|lease| lease.deadline).min();
             return Ok(());
         }
         // Deterministic event order across leases.
@@ -894,18 +903,21 @@ impl Shared {
         if let Some(committed) = txn.commit()? {
             self.apply(committed)?;
         }
+        let mut state = self.lock_state()?;
+        state.earliest = state.leases.values().map(|lease| lease.deadline).min();
         Ok(())
     }
 
+    /// Whether a lease may be due (see [`State::earliest`]).
     fn any_due(&self) -> StoreResult<bool> {
         let now = self.clock.now();
         let state = self.lock_state()?;
-        Ok(state.leases.values().any(|lease| lease.deadline <= now))
+        Ok(state.earliest.is_some_and(|at| at <= now))
     }
 
+    /// No lease is due before this.
     fn next_deadline(&self) -> StoreResult<Option<Instant>> {
-        let state = self.lock_state()?;
-        Ok(state.leases.values().map(|lease| lease.deadline).min())
+        Ok(self.lock_state()?.earliest)
     }
 
     /// Fails unless `lease` (if any) is live, counting the lease changes `txn` has made so far
@@ -976,11 +988,13 @@ impl Shared {
         for change in committed.changes {
             match change {
                 LeaseChange::Grant(id, ttl) => {
+                    let deadline = deadline_after(now, ttl);
+                    state.earliest = Some(state.earliest.map_or(deadline, |at| at.min(deadline)));
                     state.leases.insert(
                         id,
                         LeaseEntry {
                             ttl,
-                            deadline: deadline_after(now, ttl),
+                            deadline,
                             keys: BTreeSet::new(),
                         },
                     );
