@@ -897,37 +897,55 @@ impl RouteFeed {
         }
     }
 
-    /// Watches from the loaded revision, publishing after each batch; re-lists whenever the
-    /// watch breaks (compaction, slow consumer, store restart).
+    /// Watches from the loaded revision, publishing after each batch. When the watch ends
+    /// (a slow consumer, a store restart) it resumes from the last revision applied: the
+    /// store replays what it still has, so a burst of changes costs its events, not a listing
+    /// of every record. It re-lists only when that cannot resume (the revision was compacted)
+    /// or a resumed watch ends again before delivering anything.
     pub(crate) async fn run(self, mut state: FeedState, cancel: CancellationToken) {
+        let mut resumed = false;
         loop {
             let watch = tokio::select! {
                 _ = cancel.cancelled() => return,
                 w = self.store.watch(BACKENDS_PREFIX, state.revision + 1) => w,
             };
             match watch {
-                Ok(mut events) => loop {
-                    let first = tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        ev = events.recv() => ev,
-                        // Changes the directory could not take while a reader held it.
-                        _ = tokio::time::sleep(DIRECTORY_RETRY),
-                            if !state.directory_behind.is_empty() =>
-                        {
-                            self.update_directory(&mut state, Some(&HashSet::new()));
-                            continue;
+                Ok(mut events) => {
+                    let mut delivered = false;
+                    loop {
+                        let first = tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            ev = events.recv() => ev,
+                            // Changes the directory could not take while a reader held it.
+                            _ = tokio::time::sleep(DIRECTORY_RETRY),
+                                if !state.directory_behind.is_empty() =>
+                            {
+                                self.update_directory(&mut state, Some(&HashSet::new()));
+                                continue;
+                            }
+                        };
+                        let Some(first) = first else { break };
+                        delivered = true;
+                        self.apply(&mut state, first);
+                        // Batch whatever else is already queued into one swap.
+                        while let Ok(ev) = events.try_recv() {
+                            self.apply(&mut state, ev);
                         }
-                    };
-                    let Some(first) = first else { break };
-                    self.apply(&mut state, first);
-                    // Batch whatever else is already queued into one swap.
-                    while let Ok(ev) = events.try_recv() {
-                        self.apply(&mut state, ev);
+                        self.publish(&mut state);
                     }
-                    self.publish(&mut state);
-                },
+                    if delivered || !resumed {
+                        tracing::info!(
+                            revision = state.revision,
+                            "route feed watch ended; resuming from the last revision applied"
+                        );
+                        resumed = true;
+                        continue;
+                    }
+                    tracing::warn!("route feed watch ended again at once; listing again");
+                }
                 Err(e) => tracing::warn!(error = %e, "route feed watch failed; listing again"),
             }
+            resumed = false;
             // Re-list to recover whatever the broken watch missed.
             loop {
                 match self.load().await {

@@ -1,7 +1,8 @@
 //! Mirroring a key prefix into memory: list it, then follow its watch, keeping a map of the
-//! decoded records and handing it to a publisher after each batch of changes. Re-lists whenever
-//! the watch breaks (compaction, a slow consumer, a store restart) or the store fails, so the
-//! mirror converges whatever events were missed. The ACME challenges, the token revocations and
+//! decoded records and handing it to a publisher after each batch of changes. A watch that
+//! ends (a slow consumer, a store restart) is resumed from the last revision seen; it re-lists
+//! when that cannot resume (compaction) or the store fails, so the mirror converges whatever
+//! events were missed. The ACME challenges, the token revocations and
 //! the drone records are followed this way; [`follow_prefix`] is the same loop for a consumer
 //! that wants the events themselves (the scheduler's command relay).
 
@@ -50,8 +51,9 @@ pub enum Followed {
 
 /// Follows `prefix` until `cancel` fires: lists it, then watches it from the listing's
 /// revision, handing `handle` the listing and every batch of events (whatever is already
-/// queued when one arrives). Lists again whenever the watch breaks or the store fails, so a
-/// handler that treats a listing as the whole truth converges whatever events were missed.
+/// queued when one arrives). A watch that ends is resumed from the last revision handed over;
+/// it lists again when that fails or the store fails, so a handler that treats a listing as
+/// the whole truth converges whatever events were missed.
 pub async fn follow_prefix(
     store: &dyn Store,
     prefix: &str,
@@ -78,36 +80,49 @@ pub async fn follow_prefix(
             kvs: listing.kvs,
             revision,
         });
-        let watch = tokio::select! {
-            _ = cancel.cancelled() => return,
-            w = store.watch(prefix, revision + 1) => w,
-        };
-        let mut events = match watch {
-            Ok(events) => events,
-            Err(e) => {
-                tracing::warn!(prefix, error = %e, "cannot watch; listing again");
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(RETRY) => continue,
-                }
-            }
-        };
+        // A watch that ends (a slow consumer, a store restart) is resumed from the last
+        // revision handed over, replaying what the store still has; a listing again only if
+        // that fails or a resumed watch ends before delivering anything.
+        let mut resumed = false;
         loop {
-            let first = tokio::select! {
+            let watch = tokio::select! {
                 _ = cancel.cancelled() => return,
-                ev = events.recv() => ev,
+                w = store.watch(prefix, revision + 1) => w,
             };
-            let Some(first) = first else { break };
-            revision = revision.max(first.revision());
-            let mut batch = vec![first];
-            while let Ok(ev) = events.try_recv() {
-                revision = revision.max(ev.revision());
-                batch.push(ev);
+            let mut events = match watch {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::warn!(prefix, error = %e, "cannot watch; listing again");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(RETRY) => break,
+                    }
+                }
+            };
+            let mut delivered = false;
+            loop {
+                let first = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    ev = events.recv() => ev,
+                };
+                let Some(first) = first else { break };
+                delivered = true;
+                revision = revision.max(first.revision());
+                let mut batch = vec![first];
+                while let Ok(ev) = events.try_recv() {
+                    revision = revision.max(ev.revision());
+                    batch.push(ev);
+                }
+                handle(Followed::Events {
+                    events: batch,
+                    revision,
+                });
             }
-            handle(Followed::Events {
-                events: batch,
-                revision,
-            });
+            if !delivered && resumed {
+                tracing::warn!(prefix, "watch ended again at once; listing again");
+                break;
+            }
+            resumed = true;
         }
     }
 }
@@ -137,4 +152,72 @@ pub async fn mirror_prefix<T: DeserializeOwned>(
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::embedded::{EmbeddedOptions, EmbeddedStore, TokioClock};
+    use crate::{TxnOp, TxnOutcome};
+
+    /// A burst larger than a watcher's buffer ends the watch (the store does not hold its
+    /// writers for a slow reader); the follower resumes from the last revision it handed over
+    /// and lists only once, and every event arrives exactly once, in order.
+    #[tokio::test]
+    async fn a_follower_that_falls_behind_resumes_its_watch_instead_of_listing_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = EmbeddedOptions {
+            watch_buffer: 4,
+            ..Default::default()
+        };
+        let store =
+            EmbeddedStore::open_with(dir.path().join("s.redb"), Arc::new(TokioClock), options)
+                .await
+                .unwrap();
+        let seen = Arc::new(Mutex::new((0usize, Vec::<Revision>::new())));
+        let cancel = CancellationToken::new();
+        let follower = {
+            let (store, seen, cancel) = (store.clone(), seen.clone(), cancel.clone());
+            tokio::spawn(async move {
+                follow_prefix(store.as_ref(), "p/", cancel, |f| {
+                    let mut seen = seen.lock().unwrap();
+                    match f {
+                        Followed::Listing { .. } => seen.0 += 1,
+                        Followed::Events { events, .. } => {
+                            seen.1.extend(events.iter().map(WatchEvent::revision))
+                        }
+                    }
+                })
+                .await
+            })
+        };
+        // Wait for the first listing before writing.
+        while seen.lock().unwrap().0 == 0 {
+            tokio::task::yield_now().await;
+        }
+        let mut last = 0;
+        for t in 0..20 {
+            let ops = (0..10)
+                .map(|k| TxnOp::put(format!("p/{t}-{k}"), b"x".to_vec(), None))
+                .collect();
+            let TxnOutcome::Committed(rev) = store.txn(Vec::new(), ops).await.unwrap() else {
+                panic!("an unconditional transaction commits")
+            };
+            last = rev;
+        }
+        loop {
+            let (lists, revs) = seen.lock().unwrap().clone();
+            if revs.last() == Some(&last) {
+                assert_eq!(lists, 1, "listed only once");
+                assert_eq!(revs.len(), 200, "every event once");
+                assert!(revs.windows(2).all(|w| w[0] <= w[1]), "in order");
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        cancel.cancel();
+        follower.await.unwrap();
+    }
 }

@@ -107,6 +107,25 @@ async fn leading(
     (sched, token, cancel, publisher)
 }
 
+/// A route feed alone on `store`, loaded and running (stopped by cancelling the token, then
+/// awaiting the task).
+async fn route_feed(
+    store: &Arc<TestStore>,
+) -> (
+    Arc<crate::routes::Routes>,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let mut cfg = SchedulerConfig::new("hangar.test", "http://127.0.0.1:1");
+    cfg.defaults.command = Some(vec!["true".into()]);
+    let routes = Arc::new(crate::routes::Routes::default());
+    let feed = crate::routes::RouteFeed::new(store.clone(), Arc::new(cfg), routes.clone());
+    let loaded = feed.load().await.unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let publisher = tokio::spawn(feed.run(loaded, cancel.clone()));
+    (routes, cancel, publisher)
+}
+
 /// Connects `n` new keys named `{prefix}-{k}`.
 async fn connect_new(sched: &Scheduler, prefix: &str, n: usize) {
     for k in 0..n {
@@ -205,13 +224,7 @@ async fn a_route_change_is_a_delta_and_copies_one_shard_of_the_table() {
         ..ended(i, 1_000)
     };
     write_records(&store, (0..LIVE).map(|i| record(i, BackendState::Ready))).await;
-    let mut cfg = SchedulerConfig::new("hangar.test", "http://127.0.0.1:1");
-    cfg.defaults.command = Some(vec!["true".into()]);
-    let routes = Arc::new(crate::routes::Routes::default());
-    let feed = crate::routes::RouteFeed::new(store.clone(), Arc::new(cfg), routes.clone());
-    let loaded = feed.load().await.unwrap();
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let publisher = tokio::spawn(feed.run(loaded, cancel.clone()));
+    let (routes, cancel, publisher) = route_feed(&store).await;
     assert_eq!(routes.current().len(), LIVE);
     assert_eq!(routes.load_of("d1").backends, LIVE as u64);
     assert_eq!(routes.directory().len(), LIVE);
@@ -358,6 +371,41 @@ async fn a_reconciler_pass_looks_only_at_what_changed_or_came_due() {
     clock.advance_ms(crate::reconciler::RECHECK_EVERY.as_millis() as u64);
     assert_eq!(reconciler.pass().await.unwrap(), left);
     assert_eq!(reconciler.pass().await.unwrap(), 0);
+    cancel.cancel();
+    publisher.await.unwrap();
+}
+
+/// A burst of changes larger than a watcher's buffer ends the route feed's watch (the store
+/// does not hold its writers for a slow reader); the feed resumes from the last revision it
+/// applied, replaying what the store kept, instead of listing every record again, and misses
+/// nothing.
+#[tokio::test]
+async fn a_route_feed_that_falls_behind_resumes_its_watch_without_listing_again() {
+    const LIVE: usize = 2_000;
+    let dir = tempfile::tempdir().unwrap();
+    let options = hangar_store::embedded::EmbeddedOptions {
+        watch_buffer: 8,
+        ..Default::default()
+    };
+    let store = TestStore::open_with(dir.path(), options).await;
+    let (routes, cancel, publisher) = route_feed(&store).await;
+    let lists = store.backend_lists.load(Ordering::SeqCst);
+
+    // Transactions of 100 records, many at once: each is more than the watcher can queue.
+    let record = |i: usize| BackendRecord {
+        state: BackendState::Ready,
+        terminated_at: None,
+        ..ended(i, 1_000)
+    };
+    write_records(&store, (0..LIVE).map(record)).await;
+    let mut tables = routes.subscribe();
+    tables.wait_for(|t| t.len() == LIVE).await.unwrap();
+    assert_eq!(routes.live_records().len(), LIVE);
+    assert_eq!(
+        store.backend_lists.load(Ordering::SeqCst),
+        lists,
+        "the feed resumed its watch; it did not list the records again"
+    );
     cancel.cancel();
     publisher.await.unwrap();
 }

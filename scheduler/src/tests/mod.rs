@@ -118,10 +118,22 @@ struct TestStore {
 impl TestStore {
     /// A fresh embedded store in `dir`, healthy and with every counter at zero.
     async fn open(dir: &std::path::Path) -> Arc<Self> {
+        Self::open_with(dir, hangar_store::embedded::EmbeddedOptions::default()).await
+    }
+
+    /// [`TestStore::open`] with the embedded store's `options`.
+    async fn open_with(
+        dir: &std::path::Path,
+        options: hangar_store::embedded::EmbeddedOptions,
+    ) -> Arc<Self> {
         Arc::new(Self {
-            inner: EmbeddedStore::open_default(dir.join("s.redb"))
-                .await
-                .unwrap(),
+            inner: EmbeddedStore::open_with(
+                dir.join("s.redb"),
+                Arc::new(hangar_store::embedded::TokioClock),
+                options,
+            )
+            .await
+            .unwrap(),
             failing: AtomicBool::new(false),
             hang_keep_alives: AtomicBool::new(false),
             backend_lists: AtomicUsize::new(0),
