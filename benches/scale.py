@@ -11,8 +11,8 @@ Connects come from `examples/connect_load.rs` (keep-alive HTTP/1.1, new keys, `-
 a time). At each level it reports: connect throughput and p50/p99 of the connects that reached
 the level; placement decision time and reconciler pass time (mean and p99 from serve's
 histograms over that phase); serve's RSS per live backend (above its RSS with no backend);
-serve's own CPU (share of one core) over `--quiet-s` seconds without load, and the records
-each reconciler pass looked at then;
+serve's CPU time per connect while they ran; serve's own CPU (share of one core) over
+`--quiet-s` seconds without load, and the records each reconciler pass looked at then;
 then, with 100 connects a second running for `--propagation-s` seconds, route propagation to
 a remote `hangar proxy` (p50/p99 from the start of the connect, whose record is written
 during it, until the remote proxy routes the backend's hostname). At the end: the time to
@@ -192,10 +192,10 @@ def main():
         have = 0
         rows = []
         for level in levels:
-            before = scrape(metrics)
+            before, busy0 = scrape(metrics), cpu_s(s.proc.pid)
             r = load(s, level - have, a.inflight, f"l{level}", "--ids",
                      os.path.join(tmp, f"ids-{level}"))
-            after = scrape(metrics)
+            after, busy1 = scrape(metrics), cpu_s(s.proc.pid)
             place_mean, place_p99 = phase(before, after, "hangar_scheduler_placement_seconds")
             pass_mean, pass_p99 = phase(before, after, "hangar_scheduler_reconcile_pass_seconds")
             rss = rss_kib(s.proc.pid)
@@ -220,6 +220,7 @@ def main():
                    "prop_p50_ms": p["propagation_p50_ms"], "prop_p99_ms": p["propagation_p99_ms"],
                    "prop_n": p["propagated"], "at100_p50_ms": p["p50_ms"],
                    "at100_p99_ms": p["p99_ms"],
+                   "serve_cpu_ms_per_connect": (busy1 - busy0) * 1000 / max(r["connects"], 1),
                    "quiet_cpu": (cpu1 - cpu0) / a.quiet_s,
                    "records_per_pass": looked / passes if passes else None}
             rows.append(row)
@@ -276,8 +277,8 @@ def main():
               f"records", flush=True)
         s.stop()
 
-    print("\n| Live backends | Connects/s | p50 | p99 | Placement mean / p99 | Reconciler pass mean / p99 | serve RSS | RSS per backend | Propagation p50 / p99 (at 100/s) | Quiet serve CPU | Records per pass |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n| Live backends | Connects/s | p50 | p99 | Placement mean / p99 | Reconciler pass mean / p99 | serve RSS | RSS per backend | Propagation p50 / p99 (at 100/s) | serve CPU per connect | Quiet serve CPU | Records per pass |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     fmt = lambda v: "-" if v is None else f"{v:.3f} ms"
     for r in rows:
         print(f"| {r['live']} | {r['per_s']:.0f} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms "
@@ -285,6 +286,7 @@ def main():
               f"| {fmt(r['pass_mean_ms'])} / {fmt(r['pass_p99_ms'])} "
               f"| {r['rss_mib']:.0f} MiB | {r['rss_per_backend_kib']:.1f} KiB "
               f"| {r['prop_p50_ms']:.1f} / {r['prop_p99_ms']:.1f} ms ({r['prop_n']}) "
+              f"| {r['serve_cpu_ms_per_connect']:.2f} ms "
               f"| {r['quiet_cpu'] * 100:.1f}% "
               f"| {'-' if r['records_per_pass'] is None else round(r['records_per_pass'])} |")
 
