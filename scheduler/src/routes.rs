@@ -600,6 +600,13 @@ const DIRECTORY_LAG: Duration = Duration::from_secs(1);
 /// How soon the feed retries, without new changes, to bring a lagging directory up to date.
 const DIRECTORY_RETRY: Duration = Duration::from_millis(50);
 
+/// A batch changing more backends than this is a burst (a thousand drones lost at once, a
+/// re-adoption): it copies most shards of the table, so the feed takes what else arrives
+/// within [`BURST_HOLD`] into the same publish instead of copying them again for each batch.
+/// Connects at thousands a second come in batches far below it and publish at once.
+const BURST: usize = 512;
+const BURST_HOLD: Duration = Duration::from_millis(5);
+
 impl FeedState {
     fn listed(entries: HashMap<BackendId, Entry>, revision: Revision) -> FeedState {
         let mut state = FeedState {
@@ -928,8 +935,23 @@ impl RouteFeed {
                         delivered = true;
                         self.apply(&mut state, first);
                         // Batch whatever else is already queued into one swap.
+                        let mut applied = 1;
                         while let Ok(ev) = events.try_recv() {
                             self.apply(&mut state, ev);
+                            applied += 1;
+                        }
+                        if applied > BURST {
+                            let hold = tokio::time::sleep(BURST_HOLD);
+                            tokio::pin!(hold);
+                            loop {
+                                tokio::select! {
+                                    _ = &mut hold => break,
+                                    ev = events.recv() => match ev {
+                                        Some(ev) => self.apply(&mut state, ev),
+                                        None => break,
+                                    },
+                                }
+                            }
                         }
                         self.publish(&mut state);
                     }
