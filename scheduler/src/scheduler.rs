@@ -149,7 +149,7 @@ impl Scheduler {
         ));
         let forwarder = crate::api::forward_client_with(config.tls_client.clone());
         Scheduler {
-            handles: Handles {
+            handles: Handles::new(crate::api::Components {
                 config,
                 clock,
                 store,
@@ -174,7 +174,7 @@ impl Scheduler {
                 forwarder,
                 tasks,
                 cancel,
-            },
+            }),
         }
     }
 

@@ -35,7 +35,7 @@ mod ui;
 
 pub use extract::ApiJson;
 use extract::MAX_BODY;
-pub use handles::{Handles, forward_client, forward_client_with};
+pub use handles::{Components, Handles, forward_client, forward_client_with};
 pub use maintenance::{MaintenanceRequest, MaintenanceView, begin_maintenance};
 
 /// Longest `GET /v1/cluster` waits for each store read.
