@@ -100,7 +100,8 @@ class Etcd:
                  "--advertise-client-urls", f"http://127.0.0.1:{client}",
                  "--listen-peer-urls", f"http://127.0.0.1:{peer}",
                  "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                 "--initial-cluster", cluster, "--initial-cluster-state", "new"],
+                 "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                 "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1m"],
                 stdout=log, stderr=log)
             CHILDREN.append(proc)
             self.members.append((proc, client))
