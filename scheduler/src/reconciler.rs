@@ -68,6 +68,10 @@ pub struct Limits {
     pub retention: Duration,
 }
 
+/// The reconciler times out a start this long after the drone should have (the drone enforces
+/// the startup timeout; this catches a drone that never answered, and lets its verdict win).
+const STARTUP_SLACK: Duration = Duration::from_secs(10);
+
 /// Decides what to do with one record. A pure function: tested without IO or time.
 pub fn decide(rec: &BackendRecord, obs: Observed, limits: Limits) -> Action {
     let now = obs.now;
@@ -95,7 +99,7 @@ pub fn decide(rec: &BackendRecord, obs: Observed, limits: Limits) -> Action {
         // (the pool's converger replaces or removes it).
         _ if rec.is_unclaimed() => {
             if rec.state.is_starting()
-                && elapsed(rec.created_at) >= limits.startup_timeout + Duration::from_secs(10)
+                && elapsed(rec.created_at) >= limits.startup_timeout + STARTUP_SLACK
             {
                 return Action::Terminate(TerminationReason::StartupTimeout);
             }
@@ -110,7 +114,7 @@ pub fn decide(rec: &BackendRecord, obs: Observed, limits: Limits) -> Action {
             if state.is_starting() {
                 // The drone enforces the startup timeout; this catches a drone that never
                 // answered at all (with slack so the drone's own verdict normally wins).
-                if elapsed(rec.created_at) >= limits.startup_timeout + Duration::from_secs(10) {
+                if elapsed(rec.created_at) >= limits.startup_timeout + STARTUP_SLACK {
                     return Action::Terminate(TerminationReason::StartupTimeout);
                 }
                 return Action::Nothing;
@@ -138,7 +142,7 @@ pub fn next_check(rec: &BackendRecord, obs: Observed, limits: Limits) -> UnixMil
     let after = |since: UnixMillis, d: Duration| since.saturating_add(d.as_millis() as u64);
     let mut next = after(obs.now, RECHECK_EVERY);
     let mut at = |t: UnixMillis| next = next.min(t);
-    let startup = limits.startup_timeout + Duration::from_secs(10);
+    let startup = limits.startup_timeout + STARTUP_SLACK;
     match &rec.state {
         BackendState::Terminated { .. } => {
             at(after(
