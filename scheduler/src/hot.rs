@@ -333,7 +333,8 @@ impl HotDetector {
     }
 
     /// Judges `backends` (those of them it has figures for) and every connected drone at
-    /// `now`: [`HotDetector::evaluate_live`] over a list.
+    /// `now`: [`HotDetector::evaluate_live`] over a list, for tests.
+    #[cfg(test)]
     pub fn evaluate(
         &mut self,
         now: UnixMillis,

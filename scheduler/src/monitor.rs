@@ -1,8 +1,8 @@
 //! The monitor: on a period, runs the hot-shard detector ([`crate::hot`]) over the live
-//! backends with traffic or usage reported and every connected drone, publishes per-backend and per-drone gauges, keeps the list
-//! `GET /v1/hot` answers (and placement reads), and, when `--relieve-hot` is on, stops a
-//! bounded number of idle neighbours of hot backends so that their next connect lands on
-//! another drone.
+//! backends with traffic or usage reported and every connected drone, publishes per-backend
+//! and per-drone gauges, keeps the list `GET /v1/hot` answers (and placement reads), and,
+//! when `--relieve-hot` is on, stops a bounded number of idle neighbours of hot backends so
+//! that their next connect lands on another drone.
 //!
 //! Its inputs arrive between passes through [`HotShards`]; it is the only one that evaluates
 //! the detector and publishes what it found.

@@ -9,7 +9,7 @@
 //! each record at least every [`RECHECK_EVERY`] whatever it says. The first pass of a term,
 //! and any pass after the change log could not be followed, looks at every live record.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -226,6 +226,19 @@ impl Agenda {
     }
 }
 
+/// What a pass knows about the drones, read once at its start.
+struct DroneFacts<'a> {
+    now: UnixMillis,
+    /// A maintenance window: no drone is declared lost.
+    window: bool,
+    /// The term's first lease TTL: a drone whose record is gone may still reconnect.
+    grace: bool,
+    /// Each drone's current agent run (drones whose lease lives).
+    runs: HashMap<&'a str, &'a str, foldhash::fast::RandomState>,
+    /// Drones draining past their deadline.
+    drained: HashSet<&'a str, foldhash::fast::RandomState>,
+}
+
 /// What the reconciler reads and acts through.
 pub(crate) struct Reconciler {
     pub(crate) store: Arc<dyn Store>,
@@ -292,20 +305,23 @@ impl Reconciler {
         for (key, revision) in self.routes.ended_before(cutoff) {
             self.backends.remove_if_unchanged(&key, revision).await?;
         }
-        // Looked up once per record looked at: hashed, not searched by string comparisons.
-        let runs: HashMap<&str, &str, foldhash::fast::RandomState> = drones
-            .iter()
-            .map(|(name, d)| (name.as_str(), d.run_id.as_str()))
-            .collect();
-        let drain_deadlines: HashMap<&str, UnixMillis, foldhash::fast::RandomState> = drains
-            .iter()
-            .filter_map(|(name, d)| Some((name.as_str(), d.deadline_at?)))
-            .collect();
-        let backends = self.due_records(now, &runs, &drain_deadlines);
+        let facts = DroneFacts {
+            now,
+            window,
+            grace,
+            runs: drones
+                .iter()
+                .map(|(name, d)| (name.as_str(), d.run_id.as_str()))
+                .collect(),
+            drained: drains
+                .iter()
+                .filter(|(_, d)| d.deadline_at.is_some_and(|at| now >= at))
+                .map(|(name, _)| name.as_str())
+                .collect(),
+        };
+        let backends = self.due_records(&facts);
         let looked_at = backends.len();
-        let settled = self
-            .settle(backends, now, window, grace, &runs, &drain_deadlines)
-            .await;
+        let settled = self.settle(backends, &facts).await;
         if settled.is_err() {
             // Records taken off the agenda may not have been put back: look at all next time.
             self.agenda().cursor = None;
@@ -317,12 +333,7 @@ impl Reconciler {
     /// those changed since the last pass, those due by their own deadlines, and every record
     /// of a drone run that is gone or of a drain past its deadline. All of them on a first
     /// pass, or when the change log moved on without this reconciler.
-    fn due_records(
-        &self,
-        now: UnixMillis,
-        runs: &HashMap<&str, &str, foldhash::fast::RandomState>,
-        drain_deadlines: &HashMap<&str, UnixMillis, foldhash::fast::RandomState>,
-    ) -> Vec<Arc<Stored<BackendRecord>>> {
+    fn due_records(&self, facts: &DroneFacts<'_>) -> Vec<Arc<Stored<BackendRecord>>> {
         let mut agenda = self.agenda();
         let changed = agenda.cursor.and_then(|mut cursor| {
             let records = self.routes.changed_since(&mut cursor)?;
@@ -334,11 +345,11 @@ impl Reconciler {
             return all;
         };
         agenda.cursor = Some(cursor);
-        let due = agenda.take_due(now);
+        let due = agenda.take_due(facts.now);
         drop(agenda);
         records.extend(self.routes.live_of(&due));
         records.extend(self.routes.live_on_runs_where(|drone, run| {
-            runs.get(drone) != Some(&run) || drain_deadlines.get(drone).is_some_and(|at| now >= *at)
+            facts.runs.get(drone) != Some(&run) || facts.drained.contains(drone)
         }));
         records.sort_unstable_by(|a, b| a.record.id.cmp(&b.record.id));
         records.dedup_by(|a, b| a.record.id == b.record.id);
@@ -350,12 +361,11 @@ impl Reconciler {
     async fn settle(
         &self,
         backends: Vec<Arc<Stored<BackendRecord>>>,
-        now: UnixMillis,
-        window: bool,
-        grace: bool,
-        runs: &HashMap<&str, &str, foldhash::fast::RandomState>,
-        drain_deadlines: &HashMap<&str, UnixMillis, foldhash::fast::RandomState>,
+        facts: &DroneFacts<'_>,
     ) -> Result<(), crate::error::ApiError> {
+        let DroneFacts {
+            now, window, grace, ..
+        } = *facts;
         let limits = Limits {
             startup_timeout: self.config.startup_timeout,
             terminate_timeout: self.config.terminate_timeout,
@@ -369,21 +379,14 @@ impl Reconciler {
                 tokio::task::yield_now().await;
             }
             let rec = &stored.record;
-            let drone_run_matches = rec
-                .drone
-                .as_deref()
-                .and_then(|d| runs.get(d))
+            let drone = rec.drone.as_deref();
+            let drone_run_matches = drone
+                .and_then(|d| facts.runs.get(d))
                 .map(|run| Some(*run) == rec.drone_run_id.as_deref());
-            let drain_deadline_passed = !drain_deadlines.is_empty()
-                && rec
-                    .drone
-                    .as_deref()
-                    .and_then(|d| drain_deadlines.get(d))
-                    .is_some_and(|at| now >= *at);
             let obs = Observed {
                 activity: self.activity.get(rec.id.as_str()),
                 drone_run_matches,
-                drain_deadline_passed,
+                drain_deadline_passed: drone.is_some_and(|d| facts.drained.contains(d)),
                 now,
             };
             let action = decide(rec, obs, limits);

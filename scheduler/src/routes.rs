@@ -20,7 +20,7 @@ use hangar_core::api::Amounts;
 use hangar_core::feed::FeedMessage;
 use hangar_core::route::{Route, RouteTable};
 use hangar_core::{BackendId, TerminationReason, UnixMillis};
-use hangar_store::{Revision, Store, StoreResult, WatchEvent};
+use hangar_store::{Revision, Store, StoreResult, WatchEvent, WatchStream};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -158,10 +158,11 @@ struct RecordIndex {
     pools: HashMap<String, HashMap<BackendId, PoolFacts>>,
     /// Starts per pool generation since this index was built.
     tallies: HashMap<(String, u64), StartTally>,
-    /// Live backends by the drone and agent run their records name (`""` for none): drone
-    /// loss and the reconciler's per-drone checks look up what a run holds instead of walking
-    /// every live record.
-    by_run: HashMap<(String, String), HashSet<BackendId>>,
+    /// Live backends by the drone, then the agent run, their records name (`""` for none):
+    /// drone loss and the reconciler's per-drone checks look up what a run holds instead of
+    /// walking every live record. Nested so that a change looks its run up without copying
+    /// the names.
+    by_run: HashMap<String, HashMap<String, HashSet<BackendId>>>,
     /// The ids of records put since the index was built, in order, for the reconciler.
     changes: ChangeLog,
 }
@@ -204,10 +205,10 @@ impl ChangeLog {
 }
 
 /// The (drone, run) a live record counts under in [`RecordIndex::by_run`].
-fn run_of(rec: &BackendRecord) -> (String, String) {
+fn run_of(rec: &BackendRecord) -> (&str, &str) {
     (
-        rec.drone.clone().unwrap_or_default(),
-        rec.drone_run_id.clone().unwrap_or_default(),
+        rec.drone.as_deref().unwrap_or_default(),
+        rec.drone_run_id.as_deref().unwrap_or_default(),
     )
 }
 
@@ -245,11 +246,16 @@ pub fn quota_namespace(rec: &BackendRecord) -> &str {
 impl RecordIndex {
     fn remove(&mut self, id: &BackendId) {
         if let Some(old) = self.live.remove(id) {
-            let run = run_of(&old.record);
-            if let Some(ids) = self.by_run.get_mut(&run) {
-                ids.remove(id);
-                if ids.is_empty() {
-                    self.by_run.remove(&run);
+            let (drone, run) = run_of(&old.record);
+            if let Some(runs) = self.by_run.get_mut(drone) {
+                if let Some(ids) = runs.get_mut(run) {
+                    ids.remove(id);
+                    if ids.is_empty() {
+                        runs.remove(run);
+                    }
+                }
+                if runs.is_empty() {
+                    self.by_run.remove(drone);
                 }
             }
             if let Some(member) = &old.record.pool
@@ -335,10 +341,15 @@ impl RecordIndex {
                 .live_per_namespace
                 .entry(quota_namespace(&rec).to_string())
                 .or_default() += 1;
-            self.by_run
-                .entry(run_of(&rec))
-                .or_default()
-                .insert(id.clone());
+            let (drone, run) = run_of(&rec);
+            if !self.by_run.contains_key(drone) {
+                self.by_run.insert(drone.to_owned(), HashMap::new());
+            }
+            let runs = self.by_run.get_mut(drone).expect("just ensured");
+            if !runs.contains_key(run) {
+                runs.insert(run.to_owned(), HashSet::new());
+            }
+            runs.get_mut(run).expect("just ensured").insert(id.clone());
             self.live.insert(
                 id,
                 Arc::new(Stored {
@@ -425,6 +436,7 @@ impl Routes {
     }
 
     /// Every live backend record, as of the last change the feed applied.
+    #[cfg(test)]
     pub fn live_records(&self) -> Vec<Arc<Stored<BackendRecord>>> {
         self.index().live.values().cloned().collect()
     }
@@ -469,12 +481,15 @@ impl Routes {
         mut pick: impl FnMut(&str, &str) -> bool,
     ) -> Vec<Arc<Stored<BackendRecord>>> {
         let index = self.index();
-        index
-            .by_run
-            .iter()
-            .filter(|((drone, run), _)| pick(drone, run))
-            .flat_map(|(_, ids)| ids.iter().filter_map(|id| index.live.get(id).cloned()))
-            .collect()
+        let mut records = Vec::new();
+        for (drone, runs) in &index.by_run {
+            for (run, ids) in runs {
+                if pick(drone, run) {
+                    records.extend(ids.iter().filter_map(|id| index.live.get(id).cloned()));
+                }
+            }
+        }
+        records
     }
 
     /// The live records on any of `runs` (drone, run id), from the feed's index (drone loss
@@ -904,13 +919,63 @@ impl RouteFeed {
         }
     }
 
-    /// Watches from the loaded revision, publishing after each batch. When the watch ends
-    /// (a slow consumer, a store restart) it resumes from the last revision applied: the
-    /// store replays what it still has, so a burst of changes costs its events, not a listing
-    /// of every record. It re-lists only when that cannot resume (the revision was compacted)
-    /// or a resumed watch ends again before delivering anything.
+    /// Applies and publishes the events of one watch until it ends: `Some(whether it delivered
+    /// any)`, or `None` once `cancel` fires.
+    async fn follow(
+        &self,
+        state: &mut FeedState,
+        events: &mut WatchStream,
+        cancel: &CancellationToken,
+    ) -> Option<bool> {
+        let mut delivered = false;
+        loop {
+            let first = tokio::select! {
+                _ = cancel.cancelled() => return None,
+                ev = events.recv() => ev,
+                // Changes the directory could not take while a reader held it.
+                _ = tokio::time::sleep(DIRECTORY_RETRY), if !state.directory_behind.is_empty() => {
+                    self.update_directory(state, Some(&HashSet::new()));
+                    continue;
+                }
+            };
+            let Some(first) = first else {
+                return Some(delivered);
+            };
+            delivered = true;
+            self.apply(state, first);
+            // Batch whatever else is already queued into one swap.
+            let mut applied = 1;
+            while let Ok(ev) = events.try_recv() {
+                self.apply(state, ev);
+                applied += 1;
+            }
+            if applied > BURST {
+                self.take_burst(state, events).await;
+            }
+            self.publish(state);
+        }
+    }
+
+    /// Applies what else arrives within [`BURST_HOLD`], so that a burst shares one publish.
+    async fn take_burst(&self, state: &mut FeedState, events: &mut WatchStream) {
+        let hold = tokio::time::sleep(BURST_HOLD);
+        tokio::pin!(hold);
+        loop {
+            tokio::select! {
+                _ = &mut hold => return,
+                ev = events.recv() => match ev {
+                    Some(ev) => self.apply(state, ev),
+                    None => return,
+                },
+            }
+        }
+    }
+
+    /// Watches from the loaded revision, publishing after each batch. A watch that ends is
+    /// resumed from the last revision applied or the records listed again, as
+    /// [`Resume`](hangar_store::mirror::Resume) decides.
     pub(crate) async fn run(self, mut state: FeedState, cancel: CancellationToken) {
-        let mut resumed = false;
+        let mut resume = hangar_store::mirror::Resume::default();
         loop {
             let watch = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -918,56 +983,22 @@ impl RouteFeed {
             };
             match watch {
                 Ok(mut events) => {
-                    let mut delivered = false;
-                    loop {
-                        let first = tokio::select! {
-                            _ = cancel.cancelled() => return,
-                            ev = events.recv() => ev,
-                            // Changes the directory could not take while a reader held it.
-                            _ = tokio::time::sleep(DIRECTORY_RETRY),
-                                if !state.directory_behind.is_empty() =>
-                            {
-                                self.update_directory(&mut state, Some(&HashSet::new()));
-                                continue;
-                            }
-                        };
-                        let Some(first) = first else { break };
-                        delivered = true;
-                        self.apply(&mut state, first);
-                        // Batch whatever else is already queued into one swap.
-                        let mut applied = 1;
-                        while let Ok(ev) = events.try_recv() {
-                            self.apply(&mut state, ev);
-                            applied += 1;
-                        }
-                        if applied > BURST {
-                            let hold = tokio::time::sleep(BURST_HOLD);
-                            tokio::pin!(hold);
-                            loop {
-                                tokio::select! {
-                                    _ = &mut hold => break,
-                                    ev = events.recv() => match ev {
-                                        Some(ev) => self.apply(&mut state, ev),
-                                        None => break,
-                                    },
-                                }
-                            }
-                        }
-                        self.publish(&mut state);
-                    }
-                    if delivered || !resumed {
+                    let Some(delivered) = self.follow(&mut state, &mut events, &cancel).await
+                    else {
+                        return;
+                    };
+                    if resume.after_end(delivered) {
                         tracing::info!(
                             revision = state.revision,
                             "route feed watch ended; resuming from the last revision applied"
                         );
-                        resumed = true;
                         continue;
                     }
                     tracing::warn!("route feed watch ended again at once; listing again");
                 }
                 Err(e) => tracing::warn!(error = %e, "route feed watch failed; listing again"),
             }
-            resumed = false;
+            resume = Default::default();
             // Re-list to recover whatever the broken watch missed.
             loop {
                 match self.load().await {

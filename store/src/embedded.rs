@@ -705,7 +705,7 @@ impl Shared {
             }
         }
         drop(snapshot);
-        let earliest = leases.values().map(|lease| lease.deadline).min();
+        let earliest = earliest_deadline(&leases);
 
         Ok(Shared {
             db,
@@ -888,23 +888,21 @@ impl Shared {
                 .map(|(id, lease)| (*id, lease.keys.iter().cloned().collect()))
                 .collect()
         };
-        if due.is_empty() {
-            let mut state = self.lock_state()?;
-            state.earliest = state.leases.values().map(|lease| lease.deadline).min();
-            return Ok(());
+        if !due.is_empty() {
+            // Deterministic event order across leases.
+            due.sort_by_key(|(id, _)| *id);
+            let mut txn = Txn::begin(&self.db)?;
+            for (id, keys) in due {
+                tracing::debug!(lease = id, keys = keys.len(), "lease expired");
+                txn.remove_lease(id, keys)?;
+            }
+            if let Some(committed) = txn.commit()? {
+                self.apply(committed)?;
+            }
         }
-        // Deterministic event order across leases.
-        due.sort_by_key(|(id, _)| *id);
-        let mut txn = Txn::begin(&self.db)?;
-        for (id, keys) in due {
-            tracing::debug!(lease = id, keys = keys.len(), "lease expired");
-            txn.remove_lease(id, keys)?;
-        }
-        if let Some(committed) = txn.commit()? {
-            self.apply(committed)?;
-        }
+        // Renewals since the last scan moved deadlines later: the bound is exact again.
         let mut state = self.lock_state()?;
-        state.earliest = state.leases.values().map(|lease| lease.deadline).min();
+        state.earliest = earliest_deadline(&state.leases);
         Ok(())
     }
 
@@ -1323,6 +1321,11 @@ fn read_revision(snapshot: &ReadTransaction) -> StoreResult<Revision> {
         .backend()?
         .map_or(0, |guard| guard.value());
     Ok(value)
+}
+
+/// The earliest deadline of `leases` (`None`: no lease).
+fn earliest_deadline(leases: &HashMap<LeaseId, LeaseEntry>) -> Option<Instant> {
+    leases.values().map(|lease| lease.deadline).min()
 }
 
 /// `now + ttl`, with TTLs beyond 30 years treated as 30 years so an absurd TTL cannot

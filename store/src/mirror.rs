@@ -80,10 +80,7 @@ pub async fn follow_prefix(
             kvs: listing.kvs,
             revision,
         });
-        // A watch that ends (a slow consumer, a store restart) is resumed from the last
-        // revision handed over, replaying what the store still has; a listing again only if
-        // that fails or a resumed watch ends before delivering anything.
-        let mut resumed = false;
+        let mut resume = Resume::default();
         loop {
             let watch = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -118,12 +115,32 @@ pub async fn follow_prefix(
                     revision,
                 });
             }
-            if !delivered && resumed {
+            if !resume.after_end(delivered) {
                 tracing::warn!(prefix, "watch ended again at once; listing again");
                 break;
             }
-            resumed = true;
         }
+    }
+}
+
+/// Whether a follower resumes a watch that ended or lists again. A watch ends when its reader
+/// fell behind (the embedded store will not hold its writers) or the store restarted:
+/// resuming from the last revision applied replays what the store still has, so a burst costs
+/// its events rather than a listing of the whole prefix. A resume that fails (the revision was
+/// compacted) or a resumed watch that ends before delivering anything means listing again.
+/// One per listing: a fresh listing starts with a fresh `Resume`.
+#[derive(Debug, Default)]
+pub struct Resume {
+    resumed: bool,
+}
+
+impl Resume {
+    /// After a watch ended having `delivered` events or not: `true` to resume it from the
+    /// last revision applied, `false` to list again.
+    pub fn after_end(&mut self, delivered: bool) -> bool {
+        let again = delivered || !self.resumed;
+        self.resumed = again;
+        again
     }
 }
 

@@ -135,21 +135,10 @@ async fn a_lost_runs_backends_close_in_batches() {
     // The records as an index read them, before one of them moved on to another run: that
     // one's batch meets the newer revision and falls back to closing its records one by one,
     // leaving the moved one alone.
-    let mut on_run = Vec::new();
-    for id in &ids {
-        let (record, mod_revision) = s
-            .handles()
-            .backends
-            .get(id.as_str())
-            .await
-            .unwrap()
-            .unwrap();
-        on_run.push(Arc::new(crate::records::Stored {
-            key: crate::records::backend_key(id.as_str()),
-            mod_revision,
-            record,
-        }));
-    }
+    let on_run: Vec<_> = ids
+        .iter()
+        .map(|id| Arc::new(s.handles().routes.live_record(id).expect("a live record")))
+        .collect();
     s.handles()
         .backends
         .update(ids[0].as_str(), |r| {
