@@ -9,14 +9,13 @@
 //! on the request path, so live sessions keep working while the control plane is away.
 
 mod activity;
-mod coalesce;
 mod config;
 mod error;
 mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
 mod h1;
-mod h2_stream;
+mod h2_server;
 mod head;
 mod listener;
 pub mod metrics;

@@ -1,15 +1,12 @@
 //! The proxy's listener: accepts connections on an already-bound socket (plain or TLS), serves
 //! HTTP/1.1 with upgrades ([`crate::server`]) and HTTP/2 (h2c with prior knowledge, or `h2` via
-//! ALPN; hyper) on each, caps concurrent connections, and shuts down gracefully on a
+//! ALPN; [`crate::h2_server`]) on each, caps concurrent connections, and shuts down gracefully on a
 //! cancellation token.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::server::conn::http2;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -18,13 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::activity::ActivityTracker;
-use crate::coalesce::Coalesce;
 use crate::config::ProxyConfig;
 use crate::forward::Prefixed;
-use crate::h2_stream::StreamExec;
+use crate::h2_server::{self, H2Settings};
 use crate::route_table::RouteHandle;
 use crate::server::{self, Served, Shutdown};
-use crate::service::{ClientInfo, Shared, handle};
+use crate::service::{ClientInfo, Shared};
 
 /// Failures of the accept loop.
 #[derive(Debug, thiserror::Error)]
@@ -95,28 +91,13 @@ impl Proxy {
         .await
     }
 
-    /// hyper's HTTP/2 server, for h2c with prior knowledge and `h2` by ALPN (HTTP/1.1 is
-    /// Hangar's own, [`crate::server`]). Its stream tasks give up on a client that takes no
-    /// response bytes for `client_write_timeout` ([`StreamExec`]); a connection whose client
-    /// does not answer a PING (one every 30 s) within hyper's keep-alive timeout (20 s) is
-    /// closed, which also ends a client that stopped reading its socket.
-    fn http2(&self) -> http2::Builder<StreamExec> {
-        let cfg = &self.shared.config;
-        let mut builder = http2::Builder::new(StreamExec::new(cfg.client_write_timeout));
-        builder
-            .timer(TokioTimer::new())
-            .max_header_list_size(cfg.max_header_bytes as u32)
-            .keep_alive_interval(Some(Duration::from_secs(30)));
-        builder
-    }
-
     async fn serve(
         &self,
         listener: TcpListener,
         tls: Option<tokio_rustls::TlsAcceptor>,
         shutdown: CancellationToken,
     ) -> Result<(), ProxyRunError> {
-        let builder = Arc::new(self.http2());
+        let h2 = Arc::new(H2Settings::new(&self.shared.config));
         let connections = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(self.shared.config.max_connections.max(1)));
         let stop = Shutdown::new(shutdown.clone());
@@ -146,12 +127,12 @@ impl Proxy {
             };
             let _ = stream.set_nodelay(true);
             let shared = self.shared.clone();
-            let builder = builder.clone();
+            let h2 = h2.clone();
             let stop = stop.clone();
             match &tls {
                 None => {
                     connections.spawn(async move {
-                        serve_conn(&builder, stop, shared, stream, peer, false, false).await;
+                        serve_conn(&h2, stop, shared, stream, peer, false, false).await;
                         drop(permit);
                     });
                 }
@@ -162,8 +143,8 @@ impl Proxy {
                         match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
                         {
                             Ok(Ok(tls_stream)) => {
-                                let h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-                                serve_conn(&builder, stop, shared, tls_stream, peer, true, h2)
+                                let alpn_h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                                serve_conn(&h2, stop, shared, tls_stream, peer, true, alpn_h2)
                                     .await;
                             }
                             Ok(Err(e)) => {
@@ -193,9 +174,9 @@ impl Proxy {
 }
 
 /// Serves one client connection: HTTP/1.1 with Hangar's own server, HTTP/2 (by ALPN or the
-/// prior-knowledge preface) with hyper's.
+/// prior-knowledge preface) with [`crate::h2_server`].
 async fn serve_conn<I>(
-    h2: &http2::Builder<StreamExec>,
+    h2: &H2Settings,
     shutdown: Shutdown,
     shared: Arc<Shared>,
     io: I,
@@ -218,9 +199,9 @@ async fn serve_conn<I>(
     Box::pin(serve_h2(h2, shutdown, shared, io, peer, tls)).await;
 }
 
-/// Serves an HTTP/2 connection with hyper's server.
+/// Serves an HTTP/2 connection.
 async fn serve_h2<I>(
-    h2: &http2::Builder<StreamExec>,
+    h2: &H2Settings,
     shutdown: Shutdown,
     shared: Arc<Shared>,
     io: Prefixed<I>,
@@ -230,21 +211,7 @@ async fn serve_h2<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client = Arc::new(ClientInfo::new(peer, tls));
-    let svc = service_fn(move |req| handle(shared.clone(), req, client.clone()));
-    // Responses of streams answered in the same scheduler round leave in one write.
-    let conn = h2.serve_connection(TokioIo::new(Coalesce::new(io)), svc);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = shutdown.token.cancelled() => {
-            // Finish the open streams (GOAWAY), then close.
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
-        tracing::trace!(error = %e, "client connection ended with an error");
-    }
+    h2_server::serve(h2, shared, io, client, shutdown.token.clone()).await;
 }
 
 fn is_transient(e: &std::io::Error) -> bool {
@@ -264,9 +231,7 @@ mod tests {
     async fn a_connection_task_is_small_while_it_waits() {
         let p = super::Proxy::new(crate::tests::config());
         let (io, _peer) = tokio::io::duplex(64);
-        let h2 = hyper::server::conn::http2::Builder::new(crate::h2_stream::StreamExec::new(
-            std::time::Duration::from_secs(1),
-        ));
+        let h2 = crate::h2_server::H2Settings::new(&crate::tests::config());
         let shutdown = crate::server::Shutdown::new(Default::default());
         let peer = "127.0.0.1:1".parse().unwrap();
         let conn = super::serve_conn(&h2, shutdown, p.shared.clone(), io, peer, false, false);

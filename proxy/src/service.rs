@@ -18,19 +18,17 @@ use hangar_core::route::{
     has_query_param, strip_cookie, strip_query_param,
 };
 use hangar_core::token::TokenError;
-use http::{Request, Response, StatusCode};
+use http::StatusCode;
 use http_body_util::{Either, Full};
-use hyper::body::{Body, Incoming};
-use hyper_util::rt::TokioIo;
+use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::task::TaskTracker;
 
 use crate::activity::ActivityTracker;
 use crate::config::ProxyConfig;
 use crate::error::ProxyError;
-use crate::forward::{self, CountingBody, CountingIo, GuardedBody, ProxyBody, is_upgrade};
+use crate::forward::{self, CountingBody, CountingIo, GuardedBody, is_upgrade};
 use crate::h1::{self, RequestFraming};
-use crate::h2_stream::WatchedBody;
 use crate::head::{ProxyResponse, RequestHead};
 use crate::pool::{SendError, request_framing};
 use crate::route_table::RouteHandle;
@@ -81,34 +79,6 @@ impl ClientInfo {
             tls,
         }
     }
-}
-
-/// Serves one request that came through hyper (HTTP/2); never fails (errors become
-/// responses). The response's body reports to its stream's watch ([`crate::h2_stream`]),
-/// which gives up on a client that stops taking it.
-pub(crate) async fn handle(
-    shared: Arc<Shared>,
-    req: Request<Incoming>,
-    client: Arc<ClientInfo>,
-) -> Result<Response<WatchedBody<ProxyBody>>, std::convert::Infallible> {
-    let (mut parts, body) = req.into_parts();
-    // Taken out now (an extension of the request); awaited only if the backend agrees.
-    let on = is_upgrade(&parts).then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
-    // Boxed: hyper moves every stream's future into a task of its own (and through the
-    // stream's watch), and the request path's state is large; a pointer moves cheaper.
-    let resp = Box::pin(respond(&shared, &parts, body, &client, || {
-        Box::pin(async move {
-            match on.flatten() {
-                Some(on) => match on.await {
-                    Ok(io) => Ok(Box::new(TokioIo::new(io)) as Box<dyn ClientIo>),
-                    Err(e) => Err(e.to_string()),
-                },
-                None => Err("this connection cannot switch protocols".into()),
-            }
-        })
-    }))
-    .await;
-    Ok(crate::h2_stream::hand_over(resp.into_http()))
 }
 
 /// Serves one request, from whichever server read it: `on_upgrade` is called for a request
@@ -634,6 +604,7 @@ pub(crate) fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Request;
 
     fn head_for(req: Request<()>, user: &str, upgrade: bool) -> String {
         let (parts, ()) = req.into_parts();

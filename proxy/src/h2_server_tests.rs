@@ -1,8 +1,8 @@
-//! The watch on HTTP/2 stream tasks: first on paused time, with a stand-in for hyper's stream
-//! task that asks the body for a frame only once its "client" grants room for the previous
-//! one; then with HTTP/2 clients against a real proxy and a scripted backend on
-//! `127.0.0.1:0` (a client that grants no window, one that stops reading its socket, one
-//! that reads slowly, and server-sent events).
+//! HTTP/2 streams toward clients: first the response pipe on paused time, with a real h2
+//! client over an in-memory connection whose flow-control window the test grants; then with
+//! HTTP/2 clients against a real proxy and a scripted backend on `127.0.0.1:0` (a client that
+//! grants no window, one that stops reading its socket, one that reads slowly, server-sent
+//! events, and PINGs left unanswered).
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -17,17 +17,19 @@ use hangar_core::route::{Route, RouteState, RouteTable};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::{Body, Frame, Incoming};
-use hyper::rt::Executor as _;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use super::{StreamExec, hand_over};
+use super::{H2Settings, pipe, serve_with};
 use crate::tests::{DOMAIN, ID, Running, config, start};
 
 const LIMIT: Duration = Duration::from_secs(10);
+/// Each frame the test's backend body hands out.
+const PIECE: usize = 1000;
 
 /// A backend's response body: the frames the test sends, ended when it drops the sender
 /// (whose `closed()` tells the test that the body was dropped). Counts its polls.
@@ -46,43 +48,65 @@ impl Body for Backend {
     }
 }
 
-/// A stream task under test, seen from outside.
+/// One stream under test, seen from outside: the backend body's sender and poll count, and
+/// the client's side of the stream.
 struct Stream {
     backend: mpsc::Sender<Bytes>,
-    /// Gets the number of frames sent when the body has ended; dropped unanswered if the
-    /// stream is given up.
-    done: oneshot::Receiver<usize>,
-    /// How many times the body has been polled.
     polls: Arc<AtomicUsize>,
+    body: h2::RecvStream,
+    /// Ends when the server's connection future does (for a test's task to outlive nothing).
+    _server: tokio::task::JoinHandle<()>,
+    _client: tokio::task::JoinHandle<()>,
 }
 
-/// Spawns, through the executor under test, what hyper's stream task does with a response:
-/// hands it over, then asks its body for the next frame once the previous one has been sent,
-/// which takes a permit of `window` (the client's flow-control window).
-fn stream(window: Arc<Semaphore>) -> Stream {
+/// A server connection (in memory) whose one stream is answered by [`pipe`] with a body the
+/// test feeds, and a client that opens that stream with `window` bytes of stream window and
+/// grants more only when the test releases what it read.
+async fn stream(window: u32) -> Stream {
+    let (client_io, server_io) = tokio::io::duplex(1 << 20);
     let (backend, rx) = mpsc::channel(64);
-    let (done_tx, done) = oneshot::channel();
     let polls = Arc::new(AtomicUsize::new(0));
-    let body = Backend(rx, polls.clone());
-    StreamExec::new(LIMIT).execute(async move {
-        let mut body = hand_over(Response::new(body)).into_body();
-        let mut frames = 0;
-        while let Some(frame) = body.frame().await {
-            let Ok(_frame) = frame;
-            window.acquire().await.unwrap().forget();
-            frames += 1;
-        }
-        let _ = done_tx.send(frames);
+    let mut body = Some(Backend(rx, polls.clone()));
+    let settings = H2Settings::new(&config());
+    let server = tokio::spawn(async move {
+        serve_with(
+            &settings,
+            server_io,
+            CancellationToken::new(),
+            move |_req, mut reply| {
+                let body = body.take().expect("one stream");
+                async move {
+                    let tx = reply.send_response(Response::new(()), false).unwrap();
+                    pipe(body, tx, LIMIT).await;
+                }
+            },
+        )
+        .await
     });
+    let (mut send, conn) = h2::client::Builder::new()
+        .initial_window_size(window)
+        .initial_connection_window_size(1 << 30)
+        .handshake::<_, Bytes>(client_io)
+        .await
+        .unwrap();
+    let client = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let (resp, _) = send
+        .send_request(Request::get("http://x/").body(()).unwrap(), true)
+        .unwrap();
+    let body = resp.await.unwrap().into_body();
     Stream {
         backend,
-        done,
         polls,
+        body,
+        _server: server,
+        _client: client,
     }
 }
 
-/// Waits for the stream task to drop the body, failing if it is still there long after the
-/// limit (time is paused: this takes no real time).
+/// Waits for the stream to drop the body, failing if it is still there long after the limit
+/// (time is paused: this takes no real time).
 async fn body_dropped(backend: &mpsc::Sender<Bytes>) {
     tokio::time::timeout(LIMIT * 10, backend.closed())
         .await
@@ -91,14 +115,32 @@ async fn body_dropped(backend: &mpsc::Sender<Bytes>) {
 
 async fn send_frames(backend: &mpsc::Sender<Bytes>, n: usize) {
     for _ in 0..n {
-        backend.send(Bytes::from_static(b"x")).await.unwrap();
+        backend.send(Bytes::from(vec![b'x'; PIECE])).await.unwrap();
     }
 }
 
+/// Reads what the client has received, giving the window back; the stream's reset ends it.
+async fn take(body: &mut h2::RecvStream, bytes: usize) -> Result<usize, h2::Error> {
+    let mut got = 0;
+    while got < bytes {
+        match body.data().await {
+            Some(Ok(d)) => {
+                got += d.len();
+                body.flow_control().release_capacity(d.len()).unwrap();
+            }
+            Some(Err(e)) => return Err(e),
+            None => break,
+        }
+    }
+    Ok(got)
+}
+
 #[tokio::test(start_paused = true)]
-async fn a_stream_whose_client_grants_no_room_is_dropped_after_the_limit() {
-    let window = Arc::new(Semaphore::new(1));
-    let Stream { backend, done, .. } = stream(window);
+async fn a_stream_whose_client_grants_no_room_is_reset_after_the_limit() {
+    // Room for one piece, then none.
+    let Stream {
+        backend, mut body, ..
+    } = stream(PIECE as u32).await;
     send_frames(&backend, 3).await;
     let start = Instant::now();
     body_dropped(&backend).await;
@@ -107,83 +149,132 @@ async fn a_stream_whose_client_grants_no_room_is_dropped_after_the_limit() {
         waited >= LIMIT && waited < LIMIT + Duration::from_millis(10),
         "{waited:?}"
     );
-    assert!(done.await.is_err(), "the stream was given up, not finished");
+    // The client got what its window let through, then the reset.
+    assert_eq!(body.data().await.unwrap().unwrap().len(), PIECE);
+    let err = body
+        .data()
+        .await
+        .unwrap()
+        .expect_err("the stream was reset");
+    assert_eq!(err.reason(), Some(h2::Reason::CANCEL), "{err:?}");
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_limit_counts_from_the_last_frame_the_client_took() {
-    let window = Arc::new(Semaphore::new(0));
-    let Stream { backend, done, .. } = stream(window.clone());
+async fn the_limit_counts_from_the_last_room_the_client_gave() {
+    let Stream {
+        backend, mut body, ..
+    } = stream(PIECE as u32).await;
     send_frames(&backend, 3).await;
-    let start = Instant::now();
     tokio::time::sleep(LIMIT / 2).await;
-    window.add_permits(1);
+    let start = Instant::now();
+    // The client takes the first piece: room for the second.
+    assert_eq!(take(&mut body, PIECE).await.unwrap(), PIECE);
     body_dropped(&backend).await;
     let waited = start.elapsed();
-    let expected = LIMIT / 2 + LIMIT;
     assert!(
-        waited >= expected && waited < expected + Duration::from_millis(10),
+        waited >= LIMIT && waited < LIMIT + Duration::from_millis(10),
         "{waited:?}"
     );
-    assert!(done.await.is_err());
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_client_that_takes_a_frame_now_and_then_keeps_its_stream() {
-    let window = Arc::new(Semaphore::new(0));
-    let Stream { backend, done, .. } = stream(window.clone());
+async fn a_client_that_takes_a_piece_now_and_then_keeps_its_stream() {
+    let Stream {
+        backend, mut body, ..
+    } = stream(PIECE as u32).await;
     send_frames(&backend, 10).await;
     drop(backend);
     let start = Instant::now();
-    let grant = async {
-        loop {
-            tokio::time::sleep(LIMIT * 3 / 4).await;
-            window.add_permits(1);
+    let mut got = 0;
+    loop {
+        tokio::time::sleep(LIMIT * 3 / 4).await;
+        match body.data().await {
+            Some(d) => {
+                let d = d.expect("the stream was reset");
+                got += d.len();
+                body.flow_control().release_capacity(d.len()).unwrap();
+            }
+            None => break,
         }
-    };
-    let frames = tokio::select! {
-        frames = done => frames.expect("the stream was given up"),
-        () = grant => unreachable!(),
-        () = tokio::time::sleep(LIMIT * 100) => panic!("the stream never ended"),
-    };
-    assert_eq!(frames, 10);
+    }
+    assert_eq!(got, 10 * PIECE);
     assert!(start.elapsed() > LIMIT * 7, "{:?}", start.elapsed());
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_stream_waiting_on_its_backend_is_not_timed_by_the_client_limit() {
-    let window = Arc::new(Semaphore::new(100));
     let Stream {
         backend,
-        done,
+        mut body,
         polls,
-    } = stream(window);
+        ..
+    } = stream(1 << 20).await;
     send_frames(&backend, 1).await;
+    assert_eq!(take(&mut body, PIECE).await.unwrap(), PIECE);
+    // The client's WINDOW_UPDATE for that piece may wake the stream once more.
+    tokio::time::sleep(LIMIT / 10).await;
+    let settled = polls.load(Ordering::Relaxed);
     // Quiet for far longer than the limit (the backend's own body timeout bounds this): the
-    // watch's timer does not even wake the task.
+    // stream is not even woken.
     tokio::time::sleep(LIMIT * 10).await;
-    let quiet = polls.load(Ordering::Relaxed);
-    assert_eq!(quiet, 2, "a frame, then a wait for the next");
+    assert_eq!(polls.load(Ordering::Relaxed), settled, "polled while quiet");
     send_frames(&backend, 1).await;
     drop(backend);
-    assert_eq!(done.await.expect("the stream was given up"), 2);
+    assert_eq!(take(&mut body, usize::MAX).await.unwrap(), PIECE);
 }
 
-/// The stream task's future is held once, not twice (as an async block around it would).
-#[test]
-fn the_watch_adds_little_to_a_stream_tasks_size() {
-    let stream = async {
-        let big = [0u8; 2000];
-        tokio::task::yield_now().await;
-        std::hint::black_box(&big);
-    };
-    let inner = std::mem::size_of_val(&stream);
-    let watched = super::Watched {
-        stream,
-        watch: super::Watch::new(LIMIT),
-    };
-    let size = std::mem::size_of_val(&watched);
-    assert!(size <= inner + 64, "{inner} bytes watched are {size}");
+/// Serves an in-memory connection with keep-alive PINGs every `interval`, each to be answered
+/// within `timeout`; resolves when the server's connection ends.
+fn keep_alive_server(
+    io: tokio::io::DuplexStream,
+    interval: Duration,
+    timeout: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let settings = H2Settings::new(&config()).with_keep_alive(interval, timeout);
+    tokio::spawn(async move {
+        serve_with(
+            &settings,
+            io,
+            CancellationToken::new(),
+            |_req, _reply| async {},
+        )
+        .await
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_whose_client_answers_no_ping_is_closed() {
+    let (client_io, server_io) = tokio::io::duplex(1 << 16);
+    let server = keep_alive_server(server_io, LIMIT, LIMIT);
+    // The client's side is never driven after its preface: it answers nothing.
+    let (_send, _conn) = h2::client::handshake(client_io).await.unwrap();
+    let start = Instant::now();
+    tokio::time::timeout(LIMIT * 10, server)
+        .await
+        .expect("the connection stayed open")
+        .unwrap();
+    let took = start.elapsed();
+    assert!(
+        took >= LIMIT * 2 && took < LIMIT * 2 + Duration::from_millis(10),
+        "{took:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_whose_client_answers_pings_stays_open() {
+    let (client_io, server_io) = tokio::io::duplex(1 << 16);
+    let server = keep_alive_server(server_io, LIMIT, LIMIT);
+    let (send, conn) = h2::client::handshake(client_io).await.unwrap();
+    let client = tokio::spawn(conn);
+    tokio::time::sleep(LIMIT * 20).await;
+    assert!(!server.is_finished(), "the connection was closed");
+    // The client closes: so does the server's side.
+    drop(send);
+    client.abort();
+    tokio::time::timeout(LIMIT, server)
+        .await
+        .expect("the server's side outlived its client")
+        .unwrap();
 }
 
 // With a real proxy.
