@@ -199,7 +199,7 @@ pub(crate) struct ProxyResponse {
 }
 
 impl ProxyResponse {
-    /// The response as hyper's HTTP/2 server takes it. The values share the block of header
+    /// The response as an `http::Response` (for HTTP/2). The values share the block of header
     /// lines (one allocation for the whole block, not one copy per value), and the map is
     /// sized for the lines once.
     pub(crate) fn into_http(self) -> Response<ProxyBody> {
