@@ -21,7 +21,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use hangar_core::BackendId;
 use hangar_core::drone::{BackendUsage, LogsRequest, SpawnCommand};
-use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -432,62 +431,141 @@ fn parse_statm_resident(statm: &str) -> Option<u64> {
 /// a time, until both pipes close or [`OUTPUT_DRAIN`] after the child exited. Dropping the
 /// writer at the end tells followers that the output has ended.
 async fn capture(
-    mut log: LogWriter,
+    log: LogWriter,
     stdout: ChildStdout,
     stderr: ChildStderr,
     mut exited: watch::Receiver<Option<ExitStatus>>,
 ) {
-    let (mut out, mut err) = (Some(stdout), Some(stderr));
-    let (mut out_lines, mut err_lines) = (LineBuffer::default(), LineBuffer::default());
-    let (mut out_buf, mut err_buf) = (vec![0u8; 8192], vec![0u8; 8192]);
-    let mut drain_until: Option<tokio::time::Instant> = None;
-    // A write error is reported once; the pipes are still read, so the child never blocks.
-    let mut failed = false;
-    let mut keep = |log: &mut LogWriter, data: Option<Vec<u8>>| {
-        if let Some(data) = data
-            && let Err(error) = log.write(&data)
-            && !std::mem::replace(&mut failed, true)
+    capture_with(log, stdout, stderr, &mut exited, CAPTURE_PAUSE).await;
+}
+
+/// After a pipe delivered output it is read again only after this pause, and is out of the
+/// event loop meanwhile: a backend that writes a line per request costs the drone one read
+/// (and one log write) per pause rather than one per line, and its writes do not wake the
+/// drone's thread (which, on a shared core, preempted the backend once per line). An idle
+/// pipe waits in the event loop and costs nothing. Followers see a line at most this late.
+pub(crate) const CAPTURE_PAUSE: Duration = Duration::from_millis(20);
+/// A pipe holds 64 KiB by default: a pause whose reads brought at least half of that is
+/// skipped, so that a very chatty backend is not left blocked on a full pipe.
+const CAPTURE_BUSY: usize = 32 * 1024;
+
+/// [`capture`] with the given pause; returns how many writes the log took.
+async fn capture_with(
+    log: LogWriter,
+    stdout: ChildStdout,
+    stderr: ChildStderr,
+    exited: &mut watch::Receiver<Option<ExitStatus>>,
+    pause: Duration,
+) -> usize {
+    let sink = Mutex::new(Sink {
+        log,
+        failed: false,
+        writes: 0,
+    });
+    let out_lines = Mutex::new(LineBuffer::default());
+    let err_lines = Mutex::new(LineBuffer::default());
+    let pipes = async {
+        tokio::join!(
+            follow_pipe(stdout.into_owned_fd(), &out_lines, &sink, pause),
+            follow_pipe(stderr.into_owned_fd(), &err_lines, &sink, pause),
+        )
+    };
+    let drained = async {
+        let _ = exited.wait_for(Option::is_some).await;
+        tokio::time::sleep(OUTPUT_DRAIN).await;
+    };
+    tokio::select! {
+        _ = pipes => {}
+        () = drained => {}
+    }
+    let mut sink = lock(&sink);
+    sink.keep(lock(&out_lines).finish());
+    sink.keep(lock(&err_lines).finish());
+    sink.writes
+}
+
+/// Where captured output goes: a write error is reported once; the pipes are still read, so
+/// the child never blocks.
+struct Sink {
+    log: LogWriter,
+    failed: bool,
+    writes: usize,
+}
+
+impl Sink {
+    fn keep(&mut self, data: Option<Vec<u8>>) {
+        let Some(data) = data else { return };
+        self.writes += 1;
+        if let Err(error) = self.log.write(&data)
+            && !std::mem::replace(&mut self.failed, true)
         {
             tracing::warn!(%error, "cannot write a backend's output to its log; dropping it");
         }
-    };
-    while out.is_some() || err.is_some() {
-        tokio::select! {
-            n = read_some(&mut out, &mut out_buf) => match n {
-                Some(n) => keep(&mut log, out_lines.push(&out_buf[..n])),
-                None => out = None,
-            },
-            n = read_some(&mut err, &mut err_buf) => match n {
-                Some(n) => keep(&mut log, err_lines.push(&err_buf[..n])),
-                None => err = None,
-            },
-            _ = exited.wait_for(Option::is_some), if drain_until.is_none() => {
-                drain_until = Some(tokio::time::Instant::now() + OUTPUT_DRAIN);
-            }
-            () = sleep_until_some(drain_until) => break,
+    }
+}
+
+/// Reads one of a child's pipes into the log until it closes: waits in the event loop while
+/// the pipe is quiet; once output comes, reads what is there every `pause` (out of the event
+/// loop) until a read finds nothing (see [`CAPTURE_PAUSE`]).
+async fn follow_pipe(
+    fd: io::Result<std::os::fd::OwnedFd>,
+    lines: &Mutex<LineBuffer>,
+    sink: &Mutex<Sink>,
+    pause: Duration,
+) {
+    use std::io::Read as _;
+    use tokio::net::unix::pipe;
+
+    let mut buf = vec![0u8; 64 * 1024];
+    let Ok(mut fd) = fd else { return };
+    let mut first = true;
+    loop {
+        // Quiet: wait for output in the event loop.
+        let registered = if first {
+            // Checks that it is a pipe and makes it non-blocking.
+            pipe::Receiver::from_owned_fd(fd)
+        } else {
+            pipe::Receiver::from_owned_fd_unchecked(fd)
+        };
+        first = false;
+        let Ok(rx) = registered else { return };
+        if rx.readable().await.is_err() {
+            return;
         }
-    }
-    keep(&mut log, out_lines.finish());
-    keep(&mut log, err_lines.finish());
-}
-
-/// Reads from `pipe` into `buf`: `Some(n)` bytes, or `None` at its end (or on an error);
-/// never resolves when there is no pipe.
-async fn read_some<R: AsyncRead + Unpin>(pipe: &mut Option<R>, buf: &mut [u8]) -> Option<usize> {
-    match pipe {
-        Some(pipe) => match pipe.read(buf).await {
-            Ok(0) | Err(_) => None,
-            Ok(n) => Some(n),
-        },
-        None => std::future::pending().await,
-    }
-}
-
-/// Sleeps until `at`; never resolves without one.
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+        let Ok(owned) = rx.into_nonblocking_fd() else {
+            return;
+        };
+        let mut file = std::fs::File::from(owned);
+        // Busy: read what is there, pause, again, until a read finds nothing.
+        loop {
+            let mut got = 0;
+            loop {
+                match file.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        got += n;
+                        let data = lock(lines).push(&buf[..n]);
+                        lock(sink).keep(data);
+                        if got >= CAPTURE_BUSY {
+                            // More may keep coming: let the rest of the drone run first.
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                }
+            }
+            if got == 0 {
+                break;
+            }
+            if got < CAPTURE_BUSY {
+                tokio::time::sleep(pause).await;
+            } else {
+                tokio::task::yield_now().await;
+            }
+        }
+        fd = file.into();
     }
 }
 
@@ -642,6 +720,45 @@ mod tests {
         assert_eq!(
             log_of(&runtime, &cmd.backend).await,
             format!("{} penv default/doc 7 hi\n", started.address.port())
+        );
+    }
+
+    /// A backend that writes a line at a time, quickly, has its output read a pause at a time
+    /// (one read and one log write per pause, not per line), all of it and in order.
+    #[tokio::test]
+    async fn a_chatty_backends_output_is_read_a_pause_at_a_time() {
+        const LINES: usize = 200;
+        const PAUSE: Duration = Duration::from_millis(200);
+        let dir = tempfile::tempdir().unwrap();
+        let files = Arc::new(LogFiles::new(crate::logs::LogConfig::new(dir.path(), "d1")));
+        let backend = BackendId::parse("pchatty").unwrap();
+        let log = files.writer(&backend).unwrap();
+        // One line every few milliseconds (a `sleep` process each): the whole run spans
+        // several pauses however loaded the machine is.
+        let mut child = Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "i=0; while [ $i -lt {LINES} ]; do echo line $i; i=$((i+1)); sleep 0.002; done"
+                ),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let (_exited_tx, mut exited) = watch::channel(None);
+        let writes =
+            tokio::time::timeout(WAIT * 6, capture_with(log, out, err, &mut exited, PAUSE))
+                .await
+                .expect("the capture ended with the pipes");
+        child.wait().await.unwrap();
+        let text = std::fs::read_to_string(dir.path().join("pchatty.log")).unwrap();
+        let want: String = (0..LINES).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(text, want);
+        assert!(
+            writes <= LINES / 4,
+            "{writes} log writes for {LINES} lines: read a line at a time"
         );
     }
 
