@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket};
-use futures_util::StreamExt;
+use futures_util::{FutureExt as _, SinkExt as _, StreamExt};
 use hangar_core::drone::{BackendEvent, FromDrone, Hello, SchedulerMessage, ToDrone};
 use hangar_core::{BackendId, BackendState};
 use tokio::sync::mpsc;
@@ -42,6 +42,8 @@ use crate::records::{DroneRecord, drone_key};
 const DRONE_CHANNEL: usize = 1024;
 /// How long a new session may take to say `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most events applied together: those already received behind the one read.
+const EVENT_BATCH: usize = 64;
 
 /// An admitted session.
 #[derive(Debug)]
@@ -530,6 +532,36 @@ impl DroneSessions {
     }
 }
 
+/// The next message from the drone: the one held back while gathering events, else the
+/// socket's next.
+async fn next_message(
+    held: &mut Option<Option<Result<Message, axum::Error>>>,
+    socket: &mut WebSocket,
+) -> Option<Result<Message, axum::Error>> {
+    match held.take() {
+        Some(m) => m,
+        None => socket.recv().await,
+    }
+}
+
+/// A batch of events grouped by backend, in the order each backend first appears: its events
+/// in order, and their sequence numbers.
+fn by_backend(
+    batch: Vec<(u64, BackendId, BackendEvent)>,
+) -> Vec<(BackendId, Vec<BackendEvent>, Vec<u64>)> {
+    let mut groups: Vec<(BackendId, Vec<BackendEvent>, Vec<u64>)> = Vec::new();
+    for (seq, backend, event) in batch {
+        match groups.iter_mut().find(|(b, _, _)| *b == backend) {
+            Some((_, events, seqs)) => {
+                events.push(event);
+                seqs.push(seq);
+            }
+            None => groups.push((backend, vec![event], vec![seq])),
+        }
+    }
+    groups
+}
+
 /// Closes a session before `Welcome` with `code` ([`CLOSE_REFUSED`] or [`CLOSE_TRY_AGAIN`]) and
 /// a reason cut to what a close frame carries.
 async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
@@ -596,6 +628,8 @@ impl DroneSessions {
         let mut record = inner.drone_record(&hello, Some(lease), hello.unhealthy.clone());
         let mut next_id: u64 = 0;
         let mut unacked: BTreeMap<u64, SchedulerMessage> = BTreeMap::new();
+        // A message read while gathering events, handled next.
+        let mut held: Option<Option<Result<Message, axum::Error>>> = None;
         let reason = loop {
             tokio::select! {
                 _ = inner.cancel.cancelled() => break "scheduler shutting down",
@@ -617,7 +651,7 @@ impl DroneSessions {
                         break "send failed";
                     }
                 }
-                msg = socket.recv() => {
+                msg = next_message(&mut held, &mut socket) => {
                     let text = match msg {
                         Some(Ok(Message::Text(t))) => t,
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
@@ -660,14 +694,54 @@ impl DroneSessions {
                             unacked.remove(&id);
                         }
                         FromDrone::Event { seq, backend, event } => {
+                            // The events already received behind this one are applied with it,
+                            // those of one backend in one write (a drone reports `starting`,
+                            // `waiting` and `ready` of a quick start in one burst).
+                            let mut batch = vec![(seq, backend, event)];
+                            while batch.len() < EVENT_BATCH {
+                                match socket.recv().now_or_never() {
+                                    None => break,
+                                    Some(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<FromDrone>(&t) {
+                                        Ok(FromDrone::Event { seq, backend, event }) => batch.push((seq, backend, event)),
+                                        _ => {
+                                            held = Some(Some(Ok(Message::Text(t))));
+                                            break;
+                                        }
+                                    },
+                                    Some(other) => {
+                                        held = Some(other);
+                                        break;
+                                    }
+                                }
+                            }
                             // Acknowledged only once applied: an event that could not be written
                             // stays with the drone, which sends it again on its next session.
-                            if let Err(e) = inner.apply_event(&hello.drone, &hello.run_id, &backend, event).await {
-                                tracing::warn!(drone = %hello.drone, backend = %backend, error = %e, "cannot apply a drone event; closing the session so the drone sends it again");
+                            let groups = by_backend(batch);
+                            let applied = futures_util::future::join_all(groups.iter().map(|(backend, events, _)| {
+                                inner.backends.apply_events(&hello.drone, &hello.run_id, backend, events)
+                            }))
+                            .await;
+                            let mut failed = None;
+                            let mut acked = true;
+                            for ((backend, _, seqs), result) in groups.iter().zip(applied) {
+                                match result {
+                                    Ok(()) => {
+                                        for &seq in seqs {
+                                            acked &= socket.feed(encode(&ToDrone::EventAck { seq })).await.is_ok();
+                                        }
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(drone = %hello.drone, backend = %backend, error = %e, "cannot apply a drone event; closing the session so the drone sends it again");
+                                        failed.get_or_insert((seqs[0], e));
+                                    }
+                                }
+                            }
+                            acked &= socket.flush().await.is_ok();
+                            if let Some((seq, e)) = failed {
                                 close(&mut socket, CLOSE_TRY_AGAIN, &format!("cannot apply event {seq}: {e}")).await;
                                 break "an event could not be applied";
                             }
-                            if socket.send(encode(&ToDrone::EventAck { seq })).await.is_err() {
+                            if !acked {
                                 break "send failed";
                             }
                         }

@@ -113,14 +113,7 @@ impl Backends {
                 if check_transition(&rec.state, &next.state).is_err() {
                     return Ok(None);
                 }
-                let now = self.clock.now_ms();
-                next.updated_at = now;
-                match &next.state {
-                    BackendState::Ready => next.ready_at = Some(now),
-                    BackendState::Terminating { .. } => next.terminating_at = Some(now),
-                    BackendState::Terminated { .. } => next.terminated_at = Some(now),
-                    _ => {}
-                }
+                stamp(&mut next, self.clock.now_ms());
             }
             if self
                 .write(&backend_key(id), rev, Some(encode(&next)))
@@ -269,69 +262,66 @@ impl Backends {
         backend: &BackendId,
         event: BackendEvent,
     ) -> Result<(), ApiError> {
-        let updated = self
-            .update(backend.as_str(), |r| {
-                if r.drone.as_deref() != Some(drone) || r.drone_run_id.as_deref() != Some(run_id) {
-                    return false;
-                }
-                match &event {
-                    BackendEvent::Starting => r.state = BackendState::Starting,
-                    BackendEvent::Waiting { address } => {
-                        r.state = BackendState::Waiting;
-                        r.address = Some(*address);
-                    }
-                    BackendEvent::Ready { address } => {
-                        r.state = BackendState::Ready;
-                        r.address = Some(*address);
-                    }
-                    BackendEvent::StartupTimeout => {
-                        r.state = BackendState::Terminating {
-                            reason: TerminationReason::StartupTimeout,
-                        };
-                        r.message =
-                            Some("the backend did not answer its readiness probe in time".into());
-                    }
-                    BackendEvent::SpawnFailed { message } => {
-                        r.state = BackendState::Terminated {
-                            reason: TerminationReason::Failed { exit_code: None },
-                        };
-                        r.message = Some(message.clone());
-                    }
-                    BackendEvent::Fenced { exit_code } => {
-                        r.state = BackendState::Terminated {
-                            reason: TerminationReason::Fenced,
-                        };
-                        r.message = Some(format!(
-                            "its drone could not renew its lease in time and stopped it (self-fencing; exit code {})",
-                            exit_code.map_or_else(|| "unknown".to_string(), |c| c.to_string())
-                        ));
-                    }
-                    BackendEvent::Exited { exit_code } => {
-                        let reason = match &r.state {
-                            BackendState::Terminating { reason } => reason.clone(),
-                            _ => {
-                                r.message = Some(match exit_code {
-                                    Some(c) => {
-                                        format!("the backend exited on its own with code {c}")
-                                    }
-                                    None => "the backend exited on its own".into(),
-                                });
-                                TerminationReason::Failed {
-                                    exit_code: *exit_code,
-                                }
-                            }
-                        };
-                        r.state = BackendState::Terminated { reason };
-                    }
-                }
-                true
-            })
-            .await?;
-        if let Some(rec) = updated {
-            tracing::debug!(backend = %rec.id, state = %rec.state, "backend state");
-            if !rec.state.is_live() {
-                self.activity.forget(rec.id.as_str());
+        self.apply_events(drone, run_id, backend, std::slice::from_ref(&event))
+            .await
+    }
+
+    /// Applies events of one backend from drone `drone` (agent run `run_id`), in order, with
+    /// one write: each is applied as it would be alone (a step backwards in the lifecycle is
+    /// ignored), and the record is written once with the outcome of all of them. A drone
+    /// that reports `starting`, `waiting` and `ready` in one burst costs one read and one
+    /// write instead of three of each. Events from a run other than the one the record names
+    /// are stale and ignored.
+    pub async fn apply_events(
+        &self,
+        drone: &str,
+        run_id: &str,
+        backend: &BackendId,
+        events: &[BackendEvent],
+    ) -> Result<(), ApiError> {
+        let id = backend.as_str();
+        let updated = loop {
+            let Some((rec, rev)) = self.get(id).await? else {
+                return Ok(());
+            };
+            if rec.drone.as_deref() != Some(drone) || rec.drone_run_id.as_deref() != Some(run_id) {
+                return Ok(());
             }
+            let now = self.clock.now_ms();
+            let mut next = rec.clone();
+            // Every state the record passes through, each with when it was entered.
+            let mut passed = vec![(rec.state.clone(), rec.updated_at)];
+            let mut accepted = false;
+            for event in events {
+                let mut step = next.clone();
+                apply_one(&mut step, event);
+                if step.state != next.state {
+                    if check_transition(&next.state, &step.state).is_err() {
+                        continue;
+                    }
+                    stamp(&mut step, now);
+                    passed.push((step.state.clone(), now));
+                }
+                next = step;
+                accepted = true;
+            }
+            if !accepted {
+                return Ok(());
+            }
+            if self
+                .write(&backend_key(id), rev, Some(encode(&next)))
+                .await?
+            {
+                for pair in passed.windows(2) {
+                    let ((from, entered), (to, _)) = (&pair[0], &pair[1]);
+                    crate::metrics::state_changed(from, to, *entered, rec.created_at, now);
+                }
+                break next;
+            }
+        };
+        tracing::debug!(backend = %updated.id, state = %updated.state, "backend state");
+        if !updated.state.is_live() {
+            self.activity.forget(updated.id.as_str());
         }
         Ok(())
     }
@@ -488,6 +478,71 @@ impl Backends {
 /// How long the whole stop of a backend may take before it is repeated as a kill.
 pub fn stop_overdue(terminating_at: u64, now: u64, timeout: Duration) -> bool {
     now.saturating_sub(terminating_at) >= timeout.as_millis() as u64
+}
+
+/// What one drone event makes of a backend's record (its state, address, message); whether
+/// the change is a step forward is the caller's to check.
+fn apply_one(r: &mut BackendRecord, event: &BackendEvent) {
+    match event {
+        BackendEvent::Starting => r.state = BackendState::Starting,
+        BackendEvent::Waiting { address } => {
+            r.state = BackendState::Waiting;
+            r.address = Some(*address);
+        }
+        BackendEvent::Ready { address } => {
+            r.state = BackendState::Ready;
+            r.address = Some(*address);
+        }
+        BackendEvent::StartupTimeout => {
+            r.state = BackendState::Terminating {
+                reason: TerminationReason::StartupTimeout,
+            };
+            r.message = Some("the backend did not answer its readiness probe in time".into());
+        }
+        BackendEvent::SpawnFailed { message } => {
+            r.state = BackendState::Terminated {
+                reason: TerminationReason::Failed { exit_code: None },
+            };
+            r.message = Some(message.clone());
+        }
+        BackendEvent::Fenced { exit_code } => {
+            r.state = BackendState::Terminated {
+                reason: TerminationReason::Fenced,
+            };
+            r.message = Some(format!(
+                "its drone could not renew its lease in time and stopped it (self-fencing; exit code {})",
+                exit_code.map_or_else(|| "unknown".to_string(), |c| c.to_string())
+            ));
+        }
+        BackendEvent::Exited { exit_code } => {
+            let reason = match &r.state {
+                BackendState::Terminating { reason } => reason.clone(),
+                _ => {
+                    r.message = Some(match exit_code {
+                        Some(c) => {
+                            format!("the backend exited on its own with code {c}")
+                        }
+                        None => "the backend exited on its own".into(),
+                    });
+                    TerminationReason::Failed {
+                        exit_code: *exit_code,
+                    }
+                }
+            };
+            r.state = BackendState::Terminated { reason };
+        }
+    }
+}
+
+/// Stamps a record that has just entered its state at `now`.
+fn stamp(next: &mut BackendRecord, now: u64) {
+    next.updated_at = now;
+    match &next.state {
+        BackendState::Ready => next.ready_at = Some(now),
+        BackendState::Terminating { .. } => next.terminating_at = Some(now),
+        BackendState::Terminated { .. } => next.terminated_at = Some(now),
+        _ => {}
+    }
 }
 
 #[cfg(test)]

@@ -112,6 +112,8 @@ struct TestStore {
     hang_keep_alives: AtomicBool,
     backend_lists: AtomicUsize,
     backend_gets: AtomicUsize,
+    /// Backend records written by transactions (as every state change is).
+    backend_puts: AtomicUsize,
     deletes: AtomicUsize,
 }
 
@@ -138,6 +140,7 @@ impl TestStore {
             hang_keep_alives: AtomicBool::new(false),
             backend_lists: AtomicUsize::new(0),
             backend_gets: AtomicUsize::new(0),
+            backend_puts: AtomicUsize::new(0),
             deletes: AtomicUsize::new(0),
         })
     }
@@ -184,6 +187,11 @@ impl Store for TestStore {
             .filter(|op| matches!(op, TxnOp::Delete { .. }))
             .count();
         self.deletes.fetch_add(deletes, Ordering::SeqCst);
+        let puts = ops
+            .iter()
+            .filter(|op| matches!(op, TxnOp::Put { key, .. } if key.starts_with(BACKENDS_PREFIX)))
+            .count();
+        self.backend_puts.fetch_add(puts, Ordering::SeqCst);
         self.inner.txn(compares, ops).await
     }
     async fn delete(&self, key: &str) -> StoreResult<bool> {
