@@ -530,6 +530,85 @@ impl DroneSessions {
             .apply_event(drone, run_id, backend, event)
             .await
     }
+
+    /// Applies a batch of a session's events, those of one backend in one write and different
+    /// backends concurrently, and acknowledges (with one flush) those applied. If one could
+    /// not be written the session is closed with "try again" (the drone keeps what was not
+    /// acknowledged and sends it again); `Err` is why the session ends.
+    async fn apply_batch(
+        &self,
+        hello: &Hello,
+        socket: &mut WebSocket,
+        batch: Vec<(u64, BackendId, BackendEvent)>,
+    ) -> Result<(), &'static str> {
+        let groups = by_backend(batch);
+        let applied = futures_util::future::join_all(groups.iter().map(|(backend, events, _)| {
+            self.backends
+                .apply_events(&hello.drone, &hello.run_id, backend, events)
+        }))
+        .await;
+        let mut failed = None;
+        let mut acked = true;
+        for ((backend, _, seqs), result) in groups.iter().zip(applied) {
+            match result {
+                Ok(()) => {
+                    for &seq in seqs {
+                        acked &= socket
+                            .feed(encode(&ToDrone::EventAck { seq }))
+                            .await
+                            .is_ok();
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(drone = %hello.drone, backend = %backend, error = %e, "cannot apply a drone event; closing the session so the drone sends it again");
+                    failed.get_or_insert((seqs[0], e));
+                }
+            }
+        }
+        acked &= socket.flush().await.is_ok();
+        if let Some((seq, e)) = failed {
+            close(
+                socket,
+                CLOSE_TRY_AGAIN,
+                &format!("cannot apply event {seq}: {e}"),
+            )
+            .await;
+            return Err("an event could not be applied");
+        }
+        if acked { Ok(()) } else { Err("send failed") }
+    }
+}
+
+/// `first` and the events already received behind it (a drone reports `starting`, `waiting`
+/// and `ready` of a quick start in one burst), up to [`EVENT_BATCH`]; a message of another
+/// kind read meanwhile is kept in `held`, to be handled next.
+fn gather_events(
+    socket: &mut WebSocket,
+    first: (u64, BackendId, BackendEvent),
+    held: &mut Option<Option<Result<Message, axum::Error>>>,
+) -> Vec<(u64, BackendId, BackendEvent)> {
+    let mut batch = vec![first];
+    while batch.len() < EVENT_BATCH {
+        match socket.recv().now_or_never() {
+            None => break,
+            Some(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<FromDrone>(&t) {
+                Ok(FromDrone::Event {
+                    seq,
+                    backend,
+                    event,
+                }) => batch.push((seq, backend, event)),
+                _ => {
+                    *held = Some(Some(Ok(Message::Text(t))));
+                    break;
+                }
+            },
+            Some(other) => {
+                *held = Some(other);
+                break;
+            }
+        }
+    }
+    batch
 }
 
 /// The next message from the drone: the one held back while gathering events, else the
@@ -694,55 +773,11 @@ impl DroneSessions {
                             unacked.remove(&id);
                         }
                         FromDrone::Event { seq, backend, event } => {
-                            // The events already received behind this one are applied with it,
-                            // those of one backend in one write (a drone reports `starting`,
-                            // `waiting` and `ready` of a quick start in one burst).
-                            let mut batch = vec![(seq, backend, event)];
-                            while batch.len() < EVENT_BATCH {
-                                match socket.recv().now_or_never() {
-                                    None => break,
-                                    Some(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<FromDrone>(&t) {
-                                        Ok(FromDrone::Event { seq, backend, event }) => batch.push((seq, backend, event)),
-                                        _ => {
-                                            held = Some(Some(Ok(Message::Text(t))));
-                                            break;
-                                        }
-                                    },
-                                    Some(other) => {
-                                        held = Some(other);
-                                        break;
-                                    }
-                                }
-                            }
                             // Acknowledged only once applied: an event that could not be written
                             // stays with the drone, which sends it again on its next session.
-                            let groups = by_backend(batch);
-                            let applied = futures_util::future::join_all(groups.iter().map(|(backend, events, _)| {
-                                inner.backends.apply_events(&hello.drone, &hello.run_id, backend, events)
-                            }))
-                            .await;
-                            let mut failed = None;
-                            let mut acked = true;
-                            for ((backend, _, seqs), result) in groups.iter().zip(applied) {
-                                match result {
-                                    Ok(()) => {
-                                        for &seq in seqs {
-                                            acked &= socket.feed(encode(&ToDrone::EventAck { seq })).await.is_ok();
-                                        }
-                                    }
-                                    Err(e) => {
-                                        tracing::warn!(drone = %hello.drone, backend = %backend, error = %e, "cannot apply a drone event; closing the session so the drone sends it again");
-                                        failed.get_or_insert((seqs[0], e));
-                                    }
-                                }
-                            }
-                            acked &= socket.flush().await.is_ok();
-                            if let Some((seq, e)) = failed {
-                                close(&mut socket, CLOSE_TRY_AGAIN, &format!("cannot apply event {seq}: {e}")).await;
-                                break "an event could not be applied";
-                            }
-                            if !acked {
-                                break "send failed";
+                            let batch = gather_events(&mut socket, (seq, backend, event), &mut held);
+                            if let Err(reason) = inner.apply_batch(&hello, &mut socket, batch).await {
+                                break reason;
                             }
                         }
                         FromDrone::Stats { usage } => {

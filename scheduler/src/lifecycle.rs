@@ -101,32 +101,47 @@ impl Backends {
         id: &str,
         mut change: impl FnMut(&mut BackendRecord) -> bool,
     ) -> Result<Option<BackendRecord>, ApiError> {
+        self.rewrite(id, |rec, now, passed| {
+            let mut next = rec.clone();
+            if !change(&mut next) {
+                return None;
+            }
+            advance(rec, next, now, passed)
+        })
+        .await
+    }
+
+    /// The compare-and-swap loop of [`Backends::update`] and [`Backends::apply_events`]:
+    /// reads record `id`, has `make` build its next version at `now` (noting in `passed`,
+    /// through [`advance`], each state it enters; `None` leaves the record alone), writes it
+    /// if the record is unchanged since the read (else starts over from a fresh read) and
+    /// records the state changes it went through. Returns the record as written.
+    async fn rewrite(
+        &self,
+        id: &str,
+        mut make: impl FnMut(
+            &BackendRecord,
+            u64,
+            &mut Vec<(BackendState, u64)>,
+        ) -> Option<BackendRecord>,
+    ) -> Result<Option<BackendRecord>, ApiError> {
         loop {
             let Some((rec, rev)) = self.get(id).await? else {
                 return Ok(None);
             };
-            let mut next = rec.clone();
-            if !change(&mut next) {
+            let now = self.clock.now_ms();
+            // Every state the record passes through, each with when it was entered.
+            let mut passed = vec![(rec.state.clone(), rec.updated_at)];
+            let Some(next) = make(&rec, now, &mut passed) else {
                 return Ok(None);
-            }
-            if next.state != rec.state {
-                if check_transition(&rec.state, &next.state).is_err() {
-                    return Ok(None);
-                }
-                stamp(&mut next, self.clock.now_ms());
-            }
+            };
             if self
                 .write(&backend_key(id), rev, Some(encode(&next)))
                 .await?
             {
-                if next.state != rec.state {
-                    crate::metrics::state_changed(
-                        &rec.state,
-                        &next.state,
-                        rec.updated_at,
-                        rec.created_at,
-                        next.updated_at,
-                    );
+                for pair in passed.windows(2) {
+                    let ((from, entered), (to, _)) = (&pair[0], &pair[1]);
+                    crate::metrics::state_changed(from, to, *entered, rec.created_at, now);
                 }
                 return Ok(Some(next));
             }
@@ -279,49 +294,31 @@ impl Backends {
         backend: &BackendId,
         events: &[BackendEvent],
     ) -> Result<(), ApiError> {
-        let id = backend.as_str();
-        let updated = loop {
-            let Some((rec, rev)) = self.get(id).await? else {
-                return Ok(());
-            };
-            if rec.drone.as_deref() != Some(drone) || rec.drone_run_id.as_deref() != Some(run_id) {
-                return Ok(());
-            }
-            let now = self.clock.now_ms();
-            let mut next = rec.clone();
-            // Every state the record passes through, each with when it was entered.
-            let mut passed = vec![(rec.state.clone(), rec.updated_at)];
-            let mut accepted = false;
-            for event in events {
-                let mut step = next.clone();
-                apply_one(&mut step, event);
-                if step.state != next.state {
-                    if check_transition(&next.state, &step.state).is_err() {
-                        continue;
+        let updated = self
+            .rewrite(backend.as_str(), |rec, now, passed| {
+                if rec.drone.as_deref() != Some(drone)
+                    || rec.drone_run_id.as_deref() != Some(run_id)
+                {
+                    return None;
+                }
+                let mut next = rec.clone();
+                let mut accepted = false;
+                for event in events {
+                    let mut step = next.clone();
+                    apply_one(&mut step, event);
+                    if let Some(step) = advance(&next, step, now, passed) {
+                        next = step;
+                        accepted = true;
                     }
-                    stamp(&mut step, now);
-                    passed.push((step.state.clone(), now));
                 }
-                next = step;
-                accepted = true;
+                accepted.then_some(next)
+            })
+            .await?;
+        if let Some(rec) = updated {
+            tracing::debug!(backend = %rec.id, state = %rec.state, "backend state");
+            if !rec.state.is_live() {
+                self.activity.forget(rec.id.as_str());
             }
-            if !accepted {
-                return Ok(());
-            }
-            if self
-                .write(&backend_key(id), rev, Some(encode(&next)))
-                .await?
-            {
-                for pair in passed.windows(2) {
-                    let ((from, entered), (to, _)) = (&pair[0], &pair[1]);
-                    crate::metrics::state_changed(from, to, *entered, rec.created_at, now);
-                }
-                break next;
-            }
-        };
-        tracing::debug!(backend = %updated.id, state = %updated.state, "backend state");
-        if !updated.state.is_live() {
-            self.activity.forget(updated.id.as_str());
         }
         Ok(())
     }
@@ -534,15 +531,26 @@ fn apply_one(r: &mut BackendRecord, event: &BackendEvent) {
     }
 }
 
-/// Stamps a record that has just entered its state at `now`.
-fn stamp(next: &mut BackendRecord, now: u64) {
-    next.updated_at = now;
-    match &next.state {
-        BackendState::Ready => next.ready_at = Some(now),
-        BackendState::Terminating { .. } => next.terminating_at = Some(now),
-        BackendState::Terminated { .. } => next.terminated_at = Some(now),
-        _ => {}
+/// `to` as the next version of `from` at `now`: `None` if it would move the state backwards;
+/// a record entering a new state is stamped with `now` and the state noted in `passed`.
+fn advance(
+    from: &BackendRecord,
+    mut to: BackendRecord,
+    now: u64,
+    passed: &mut Vec<(BackendState, u64)>,
+) -> Option<BackendRecord> {
+    if to.state != from.state {
+        check_transition(&from.state, &to.state).ok()?;
+        to.updated_at = now;
+        match &to.state {
+            BackendState::Ready => to.ready_at = Some(now),
+            BackendState::Terminating { .. } => to.terminating_at = Some(now),
+            BackendState::Terminated { .. } => to.terminated_at = Some(now),
+            _ => {}
+        }
+        passed.push((to.state.clone(), now));
     }
+    Some(to)
 }
 
 #[cfg(test)]
