@@ -29,7 +29,7 @@ use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
@@ -108,8 +108,10 @@ pub(crate) async fn serve<I>(
     I: AsyncRead + AsyncWrite + Unpin,
 {
     let limit = settings.client_write_timeout;
+    // Each stream borrows what the connection holds: no reference count moves per request.
+    let (shared, client) = (&shared, &client);
     serve_with(settings, io, shutdown, move |req, reply| {
-        stream(shared.clone(), client.clone(), req, reply, limit)
+        stream(shared, client, req, reply, limit)
     })
     .await
 }
@@ -242,8 +244,8 @@ impl KeepAlive {
 
 /// Answers one stream: the request path, then the response (see the module).
 async fn stream(
-    shared: Arc<Shared>,
-    client: Arc<ClientInfo>,
+    shared: &Arc<Shared>,
+    client: &ClientInfo,
     req: Request<RecvStream>,
     mut reply: SendResponse<Bytes>,
     limit: Duration,
@@ -251,7 +253,7 @@ async fn stream(
     let (parts, recv) = req.into_parts();
     let body = RequestBody::new(recv, &parts.headers);
     let resp = {
-        let mut path = pin!(service::respond(&shared, &parts, body, &client, || {
+        let mut path = pin!(service::respond(shared, &parts, body, client, || {
             // A request over HTTP/2 cannot carry `connection: upgrade` (h2 refuses the
             // field), so this is not called; extended CONNECT is not enabled.
             Box::pin(async { Err::<Box<dyn ClientIo>, _>("HTTP/2 cannot switch protocols".into()) })
@@ -281,25 +283,6 @@ async fn stream(
         return;
     };
     pipe(body, tx, limit).await;
-}
-
-/// A `date` value for a response, formatted at most once a second per thread.
-fn date() -> HeaderValue {
-    use std::cell::RefCell;
-    thread_local! {
-        static DATE: RefCell<(u64, HeaderValue)> =
-            const { RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
-    }
-    let now = SystemTime::now();
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    DATE.with_borrow_mut(|(at, value)| {
-        if *at != secs {
-            *at = secs;
-            *value = HeaderValue::from_str(&httpdate::fmt_http_date(now))
-                .unwrap_or_else(|_| HeaderValue::from_static(""));
-        }
-        value.clone()
-    })
 }
 
 /// Sends `body` on `tx`, a frame at a time as the stream has room (see the module); gives up
@@ -485,7 +468,8 @@ impl crate::head::ProxyResponse {
         let has_date = self.has_date;
         let mut resp = self.into_http();
         if !has_date {
-            resp.headers_mut().insert(DATE, date());
+            resp.headers_mut()
+                .insert(DATE, crate::head::with_date(HeaderValue::clone));
         }
         if !resp.body().is_end_stream()
             && let Some(n) = resp.body().size_hint().exact()

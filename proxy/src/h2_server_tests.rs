@@ -12,8 +12,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hangar_core::BackendId;
-use hangar_core::route::{Route, RouteState, RouteTable};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::{Body, Frame, Incoming};
@@ -25,7 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{H2Settings, pipe, serve_with};
-use crate::tests::{DOMAIN, ID, Running, config, start};
+use crate::tests::{DOMAIN, ID, Running, config, route_to, start};
 
 const LIMIT: Duration = Duration::from_secs(10);
 /// Each frame the test's backend body hands out.
@@ -282,14 +280,7 @@ async fn a_connection_whose_client_answers_pings_stays_open() {
 /// A backend the test scripts, routed as `ID`.
 async fn scripted_backend(r: &Running) -> TcpListener {
     let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    r.proxy.routes().publish(Arc::new(RouteTable::new(
-        2,
-        [Route {
-            address: Some(backend.local_addr().unwrap()),
-            public: true,
-            ..Route::new(BackendId::parse(ID).unwrap(), RouteState::Ready)
-        }],
-    )));
+    route_to(r, &[(ID, backend.local_addr().unwrap())]);
     backend
 }
 

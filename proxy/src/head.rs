@@ -234,6 +234,28 @@ fn field_lines(block: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
         })
 }
 
+/// Calls `f` with the current `date` value (IMF-fixdate), formatted at most once a second per
+/// thread; both servers take a response's `date` from here.
+pub(crate) fn with_date<R>(f: impl FnOnce(&HeaderValue) -> R) -> R {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static DATE: RefCell<(u64, HeaderValue)> =
+            const { RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, value)| {
+        if *at != secs {
+            *at = secs;
+            // An IMF-fixdate is visible ASCII.
+            *value = HeaderValue::from_str(&httpdate::fmt_http_date(now))
+                .unwrap_or_else(|_| HeaderValue::from_static(""));
+        }
+        f(value)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{Method, StatusCode, Version};
@@ -872,21 +872,9 @@ fn encode_head(
     out.extend_from_slice(b"\r\n");
 }
 
-/// Appends a `date` header (IMF-fixdate), formatted at most once a second per thread.
+/// Appends a `date` header ([`crate::head::with_date`]).
 fn write_date(out: &mut Vec<u8>) {
-    use std::cell::RefCell;
-    thread_local! {
-        static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
-    }
-    let now = SystemTime::now();
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    DATE.with_borrow_mut(|(at, text)| {
-        if *at != secs {
-            *at = secs;
-            *text = httpdate::fmt_http_date(now);
-        }
-        h1::write_header(out, b"date", text.as_bytes());
-    });
+    crate::head::with_date(|date| h1::write_header(out, b"date", date.as_bytes()));
 }
 
 /// Writes `resp` to the client. Returns whether the connection can carry another request.

@@ -2,13 +2,9 @@
 //! real proxy and upstream on `127.0.0.1:0` (pipelining, HTTP/1.0, `100-continue`, refused
 //! heads, keep-alive and shutdown).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use hangar_core::BackendId;
-use hangar_core::route::{Route, RouteState, RouteTable};
 use http::{Method, StatusCode, Version};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -16,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{BodyLength, parse_request};
 use crate::error::ProxyError;
 use crate::head::RequestHead as _;
-use crate::tests::{DOMAIN, ID, Running, config, start};
+use crate::tests::{DOMAIN, ID, Running, config, route_to, start};
 
 fn parse(raw: &[u8]) -> Result<Option<super::ParsedRequest>, ProxyError> {
     parse_request(&mut BytesMut::from(raw), 16 * 1024, &mut Vec::new())
@@ -482,14 +478,7 @@ async fn a_client_that_leaves_mid_request_frees_its_backend_connection() {
     let r = start(config(), None).await;
     // A backend scripted by the test: it answers only when told to.
     let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    r.proxy.routes().publish(Arc::new(RouteTable::new(
-        2,
-        [Route {
-            address: Some(backend.local_addr().unwrap()),
-            public: true,
-            ..Route::new(BackendId::parse(ID).unwrap(), RouteState::Ready)
-        }],
-    )));
+    route_to(&r, &[(ID, backend.local_addr().unwrap())]);
     let mut s = connect(&r).await;
     send(&mut s, get("1.1", "")).await;
     let (mut up, _) = backend.accept().await.unwrap();
@@ -520,18 +509,6 @@ async fn a_client_that_leaves_mid_request_frees_its_backend_connection() {
         .expect("the backend connection stayed open after its client left")
         .unwrap_or(0);
     assert_eq!(n, 0, "the backend connection ends, with nothing more sent");
-}
-
-/// Routes `id.DOMAIN` to `addr` for each pair (replacing the test's default route table).
-fn route_to(r: &Running, routes: &[(&str, SocketAddr)]) {
-    r.proxy.routes().publish(Arc::new(RouteTable::new(
-        2,
-        routes.iter().map(|&(id, addr)| Route {
-            address: Some(addr),
-            public: true,
-            ..Route::new(BackendId::parse(id).unwrap(), RouteState::Ready)
-        }),
-    )));
 }
 
 #[test]

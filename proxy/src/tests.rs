@@ -147,6 +147,18 @@ pub(crate) async fn start(mut cfg: ProxyConfig, tls: Option<Arc<rustls::ServerCo
     }
 }
 
+/// Routes `id.DOMAIN` to `addr` for each pair (replacing the test's default route table).
+pub(crate) fn route_to(r: &Running, routes: &[(&str, SocketAddr)]) {
+    r.proxy.routes().publish(Arc::new(RouteTable::new(
+        2,
+        routes.iter().map(|&(id, addr)| Route {
+            address: Some(addr),
+            public: true,
+            ..Route::new(BackendId::parse(id).unwrap(), RouteState::Ready)
+        }),
+    )));
+}
+
 pub(crate) fn config() -> ProxyConfig {
     ProxyConfig::new(DOMAIN, TokenKey::generate())
 }
