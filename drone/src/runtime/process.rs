@@ -517,18 +517,12 @@ async fn follow_pipe(
     use tokio::net::unix::pipe;
 
     let mut buf = vec![0u8; 64 * 1024];
-    let Ok(mut fd) = fd else { return };
-    let mut first = true;
+    // Checks that it is a pipe and makes it non-blocking.
+    let Ok(mut rx) = fd.and_then(pipe::Receiver::from_owned_fd) else {
+        return;
+    };
     loop {
         // Quiet: wait for output in the event loop.
-        let registered = if first {
-            // Checks that it is a pipe and makes it non-blocking.
-            pipe::Receiver::from_owned_fd(fd)
-        } else {
-            pipe::Receiver::from_owned_fd_unchecked(fd)
-        };
-        first = false;
-        let Ok(rx) = registered else { return };
         if rx.readable().await.is_err() {
             return;
         }
@@ -565,7 +559,10 @@ async fn follow_pipe(
                 tokio::task::yield_now().await;
             }
         }
-        fd = file.into();
+        rx = match pipe::Receiver::from_owned_fd_unchecked(file.into()) {
+            Ok(rx) => rx,
+            Err(_) => return,
+        };
     }
 }
 
