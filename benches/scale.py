@@ -155,6 +155,8 @@ def main():
                     help="serve's store: the embedded one, or a 3-member etcd (Debian's etcd-server)")
     ap.add_argument("--quiet-s", type=int, default=5,
                     help="seconds without load at each level to measure serve's own CPU")
+    ap.add_argument("--logs", metavar="DIR",
+                    help="copy the logs of serve, the drones and the proxy into DIR at the end")
     ap.add_argument("--lone", type=int, default=100,
                     help="backends on the one drone whose loss is timed")
     a = ap.parse_args()
@@ -276,6 +278,12 @@ def main():
         print(f"scale: serve restarted (healthz) in {restart:.2f} s with {have} backend "
               f"records", flush=True)
         s.stop()
+        if a.logs:
+            import glob
+            import shutil
+            os.makedirs(a.logs, exist_ok=True)
+            for path in glob.glob(os.path.join(tmp, "*.log")):
+                shutil.copy(path, a.logs)
 
     print("\n| Live backends | Connects/s | p50 | p99 | Placement mean / p99 | Reconciler pass mean / p99 | serve RSS | RSS per backend | Propagation p50 / p99 (at 100/s) | serve CPU per connect | Quiet serve CPU | Records per pass |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -82,32 +82,42 @@ impl Route {
     }
 }
 
-/// How many shards a table has (a power of two). A change copies its shard: at 100,000
-/// routes, about a hundred of them.
-const SHARD_BITS: u32 = 10;
-const SHARDS: usize = 1 << SHARD_BITS;
+/// A table's routes are in 4,096 shards (a power of two), 64 groups of 64. A change copies
+/// the list of groups (64 pointers), its group (64 pointers) and its shard: at 100,000
+/// routes, about 25 of them. With one level of 1,024 shards a change copied about a hundred
+/// routes and every table the 1,024 pointers, so a burst of changes (a lost drone's hundred
+/// backends, every drone lost at once) copied most of the table at every publish.
+const GROUP_BITS: u32 = 6;
+const SHARD_BITS: u32 = 6;
+const GROUPS: usize = 1 << GROUP_BITS;
+const SHARDS_PER_GROUP: usize = 1 << SHARD_BITS;
 
 /// Hashed with foldhash: looked up on every proxied request, and its keys are ids the
 /// scheduler made, not input an attacker chooses.
 type Shard = HashMap<BackendId, Route, foldhash::fast::RandomState>;
+type Group = Vec<Arc<Shard>>;
 
-/// Which shard holds `id`: a fixed hash, so every table (and every process) agrees.
-fn shard_of(id: &str) -> usize {
+/// Which group and which shard in it hold `id`: a fixed hash, so every table (and every
+/// process) agrees.
+fn place(id: &str) -> (usize, usize) {
     use std::hash::BuildHasher;
     const PLACE: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x68616e676172);
-    (PLACE.hash_one(id) >> (64 - SHARD_BITS)) as usize
+    let h = PLACE.hash_one(id);
+    let group = (h >> (64 - GROUP_BITS)) as usize;
+    let shard = (h >> (64 - GROUP_BITS - SHARD_BITS)) as usize & (SHARDS_PER_GROUP - 1);
+    (group, shard)
 }
 
 /// An immutable snapshot of every known route, with the store revision it reflects.
 ///
-/// Sharded: [`RouteTable::apply`] copies only the shards its changes fall in and shares the
-/// others with the table it started from, and [`RouteTable::diff`] compares only the shards
-/// two tables do not share.
+/// Sharded in two levels: [`RouteTable::apply`] copies only the groups and shards its changes
+/// fall in and shares the others with the table it started from, and [`RouteTable::diff`]
+/// compares only the shards two tables do not share.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(from = "WireTable", into = "WireTable")]
 pub struct RouteTable {
     pub revision: u64,
-    shards: Vec<Arc<Shard>>,
+    groups: Vec<Arc<Group>>,
     len: usize,
 }
 
@@ -135,24 +145,32 @@ impl From<RouteTable> for WireTable {
 
 impl Default for RouteTable {
     fn default() -> Self {
-        let empty = Arc::new(Shard::default());
+        let empty = Arc::new(vec![Arc::new(Shard::default()); SHARDS_PER_GROUP]);
         RouteTable {
             revision: 0,
-            shards: vec![empty; SHARDS],
+            groups: vec![empty; GROUPS],
             len: 0,
         }
     }
+}
+
+/// The pairs of shards at the same place in two tables that are not one shared shard.
+fn unshared<'a>(
+    a: &'a [Arc<Group>],
+    b: &'a [Arc<Group>],
+) -> impl Iterator<Item = (&'a Arc<Shard>, &'a Arc<Shard>)> {
+    a.iter()
+        .zip(b)
+        .filter(|(x, y)| !Arc::ptr_eq(x, y))
+        .flat_map(|(x, y)| x.iter().zip(y.iter()))
+        .filter(|(x, y)| !Arc::ptr_eq(x, y))
 }
 
 impl PartialEq for RouteTable {
     fn eq(&self, other: &Self) -> bool {
         self.revision == other.revision
             && self.len == other.len
-            && self
-                .shards
-                .iter()
-                .zip(&other.shards)
-                .all(|(a, b)| Arc::ptr_eq(a, b) || a == b)
+            && unshared(&self.groups, &other.groups).all(|(a, b)| a == b)
     }
 }
 
@@ -169,20 +187,29 @@ impl std::fmt::Debug for RouteTable {
 
 impl RouteTable {
     pub fn new(revision: u64, routes: impl IntoIterator<Item = Route>) -> Self {
-        let mut shards: Vec<Shard> = (0..SHARDS).map(|_| Shard::default()).collect();
+        let mut groups: Vec<Vec<Shard>> = (0..GROUPS)
+            .map(|_| (0..SHARDS_PER_GROUP).map(|_| Shard::default()).collect())
+            .collect();
+        let mut len = 0;
         for r in routes {
-            shards[shard_of(r.backend.as_str())].insert(r.backend.clone(), r);
+            let (g, s) = place(r.backend.as_str());
+            if groups[g][s].insert(r.backend.clone(), r).is_none() {
+                len += 1;
+            }
         }
-        let len = shards.iter().map(HashMap::len).sum();
         RouteTable {
             revision,
-            shards: shards.into_iter().map(Arc::new).collect(),
+            groups: groups
+                .into_iter()
+                .map(|g| Arc::new(g.into_iter().map(Arc::new).collect()))
+                .collect(),
             len,
         }
     }
 
     pub fn get(&self, backend: &str) -> Option<&Route> {
-        self.shards[shard_of(backend)].get(backend)
+        let (g, s) = place(backend);
+        self.groups[g][s].get(backend)
     }
 
     pub fn len(&self) -> usize {
@@ -194,19 +221,19 @@ impl RouteTable {
     }
 
     pub fn routes(&self) -> impl Iterator<Item = &Route> {
-        self.shards.iter().flat_map(|s| s.values())
+        self.groups
+            .iter()
+            .flat_map(|g| g.iter())
+            .flat_map(|s| s.values())
     }
 
     /// The changes that turn `self` into `newer`: routes added or changed, and removed ids.
-    /// Shards the two tables share are skipped, so the cost is that of the shards changed
-    /// between them.
+    /// Groups and shards the two tables share are skipped, so the cost is that of the shards
+    /// changed between them.
     pub fn diff(&self, newer: &RouteTable) -> (Vec<Route>, Vec<BackendId>) {
         let mut upserts = Vec::new();
         let mut removals = Vec::new();
-        for (old, new) in self.shards.iter().zip(&newer.shards) {
-            if Arc::ptr_eq(old, new) {
-                continue;
-            }
+        for (old, new) in unshared(&self.groups, &newer.groups) {
             upserts.extend(
                 new.values()
                     .filter(|r| old.get(&r.backend) != Some(r))
@@ -218,21 +245,21 @@ impl RouteTable {
     }
 
     /// A new table at `revision` with `upserts` applied and `removals` removed. It shares
-    /// every shard without a change with `self`.
+    /// every group and shard without a change with `self`.
     pub fn apply(&self, revision: u64, upserts: &[Route], removals: &[BackendId]) -> RouteTable {
-        let mut shards = self.shards.clone();
+        let mut groups = self.groups.clone();
         let mut len = self.len;
         for id in removals {
-            let shard = &mut shards[shard_of(id.as_str())];
-            if shard.contains_key(id) {
-                Arc::make_mut(shard).remove(id);
+            let (g, s) = place(id.as_str());
+            if groups[g][s].contains_key(id) {
+                Arc::make_mut(&mut Arc::make_mut(&mut groups[g])[s]).remove(id);
                 len -= 1;
             }
         }
         for r in upserts {
-            let shard = &mut shards[shard_of(r.backend.as_str())];
-            if shard.get(&r.backend) != Some(r)
-                && Arc::make_mut(shard)
+            let (g, s) = place(r.backend.as_str());
+            if groups[g][s].get(&r.backend) != Some(r)
+                && Arc::make_mut(&mut Arc::make_mut(&mut groups[g])[s])
                     .insert(r.backend.clone(), r.clone())
                     .is_none()
             {
@@ -241,16 +268,21 @@ impl RouteTable {
         }
         RouteTable {
             revision,
-            shards,
+            groups,
             len,
         }
     }
 
     /// How many shards `self` and `other` do not share (for tests of the cost of a change).
     pub fn shards_not_shared_with(&self, other: &RouteTable) -> usize {
-        self.shards
+        unshared(&self.groups, &other.groups).count()
+    }
+
+    /// How many groups `self` and `other` do not share (for tests of the cost of a change).
+    pub fn groups_not_shared_with(&self, other: &RouteTable) -> usize {
+        self.groups
             .iter()
-            .zip(&other.shards)
+            .zip(&other.groups)
             .filter(|(a, b)| !Arc::ptr_eq(a, b))
             .count()
     }
@@ -615,6 +647,7 @@ mod tests {
         assert_eq!(big.len(), 10_000);
         let changed = big.apply(2, &[r(7, RouteState::Gone)], &[]);
         assert_eq!(changed.shards_not_shared_with(&big), 1);
+        assert_eq!(changed.groups_not_shared_with(&big), 1);
         assert_eq!(changed.len(), 10_000);
         assert_eq!(changed.get("b7").unwrap().state, RouteState::Gone);
         assert_eq!(
@@ -645,6 +678,67 @@ mod tests {
         // Built whole or by changes, the same routes make equal tables.
         let whole = RouteTable::new(3, next.routes().cloned());
         assert_eq!(whole, next);
+    }
+
+    /// Random batches of upserts and removals applied change by change give the table built
+    /// whole from the same routes, and each diff is exactly the batch's effect.
+    #[test]
+    fn batches_applied_match_the_table_built_whole() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        let route = |i: u32, state| Route::new(BackendId::parse(&format!("b{i}")).unwrap(), state);
+        let mut model: HashMap<BackendId, Route> = HashMap::new();
+        let mut table = RouteTable::default();
+        for revision in 1..200u64 {
+            let size = if revision % 20 == 0 {
+                3_000
+            } else {
+                rng.random_range(1..40)
+            };
+            let (mut upserts, mut removals) = (Vec::new(), Vec::new());
+            for _ in 0..size {
+                let i = rng.random_range(0..5_000u32);
+                if rng.random_bool(0.3) {
+                    removals.push(BackendId::parse(&format!("b{i}")).unwrap());
+                } else {
+                    let state = [RouteState::Starting, RouteState::Ready, RouteState::Gone]
+                        [rng.random_range(0..3)];
+                    upserts.push(route(i, state));
+                }
+            }
+            // One id in one batch at most once, as the route feed sends them.
+            let mut seen = std::collections::HashSet::new();
+            upserts.retain(|r| seen.insert(r.backend.clone()));
+            removals.retain(|id| seen.insert(id.clone()));
+            let before = model.clone();
+            for id in &removals {
+                model.remove(id);
+            }
+            for r in &upserts {
+                model.insert(r.backend.clone(), r.clone());
+            }
+            let next = table.apply(revision, &upserts, &removals);
+            assert_eq!(next, RouteTable::new(revision, model.values().cloned()));
+            assert_eq!(next.len(), model.len());
+            let (mut up, mut rm) = table.diff(&next);
+            let mut want_up: Vec<Route> = upserts
+                .iter()
+                .filter(|r| before.get(&r.backend) != Some(r))
+                .cloned()
+                .collect();
+            let mut want_rm: Vec<BackendId> = removals
+                .iter()
+                .filter(|id| before.contains_key(*id))
+                .cloned()
+                .collect();
+            for v in [&mut up, &mut want_up] {
+                v.sort_by(|a, b| a.backend.cmp(&b.backend));
+            }
+            rm.sort();
+            want_rm.sort();
+            assert_eq!((up, rm), (want_up, want_rm), "revision {revision}");
+            table = next;
+        }
     }
 
     /// On the wire a table is its revision and its routes by id, as before it was sharded.
