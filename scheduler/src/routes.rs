@@ -145,24 +145,30 @@ pub struct Routes {
 /// Receives every published table.
 pub type RouteSink = Box<dyn Fn(&Arc<RouteTable>) + Send + Sync>;
 
+/// The index's maps are hashed with foldhash, not SipHash (SipHash was most of the index's
+/// own work under connect load): their keys are ids the scheduler made and names of
+/// authenticated drones, not input an anonymous client chooses.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
+
 /// The live records, and the ended ones by when they ended.
 #[derive(Debug, Default)]
 struct RecordIndex {
     /// Shared, so that a reconciler pass takes every live record without copying one.
-    live: HashMap<BackendId, Arc<Stored<BackendRecord>>>,
+    live: FastMap<BackendId, Arc<Stored<BackendRecord>>>,
     ended: BTreeMap<(UnixMillis, BackendId), Revision>,
-    ended_at: HashMap<BackendId, UnixMillis>,
+    ended_at: FastMap<BackendId, UnixMillis>,
     /// Live backends per key namespace (keyless ones count under `default`), for quotas.
     live_per_namespace: HashMap<String, u64>,
     /// Members of each pool not stopping, for the converger and claims.
-    pools: HashMap<String, HashMap<BackendId, PoolFacts>>,
+    pools: HashMap<String, FastMap<BackendId, PoolFacts>>,
     /// Starts per pool generation since this index was built.
     tallies: HashMap<(String, u64), StartTally>,
     /// Live backends by the drone, then the agent run, their records name (`""` for none):
     /// drone loss and the reconciler's per-drone checks look up what a run holds instead of
     /// walking every live record. Nested so that a change looks its run up without copying
     /// the names.
-    by_run: HashMap<String, HashMap<String, HashSet<BackendId>>>,
+    by_run: FastMap<String, FastMap<String, FastSet<BackendId>>>,
     /// The ids of records put since the index was built, in order, for the reconciler.
     changes: ChangeLog,
 }
@@ -343,11 +349,11 @@ impl RecordIndex {
                 .or_default() += 1;
             let (drone, run) = run_of(&rec);
             if !self.by_run.contains_key(drone) {
-                self.by_run.insert(drone.to_owned(), HashMap::new());
+                self.by_run.insert(drone.to_owned(), FastMap::default());
             }
             let runs = self.by_run.get_mut(drone).expect("just ensured");
             if !runs.contains_key(run) {
-                runs.insert(run.to_owned(), HashSet::new());
+                runs.insert(run.to_owned(), FastSet::default());
             }
             runs.get_mut(run).expect("just ensured").insert(id.clone());
             self.live.insert(
