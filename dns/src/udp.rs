@@ -1,5 +1,10 @@
-//! The UDP transport: one loop per socket that reads every datagram waiting, answers it and
-//! sends the answer, without a task, a channel or an allocation per query.
+//! The UDP transport: one loop per socket that reads the datagrams waiting in batches,
+//! answers each in order and sends the batch's answers together, without a task, a channel or
+//! an allocation per query.
+//!
+//! On Linux a batch is read with one `recvmmsg` and its answers leave with one `sendmmsg`
+//! ([`Io::Batched`]); elsewhere, or on a kernel that refuses those calls, with a `recvfrom` and
+//! a `sendto` per datagram ([`Io::Single`]). The bytes sent are the same either way.
 //!
 //! A query is answered by the fast path (`fast`) when it is the common case, and otherwise
 //! the way hickory-server's UDP transport answers it, step for step: datagrams without a
@@ -7,10 +12,11 @@
 //! FORMERR, everything else goes to the [`Handler`] and is encoded with hickory's rules for
 //! UDP (512 bytes without EDNS, the negotiated size with it, truncation with TC). Sources that
 //! cannot be answered (port 0, unspecified or broadcast addresses) are ignored, as hickory
-//! ignores them.
+//! ignores them. An answer that cannot be sent is logged and skipped; the rest of its batch
+//! still goes out.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use hickory_proto::op::{Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::Record;
@@ -18,6 +24,8 @@ use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncoder};
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::Request;
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Queries};
+#[cfg(target_os = "linux")]
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
@@ -29,8 +37,33 @@ use crate::server::{DnsError, EDNS_PAYLOAD, Handler};
 /// to parse or parse as their first 4 KiB).
 const RECEIVE_BUFFER: usize = 4096;
 
-/// Datagrams answered before the loop yields to other tasks on its thread.
+/// Datagrams read at once (one `recvmmsg`, and one `sendmmsg` for their answers); the loop
+/// offers to yield to other tasks on its thread after each batch.
 const BATCH: usize = 64;
+
+/// The source recorded for a datagram whose address cannot be read: never answered.
+const UNANSWERABLE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+
+/// How the loop reads and sends datagrams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Io {
+    /// `recvmmsg` and `sendmmsg`: a system call per batch each way.
+    #[cfg(target_os = "linux")]
+    Batched,
+    /// `recvfrom` and `sendto`: a system call per datagram each way.
+    Single,
+}
+
+#[cfg(target_os = "linux")]
+const PREFERRED: Io = Io::Batched;
+#[cfg(not(target_os = "linux"))]
+const PREFERRED: Io = Io::Single;
+
+/// Every way of moving datagrams this platform has; the tests run the loop with each.
+#[cfg(all(test, target_os = "linux"))]
+pub(crate) const ALL_IO: &[Io] = &[Io::Batched, Io::Single];
+#[cfg(all(test, not(target_os = "linux")))]
+pub(crate) const ALL_IO: &[Io] = &[Io::Single];
 
 /// The query counter's handles for the fast path's four outcomes, looked up on first use
 /// (a registry lookup per query costs more than the rest of a fast answer).
@@ -60,57 +93,289 @@ pub(crate) async fn serve(
     handler: Handler,
     shutdown: CancellationToken,
 ) -> Result<(), DnsError> {
-    let mut buf = vec![0u8; RECEIVE_BUFFER];
-    let mut out = Vec::with_capacity(usize::from(EDNS_PAYLOAD));
-    let mut counters = FastCounters::default();
+    serve_with(socket, handler, shutdown, PREFERRED).await
+}
+
+/// [`serve`] starting with the calls of `io` (tests run both).
+pub(crate) async fn serve_with(
+    socket: UdpSocket,
+    handler: Handler,
+    shutdown: CancellationToken,
+    mut io: Io,
+) -> Result<(), DnsError> {
+    let mut round = Round::new();
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(()),
             ready = socket.readable() => ready.map_err(|e| DnsError::Serve(e.to_string()))?,
         }
-        for _ in 0..BATCH {
-            let (len, src) = match socket.try_recv_from(&mut buf) {
+        // Batches until the socket has nothing more to read.
+        loop {
+            let received = match round.receive(&socket, io) {
                 Ok(received) => received,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if unsupported(io, &e) => {
+                    tracing::warn!(error = %e, "recvmmsg is unavailable; reading one dns query per call");
+                    io = Io::Single;
+                    continue;
+                }
                 Err(e) if unrecoverable(&e) => return Err(DnsError::Serve(e.to_string())),
                 Err(error) => {
                     tracing::warn!(%error, "error receiving a dns query on udp");
-                    continue;
+                    0
                 }
             };
+            let answers = round.answer(&handler, received);
+            round.send(&socket, &mut io, answers, &shutdown).await?;
+            tokio::task::consume_budget().await;
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The loop's buffers, allocated once: a batch of datagrams and their answers.
+struct Round {
+    /// One receive buffer per datagram of a batch.
+    queries: Box<[[u8; RECEIVE_BUFFER]; BATCH]>,
+    /// The length and source of the datagram in each buffer.
+    received: [(usize, SocketAddr); BATCH],
+    /// The batch's answers, in the order of their queries (only the first few are this
+    /// batch's), each with room for the largest answer the fast path writes.
+    answers: Vec<Vec<u8>>,
+    /// Where each answer goes.
+    dsts: [SocketAddr; BATCH],
+    counters: FastCounters,
+}
+
+impl Round {
+    fn new() -> Round {
+        let queries = vec![[0u8; RECEIVE_BUFFER]; BATCH].into_boxed_slice();
+        Round {
+            queries: queries.try_into().expect("BATCH receive buffers"),
+            received: [(0, UNANSWERABLE); BATCH],
+            answers: (0..BATCH)
+                .map(|_| Vec::with_capacity(usize::from(EDNS_PAYLOAD)))
+                .collect(),
+            dsts: [UNANSWERABLE; BATCH],
+            counters: FastCounters::default(),
+        }
+    }
+
+    /// Reads the datagrams waiting, up to a batch, without waiting; `WouldBlock` when there
+    /// are none.
+    fn receive(&mut self, socket: &UdpSocket, io: Io) -> io::Result<usize> {
+        match io {
+            // `try_io` clears the socket's readiness when the call would block, so that the
+            // loop then waits for the next datagram.
+            #[cfg(target_os = "linux")]
+            Io::Batched => socket.try_io(Interest::READABLE, || {
+                batched::receive(socket, &mut self.queries, &mut self.received)
+            }),
+            Io::Single => {
+                let mut received = 0;
+                for (buf, slot) in self.queries.iter_mut().zip(&mut self.received) {
+                    match socket.try_recv_from(buf) {
+                        Ok(datagram) => *slot = datagram,
+                        Err(e) if received == 0 => return Err(e),
+                        // An error after some datagrams ends the batch, as it does recvmmsg's.
+                        Err(error) => {
+                            if error.kind() != io::ErrorKind::WouldBlock {
+                                tracing::warn!(%error, "error receiving a dns query on udp");
+                            }
+                            break;
+                        }
+                    }
+                    received += 1;
+                }
+                Ok(received)
+            }
+        }
+    }
+
+    /// Answers the first `received` datagrams in order; returns how many answers there are
+    /// (datagrams dropped have none).
+    fn answer(&mut self, handler: &Handler, received: usize) -> usize {
+        let mut answers = 0;
+        for (buf, &(len, src)) in self.queries.iter().zip(&self.received).take(received) {
             if !answerable(src) {
                 tracing::debug!(%src, "ignoring a dns query from an address that cannot be answered");
                 continue;
             }
             let query = &buf[..len];
-            let reply = match fast::answer(&handler.zone, query, EDNS_PAYLOAD, &mut out) {
-                Some(answered) => {
-                    counters.count(answered);
-                    &out[..]
-                }
-                None => match general_answer(&handler, query, src) {
+            let out = &mut self.answers[answers];
+            match fast::answer(&handler.zone, query, EDNS_PAYLOAD, out) {
+                Some(answered) => self.counters.count(answered),
+                None => match general_answer(handler, query, src) {
+                    // Copied, so that the buffer keeps its room for the fast path.
                     Some(bytes) => {
-                        out = bytes;
-                        &out[..]
+                        out.clear();
+                        out.extend_from_slice(&bytes);
                     }
                     None => continue,
                 },
-            };
-            send(&socket, reply, src).await;
+            }
+            self.dsts[answers] = src;
+            answers += 1;
         }
-        tokio::task::consume_budget().await;
+        answers
+    }
+
+    /// Sends the first `count` answers, waiting for room only when the socket's buffer is
+    /// full. An answer that cannot be sent is logged and skipped. Returns early, with answers
+    /// unsent, when `shutdown` fires while it waits.
+    async fn send(
+        &self,
+        socket: &UdpSocket,
+        io: &mut Io,
+        count: usize,
+        shutdown: &CancellationToken,
+    ) -> Result<(), DnsError> {
+        let mut next = 0;
+        while next < count {
+            let (answers, dsts) = (&self.answers[next..count], &self.dsts[next..count]);
+            let tried = match *io {
+                #[cfg(target_os = "linux")]
+                Io::Batched => {
+                    socket.try_io(Interest::WRITABLE, || batched::send(socket, answers, dsts))
+                }
+                Io::Single => socket.try_send_to(&answers[0], dsts[0]).map(|_| 1),
+            };
+            if let Err(error) = &tried {
+                if unsupported(*io, error) {
+                    tracing::warn!(%error, "sendmmsg is unavailable; sending one dns response per call");
+                    *io = Io::Single;
+                    continue;
+                }
+                if error.kind() != io::ErrorKind::WouldBlock {
+                    tracing::debug!(%error, dst = %dsts[0], "cannot send a dns response");
+                }
+            }
+            match advance(next, &tried) {
+                Some(after) => next = after,
+                None => tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(()),
+                    ready = socket.writable() => ready.map_err(|e| DnsError::Serve(e.to_string()))?,
+                },
+            }
+        }
+        Ok(())
     }
 }
 
-/// Sends one answer; waits for room only when the socket's buffer is full.
-async fn send(socket: &UdpSocket, reply: &[u8], dst: SocketAddr) {
-    let sent = match socket.try_send_to(reply, dst) {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => socket.send_to(reply, dst).await,
-        other => other,
-    };
-    if let Err(error) = sent {
-        tracing::debug!(%error, %dst, "cannot send a dns response");
+/// Where sending a batch's answers goes on after an attempt that started at answer `next`
+/// (`tried` is how many answers left, or why the first of them did not): past the answers
+/// sent; past the first one when it failed, so that one unreachable client does not hold up
+/// the others; or nowhere (`None`) until the socket has room again.
+fn advance(next: usize, tried: &io::Result<usize>) -> Option<usize> {
+    match tried {
+        // Sending nothing without an error does not happen; moving on guarantees progress.
+        Ok(sent) => Some(next + (*sent).max(1)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        Err(_) => Some(next + 1),
+    }
+}
+
+/// Whether `e` says the batched calls do not exist here (an old kernel, a seccomp filter).
+#[cfg(target_os = "linux")]
+fn unsupported(io: Io, e: &io::Error) -> bool {
+    io == Io::Batched && e.raw_os_error() == Some(nix::libc::ENOSYS)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn unsupported(_: Io, _: &io::Error) -> bool {
+    false
+}
+
+/// The batched system calls, through nix (`recvmmsg`) and rustix (`sendmmsg`).
+#[cfg(target_os = "linux")]
+mod batched {
+    use std::cell::RefCell;
+    use std::io::{self, IoSlice, IoSliceMut};
+    use std::net::SocketAddr;
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
+    use rustix::net::{MMsgHdr, SendAncillaryBuffer, SendFlags, SocketAddrAny, sendmmsg};
+    use tokio::net::UdpSocket;
+
+    use super::{BATCH, RECEIVE_BUFFER, UNANSWERABLE};
+
+    thread_local! {
+        /// `recvmmsg`'s message headers. They hold raw pointers, which makes them neither
+        /// `Send` nor `Sync`, so they cannot live in the loop's future (tokio moves it between
+        /// threads): each thread keeps one set, borrowed only inside [`receive`], never across
+        /// an `.await`. nix points each header at its own address slot once and never resets
+        /// the slot's length; a socket's sources all have its family's length, so the slot
+        /// always has room.
+        static HEADERS: RefCell<MultiHeaders<SockaddrStorage>> =
+            RefCell::new(MultiHeaders::preallocate(BATCH, None));
+    }
+
+    /// One `recvmmsg` without waiting: the datagrams go to `queries` in order, their lengths
+    /// and sources to `received`; returns how many there are.
+    pub(super) fn receive(
+        socket: &UdpSocket,
+        queries: &mut [[u8; RECEIVE_BUFFER]; BATCH],
+        received: &mut [(usize, SocketAddr); BATCH],
+    ) -> io::Result<usize> {
+        HEADERS.with_borrow_mut(|headers| {
+            let mut iovs = queries.each_mut().map(|buf| [IoSliceMut::new(buf)]);
+            let datagrams = recvmmsg(
+                socket.as_raw_fd(),
+                headers,
+                iovs.iter_mut(),
+                MsgFlags::MSG_DONTWAIT,
+                None,
+            )?;
+            let mut count = 0;
+            for (datagram, slot) in datagrams.zip(received.iter_mut()) {
+                let src = datagram.address.and_then(socket_addr);
+                *slot = (datagram.bytes, src.unwrap_or(UNANSWERABLE));
+                count += 1;
+            }
+            Ok(count)
+        })
+    }
+
+    fn socket_addr(addr: SockaddrStorage) -> Option<SocketAddr> {
+        match addr.as_sockaddr_in() {
+            Some(v4) => Some(SocketAddr::from(*v4)),
+            None => addr.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6)),
+        }
+    }
+
+    /// One `sendmmsg` without waiting of each answer to its destination (a batch at most):
+    /// returns how many left, or the error of the first when none did.
+    pub(super) fn send(
+        socket: &UdpSocket,
+        answers: &[Vec<u8>],
+        dsts: &[SocketAddr],
+    ) -> io::Result<usize> {
+        let count = answers.len().min(dsts.len()).min(BATCH);
+        let addrs: [Option<SocketAddrAny>; BATCH] =
+            std::array::from_fn(|i| dsts[..count].get(i).map(|&dst| SocketAddrAny::from(dst)));
+        let iovs: [[IoSlice<'_>; 1]; BATCH] =
+            std::array::from_fn(|i| [IoSlice::new(answers.get(i).map_or(&[], Vec::as_slice))]);
+        let mut controls: [SendAncillaryBuffer<'_, '_, '_>; BATCH] =
+            std::array::from_fn(|_| SendAncillaryBuffer::default());
+        let mut i = 0;
+        let mut messages = controls.each_mut().map(|control| {
+            let message = match &addrs[i] {
+                Some(addr) => MMsgHdr::new_with_addr(addr, &iovs[i], control),
+                None => MMsgHdr::new(&[], control),
+            };
+            i += 1;
+            message
+        });
+        Ok(sendmmsg(
+            socket,
+            &mut messages[..count],
+            SendFlags::DONTWAIT,
+        )?)
     }
 }
 
@@ -186,3 +451,6 @@ fn encode<'a>(
     let _ = hickory_proto::serialize::binary::BinEncodable::emit(&header, &mut encoder);
     bytes
 }
+
+#[cfg(test)]
+mod tests;

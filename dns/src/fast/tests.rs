@@ -479,22 +479,25 @@ async fn exchange(sock: &UdpSocket, server: SocketAddr, query: &[u8]) -> Option<
 async fn the_udp_loop_answers_like_hickorys_udp_transport() {
     let zone = zone();
     let (reference, mut hickory) = hickory_udp(zone.clone()).await;
-    let ours = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let ours_addr = ours.local_addr().unwrap();
-    let cancel = CancellationToken::new();
-    let task = tokio::spawn(udp::serve(
-        ours,
-        Handler { zone: zone.clone() },
-        cancel.clone(),
-    ));
-
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    for (what, query, _) in cases() {
-        let want = exchange(&client, reference, &query).await;
-        let got = exchange(&client, ours_addr, &query).await;
-        assert_eq!(got, want, "{what}: {query:02x?}");
+    // With the batched calls and with one datagram per call.
+    for &io in udp::ALL_IO {
+        let ours = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let ours_addr = ours.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(udp::serve_with(
+            ours,
+            Handler { zone: zone.clone() },
+            cancel.clone(),
+            io,
+        ));
+        for (what, query, _) in cases() {
+            let want = exchange(&client, reference, &query).await;
+            let got = exchange(&client, ours_addr, &query).await;
+            assert_eq!(got, want, "{io:?}, {what}: {query:02x?}");
+        }
+        cancel.cancel();
+        task.await.unwrap().unwrap();
     }
-    cancel.cancel();
-    task.await.unwrap().unwrap();
     hickory.shutdown_gracefully().await.unwrap();
 }
