@@ -83,30 +83,99 @@ impl Route {
 }
 
 /// A table's routes are in 4,096 shards (a power of two), 64 groups of 64. A change copies
-/// the list of groups (64 pointers), its group (64 pointers) and its shard: at 100,000
-/// routes, about 25 of them. With one level of 1,024 shards a change copied about a hundred
-/// routes and every table the 1,024 pointers, so a burst of changes (a lost drone's hundred
-/// backends, every drone lost at once) copied most of the table at every publish.
+/// the list of groups (64 pointers), its group (64 pointers) and its shard (at 100,000 routes,
+/// about 25 pointers to shared routes). With one level of 1,024 shards holding routes by value
+/// a change copied about a hundred routes and every table the 1,024 pointers, so a burst of
+/// changes (a lost drone's hundred backends, every drone lost at once) copied most of the
+/// table at every publish.
 const GROUP_BITS: u32 = 6;
 const SHARD_BITS: u32 = 6;
 const GROUPS: usize = 1 << GROUP_BITS;
 const SHARDS_PER_GROUP: usize = 1 << SHARD_BITS;
 
-/// Hashed with foldhash: looked up on every proxied request, and its keys are ids the
-/// scheduler made, not input an attacker chooses.
-type Shard = HashMap<BackendId, Route, foldhash::fast::RandomState>;
-type Group = Vec<Arc<Shard>>;
-
-/// Which group and which shard in it hold `id`: a fixed hash, so every table (and every
-/// process) agrees.
-fn place(id: &str) -> (usize, usize) {
+/// An id's hash: its top bits choose the group and the shard, the rest find it in the shard.
+/// Fixed, so every table (and every process) agrees; foldhash, because it is computed on
+/// every proxied request and the ids are the scheduler's, not input an attacker chooses.
+fn hash_of(id: &str) -> u64 {
     use std::hash::BuildHasher;
     const PLACE: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x68616e676172);
-    let h = PLACE.hash_one(id);
+    PLACE.hash_one(id)
+}
+
+/// Which group and which shard in it hold the id of hash `h`.
+fn place(h: u64) -> (usize, usize) {
     let group = (h >> (64 - GROUP_BITS)) as usize;
     let shard = (h >> (64 - GROUP_BITS - SHARD_BITS)) as usize & (SHARDS_PER_GROUP - 1);
     (group, shard)
 }
+
+/// The hash a shard's table uses: `h` with the bits every id of the shard shares moved to the
+/// bottom (the table tells entries apart by the top bits).
+fn in_shard(h: u64) -> u64 {
+    h.rotate_left(GROUP_BITS + SHARD_BITS)
+}
+
+/// The routes whose ids fall in one shard, each an `Arc` shared by every table that holds the
+/// same route: copying a shard copies pointers, not routes.
+#[derive(Clone, Default)]
+struct Shard(hashbrown::HashTable<Arc<Route>>);
+
+impl Shard {
+    fn get(&self, h: u64, id: &str) -> Option<&Route> {
+        self.0
+            .find(in_shard(h), |r| r.backend.as_str() == id)
+            .map(|r| &**r)
+    }
+
+    /// Removes `id`; whether it was there.
+    fn remove(&mut self, h: u64, id: &str) -> bool {
+        match self.0.find_entry(in_shard(h), |r| r.backend.as_str() == id) {
+            Ok(entry) => {
+                entry.remove();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Puts `route` in place of the one with its id; whether the id is new.
+    fn upsert(&mut self, h: u64, route: Route) -> bool {
+        let entry = self.0.entry(
+            in_shard(h),
+            |r| r.backend == route.backend,
+            |r| in_shard(hash_of(r.backend.as_str())),
+        );
+        match entry {
+            hashbrown::hash_table::Entry::Occupied(mut e) => {
+                *e.get_mut() = Arc::new(route);
+                false
+            }
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert(Arc::new(route));
+                true
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Route> {
+        self.0.iter().map(|r| &**r)
+    }
+}
+
+impl PartialEq for Shard {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len()
+            && self
+                .values()
+                .all(|r| other.get(hash_of(r.backend.as_str()), r.backend.as_str()) == Some(r))
+    }
+}
+
+type Group = Vec<Arc<Shard>>;
 
 /// An immutable snapshot of every known route, with the store revision it reflects.
 ///
@@ -192,8 +261,9 @@ impl RouteTable {
             .collect();
         let mut len = 0;
         for r in routes {
-            let (g, s) = place(r.backend.as_str());
-            if groups[g][s].insert(r.backend.clone(), r).is_none() {
+            let h = hash_of(r.backend.as_str());
+            let (g, s) = place(h);
+            if groups[g][s].upsert(h, r) {
                 len += 1;
             }
         }
@@ -208,8 +278,9 @@ impl RouteTable {
     }
 
     pub fn get(&self, backend: &str) -> Option<&Route> {
-        let (g, s) = place(backend);
-        self.groups[g][s].get(backend)
+        let h = hash_of(backend);
+        let (g, s) = place(h);
+        self.groups[g][s].get(h, backend)
     }
 
     pub fn len(&self) -> usize {
@@ -234,12 +305,21 @@ impl RouteTable {
         let mut upserts = Vec::new();
         let mut removals = Vec::new();
         for (old, new) in unshared(&self.groups, &newer.groups) {
+            let other = |shard: &Shard, r: &Route| {
+                shard
+                    .get(hash_of(r.backend.as_str()), r.backend.as_str())
+                    .cloned()
+            };
             upserts.extend(
                 new.values()
-                    .filter(|r| old.get(&r.backend) != Some(r))
+                    .filter(|r| other(old, r).as_ref() != Some(*r))
                     .cloned(),
             );
-            removals.extend(old.keys().filter(|id| !new.contains_key(*id)).cloned());
+            removals.extend(
+                old.values()
+                    .filter(|r| other(new, r).is_none())
+                    .map(|r| r.backend.clone()),
+            );
         }
         (upserts, removals)
     }
@@ -250,18 +330,18 @@ impl RouteTable {
         let mut groups = self.groups.clone();
         let mut len = self.len;
         for id in removals {
-            let (g, s) = place(id.as_str());
-            if groups[g][s].contains_key(id) {
-                Arc::make_mut(&mut Arc::make_mut(&mut groups[g])[s]).remove(id);
+            let h = hash_of(id.as_str());
+            let (g, s) = place(h);
+            if groups[g][s].get(h, id.as_str()).is_some() {
+                Arc::make_mut(&mut Arc::make_mut(&mut groups[g])[s]).remove(h, id.as_str());
                 len -= 1;
             }
         }
         for r in upserts {
-            let (g, s) = place(r.backend.as_str());
-            if groups[g][s].get(&r.backend) != Some(r)
-                && Arc::make_mut(&mut Arc::make_mut(&mut groups[g])[s])
-                    .insert(r.backend.clone(), r.clone())
-                    .is_none()
+            let h = hash_of(r.backend.as_str());
+            let (g, s) = place(h);
+            if groups[g][s].get(h, r.backend.as_str()) != Some(r)
+                && Arc::make_mut(&mut Arc::make_mut(&mut groups[g])[s]).upsert(h, r.clone())
             {
                 len += 1;
             }
