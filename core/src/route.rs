@@ -214,7 +214,9 @@ impl From<RouteTable> for WireTable {
 
 impl Default for RouteTable {
     fn default() -> Self {
-        let empty = Arc::new(vec![Arc::new(Shard::default()); SHARDS_PER_GROUP]);
+        // One empty shard and one group of it, shared until a change copies them.
+        let empty_shard = Arc::new(Shard::default());
+        let empty = Arc::new(vec![empty_shard; SHARDS_PER_GROUP]);
         RouteTable {
             revision: 0,
             groups: vec![empty; GROUPS],
@@ -304,20 +306,22 @@ impl RouteTable {
     pub fn diff(&self, newer: &RouteTable) -> (Vec<Route>, Vec<BackendId>) {
         let mut upserts = Vec::new();
         let mut removals = Vec::new();
+        // Whether `shard` holds `r` as it is, and whether it holds a route with `r`'s id.
+        let unchanged_in = |shard: &Shard, r: &Route| {
+            shard
+                .get(hash_of(r.backend.as_str()), r.backend.as_str())
+                .is_some_and(|o| o == r)
+        };
+        let present_in = |shard: &Shard, r: &Route| {
+            shard
+                .get(hash_of(r.backend.as_str()), r.backend.as_str())
+                .is_some()
+        };
         for (old, new) in unshared(&self.groups, &newer.groups) {
-            let other = |shard: &Shard, r: &Route| {
-                shard
-                    .get(hash_of(r.backend.as_str()), r.backend.as_str())
-                    .cloned()
-            };
-            upserts.extend(
-                new.values()
-                    .filter(|r| other(old, r).as_ref() != Some(*r))
-                    .cloned(),
-            );
+            upserts.extend(new.values().filter(|r| !unchanged_in(old, r)).cloned());
             removals.extend(
                 old.values()
-                    .filter(|r| other(new, r).is_none())
+                    .filter(|r| !present_in(new, r))
                     .map(|r| r.backend.clone()),
             );
         }
