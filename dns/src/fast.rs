@@ -248,4 +248,4 @@ pub(crate) fn answer(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

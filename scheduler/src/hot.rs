@@ -19,8 +19,7 @@ use std::time::Duration;
 use hangar_core::api::{HotBackend, HotDrone, HotReason, HotSettings};
 use hangar_core::{BackendId, UnixMillis};
 
-/// Hashes the scheduler's own ids (not attacker-chosen input) fast.
-type Fast = foldhash::fast::RandomState;
+use crate::Fast;
 
 /// The detector's thresholds.
 #[derive(Clone, Debug, PartialEq)]

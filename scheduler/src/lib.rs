@@ -17,6 +17,10 @@
 //! 4. HTTP handlers over components: `api`;
 //! 5. the composition root: `scheduler` ([`Scheduler`]).
 
+/// Hashes the scheduler's own ids and authenticated drones' names (not input an anonymous
+/// client chooses) fast: foldhash instead of SipHash.
+pub(crate) type Fast = foldhash::fast::RandomState;
+
 pub mod activity;
 pub mod api;
 pub mod api_tokens;

@@ -191,7 +191,7 @@ pub fn next_check(rec: &BackendRecord, obs: Observed, limits: Limits) -> UnixMil
 pub(crate) struct Agenda {
     cursor: Option<u64>,
     due: BTreeSet<(UnixMillis, BackendId)>,
-    at: HashMap<BackendId, UnixMillis, foldhash::fast::RandomState>,
+    at: HashMap<BackendId, UnixMillis, crate::Fast>,
 }
 
 impl Agenda {
@@ -234,9 +234,9 @@ struct DroneFacts<'a> {
     /// The term's first lease TTL: a drone whose record is gone may still reconnect.
     grace: bool,
     /// Each drone's current agent run (drones whose lease lives).
-    runs: HashMap<&'a str, &'a str, foldhash::fast::RandomState>,
+    runs: HashMap<&'a str, &'a str, crate::Fast>,
     /// Drones draining past their deadline.
-    drained: HashSet<&'a str, foldhash::fast::RandomState>,
+    drained: HashSet<&'a str, crate::Fast>,
 }
 
 /// What the reconciler reads and acts through.

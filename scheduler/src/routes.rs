@@ -24,6 +24,7 @@ use hangar_store::{Revision, Store, StoreResult, WatchEvent, WatchStream};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::Fast;
 use crate::config::{Need, SchedulerConfig};
 use crate::records::{BACKENDS_PREFIX, BackendRecord, Stored, backend_key};
 
@@ -145,11 +146,10 @@ pub struct Routes {
 /// Receives every published table.
 pub type RouteSink = Box<dyn Fn(&Arc<RouteTable>) + Send + Sync>;
 
-/// The index's maps are hashed with foldhash, not SipHash (SipHash was most of the index's
-/// own work under connect load): their keys are ids the scheduler made and names of
-/// authenticated drones, not input an anonymous client chooses.
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
+/// The index's maps are hashed with [`Fast`] (SipHash was most of the index's own work under
+/// connect load).
+type FastMap<K, V> = HashMap<K, V, Fast>;
+type FastSet<K> = HashSet<K, Fast>;
 
 /// The live records, and the ended ones by when they ended.
 #[derive(Debug, Default)]

@@ -61,7 +61,7 @@ fn zone() -> Arc<Zone> {
 
 /// A query as built by a test case.
 #[derive(Clone)]
-struct Q {
+pub(crate) struct Q {
     id: u16,
     flags: [u8; 2],
     counts: [u16; 4],
@@ -74,7 +74,7 @@ struct Q {
 }
 
 impl Q {
-    fn new(name: &str, qtype: u16) -> Q {
+    pub(crate) fn new(name: &str, qtype: u16) -> Q {
         let mut wire = Vec::new();
         for label in name
             .trim_end_matches('.')
@@ -98,7 +98,14 @@ impl Q {
     }
 
     /// Adds an OPT record: payload size, extended RCODE, version, flags, raw options.
-    fn edns(mut self, payload: u16, ext_rcode: u8, version: u8, flags: u16, opts: &[u8]) -> Q {
+    pub(crate) fn edns(
+        mut self,
+        payload: u16,
+        ext_rcode: u8,
+        version: u8,
+        flags: u16,
+        opts: &[u8],
+    ) -> Q {
         self.counts[3] += 1;
         self.additional.push(0);
         self.additional.extend_from_slice(&41u16.to_be_bytes());
@@ -111,12 +118,17 @@ impl Q {
         self
     }
 
-    fn flags(mut self, flags: [u8; 2]) -> Q {
+    pub(crate) fn flags(mut self, flags: [u8; 2]) -> Q {
         self.flags = flags;
         self
     }
 
-    fn bytes(&self) -> Vec<u8> {
+    pub(crate) fn id(mut self, id: u16) -> Q {
+        self.id = id;
+        self
+    }
+
+    pub(crate) fn bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(&self.id.to_be_bytes());
         out.extend_from_slice(&self.flags);

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ALL_IO, advance, general_answer, serve_with};
 use crate::config::DnsConfig;
+use crate::fast::tests::Q;
 use crate::server::Handler;
 use crate::zone::Zone;
 
@@ -55,19 +56,9 @@ fn handler() -> Handler {
 
 /// A query with RD set: `flags` high byte 0x01; `edns` adds a plain OPT record.
 fn query(id: u16, flags: u8, name: &str, qtype: u16, edns: bool) -> Vec<u8> {
-    let mut q = id.to_be_bytes().to_vec();
-    q.extend_from_slice(&[flags, 0, 0, 1, 0, 0, 0, 0, 0, u8::from(edns)]);
-    for label in name.split('.').filter(|l| !l.is_empty()) {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.push(0);
-    q.extend_from_slice(&qtype.to_be_bytes());
-    q.extend_from_slice(&1u16.to_be_bytes());
-    if edns {
-        q.extend_from_slice(&[0, 0, 41, 0x04, 0xD0, 0, 0, 0, 0, 0, 0]);
-    }
-    q
+    let q = Q::new(name, qtype).id(id).flags([flags, 0]);
+    let q = if edns { q.edns(1232, 0, 0, 0, &[]) } else { q };
+    q.bytes()
 }
 
 /// The datagrams a batch mixes: fast-path answers, general-path answers (SOA, TXT, REFUSED,
