@@ -322,6 +322,9 @@ impl Connector {
         self.quotas.admit_connect(&namespace)?;
         let user = req.user.clone().unwrap_or_default();
         let wait_until = Instant::now() + self.config.predecessor_wait;
+        // Warm backends this connect failed to claim: claimed or stopped meanwhile. The feed
+        // may not have applied that change yet, and would offer them again.
+        let mut passed = Vec::new();
         for _ in 0..CONNECT_ATTEMPTS {
             // 1. The key's current assignment, if any, and whether its backend still holds it.
             let mut expect = Expect::Absent;
@@ -361,7 +364,8 @@ impl Connector {
                     let generation = pool.generation_for(hash);
                     // A warm backend serves only a connect that asks for nothing of its own.
                     let warm = if req.spawn.is_none() {
-                        self.pools.hold_warm(&self.routes, &pool.name, generation)
+                        self.pools
+                            .hold_warm(&self.routes, &pool.name, generation, &passed)
                     } else {
                         None
                     };
@@ -373,7 +377,10 @@ impl Connector {
                             {
                                 Some(rec) => Placed::Warm(rec),
                                 // Claimed or removed by someone else meanwhile: read again.
-                                None => continue,
+                                None => {
+                                    passed.push(held.id.clone());
+                                    continue;
+                                }
                             }
                         }
                         None => {

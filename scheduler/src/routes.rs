@@ -141,6 +141,9 @@ pub struct Routes {
     /// Backend records by lifecycle, for the reconciler: kept up to date change by change, so
     /// that a pass costs what is live and due, never a read of the whole history.
     index: Mutex<RecordIndex>,
+    /// Tests hold the feed here (`false`) to see what readers do while it lags the store.
+    #[cfg(test)]
+    feed_open: watch::Sender<bool>,
 }
 
 /// Receives every published table.
@@ -382,6 +385,8 @@ impl Default for Routes {
             deltas: DeltaLog::default(),
             sinks: RwLock::default(),
             index: Mutex::default(),
+            #[cfg(test)]
+            feed_open: watch::channel(true).0,
         }
     }
 }
@@ -439,6 +444,13 @@ impl Routes {
         self.index
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Holds (`false`) or releases (`true`) the feed before it applies its next change: a
+    /// held feed leaves the table and the index behind the store.
+    #[cfg(test)]
+    pub(crate) fn hold_feed(&self, held: bool) {
+        self.feed_open.send_replace(!held);
     }
 
     /// Every live backend record, as of the last change the feed applied.
@@ -948,6 +960,11 @@ impl RouteFeed {
                 return Some(delivered);
             };
             delivered = true;
+            #[cfg(test)]
+            {
+                let mut open = self.routes.feed_open.subscribe();
+                let _ = open.wait_for(|open| *open).await;
+            }
             self.apply(state, first);
             // Batch whatever else is already queued into one swap.
             let mut applied = 1;

@@ -138,18 +138,22 @@ impl Pools {
     }
 
     /// Holds the first ready warm backend of `pool`'s generation `generation` that no other
-    /// connect here is claiming, in the order the converger would keep them (oldest first,
-    /// so none grows stale).
+    /// connect here is claiming and that is not in `passed` (those this connect already
+    /// failed to claim), in the order the converger would keep them (oldest first, so none
+    /// grows stale).
     pub fn hold_warm<'a>(
         &'a self,
         routes: &crate::routes::Routes,
         pool: &str,
         generation: u64,
+        passed: &[BackendId],
     ) -> Option<Claiming<'a>> {
         let mut members = routes.ready_warm(pool, generation);
         members.sort_by(|(a, at), (b, bt)| at.cmp(bt).then(a.cmp(b)));
         let mut claiming = self.claiming.lock().unwrap_or_else(|e| e.into_inner());
-        let (id, _) = members.into_iter().find(|(id, _)| !claiming.contains(id))?;
+        let (id, _) = members
+            .into_iter()
+            .find(|(id, _)| !claiming.contains(id) && !passed.contains(id))?;
         claiming.insert(id.clone());
         Some(Claiming { pools: self, id })
     }

@@ -218,6 +218,19 @@ async fn record(s: &Scheduler, id: &str) -> (crate::records::BackendRecord, u64)
     s.handles().backends.get(id).await.unwrap().unwrap()
 }
 
+/// A scheduler whose converger runs only by hand (the one returned), a fake drone, and pool
+/// `default` holding one ready warm backend.
+async fn one_ready_warm() -> (Fixture, Converger) {
+    let f = Fixture::start(|c| c.run_pool_converger = false).await;
+    let (addr, _) = claim_server().await;
+    fake_drone(&f.sched, addr).await;
+    create(&f.sched, "default", 1, "true").await;
+    let c = converger(&f.sched);
+    c.pass().await.unwrap();
+    wait_members(&f.sched, "default", |r, s, _| r == 1 && s == 0).await;
+    (f, c)
+}
+
 /// Waits until the route table reflects the store's latest revision.
 async fn settle(s: &Scheduler) {
     let rev = s.handles().store.revision().await.unwrap();
@@ -419,13 +432,7 @@ async fn connects_claim_warm_backends_first_then_start_cold_and_the_pool_refills
 /// and the converger never removes a claimed one.
 #[tokio::test]
 async fn a_warm_backend_is_claimed_once_and_never_removed_once_claimed() {
-    let f = Fixture::start(|c| c.run_pool_converger = false).await;
-    let (addr, _) = claim_server().await;
-    fake_drone(&f.sched, addr).await;
-    create(&f.sched, "default", 1, "true").await;
-    let c = converger(&f.sched);
-    c.pass().await.unwrap();
-    wait_members(&f.sched, "default", |r, _, _| r == 1).await;
+    let (f, c) = one_ready_warm().await;
     let connector = f.sched.handles().connector.clone();
     let (a, b) = tokio::join!(connector.connect(key("x")), connector.connect(key("y")));
     let (a, b) = (a.unwrap(), b.unwrap());
@@ -612,5 +619,59 @@ async fn a_claim_racing_a_removal_never_hands_out_a_stopping_backend() {
         settle(&f.sched).await;
         assert_eq!(warm_counts(&f.sched, "default"), (0, 0), "round {round}");
     }
+    f.stop().await;
+}
+
+/// The same race with the feed held, so that the table still shows the removed warm backend
+/// as ready while the connect runs (as under load, when the feed falls behind): the connect
+/// tries it once, and then starts a cold one instead of retrying it until it gives up.
+#[tokio::test]
+async fn a_connect_does_not_retry_a_warm_backend_it_failed_to_claim_while_the_feed_lags() {
+    use hangar_store::{Store, WatchEvent};
+
+    let (f, c) = one_ready_warm().await;
+    let ready = |s: &Scheduler| -> Vec<BackendId> {
+        let m = s.handles().routes.pool_members("default");
+        m.into_iter()
+            .filter(|(_, f)| f.unclaimed && f.ready)
+            .map(|(id, _)| id)
+            .collect()
+    };
+    let warm_id = ready(&f.sched)[0].clone();
+    set_warm(&f.sched, "default", 0).await;
+
+    let routes = f.sched.handles().routes.clone();
+    routes.hold_feed(true);
+    let from = f.store.revision().await.unwrap() + 1;
+    c.pass().await.unwrap();
+    let (stopping, _) = record(&f.sched, warm_id.as_str()).await;
+    assert!(!stopping.holds_key() && stopping.state != BackendState::Ready);
+    assert_eq!(
+        ready(&f.sched),
+        std::slice::from_ref(&warm_id),
+        "the held feed still shows the removed backend as ready"
+    );
+
+    // The connect's key written means it placed a backend while the feed is still held.
+    let mut keys = f
+        .store
+        .watch(crate::records::KEYS_PREFIX, from)
+        .await
+        .unwrap();
+    let connector = f.sched.handles().connector.clone();
+    let mut connect = tokio::spawn(async move { connector.connect(key("lagging")).await });
+    tokio::select! {
+        ev = keys.recv() => assert!(matches!(ev, Some(WatchEvent::Put(_))), "{ev:?}"),
+        done = &mut connect => panic!("the connect ended while the feed was held: {done:?}"),
+    }
+    routes.hold_feed(false);
+    let r = connect
+        .await
+        .unwrap()
+        .expect("the connect starts a cold backend");
+    assert!(!r.warm);
+    assert_ne!(r.backend_id, warm_id);
+    let (rec, _) = record(&f.sched, r.backend_id.as_str()).await;
+    assert!(rec.holds_key(), "the connect's backend is {}", rec.state);
     f.stop().await;
 }
