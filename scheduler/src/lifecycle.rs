@@ -8,6 +8,7 @@
 //! [`crate::connect`]); it sends nothing to drones: commands are in the records
 //! ([`crate::relay`]).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -334,8 +335,9 @@ impl Backends {
     /// transaction and [`LOST_IN_FLIGHT`] transactions at a time: each batch compares the
     /// revisions the index holds instead of reading its records again, so losing a thousand
     /// drones costs a few dozen writes and no reads. A batch that meets a change the index
-    /// has not seen yet falls back to closing its records one by one (each re-read). Returns
-    /// how many were closed.
+    /// has not seen yet falls back to closing its records one by one (each re-read). Logs one
+    /// line per drone run (a mass loss closes a hundred thousand backends: a line each would
+    /// be a large share of the work) and returns how many were closed.
     pub async fn mark_lost_many(
         &self,
         records: &[Arc<Stored<BackendRecord>>],
@@ -344,7 +346,7 @@ impl Backends {
         use futures_util::StreamExt;
         let mut chunks = records.chunks(LOST_BATCH);
         let mut running = futures_util::stream::FuturesUnordered::new();
-        let mut closed = 0;
+        let mut closed: BTreeMap<(&str, &str), usize> = BTreeMap::new();
         loop {
             while running.len() < LOST_IN_FLIGHT
                 && let Some(chunk) = chunks.next()
@@ -352,18 +354,35 @@ impl Backends {
                 running.push(self.mark_lost_batch(chunk, why));
             }
             match running.next().await {
-                Some(n) => closed += n?,
-                None => return Ok(closed),
+                Some(batch) => {
+                    for rec in batch? {
+                        let drone = rec.drone.as_deref().unwrap_or_default();
+                        let run = rec.drone_run_id.as_deref().unwrap_or_default();
+                        *closed.entry((drone, run)).or_default() += 1;
+                    }
+                }
+                None => break,
             }
         }
+        for ((drone, run_id), backends) in &closed {
+            tracing::warn!(
+                drone,
+                run_id,
+                backends,
+                reason = "lost",
+                why,
+                "backends closed: their drone run no longer has them"
+            );
+        }
+        Ok(closed.values().sum())
     }
 
-    /// One transaction of [`Backends::mark_lost_many`].
-    async fn mark_lost_batch(
+    /// One transaction of [`Backends::mark_lost_many`]: the records it closed.
+    async fn mark_lost_batch<'a>(
         &self,
-        chunk: &[Arc<Stored<BackendRecord>>],
+        chunk: &'a [Arc<Stored<BackendRecord>>],
         why: &str,
-    ) -> Result<usize, ApiError> {
+    ) -> Result<Vec<&'a BackendRecord>, ApiError> {
         let now = self.clock.now_ms();
         let (mut compares, mut ops, mut changes) = (Vec::new(), Vec::new(), Vec::new());
         for stored in chunk {
@@ -389,7 +408,7 @@ impl Backends {
             changes.push((rec, next, run_id));
         }
         if ops.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let fence_at = compares.len();
         if let Some(token) = self.fence {
@@ -409,9 +428,9 @@ impl Backends {
                         next.updated_at,
                     );
                     self.activity.forget(rec.id.as_str());
-                    tracing::warn!(backend = %rec.id, %run_id, reason = "lost", why, "backend closed: its drone run no longer has it");
+                    tracing::debug!(backend = %rec.id, %run_id, reason = "lost", why, "backend closed: its drone run no longer has it");
                 }
-                Ok(changes.len())
+                Ok(changes.into_iter().map(|(rec, _, _)| rec).collect())
             }
             TxnOutcome::Failed { compare, .. } if compare == fence_at => {
                 metrics::counter!(crate::metrics::FENCED_WRITES_TOTAL).increment(1);
@@ -421,10 +440,10 @@ impl Backends {
                 )))
             }
             TxnOutcome::Failed { .. } => {
-                let mut closed = 0;
+                let mut closed = Vec::new();
                 for (rec, _, run_id) in changes {
                     if self.mark_lost(rec.id.as_str(), run_id, why).await? {
-                        closed += 1;
+                        closed.push(rec);
                     }
                 }
                 Ok(closed)
