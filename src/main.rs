@@ -2,6 +2,7 @@
 //! its builder (`role`: validate, bind, run) with the shutdown signal, and turns the outcome
 //! into an exit code.
 
+mod alloc;
 mod cli;
 mod client;
 mod config_file;
@@ -16,12 +17,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-// The proxy allocates and frees buffers and header maps of several sizes on every request;
-// mimalloc's size-class free lists serve them without glibc's chunk consolidation (about 2% of
-// the proxy's CPU per request; see docs/benchmarks.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit code for bad configuration or usage (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
@@ -31,6 +26,7 @@ const EXIT_CONFIG: u8 = 64;
 pub struct ConfigError(pub String);
 
 fn main() -> ExitCode {
+    alloc::tune();
     let args = match config_file::expand(std::env::args_os().collect()) {
         Ok(a) => a,
         Err(e) => {
