@@ -111,10 +111,16 @@ pub enum Expect {
 impl Expect {
     /// Whether the condition holds for a key whose current state is `current`.
     pub fn holds(self, current: Option<&KeyValue>) -> bool {
+        self.holds_revisions(current.map(|kv| (kv.create_revision, kv.mod_revision)))
+    }
+
+    /// [`Expect::holds`] for a key known only by its `(create_revision, mod_revision)`, or
+    /// `None` if it does not exist.
+    pub fn holds_revisions(self, current: Option<(Revision, Revision)>) -> bool {
         match (self, current) {
             (Expect::Absent, None) | (Expect::Exists, Some(_)) => true,
-            (Expect::ModRevision(revision), Some(kv)) => kv.mod_revision == revision,
-            (Expect::CreateRevision(revision), Some(kv)) => kv.create_revision == revision,
+            (Expect::ModRevision(revision), Some((_, modified))) => modified == revision,
+            (Expect::CreateRevision(revision), Some((created, _))) => created == revision,
             _ => false,
         }
     }
