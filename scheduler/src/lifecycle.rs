@@ -353,18 +353,30 @@ impl Backends {
             {
                 running.push(self.mark_lost_batch(chunk, why));
             }
-            match running.next().await {
-                Some(batch) => {
-                    for rec in batch? {
+            let failed = match running.next().await {
+                Some(Ok(batch)) => {
+                    for rec in batch {
                         let drone = rec.drone.as_deref().unwrap_or_default();
                         let run = rec.drone_run_id.as_deref().unwrap_or_default();
                         *closed.entry((drone, run)).or_default() += 1;
                     }
+                    continue;
                 }
-                None => break,
-            }
+                Some(Err(e)) => Some(e),
+                None => None,
+            };
+            // What was closed is logged, also when a batch failed (the caller logs why).
+            Self::log_lost(&closed, why);
+            return match failed {
+                Some(e) => Err(e),
+                None => Ok(closed.values().sum()),
+            };
         }
-        for ((drone, run_id), backends) in &closed {
+    }
+
+    /// One line per drone run with the count of its backends closed as lost.
+    fn log_lost(closed: &BTreeMap<(&str, &str), usize>, why: &str) {
+        for ((drone, run_id), backends) in closed {
             tracing::warn!(
                 drone,
                 run_id,
@@ -374,7 +386,6 @@ impl Backends {
                 "backends closed: their drone run no longer has them"
             );
         }
-        Ok(closed.values().sum())
     }
 
     /// One transaction of [`Backends::mark_lost_many`]: the records it closed.
