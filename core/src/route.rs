@@ -157,6 +157,12 @@ impl Shard {
         }
     }
 
+    /// The route this shard holds under `r`'s id, if any.
+    fn find(&self, r: &Route) -> Option<&Route> {
+        let id = r.backend.as_str();
+        self.get(hash_of(id), id)
+    }
+
     fn len(&self) -> usize {
         self.0.len()
     }
@@ -168,10 +174,7 @@ impl Shard {
 
 impl PartialEq for Shard {
     fn eq(&self, other: &Self) -> bool {
-        self.len() == other.len()
-            && self
-                .values()
-                .all(|r| other.get(hash_of(r.backend.as_str()), r.backend.as_str()) == Some(r))
+        self.len() == other.len() && self.values().all(|r| other.find(r) == Some(r))
     }
 }
 
@@ -306,22 +309,11 @@ impl RouteTable {
     pub fn diff(&self, newer: &RouteTable) -> (Vec<Route>, Vec<BackendId>) {
         let mut upserts = Vec::new();
         let mut removals = Vec::new();
-        // Whether `shard` holds `r` as it is, and whether it holds a route with `r`'s id.
-        let unchanged_in = |shard: &Shard, r: &Route| {
-            shard
-                .get(hash_of(r.backend.as_str()), r.backend.as_str())
-                .is_some_and(|o| o == r)
-        };
-        let present_in = |shard: &Shard, r: &Route| {
-            shard
-                .get(hash_of(r.backend.as_str()), r.backend.as_str())
-                .is_some()
-        };
         for (old, new) in unshared(&self.groups, &newer.groups) {
-            upserts.extend(new.values().filter(|r| !unchanged_in(old, r)).cloned());
+            upserts.extend(new.values().filter(|r| old.find(r) != Some(r)).cloned());
             removals.extend(
                 old.values()
-                    .filter(|r| !present_in(new, r))
+                    .filter(|r| new.find(r).is_none())
                     .map(|r| r.backend.clone()),
             );
         }

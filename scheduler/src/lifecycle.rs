@@ -347,36 +347,27 @@ impl Backends {
         let mut chunks = records.chunks(LOST_BATCH);
         let mut running = futures_util::stream::FuturesUnordered::new();
         let mut closed: BTreeMap<(&str, &str), usize> = BTreeMap::new();
-        loop {
+        let mut failed = None;
+        while failed.is_none() {
             while running.len() < LOST_IN_FLIGHT
                 && let Some(chunk) = chunks.next()
             {
                 running.push(self.mark_lost_batch(chunk, why));
             }
-            let failed = match running.next().await {
+            match running.next().await {
                 Some(Ok(batch)) => {
                     for rec in batch {
                         let drone = rec.drone.as_deref().unwrap_or_default();
                         let run = rec.drone_run_id.as_deref().unwrap_or_default();
                         *closed.entry((drone, run)).or_default() += 1;
                     }
-                    continue;
                 }
-                Some(Err(e)) => Some(e),
-                None => None,
-            };
-            // What was closed is logged, also when a batch failed (the caller logs why).
-            Self::log_lost(&closed, why);
-            return match failed {
-                Some(e) => Err(e),
-                None => Ok(closed.values().sum()),
-            };
+                Some(Err(e)) => failed = Some(e),
+                None => break,
+            }
         }
-    }
-
-    /// One line per drone run with the count of its backends closed as lost.
-    fn log_lost(closed: &BTreeMap<(&str, &str), usize>, why: &str) {
-        for ((drone, run_id), backends) in closed {
+        // What was closed is logged, also when a batch failed (the caller logs why).
+        for ((drone, run_id), backends) in &closed {
             tracing::warn!(
                 drone,
                 run_id,
@@ -385,6 +376,10 @@ impl Backends {
                 why,
                 "backends closed: their drone run no longer has them"
             );
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(closed.values().sum()),
         }
     }
 

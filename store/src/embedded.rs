@@ -1170,21 +1170,26 @@ impl Txn {
         self.revision
     }
 
-    fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
+    /// `read` of `key`'s stored bytes, if it exists.
+    fn lookup<T>(
+        &self,
+        key: &str,
+        read: impl FnOnce(&str, &[u8]) -> StoreResult<T>,
+    ) -> StoreResult<Option<T>> {
         let table = self.txn.open_table(KV).backend()?;
         let found = table.get(key).backend()?;
-        found.map(|guard| decode(key, guard.value())).transpose()
+        found.map(|guard| read(key, guard.value())).transpose()
+    }
+
+    fn get(&self, key: &str) -> StoreResult<Option<KeyValue>> {
+        self.lookup(key, decode)
     }
 
     /// A key's revisions and lease without its value: what compares and puts need of the
     /// current record (copying values of a hundred records per transaction only to read their
     /// revisions was a twelfth of serve's work while it closed a thousand drones' backends).
     fn header(&self, key: &str) -> StoreResult<Option<Header>> {
-        let table = self.txn.open_table(KV).backend()?;
-        let found = table.get(key).backend()?;
-        found
-            .map(|guard| decode_header(key, guard.value()))
-            .transpose()
+        self.lookup(key, decode_header)
     }
 
     /// Whether `expect` holds for `key`; `Err` carries the key's current state (value
