@@ -11,11 +11,13 @@
 //! instance. Delivery is at least once (a listing after a broken watch, a readmission, two
 //! instances briefly holding sessions of one drone) and the agent's handling is idempotent.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use hangar_core::drone::SchedulerMessage;
 use hangar_store::mirror::{Followed, follow_prefix};
 use hangar_store::{KeyValue, Store, WatchEvent};
+use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::SchedulerConfig;
@@ -50,17 +52,23 @@ impl CommandRelay {
     }
 
     /// Sends what the record asks of its drone run, if this instance holds that run's session.
+    /// Which run that is is read first, without decoding the rest: most changes are to
+    /// backends whose drone's session is elsewhere (or gone, as in the loss of many drones).
     fn relay(&self, kv: &KeyValue) {
+        let Ok(Assignment {
+            drone: Some(drone),
+            drone_run_id: Some(run),
+        }) = serde_json::from_slice::<Assignment<'_>>(&kv.value)
+        else {
+            return;
+        };
+        let Some(conn) = self.drones.get(&drone).filter(|c| c.run_id == run) else {
+            return;
+        };
         let Ok(rec) = serde_json::from_slice::<BackendRecord>(&kv.value) else {
             return;
         };
-        let (Some(drone), Some(run)) = (rec.drone.as_deref(), rec.drone_run_id.as_deref()) else {
-            return;
-        };
         let Some(cmd) = rec.command(self.config.startup_timeout) else {
-            return;
-        };
-        let Some(conn) = self.drones.get(drone).filter(|c| c.run_id == run) else {
             return;
         };
         let kind = match &cmd {
@@ -73,7 +81,42 @@ impl CommandRelay {
         if conn.tx.send(cmd).is_ok() {
             metrics::counter!(crate::metrics::RELAYED_COMMANDS_TOTAL, "command" => kind)
                 .increment(1);
-            tracing::debug!(backend = %rec.id, drone, command = kind, "relayed a command");
+            tracing::debug!(backend = %rec.id, %drone, command = kind, "relayed a command");
         }
+    }
+}
+
+/// The drone run a backend record is assigned to: the two fields of a [`BackendRecord`] the
+/// relay needs before deciding whether the record concerns it (the others are skipped).
+#[derive(Deserialize)]
+struct Assignment<'a> {
+    #[serde(borrow, default)]
+    drone: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    drone_run_id: Option<Cow<'a, str>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_assignment_is_read_from_a_whole_record_and_its_absence_is_none() {
+        let cfg = SchedulerConfig::new("hangar.test", "http://a:7070".to_string());
+        let spawn = cfg.resolve_spawn(Default::default());
+        let rec = BackendRecord::scheduled(spawn, "drone \"a\"\\1", "run-7", 5);
+        let json = serde_json::to_vec(&rec).unwrap();
+        let a: Assignment<'_> = serde_json::from_slice(&json).unwrap();
+        assert_eq!(a.drone.as_deref(), Some("drone \"a\"\\1"));
+        assert_eq!(a.drone_run_id.as_deref(), Some("run-7"));
+
+        let unassigned = BackendRecord {
+            drone: None,
+            drone_run_id: None,
+            ..rec
+        };
+        let json = serde_json::to_vec(&unassigned).unwrap();
+        let a: Assignment<'_> = serde_json::from_slice(&json).unwrap();
+        assert!(a.drone.is_none() && a.drone_run_id.is_none());
     }
 }
