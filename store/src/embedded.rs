@@ -1119,6 +1119,9 @@ struct Txn {
     dirty: bool,
     events: Vec<WatchEvent>,
     changes: Vec<LeaseChange>,
+    /// Headers a compare read that held, until the key is written: a compare and a put of the
+    /// same key (a compare-and-swap, a batch of conditional puts) look the key up once.
+    checked: HashMap<String, Option<Header>>,
 }
 
 impl Txn {
@@ -1132,6 +1135,7 @@ impl Txn {
             dirty: false,
             events: Vec::new(),
             changes: Vec::new(),
+            checked: HashMap::new(),
         })
     }
 
@@ -1194,10 +1198,11 @@ impl Txn {
 
     /// Whether `expect` holds for `key`; `Err` carries the key's current state (value
     /// included) when it does not, for a failed transaction or compare-and-swap.
-    fn check(&self, key: &str, expect: Expect) -> StoreResult<Result<(), Option<KeyValue>>> {
+    fn check(&mut self, key: &str, expect: Expect) -> StoreResult<Result<(), Option<KeyValue>>> {
         let header = self.header(key)?;
-        let revisions = header.map(|h| (h.create_revision, h.mod_revision));
+        let revisions = header.as_ref().map(|h| (h.create_revision, h.mod_revision));
         if expect.holds_revisions(revisions) {
+            self.checked.insert(key.to_owned(), header);
             Ok(Ok(()))
         } else {
             Ok(Err(self.get(key)?))
@@ -1205,7 +1210,10 @@ impl Txn {
     }
 
     fn put(&mut self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> StoreResult<Revision> {
-        let prev = self.header(key)?;
+        let prev = match self.checked.remove(key) {
+            Some(checked) => checked,
+            None => self.header(key)?,
+        };
         let revision = self.next_revision();
         let kv = KeyValue {
             key: key.to_owned(),
@@ -1236,6 +1244,7 @@ impl Txn {
     }
 
     fn delete(&mut self, key: &str) -> StoreResult<bool> {
+        self.checked.remove(key);
         let Some(prev) = self.get(key)? else {
             return Ok(false);
         };
@@ -1307,6 +1316,7 @@ impl Txn {
             txn,
             revision,
             single_revision_base: _,
+            checked: _,
             dirty,
             events,
             changes,

@@ -760,6 +760,74 @@ async fn a_write_that_fails_its_check_fails_alone_in_its_batch() {
     assert_eq!(store.get("c/k").await.unwrap().unwrap().value, b"0");
 }
 
+/// A compare reads a key's header once for its put; in a batch of writes sharing one
+/// transaction, a header read by one write's compare must not stand in for the key after
+/// another write changed it (deleted, re-created, put again).
+#[tokio::test]
+async fn a_header_read_by_a_compare_is_not_reused_after_the_key_changes_in_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_in(&dir).await;
+    store.put("h/k", b"0".to_vec(), None).await.unwrap();
+    let release = hold_writer(&store).await;
+    let mut jobs = Vec::new();
+    // 2: a compare on h/k that holds, with a write elsewhere.
+    let s = store.clone();
+    jobs.push(tokio::spawn(async move {
+        s.txn(
+            vec![Compare::mod_revision("h/k", 1)],
+            vec![TxnOp::put("h/other", b"o".to_vec(), None)],
+        )
+        .await
+        .map(|_| ())
+    }));
+    queued(&store, 1).await;
+    // 3: h/k deleted; 4: created again.
+    let s = store.clone();
+    jobs.push(tokio::spawn(
+        async move { s.delete("h/k").await.map(|_| ()) },
+    ));
+    queued(&store, 2).await;
+    let s = store.clone();
+    jobs.push(tokio::spawn(async move {
+        s.put("h/k", b"new".to_vec(), None).await.map(|_| ())
+    }));
+    queued(&store, 3).await;
+    // 5: a compare-and-swap on the new key; 6: a plain put after it.
+    let s = store.clone();
+    jobs.push(tokio::spawn(async move {
+        match s
+            .compare_and_swap("h/k", Expect::ModRevision(4), b"cas".to_vec(), None)
+            .await?
+        {
+            CasOutcome::Written(5) => Ok(()),
+            other => panic!("the swap saw the re-created key at revision 4: {other:?}"),
+        }
+    }));
+    queued(&store, 4).await;
+    let s = store.clone();
+    jobs.push(tokio::spawn(async move {
+        s.put("h/k", b"last".to_vec(), None).await.map(|_| ())
+    }));
+    queued(&store, 5).await;
+    let before = store.commits();
+    drop(release);
+    for job in jobs {
+        job.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        store.commits() - before,
+        1,
+        "the five writes shared a transaction"
+    );
+    let kv = store.get("h/k").await.unwrap().unwrap();
+    assert_eq!(kv.value, b"last");
+    assert_eq!(
+        (kv.create_revision, kv.mod_revision, kv.version),
+        (4, 6, 3),
+        "created again at 4, then swapped and put"
+    );
+}
+
 /// A put with a lease queued behind that lease's revoke in the same batch: the revoke is not
 /// yet applied to memory when the put runs, so a check against memory alone would let the put
 /// attach a key to a lease that no longer exists, and the key would never expire.
