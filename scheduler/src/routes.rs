@@ -149,8 +149,9 @@ pub struct Routes {
 /// Receives every published table.
 pub type RouteSink = Box<dyn Fn(&Arc<RouteTable>) + Send + Sync>;
 
-/// The index's maps are hashed with [`Fast`] (SipHash was most of the index's own work under
-/// connect load).
+/// The index's and the feed's maps are hashed with [`Fast`] (SipHash was most of the index's
+/// own work under connect load, and the feed's maps hash every changed id several times).
+/// Their keys are ids the scheduler made and names of authenticated drones.
 type FastMap<K, V> = HashMap<K, V, Fast>;
 type FastSet<K> = HashSet<K, Fast>;
 
@@ -613,17 +614,17 @@ struct Entry {
 
 /// Routes as of a store revision, and what changed since the last publish.
 pub(crate) struct FeedState {
-    entries: HashMap<BackendId, Entry>,
+    entries: FastMap<BackendId, Entry>,
     revision: Revision,
     /// Backends changed since the last publish; `None` after a listing (publish all).
-    changed: Option<HashSet<BackendId>>,
+    changed: Option<FastSet<BackendId>>,
     /// Reservations of live backends per drone, kept change by change.
-    load: HashMap<String, Amounts>,
+    load: FastMap<String, Amounts>,
     /// Drones whose reservations changed since the last publish.
-    load_changed: HashSet<String>,
+    load_changed: FastSet<String>,
     /// Changes the directory has not taken yet: a reader held it at the last publish, and
     /// since when.
-    directory_behind: HashSet<BackendId>,
+    directory_behind: FastSet<BackendId>,
     directory_behind_since: Option<std::time::Instant>,
 }
 
@@ -641,14 +642,14 @@ const BURST: usize = 512;
 const BURST_HOLD: Duration = Duration::from_millis(5);
 
 impl FeedState {
-    fn listed(entries: HashMap<BackendId, Entry>, revision: Revision) -> FeedState {
+    fn listed(entries: FastMap<BackendId, Entry>, revision: Revision) -> FeedState {
         let mut state = FeedState {
-            entries: HashMap::with_capacity(entries.len()),
+            entries: FastMap::with_capacity_and_hasher(entries.len(), Fast::default()),
             revision,
             changed: None,
-            load: HashMap::new(),
-            load_changed: HashSet::new(),
-            directory_behind: HashSet::new(),
+            load: FastMap::default(),
+            load_changed: FastSet::default(),
+            directory_behind: FastSet::default(),
             directory_behind_since: None,
         };
         for (id, e) in entries {
@@ -745,7 +746,7 @@ impl RouteFeed {
     /// Lists every backend record and publishes the table.
     pub(crate) async fn load(&self) -> StoreResult<FeedState> {
         let listing = self.store.list(BACKENDS_PREFIX).await?;
-        let mut entries = HashMap::with_capacity(listing.kvs.len());
+        let mut entries = FastMap::with_capacity_and_hasher(listing.kvs.len(), Fast::default());
         let mut index = RecordIndex::default();
         for kv in &listing.kvs {
             match serde_json::from_slice::<BackendRecord>(&kv.value) {
@@ -777,7 +778,7 @@ impl RouteFeed {
     fn publish(&self, state: &mut FeedState) {
         let routes = &self.routes;
         let last = routes.table.borrow().clone();
-        let changed = state.changed.replace(HashSet::new());
+        let changed = state.changed.replace(FastSet::default());
         let (table, upserts, removals) = match &changed {
             None => {
                 let table = RouteTable::new(
@@ -857,7 +858,7 @@ impl RouteFeed {
 
     /// The live backends for the monitor, labelled like their routes: `changed` (all after a
     /// listing) applied, with any changes left behind while a reader held the directory.
-    fn update_directory(&self, state: &mut FeedState, changed: Option<&HashSet<BackendId>>) {
+    fn update_directory(&self, state: &mut FeedState, changed: Option<&FastSet<BackendId>>) {
         let routes = &self.routes;
         let mut directory = routes
             .directory
@@ -952,7 +953,7 @@ impl RouteFeed {
                 ev = events.recv() => ev,
                 // Changes the directory could not take while a reader held it.
                 _ = tokio::time::sleep(DIRECTORY_RETRY), if !state.directory_behind.is_empty() => {
-                    self.update_directory(state, Some(&HashSet::new()));
+                    self.update_directory(state, Some(&FastSet::default()));
                     continue;
                 }
             };
