@@ -678,6 +678,20 @@ async fn queued(store: &EmbeddedStore, n: usize) {
     }
 }
 
+/// Runs the write `write` makes on a task of its own and waits until it is queued behind the
+/// held writer (after the writes already in `jobs`).
+async fn enqueue<F, W>(
+    store: &Arc<EmbeddedStore>,
+    jobs: &mut Vec<tokio::task::JoinHandle<crate::StoreResult<()>>>,
+    write: F,
+) where
+    F: FnOnce(Arc<EmbeddedStore>) -> W,
+    W: std::future::Future<Output = crate::StoreResult<()>> + Send + 'static,
+{
+    jobs.push(tokio::spawn(write(store.clone())));
+    queued(store, jobs.len()).await;
+}
+
 #[tokio::test]
 async fn writes_queued_together_commit_in_one_transaction_with_revisions_of_their_own() {
     let dir = tempfile::tempdir().unwrap();
@@ -771,30 +785,26 @@ async fn a_header_read_by_a_compare_is_not_reused_after_the_key_changes_in_its_b
     let release = hold_writer(&store).await;
     let mut jobs = Vec::new();
     // 2: a compare on h/k that holds, with a write elsewhere.
-    let s = store.clone();
-    jobs.push(tokio::spawn(async move {
+    enqueue(&store, &mut jobs, |s| async move {
         s.txn(
             vec![Compare::mod_revision("h/k", 1)],
             vec![TxnOp::put("h/other", b"o".to_vec(), None)],
         )
         .await
         .map(|_| ())
-    }));
-    queued(&store, 1).await;
+    })
+    .await;
     // 3: h/k deleted; 4: created again.
-    let s = store.clone();
-    jobs.push(tokio::spawn(
-        async move { s.delete("h/k").await.map(|_| ()) },
-    ));
-    queued(&store, 2).await;
-    let s = store.clone();
-    jobs.push(tokio::spawn(async move {
+    enqueue(&store, &mut jobs, |s| async move {
+        s.delete("h/k").await.map(|_| ())
+    })
+    .await;
+    enqueue(&store, &mut jobs, |s| async move {
         s.put("h/k", b"new".to_vec(), None).await.map(|_| ())
-    }));
-    queued(&store, 3).await;
+    })
+    .await;
     // 5: a compare-and-swap on the new key; 6: a plain put after it.
-    let s = store.clone();
-    jobs.push(tokio::spawn(async move {
+    enqueue(&store, &mut jobs, |s| async move {
         match s
             .compare_and_swap("h/k", Expect::ModRevision(4), b"cas".to_vec(), None)
             .await?
@@ -802,13 +812,12 @@ async fn a_header_read_by_a_compare_is_not_reused_after_the_key_changes_in_its_b
             CasOutcome::Written(5) => Ok(()),
             other => panic!("the swap saw the re-created key at revision 4: {other:?}"),
         }
-    }));
-    queued(&store, 4).await;
-    let s = store.clone();
-    jobs.push(tokio::spawn(async move {
+    })
+    .await;
+    enqueue(&store, &mut jobs, |s| async move {
         s.put("h/k", b"last".to_vec(), None).await.map(|_| ())
-    }));
-    queued(&store, 5).await;
+    })
+    .await;
     let before = store.commits();
     drop(release);
     for job in jobs {
