@@ -100,7 +100,8 @@ impl ReceivedBytes {
     }
 }
 
-fn now_ms() -> u64 {
+/// The wall clock in milliseconds since the Unix epoch (what `last_active` holds).
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -115,16 +116,26 @@ impl ActivityTracker {
     /// Marks `backend` active and counts one open request until the guard drops. Its
     /// metrics carry empty `drone` and `pool` labels; the proxy uses [`Self::begin_route`].
     pub fn begin(&self, backend: &BackendId) -> ActivityGuard {
-        self.begin_labelled(backend, None)
+        self.begin_labelled(backend, None, now_ms())
     }
 
     /// Like [`Self::begin`], labelling the backend's metrics with the route's drone and pool
     /// (taken from the first request; a backend never changes drone).
     pub fn begin_route(&self, route: &Route) -> ActivityGuard {
-        self.begin_labelled(&route.backend, Some(route))
+        self.begin_route_at(route, now_ms())
     }
 
-    fn begin_labelled(&self, backend: &BackendId, route: Option<&Route>) -> ActivityGuard {
+    /// [`Self::begin_route`] with the wall clock ([`now_ms`]) the caller read already.
+    pub(crate) fn begin_route_at(&self, route: &Route, now_ms: u64) -> ActivityGuard {
+        self.begin_labelled(&route.backend, Some(route), now_ms)
+    }
+
+    fn begin_labelled(
+        &self,
+        backend: &BackendId,
+        route: Option<&Route>,
+        now: u64,
+    ) -> ActivityGuard {
         let counters = match self.backends.get(backend.as_str()) {
             Some(c) => c.clone(),
             None => self
@@ -133,7 +144,6 @@ impl ActivityTracker {
                 .or_insert_with(|| Arc::new(Counters::new(backend, route)))
                 .clone(),
         };
-        let now = now_ms();
         let previous = counters.last_active.swap(now, Ordering::Relaxed);
         if previous != 0
             && now.saturating_sub(previous) >= self.series_stale_ms.load(Ordering::Relaxed)

@@ -57,6 +57,11 @@ pub(crate) fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends a field whose value is the decimal number `n`.
+pub(crate) fn write_number_header(out: &mut Vec<u8>, name: &[u8], n: u64) {
+    write_header(out, name, itoa::Buffer::new().format(n).as_bytes());
+}
+
 /// Whether `value` may be sent as a field value: no control characters but tab.
 pub(crate) fn is_header_value(value: &[u8]) -> bool {
     value
@@ -68,10 +73,7 @@ pub(crate) fn is_header_value(value: &[u8]) -> bool {
 pub(crate) fn end_request_head(out: &mut Vec<u8>, framing: RequestFraming) {
     match framing {
         RequestFraming::None => {}
-        // Writing to a Vec cannot fail.
-        RequestFraming::Length(n) => {
-            let _ = write!(out, "content-length: {n}\r\n");
-        }
+        RequestFraming::Length(n) => write_number_header(out, b"content-length", n),
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
@@ -255,7 +257,7 @@ pub(crate) fn parse_response_head(
     };
     if let (ResponseFraming::Empty, Some(n)) = (framing, length) {
         // No body follows, but the length tells a HEAD or 304 client what one would have.
-        let _ = write!(fields, "content-length: {n}\r\n");
+        write_number_header(&mut fields, b"content-length", n);
     }
     let minor = resp.version.unwrap_or(1);
     // A response framed both ways, or an HTTP/1.0 one with a transfer coding, leaves what

@@ -16,7 +16,7 @@
 //! handed back to the listener, which serves it with [`crate::h2_server`] (h2c with prior
 //! knowledge).
 
-use std::io::{self, Write as _};
+use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -855,10 +855,7 @@ fn encode_head(
         write_date(out);
     }
     match framing {
-        // Writing to a Vec cannot fail.
-        Framing::Length(n) => {
-            let _ = write!(out, "content-length: {n}\r\n");
-        }
+        Framing::Length(n) => h1::write_number_header(out, b"content-length", n),
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::None | Framing::Close => {}
     }
