@@ -21,6 +21,26 @@ fn with_case(label: &str, upper: &[bool]) -> String {
 
 proptest! {
     #[test]
+    fn an_ascii_value_looks_like_a_token_read_in_place_as_it_does_read_as_text(
+        pieces in proptest::collection::vec(
+            prop_oneof![
+                3 => prop::sample::select(vec![" ", "\t", "\x0b", "\r", "\"", "v1.", "V1.", "v1", "."])
+                    .prop_map(String::from),
+                1 => "[ -~]{0,3}",
+            ],
+            0..7,
+        ),
+    ) {
+        let value = pieces.concat();
+        prop_assert_eq!(
+            crate::token::looks_like_ascii_token(value.as_bytes()),
+            crate::token::looks_like_token(&value),
+            "{:?}",
+            value
+        );
+    }
+
+    #[test]
     fn resolution_is_total(
         host in proptest::option::of(any::<String>()),
         header in proptest::option::of(any::<String>()),

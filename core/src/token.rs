@@ -25,17 +25,34 @@ pub struct Claims {
     pub expires_at: u64,
 }
 
-/// The backend a token's payload names, without verifying anything: only for choosing which
-/// backend to verify it against.
 /// Whether `value` looks like a Hangar token (whoever's, valid or not): what a proxy must never
 /// let reach a backend.
 pub fn looks_like_token(value: &str) -> bool {
-    let v = value.trim().trim_matches('"').as_bytes();
+    starts_like_token(value.trim().trim_matches('"').as_bytes())
+}
+
+/// [`looks_like_token`] for an ASCII value, read in place without a UTF-8 check; the two agree
+/// on ASCII values (there, `str::trim` trims tab to carriage return, and space).
+pub fn looks_like_ascii_token(value: &[u8]) -> bool {
+    let space = |c: &u8| *c == b' ' || (b'\t'..=b'\r').contains(c);
+    starts_like_token(trim_by(trim_by(value, space), |c| *c == b'"'))
+}
+
+/// `v` without the leading and trailing bytes that match `f`.
+fn trim_by(v: &[u8], f: impl Fn(&u8) -> bool) -> &[u8] {
+    let start = v.iter().position(|c| !f(c)).unwrap_or(v.len());
+    let end = v.iter().rposition(|c| !f(c)).map_or(start, |i| i + 1);
+    &v[start..end]
+}
+
+fn starts_like_token(v: &[u8]) -> bool {
     // Bytes, not a `str` slice: a multi-byte character across the prefix's end used to
     // panic (found by fuzzing).
     v.len() > PREFIX.len() && v[..PREFIX.len()].eq_ignore_ascii_case(PREFIX.as_bytes())
 }
 
+/// The backend a token's payload names, without verifying anything: only for choosing which
+/// backend to verify it against.
 pub fn peek_backend(token: &str) -> Option<String> {
     let (payload, _) = token.strip_prefix(PREFIX)?.split_once('.')?;
     let bytes = B64.decode(payload).ok()?;

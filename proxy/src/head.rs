@@ -71,7 +71,17 @@ impl RequestHead for http::request::Parts {
     }
 
     fn get(&self, name: &str) -> Option<&[u8]> {
-        self.headers.get(name).map(HeaderValue::as_bytes)
+        use http::header;
+        // The names the request path looks up on every request, as the map's own keys: a
+        // `&str` is parsed into a header name first, on every lookup.
+        let value = match name {
+            "authorization" => self.headers.get(header::AUTHORIZATION),
+            "content-length" => self.headers.get(header::CONTENT_LENGTH),
+            "host" => self.headers.get(header::HOST),
+            "upgrade" => self.headers.get(header::UPGRADE),
+            _ => self.headers.get(name),
+        };
+        value.map(HeaderValue::as_bytes)
     }
 }
 
@@ -259,6 +269,34 @@ pub(crate) fn with_date<R>(f: impl FnOnce(&HeaderValue) -> R) -> R {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parsed_heads_find_each_field_their_fields_list() {
+        let (parts, ()) = http::Request::get("/")
+            .header("Authorization", "Bearer a")
+            .header("content-length", "3")
+            .header("host", "h.test")
+            .header("upgrade", "websocket")
+            .header("x-hangar-backend", "b1")
+            .header("x-other", "o")
+            .body(())
+            .unwrap()
+            .into_parts();
+        for name in [
+            "authorization",
+            "content-length",
+            "host",
+            "upgrade",
+            "x-hangar-backend",
+            "x-other",
+            "cookie",
+        ] {
+            let listed = parts.fields().find(|(n, _)| *n == name.as_bytes());
+            assert_eq!(parts.get(name), listed.map(|(_, v)| v), "{name}");
+        }
+        assert_eq!(parts.get("authorization"), Some(&b"Bearer a"[..]));
+        assert_eq!(parts.get("cookie"), None);
+    }
 
     #[test]
     fn raw_heads_read_like_parsed_ones() {

@@ -495,7 +495,7 @@ fn carries_token(value: &[u8]) -> bool {
         return false;
     };
     v[..at].eq_ignore_ascii_case(b"bearer")
-        && std::str::from_utf8(&v[at + 1..]).is_ok_and(hangar_core::token::looks_like_token)
+        && hangar_core::token::looks_like_ascii_token(&v[at + 1..])
 }
 
 /// [`carries_token`] for any value: read lossily, as a backend might.
@@ -943,10 +943,22 @@ mod tests {
 
     #[test]
     fn bearer_tokens_are_found_in_ascii_values_whatever_the_spacing_and_case() {
-        for v in ["Bearer v1.x.y", "  bearer\tV1.x", "\x0bBEARER \"v1.x\"", "Bearer  v1.x"] {
+        for v in [
+            "Bearer v1.x.y",
+            "  bearer\tV1.x",
+            "\x0bBEARER \"v1.x\"",
+            "Bearer  v1.x",
+        ] {
             assert!(carries_token(v.as_bytes()), "{v:?}");
         }
-        for v in ["Bearer v1.", "Basic v1.x", "Bearer", "Bearerv1.x", "Bearer x.v1.y", ""] {
+        for v in [
+            "Bearer v1.",
+            "Basic v1.x",
+            "Bearer",
+            "Bearerv1.x",
+            "Bearer x.v1.y",
+            "",
+        ] {
             assert!(!carries_token(v.as_bytes()), "{v:?}");
         }
     }
