@@ -24,7 +24,7 @@
 use std::alloc::{GlobalAlloc, Layout};
 use std::ffi::{c_long, c_void};
 
-use libmimalloc_sys::mi_option_t;
+use libmimalloc_sys::{mi_malloc, mi_malloc_aligned, mi_option_t, mi_zalloc, mi_zalloc_aligned};
 
 #[global_allocator]
 static GLOBAL: Mimalloc = Mimalloc;
@@ -73,24 +73,12 @@ unsafe fn allocate(
 unsafe impl GlobalAlloc for Mimalloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: as for `allocate`.
-        unsafe {
-            allocate(
-                layout,
-                libmimalloc_sys::mi_malloc,
-                libmimalloc_sys::mi_malloc_aligned,
-            )
-        }
+        unsafe { allocate(layout, mi_malloc, mi_malloc_aligned) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: as for `allocate`.
-        unsafe {
-            allocate(
-                layout,
-                libmimalloc_sys::mi_zalloc,
-                libmimalloc_sys::mi_zalloc_aligned,
-            )
-        }
+        unsafe { allocate(layout, mi_zalloc, mi_zalloc_aligned) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {

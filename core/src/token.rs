@@ -32,9 +32,9 @@ pub fn looks_like_token(value: &str) -> bool {
 }
 
 /// [`looks_like_token`] for an ASCII value, read in place without a UTF-8 check; the two agree
-/// on ASCII values (there, `str::trim` trims tab to carriage return, and space).
+/// on ASCII values (each byte is the character `str::trim` tests).
 pub fn looks_like_ascii_token(value: &[u8]) -> bool {
-    let space = |c: &u8| *c == b' ' || (b'\t'..=b'\r').contains(c);
+    let space = |c: &u8| char::from(*c).is_whitespace();
     starts_like_token(trim_by(trim_by(value, space), |c| *c == b'"'))
 }
 
