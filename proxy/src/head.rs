@@ -2,12 +2,13 @@
 //!
 //! HTTP/1.1 requests ([`RawRequest`]) keep their head as the bytes the client sent: field
 //! names are lower-cased in place and each field is a pair of spans into those bytes, so no
-//! header map is built and nothing is copied. HTTP/2 requests come from hyper as
-//! [`http::request::Parts`]. Both are read through [`RequestHead`].
+//! header map is built and nothing is copied. HTTP/2 requests are their decoded header block
+//! ([`crate::http2::request::H2Request`]); tests build heads as [`http::request::Parts`]. All
+//! are read through [`RequestHead`].
 //!
 //! A response ([`ProxyResponse`]) carries its fields as the header lines that go to the client
 //! (`name: value\r\n`, hop-by-hop fields and framing already removed): the HTTP/1.1 server
-//! copies them out in one go; the HTTP/2 side turns them into a header map.
+//! copies them out in one go; the HTTP/2 server encodes them into its header block.
 
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -234,7 +235,7 @@ impl ProxyResponse {
 }
 
 /// The fields of a block of header lines (`name: value\r\n` each).
-fn field_lines(block: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+pub(crate) fn field_lines(block: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
     block
         .split(|&b| b == b'\n')
         .filter_map(|line| line.strip_suffix(b"\r"))

@@ -15,8 +15,8 @@ mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
 mod h1;
-mod h2_server;
 mod head;
+mod http2;
 mod listener;
 pub mod metrics;
 mod pool;

@@ -1,6 +1,6 @@
 //! The proxy's listener: accepts connections on an already-bound socket (plain or TLS), serves
 //! HTTP/1.1 with upgrades ([`crate::server`]) and HTTP/2 (h2c with prior knowledge, or `h2` via
-//! ALPN; [`crate::h2_server`]) on each, caps concurrent connections, and shuts down gracefully on a
+//! ALPN; [`crate::http2`]) on each, caps concurrent connections, and shuts down gracefully on a
 //! cancellation token.
 
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::activity::ActivityTracker;
 use crate::config::ProxyConfig;
 use crate::forward::Prefixed;
-use crate::h2_server::{self, H2Settings};
+use crate::http2::{self, Settings as H2Settings};
 use crate::route_table::RouteHandle;
 use crate::server::{self, Served, Shutdown};
 use crate::service::{ClientInfo, Shared};
@@ -174,7 +174,7 @@ impl Proxy {
 }
 
 /// Serves one client connection: HTTP/1.1 with Hangar's own server, HTTP/2 (by ALPN or the
-/// prior-knowledge preface) with [`crate::h2_server`].
+/// prior-knowledge preface) with [`crate::http2`].
 async fn serve_conn<I>(
     h2: &H2Settings,
     shutdown: Shutdown,
@@ -211,7 +211,7 @@ async fn serve_h2<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client = Arc::new(ClientInfo::new(peer, tls));
-    h2_server::serve(h2, shared, io, client, shutdown.token.clone()).await;
+    http2::serve(h2, shared, io, client, shutdown.token.clone()).await;
 }
 
 fn is_transient(e: &std::io::Error) -> bool {
@@ -231,7 +231,7 @@ mod tests {
     async fn a_connection_task_is_small_while_it_waits() {
         let p = super::Proxy::new(crate::tests::config());
         let (io, _peer) = tokio::io::duplex(64);
-        let h2 = crate::h2_server::H2Settings::new(&crate::tests::config());
+        let h2 = crate::http2::Settings::new(&crate::tests::config());
         let shutdown = crate::server::Shutdown::new(Default::default());
         let peer = "127.0.0.1:1".parse().unwrap();
         let conn = super::serve_conn(&h2, shutdown, p.shared.clone(), io, peer, false, false);

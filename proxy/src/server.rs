@@ -13,7 +13,7 @@
 //! `keep_alive_timeout`; a client that accepts no response bytes for `client_write_timeout` is
 //! dropped (with the response's backend connection). On shutdown an idle connection closes at
 //! once and a busy one after its response. A connection that starts with the HTTP/2 preface is
-//! handed back to the listener, which serves it with [`crate::h2_server`] (h2c with prior
+//! handed back to the listener, which serves it with [`crate::http2`] (h2c with prior
 //! knowledge).
 
 use std::io;

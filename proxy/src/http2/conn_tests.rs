@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::{Body, Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{H2Settings, pipe, serve_with};
+use super::{Settings, StreamGuard, new_state, send_response, serve_with};
 use crate::tests::{DOMAIN, ID, Running, config, route_to, start};
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -57,7 +57,7 @@ struct Stream {
     _client: tokio::task::JoinHandle<()>,
 }
 
-/// A server connection (in memory) whose one stream is answered by [`pipe`] with a body the
+/// A server connection (in memory) whose one stream is answered by [`send_response`] with a body the
 /// test feeds, and a client that opens that stream with `window` bytes of stream window and
 /// grants more only when the test releases what it read.
 async fn stream(window: u32) -> Stream {
@@ -65,17 +65,19 @@ async fn stream(window: u32) -> Stream {
     let (backend, rx) = mpsc::channel(64);
     let polls = Arc::new(AtomicUsize::new(0));
     let mut body = Some(Backend(rx, polls.clone()));
-    let settings = H2Settings::new(&config());
+    let settings = Settings::new(&config());
     let server = tokio::spawn(async move {
+        let state = new_state();
         serve_with(
             &settings,
             server_io,
             CancellationToken::new(),
-            move |_req, mut reply| {
+            &state,
+            move |conn, id, _req, _body| {
                 let body = body.take().expect("one stream");
                 async move {
-                    let tx = reply.send_response(Response::new(()), false).unwrap();
-                    pipe(body, tx, LIMIT).await;
+                    let mut guard = StreamGuard::new(conn, id);
+                    send_response(conn, &mut guard, StatusCode::OK, b"", true, body, LIMIT).await;
                 }
             },
         )
@@ -228,13 +230,19 @@ fn keep_alive_server(
     interval: Duration,
     timeout: Duration,
 ) -> tokio::task::JoinHandle<()> {
-    let settings = H2Settings::new(&config()).with_keep_alive(interval, timeout);
+    let settings = Settings {
+        keep_alive_interval: interval,
+        keep_alive_timeout: timeout,
+        ..Settings::new(&config())
+    };
     tokio::spawn(async move {
+        let state = new_state();
         serve_with(
             &settings,
             io,
             CancellationToken::new(),
-            |_req, _reply| async {},
+            &state,
+            |_conn, _id, _req, _body| async {},
         )
         .await
     })
