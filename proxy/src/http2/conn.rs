@@ -861,7 +861,8 @@ where
             frame::write_rst_stream(&mut st.wbuf, id, Reason::REFUSED_STREAM);
             return;
         }
-        let list = std::mem::replace(&mut self.list, HeaderList::new());
+        let next = self.list.with_room_of();
+        let list = std::mem::replace(&mut self.list, next);
         let req = match H2Request::new(list) {
             Ok(r) => r,
             Err(e) => {

@@ -167,9 +167,25 @@ impl HeaderList {
 
     /// The fields as `(name, value)`, in the order sent.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.iter_from(0)
+    }
+
+    /// The fields from the `first`-th on (all of them past the end: none).
+    pub(crate) fn iter_from(&self, first: usize) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.fields
+            .get(first..)
+            .unwrap_or_default()
             .iter()
             .map(|&(start, name_end, end)| (&self.buf[start..name_end], &self.buf[name_end..end]))
+    }
+
+    /// An empty list with this one's room (the next request's is likely the same size).
+    pub(crate) fn with_room_of(&self) -> Self {
+        HeaderList {
+            buf: Vec::with_capacity(self.buf.capacity()),
+            fields: Vec::with_capacity(self.fields.capacity()),
+            ..Self::default()
+        }
     }
 
     /// Field `i` as `(name, value)`. Panics if `i >= self.len()`.

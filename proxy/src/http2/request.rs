@@ -49,6 +49,9 @@ pub(crate) struct H2Request {
     /// The first regular field (the pseudo-header fields come first).
     regular: usize,
     pub(crate) content_length: Option<u64>,
+    /// The `cookie` fields joined with `; `, when the client split them (RFC 9113 §8.2.3:
+    /// HTTP/1.1 carries one): listed once, last, in place of the pieces.
+    cookie: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for H2Request {
@@ -61,37 +64,49 @@ impl std::fmt::Debug for H2Request {
     }
 }
 
-/// A byte that may not appear in a field value (RFC 9113 §8.2.1).
+/// A field value with a byte that may not appear in it, or surrounding whitespace (RFC 9113
+/// §8.2.1).
 fn bad_value(v: &[u8]) -> bool {
-    v.iter().any(|&b| b == 0 || b == b'\r' || b == b'\n')
+    // Folded 8 bytes at a time: a zero byte of `w ^ repeat(c)` is a byte equal to `c`.
+    const fn has_zero(w: u64) -> bool {
+        w.wrapping_sub(0x0101_0101_0101_0101) & !w & 0x8080_8080_8080_8080 != 0
+    }
+    let forbidden = |b: u8| b == 0 || b == b'\r' || b == b'\n';
+    let mut chunks = v.chunks_exact(8);
+    let in_words = chunks.by_ref().any(|c| {
+        let w = u64::from_le_bytes(c.try_into().unwrap_or_default());
+        has_zero(w) || has_zero(w ^ 0x0d0d_0d0d_0d0d_0d0d) || has_zero(w ^ 0x0a0a_0a0a_0a0a_0a0a)
+    });
+    in_words
+        || chunks.remainder().iter().any(|&b| forbidden(b))
         || v.first().is_some_and(|&b| b == b' ' || b == b'\t')
         || v.last().is_some_and(|&b| b == b' ' || b == b'\t')
 }
 
+/// Which bytes a field name may hold in HTTP/2: the token characters but upper-case letters.
+const NAME_BYTES: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_lowercase() || c.is_ascii_digit() || {
+            let mut found = false;
+            let extra = b"!#$%&'*+-.^_`|~";
+            let mut i = 0;
+            while i < extra.len() {
+                found |= extra[i] == c;
+                i += 1;
+            }
+            found
+        };
+        b += 1;
+    }
+    t
+};
+
 /// A field name of lower-case token characters.
 fn good_name(n: &[u8]) -> bool {
-    !n.is_empty()
-        && n.iter().all(|&b| {
-            b.is_ascii_lowercase()
-                || b.is_ascii_digit()
-                || matches!(
-                    b,
-                    b'!' | b'#'
-                        | b'$'
-                        | b'%'
-                        | b'&'
-                        | b'\''
-                        | b'*'
-                        | b'+'
-                        | b'-'
-                        | b'.'
-                        | b'^'
-                        | b'_'
-                        | b'`'
-                        | b'|'
-                        | b'~'
-                )
-        })
+    !n.is_empty() && n.iter().all(|&b| NAME_BYTES[usize::from(b)])
 }
 
 /// Fields HTTP/2 has no place for (RFC 9113 §8.2.2); `te` is checked on its own.
@@ -130,6 +145,7 @@ impl H2Request {
         let (mut method, mut scheme, mut path, mut authority) = (None, None, None, None);
         let mut regular = list.len();
         let mut content_length: Option<u64> = None;
+        let mut cookies = 0usize;
         for (i, (n, v)) in list.iter().enumerate() {
             if let Some(pseudo) = n.strip_prefix(b":") {
                 if regular < i {
@@ -151,6 +167,7 @@ impl H2Request {
                 regular = i;
             }
             check_regular(n, v)?;
+            cookies += usize::from(n == b"cookie");
             if n == b"content-length" {
                 // As HTTP/1.1 reads it: equal lengths may repeat, different ones may not.
                 let n = crate::h1::content_length(v, content_length)
@@ -177,6 +194,16 @@ impl H2Request {
                 return Err(Malformed::BadAuthority);
             }
         }
+        let cookie = (cookies > 1).then(|| {
+            let mut joined = Vec::new();
+            for (_, v) in list.iter_from(regular).filter(|(n, _)| *n == b"cookie") {
+                if !joined.is_empty() {
+                    joined.extend_from_slice(b"; ");
+                }
+                joined.extend_from_slice(v);
+            }
+            joined
+        });
         Ok(H2Request {
             list,
             method,
@@ -184,6 +211,7 @@ impl H2Request {
             authority,
             regular,
             content_length,
+            cookie,
         })
     }
 
@@ -207,7 +235,11 @@ impl RequestHead for H2Request {
     }
 
     fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.list.iter().skip(self.regular)
+        let joined = self.cookie.as_deref();
+        self.list
+            .iter_from(self.regular)
+            .filter(move |(n, _)| joined.is_none() || *n != b"cookie")
+            .chain(joined.map(|v| (&b"cookie"[..], v)))
     }
 }
 
@@ -280,5 +312,108 @@ impl Body for RequestBody<'_> {
             Some(n) => SizeHint::with_exact(n),
             None => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::http2::hpack::Decoder;
+
+    /// The byte-at-a-time reading of RFC 9113 §8.2.1.
+    fn bad_value_bytewise(v: &[u8]) -> bool {
+        v.iter().any(|&b| b == 0 || b == b'\r' || b == b'\n')
+            || v.first().is_some_and(|&b| b == b' ' || b == b'\t')
+            || v.last().is_some_and(|&b| b == b' ' || b == b'\t')
+    }
+
+    proptest! {
+        // A value that lets CR, LF or NUL through would split the head written to the backend.
+        #[test]
+        fn values_are_checked_as_byte_by_byte(
+            mut v in proptest::collection::vec(any::<u8>(), 0..80),
+            specials in proptest::collection::vec((any::<prop::sample::Index>(), prop::sample::select(vec![0u8, b'\r', b'\n', b' ', b'\t', 0x8d, 0x0e])), 0..3),
+        ) {
+            for (at, b) in specials {
+                if !v.is_empty() {
+                    let i = at.index(v.len());
+                    v[i] = b;
+                }
+            }
+            prop_assert_eq!(bad_value(&v), bad_value_bytewise(&v), "{:?}", v);
+        }
+    }
+
+    #[test]
+    fn names_are_lower_case_tokens() {
+        for b in 0..=255u8 {
+            let token = b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            assert_eq!(
+                NAME_BYTES[usize::from(b)],
+                token && !b.is_ascii_uppercase(),
+                "{b}"
+            );
+        }
+        assert!(!good_name(b""));
+        assert!(good_name(b"x-hangar-backend"));
+    }
+
+    /// Decodes literal fields into a request.
+    fn request(fields: &[(&str, &str)]) -> Result<H2Request, Malformed> {
+        let mut block = Vec::new();
+        for (n, v) in fields {
+            crate::http2::hpack::encode_field(n.as_bytes(), v.as_bytes(), &mut block);
+        }
+        let mut list = HeaderList::new();
+        Decoder::new(4096)
+            .decode(&block, 1 << 20, &mut list)
+            .unwrap();
+        H2Request::new(list)
+    }
+
+    #[test]
+    fn split_cookies_reach_the_backend_as_one_field() {
+        let base = [
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":path", "/p?q=1"),
+        ];
+        let req = request(&[
+            base[0],
+            base[1],
+            base[2],
+            (":authority", "b1.test"),
+            ("cookie", "a=1"),
+            ("x-other", "o"),
+            ("cookie", "b=2"),
+        ])
+        .unwrap();
+        assert_eq!(
+            req.get_all("cookie").collect::<Vec<_>>(),
+            [&b"a=1; b=2"[..]]
+        );
+        assert_eq!(
+            req.fields().collect::<Vec<_>>(),
+            [(&b"x-other"[..], &b"o"[..]), (b"cookie", b"a=1; b=2")]
+        );
+        assert_eq!((req.path(), req.query()), ("/p", Some("q=1")));
+        assert_eq!(req.authority(), Some("b1.test"));
+
+        // One cookie field stays where it was.
+        let req = request(&[
+            base[0],
+            base[1],
+            base[2],
+            ("cookie", "a=1"),
+            ("x-other", "o"),
+        ])
+        .unwrap();
+        assert_eq!(
+            req.fields().collect::<Vec<_>>(),
+            [(&b"cookie"[..], &b"a=1"[..]), (b"x-other", b"o")]
+        );
+        assert_eq!(req.authority(), None);
     }
 }
