@@ -1,5 +1,6 @@
 //! The bodies of the cargo-fuzz targets over the proxy's HTTP/1.1 wire format
-//! (`fuzz/fuzz_targets/{request_head,body_decoders,response_head}.rs`), shared with the
+//! (`fuzz/fuzz_targets/{request_head,body_decoders,response_head}.rs`) and HTTP/2 header
+//! blocks (`h2_header_block.rs`), shared with the
 //! regression tests that replay `fuzz/corpus/<target>/` and `fuzz/artifacts/<target>/` in the
 //! normal suite. Each takes arbitrary bytes, runs the real parsers on them and panics when a
 //! property fails. Not an API.
@@ -51,7 +52,7 @@ pub fn fuzz_request_head(data: &[u8]) {
         };
         assert!(buf.len() < before, "a parsed head is taken off the buffer");
         check_request(&parsed);
-        check_upstream(&parsed);
+        check_upstream(&parsed.head);
 
         // The body, then the next request, as the connection loop reads them.
         let mut body = match parsed.body {
@@ -74,47 +75,10 @@ pub fn fuzz_request_head(data: &[u8]) {
 
 fn check_request(p: &ParsedRequest) {
     let head = &p.head;
-    let mut hosts = 0;
-    for (name, value) in head.fields() {
-        assert!(!name.is_empty(), "empty field name");
-        assert!(
-            !name.iter().any(u8::is_ascii_uppercase),
-            "names are lower case: {:?}",
-            String::from_utf8_lossy(name)
-        );
-        assert!(
-            !value.iter().any(|&b| b == b'\r' || b == b'\n'),
-            "a field value holds a line break"
-        );
-        hosts += usize::from(name == b"host");
-    }
+    let hosts = check_head(head);
     if p.version == Version::HTTP_11 {
         assert_eq!(hosts, 1, "an HTTP/1.1 request has exactly one host");
     }
-    let target = head.target();
-    assert!(
-        target.starts_with('/') || (target == "*" && *head.method() == Method::OPTIONS),
-        "the target is in origin form: {target:?}"
-    );
-    assert!(
-        target.bytes().all(|b| b > b' ' && b != 0x7f),
-        "the target holds no space or control character: {target:?}"
-    );
-    assert_eq!(
-        format!(
-            "{}{}",
-            head.path(),
-            head.query().map_or(String::new(), |q| format!("?{q}"))
-        ),
-        target
-    );
-    if let Some(authority) = head.authority() {
-        assert!(
-            !authority.is_empty() && !authority.contains('@'),
-            "{authority:?}"
-        );
-    }
-    assert_ne!(*head.method(), Method::CONNECT);
     if p.expect_continue {
         assert_eq!(p.version, Version::HTTP_11);
         assert_ne!(p.body, BodyLength::Length(0));
@@ -141,6 +105,49 @@ fn check_request(p: &ParsedRequest) {
         };
         assert_eq!(p.body, BodyLength::Length(n));
     }
+}
+
+/// What every parsed head promises, whichever version it came in, and the route it names;
+/// returns how many `host` fields it has.
+fn check_head(head: &impl RequestHead) -> usize {
+    let mut hosts = 0;
+    for (name, value) in head.fields() {
+        assert!(!name.is_empty(), "empty field name");
+        assert!(
+            !name.iter().any(u8::is_ascii_uppercase),
+            "names are lower case: {:?}",
+            String::from_utf8_lossy(name)
+        );
+        assert!(
+            !value.iter().any(|&b| b == b'\r' || b == b'\n'),
+            "a field value holds a line break"
+        );
+        hosts += usize::from(name == b"host");
+    }
+    let target = head.target();
+    assert!(
+        target.starts_with('/') || (target == "*" && *head.method() == Method::OPTIONS),
+        "the target is in origin form: {target:?}"
+    );
+    assert!(
+        target.bytes().all(|b| b > b' ' && b != 0x7f),
+        "the target holds no space or control character: {target:?}"
+    );
+    assert_eq!(
+        format!(
+            "{}{}",
+            head.path(),
+            head.query().map_or(String::new(), |q| format!("?{q}"))
+        ),
+        target
+    );
+    if let Some(authority) = head.authority() {
+        assert!(
+            !authority.is_empty() && !authority.contains('@'),
+            "{authority:?}"
+        );
+    }
+    assert_ne!(*head.method(), Method::CONNECT);
 
     // Which backend the request names, gathered as `service::find_route` does.
     fn text(v: &[u8]) -> Option<&str> {
@@ -154,6 +161,7 @@ fn check_request(p: &ParsedRequest) {
         cookies: &cookies,
     };
     let _ = route::resolve(&names, DOMAIN);
+    hosts
 }
 
 /// Whether a credential (`Authorization` value, as text) is a bearer Hangar token in any
@@ -174,7 +182,7 @@ fn bearer_token(value: &str) -> bool {
         && rest.trim().trim_matches('"').len() > 3
 }
 
-fn check_upstream(p: &ParsedRequest) {
+fn check_upstream(head: &impl RequestHead) {
     let backend = BackendId::parse("b1").unwrap();
     let client = ClientInfo::new(([10, 0, 0, 1], 4567).into(), false);
     let f = Forwarding {
@@ -183,9 +191,9 @@ fn check_upstream(p: &ParsedRequest) {
         key: Some("team/alice"),
         epoch: 3,
         client: &client,
-        upgrade: is_upgrade(&p.head),
+        upgrade: is_upgrade(head),
     };
-    let mut up = upstream_head(&p.head, &f);
+    let mut up = upstream_head(head, &f);
     h1::end_request_head(&mut up, RequestFraming::None);
 
     let mut headers = vec![httparse::EMPTY_HEADER; 2 * crate::server::MAX_REQUEST_HEADERS + 16];
@@ -198,7 +206,7 @@ fn check_upstream(p: &ParsedRequest) {
         ),
     }
     let lossy = String::from_utf8_lossy(&up);
-    assert_eq!(req.method, Some(p.head.method().as_str()), "{lossy}");
+    assert_eq!(req.method, Some(head.method().as_str()), "{lossy}");
     let target = req.path.unwrap_or_default();
     assert!(target.starts_with('/') || target == "*", "{lossy}");
     if let Some((_, query)) = target.split_once('?') {
@@ -476,6 +484,36 @@ pub fn fuzz_response_head(data: &[u8]) {
     .into_http();
 }
 
+/// `h2_header_block`: the input is what an HTTP/2 client sends as header blocks on one
+/// connection (HPACK, the dynamic table starting empty), split in two blocks at the offset its
+/// first byte gives so that the table carries from one to the next. Each block that decodes
+/// and makes a request ([`crate::http2::request::H2Request`]) must keep the promises an
+/// HTTP/1.1 head keeps (lower-case names, no line break in a value, an origin-form target, no
+/// CONNECT), and the head the backend gets must parse and carry no Hangar token and no forged
+/// `x-hangar-*`.
+pub fn fuzz_h2_header_block(data: &[u8]) {
+    use crate::http2::hpack::{Decoder, HeaderList};
+    use crate::http2::request::H2Request;
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let cut = usize::from(first).min(rest.len());
+    let mut decoder = Decoder::new(4096);
+    for block in [&rest[..cut], &rest[cut..]] {
+        let mut list = HeaderList::new();
+        if decoder.decode(block, MAX_HEAD, &mut list).is_err() {
+            return;
+        }
+        if list.too_large() {
+            continue;
+        }
+        if let Ok(req) = H2Request::new(list) {
+            check_head(&req);
+            check_upstream(&req);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -543,6 +581,11 @@ mod tests {
     #[test]
     fn body_decoders_corpus_replays() {
         replay("body_decoders", super::fuzz_body_decoders);
+    }
+
+    #[test]
+    fn h2_header_block_corpus_replays() {
+        replay("h2_header_block", super::fuzz_h2_header_block);
     }
 
     #[test]
