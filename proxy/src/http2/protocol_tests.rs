@@ -679,3 +679,42 @@ async fn a_reset_stream_drops_its_request_path_and_bodies_of_ended_streams_are_d
         }
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+
+    /// Whatever frames a client sends after its preface and SETTINGS, the connection neither
+    /// panics nor outlives its client: once the client has closed its side, the server ends.
+    #[test]
+    fn arbitrary_frames_never_panic_or_hang_the_server(
+        frames in proptest::collection::vec(
+            (0u8..11, proptest::prelude::any::<u8>(), 0u32..6, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)),
+            0..24,
+        ),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let mut c = serve(Handler::Echo, None);
+            let mut out = frame::PREFACE.to_vec();
+            out.extend(frame(frame::SETTINGS, 0, 0, &[]));
+            for (kind, flags, stream, payload) in &frames {
+                // Header blocks that decode now and then: a plain GET.
+                let payload = if *kind == frame::HEADERS && flags & 1 == 0 {
+                    block(&[(":method", "GET"), (":scheme", "http"), (":path", "/")])
+                } else {
+                    payload.clone()
+                };
+                out.extend(frame(*kind, *flags, *stream, &payload));
+            }
+            let _ = c.io.write_all(&out).await;
+            let _ = c.io.shutdown().await;
+            let mut sink = Vec::new();
+            let read = tokio::time::timeout(WAIT, c.io.read_to_end(&mut sink)).await;
+            assert!(read.is_ok(), "the server kept the connection open after its client closed");
+            tokio::time::timeout(WAIT, &mut c.server)
+                .await
+                .expect("the server's connection outlived its client")
+                .expect("the server's connection panicked");
+        });
+    }
+}
