@@ -19,7 +19,7 @@ shift || true
 if [ "$#" -gt 0 ]; then
     targets=("$@")
 else
-    targets=(request_head body_decoders response_head token route dns_query)
+    targets=(request_head body_decoders response_head h2_header_block token route dns_query)
 fi
 case "$seconds" in
 '' | *[!0-9]*)
