@@ -43,6 +43,9 @@ pub(crate) const MAX_STREAMS: usize = 200;
 /// Streams the proxy may reset because of the client's errors before it closes the
 /// connection (a client that makes the proxy reset stream after stream).
 const MAX_LOCAL_RESETS: usize = 1024;
+/// Streams a client may cancel while they run, when it cancels more than half of those it
+/// opens, before the connection is closed.
+const MAX_CANCELLED: usize = 1024;
 /// Bytes waiting for the socket past which streams stop adding to them and frames are no
 /// longer read (a client that does not read what it asks for).
 const WRITE_HIGH: usize = 256 * 1024;
@@ -291,6 +294,8 @@ pub(crate) async fn serve_with<'a, I, F, A>(
         preface: false,
         settled: false,
         last_stream: 0,
+        opened: 0,
+        cancelled: 0,
         read_closed: false,
         draining: None,
         peer_gone: false,
@@ -351,6 +356,9 @@ struct Driver<'a, I, F, A> {
     settled: bool,
     /// The highest stream id the client has opened.
     last_stream: u32,
+    /// Streams served, and those of them the client reset while they ran.
+    opened: usize,
+    cancelled: usize,
     read_closed: bool,
     /// A GOAWAY was sent for shutdown: streams above this id are not served.
     draining: Option<u32>,
@@ -713,9 +721,25 @@ where
             return self.fail(Reason::PROTOCOL_ERROR);
         }
         let code = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
-        if let Some(slot) = lock(self.conn).streams.get_mut(&head.stream) {
-            slot.reset = Some(Reason(code));
-            slot.wake();
+        let cancelled = {
+            let mut st = lock(self.conn);
+            match st.streams.get_mut(&head.stream) {
+                Some(slot) if slot.reset.is_none() => {
+                    slot.reset = Some(Reason(code));
+                    slot.wake();
+                    true
+                }
+                _ => false,
+            }
+        };
+        // Opening streams and cancelling them at once makes the proxy start request after
+        // request (and drop backend connections mid-request) for a few bytes each: a client
+        // that cancels more than it lets run is cut off ("rapid reset").
+        if cancelled {
+            self.cancelled += 1;
+            if self.cancelled > MAX_CANCELLED && self.cancelled * 2 > self.opened {
+                self.fail(Reason::ENHANCE_YOUR_CALM);
+            }
         }
     }
 
@@ -896,6 +920,7 @@ where
             },
         );
         drop(st);
+        self.opened += 1;
         let body = RequestBody::new(self.conn, id, req.content_length, end_stream);
         let fut = (self.answer)(self.conn, id, req, body);
         self.streams.push(fut);

@@ -29,6 +29,8 @@ enum Handler {
     Echo,
     /// Never answers (nor reads the body).
     Hang,
+    /// Reads the body, then never answers; ends when the client resets the stream.
+    Wait,
 }
 
 /// A raw client on an in-memory connection to a served connection.
@@ -62,6 +64,12 @@ fn serve(handler: Handler, gate: Option<oneshot::Receiver<()>>) -> Raw {
                     let mut guard = StreamGuard::new(conn, id);
                     if matches!(handler, Handler::Hang) {
                         std::future::pending::<()>().await;
+                    }
+                    if matches!(handler, Handler::Wait) {
+                        if body.collect().await.is_ok() {
+                            std::future::pending::<()>().await;
+                        }
+                        return;
                     }
                     if let Some(g) = gate {
                         let _ = g.await;
@@ -675,6 +683,63 @@ async fn a_reset_stream_drops_its_request_path_and_bodies_of_ended_streams_are_d
         assert_ne!(h.kind, frame::GOAWAY, "{p:?}");
         if h.kind == frame::PING {
             assert_eq!(p, b"stillok!");
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_cancels_stream_after_stream_is_cut_off() {
+    let mut c = Raw::start(Handler::Wait).await;
+    let post = block(&[(":method", "POST"), (":scheme", "http"), (":path", "/")]);
+    // In batches under the stream limit (a stream refused for the limit costs nothing).
+    let cancel = Reason::CANCEL.0.to_be_bytes();
+    let mut id = 1;
+    let mut cut_off = None;
+    for _ in 0..11 {
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            out.extend(frame(frame::HEADERS, frame::END_HEADERS, id, &post));
+            out.extend(frame(frame::RST_STREAM, 0, id, &cancel));
+            id += 2;
+        }
+        out.extend(frame(frame::PING, 0, 0, b"batchend"));
+        c.send(&out).await;
+        let (h, p) = c.next().await.expect("the connection closed");
+        if h.kind == frame::GOAWAY {
+            cut_off = Some(Reason(u32::from_be_bytes(p[4..8].try_into().unwrap())));
+            break;
+        }
+        assert_eq!(h.kind, frame::PING);
+    }
+    assert_eq!(cut_off, Some(Reason::ENHANCE_YOUR_CALM));
+    c.closed().await;
+
+    // Cancelling now and then, among streams that run their course, is allowed.
+    let mut c = Raw::start(Handler::Wait).await;
+    let mut id = 1;
+    for _ in 0..1100 {
+        for _ in 0..2 {
+            let post = [(":method", "POST"), (":scheme", "http"), (":path", "/")];
+            c.request(id, &post, Some(b"x")).await;
+            id += 2;
+        }
+        c.send(&frame(frame::HEADERS, frame::END_HEADERS, id, &post))
+            .await;
+        c.send(&frame(
+            frame::RST_STREAM,
+            0,
+            id,
+            &Reason::CANCEL.0.to_be_bytes(),
+        ))
+        .await;
+        id += 2;
+    }
+    c.send(&frame(frame::PING, 0, 0, b"stillok!")).await;
+    loop {
+        let (h, p) = c.next().await.expect("the connection closed");
+        assert_ne!(h.kind, frame::GOAWAY, "{p:?}");
+        if h.kind == frame::PING {
             break;
         }
     }
