@@ -386,6 +386,11 @@ async fn malformed_requests_are_reset_and_the_connection_goes_on() {
         ),
         ("te other than trailers", with(&[("te", "gzip")])),
         ("a value with a newline", with(&[("x-a", "a\nb")])),
+        (
+            "a value with a control character",
+            with(&[("x-a", "a\u{1}b")]),
+        ),
+        ("a value with DEL", with(&[("x-a", "a\u{7f}")])),
         ("a value with surrounding space", with(&[("x-a", " a")])),
         (
             "an unknown pseudo-header",
