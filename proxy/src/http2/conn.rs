@@ -156,7 +156,7 @@ impl Slot {
 impl State {
     fn new() -> Self {
         State {
-            wbuf: Vec::with_capacity(READ_CHUNK),
+            wbuf: Vec::new(),
             scratch: Vec::new(),
             send_window: frame::DEFAULT_WINDOW,
             initial_send_window: frame::DEFAULT_WINDOW,
@@ -445,10 +445,26 @@ where
             if !progress {
                 if idle {
                     this.write_timer = None;
+                    this.release_if_idle();
                     return Poll::Pending;
                 }
                 return this.poll_write_timer(cx);
             }
+        }
+    }
+
+    /// A connection with no stream open and nothing half read or unsent gives its buffers
+    /// back while it waits (as HTTP/1.1 connections do): idle clients, such as browsers that
+    /// keep a connection for later, cost no buffers. The next read allocates again.
+    fn release_if_idle(&mut self) {
+        if !self.streams.is_empty() || !self.rbuf.is_empty() || self.pending.is_some() {
+            return;
+        }
+        self.rbuf = BytesMut::new();
+        let mut st = lock(self.conn);
+        if st.wbuf.is_empty() {
+            st.wbuf = Vec::new();
+            st.scratch = Vec::new();
         }
     }
 
