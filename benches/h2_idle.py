@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Memory per idle HTTP/2 (h2c) client connection in the proxy.
+
+`hangar dev` starts a demo backend; then, twice, N client connections each open with the h2c
+preface, make one request with a bearer token, read the whole response and stay open, idle.
+The figure is the growth of `hangar dev`'s RSS per connection over each batch (the first batch
+is closed before the second opens, so the second shows what is reused). load.py measures the
+same for HTTP/1.1 keep-alive connections.
+
+    python3 benches/h2_idle.py [--hangar PATH] [--connections 1000]
+
+Needs a release build (`cargo build --release`); the process may need `ulimit -n` above
+2 x N + 100.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+import load
+
+
+def literal(name, value):
+    """An HPACK literal field without indexing, with a literal name (short strings only)."""
+    n, v = name.encode(), value.encode()
+    assert len(n) < 127 and len(v) < 127
+    return bytes([0, len(n)]) + n + bytes([len(v)]) + v
+
+
+def frame(kind, flags, stream, payload):
+    return (len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big")
+            + payload)
+
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def open_idle(port, hello):
+    """A connection that made one request and read its response to the end of stream 1."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(hello)
+    got = b""
+    # DATA with END_STREAM, or HEADERS with END_STREAM | END_HEADERS, on stream 1.
+    while b"\x00\x01\x00\x00\x00\x01" not in got and b"\x01\x05\x00\x00\x00\x01" not in got:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise SystemExit("the proxy closed a connection before answering")
+        got += chunk
+    return s
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hangar", default=load.HANGAR)
+    ap.add_argument("--connections", type=int, default=1000)
+    args = ap.parse_args()
+    n = args.connections
+    work = tempfile.mkdtemp(prefix="hangar-h2-idle-")
+    api, proxy = load.free_port(), load.free_port()
+    dev = subprocess.Popen(
+        [args.hangar, "dev", "--api", f"127.0.0.1:{api}", "--proxy", f"127.0.0.1:{proxy}",
+         "--dns", "off", "--metrics", "off", "--data-dir", os.path.join(work, "dev"),
+         "--idle-timeout", "3600"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        load.wait_port(api)
+        body = json.dumps({"key": {"name": "idle"}}).encode()
+        resp = json.load(urllib.request.urlopen(
+            urllib.request.Request(f"http://127.0.0.1:{api}/v1/connect", body)))
+        deadline = time.time() + 20
+        while json.load(urllib.request.urlopen(resp["status_url"]))["status"] != "ready":
+            if time.time() > deadline:
+                raise SystemExit("the backend never became ready")
+            time.sleep(0.05)
+        host = f"{resp['backend_id']}.hangar.localhost"
+        # :method GET and :scheme http from the static table, then literals.
+        block = (bytes([0x82, 0x86]) + literal(":path", "/count") + literal(":authority", host)
+                 + literal("authorization", "Bearer " + resp["token"]))
+        hello = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"")
+                 + frame(1, 5, 1, block))
+        per_conn = []
+        for batch in range(2):
+            time.sleep(0.5)
+            before = rss_kb(dev.pid)
+            socks = [open_idle(proxy, hello) for _ in range(n)]
+            time.sleep(1.0)
+            per_conn.append((rss_kb(dev.pid) - before) / n)
+            for s in socks:
+                s.close()
+            time.sleep(1.0)
+        print(f"{args.hangar}: RSS growth per idle h2c connection: "
+              f"{per_conn[0]:.1f} KB (first {n}), {per_conn[1]:.1f} KB (next {n})")
+    finally:
+        dev.kill()
+        dev.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
