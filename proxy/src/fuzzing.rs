@@ -5,14 +5,14 @@
 //! normal suite. Each takes arbitrary bytes, runs the real parsers on them and panics when a
 //! property fails. Not an API.
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use hangar_core::BackendId;
 use hangar_core::route::{self, RequestNames, TOKEN_COOKIE, TOKEN_QUERY};
 use http::{Method, StatusCode, Version};
 
 use crate::forward::{is_hop_by_hop, is_upgrade};
 use crate::h1::{self, BodyDecoder, Decoded, RequestFraming, ResponseFraming};
-use crate::head::{ProxyResponse, RequestHead};
+use crate::head::RequestHead;
 use crate::server::{BodyLength, ParsedRequest, parse_request};
 use crate::service::{ClientInfo, Forwarding, upstream_head};
 
@@ -475,13 +475,12 @@ pub fn fuzz_response_head(data: &[u8]) {
     }
 
     // What the HTTP/2 side makes of the fields.
-    let _ = ProxyResponse {
-        status: head.status,
-        fields: head.fields,
-        has_date: head.has_date,
-        body: http_body_util::Either::Right(http_body_util::Full::new(Bytes::new())),
-    }
-    .into_http();
+    let mut block = Vec::new();
+    crate::http2::conn::encode_response(head.status, &head.fields, head.has_date, None, &mut block);
+    let mut list = crate::http2::hpack::HeaderList::new();
+    crate::http2::hpack::Decoder::new(4096)
+        .decode(&block, usize::MAX, &mut list)
+        .expect("the HTTP/2 head encoded from a response decodes");
 }
 
 /// `h2_header_block`: the input is what an HTTP/2 client sends as header blocks on one

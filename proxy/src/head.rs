@@ -11,8 +11,8 @@
 //! copies them out in one go; the HTTP/2 server encodes them into its header block.
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Response, StatusCode, Uri};
+use http::header::HeaderValue;
+use http::{Method, StatusCode, Uri};
 
 use crate::forward::ProxyBody;
 
@@ -52,6 +52,7 @@ pub(crate) trait RequestHead {
     }
 }
 
+#[cfg(test)]
 impl RequestHead for http::request::Parts {
     fn method(&self) -> &Method {
         &self.method
@@ -69,20 +70,6 @@ impl RequestHead for http::request::Parts {
         self.headers
             .iter()
             .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
-    }
-
-    fn get(&self, name: &str) -> Option<&[u8]> {
-        use http::header;
-        // The names the request path looks up on every request, as the map's own keys: a
-        // `&str` is parsed into a header name first, on every lookup.
-        let value = match name {
-            "authorization" => self.headers.get(header::AUTHORIZATION),
-            "content-length" => self.headers.get(header::CONTENT_LENGTH),
-            "host" => self.headers.get(header::HOST),
-            "upgrade" => self.headers.get(header::UPGRADE),
-            _ => self.headers.get(name),
-        };
-        value.map(HeaderValue::as_bytes)
     }
 }
 
@@ -209,31 +196,6 @@ pub(crate) struct ProxyResponse {
     pub(crate) body: ProxyBody,
 }
 
-impl ProxyResponse {
-    /// The response as an `http::Response` (for HTTP/2). The values share the block of header
-    /// lines (one allocation for the whole block, not one copy per value), and the map is
-    /// sized for the lines once.
-    pub(crate) fn into_http(self) -> Response<ProxyBody> {
-        let lines = self.fields.iter().filter(|&&b| b == b'\n').count();
-        let mut headers = HeaderMap::with_capacity(lines);
-        let block = Bytes::from(self.fields);
-        for (name, value) in field_lines(&block) {
-            // Every line was checked when it was written; HTTP/2 has no place for a name
-            // that is not a token.
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::from_bytes(name),
-                HeaderValue::from_maybe_shared(block.slice_ref(value)),
-            ) {
-                headers.append(n, v);
-            }
-        }
-        let mut resp = Response::new(self.body);
-        *resp.status_mut() = self.status;
-        *resp.headers_mut() = headers;
-        resp
-    }
-}
-
 /// The fields of a block of header lines (`name: value\r\n` each).
 pub(crate) fn field_lines(block: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
     block
@@ -336,19 +298,5 @@ mod tests {
             )
             .is_err()
         );
-    }
-
-    #[test]
-    fn field_lines_become_a_header_map_for_http2() {
-        let resp = ProxyResponse {
-            status: StatusCode::CREATED,
-            fields: b"x-a: 1\r\nset-cookie: a=b; Path=/\r\nx-a: 2\r\n".to_vec(),
-            has_date: false,
-            body: http_body_util::Either::Right(http_body_util::Full::new(Bytes::new())),
-        }
-        .into_http();
-        assert_eq!(resp.status(), StatusCode::CREATED);
-        assert_eq!(resp.headers().get_all("x-a").iter().count(), 2);
-        assert_eq!(resp.headers()["set-cookie"], "a=b; Path=/");
     }
 }

@@ -1096,7 +1096,7 @@ pub(crate) async fn send_response<B>(
 
 /// The response head as a header block: the fields the backend sent (names lower-cased), a
 /// `date` if it sent none, and the body's length when it is known.
-fn encode_response(
+pub(crate) fn encode_response(
     status: http::StatusCode,
     fields: &[u8],
     has_date: bool,

@@ -137,12 +137,13 @@ fn block(fields: &[(&str, &str)]) -> Vec<u8> {
     out
 }
 
-fn get(path: &str) -> Vec<(&'static str, String)> {
+/// A request's pseudo-header fields.
+fn head<'a>(method: &'a str, path: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![
-        (":method", "GET".into()),
-        (":scheme", "http".into()),
-        (":path", path.into()),
-        (":authority", "b1.test".into()),
+        (":method", method),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "b1.test"),
     ]
 }
 
@@ -232,9 +233,7 @@ impl Raw {
     }
 
     async fn get(&mut self, stream: u32, path: &str) {
-        let fields = get(path);
-        let fields: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, v.as_str())).collect();
-        self.request(stream, &fields, None).await;
+        self.request(stream, &head("GET", path), None).await;
     }
 
     /// Reads frames until stream `stream`'s response has ended: its fields and body. Other
@@ -330,10 +329,8 @@ async fn requests_are_answered_and_pings_and_settings_acknowledged() {
     assert!(body.is_empty());
 
     // A request body, in two DATA frames (one padded), is echoed with its length.
-    let mut fields = get("/post");
-    fields[0].1 = "POST".into();
-    fields.push(("content-length", "11".into()));
-    let fields: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let mut fields = head("POST", "/post");
+    fields.push(("content-length", "11"));
     let mut out = frame(frame::HEADERS, frame::END_HEADERS, 3, &block(&fields));
     out.extend(frame(frame::DATA, frame::PADDED, 3, b"\x03hello\0\0\0"));
     out.extend(frame(frame::DATA, frame::END_STREAM, 3, b" world"));
@@ -347,10 +344,12 @@ async fn requests_are_answered_and_pings_and_settings_acknowledged() {
 #[tokio::test]
 async fn trailers_reach_the_request_body() {
     let mut c = Raw::start(Handler::Echo).await;
-    let mut fields = get("/t");
-    fields[0].1 = "POST".into();
-    let fields: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, v.as_str())).collect();
-    let mut out = frame(frame::HEADERS, frame::END_HEADERS, 1, &block(&fields));
+    let mut out = frame(
+        frame::HEADERS,
+        frame::END_HEADERS,
+        1,
+        &block(&head("POST", "/t")),
+    );
     out.extend(frame(frame::DATA, 0, 1, b"abc"));
     out.extend(frame(
         frame::HEADERS,
@@ -562,16 +561,9 @@ async fn protocol_violations_end_the_connection_with_their_code() {
 #[tokio::test]
 async fn data_past_the_connection_window_ends_the_connection() {
     let mut c = Raw::start(Handler::Hang).await;
-    let mut fields = get("/");
-    fields[0].1 = "POST".into();
-    let fields: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, v.as_str())).collect();
-    c.send(&frame(
-        frame::HEADERS,
-        frame::END_HEADERS,
-        1,
-        &block(&fields),
-    ))
-    .await;
+    let post = block(&head("POST", "/"));
+    c.send(&frame(frame::HEADERS, frame::END_HEADERS, 1, &post))
+        .await;
     // The handler reads nothing: the window is never given back.
     let piece = vec![0u8; frame::DEFAULT_MAX_FRAME];
     for _ in 0..(CONNECTION_WINDOW as usize / piece.len()) {
@@ -615,9 +607,8 @@ async fn a_client_that_makes_the_proxy_reset_stream_after_stream_is_cut_off() {
 async fn header_blocks_past_the_limit_are_answered_431_or_end_the_connection() {
     let mut c = Raw::start(Handler::Echo).await;
     let big = "x".repeat(MAX_HEADER_BYTES);
-    let mut fields = get("/");
-    fields.push(("x-big", big.clone()));
-    let fields: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let mut fields = head("GET", "/");
+    fields.push(("x-big", &big));
     // In a HEADERS and a CONTINUATION.
     let b = block(&fields);
     let (first, rest) = b.split_at(100);
