@@ -9,6 +9,9 @@ runs on core 1. Targets are interleaved round by round. Scenarios (`--scenarios`
   time per request on one connection, one request at a time (closed loop, no queueing); memory
   per idle keep-alive client connection (RSS growth with 1,000 idle connections, and again
   with 1,000 more once the first ones have closed). `--quick` keeps only the saturation run.
+  A fourth h1 target, the floor, is haproxy relaying bytes (`mode tcp`: no HTTP work, one
+  backend connection per client connection): the same four socket calls per request as any
+  proxy on epoll, so its requests per CPU-second bound what an HTTP proxy can reach here.
 - h2, HTTP/2 with prior knowledge (h2c): oha with 8 connections x 8 streams at saturation;
   every proxy speaks HTTP/1.1 to the backend.
 - tls: TLS handshakes, one request per new connection (oha --disable-keepalive) over HTTPS
@@ -210,6 +213,14 @@ frontend fe
 backend be
     http-reuse always
     server backend 127.0.0.1:{backend_port}
+
+# The floor: haproxy relaying bytes (mode tcp, one backend connection per client connection,
+# no HTTP work at all). It makes the same four socket calls per request as an HTTP proxy, so its
+# requests per CPU-second bound what any proxy on epoll can reach in this set-up.
+listen floor
+    mode tcp
+    bind 127.0.0.1:{ports['floor']}
+    server backend 127.0.0.1:{backend_port}
 """
 
 
@@ -318,8 +329,9 @@ def main():
         ports = {
             "hangar": {"h1": proxy, "h2": proxy, "tls": https},
             "nginx": {s: free_port() for s in ("h1", "h2", "tls")},
-            "haproxy": {s: free_port() for s in ("h1", "h2", "tls")},
+            "haproxy": {s: free_port() for s in ("h1", "h2", "tls", "floor")},
         }
+        ports["floor"] = {"h1": ports["haproxy"]["floor"]}
         conf = os.path.join(work, "nginx.conf")
         with open(conf, "w") as f:
             f.write(nginx_conf(work, backend_port, ports["nginx"], cert, key))
@@ -341,9 +353,9 @@ def main():
                 raise
 
         pids = {"hangar": [dev.pid], "nginx": children(ngx.pid) or [ngx.pid],
-                "haproxy": [hap.pid], "direct": None}
+                "haproxy": [hap.pid], "direct": None, "floor": [hap.pid]}
         hdrs = {"hangar": [f"Host: {host}", auth], "nginx": [f"Host: {host}"],
-                "haproxy": [f"Host: {host}"], "direct": []}
+                "haproxy": [f"Host: {host}"], "direct": [], "floor": [f"Host: {host}"]}
         proxies = ("hangar", "nginx", "haproxy")
 
         def url(name, scenario):
@@ -367,7 +379,7 @@ def main():
             used = cpu_seconds(pids[name]) - c0 if pids[name] else None
             return r, used
 
-        targets = {"h1": ("direct", *proxies), "h2": proxies, "tls": proxies,
+        targets = {"h1": ("direct", *proxies, "floor"), "h2": proxies, "tls": proxies,
                    "ws": ("direct", *proxies)}
         res = {s: {t: {"sat": [], "fixed": [], "per_cpu": [], "seq": []} for t in targets[s]}
                for s in scenarios}
@@ -448,6 +460,18 @@ def main():
             best = max(m["nginx"], m["haproxy"])
             print(f"| {names[s]} | {units[s]} | {m['hangar']:,.0f} | {m['nginx']:,.0f} | "
                   f"{m['haproxy']:,.0f} | {m['hangar'] / best:.2f}x |")
+        # Each round's ratio against the better of the others in that round: the machine's
+        # speed drifts between rounds, and a ratio within one round cancels most of the drift.
+        for s in scenarios:
+            per = [r / max(n, h) for r, n, h in zip(*(res[s][t]["per_cpu"] for t in proxies))]
+            print(f"{s}: Hangar / better of the others, round by round: "
+                  + ", ".join(f"{x:.2f}x" for x in per) + f" (median {med(per):.2f}x)")
+        if "h1" in scenarios:
+            floor = med(res["h1"]["floor"]["per_cpu"])
+            best = max(med(res["h1"][n]["per_cpu"]) for n in ("nginx", "haproxy"))
+            print(f"\nHTTP/1.1 floor (haproxy relaying bytes, mode tcp): {floor:,.0f} requests per "
+                  f"CPU-second, {floor / best:.2f}x the better of nginx and haproxy; Hangar at "
+                  f"{med(res['h1']['hangar']['per_cpu']) / floor:.0%} of the floor")
         print("\n| Scenario | throughput (per second, medians) | " + " | ".join(
             ("direct", *proxies)) + " |")
         print("| --- | --- | --- | --- | --- | --- |")
@@ -457,7 +481,7 @@ def main():
             print(f"| {names[s]} | {units[s]} | " + " | ".join(cells) + " |")
         print()
         for s in scenarios:
-            for n in proxies:
+            for n in (*proxies, "floor") if s == "h1" else proxies:
                 print(f"{s} {n} per run: {units[s]} per CPU-second "
                       + ", ".join(f"{x:,.0f}" for x in res[s][n]["per_cpu"])
                       + " | per second " + ", ".join(f"{x['rps']:,.0f}" for x in res[s][n]["sat"]))
