@@ -305,6 +305,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // An emptied `Bytes` still holds the whole buffer the prefix was read into (an
+                // HTTP/1.1 read buffer of 8 KiB, for a connection that turned out to be HTTP/2):
+                // let it go, or every such connection keeps it for its lifetime.
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.stream).poll_read(cx, buf)
@@ -382,5 +388,35 @@ mod tests {
             http::Request::get("/").header("upgrade", "h2c")
         )));
         assert!(is_hop_by_hop(b"te") && !is_hop_by_hop(b"x-te"));
+    }
+
+    /// A prefix read to its end no longer holds the buffer it came from (for an HTTP/2
+    /// connection, the HTTP/1.1 read buffer its preface was read into), while the stream's
+    /// bytes still follow it.
+    #[tokio::test]
+    async fn a_prefix_read_to_its_end_lets_its_buffer_go() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buffer = bytes::BytesMut::with_capacity(8192);
+        buffer.extend_from_slice(b"PRI * HTTP/2.0");
+        let prefix = buffer.freeze();
+        let watch = prefix.clone();
+        let (client, mut server_side) = tokio::io::duplex(64);
+        let mut io = Prefixed::new(prefix, client);
+        server_side.write_all(b" then the socket").await.unwrap();
+        drop(server_side);
+        let mut got = [0u8; 10];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"PRI * HTTP");
+        // Part of the prefix is left: the buffer is still shared.
+        let watch = watch
+            .try_into_mut()
+            .expect_err("the prefix is still being read");
+        let mut rest = Vec::new();
+        io.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"/2.0 then the socket");
+        assert!(
+            watch.try_into_mut().is_ok(),
+            "the emptied prefix still holds its buffer"
+        );
     }
 }

@@ -32,7 +32,13 @@ mod pool_tests;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
+mod test_alloc;
+#[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: test_alloc::Counting = test_alloc::Counting;
 
 pub use activity::{ActivityGuard, ActivityTracker};
 pub use config::ProxyConfig;

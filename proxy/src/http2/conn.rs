@@ -285,7 +285,7 @@ pub(crate) async fn serve_with<'a, I, F, A>(
     let mut driver = Driver {
         io,
         conn: state,
-        streams: FuturesUnordered::new(),
+        streams: None,
         answer,
         rbuf: BytesMut::with_capacity(READ_CHUNK),
         decoder: hpack::Decoder::new(4096),
@@ -343,7 +343,8 @@ struct Pending {
 struct Driver<'a, I, F, A> {
     io: I,
     conn: &'a Mutex<State>,
-    streams: FuturesUnordered<F>,
+    /// The streams being answered; none while there are none to run (see `release_if_idle`).
+    streams: Option<FuturesUnordered<F>>,
     answer: A,
     rbuf: BytesMut,
     decoder: hpack::Decoder,
@@ -417,8 +418,10 @@ where
                 }
                 this.read_frames();
             }
-            if this.error.is_none() {
-                while let Poll::Ready(Some(())) = this.streams.poll_next_unpin(cx) {}
+            if this.error.is_none()
+                && let Some(streams) = this.streams.as_mut()
+            {
+                while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
             }
             match this.flush(cx) {
                 Poll::Ready(Ok(wrote)) => progress |= wrote,
@@ -438,7 +441,7 @@ where
                 }
                 continue;
             }
-            if (this.draining.is_some() || this.peer_gone) && this.streams.is_empty() && idle {
+            if (this.draining.is_some() || this.peer_gone) && this.no_streams() && idle {
                 let _ = Pin::new(&mut this.io).poll_shutdown(cx);
                 return Poll::Ready(());
             }
@@ -456,16 +459,33 @@ where
     /// A connection with no stream open and nothing half read or unsent gives its buffers
     /// back while it waits (as HTTP/1.1 connections do): idle clients, such as browsers that
     /// keep a connection for later, cost no buffers. The next read allocates again.
+    ///
+    /// The same goes for the room that serving streams left behind: the stream set (whose stub
+    /// task is as large as a stream's future, about 2 KB), the stream table's slots and the
+    /// decoded-field list's room. With those and the dynamic table's room taken only as entries
+    /// need it (`hpack`), an idle connection holds little beyond its task.
     fn release_if_idle(&mut self) {
-        if !self.streams.is_empty() || !self.rbuf.is_empty() || self.pending.is_some() {
+        if !self.no_streams() || !self.rbuf.is_empty() || self.pending.is_some() {
             return;
         }
         self.rbuf = BytesMut::new();
+        self.streams = None;
+        self.list = HeaderList::new();
         let mut st = lock(self.conn);
         if st.wbuf.is_empty() {
             st.wbuf = Vec::new();
             st.scratch = Vec::new();
         }
+        if st.streams.is_empty() && st.streams.capacity() > 0 {
+            st.streams = HashMap::default();
+        }
+        if st.blocked.is_empty() {
+            st.blocked = Vec::new();
+        }
+    }
+
+    fn no_streams(&self) -> bool {
+        self.streams.as_ref().is_none_or(FuturesUnordered::is_empty)
     }
 
     /// Waiting on a client that takes no bytes: closes the connection after the write limit.
@@ -939,7 +959,9 @@ where
         self.opened += 1;
         let body = RequestBody::new(self.conn, id, req.content_length, end_stream);
         let fut = (self.answer)(self.conn, id, req, body);
-        self.streams.push(fut);
+        self.streams
+            .get_or_insert_with(FuturesUnordered::new)
+            .push(fut);
     }
 
     fn on_trailers(&mut self, id: u32, end_stream: bool) {

@@ -366,6 +366,11 @@ impl Decoder {
     fn table_size(&self) -> usize {
         self.table.size
     }
+
+    /// The bytes the dynamic table's ring holds room for.
+    fn ring_len(&self) -> usize {
+        self.table.ring.len()
+    }
 }
 
 /// One dynamic table entry: its name then value at `pos` in the ring, wrapping at its end.
@@ -379,12 +384,17 @@ struct Entry {
 /// The dynamic table (RFC 7541 §2.3.2, §4): the entries' bytes in one ring buffer, oldest
 /// first, and their places in a queue.
 ///
-/// The ring's length is the advertised maximum table size. Every entry counts its bytes plus
-/// 32 toward the table size, which never exceeds that maximum, so the bytes always fit; a new
-/// entry is written after the newest one, into room that evicting the oldest ones made.
+/// A new entry is written after the newest one, into room that evicting the oldest ones made.
+/// The ring starts empty and grows (by powers of two, at least 256 bytes) to hold the entries'
+/// bytes, up to `limit`, the advertised maximum table size: every entry counts its bytes plus
+/// 32 toward the table size, which never exceeds that maximum, so the bytes always fit. A
+/// connection whose client never indexes a field (as idle ones and many clients' are) holds no
+/// table at all, where a ring of the full size would cost 4 KiB, and its queue 3 KiB more.
 #[derive(Debug)]
 struct DynamicTable {
     ring: Box<[u8]>,
+    /// The most the ring may grow to.
+    limit: usize,
     /// Oldest at the front.
     entries: VecDeque<Entry>,
     /// Where the next entry's bytes go.
@@ -398,8 +408,9 @@ struct DynamicTable {
 impl DynamicTable {
     fn new(capacity: usize) -> Self {
         Self {
-            ring: vec![0; capacity].into_boxed_slice(),
-            entries: VecDeque::with_capacity(capacity / ENTRY_OVERHEAD),
+            ring: Box::default(),
+            limit: capacity,
+            entries: VecDeque::new(),
             head: 0,
             size: 0,
             max_size: capacity,
@@ -441,7 +452,35 @@ impl DynamicTable {
         }
     }
 
-    /// Applies a table size update (at most the ring's length, which the caller checked).
+    /// The entries' bytes, without the 32 each counts toward the table size.
+    fn bytes(&self) -> usize {
+        self.size - ENTRY_OVERHEAD * self.entries.len()
+    }
+
+    /// Moves the entries into a ring of at least `needed` bytes (at most `limit`), oldest first
+    /// from its start.
+    fn grow(&mut self, needed: usize) {
+        let len = needed
+            .next_power_of_two()
+            .max(256)
+            .min(self.limit.max(needed));
+        let used = self.bytes();
+        let mut ring = vec![0; len].into_boxed_slice();
+        if let Some(oldest) = self.entries.front() {
+            let first = used.min(self.ring.len() - oldest.pos);
+            ring[..first].copy_from_slice(&self.ring[oldest.pos..oldest.pos + first]);
+            ring[first..used].copy_from_slice(&self.ring[..used - first]);
+        }
+        let mut pos = 0;
+        for e in &mut self.entries {
+            e.pos = pos;
+            pos += e.name_len + e.value_len;
+        }
+        self.ring = ring;
+        self.head = used;
+    }
+
+    /// Applies a table size update (at most `limit`, which the caller checked).
     fn set_max_size(&mut self, max_size: usize) {
         self.max_size = max_size;
         while self.size > max_size {
@@ -460,6 +499,10 @@ impl DynamicTable {
         }
         while self.size + entry_size > self.max_size {
             self.evict_oldest();
+        }
+        let needed = self.bytes() + name.len() + value.len();
+        if needed > self.ring.len() {
+            self.grow(needed);
         }
         let pos = self.head;
         self.write(name);

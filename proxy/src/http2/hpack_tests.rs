@@ -1011,3 +1011,34 @@ proptest! {
         }
     }
 }
+
+/// The ring holds what the entries need, not the advertised maximum: nothing for a client that
+/// never indexes a field, a little for one that indexes a few, the maximum only once it is used.
+#[test]
+fn the_table_takes_room_as_entries_need_it() {
+    let mut d = Decoder::new(4096);
+    let mut out = HeaderList::new();
+    let mut plain = Vec::new();
+    encode_field(b"user-agent", b"not indexed", &mut plain);
+    d.decode(&plain, usize::MAX, &mut out).unwrap();
+    assert_eq!(d.ring_len(), 0, "a field never indexed took table room");
+
+    let mut block = Vec::new();
+    literal_indexed(b"user-agent", b"a client/1.0", &mut block);
+    d.decode(&block, usize::MAX, &mut out).unwrap();
+    assert_eq!(d.ring_len(), 256);
+
+    // Entries past 256 bytes in all, wrapping and evicting as the table fills and turns over:
+    // the ring grows to the maximum and no further, and every entry still reads back.
+    for i in 0..200 {
+        let mut block = Vec::new();
+        let value = format!("value {i} {}", "x".repeat(i % 90));
+        literal_indexed(format!("name-{i}").as_bytes(), value.as_bytes(), &mut block);
+        d.decode(&block, usize::MAX, &mut out).unwrap();
+        assert!(d.ring_len() <= 4096);
+        let newest = &d.table_entries()[0];
+        assert_eq!(newest.1, value.as_bytes());
+    }
+    assert_eq!(d.ring_len(), 4096);
+    assert!(d.table_size() <= 4096);
+}

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use http::StatusCode;
 use http_body_util::{BodyExt as _, Full};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -17,6 +19,7 @@ use super::conn::{new_state, send_response, serve_with};
 use super::frame::{self, Head, Reason};
 use super::hpack::{self, HeaderList};
 use crate::head::RequestHead;
+use crate::test_alloc::Held;
 
 const WAIT: Duration = Duration::from_secs(5);
 const MAX_HEADER_BYTES: usize = 8 * 1024;
@@ -33,9 +36,9 @@ enum Handler {
     Wait,
 }
 
-/// A raw client on an in-memory connection to a served connection.
-struct Raw {
-    io: DuplexStream,
+/// A raw client on a connection to a served connection (in memory unless a test says).
+struct Raw<C = DuplexStream> {
+    io: C,
     rbuf: Vec<u8>,
     decoder: hpack::Decoder,
     shutdown: CancellationToken,
@@ -44,6 +47,21 @@ struct Raw {
 
 fn serve(handler: Handler, gate: Option<oneshot::Receiver<()>>) -> Raw {
     let (client, server_io) = tokio::io::duplex(4 << 20);
+    serve_on(client, server_io, handler, gate, None)
+}
+
+/// Serves `server_io`, `client`'s other end; with `held`, the connection's task counts what it
+/// keeps allocated there (see [`Held`]).
+fn serve_on<C, S>(
+    client: C,
+    server_io: S,
+    handler: Handler,
+    gate: Option<oneshot::Receiver<()>>,
+    held: Option<&'static AtomicIsize>,
+) -> Raw<C>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let shutdown = CancellationToken::new();
     let settings = Settings {
         max_header_bytes: MAX_HEADER_BYTES,
@@ -51,7 +69,7 @@ fn serve(handler: Handler, gate: Option<oneshot::Receiver<()>>) -> Raw {
     };
     let token = shutdown.clone();
     let mut gate = gate;
-    let server = tokio::spawn(async move {
+    let conn = async move {
         let state = new_state();
         serve_with(
             &settings,
@@ -98,7 +116,11 @@ fn serve(handler: Handler, gate: Option<oneshot::Receiver<()>>) -> Raw {
             },
         )
         .await
-    });
+    };
+    let server = match held {
+        Some(counter) => tokio::spawn(Held::new(counter, conn)),
+        None => tokio::spawn(conn),
+    };
     Raw {
         io: client,
         rbuf: Vec::new(),
@@ -155,16 +177,18 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 }
 
 impl Raw {
-    async fn send(&mut self, bytes: &[u8]) {
-        self.io.write_all(bytes).await.unwrap();
-    }
-
     /// The preface and an empty SETTINGS; reads the server's SETTINGS, WINDOW_UPDATE and
     /// SETTINGS ACK.
     async fn start(handler: Handler) -> Raw {
         let mut raw = serve(handler, None);
         raw.handshake().await;
         raw
+    }
+}
+
+impl<C: AsyncRead + AsyncWrite + Unpin> Raw<C> {
+    async fn send(&mut self, bytes: &[u8]) {
+        self.io.write_all(bytes).await.unwrap();
     }
 
     async fn handshake(&mut self) {
@@ -778,4 +802,46 @@ proptest::proptest! {
                 .expect("the server's connection panicked");
         });
     }
+}
+
+/// What serving a stream needed is given back once the connection is idle again: its read and
+/// write buffers, the stream set (whose stub task is the size of a stream's future), the stream
+/// table's slots and the decoded-field list. Counted by the allocator while the connection's
+/// task runs, over a real socket (an in-memory pipe's buffer would be counted with it).
+#[tokio::test]
+async fn an_idle_connection_keeps_nothing_its_streams_needed() {
+    static HELD: AtomicIsize = AtomicIsize::new(0);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server_io, _) = listener.accept().await.unwrap();
+    let mut c = serve_on(client, server_io, Handler::Echo, None, Some(&HELD));
+    c.handshake().await;
+
+    // A PING answered is a moment when the server has nothing left to do.
+    async fn settled<C: AsyncRead + AsyncWrite + Unpin>(c: &mut Raw<C>) -> isize {
+        c.send(&frame(frame::PING, 0, 0, b"settled!")).await;
+        loop {
+            let (h, _) = c.next().await.expect("the connection closed");
+            if h.kind == frame::PING && h.has(frame::ACK) {
+                return HELD.load(Ordering::Relaxed);
+            }
+        }
+    }
+    let before = settled(&mut c).await;
+    let padding = "p".repeat(2000);
+    let mut fields = head("POST", "/upload");
+    fields.push(("content-length", "16000"));
+    fields.push(("x-padding", &padding));
+    c.request(1, &fields, Some(&[7u8; 16000])).await;
+    let (got, body) = c.response(1).await;
+    assert_eq!(field(&got, ":status"), Some("200"));
+    assert_eq!(body.len(), 16000);
+    let after = settled(&mut c).await;
+    assert!(
+        after - before <= 0,
+        "an idle connection kept {} bytes that its finished stream needed",
+        after - before
+    );
 }
