@@ -4,13 +4,15 @@
 `hangar dev` starts a demo backend; then, twice, N client connections each open with the h2c
 preface, make one request with a bearer token, read the whole response and stay open, idle.
 The figure is the growth of `hangar dev`'s RSS per connection over each batch (the first batch
-is closed before the second opens, so the second shows what is reused). load.py measures the
-same for HTTP/1.1 keep-alive connections.
+is closed before the second opens, so the second shows what is reused). nginx and haproxy,
+configured as in load.py (h2c listeners, one worker or thread), get the same two batches in the
+same run, measured on the nginx worker and the haproxy process. load.py measures the same for
+HTTP/1.1 keep-alive connections.
 
-    python3 benches/h2_idle.py [--hangar PATH] [--connections 1000]
+    python3 benches/h2_idle.py [--hangar PATH] [--connections 1000] [--indexed]
 
-Needs a release build (`cargo build --release`); the process may need `ulimit -n` above
-2 x N + 100.
+Needs a release build (`cargo build --release`), nginx, haproxy and openssl (Debian's
+packages); the process may need `ulimit -n` above 2 x N + 100.
 """
 
 import argparse
@@ -19,6 +21,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -26,11 +29,12 @@ import urllib.request
 import load
 
 
-def literal(name, value):
-    """An HPACK literal field without indexing, with a literal name (short strings only)."""
+def literal(name, value, indexed=False):
+    """An HPACK literal field with a literal name (short strings only), without indexing or,
+    with `indexed`, with incremental indexing (the field enters the dynamic table)."""
     n, v = name.encode(), value.encode()
     assert len(n) < 127 and len(v) < 127
-    return bytes([0, len(n)]) + n + bytes([len(v)]) + v
+    return bytes([0x40 if indexed else 0, len(n)]) + n + bytes([len(v)]) + v
 
 
 def frame(kind, flags, stream, payload):
@@ -64,15 +68,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hangar", default=load.HANGAR)
     ap.add_argument("--connections", type=int, default=1000)
+    ap.add_argument("--indexed", action="store_true",
+                    help="the request's literal fields (authority, token, user-agent) enter the "
+                         "dynamic table, as most clients' do; by default they do not")
     args = ap.parse_args()
     n = args.connections
     work = tempfile.mkdtemp(prefix="hangar-h2-idle-")
     api, proxy = load.free_port(), load.free_port()
+    procs = []
     dev = subprocess.Popen(
         [args.hangar, "dev", "--api", f"127.0.0.1:{api}", "--proxy", f"127.0.0.1:{proxy}",
          "--dns", "off", "--metrics", "off", "--data-dir", os.path.join(work, "dev"),
          "--idle-timeout", "3600"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.append(dev)
     try:
         load.wait_port(api)
         body = json.dumps({"key": {"name": "idle"}}).encode()
@@ -84,26 +93,64 @@ def main():
                 raise SystemExit("the backend never became ready")
             time.sleep(0.05)
         host = f"{resp['backend_id']}.hangar.localhost"
+        view = json.load(urllib.request.urlopen(resp["status_url"]))
+        backend_port = int(view["address"].rsplit(":", 1)[1])
+        cert, key, pem = (os.path.join(work, n) for n in ("cert.pem", "key.pem", "both.pem"))
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost"],
+            check=True, capture_output=True)
+        with open(pem, "w") as f:
+            f.write(open(cert).read() + open(key).read())
+        ngx_ports = {s: load.free_port() for s in ("h1", "h2", "tls")}
+        hap_ports = {s: load.free_port() for s in ("h1", "h2", "tls", "floor")}
+        conf = os.path.join(work, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(load.nginx_conf(work, backend_port, ngx_ports, cert, key))
+        ngx = subprocess.Popen(["nginx", "-c", conf, "-p", work],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(ngx)
+        hconf = os.path.join(work, "haproxy.cfg")
+        with open(hconf, "w") as f:
+            f.write(load.haproxy_conf(work, backend_port, hap_ports, pem))
+        hap = subprocess.Popen(["haproxy", "-db", "-f", hconf],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(hap)
+        load.wait_port(ngx_ports["h2"])
+        load.wait_port(hap_ports["h2"])
+        deadline = time.time() + 5
+        while not (workers := load.children(ngx.pid)) and time.time() < deadline:
+            time.sleep(0.05)
+        if len(workers) != 1:
+            sys.exit(f"expected one nginx worker, found {workers}")
+        targets = {"hangar": (proxy, dev.pid), "nginx": (ngx_ports["h2"], workers[0]),
+                   "haproxy": (hap_ports["h2"], hap.pid)}
         # :method GET and :scheme http from the static table, then literals.
-        block = (bytes([0x82, 0x86]) + literal(":path", "/count") + literal(":authority", host)
-                 + literal("authorization", "Bearer " + resp["token"]))
+        ix = args.indexed
+        block = (bytes([0x82, 0x86]) + literal(":path", "/count")
+                 + literal(":authority", host, ix)
+                 + literal("authorization", "Bearer " + resp["token"], ix)
+                 + literal("user-agent", "h2_idle/1.0", ix))
         hello = (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"")
                  + frame(1, 5, 1, block))
-        per_conn = []
-        for batch in range(2):
-            time.sleep(0.5)
-            before = rss_kb(dev.pid)
-            socks = [open_idle(proxy, hello) for _ in range(n)]
-            time.sleep(1.0)
-            per_conn.append((rss_kb(dev.pid) - before) / n)
-            for s in socks:
-                s.close()
-            time.sleep(1.0)
-        print(f"{args.hangar}: RSS growth per idle h2c connection: "
-              f"{per_conn[0]:.1f} KB (first {n}), {per_conn[1]:.1f} KB (next {n})")
+        print(f"{args.hangar}: RSS growth per idle h2c connection, first {n} / next {n}"
+              + (" (fields indexed):" if ix else ":"))
+        for name, (port, pid) in targets.items():
+            per_conn = []
+            for batch in range(2):
+                time.sleep(0.5)
+                before = rss_kb(pid)
+                socks = [open_idle(port, hello) for _ in range(n)]
+                time.sleep(1.0)
+                per_conn.append((rss_kb(pid) - before) / n)
+                for s in socks:
+                    s.close()
+                time.sleep(1.0)
+            print(f"  {name}: {per_conn[0]:.1f} KB / {per_conn[1]:.1f} KB")
     finally:
-        dev.kill()
-        dev.wait()
+        for p in procs:
+            p.kill()
+            p.wait()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -113,6 +113,9 @@ pub(crate) struct State {
     /// Received bytes read (or thrown away) and not yet given back to the client.
     unreleased: u32,
     streams: HashMap<u32, Slot, BuildHasherDefault<IdHasher>>,
+    /// The stream table's capacity before an idle connection gave it back: taken again at once
+    /// when streams next open, instead of growing slot by slot.
+    stream_room: usize,
     /// Streams waiting for `wbuf` to drain.
     blocked: Vec<Waker>,
     /// Streams reset because of the client's errors.
@@ -164,6 +167,7 @@ impl State {
             recv_window: i64::from(CONNECTION_WINDOW),
             unreleased: 0,
             streams: HashMap::default(),
+            stream_room: 0,
             blocked: Vec::new(),
             local_resets: 0,
         }
@@ -463,20 +467,24 @@ where
     /// The same goes for the room that serving streams left behind: the stream set (whose stub
     /// task is as large as a stream's future, about 2 KB), the stream table's slots and the
     /// decoded-field list's room. With those and the dynamic table's room taken only as entries
-    /// need it (`hpack`), an idle connection holds little beyond its task.
+    /// need it (`hpack`), an idle connection holds little beyond its task. The table and the
+    /// list remember their size and take it back in one allocation each when the next streams
+    /// open (a busy connection goes idle between bursts; growing them step by step each time
+    /// cost 2.7% more instructions per h2c request in the benchmark).
     fn release_if_idle(&mut self) {
         if !self.no_streams() || !self.rbuf.is_empty() || self.pending.is_some() {
             return;
         }
         self.rbuf = BytesMut::new();
         self.streams = None;
-        self.list = HeaderList::new();
+        self.list.release();
         let mut st = lock(self.conn);
         if st.wbuf.is_empty() {
             st.wbuf = Vec::new();
             st.scratch = Vec::new();
         }
         if st.streams.is_empty() && st.streams.capacity() > 0 {
+            st.stream_room = st.streams.capacity();
             st.streams = HashMap::default();
         }
         if st.blocked.is_empty() {
@@ -939,6 +947,10 @@ where
             return;
         }
         let send_window = st.initial_send_window;
+        if st.streams.capacity() == 0 {
+            let room = st.stream_room;
+            st.streams.reserve(room);
+        }
         st.streams.insert(
             id,
             Slot {

@@ -140,6 +140,9 @@ pub(crate) struct HeaderList {
     /// The list's size in the sense of SETTINGS_MAX_HEADER_LIST_SIZE so far.
     size: usize,
     too_large: bool,
+    /// The room (`buf`, `fields`) that [`HeaderList::release`] gave back, taken again when
+    /// the list is next filled.
+    room: (usize, usize),
 }
 
 impl HeaderList {
@@ -147,8 +150,22 @@ impl HeaderList {
         Self::default()
     }
 
-    /// Empties the list, keeping its allocations.
+    /// Empties the list, giving its allocations back but remembering their size for the next
+    /// time it is filled (an idle connection's list holds nothing).
+    pub(crate) fn release(&mut self) {
+        let room = (self.buf.capacity(), self.fields.capacity());
+        *self = HeaderList {
+            room,
+            ..Self::default()
+        };
+    }
+
+    /// Empties the list, keeping its allocations (or taking back the room it released).
     pub(crate) fn clear(&mut self) {
+        if self.buf.capacity() == 0 && self.room.0 > 0 {
+            self.buf.reserve_exact(self.room.0);
+            self.fields.reserve_exact(self.room.1);
+        }
         self.buf.clear();
         self.fields.clear();
         self.size = 0;
@@ -184,6 +201,7 @@ impl HeaderList {
         HeaderList {
             buf: Vec::with_capacity(self.buf.capacity()),
             fields: Vec::with_capacity(self.fields.capacity()),
+            room: self.room,
             ..Self::default()
         }
     }

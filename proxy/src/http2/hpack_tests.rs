@@ -1042,3 +1042,30 @@ fn the_table_takes_room_as_entries_need_it() {
     assert_eq!(d.ring_len(), 4096);
     assert!(d.table_size() <= 4096);
 }
+
+/// A released list holds nothing, and takes its old room back at once when next filled.
+#[test]
+fn a_released_list_takes_its_room_back_when_filled() {
+    let mut d = Decoder::new(4096);
+    let mut list = HeaderList::new();
+    let mut block = Vec::new();
+    for i in 0..20 {
+        encode_field(
+            format!("x-field-{i}").as_bytes(),
+            b"a value of some length",
+            &mut block,
+        );
+    }
+    d.decode(&block, usize::MAX, &mut list).unwrap();
+    let room = (list.buf.capacity(), list.fields.capacity());
+    list.release();
+    assert_eq!((list.buf.capacity(), list.fields.capacity()), (0, 0));
+    assert!(list.is_empty());
+
+    let mut one = Vec::new();
+    encode_field(b"x-one", b"1", &mut one);
+    d.decode(&one, usize::MAX, &mut list).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list.get(0), (&b"x-one"[..], &b"1"[..]));
+    assert!(list.buf.capacity() >= room.0 && list.fields.capacity() >= room.1);
+}
