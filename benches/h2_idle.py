@@ -148,9 +148,15 @@ def main():
                 time.sleep(1.0)
             print(f"  {name}: {per_conn[0]:.1f} KB / {per_conn[1]:.1f} KB")
     finally:
+        # SIGTERM: nginx's master stops its worker then (a SIGKILLed master leaves it running).
         for p in procs:
-            p.kill()
-            p.wait()
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         shutil.rmtree(work, ignore_errors=True)
 
 
