@@ -21,7 +21,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -95,36 +94,10 @@ def main():
         host = f"{resp['backend_id']}.hangar.localhost"
         view = json.load(urllib.request.urlopen(resp["status_url"]))
         backend_port = int(view["address"].rsplit(":", 1)[1])
-        cert, key, pem = (os.path.join(work, n) for n in ("cert.pem", "key.pem", "both.pem"))
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost"],
-            check=True, capture_output=True)
-        with open(pem, "w") as f:
-            f.write(open(cert).read() + open(key).read())
-        ngx_ports = {s: load.free_port() for s in ("h1", "h2", "tls")}
-        hap_ports = {s: load.free_port() for s in ("h1", "h2", "tls", "floor")}
-        conf = os.path.join(work, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(load.nginx_conf(work, backend_port, ngx_ports, cert, key))
-        ngx = subprocess.Popen(["nginx", "-c", conf, "-p", work],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(ngx)
-        hconf = os.path.join(work, "haproxy.cfg")
-        with open(hconf, "w") as f:
-            f.write(load.haproxy_conf(work, backend_port, hap_ports, pem))
-        hap = subprocess.Popen(["haproxy", "-db", "-f", hconf],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(hap)
-        load.wait_port(ngx_ports["h2"])
-        load.wait_port(hap_ports["h2"])
-        deadline = time.time() + 5
-        while not (workers := load.children(ngx.pid)) and time.time() < deadline:
-            time.sleep(0.05)
-        if len(workers) != 1:
-            sys.exit(f"expected one nginx worker, found {workers}")
-        targets = {"hangar": (proxy, dev.pid), "nginx": (ngx_ports["h2"], workers[0]),
-                   "haproxy": (hap_ports["h2"], hap.pid)}
+        ports, pids = load.start_references(work, backend_port, load.make_cert(work), procs)
+        targets = {"hangar": (proxy, dev.pid),
+                   "nginx": (ports["nginx"]["h2"], pids["nginx"][0]),
+                   "haproxy": (ports["haproxy"]["h2"], pids["haproxy"][0])}
         # :method GET and :scheme http from the static table, then literals.
         ix = args.indexed
         block = (bytes([0x82, 0x86]) + literal(":path", "/count")

@@ -224,6 +224,56 @@ listen floor
 """
 
 
+def make_cert(work):
+    """A fresh self-signed ECDSA P-256 certificate for *.hangar.localhost in `work`: the paths
+    of the certificate, its key, and both in one file (haproxy's form)."""
+    cert, key, pem = (os.path.join(work, n) for n in ("cert.pem", "key.pem", "both.pem"))
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj",
+         "/CN=hangar.localhost", "-addext",
+         "subjectAltName=DNS:*.hangar.localhost,DNS:hangar.localhost"],
+        check=True, capture_output=True)
+    with open(pem, "w") as f:
+        f.write(open(cert).read() + open(key).read())
+    return cert, key, pem
+
+
+def start_references(work, backend_port, certs, procs, pin=()):
+    """Starts nginx and haproxy (configured by `nginx_conf` and `haproxy_conf`) in front of the
+    backend at `backend_port`, each behind the command prefix `pin` (taskset, say), adding them
+    to `procs`. Returns their ports ({"nginx": {scenario: port}, "haproxy": ...}) and the pids
+    that do the work (the nginx worker, the haproxy process), once every port listens."""
+    cert, key, pem = certs
+    ports = {"nginx": {s: free_port() for s in ("h1", "h2", "tls")},
+             "haproxy": {s: free_port() for s in ("h1", "h2", "tls", "floor")}}
+    conf = os.path.join(work, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(nginx_conf(work, backend_port, ports["nginx"], cert, key))
+    ngx = subprocess.Popen([*pin, "nginx", "-c", conf, "-p", work],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.append(ngx)
+    hconf = os.path.join(work, "haproxy.cfg")
+    with open(hconf, "w") as f:
+        f.write(haproxy_conf(work, backend_port, ports["haproxy"], pem))
+    hap = subprocess.Popen([*pin, "haproxy", "-db", "-f", hconf],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    procs.append(hap)
+    for p in (*ports["nginx"].values(), *ports["haproxy"].values()):
+        try:
+            wait_port(p)
+        except RuntimeError:
+            if hap.poll() is not None:
+                sys.exit(f"haproxy did not start: {hap.stderr.read()}")
+            raise
+    deadline = time.time() + 5
+    while not (workers := children(ngx.pid)) and time.time() < deadline:
+        time.sleep(0.05)
+    if len(workers) != 1:
+        sys.exit(f"expected one nginx worker, found {workers}")
+    return ports, {"nginx": workers, "haproxy": [hap.pid]}
+
+
 # oha's rustls client keeps the sessions servers offer and resumes them (TLS 1.3 PSK with an
 # X25519 exchange, no certificate signature); all three servers offer resumption by default
 # (Hangar's rustls listener a stateful session cache, nginx and haproxy tickets), and they are
@@ -291,15 +341,7 @@ def main():
     work = tempfile.mkdtemp(prefix="hangar-load-")
     procs = []
     try:
-        cert, key, pem = (os.path.join(work, n) for n in ("cert.pem", "key.pem", "both.pem"))
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj",
-             "/CN=hangar.localhost", "-addext",
-             "subjectAltName=DNS:*.hangar.localhost,DNS:hangar.localhost"],
-            check=True, capture_output=True)
-        with open(pem, "w") as f:
-            f.write(open(cert).read() + open(key).read())
+        cert, key, pem = make_cert(work)
 
         api, proxy, https = free_port(), free_port(), free_port()
         dev = subprocess.Popen(
@@ -326,34 +368,11 @@ def main():
         host = f"{bid}.hangar.localhost"
         auth = f"Authorization: Bearer {token}"
 
-        ports = {
-            "hangar": {"h1": proxy, "h2": proxy, "tls": https},
-            "nginx": {s: free_port() for s in ("h1", "h2", "tls")},
-            "haproxy": {s: free_port() for s in ("h1", "h2", "tls", "floor")},
-        }
+        ports, pids = start_references(work, backend_port, (cert, key, pem), procs,
+                                       pin=("taskset", "-c", PROXY_CORE))
+        ports["hangar"] = {"h1": proxy, "h2": proxy, "tls": https}
         ports["floor"] = {"h1": ports["haproxy"]["floor"]}
-        conf = os.path.join(work, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(nginx_conf(work, backend_port, ports["nginx"], cert, key))
-        ngx = subprocess.Popen(["taskset", "-c", PROXY_CORE, "nginx", "-c", conf, "-p", work],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(ngx)
-        hconf = os.path.join(work, "haproxy.cfg")
-        with open(hconf, "w") as f:
-            f.write(haproxy_conf(work, backend_port, ports["haproxy"], pem))
-        hap = subprocess.Popen(["taskset", "-c", PROXY_CORE, "haproxy", "-db", "-f", hconf],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        procs.append(hap)
-        for p in (*ports["nginx"].values(), *ports["haproxy"].values()):
-            try:
-                wait_port(p)
-            except RuntimeError:
-                if hap.poll() is not None:
-                    sys.exit(f"haproxy did not start: {hap.stderr.read()}")
-                raise
-
-        pids = {"hangar": [dev.pid], "nginx": children(ngx.pid) or [ngx.pid],
-                "haproxy": [hap.pid], "direct": None, "floor": [hap.pid]}
+        pids.update({"hangar": [dev.pid], "direct": None, "floor": pids["haproxy"]})
         hdrs = {"hangar": [f"Host: {host}", auth], "nginx": [f"Host: {host}"],
                 "haproxy": [f"Host: {host}"], "direct": [], "floor": [f"Host: {host}"]}
         proxies = ("hangar", "nginx", "haproxy")

@@ -201,7 +201,6 @@ impl HeaderList {
         HeaderList {
             buf: Vec::with_capacity(self.buf.capacity()),
             fields: Vec::with_capacity(self.fields.capacity()),
-            room: self.room,
             ..Self::default()
         }
     }

@@ -4,12 +4,11 @@
 //! trailers, and shutdown. Each connection is in memory, answered by a test handler that reads
 //! the whole request body and echoes it.
 
+use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
 use http::StatusCode;
 use http_body_util::{BodyExt as _, Full};
-use std::sync::atomic::{AtomicIsize, Ordering};
-
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -711,7 +710,7 @@ async fn a_reset_stream_drops_its_request_path_and_bodies_of_ended_streams_are_d
 #[tokio::test]
 async fn a_client_that_cancels_stream_after_stream_is_cut_off() {
     let mut c = Raw::start(Handler::Wait).await;
-    let post = block(&[(":method", "POST"), (":scheme", "http"), (":path", "/")]);
+    let post = block(&head("POST", "/"));
     // In batches under the stream limit (a stream refused for the limit costs nothing).
     let cancel = Reason::CANCEL.0.to_be_bytes();
     let mut id = 1;
@@ -740,19 +739,12 @@ async fn a_client_that_cancels_stream_after_stream_is_cut_off() {
     let mut id = 1;
     for _ in 0..1100 {
         for _ in 0..2 {
-            let post = [(":method", "POST"), (":scheme", "http"), (":path", "/")];
-            c.request(id, &post, Some(b"x")).await;
+            c.request(id, &head("POST", "/"), Some(b"x")).await;
             id += 2;
         }
         c.send(&frame(frame::HEADERS, frame::END_HEADERS, id, &post))
             .await;
-        c.send(&frame(
-            frame::RST_STREAM,
-            0,
-            id,
-            &Reason::CANCEL.0.to_be_bytes(),
-        ))
-        .await;
+        c.send(&frame(frame::RST_STREAM, 0, id, &cancel)).await;
         id += 2;
     }
     c.send(&frame(frame::PING, 0, 0, b"stillok!")).await;
