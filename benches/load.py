@@ -21,7 +21,9 @@ runs on core 1. Targets are interleaved round by round. Scenarios (`--scenarios`
   (50 connections, 4 messages in flight on each).
 
 Every scenario reports its unit (requests, handshakes, messages) per CPU-second of the proxy
-process (utime+stime over the run), side by side. Hangar runs as `hangar dev` (scheduler,
+process (utime+stime over the run), side by side; for HTTP/1.1 also the CPU per request split
+into user and system time, which shows how much of it is the kernel's (the same for every
+target) and how much a proxy's own work. Hangar runs as `hangar dev` (scheduler,
 drone and proxy: the whole process is charged) with tokens checked (Authorization: Bearer)
 and Host routing; nginx 1.22 and haproxy 2.6 are configured the same way (Host routing by
 regex, upstream keep-alive, no access log, one worker or thread, and the forwarding fields
@@ -74,14 +76,20 @@ def wait_port(port, timeout=20):
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def cpu_seconds(pids):
+def cpu_split(pids):
+    """User and system CPU-seconds the processes `pids` have used so far."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    user = system = 0
     for pid in pids:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / tick
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / tick, system / tick
+
+
+def cpu_seconds(pids):
+    return sum(cpu_split(pids))
 
 
 def rss_kb(pids):
@@ -391,16 +399,23 @@ def main():
             p = ports[name][scenario]
             return ["--connect-to", f"{host}:{p}:127.0.0.1:{p}"]
 
+        split = {}
+
         def measured(name, fn):
-            """Runs `fn` and returns its result with the CPU-seconds the server used."""
-            c0 = cpu_seconds(pids[name]) if pids[name] else None
+            """Runs `fn` and returns its result with the CPU-seconds the server used; the
+            user and system parts are left in `split`."""
+            c0 = cpu_split(pids[name]) if pids[name] else None
             r = fn()
-            used = cpu_seconds(pids[name]) - c0 if pids[name] else None
-            return r, used
+            if not pids[name]:
+                return r, None
+            c1 = cpu_split(pids[name])
+            split["user"], split["system"] = c1[0] - c0[0], c1[1] - c0[1]
+            return r, split["user"] + split["system"]
 
         targets = {"h1": ("direct", *proxies, "floor"), "h2": proxies, "tls": proxies,
                    "ws": ("direct", *proxies)}
-        res = {s: {t: {"sat": [], "fixed": [], "per_cpu": [], "seq": []} for t in targets[s]}
+        res = {s: {t: {"sat": [], "fixed": [], "per_cpu": [], "seq": [], "user_us": [],
+                       "sys_us": []} for t in targets[s]}
                for s in scenarios}
         seq_bad = 0
         bad = 0
@@ -435,6 +450,8 @@ def main():
                         url(name, scenario), headers, args.duration, conns, extra=extra))
                     if used:
                         r["per_cpu"].append(sat["ok"] / used)
+                        r["user_us"].append(split["user"] / sat["ok"] * 1e6)
+                        r["sys_us"].append(split["system"] / sat["ok"] * 1e6)
                     r["sat"].append(sat)
                     bad += sat["non200"]
                     line = (f"run {run + 1} {scenario} {name}: {sat['rps']:.0f} req/s p50 "
@@ -491,6 +508,16 @@ def main():
             print(f"\nHTTP/1.1 floor (haproxy relaying bytes, mode tcp): {floor:,.0f} requests per "
                   f"CPU-second, {floor / best:.2f}x the better of nginx and haproxy; Hangar at "
                   f"{med(res['h1']['hangar']['per_cpu']) / floor:.0%} of the floor")
+            # Where the time goes: the kernel's part (socket calls, TCP over loopback, waking
+            # the peers) is about the same for every target, so the user-space part is all a
+            # proxy can win back; 1.25x the better of nginx and haproxy needs the total below
+            # what this line shows.
+            print("HTTP/1.1 CPU per request (µs, medians), user + system: " + "; ".join(
+                f"{n} {med(res['h1'][n]['user_us']):.1f} + {med(res['h1'][n]['sys_us']):.1f}"
+                for n in (*proxies, "floor")))
+            need = 1e6 / (1.25 * best)
+            print(f"1.25x the better of nginx and haproxy would need {need:.1f} µs per request "
+                  f"in all; the floor uses {1e6 / floor:.1f}")
         print("\n| Scenario | throughput (per second, medians) | " + " | ".join(
             ("direct", *proxies)) + " |")
         print("| --- | --- | --- | --- | --- | --- |")
