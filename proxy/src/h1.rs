@@ -8,8 +8,13 @@ use std::mem::MaybeUninit;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, StatusCode};
 
+use crate::h1_scan::{self, Scan};
+use crate::head::Span;
+
 /// The most header lines a backend's response may carry.
 const MAX_RESPONSE_HEADERS: usize = 128;
+/// Response fields whose places are kept on the stack while a head is parsed.
+const INLINE_FIELDS: usize = 24;
 /// The largest response head a backend may send, in bytes.
 pub(crate) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// The longest chunk-size or trailer line accepted in a chunked body.
@@ -173,39 +178,52 @@ pub(crate) fn parse_response_head(
     buf: &[u8],
     method: &Method,
 ) -> Result<Option<(ResponseHead, usize)>, H1Error> {
-    let mut storage =
-        [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
-    let mut resp = httparse::Response::new(&mut []);
-    let used = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut resp,
-        buf,
-        &mut storage,
-    ) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => {
-            return if buf.len() > MAX_RESPONSE_HEAD {
-                Err(H1Error::HeadTooLarge)
-            } else {
-                Ok(None)
-            };
-        }
-        Err(e) => return Err(H1Error::Head(e)),
-    };
+    let mut places = FieldPlaces::new();
+    // The fast scan reads the usual head; what it does not expect, httparse decides on.
+    let (used, code, minor) =
+        match h1_scan::response(buf, MAX_RESPONSE_HEADERS, |n, v| places.push(n, v)) {
+            Scan::Complete(p) => (p.used, p.code, p.minor),
+            Scan::Partial if buf.len() > MAX_RESPONSE_HEAD => return Err(H1Error::HeadTooLarge),
+            Scan::Partial => return Ok(None),
+            Scan::Other => {
+                places = FieldPlaces::new();
+                let mut storage =
+                    [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
+                let mut resp = httparse::Response::new(&mut []);
+                let used = match httparse::ParserConfig::default()
+                    .parse_response_with_uninit_headers(&mut resp, buf, &mut storage)
+                {
+                    Ok(httparse::Status::Complete(n)) => n,
+                    Ok(httparse::Status::Partial) => {
+                        return if buf.len() > MAX_RESPONSE_HEAD {
+                            Err(H1Error::HeadTooLarge)
+                        } else {
+                            Ok(None)
+                        };
+                    }
+                    Err(e) => return Err(H1Error::Head(e)),
+                };
+                let base = buf.as_ptr();
+                for h in resp.headers.iter() {
+                    places.push(Span::of(base, h.name.as_bytes()), Span::of(base, h.value));
+                }
+                let code = resp.code.ok_or(H1Error::Head(httparse::Error::Status))?;
+                (used, code, resp.version.unwrap_or(1))
+            }
+        };
+    let fields_at = places.as_slice();
     if used > MAX_RESPONSE_HEAD {
         return Err(H1Error::HeadTooLarge);
     }
-    let status = resp
-        .code
-        .and_then(|c| StatusCode::from_u16(c).ok())
-        .ok_or(H1Error::Head(httparse::Error::Status))?;
+    let status = StatusCode::from_u16(code).map_err(|_| H1Error::Head(httparse::Error::Status))?;
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
 
     // Connection options first: they decide keep-alive and name more hop-by-hop fields.
     let connection = ConnectionOptions::parse(
-        resp.headers
+        fields_at
             .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-            .map(|h| h.value),
+            .filter(|(n, _)| buf[n.range()].eq_ignore_ascii_case(b"connection"))
+            .map(|(_, v)| &buf[v.range()]),
     );
 
     let mut chunked = None;
@@ -213,17 +231,18 @@ pub(crate) fn parse_response_head(
     let mut has_date = false;
     let mut event_stream = false;
     let mut fields = Vec::with_capacity(used);
-    for h in resp.headers.iter() {
+    for &(name, value) in fields_at {
+        let value = &buf[value.range()];
         // The name goes out in lower case (as HTTP/2 needs it); it is written first and taken
         // back if the field is not forwarded.
         let start = fields.len();
-        fields.extend_from_slice(h.name.as_bytes());
+        fields.extend_from_slice(&buf[name.range()]);
         fields[start..].make_ascii_lowercase();
         let name = &fields[start..];
         match name {
-            b"transfer-encoding" => chunked = Some(ends_chunked(h.value)),
-            b"content-length" => length = Some(content_length(h.value, length)?),
-            b"content-type" => event_stream = is_event_stream(h.value),
+            b"transfer-encoding" => chunked = Some(ends_chunked(value)),
+            b"content-length" => length = Some(content_length(value, length)?),
+            b"content-type" => event_stream = is_event_stream(value),
             _ => {}
         }
         if name == b"content-length"
@@ -237,7 +256,7 @@ pub(crate) fn parse_response_head(
         }
         has_date |= name == b"date";
         fields.extend_from_slice(b": ");
-        fields.extend_from_slice(h.value);
+        fields.extend_from_slice(value);
         fields.extend_from_slice(b"\r\n");
     }
 
@@ -259,7 +278,6 @@ pub(crate) fn parse_response_head(
         // No body follows, but the length tells a HEAD or 304 client what one would have.
         write_number_header(&mut fields, b"content-length", n);
     }
-    let minor = resp.version.unwrap_or(1);
     // A response framed both ways, or an HTTP/1.0 one with a transfer coding, leaves what
     // follows on the connection in doubt (RFC 9112 §6.1, §6.3): never reuse it, or another
     // client's request could get the leftover bytes as its answer.
@@ -279,6 +297,44 @@ pub(crate) fn parse_response_head(
         },
         used,
     )))
+}
+
+/// Where each field of a response head lies: on the stack for the usual few, in a list past
+/// that.
+struct FieldPlaces {
+    inline: [(Span, Span); INLINE_FIELDS],
+    count: usize,
+    spilled: Vec<(Span, Span)>,
+}
+
+impl FieldPlaces {
+    fn new() -> Self {
+        FieldPlaces {
+            inline: [(Span::default(), Span::default()); INLINE_FIELDS],
+            count: 0,
+            spilled: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, name: Span, value: Span) {
+        if self.count < INLINE_FIELDS {
+            self.inline[self.count] = (name, value);
+        } else {
+            if self.spilled.is_empty() {
+                self.spilled.extend_from_slice(&self.inline);
+            }
+            self.spilled.push((name, value));
+        }
+        self.count += 1;
+    }
+
+    fn as_slice(&self) -> &[(Span, Span)] {
+        if self.spilled.is_empty() {
+            &self.inline[..self.count]
+        } else {
+            &self.spilled
+        }
+    }
 }
 
 /// Whether a `content-type` value is `text/event-stream` (any parameters, any case).

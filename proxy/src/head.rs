@@ -74,13 +74,17 @@ impl RequestHead for http::request::Parts {
 }
 
 /// A byte range within a buffer.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Span {
     start: usize,
     len: usize,
 }
 
 impl Span {
+    pub(crate) fn new(start: usize, len: usize) -> Span {
+        Span { start, len }
+    }
+
     /// Where `part` lies within the buffer that starts at `base`.
     pub(crate) fn of(base: *const u8, part: &[u8]) -> Span {
         Span {

@@ -15,6 +15,7 @@ mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
 mod h1;
+mod h1_scan;
 mod head;
 mod http2;
 mod listener;

@@ -246,3 +246,108 @@ proptest! {
         crate::fuzzing::fuzz_request_head(&twice);
     }
 }
+
+/// Pieces that random heads are made of: the parts of well-formed heads, and the bytes the
+/// fast scan must not take for them.
+fn piece() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        4 => Just(b"\r\n".to_vec()),
+        3 => "[A-Za-z0-9!#$%&'*+.^_`|~-]{1,8}".prop_map(String::into_bytes),
+        2 => Just(b": ".to_vec()),
+        2 => Just(b":".to_vec()),
+        2 => Just(b" ".to_vec()),
+        1 => Just(b"\t".to_vec()),
+        1 => Just(b"\n".to_vec()),
+        1 => Just(b"\r".to_vec()),
+        1 => Just(b"HTTP/1.1".to_vec()),
+        1 => Just(b"HTTP/1.0".to_vec()),
+        1 => Just(b"HTTP/1.".to_vec()),
+        1 => Just(b"/".to_vec()),
+        1 => "[0-9]{1,4}".prop_map(String::into_bytes),
+        1 => "[ -~]{1,20}".prop_map(String::into_bytes),
+        1 => proptest::collection::vec(any::<u8>(), 1..4),
+    ]
+}
+
+/// A request head that is mostly well formed: a plain request line, then pieces.
+fn request_like() -> impl Strategy<Value = Vec<u8>> {
+    (
+        prop_oneof![Just(b"GET / HTTP/1.1\r\n".to_vec()), Just(Vec::new())],
+        proptest::collection::vec(piece(), 0..40),
+        proptest::collection::vec(any::<(prop::sample::Index, u8)>(), 0..3),
+    )
+        .prop_map(|(start, pieces, flips)| {
+            let mut b = start;
+            for p in pieces {
+                b.extend_from_slice(&p);
+            }
+            for (at, byte) in flips {
+                if !b.is_empty() {
+                    let i = at.index(b.len());
+                    b[i] = byte;
+                }
+            }
+            b
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+
+    /// What the fast scan reads, httparse reads the same way; what it calls incomplete,
+    /// httparse calls incomplete.
+    #[test]
+    fn the_fast_request_scan_agrees_with_httparse(buf in request_like(), max in 0usize..6) {
+        let mut fields = Vec::new();
+        let fast = crate::h1_scan::request(&buf, &mut fields, max);
+        let mut headers = vec![httparse::EMPTY_HEADER; max];
+        let mut req = httparse::Request::new(&mut headers);
+        let slow = req.parse(&buf);
+        match fast {
+            crate::h1_scan::Scan::Complete(p) => {
+                prop_assert_eq!(slow, Ok(httparse::Status::Complete(p.used)));
+                prop_assert_eq!(req.method.unwrap().as_bytes(), &buf[p.method.range()]);
+                prop_assert_eq!(req.path.unwrap().as_bytes(), &buf[p.target.range()]);
+                prop_assert_eq!(req.version, Some(p.minor));
+                let got: Vec<_> = fields.iter().map(|(n, v)| (&buf[n.range()], &buf[v.range()])).collect();
+                let want: Vec<_> = req.headers.iter().map(|h| (h.name.as_bytes(), h.value)).collect();
+                prop_assert_eq!(got, want);
+            }
+            crate::h1_scan::Scan::Partial => prop_assert_eq!(slow, Ok(httparse::Status::Partial)),
+            crate::h1_scan::Scan::Other => {}
+        }
+    }
+
+    #[test]
+    fn the_fast_response_scan_agrees_with_httparse(
+        line in prop_oneof![
+            Just(b"HTTP/1.1 200 OK\r\n".to_vec()),
+            Just(b"HTTP/1.0 404 Not Found\r\n".to_vec()),
+            "HTTP/1\\.[01] [0-9]{3} [ -~]{0,12}\r\n".prop_map(String::into_bytes),
+            Just(Vec::new()),
+        ],
+        rest in request_like(),
+        max in 0usize..6,
+    ) {
+        // The request-like pieces after a status line, without their request line.
+        let rest = rest.strip_prefix(b"GET / HTTP/1.1\r\n").unwrap_or(&rest);
+        let buf = [&line[..], rest].concat();
+        let mut fields = Vec::new();
+        let fast = crate::h1_scan::response(&buf, max, |n, v| fields.push((n, v)));
+        let mut headers = vec![httparse::EMPTY_HEADER; max];
+        let mut resp = httparse::Response::new(&mut headers);
+        let slow = resp.parse(&buf);
+        match fast {
+            crate::h1_scan::Scan::Complete(p) => {
+                prop_assert_eq!(slow, Ok(httparse::Status::Complete(p.used)));
+                prop_assert_eq!(resp.code, Some(p.code));
+                prop_assert_eq!(resp.version, Some(p.minor));
+                let got: Vec<_> = fields.iter().map(|(n, v)| (&buf[n.range()], &buf[v.range()])).collect();
+                let want: Vec<_> = resp.headers.iter().map(|h| (h.name.as_bytes(), h.value)).collect();
+                prop_assert_eq!(got, want);
+            }
+            crate::h1_scan::Scan::Partial => prop_assert_eq!(slow, Ok(httparse::Status::Partial)),
+            crate::h1_scan::Scan::Other => {}
+        }
+    }
+}

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::ProxyError;
 use crate::forward::Prefixed;
 use crate::h1::{self, BodyDecoder, Decoded};
+use crate::h1_scan::{self, Scan};
 use crate::head::{ProxyResponse, RawRequest, RequestHead, Span};
 use crate::pool::{flush, next_frame};
 use crate::service::{ClientInfo, ClientIo, ClientUpgrade, Shared};
@@ -515,43 +516,32 @@ pub(crate) fn parse_request(
     max_head: usize,
     spans: &mut Vec<(Span, Span)>,
 ) -> Result<Option<ParsedRequest>, ProxyError> {
-    let mut storage =
-        [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_REQUEST_HEADERS];
-    let mut req = httparse::Request::new(&mut []);
-    let used = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
-        &mut req,
-        buf,
-        &mut storage,
-    ) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() >= max_head => {
-            return Err(ProxyError::HeadTooLarge(max_head));
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(ProxyError::HeadTooLarge(max_head));
-        }
-        Err(_) => return Err(ProxyError::BadRequest("malformed request head")),
+    // The fast scan reads the usual head; what it does not expect, httparse decides on.
+    let (used, method, target, minor) = match h1_scan::request(buf, spans, MAX_REQUEST_HEADERS) {
+        Scan::Complete(p) => (p.used, p.method, p.target, p.minor),
+        Scan::Partial if buf.len() >= max_head => return Err(ProxyError::HeadTooLarge(max_head)),
+        Scan::Partial => return Ok(None),
+        Scan::Other => match parse_request_line(buf, max_head, spans)? {
+            Some(parts) => parts,
+            None => return Ok(None),
+        },
     };
     if used > max_head {
         return Err(ProxyError::HeadTooLarge(max_head));
     }
-    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
-        return Err(ProxyError::BadRequest("malformed request head"));
-    };
-    let method = Method::from_bytes(method.as_bytes())
+    let method = Method::from_bytes(&buf[method.range()])
         .map_err(|_| ProxyError::BadRequest("invalid request method"))?;
     // Origin-form (`/path`) or absolute-form (`http://host/path`) only: an authority-form or
     // bare target (`CONNECT host:80`, `abc`) used to be rewritten to `/`.
-    let origin_form = target.starts_with('/');
     // Bytes, not `str` slices: a target may hold UTF-8, and a character across byte 7 used to
     // panic (found by fuzzing).
-    let t = target.as_bytes();
+    let t = &buf[target.range()];
+    let origin_form = t.first() == Some(&b'/');
     let absolute_form = t.len() > 7
         && (t[..7].eq_ignore_ascii_case(b"http://")
             || t.get(..8)
                 .is_some_and(|t| t.eq_ignore_ascii_case(b"https://")));
-    let asterisk = target == "*" && method == Method::OPTIONS;
+    let asterisk = t == b"*" && method == Method::OPTIONS;
     if method == Method::CONNECT || !(origin_form || absolute_form || asterisk) {
         return Err(ProxyError::BadRequest(
             "the request target must be a path (/...) or an absolute http(s) URL; CONNECT is not served",
@@ -562,15 +552,8 @@ pub(crate) fn parse_request(
     } else {
         Version::HTTP_11
     };
-    let base = buf.as_ptr();
-    let target = Span::of(base, target.as_bytes());
-    spans.clear();
-    spans.extend(
-        req.headers
-            .iter()
-            .map(|h| (Span::of(base, h.name.as_bytes()), Span::of(base, h.value))),
-    );
-    // httparse checked that names are tokens and values hold no control characters.
+    // The scan (or httparse) checked that names are tokens and values hold no control
+    // characters.
     for (name, _) in spans.iter() {
         buf[name.range()].make_ascii_lowercase();
     }
@@ -657,6 +640,49 @@ pub(crate) fn parse_request(
         keep_alive,
         expect_continue,
     }))
+}
+
+/// [`parse_request`] for a head the fast scan leaves to httparse: the head's length, where its
+/// method and target lie, and its minor version; the fields go to `spans`.
+fn parse_request_line(
+    buf: &[u8],
+    max_head: usize,
+    spans: &mut Vec<(Span, Span)>,
+) -> Result<Option<(usize, Span, Span, u8)>, ProxyError> {
+    let mut storage =
+        [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_REQUEST_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let used = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut req,
+        buf,
+        &mut storage,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= max_head => {
+            return Err(ProxyError::HeadTooLarge(max_head));
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(ProxyError::HeadTooLarge(max_head));
+        }
+        Err(_) => return Err(ProxyError::BadRequest("malformed request head")),
+    };
+    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
+        return Err(ProxyError::BadRequest("malformed request head"));
+    };
+    let base = buf.as_ptr();
+    spans.clear();
+    spans.extend(
+        req.headers
+            .iter()
+            .map(|h| (Span::of(base, h.name.as_bytes()), Span::of(base, h.value))),
+    );
+    Ok(Some((
+        used,
+        Span::of(base, method.as_bytes()),
+        Span::of(base, target.as_bytes()),
+        minor,
+    )))
 }
 
 /// Where a request body stands; lives in the connection loop so that it is known after the
