@@ -156,9 +156,16 @@ impl RawRequest {
         fields
     }
 
-    fn str_at(&self, span: Span) -> &str {
-        // The target was checked by the parser: visible ASCII.
-        std::str::from_utf8(&self.buf[span.range()]).unwrap_or("/")
+    /// The origin-form target, checked once in [`RawRequest::new`].
+    fn origin_target(&self) -> Option<&str> {
+        let bytes = &self.buf[self.target?.range()];
+        // SAFETY: `new` refused a target that is not UTF-8, and neither the bytes (`Bytes` is
+        // immutable) nor the span change after it. The request path reads the target several
+        // times per request; checking it again each time was 2% of the proxy's instructions.
+        #[allow(unsafe_code)]
+        unsafe {
+            Some(std::str::from_utf8_unchecked(bytes))
+        }
     }
 }
 
@@ -168,8 +175,8 @@ impl RequestHead for RawRequest {
     }
 
     fn target(&self) -> &str {
-        match (self.target, &self.uri) {
-            (Some(span), _) => self.str_at(span),
+        match (self.origin_target(), &self.uri) {
+            (Some(target), _) => target,
             (None, Some(uri)) => uri.path_and_query().map_or("/", |pq| pq.as_str()),
             (None, None) => "/",
         }
