@@ -148,7 +148,12 @@ impl Conn {
             timer,
             ..
         } = self;
-        timer.as_mut().reset(tokio::time::Instant::now() + timeout);
+        // As the client side does: the timer is moved only when it must fire sooner or has
+        // fired, and moved on if it fires before the deadline.
+        let deadline = tokio::time::Instant::now() + timeout;
+        if timer.deadline() > deadline || timer.is_elapsed() {
+            timer.as_mut().reset(deadline);
+        }
         let read = async {
             let mut got_any = !rbuf.is_empty();
             loop {
@@ -181,10 +186,18 @@ impl Conn {
                 got_any = true;
             }
         };
-        tokio::select! {
-            biased;
-            r = read => r,
-            _ = timer.as_mut() => Err(ReadError::TimedOut),
+        tokio::pin!(read);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut read => return r,
+                _ = timer.as_mut() => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(ReadError::TimedOut);
+                    }
+                    timer.as_mut().reset(deadline);
+                }
+            }
         }
     }
 }

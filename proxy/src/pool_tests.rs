@@ -485,6 +485,47 @@ async fn a_backend_that_never_answers_times_out_and_its_connection_is_dropped() 
     );
 }
 
+/// Each request on a reused connection gets the whole response timeout: the connection's timer,
+/// still set from the request before, fires early and is moved on rather than ending a
+/// response that is within its own time.
+#[tokio::test]
+async fn a_reused_connection_gives_each_response_the_whole_timeout() {
+    // Answers the first request at once and each later one after 200 ms.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut answered = 0;
+                while read_request(&mut s, &mut buf).await.is_some() {
+                    if answered > 0 {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    answered += 1;
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(ok).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let pool = pool_answering_within(Duration::from_millis(300));
+    let first = send(&pool, addr, req(Method::GET, "/")).await.ok().unwrap();
+    assert_eq!(first.head.status, StatusCode::OK);
+    first.body.collect().await.unwrap();
+    // Sent 200 ms after the first: its answer comes 400 ms after the first request's
+    // deadline was set, within its own 300 ms.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..2 {
+        let resp = send(&pool, addr, req(Method::GET, "/")).await.ok().unwrap();
+        assert_eq!(resp.head.status, StatusCode::OK);
+        resp.body.collect().await.unwrap();
+    }
+    assert_eq!(pool.idle_count(addr), 1, "one connection carried them all");
+}
+
 /// A backend that stopped sending in the middle of a body used to hold the request (and its
 /// client) until the backend closed the connection, however long that took.
 #[tokio::test]

@@ -127,6 +127,11 @@ where
     loop {
         // Read and parse the next request head.
         let mut armed = None;
+        // When the current wait ends. The timer may be set sooner than this (it is moved only
+        // when it must fire sooner or has fired, and moved on if it fires early): moving it is
+        // dearer than a check, and a busy connection then moves it once per limit, not once
+        // per request.
+        let mut deadline = tokio::time::Instant::now();
         let head = loop {
             // A new connection that could be opening with the HTTP/2 preface is not parsed as
             // HTTP/1.1 until it is clear that it is not.
@@ -168,9 +173,10 @@ where
                 Phase::Head
             };
             if armed != Some(phase) {
-                timer
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + phase.limit(cfg));
+                deadline = tokio::time::Instant::now() + phase.limit(cfg);
+                if timer.deadline() > deadline || timer.is_elapsed() {
+                    timer.as_mut().reset(deadline);
+                }
                 armed = Some(phase);
             }
             if idle {
@@ -190,10 +196,15 @@ where
                     Ok(_) => Wait::Read,
                 },
                 _ = &mut cancelled, if idle => Wait::Closed,
-                _ = &mut timer => Wait::TimedOut,
+                _ = &mut timer => if tokio::time::Instant::now() >= deadline {
+                    Wait::TimedOut
+                } else {
+                    Wait::Early
+                },
             };
             match event {
                 Wait::Read => {}
+                Wait::Early => timer.as_mut().reset(deadline),
                 Wait::Closed => return Served::Closed,
                 Wait::TimedOut => {
                     if !idle {
@@ -328,6 +339,8 @@ enum Wait {
     Read,
     Closed,
     TimedOut,
+    /// The timer fired before the wait's deadline (it was set for an earlier wait).
+    Early,
 }
 
 /// Answers a request the proxy refuses before it has a head (400, 408, 431) and closes.

@@ -403,6 +403,34 @@ async fn idle_keep_alive_connections_close_after_the_timeout_or_at_shutdown() {
         .unwrap();
 }
 
+/// The keep-alive timer is moved only when it must fire sooner: one set for an earlier wait
+/// fires early and is moved on, so a connection that keeps sending requests outlives the
+/// deadline of its first wait, and still closes a whole timeout after its last request.
+#[tokio::test]
+async fn a_busy_keep_alive_connection_outlives_its_first_deadline() {
+    let mut cfg = config();
+    cfg.keep_alive_timeout = Duration::from_millis(300);
+    let r = start(cfg, None).await;
+    let mut s = connect(&r).await;
+    let started = Instant::now();
+    for _ in 0..8 {
+        send(&mut s, get("1.1", "")).await;
+        assert_eq!(read_response(&mut s).await.0, 200);
+        // The client thinks for a third of the timeout between requests.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(800));
+    send(&mut s, get("1.1", "")).await;
+    assert_eq!(read_response(&mut s).await.0, 200);
+    let idle_since = Instant::now();
+    assert!(closed_by_server(&mut s).await, "idle connection kept open");
+    let idle = idle_since.elapsed();
+    assert!(
+        idle >= Duration::from_millis(250) && idle < Duration::from_secs(5),
+        "{idle:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_slow_head_gets_408_before_the_connection_closes() {
     let mut cfg = config();
