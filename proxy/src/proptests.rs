@@ -351,3 +351,80 @@ proptest! {
         }
     }
 }
+
+/// A head read through [`crate::head::RequestHead`] without its raw bytes: the request path
+/// writes every field out instead of copying lines.
+struct WithoutRaw<'a>(&'a crate::head::RawRequest);
+
+impl crate::head::RequestHead for WithoutRaw<'_> {
+    fn method(&self) -> &Method {
+        self.0.method()
+    }
+    fn target(&self) -> &str {
+        self.0.target()
+    }
+    fn authority(&self) -> Option<&str> {
+        self.0.authority()
+    }
+    fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.0.fields()
+    }
+}
+
+proptest! {
+    /// Copying the client's lines gives the backend byte for byte the head that writing each
+    /// field would, whatever the spacing of the lines and the fields dropped between them.
+    #[test]
+    fn copied_lines_make_the_same_upstream_head_as_written_ones(
+        fields in proptest::collection::vec(
+            (field(), prop_oneof![Just(": "), Just(":"), Just(":  "), Just(":\t")], any::<bool>()),
+            0..10,
+        ),
+        extra in proptest::collection::vec(
+            prop_oneof![
+                Just("Connection: keep-alive, x-drop"),
+                Just("x-drop: 1"),
+                Just("x-hangar-user: forged"),
+                Just("Authorization: Bearer v1.abc.def"),
+                Just("x-forwarded-for: 10.0.0.9"),
+                Just("Cookie: a=1; hangar_token=v1.x.y; b=2"),
+                Just("x_under: 1"),
+            ],
+            0..4,
+        ),
+        order in any::<prop::sample::Index>(),
+    ) {
+        let mut lines: Vec<String> = fields
+            .iter()
+            .map(|((n, v), sep, trailing)| {
+                format!("{n}{sep}{v}{}", if *trailing { " " } else { "" })
+            })
+            .collect();
+        for (i, e) in extra.iter().enumerate() {
+            let at = (order.index(lines.len() + 1) + i) % (lines.len() + 1);
+            lines.insert(at, e.to_string());
+        }
+        let mut raw = "GET /p?q=1 HTTP/1.1\r\nHost: b1.hangar.test\r\n".to_string();
+        for l in &lines {
+            raw.push_str(l);
+            raw.push_str("\r\n");
+        }
+        raw.push_str("\r\n");
+        let parsed = parse_request(&mut BytesMut::from(raw.as_bytes()), 64 * 1024, &mut Vec::new())
+            .unwrap()
+            .expect("a complete head");
+        let backend = hangar_core::ids::BackendId::parse("b1").unwrap();
+        let client = crate::service::ClientInfo::new("10.1.2.3:4567".parse().unwrap(), false);
+        let f = crate::service::Forwarding {
+            backend: &backend,
+            user: "u",
+            key: Some("ns/k"),
+            epoch: 3,
+            client: &client,
+            upgrade: false,
+        };
+        let copied = crate::service::upstream_head(&parsed.head, &f);
+        let written = crate::service::upstream_head(&WithoutRaw(&parsed.head), &f);
+        prop_assert_eq!(String::from_utf8_lossy(&copied), String::from_utf8_lossy(&written));
+    }
+}
