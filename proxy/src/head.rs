@@ -40,12 +40,6 @@ pub(crate) trait RequestHead {
             .map(|(_, v)| v)
     }
 
-    /// The bytes the head was read from, if it was read from HTTP/1.1: a field forwarded
-    /// unchanged can be copied from there as its line ([`line_in`]).
-    fn raw(&self) -> Option<&[u8]> {
-        None
-    }
-
     /// The query of the target, without the `?`.
     fn query(&self) -> Option<&str> {
         self.target().split_once('?').map(|(_, q)| q)
@@ -200,27 +194,6 @@ impl RequestHead for RawRequest {
             .iter()
             .map(|&(n, v)| (&self.buf[n.range()], &self.buf[v.range()]))
     }
-
-    fn raw(&self) -> Option<&[u8]> {
-        Some(&self.buf)
-    }
-}
-
-/// Where in `raw` the line `name: value\r\n` lies, if `name` and `value` are slices of `raw`
-/// written that way (one space after the colon, the line end right after the value): the
-/// line's bytes are then exactly what [`crate::h1::write_header`] would write for them.
-pub(crate) fn line_in(raw: &[u8], name: &[u8], value: &[u8]) -> Option<std::ops::Range<usize>> {
-    let base = raw.as_ptr() as usize;
-    let start = (name.as_ptr() as usize).checked_sub(base)?;
-    let name_end = start + name.len();
-    let value_start = (value.as_ptr() as usize).checked_sub(base)?;
-    let end = value_start + value.len() + 2;
-    // Slices of `raw` lie within it (allocations do not overlap), so their bytes are the ones
-    // at those places; only what lies between and after them is compared.
-    let written_so = value_start == name_end + 2
-        && raw.get(name_end..value_start) == Some(b": ")
-        && raw.get(end - 2..end) == Some(b"\r\n");
-    written_so.then_some(start..end)
 }
 
 /// A response on its way to the client.

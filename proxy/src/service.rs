@@ -27,7 +27,7 @@ use crate::config::ProxyConfig;
 use crate::error::ProxyError;
 use crate::forward::{self, CountingBody, CountingIo, GuardedBody, is_upgrade};
 use crate::h1::{self, RequestFraming};
-use crate::head::{ProxyResponse, RequestHead, line_in};
+use crate::head::{ProxyResponse, RequestHead};
 use crate::pool::{SendError, request_framing};
 use crate::route_table::RouteHandle;
 
@@ -532,7 +532,6 @@ pub(crate) fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u
     let connection = h1::ConnectionOptions::parse(req.get_all("connection"));
     let mut host = None;
     let mut forwarded_for = false;
-    let mut lines = Lines::new(&mut out, req.raw());
     for (name, value) in req.fields() {
         match name {
             b"host" => {
@@ -553,7 +552,7 @@ pub(crate) fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u
             n if n.contains(&b'_') => continue,
             b"upgrade" => {
                 if f.upgrade {
-                    lines.write(name, value);
+                    h1::write_header(&mut out, name, value);
                 }
                 continue;
             }
@@ -571,13 +570,12 @@ pub(crate) fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u
             && cookie_value(&v, TOKEN_COOKIE).is_some()
         {
             if let Some(rest) = strip_cookie(&v, TOKEN_COOKIE) {
-                lines.write(b"cookie", rest.as_bytes());
+                h1::write_header(&mut out, b"cookie", rest.as_bytes());
             }
             continue;
         }
-        lines.forward(name, value);
+        h1::write_header(&mut out, name, value);
     }
-    lines.flush();
     if f.upgrade {
         h1::write_header(&mut out, b"connection", b"upgrade");
     }
@@ -619,51 +617,6 @@ pub(crate) fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u
         h1::write_number_header(&mut out, b"x-hangar-epoch", f.epoch);
     }
     out
-}
-
-/// Header lines being written: fields forwarded as they came are copied from the client's
-/// head as whole lines, each run of adjacent ones in one copy.
-struct Lines<'a> {
-    out: &'a mut Vec<u8>,
-    raw: Option<&'a [u8]>,
-    /// Lines of `raw` waiting to be copied.
-    run: Option<std::ops::Range<usize>>,
-}
-
-impl<'a> Lines<'a> {
-    fn new(out: &'a mut Vec<u8>, raw: Option<&'a [u8]>) -> Self {
-        Lines {
-            out,
-            raw,
-            run: None,
-        }
-    }
-
-    /// A field of the client's head, unchanged.
-    fn forward(&mut self, name: &[u8], value: &[u8]) {
-        let Some(line) = self.raw.and_then(|raw| line_in(raw, name, value)) else {
-            return self.write(name, value);
-        };
-        match &mut self.run {
-            Some(run) if run.end == line.start => run.end = line.end,
-            _ => {
-                self.flush();
-                self.run = Some(line);
-            }
-        }
-    }
-
-    /// A field written out (after the lines before it).
-    fn write(&mut self, name: &[u8], value: &[u8]) {
-        self.flush();
-        h1::write_header(self.out, name, value);
-    }
-
-    fn flush(&mut self) {
-        if let (Some(run), Some(raw)) = (self.run.take(), self.raw) {
-            self.out.extend_from_slice(&raw[run]);
-        }
-    }
 }
 
 #[cfg(test)]
