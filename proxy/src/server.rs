@@ -47,6 +47,9 @@ pub(crate) const MAX_REQUEST_HEADERS: usize = 100;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The read buffer grows by this much when it runs low.
 const READ_CHUNK: usize = 8 * 1024;
+/// The read buffer's size when a first read brought at most half of it (mimalloc's small
+/// blocks go up to 1 KiB).
+const FIRST_READ: usize = 1024;
 /// A write buffer larger than this is given back while the connection is idle.
 const IDLE_WBUF: usize = 1024;
 /// Body pieces smaller than this are copied out of the read buffer (which keeps its
@@ -377,7 +380,13 @@ async fn read_some<I: AsyncRead + Unpin>(io: &mut I, buf: &mut BytesMut) -> io::
         ready!(Pin::new(&mut *io).poll_read(cx, &mut read))?;
         let got = read.filled();
         if !got.is_empty() {
-            buf.reserve(READ_CHUNK);
+            // A request head usually fits in a small block, which the allocator hands out
+            // faster than a large one; the buffer grows if more follows.
+            buf.reserve(if got.len() <= FIRST_READ / 2 {
+                FIRST_READ
+            } else {
+                READ_CHUNK
+            });
             buf.extend_from_slice(got);
         }
         Poll::Ready(Ok(got.len()))
@@ -769,8 +778,11 @@ async fn client_gone<I: AsyncRead + Unpin>(side: &Mutex<ClientSide<'_, I>>, limi
                 // Polled again whenever the request path makes progress (same task).
                 return Poll::Pending;
             }
-            if s.rbuf.capacity() - s.rbuf.len() < 1024 {
-                s.rbuf.reserve(READ_CHUNK);
+            // Room for what the client sends next (usually nothing until the response): the
+            // buffer a head arrived in has some left, and a larger one is taken only if it
+            // runs out.
+            if s.rbuf.capacity() - s.rbuf.len() < 64 {
+                s.rbuf.reserve(FIRST_READ);
             }
             match ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut *s.io),
