@@ -2,7 +2,8 @@
 """Load benchmark: the demo backend directly, and through Hangar's proxy, nginx and haproxy.
 
 Each target is pinned the same way: the proxy and the backend share core 0, the load generator
-runs on core 1. Targets are interleaved round by round. Scenarios (`--scenarios`):
+runs on core 1. Targets are interleaved round by round, after an unmeasured warm-up pass of
+each HTTP target (`--warmup` seconds). Scenarios (`--scenarios`):
 
 - h1, HTTP/1.1: req/s and p50/p99 latency at saturation (oha with -c connections, no rate
   limit); p50/p99 at a fixed 5,000 req/s and what each proxy adds over the direct backend;
@@ -33,7 +34,7 @@ Needs: a release build (`cargo build --release`, and `cargo build --release --ex
 for the ws scenario), oha (`cargo install oha --locked`) and the Debian packages nginx,
 haproxy, openssl and util-linux (taskset). Everything stays on 127.0.0.1 on free ports.
 
-    python3 benches/load.py [--duration 10] [--runs 3] [--fixed-runs N] [--connections 50]
+    python3 benches/load.py [--duration 10] [--runs 3] [--warmup 3] [--fixed-runs N] [--connections 50]
                             [--scenarios h1,h2,tls,ws] [--quick] [--hangar PATH]
 """
 
@@ -315,6 +316,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="seconds of unmeasured load on each HTTP target before the rounds")
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--rate", type=int, default=5000)
     ap.add_argument("--fixed-runs", type=int, default=0,
@@ -419,6 +422,18 @@ def main():
                for s in scenarios}
         seq_bad = 0
         bad = 0
+        # One unmeasured pass of each HTTP target first: a process's first seconds under load
+        # (pools filling, allocator arenas growing, `hangar dev`'s control plane settling just
+        # after its backend started) are not what the rounds compare.
+        for scenario in (s for s in scenarios if s in ("h1", "h2") and args.warmup > 0):
+            for name in targets[scenario]:
+                extra = connect_to(name, scenario)
+                conns = args.connections
+                if scenario == "h2":
+                    extra += ["--http2", "-p", str(args.h2_streams)]
+                    conns = args.h2_connections
+                headers = hdrs[name] if scenario == "h1" else hdrs[name][1:]
+                oha(url(name, scenario), headers, args.warmup, conns, extra=extra)
         for run in range(args.runs):
             for scenario in scenarios:
                 for name in targets[scenario]:
