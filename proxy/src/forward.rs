@@ -241,6 +241,26 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<'_, T> {
 /// How many times per idle timeout an upgraded connection's counters are looked at.
 const IDLE_CHECKS: u32 = 4;
 
+/// Sets `timer` for a wait that ends at `deadline`, moving it only when it would fire later or
+/// has fired: moving a timer is dearer than this check, and a busy connection then moves its
+/// timer once per limit rather than once per request. A timer left set sooner fires early;
+/// [`deadline_passed`] tells that apart and moves it on.
+pub(crate) fn arm(timer: Pin<&mut Sleep>, deadline: tokio::time::Instant) {
+    if timer.deadline() > deadline || timer.is_elapsed() {
+        timer.reset(deadline);
+    }
+}
+
+/// For a `timer` set by [`arm`] that has fired: whether the wait that ends at `deadline` is
+/// over; if not (it fired early), the timer is moved on to `deadline`.
+pub(crate) fn deadline_passed(timer: Pin<&mut Sleep>, deadline: tokio::time::Instant) -> bool {
+    if tokio::time::Instant::now() >= deadline {
+        return true;
+    }
+    timer.reset(deadline);
+    false
+}
+
 /// Runs `copy`, an upgraded connection's two directions, until it ends (`Some`) or `moved`
 /// (the bytes moved either way so far) stays the same for `idle` (`None`; dropping the copy
 /// closes both sides). The counters are looked at every quarter of `idle` on one timer, not on

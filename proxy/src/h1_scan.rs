@@ -271,28 +271,11 @@ fn is_token(name: &[u8]) -> bool {
 /// The first `byte` at or after `at`.
 #[inline]
 fn find_byte(buf: &[u8], at: usize, byte: u8) -> Option<usize> {
-    let mut i = at;
     #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{
-            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8,
-        };
-        // SAFETY: SSE2 is part of x86-64; each load reads 16 bytes that lie within `buf`
-        // (`i + 16 <= buf.len()`).
-        #[allow(unsafe_code)]
-        unsafe {
-            let want = _mm_set1_epi8(byte as i8);
-            while i + 16 <= buf.len() {
-                let v = _mm_loadu_si128(buf.as_ptr().add(i).cast::<__m128i>());
-                let mask = _mm_movemask_epi8(_mm_cmpeq_epi8(v, want)) as u32;
-                if mask != 0 {
-                    return Some(i + mask.trailing_zeros() as usize);
-                }
-                i += 16;
-            }
-        }
-    }
-    buf[i..].iter().position(|&b| b == byte).map(|p| i + p)
+    let (i, found) = find_sse2(buf, at, Stop::At(byte));
+    #[cfg(not(target_arch = "x86_64"))]
+    let (i, found) = (at, None);
+    found.or_else(|| buf[i..].iter().position(|&b| b == byte).map(|p| i + p))
 }
 
 /// The first byte at or after `at` that is below `low`, not ASCII, or DEL (`low` is `0x20`
@@ -300,7 +283,7 @@ fn find_byte(buf: &[u8], at: usize, byte: u8) -> Option<usize> {
 #[inline]
 fn find_special(buf: &[u8], at: usize, low: u8) -> Option<usize> {
     #[cfg(target_arch = "x86_64")]
-    let (i, found) = find_special_sse2(buf, at, low);
+    let (i, found) = find_sse2(buf, at, Stop::Special(low));
     #[cfg(not(target_arch = "x86_64"))]
     let (i, found) = find_special_swar(buf, at, low);
     found.or_else(|| {
@@ -311,10 +294,21 @@ fn find_special(buf: &[u8], at: usize, low: u8) -> Option<usize> {
     })
 }
 
-/// [`find_special`] 16 bytes at a time, while 16 are left: what it found, or where it stopped.
+/// What [`find_sse2`] looks for.
 #[cfg(target_arch = "x86_64")]
-#[inline]
-fn find_special_sse2(buf: &[u8], mut i: usize, low: u8) -> (usize, Option<usize>) {
+#[derive(Clone, Copy)]
+enum Stop {
+    /// This byte.
+    At(u8),
+    /// A byte below this one, not ASCII, or DEL.
+    Special(u8),
+}
+
+/// [`find_byte`] and [`find_special`] 16 bytes at a time, while 16 are left: what it found, or
+/// where it stopped.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn find_sse2(buf: &[u8], mut i: usize, stop: Stop) -> (usize, Option<usize>) {
     use std::arch::x86_64::{
         __m128i, _mm_cmpeq_epi8, _mm_cmplt_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128,
         _mm_set1_epi8,
@@ -323,12 +317,15 @@ fn find_special_sse2(buf: &[u8], mut i: usize, low: u8) -> (usize, Option<usize>
     // (`i + 16 <= buf.len()`).
     #[allow(unsafe_code)]
     unsafe {
-        let low = _mm_set1_epi8(low as i8);
-        let del = _mm_set1_epi8(0x7f);
+        let (Stop::At(b) | Stop::Special(b)) = stop;
+        let (b, del) = (_mm_set1_epi8(b as i8), _mm_set1_epi8(0x7f));
         while i + 16 <= buf.len() {
             let v = _mm_loadu_si128(buf.as_ptr().add(i).cast::<__m128i>());
-            // Signed: bytes from 0x80 compare below `low` too.
-            let hit = _mm_or_si128(_mm_cmplt_epi8(v, low), _mm_cmpeq_epi8(v, del));
+            let hit = match stop {
+                Stop::At(_) => _mm_cmpeq_epi8(v, b),
+                // Signed: bytes from 0x80 compare below `low` too.
+                Stop::Special(_) => _mm_or_si128(_mm_cmplt_epi8(v, b), _mm_cmpeq_epi8(v, del)),
+            };
             let mask = _mm_movemask_epi8(hit) as u32;
             if mask != 0 {
                 return (i, Some(i + mask.trailing_zeros() as usize));

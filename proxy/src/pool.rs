@@ -148,12 +148,8 @@ impl Conn {
             timer,
             ..
         } = self;
-        // As the client side does: the timer is moved only when it must fire sooner or has
-        // fired, and moved on if it fires before the deadline.
         let deadline = tokio::time::Instant::now() + timeout;
-        if timer.deadline() > deadline || timer.is_elapsed() {
-            timer.as_mut().reset(deadline);
-        }
+        crate::forward::arm(timer.as_mut(), deadline);
         let read = async {
             let mut got_any = !rbuf.is_empty();
             loop {
@@ -192,10 +188,9 @@ impl Conn {
                 biased;
                 r = &mut read => return r,
                 _ = timer.as_mut() => {
-                    if tokio::time::Instant::now() >= deadline {
+                    if crate::forward::deadline_passed(timer.as_mut(), deadline) {
                         return Err(ReadError::TimedOut);
                     }
-                    timer.as_mut().reset(deadline);
                 }
             }
         }

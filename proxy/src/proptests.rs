@@ -7,7 +7,7 @@ use http::{Method, StatusCode, Version};
 use proptest::prelude::*;
 
 use crate::h1::{self, BodyDecoder, Decoded, ResponseFraming};
-use crate::head::RequestHead as _;
+use crate::head::{RequestHead as _, Span};
 use crate::server::{BodyLength, parse_request};
 
 /// Field names the request parser gives a meaning to; the random fields avoid them.
@@ -291,6 +291,22 @@ fn request_like() -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
+/// The fields the fast scan found, as (name, value).
+fn scanned_fields<'a>(buf: &'a [u8], fields: &[(Span, Span)]) -> Vec<(&'a [u8], &'a [u8])> {
+    fields
+        .iter()
+        .map(|(n, v)| (&buf[n.range()], &buf[v.range()]))
+        .collect()
+}
+
+/// The fields httparse found, as (name, value).
+fn parsed_fields<'a>(headers: &[httparse::Header<'a>]) -> Vec<(&'a [u8], &'a [u8])> {
+    headers
+        .iter()
+        .map(|h| (h.name.as_bytes(), h.value))
+        .collect()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(4096))]
 
@@ -309,9 +325,7 @@ proptest! {
                 prop_assert_eq!(req.method.unwrap().as_bytes(), &buf[p.method.range()]);
                 prop_assert_eq!(req.path.unwrap().as_bytes(), &buf[p.target.range()]);
                 prop_assert_eq!(req.version, Some(p.minor));
-                let got: Vec<_> = fields.iter().map(|(n, v)| (&buf[n.range()], &buf[v.range()])).collect();
-                let want: Vec<_> = req.headers.iter().map(|h| (h.name.as_bytes(), h.value)).collect();
-                prop_assert_eq!(got, want);
+                prop_assert_eq!(scanned_fields(&buf, &fields), parsed_fields(req.headers));
             }
             crate::h1_scan::Scan::Partial => prop_assert_eq!(slow, Ok(httparse::Status::Partial)),
             crate::h1_scan::Scan::Other => {}
@@ -342,9 +356,7 @@ proptest! {
                 prop_assert_eq!(slow, Ok(httparse::Status::Complete(p.used)));
                 prop_assert_eq!(resp.code, Some(p.code));
                 prop_assert_eq!(resp.version, Some(p.minor));
-                let got: Vec<_> = fields.iter().map(|(n, v)| (&buf[n.range()], &buf[v.range()])).collect();
-                let want: Vec<_> = resp.headers.iter().map(|h| (h.name.as_bytes(), h.value)).collect();
-                prop_assert_eq!(got, want);
+                prop_assert_eq!(scanned_fields(&buf, &fields), parsed_fields(resp.headers));
             }
             crate::h1_scan::Scan::Partial => prop_assert_eq!(slow, Ok(httparse::Status::Partial)),
             crate::h1_scan::Scan::Other => {}

@@ -34,7 +34,7 @@ use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ProxyError;
-use crate::forward::Prefixed;
+use crate::forward::{self, Prefixed};
 use crate::h1::{self, BodyDecoder, Decoded};
 use crate::h1_scan::{self, Scan};
 use crate::head::{ProxyResponse, RawRequest, RequestHead, Span};
@@ -129,12 +129,9 @@ where
     let mut first = true;
     loop {
         // Read and parse the next request head.
-        let mut armed = None;
-        // When the current wait ends. The timer may be set sooner than this (it is moved only
-        // when it must fire sooner or has fired, and moved on if it fires early): moving it is
-        // dearer than a check, and a busy connection then moves it once per limit, not once
-        // per request.
-        let mut deadline = tokio::time::Instant::now();
+        // The phase the timer is armed for and when its wait ends (the timer itself may be set
+        // sooner: see `forward::arm`).
+        let mut armed: Option<(Phase, tokio::time::Instant)> = None;
         let head = loop {
             // A new connection that could be opening with the HTTP/2 preface is not parsed as
             // HTTP/1.1 until it is clear that it is not.
@@ -175,13 +172,15 @@ where
             } else {
                 Phase::Head
             };
-            if armed != Some(phase) {
-                deadline = tokio::time::Instant::now() + phase.limit(cfg);
-                if timer.deadline() > deadline || timer.is_elapsed() {
-                    timer.as_mut().reset(deadline);
+            let deadline = match armed {
+                Some((p, deadline)) if p == phase => deadline,
+                _ => {
+                    let deadline = tokio::time::Instant::now() + phase.limit(cfg);
+                    forward::arm(timer.as_mut(), deadline);
+                    armed = Some((phase, deadline));
+                    deadline
                 }
-                armed = Some(phase);
-            }
+            };
             if idle {
                 // Nothing buffered: give the buffers back while the client thinks (a
                 // response's gathered body can leave the write buffer large).
@@ -199,15 +198,14 @@ where
                     Ok(_) => Wait::Read,
                 },
                 _ = &mut cancelled, if idle => Wait::Closed,
-                _ = &mut timer => if tokio::time::Instant::now() >= deadline {
+                _ = &mut timer => if forward::deadline_passed(timer.as_mut(), deadline) {
                     Wait::TimedOut
                 } else {
                     Wait::Early
                 },
             };
             match event {
-                Wait::Read => {}
-                Wait::Early => timer.as_mut().reset(deadline),
+                Wait::Read | Wait::Early => {}
                 Wait::Closed => return Served::Closed,
                 Wait::TimedOut => {
                     if !idle {
@@ -342,7 +340,8 @@ enum Wait {
     Read,
     Closed,
     TimedOut,
-    /// The timer fired before the wait's deadline (it was set for an earlier wait).
+    /// The timer fired before the wait's deadline (it was set for an earlier wait) and has
+    /// been moved on.
     Early,
 }
 
@@ -543,7 +542,7 @@ pub(crate) fn parse_request(
         Scan::Complete(p) => (p.used, p.method, p.target, p.minor),
         Scan::Partial if buf.len() >= max_head => return Err(ProxyError::HeadTooLarge(max_head)),
         Scan::Partial => return Ok(None),
-        Scan::Other => match parse_request_line(buf, max_head, spans)? {
+        Scan::Other => match parse_with_httparse(buf, max_head, spans)? {
             Some(parts) => parts,
             None => return Ok(None),
         },
@@ -666,7 +665,7 @@ pub(crate) fn parse_request(
 
 /// [`parse_request`] for a head the fast scan leaves to httparse: the head's length, where its
 /// method and target lie, and its minor version; the fields go to `spans`.
-fn parse_request_line(
+fn parse_with_httparse(
     buf: &[u8],
     max_head: usize,
     spans: &mut Vec<(Span, Span)>,
