@@ -402,6 +402,18 @@ def main():
             p = ports[name][scenario]
             return ["--connect-to", f"{host}:{p}:127.0.0.1:{p}"]
 
+        def oha_args(name, scenario):
+            """The headers, connection count and extra oha arguments of `scenario` on `name`."""
+            extra = connect_to(name, scenario)
+            conns = args.connections
+            if scenario == "h2":
+                extra += ["--http2", "-p", str(args.h2_streams)]
+                conns = args.h2_connections
+            elif scenario == "tls":
+                extra += ["--insecure", "--disable-keepalive"]
+            headers = hdrs[name] if scenario == "h1" else hdrs[name][1:]
+            return headers, conns, extra
+
         split = {}
 
         def measured(name, fn):
@@ -427,12 +439,7 @@ def main():
         # after its backend started) are not what the rounds compare.
         for scenario in (s for s in scenarios if s in ("h1", "h2") and args.warmup > 0):
             for name in targets[scenario]:
-                extra = connect_to(name, scenario)
-                conns = args.connections
-                if scenario == "h2":
-                    extra += ["--http2", "-p", str(args.h2_streams)]
-                    conns = args.h2_connections
-                headers = hdrs[name] if scenario == "h1" else hdrs[name][1:]
+                headers, conns, extra = oha_args(name, scenario)
                 oha(url(name, scenario), headers, args.warmup, conns, extra=extra)
         for run in range(args.runs):
             for scenario in scenarios:
@@ -453,14 +460,7 @@ def main():
                               + (f", {ws['messages'] / used:,.0f} per CPU-second" if used else ""),
                               file=sys.stderr)
                         continue
-                    extra = connect_to(name, scenario)
-                    conns = args.connections
-                    if scenario == "h2":
-                        extra += ["--http2", "-p", str(args.h2_streams)]
-                        conns = args.h2_connections
-                    elif scenario == "tls":
-                        extra += ["--insecure", "--disable-keepalive"]
-                    headers = hdrs[name] if scenario == "h1" else hdrs[name][1:]
+                    headers, conns, extra = oha_args(name, scenario)
                     sat, used = measured(name, lambda: oha(
                         url(name, scenario), headers, args.duration, conns, extra=extra))
                     if used:
