@@ -72,6 +72,8 @@ struct ChildEntry {
     generation: u64,
     /// The main process, for reading its usage from `/proc`.
     pid: libc::pid_t,
+    /// The port it was told to listen on.
+    port: u16,
     signals: mpsc::UnboundedSender<Signal>,
     /// `Some` once the child has exited and been reaped.
     exited: watch::Receiver<Option<ExitStatus>>,
@@ -163,12 +165,27 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Finds a free port by binding port 0 and releasing it. There is a window in which another
-/// process could take the port; the backend then fails to bind and exits, which the agent
-/// reports like any other early exit.
-fn allocate_port(host: IpAddr) -> io::Result<u16> {
-    let listener = TcpListener::bind(SocketAddr::new(host, 0))?;
-    Ok(listener.local_addr()?.port())
+/// Finds a free port by binding port 0 and releasing it, skipping ports `taken` says a
+/// running child was given: a child that has not bound its port yet leaves it free, and the
+/// kernel used to hand the same port to the next child started meanwhile, whose requests then
+/// reached the first child (seen in CI: a backend answered with another backend's key). The
+/// ports tried are held until one is chosen, so each try gets another. There is still a window
+/// in which another process could take the port; the backend then fails to bind and exits,
+/// which the agent reports like any other early exit.
+fn allocate_port(host: IpAddr, taken: impl Fn(u16) -> bool) -> io::Result<u16> {
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let listener = TcpListener::bind(SocketAddr::new(host, 0))?;
+        let port = listener.local_addr()?.port();
+        if !taken(port) {
+            return Ok(port);
+        }
+        held.push(listener);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        "every port the kernel offered was given to a running backend",
+    ))
 }
 
 /// Makes the child the leader of its own process group and arranges for it to be killed when
@@ -252,7 +269,10 @@ impl Runtime for ProcessRuntime {
         }
 
         let host = self.inner.config.bind_host;
-        let port = allocate_port(host).map_err(|source| RuntimeError::AllocatePort {
+        let port = allocate_port(host, |p| {
+            lock(&self.inner.children).values().any(|c| c.port == p)
+        })
+        .map_err(|source| RuntimeError::AllocatePort {
             backend: backend.clone(),
             source,
         })?;
@@ -296,6 +316,7 @@ impl Runtime for ProcessRuntime {
             ChildEntry {
                 generation,
                 pid,
+                port,
                 signals: signals_tx,
                 exited: exited_rx,
             },
@@ -647,6 +668,27 @@ mod tests {
     use super::*;
 
     const WAIT: Duration = Duration::from_secs(10);
+
+    /// A port a running child was given is never handed out again, whatever the kernel offers
+    /// (it offered one twice in CI); a port nobody holds is taken as it comes.
+    #[test]
+    fn a_port_given_to_a_running_child_is_not_given_again() {
+        let host = IpAddr::from([127, 0, 0, 1]);
+        let offered = std::cell::RefCell::new(Vec::new());
+        let port = allocate_port(host, |p| {
+            offered.borrow_mut().push(p);
+            // The first three ports offered are held by running children.
+            offered.borrow().len() <= 3
+        })
+        .unwrap();
+        let offered = offered.into_inner();
+        assert_eq!(offered.len(), 4, "{offered:?}");
+        assert_eq!(offered[3], port);
+        assert!(!offered[..3].contains(&port), "{offered:?}");
+
+        let error = allocate_port(host, |_| true).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
+    }
 
     fn spawn_command(id: &str, argv: &[&str]) -> SpawnCommand {
         SpawnCommand {
