@@ -89,6 +89,27 @@ def cpu_split(pids):
     return user / tick, system / tick
 
 
+def kernel_events(pids):
+    """Minor page faults and (voluntary, involuntary) context switches of every thread of
+    `pids` so far: kernel work that a proxy's own habits cause (allocator pages given back and
+    faulted in again, a thread that sleeps or is preempted) beside its socket calls."""
+    faults = voluntary = involuntary = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            faults += int(f.read().rsplit(")", 1)[1].split()[7])
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/status") as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            voluntary += int(line.split()[1])
+                        elif line.startswith("nonvoluntary_ctxt_switches:"):
+                            involuntary += int(line.split()[1])
+            except FileNotFoundError:
+                pass  # a thread that ended meanwhile
+    return faults, voluntary, involuntary
+
+
 def cpu_seconds(pids):
     return sum(cpu_split(pids))
 
@@ -420,17 +441,20 @@ def main():
             """Runs `fn` and returns its result with the CPU-seconds the server used; the
             user and system parts are left in `split`."""
             c0 = cpu_split(pids[name]) if pids[name] else None
+            k0 = kernel_events(pids[name]) if pids[name] else None
             r = fn()
             if not pids[name]:
                 return r, None
             c1 = cpu_split(pids[name])
+            k1 = kernel_events(pids[name])
             split["user"], split["system"] = c1[0] - c0[0], c1[1] - c0[1]
+            split["events"] = [b - a for a, b in zip(k0, k1)]
             return r, split["user"] + split["system"]
 
         targets = {"h1": ("direct", *proxies, "floor"), "h2": proxies, "tls": proxies,
                    "ws": ("direct", *proxies)}
         res = {s: {t: {"sat": [], "fixed": [], "per_cpu": [], "seq": [], "user_us": [],
-                       "sys_us": []} for t in targets[s]}
+                       "sys_us": [], "events": []} for t in targets[s]}
                for s in scenarios}
         seq_bad = 0
         bad = 0
@@ -467,6 +491,7 @@ def main():
                         r["per_cpu"].append(sat["ok"] / used)
                         r["user_us"].append(split["user"] / sat["ok"] * 1e6)
                         r["sys_us"].append(split["system"] / sat["ok"] * 1e6)
+                        r["events"].append([e / sat["ok"] for e in split["events"]])
                     r["sat"].append(sat)
                     bad += sat["non200"]
                     line = (f"run {run + 1} {scenario} {name}: {sat['rps']:.0f} req/s p50 "
@@ -530,6 +555,11 @@ def main():
             print("HTTP/1.1 CPU per request (µs, medians), user + system: " + "; ".join(
                 f"{n} {med(res['h1'][n]['user_us']):.1f} + {med(res['h1'][n]['sys_us']):.1f}"
                 for n in (*proxies, "floor")))
+            print("HTTP/1.1 per request (medians): minor page faults, voluntary and involuntary "
+                  "context switches: " + "; ".join(
+                      f"{n} " + " / ".join(
+                          f"{med(e[i] for e in res['h1'][n]['events']):.3f}" for i in range(3))
+                      for n in (*proxies, "floor")))
             need = 1e6 / (1.25 * best)
             print(f"1.25x the better of nginx and haproxy would need {need:.1f} µs per request "
                   f"in all; the floor uses {1e6 / floor:.1f}")
