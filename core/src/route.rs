@@ -401,14 +401,7 @@ pub struct RequestNames<'a> {
 /// `x-hangar-backend` header, then the `hangar-backend` cookie. Returns `None` if nothing
 /// names one. Allocates only when the Host label has upper-case letters.
 pub fn resolve<'a>(names: &RequestNames<'a>, domain: &str) -> Option<(Cow<'a, str>, RouteMode)> {
-    if let Some(host) = names.host
-        && let Some(label) = host_label(host, domain)
-    {
-        let label = if label.bytes().any(|b| b.is_ascii_uppercase()) {
-            Cow::Owned(label.to_ascii_lowercase())
-        } else {
-            Cow::Borrowed(label)
-        };
+    if let Some(label) = names.host.and_then(|host| host_name(host, domain)) {
         return Some((label, RouteMode::Host));
     }
     if let Some(h) = names.header {
@@ -423,6 +416,18 @@ pub fn resolve<'a>(names: &RequestNames<'a>, domain: &str) -> Option<(Cow<'a, st
         }
     }
     None
+}
+
+/// The backend name `host` gives (its label, lowercased) when it is `<label>.<domain>`: what
+/// [`resolve`] returns first, whatever else the request carries, so a caller that finds it
+/// need not collect the rest of [`RequestNames`].
+pub fn host_name<'a>(host: &'a str, domain: &str) -> Option<Cow<'a, str>> {
+    let label = host_label(host, domain)?;
+    Some(if label.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(label.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(label)
+    })
 }
 
 /// If `host` (optionally with `:port`) is `<label>.<domain>` with a single label, returns it.

@@ -79,6 +79,9 @@ impl Default for ActivityTracker {
 pub struct ActivityGuard {
     counters: Arc<Counters>,
     start: Instant,
+    /// The wall clock at `start` (ms since the Unix epoch): the request's end, on the wall
+    /// clock, is this plus the time it took, without a second read of the wall clock.
+    start_ms: u64,
     /// The response status once known; 0 if the request ends without one (the client went
     /// away first), which counts as a 4xx like nginx's 499.
     status: u16,
@@ -156,6 +159,7 @@ impl ActivityTracker {
         ActivityGuard {
             counters,
             start: Instant::now(),
+            start_ms: now,
             status: 0,
             upgraded: false,
             sent_bytes: 0,
@@ -270,7 +274,7 @@ impl ActivityGuard {
         }
         self.upgraded = true;
         self.status = 101;
-        self.record();
+        self.record(self.start.elapsed());
         self.counters
             .traffic
             .websockets
@@ -286,13 +290,12 @@ impl ActivityGuard {
         self.sent_bytes += sent;
     }
 
-    fn record(&self) {
+    fn record(&self, elapsed: Duration) {
         let class = if self.status == 0 {
             status_class(499)
         } else {
             status_class(self.status)
         };
-        let elapsed = self.start.elapsed();
         self.counters.traffic.by_class[class].fetch_add(1, Ordering::Relaxed);
         self.counters
             .traffic
@@ -304,13 +307,14 @@ impl ActivityGuard {
 
 impl Drop for ActivityGuard {
     fn drop(&mut self) {
+        let elapsed = self.start.elapsed();
         if self.upgraded {
             self.counters
                 .traffic
                 .websockets
                 .fetch_sub(1, Ordering::Relaxed);
         } else {
-            self.record();
+            self.record(elapsed);
         }
         if self.sent_bytes > 0 {
             self.counters
@@ -318,7 +322,8 @@ impl Drop for ActivityGuard {
                 .sent_bytes
                 .fetch_add(self.sent_bytes, Ordering::Relaxed);
         }
-        self.counters.last_active.store(now_ms(), Ordering::Relaxed);
+        let end_ms = self.start_ms + elapsed.as_millis() as u64;
+        self.counters.last_active.store(end_ms, Ordering::Relaxed);
         self.counters.open.fetch_sub(1, Ordering::Relaxed);
     }
 }

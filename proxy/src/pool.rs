@@ -415,13 +415,16 @@ impl UpstreamPool {
         })
     }
 
-    /// Sends `req` (origin-form target, hop-by-hop headers already removed) to `addr` on an
-    /// idle connection or a new one, and returns the response once its head has arrived.
+    /// Sends a request to `addr` on an idle connection or a new one, and returns the response
+    /// once its head has arrived. `head` appends the request line and fields (origin-form
+    /// target, hop-by-hop headers already removed) to the connection's write buffer, where
+    /// they go out from without a copy; it is called again if the request is retried on
+    /// another connection.
     pub(crate) async fn send<B>(
         self: &Arc<Self>,
         addr: SocketAddr,
         method: &Method,
-        head: &[u8],
+        head: impl Fn(&mut Vec<u8>),
         framing: RequestFraming,
         mut body: B,
     ) -> Result<UpstreamResponse, SendError>
@@ -440,7 +443,7 @@ impl UpstreamPool {
             // the request was processed: the request goes out again on another connection.
             let retry = |started: bool| reused && !started;
             conn.wbuf.clear();
-            conn.wbuf.extend_from_slice(head);
+            head(&mut conn.wbuf);
             h1::end_request_head(&mut conn.wbuf, framing);
             let answered_early = match conn
                 .write_request(method, &mut body, framing, &mut body_started)

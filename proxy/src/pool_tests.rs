@@ -141,7 +141,14 @@ where
         h1::write_header(&mut head, name.as_str().as_bytes(), value.as_bytes());
     }
     let framing = request_framing(&body, false);
-    pool.send(addr, &parts.method, &head, framing, body).await
+    pool.send(
+        addr,
+        &parts.method,
+        |out| out.extend_from_slice(&head),
+        framing,
+        body,
+    )
+    .await
 }
 
 /// Sends a request and collects the whole response body.

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use hangar_core::BackendId;
 use hangar_core::route::{
-    self, RequestNames, Route, RouteState, RouteTable, TOKEN_COOKIE, TOKEN_QUERY, cookie_value,
-    has_query_param, strip_cookie, strip_query_param,
+    self, RequestNames, Route, RouteMode, RouteState, RouteTable, TOKEN_COOKIE, TOKEN_QUERY,
+    cookie_value, has_query_param, strip_cookie, strip_query_param,
 };
 use hangar_core::token::TokenError;
 use http::StatusCode;
@@ -126,25 +126,33 @@ fn text(v: &[u8]) -> Option<&str> {
 /// Finds the route the request names. The authority of an absolute-form target (or an HTTP/2
 /// request's) names the host, ahead of any `Host` field (RFC 9112 §3.2.2, RFC 9113 §8.3.1).
 fn find_route(shared: &Shared, head: &impl RequestHead) -> Result<Route, ProxyError> {
+    let domain = &shared.config.domain;
     let host = head.authority().or_else(|| head.get("host").and_then(text));
-    let header_name = head.get(route::BACKEND_HEADER).and_then(text);
+    // A host that names a backend wins (see `route::resolve`): the header and cookies are
+    // looked for only when it does not.
     // Requests rarely carry more than one Cookie header; more than eight are ignored.
     let mut cookie_buf = [""; 8];
-    let mut n = 0;
-    for v in head
-        .get_all("cookie")
-        .filter_map(text)
-        .take(cookie_buf.len())
-    {
-        cookie_buf[n] = v;
-        n += 1;
-    }
-    let names = RequestNames {
-        host,
-        header: header_name,
-        cookies: &cookie_buf[..n],
+    let resolved = match host.and_then(|h| route::host_name(h, domain)) {
+        Some(name) => Some((name, RouteMode::Host)),
+        None => {
+            let mut n = 0;
+            for v in head
+                .get_all("cookie")
+                .filter_map(text)
+                .take(cookie_buf.len())
+            {
+                cookie_buf[n] = v;
+                n += 1;
+            }
+            let names = RequestNames {
+                host,
+                header: head.get(route::BACKEND_HEADER).and_then(text),
+                cookies: &cookie_buf[..n],
+            };
+            route::resolve(&names, domain)
+        }
     };
-    let Some((name, mode)) = route::resolve(&names, &shared.config.domain) else {
+    let Some((name, mode)) = resolved else {
         shared.activity.count_request(None);
         return Err(ProxyError::NoBackendNamed {
             domain: shared.config.domain.clone(),
@@ -327,24 +335,20 @@ where
 
     let upgrade = is_upgrade(req);
     let client_upgrade = upgrade.then(on_upgrade);
-    let head = upstream_head(
-        req,
-        &Forwarding {
-            backend: &route.backend,
-            user: user.as_deref().unwrap_or(""),
-            key: route.key.as_deref(),
-            epoch: route.epoch,
-            client,
-            upgrade,
-        },
-    );
-    let backend = route.backend.clone();
+    let forwarding = Forwarding {
+        backend: &route.backend,
+        user: user.as_deref().unwrap_or(""),
+        key: route.key.as_deref(),
+        epoch: route.epoch,
+        client,
+        upgrade,
+    };
     let sent = shared
         .pool
         .send(
             address,
             req.method(),
-            &head,
+            |out| write_upstream_head(out, req, &forwarding),
             framing,
             CountingBody::new(
                 body,
@@ -354,6 +358,7 @@ where
             ),
         )
         .await;
+    let backend = &route.backend;
     let upstream = match sent {
         Ok(x) => x,
         Err(e) => {
@@ -398,6 +403,7 @@ where
         guard.upgraded();
         // The guard moves into the copy task: an open WebSocket keeps the backend busy.
         let idle = shared.config.upgrade_idle_timeout;
+        let backend = backend.clone();
         shared.tasks.spawn(async move {
             let mut guard = guard;
             match client_upgrade.await {
@@ -516,17 +522,21 @@ fn carries_token_lossy(value: &[u8]) -> bool {
 /// headers. The body framing header is added by the pool.
 pub(crate) fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
+    write_upstream_head(&mut out, req, f);
+    out
+}
+
+/// [`upstream_head`], appended to `out` (the backend connection's write buffer).
+pub(crate) fn write_upstream_head(out: &mut Vec<u8>, req: &impl RequestHead, f: &Forwarding<'_>) {
     // No backend ever sees a Hangar token, whoever's and wherever it is: the query parameter
     // (under any spelling of its name), every token cookie, any bearer credential in the
     // token format (whatever case, in any `Authorization` field).
     match req.query() {
         Some(q) if has_query_param(q, TOKEN_QUERY) => match strip_query_param(q, TOKEN_QUERY) {
-            Some(q) => {
-                h1::write_request_line(&mut out, req.method(), &format!("{}?{q}", req.path()))
-            }
-            None => h1::write_request_line(&mut out, req.method(), req.path()),
+            Some(q) => h1::write_request_line(out, req.method(), &format!("{}?{q}", req.path())),
+            None => h1::write_request_line(out, req.method(), req.path()),
         },
-        _ => h1::write_request_line(&mut out, req.method(), req.target()),
+        _ => h1::write_request_line(out, req.method(), req.target()),
     }
 
     let connection = h1::ConnectionOptions::parse(req.get_all("connection"));
@@ -552,7 +562,7 @@ pub(crate) fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u
             n if n.contains(&b'_') => continue,
             b"upgrade" => {
                 if f.upgrade {
-                    h1::write_header(&mut out, name, value);
+                    h1::write_header(out, name, value);
                 }
                 continue;
             }
@@ -570,21 +580,21 @@ pub(crate) fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u
             && cookie_value(&v, TOKEN_COOKIE).is_some()
         {
             if let Some(rest) = strip_cookie(&v, TOKEN_COOKIE) {
-                h1::write_header(&mut out, b"cookie", rest.as_bytes());
+                h1::write_header(out, b"cookie", rest.as_bytes());
             }
             continue;
         }
-        h1::write_header(&mut out, name, value);
+        h1::write_header(out, name, value);
     }
     if f.upgrade {
-        h1::write_header(&mut out, b"connection", b"upgrade");
+        h1::write_header(out, b"connection", b"upgrade");
     }
 
     // The authority of an absolute-form target replaces the Host field (RFC 9112 §3.2.2; the
     // target itself goes out in origin form); HTTP/2 clients name the host there too.
     if let Some(host) = req.authority().map(str::as_bytes).or(host) {
-        h1::write_header(&mut out, b"host", host);
-        h1::write_header(&mut out, b"x-forwarded-host", host);
+        h1::write_header(out, b"host", host);
+        h1::write_header(out, b"x-forwarded-host", host);
     }
     out.extend_from_slice(b"x-forwarded-for: ");
     if forwarded_for {
@@ -596,27 +606,22 @@ pub(crate) fn upstream_head(req: &impl RequestHead, f: &Forwarding<'_>) -> Vec<u
     out.extend_from_slice(f.client.ip.as_bytes());
     out.extend_from_slice(b"\r\n");
     h1::write_header(
-        &mut out,
+        out,
         b"x-forwarded-proto",
         if f.client.tls { b"https" } else { b"http" },
     );
-    h1::write_header(
-        &mut out,
-        b"x-hangar-backend-id",
-        f.backend.as_str().as_bytes(),
-    );
+    h1::write_header(out, b"x-hangar-backend-id", f.backend.as_str().as_bytes());
     if !f.user.is_empty() && h1::is_header_value(f.user.as_bytes()) {
-        h1::write_header(&mut out, b"x-hangar-user", f.user.as_bytes());
+        h1::write_header(out, b"x-hangar-user", f.user.as_bytes());
     }
     // A backend started warm learns its key from the first request too; both or neither.
     if let Some(key) = f.key
         && !key.is_empty()
         && h1::is_header_value(key.as_bytes())
     {
-        h1::write_header(&mut out, b"x-hangar-key", key.as_bytes());
-        h1::write_number_header(&mut out, b"x-hangar-epoch", f.epoch);
+        h1::write_header(out, b"x-hangar-key", key.as_bytes());
+        h1::write_number_header(out, b"x-hangar-epoch", f.epoch);
     }
-    out
 }
 
 #[cfg(test)]

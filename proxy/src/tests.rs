@@ -661,3 +661,85 @@ async fn an_idle_upgraded_connection_is_closed_and_a_busy_one_stays_open() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// An upstream that answers every request with `body`, until the test ends.
+async fn answering(tasks: &TaskTracker, body: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tasks.spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(move |_: Request<Incoming>| async move {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(Bytes::from_static(body.as_bytes())),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A Host of `<id>.<domain>` names the backend whatever the `x-hangar-backend` header and the
+/// `hangar-backend` cookie say; only a Host that names none lets the header, then the cookie,
+/// choose (the proxy looks for those two only then).
+#[tokio::test]
+async fn the_host_names_the_backend_first_then_the_header_then_the_cookie() {
+    let r = start(config(), None).await;
+    let tasks = TaskTracker::new();
+    let (a, b, c) = (
+        answering(&tasks, "a").await,
+        answering(&tasks, "b").await,
+        answering(&tasks, "c").await,
+    );
+    route_to(&r, &[("ba", a), ("bb", b), ("bc", c)]);
+    // Host, header, cookie and what answers: a backend's body, or the proxy's status.
+    type Case<'a> = (
+        &'a str,
+        Option<&'a str>,
+        Option<&'a str>,
+        Result<&'a str, StatusCode>,
+    );
+    let cases: [Case<'_>; 7] = [
+        ("ba.hangar.test", Some("bb"), Some("bc"), Ok("a")),
+        ("BA.Hangar.Test:8080", Some("bb"), Some("bc"), Ok("a")),
+        ("localhost", Some("bb"), Some("bc"), Ok("b")),
+        ("x.y.hangar.test", Some("bb"), None, Ok("b")),
+        ("localhost", None, Some("bc"), Ok("c")),
+        ("localhost", Some("  "), Some("bc"), Ok("c")),
+        ("localhost", None, None, Err(StatusCode::NOT_FOUND)),
+    ];
+    for (host, header, cookie, want) in cases {
+        let s = TcpStream::connect(r.addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut req = Request::get("/").header("host", host);
+        if let Some(h) = header {
+            req = req.header("x-hangar-backend", h);
+        }
+        if let Some(c) = cookie {
+            req = req.header("cookie", format!("theme=dark; hangar-backend={c}"));
+        }
+        let resp = send
+            .send_request(req.body(Empty::<Bytes>::new()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let got = if status == StatusCode::OK {
+            Ok(std::str::from_utf8(&body).unwrap().to_string())
+        } else {
+            Err(status)
+        };
+        assert_eq!(
+            got,
+            want.map(str::to_string),
+            "host {host}, header {header:?}, cookie {cookie:?}"
+        );
+    }
+}
