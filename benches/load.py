@@ -110,6 +110,17 @@ def kernel_events(pids):
     return faults, voluntary, involuntary
 
 
+def core_steal(core):
+    """(steal, total) jiffies of CPU `core` so far, from /proc/stat: time the hypervisor gave
+    this virtual core to someone else. A round with much of it measured a shared machine."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{core} "):
+                ticks = [int(x) for x in line.split()[1:]]
+                return ticks[7], sum(ticks)
+    return 0, 0
+
+
 def cpu_seconds(pids):
     return sum(cpu_split(pids))
 
@@ -442,7 +453,10 @@ def main():
             user and system parts are left in `split`."""
             c0 = cpu_split(pids[name]) if pids[name] else None
             k0 = kernel_events(pids[name]) if pids[name] else None
+            s0 = core_steal(PROXY_CORE)
             r = fn()
+            s1 = core_steal(PROXY_CORE)
+            split["steal"] = (s1[0] - s0[0]) / max(1, s1[1] - s0[1])
             if not pids[name]:
                 return r, None
             c1 = cpu_split(pids[name])
@@ -508,7 +522,8 @@ def main():
                         line += (f" | @{args.rate}/s p50 {fixed['p50']:.3f} p99 "
                                  f"{fixed['p99']:.3f} | one connection "
                                  f"{1e6 / seq['rps']:.1f} us/req")
-                    print(line + f" | non-200 {sat['non200']}", file=sys.stderr)
+                    print(line + f" | non-200 {sat['non200']} | steal on the proxy's core "
+                          f"{split.get('steal', 0):.1%}", file=sys.stderr)
         if "h1" in scenarios and not args.quick:
             for run in range(args.runs, args.fixed_runs):
                 for name in targets["h1"]:
