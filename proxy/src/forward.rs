@@ -139,6 +139,16 @@ impl GuardedBody {
     pub(crate) fn new(inner: UpstreamBody, guard: Option<ActivityGuard>) -> Self {
         GuardedBody { inner, guard }
     }
+
+    /// [`UpstreamBody::take_buffered`]: the bytes count as sent and, the body having ended,
+    /// the guard is released, as when the last piece is polled.
+    pub(crate) fn take_buffered(&mut self, out: &mut Vec<u8>, max: usize) -> Option<usize> {
+        let n = self.inner.take_buffered(out, max)?;
+        if let Some(mut guard) = self.guard.take() {
+            guard.add_sent(n as u64);
+        }
+        Some(n)
+    }
 }
 
 impl Body for GuardedBody {

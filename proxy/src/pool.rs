@@ -549,6 +549,25 @@ impl UpstreamBody {
         }
     }
 
+    /// The rest of the body, when all of it is in the connection's buffer already (it came
+    /// with the head, as a small answer does) and it is shorter than `max` bytes: appended to
+    /// `out` (the client's write buffer) with no piece of its own, and the body ends (the
+    /// connection goes back to the pool). Returns its length; `None`, having done nothing,
+    /// for any other body, which is then read piece by piece.
+    pub(crate) fn take_buffered(&mut self, out: &mut Vec<u8>, max: usize) -> Option<usize> {
+        let BodyDecoder::Length(left) = self.decoder else {
+            return None;
+        };
+        let conn = self.conn.as_mut()?;
+        let n = usize::try_from(left)
+            .ok()
+            .filter(|&n| n < max && n <= conn.rbuf.len())?;
+        out.extend_from_slice(&conn.rbuf[..n]);
+        conn.rbuf.advance(n);
+        self.finish();
+        Some(n)
+    }
+
     /// The body has ended: the connection goes back to the pool if it can carry another
     /// request.
     fn finish(&mut self) {

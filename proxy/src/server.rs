@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{Method, StatusCode, Version};
+use http_body_util::Either;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
@@ -958,7 +959,18 @@ async fn write_response<I: AsyncWrite + Unpin>(
     }
     let chunked = framing == Framing::Chunked;
     let mut sent: u64 = 0;
-    loop {
+    // A small body that came whole with the head goes into the write buffer straight from the
+    // backend connection's buffer: no pieces to poll.
+    let whole = match &mut body {
+        Either::Left(upstream) if matches!(framing, Framing::Length(_)) => {
+            upstream.take_buffered(wbuf, COPY_BELOW)
+        }
+        _ => None,
+    };
+    if let Some(n) = whole {
+        sent = n as u64;
+    }
+    while whole.is_none() {
         match next_frame(&mut body, io, wbuf).await? {
             Some(Ok(frame)) => {
                 let Ok(data) = frame.into_data() else {

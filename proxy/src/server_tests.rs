@@ -837,3 +837,51 @@ async fn a_client_that_never_reads_is_disconnected_and_its_backend_connection_cl
         .expect("the client connection stayed open");
     assert!((got.len() as u64) < ANNOUNCED, "{}", got.len());
 }
+
+/// A body that arrives with its head goes to the client straight from the backend
+/// connection's buffer, and one that arrives in pieces piece by piece (the client gets the
+/// first piece before the backend has sent the rest); either way the connection then serves
+/// the next request (the backend accepts just one) and the client gets each body whole.
+#[tokio::test]
+async fn bodies_that_come_with_their_head_or_after_it_reach_the_client_whole_on_one_connection() {
+    let r = start(config(), None).await;
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    route_to(&r, &[(ID, backend.local_addr().unwrap())]);
+    let mut s = connect(&r).await;
+    let mut up = None;
+    let mut buf = Vec::new();
+    for (i, split) in [false, true, false, true].into_iter().enumerate() {
+        send(&mut s, get("1.1", "")).await;
+        if up.is_none() {
+            up = Some(backend.accept().await.unwrap().0);
+        }
+        let up = up.as_mut().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), backend_reads_head(up, &mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("request {i} did not come on the first connection"));
+        let body = format!("answer {i}");
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+        if !split {
+            up.write_all(format!("{head}{body}").as_bytes())
+                .await
+                .unwrap();
+            let (status, head, got) = read_response(&mut s).await;
+            assert_eq!((status, got), (200, body.into_bytes()), "{head}");
+            continue;
+        }
+        let (first, rest) = body.split_at(3);
+        up.write_all(format!("{head}{first}").as_bytes())
+            .await
+            .unwrap();
+        let mut line = String::new();
+        while line != "\r\n" {
+            line.clear();
+            s.read_line(&mut line).await.unwrap();
+        }
+        let mut got = vec![0u8; body.len()];
+        s.read_exact(&mut got[..3]).await.unwrap();
+        up.write_all(rest.as_bytes()).await.unwrap();
+        s.read_exact(&mut got[3..]).await.unwrap();
+        assert_eq!(got, body.as_bytes());
+    }
+}
