@@ -224,9 +224,10 @@ fn is_transient(e: &std::io::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    /// An idle keep-alive connection costs its task's future: the request path, the response
-    /// writer and HTTP/2 are boxed while in use so the future stays small (measured here on
-    /// the test build, which makes futures larger than a release build does).
+    /// An idle keep-alive connection costs its task's future: the request path, the writer of
+    /// a response body still to come and HTTP/2 are boxed while in use so the future stays
+    /// small (measured here on the test build, which makes futures larger than a release build
+    /// does).
     #[tokio::test]
     async fn a_connection_task_is_small_while_it_waits() {
         let p = super::Proxy::new(crate::tests::config());

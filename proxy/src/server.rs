@@ -290,16 +290,14 @@ where
         let body_read = body.is_done() || body.skip_buffered(&mut rbuf);
         let keep = keep_alive && body_read && !shutdown.is_stopping();
         let mut out = TimedWrite::new(&mut io, timer.as_mut(), cfg.client_write_timeout);
-        match Box::pin(write_response(
-            &mut out,
-            &mut wbuf,
-            response,
-            method_is_head,
-            version,
-            keep,
-        ))
-        .await
-        {
+        // A response that is whole in the buffer once its head is encoded (the usual small
+        // one) is written here; one whose body is still coming is written by a boxed future,
+        // as the request path is, so that a waiting connection does not carry its state.
+        let written = match start_response(&mut wbuf, response, method_is_head, version, keep) {
+            Pending::Flush(keep) => flush(&mut out, &mut wbuf).await.map(|()| keep),
+            Pending::Body(rest) => Box::pin(write_body(&mut out, &mut wbuf, rest)).await,
+        };
+        match written {
             Ok(true) => {}
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                 // A client that stopped reading: dropping the connection drops the response
@@ -932,8 +930,44 @@ async fn write_response<I: AsyncWrite + Unpin>(
     resp: ProxyResponse,
     head_request: bool,
     version: Version,
-    mut keep_alive: bool,
+    keep_alive: bool,
 ) -> io::Result<bool> {
+    match start_response(wbuf, resp, head_request, version, keep_alive) {
+        Pending::Flush(keep_alive) => flush(io, wbuf).await.map(|()| keep_alive),
+        Pending::Body(rest) => write_body(io, wbuf, rest).await,
+    }
+}
+
+/// What is left to do for a response once [`start_response`] has put its head in the write
+/// buffer.
+// A return value taken apart at once, never kept: boxing the large variant would cost an
+// allocation per streamed response for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Pending {
+    /// The whole response is in the buffer: write it; whether the connection can carry
+    /// another request.
+    Flush(bool),
+    /// The body is still to be read from the backend ([`write_body`]).
+    Body(BodyToWrite),
+}
+
+/// A response body still to be read and written, and how.
+struct BodyToWrite {
+    body: crate::forward::ProxyBody,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+/// Encodes the head of `resp` into `wbuf` (cleared first) and, when its body is empty or came
+/// whole with the backend's head (the usual small answer), the body too: then nothing is left
+/// but to write the buffer, with no future of its own for the body.
+fn start_response(
+    wbuf: &mut Vec<u8>,
+    resp: ProxyResponse,
+    head_request: bool,
+    version: Version,
+    mut keep_alive: bool,
+) -> Pending {
     let status = resp.status;
     let bodyless = head_request
         || status.is_informational()
@@ -954,23 +988,37 @@ async fn write_response<I: AsyncWrite + Unpin>(
     encode_head(wbuf, &resp, framing, keep_alive, version);
     let mut body = resp.body;
     if bodyless {
-        io.write_all(wbuf).await?;
-        return Ok(keep_alive);
+        return Pending::Flush(keep_alive);
     }
-    let chunked = framing == Framing::Chunked;
-    let mut sent: u64 = 0;
     // A small body that came whole with the head goes into the write buffer straight from the
     // backend connection's buffer: no pieces to poll.
-    let whole = match &mut body {
-        Either::Left(upstream) if matches!(framing, Framing::Length(_)) => {
-            upstream.take_buffered(wbuf, COPY_BELOW)
-        }
-        _ => None,
-    };
-    if let Some(n) = whole {
-        sent = n as u64;
+    if let (Framing::Length(_), Either::Left(upstream)) = (framing, &mut body)
+        && upstream.take_buffered(wbuf, COPY_BELOW).is_some()
+    {
+        return Pending::Flush(keep_alive);
     }
-    while whole.is_none() {
+    Pending::Body(BodyToWrite {
+        body,
+        framing,
+        keep_alive,
+    })
+}
+
+/// Writes the head in `wbuf` and then the body, piece by piece as the backend sends it.
+/// Returns whether the connection can carry another request.
+async fn write_body<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    wbuf: &mut Vec<u8>,
+    rest: BodyToWrite,
+) -> io::Result<bool> {
+    let BodyToWrite {
+        mut body,
+        framing,
+        keep_alive,
+    } = rest;
+    let chunked = framing == Framing::Chunked;
+    let mut sent: u64 = 0;
+    loop {
         match next_frame(&mut body, io, wbuf).await? {
             Some(Ok(frame)) => {
                 let Ok(data) = frame.into_data() else {
