@@ -237,6 +237,8 @@ mod tests {
         let peer = "127.0.0.1:1".parse().unwrap();
         let conn = super::serve_conn(&h2, shutdown, p.shared.clone(), io, peer, false, false);
         let size = std::mem::size_of_val(&conn);
-        assert!(size <= 2048, "a connection's future is {size} bytes");
+        // 1,720 bytes with rustc 1.95; a response body held across the write to the client
+        // made it 1,976 once, which the old bound of 2,048 let through.
+        assert!(size <= 1800, "a connection's future is {size} bytes");
     }
 }

@@ -293,9 +293,14 @@ where
         // A response that is whole in the buffer once its head is encoded (the usual small
         // one) is written here; one whose body is still coming is written by a boxed future,
         // as the request path is, so that a waiting connection does not carry its state.
-        let written = match start_response(&mut wbuf, response, method_is_head, version, keep) {
-            Pending::Flush(keep) => flush(&mut out, &mut wbuf).await.map(|()| keep),
-            Pending::Body(rest) => Box::pin(write_body(&mut out, &mut wbuf, rest)).await,
+        let pending = start_response(&mut wbuf, response, method_is_head, version, keep);
+        // `pending` is let go of whole before either write (dropped, or moved into the boxed
+        // writer), so that the connection's future keeps no room for a body across them.
+        let written = if let Pending::Flush(keep) = pending {
+            drop(pending);
+            flush(&mut out, &mut wbuf).await.map(|()| keep)
+        } else {
+            Box::pin(write_pending(&mut out, &mut wbuf, pending)).await
         };
         match written {
             Ok(true) => {}
@@ -932,10 +937,8 @@ async fn write_response<I: AsyncWrite + Unpin>(
     version: Version,
     keep_alive: bool,
 ) -> io::Result<bool> {
-    match start_response(wbuf, resp, head_request, version, keep_alive) {
-        Pending::Flush(keep_alive) => flush(io, wbuf).await.map(|()| keep_alive),
-        Pending::Body(rest) => write_body(io, wbuf, rest).await,
-    }
+    let pending = start_response(wbuf, resp, head_request, version, keep_alive);
+    write_pending(io, wbuf, pending).await
 }
 
 /// What is left to do for a response once [`start_response`] has put its head in the write
@@ -947,7 +950,7 @@ enum Pending {
     /// The whole response is in the buffer: write it; whether the connection can carry
     /// another request.
     Flush(bool),
-    /// The body is still to be read from the backend ([`write_body`]).
+    /// The body is still to be read from the backend ([`write_pending`]).
     Body(BodyToWrite),
 }
 
@@ -1004,18 +1007,21 @@ fn start_response(
     })
 }
 
-/// Writes the head in `wbuf` and then the body, piece by piece as the backend sends it.
-/// Returns whether the connection can carry another request.
-async fn write_body<I: AsyncWrite + Unpin>(
+/// Writes what [`start_response`] left: the head in `wbuf` and then the body, piece by piece
+/// as the backend sends it. Returns whether the connection can carry another request.
+async fn write_pending<I: AsyncWrite + Unpin>(
     io: &mut I,
     wbuf: &mut Vec<u8>,
-    rest: BodyToWrite,
+    pending: Pending,
 ) -> io::Result<bool> {
     let BodyToWrite {
         mut body,
         framing,
         keep_alive,
-    } = rest;
+    } = match pending {
+        Pending::Flush(keep_alive) => return flush(io, wbuf).await.map(|()| keep_alive),
+        Pending::Body(rest) => rest,
+    };
     let chunked = framing == Framing::Chunked;
     let mut sent: u64 = 0;
     loop {
