@@ -943,8 +943,8 @@ async fn write_response<I: AsyncWrite + Unpin>(
 
 /// What is left to do for a response once [`start_response`] has put its head in the write
 /// buffer.
-// A return value taken apart at once, never kept: boxing the large variant would cost an
-// allocation per streamed response for nothing.
+// Short-lived (made per response, taken apart at once or by the boxed writer): boxing the
+// large variant would cost an allocation per streamed response for nothing.
 #[allow(clippy::large_enum_variant)]
 enum Pending {
     /// The whole response is in the buffer: write it; whether the connection can carry
