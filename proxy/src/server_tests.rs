@@ -204,6 +204,13 @@ async fn closed_by_server<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> bool {
     ) && rest.is_empty()
 }
 
+/// A backend the test scripts (accepts, reads and answers itself), which `ID` routes to.
+async fn scripted_backend(r: &Running) -> TcpListener {
+    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    route_to(r, &[(ID, backend.local_addr().unwrap())]);
+    backend
+}
+
 /// A raw client connection to the proxy.
 async fn connect(r: &Running) -> BufReader<TcpStream> {
     BufReader::new(TcpStream::connect(r.addr).await.unwrap())
@@ -505,8 +512,7 @@ async fn backend_reads_head(up: &mut TcpStream, buf: &mut Vec<u8>) -> String {
 async fn a_client_that_leaves_mid_request_frees_its_backend_connection() {
     let r = start(config(), None).await;
     // A backend scripted by the test: it answers only when told to.
-    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    route_to(&r, &[(ID, backend.local_addr().unwrap())]);
+    let backend = scripted_backend(&r).await;
     let mut s = connect(&r).await;
     send(&mut s, get("1.1", "")).await;
     let (mut up, _) = backend.accept().await.unwrap();
@@ -614,8 +620,7 @@ async fn a_body_announced_larger_than_the_limit_gets_413_without_reaching_the_ba
     let mut cfg = config();
     cfg.max_body_bytes = 1000;
     let r = start(cfg, None).await;
-    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    route_to(&r, &[(ID, backend.local_addr().unwrap())]);
+    let backend = scripted_backend(&r).await;
 
     // The head alone: the 413 comes at once, before (and instead of) a 100 Continue.
     let mut s = connect(&r).await;
@@ -651,8 +656,7 @@ async fn a_chunked_body_that_grows_past_the_limit_gets_413_and_its_backend_conne
     let mut cfg = config();
     cfg.max_body_bytes = 1000;
     let r = start(cfg, None).await;
-    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    route_to(&r, &[(ID, backend.local_addr().unwrap())]);
+    let backend = scripted_backend(&r).await;
     let chunk = format!("258\r\n{}\r\n", "c".repeat(0x258)); // 600 bytes
     let mut s = connect(&r).await;
     send(&mut s, raw_post("transfer-encoding: chunked\r\n", &chunk)).await;
@@ -691,8 +695,7 @@ async fn a_backend_that_stalls_mid_body_is_cut_off_and_the_client_connection_clo
     let mut cfg = config();
     cfg.upstream_body_timeout = Duration::from_millis(200);
     let r = start(cfg, None).await;
-    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    route_to(&r, &[(ID, backend.local_addr().unwrap())]);
+    let backend = scripted_backend(&r).await;
     let mut s = connect(&r).await;
     send(&mut s, get("1.1", "")).await;
     let (mut up, _) = backend.accept().await.unwrap();
@@ -733,8 +736,7 @@ async fn server_sent_events_may_stay_quiet_longer_than_the_body_timeout() {
     cfg.upstream_body_timeout = Duration::from_millis(100);
     cfg.upstream_sse_timeout = Duration::from_secs(30);
     let r = start(cfg, None).await;
-    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    route_to(&r, &[(ID, backend.local_addr().unwrap())]);
+    let backend = scripted_backend(&r).await;
     let mut s = connect(&r).await;
     send(&mut s, get("1.1", "")).await;
     let (mut up, _) = backend.accept().await.unwrap();
@@ -792,8 +794,7 @@ async fn a_client_that_never_reads_is_disconnected_and_its_backend_connection_cl
     let mut cfg = config();
     cfg.client_write_timeout = Duration::from_millis(300);
     let r = start(cfg, None).await;
-    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    route_to(&r, &[(ID, backend.local_addr().unwrap())]);
+    let backend = scripted_backend(&r).await;
     // A small receive window, so the proxy's writes block soon.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(16 * 1024).unwrap();
@@ -845,8 +846,7 @@ async fn a_client_that_never_reads_is_disconnected_and_its_backend_connection_cl
 #[tokio::test]
 async fn bodies_that_come_with_their_head_or_after_it_reach_the_client_whole_on_one_connection() {
     let r = start(config(), None).await;
-    let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    route_to(&r, &[(ID, backend.local_addr().unwrap())]);
+    let backend = scripted_backend(&r).await;
     let mut s = connect(&r).await;
     let mut up = None;
     let mut buf = Vec::new();

@@ -145,7 +145,8 @@ fn find_route(shared: &Shared, head: &impl RequestHead) -> Result<Route, ProxyEr
                 n += 1;
             }
             let names = RequestNames {
-                host,
+                // It named no backend: not looked at again.
+                host: None,
                 header: head.get(route::BACKEND_HEADER).and_then(text),
                 cookies: &cookie_buf[..n],
             };
