@@ -801,10 +801,22 @@ async fn logs_of_a_running_container_then_of_its_archive() {
     let log_config = info.host_config.unwrap().log_config.unwrap();
     assert_eq!(log_config.typ.as_deref(), Some("local"));
 
-    let (all, end) = logs_until(&runtime, &backend, None, false, |_| false).await;
-    assert!(matches!(end, Some(Ok(()))), "{end:?}");
+    // The backend writes its access line after it has answered, and the engine stores it
+    // after that: read the whole log again until the line is there.
+    let deadline = Instant::now() + WAIT;
+    let all = loop {
+        let (all, end) = logs_until(&runtime, &backend, None, false, |_| false).await;
+        assert!(matches!(end, Some(Ok(()))), "{end:?}");
+        if all.contains("GET / 200") {
+            break all;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access line within {WAIT:?}: {all:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(all.contains("listening on"), "{all:?}");
-    assert!(all.contains("GET / 200"), "{all:?}");
     let (last, _) = logs_until(&runtime, &backend, Some(1), false, |_| false).await;
     assert_eq!(last.lines().count(), 1, "{last:?}");
 
