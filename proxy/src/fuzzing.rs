@@ -188,6 +188,7 @@ fn check_upstream(head: &impl RequestHead) {
     let f = Forwarding {
         backend: &backend,
         user: "alice",
+        verified_authorization: None,
         key: Some("team/alice"),
         epoch: 3,
         client: &client,

@@ -167,17 +167,27 @@ fn find_route(shared: &Shared, head: &impl RequestHead) -> Result<Route, ProxyEr
     }
 }
 
+/// A request's verified token: who it names, and where it came from.
+struct Verified<'h> {
+    user: Arc<str>,
+    /// The token itself when it came in the query string (it becomes a cookie on the
+    /// response).
+    query_token: Option<String>,
+    /// The `Authorization` value that carried it as a bearer token (see
+    /// [`Forwarding::verified_authorization`]).
+    authorization: Option<&'h [u8]>,
+}
+
 /// Finds and verifies the token (see [`crate::token_cache`] for tokens verified before) at
-/// `now` (seconds since the Unix epoch); returns the user, where the token came from and,
-/// when it came in the query string, the token itself (it becomes a cookie on the response).
-fn check_token(
+/// `now` (seconds since the Unix epoch).
+fn check_token<'h>(
     shared: &Shared,
-    head: &impl RequestHead,
+    head: &'h impl RequestHead,
     backend: &BackendId,
     now: u64,
-) -> Result<(Arc<str>, Option<String>), ProxyError> {
-    let bearer = head
-        .get("authorization")
+) -> Result<Verified<'h>, ProxyError> {
+    let authorization = head.get("authorization");
+    let bearer = authorization
         .and_then(text)
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
@@ -226,8 +236,11 @@ fn check_token(
             return Err(ProxyError::Token(TokenError::Revoked));
         }
     }
-    let query_token = (source == TokenSource::Query).then(|| token.to_string());
-    Ok((user, query_token))
+    Ok(Verified {
+        user,
+        query_token: (source == TokenSource::Query).then(|| token.to_string()),
+        authorization: authorization.filter(|_| source == TokenSource::Bearer),
+    })
 }
 
 /// Re-evaluates `settle` on the current route table, and again on every publish, until it
@@ -318,11 +331,10 @@ where
     // One read of the wall clock for the token's expiry and the backend's activity (unless
     // the request waits for its backend to start).
     let now_ms = crate::activity::now_ms();
-    let (user, query_token) = if route.public {
-        (None, None)
+    let verified = if route.public {
+        None
     } else {
-        let (user, query_token) = check_token(shared, req, &route.backend, now_ms / 1000)?;
-        (Some(user), query_token)
+        Some(check_token(shared, req, &route.backend, now_ms / 1000)?)
     };
     let (address, now_ms) = match (route.state, route.address) {
         (RouteState::Ready, Some(addr)) => (addr, now_ms),
@@ -338,7 +350,8 @@ where
     let client_upgrade = upgrade.then(on_upgrade);
     let forwarding = Forwarding {
         backend: &route.backend,
-        user: user.as_deref().unwrap_or(""),
+        user: verified.as_ref().map_or("", |v| &v.user),
+        verified_authorization: verified.as_ref().and_then(|v| v.authorization),
         key: route.key.as_deref(),
         epoch: route.epoch,
         client,
@@ -442,7 +455,7 @@ where
         return Ok(forwarded(resp, GuardedBody::new(upstream.body, None)));
     }
 
-    if let Some(token) = query_token
+    if let Some(token) = verified.and_then(|v| v.query_token)
         && h1::is_header_value(token.as_bytes())
     {
         resp.fields.extend_from_slice(b"set-cookie: ");
@@ -473,6 +486,10 @@ pub(crate) struct Forwarding<'a> {
     pub(crate) backend: &'a BackendId,
     /// The token's user (empty for public backends).
     pub(crate) user: &'a str,
+    /// The `Authorization` value (the very slice of the request head) whose bearer token the
+    /// proxy verified: it is dropped without being read again. Every other `Authorization`
+    /// value is still read for a token.
+    pub(crate) verified_authorization: Option<&'a [u8]>,
     /// The route's key (`namespace/name`) and fencing epoch; `None` for a keyless backend,
     /// which gets neither header.
     pub(crate) key: Option<&'a str>,
@@ -557,7 +574,13 @@ pub(crate) fn write_upstream_head(out: &mut Vec<u8>, req: &impl RequestHead, f: 
             // would otherwise believe the client).
             b"content-length" | b"expect" | b"x-forwarded-proto" | b"x-forwarded-host"
             | b"forwarded" => continue,
-            b"authorization" if carries_token(value) => continue,
+            b"authorization"
+                if f.verified_authorization
+                    .is_some_and(|v| std::ptr::eq(v, value))
+                    || carries_token(value) =>
+            {
+                continue;
+            }
             // CGI, WSGI, Rack and PHP file `x-hangar_user` as `x-hangar-user`: names with
             // underscores are dropped, as nginx does by default.
             n if n.contains(&b'_') => continue,
@@ -637,6 +660,7 @@ mod tests {
         let f = Forwarding {
             backend: &backend,
             user,
+            verified_authorization: None,
             key: None,
             epoch: 0,
             client: &client,
@@ -716,6 +740,7 @@ mod tests {
         let f = Forwarding {
             backend: &backend,
             user: "",
+            verified_authorization: None,
             key: None,
             epoch: 0,
             client: &client,
@@ -787,6 +812,7 @@ mod tests {
         let f = Forwarding {
             backend: &backend,
             user: "",
+            verified_authorization: None,
             key: None,
             epoch: 0,
             client: &client,
@@ -802,6 +828,50 @@ mod tests {
         assert!(
             head.windows(14).any(|w| w == b"cookie: lang=\xff"),
             "a value without a token goes out as it came: {text}"
+        );
+    }
+
+    /// The `Authorization` value whose token the proxy verified is dropped by identity, not
+    /// read again; every other value is still read for a token, and a value that only equals
+    /// the verified one (another field) is not dropped on its account.
+    #[test]
+    fn the_verified_authorization_is_dropped_and_every_other_is_still_read() {
+        let (parts, ()) = Request::get("/")
+            .header("host", "b1.hangar.test")
+            .header("authorization", "Bearer v1.verified")
+            .header("authorization", "bEaReR v1.second")
+            .header("authorization", "Basic kept")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let backend = BackendId::parse("b1").unwrap();
+        let client = ClientInfo::new("10.1.2.3:4567".parse().unwrap(), false);
+        let values: Vec<&[u8]> = parts.get_all("authorization").collect();
+        let head = |verified: Option<&[u8]>| {
+            let f = Forwarding {
+                backend: &backend,
+                user: "alice",
+                verified_authorization: verified,
+                key: None,
+                epoch: 0,
+                client: &client,
+                upgrade: false,
+            };
+            String::from_utf8(upstream_head(&parts, &f)).unwrap()
+        };
+        for verified in [None, Some(values[0])] {
+            let head = head(verified);
+            assert!(!head.contains("v1."), "a token reached the backend: {head}");
+            assert!(head.contains("authorization: Basic kept\r\n"), "{head}");
+        }
+        // The very field is dropped whatever it holds; an equal copy of it is not that field.
+        let head_dropped = head(Some(values[2]));
+        assert!(!head_dropped.contains("Basic kept"), "{head_dropped}");
+        let copy = values[2].to_vec();
+        let head_kept = head(Some(&copy));
+        assert!(
+            head_kept.contains("authorization: Basic kept\r\n"),
+            "{head_kept}"
         );
     }
 
@@ -826,6 +896,7 @@ mod tests {
             let f = Forwarding {
                 backend: &backend,
                 user: "alice",
+                verified_authorization: None,
                 key,
                 epoch,
                 client: &client,
