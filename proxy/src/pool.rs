@@ -54,7 +54,10 @@ pub(crate) enum SendError {
     Timeout,
 }
 
-/// One keep-alive connection to a backend, with its read and write buffers.
+/// One keep-alive connection to a backend, with its read and write buffers. Always boxed
+/// (allocated once per connection, which the pool keeps): a response body holds it, and the
+/// response is moved several times on every request's way to the client, where a pointer
+/// copies cheaper than the connection's hundred bytes (`response_moves_stay_small`).
 struct Conn {
     stream: TcpStream,
     /// Bytes read from the backend and not yet consumed.
@@ -303,7 +306,10 @@ enum ReadError {
 pub(crate) struct UpstreamPool {
     /// A std mutex: held only to push or pop a connection, never across an `.await`.
     /// Hashed with foldhash (fast; keys are backend addresses from the route table).
-    idle: Mutex<HashMap<SocketAddr, Vec<Conn>, foldhash::fast::RandomState>>,
+    /// Connections stay in the box they were opened in (see [`Conn`]): taken out and put
+    /// back per request, they are never allocated again.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<HashMap<SocketAddr, Vec<Box<Conn>>, foldhash::fast::RandomState>>,
     max_idle: usize,
     connect_timeout: Duration,
     response_timeout: Duration,
@@ -362,7 +368,7 @@ impl UpstreamPool {
         }
     }
 
-    fn take_idle(&self, addr: SocketAddr) -> Option<Conn> {
+    fn take_idle(&self, addr: SocketAddr) -> Option<Box<Conn>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(&addr)?;
         while let Some(c) = list.pop() {
@@ -375,7 +381,7 @@ impl UpstreamPool {
 
     /// Keeps `conn` for the next request to `addr` (whether the backend has closed it since
     /// is checked when it is taken out again).
-    fn release(&self, addr: SocketAddr, conn: Conn) {
+    fn release(&self, addr: SocketAddr, conn: Box<Conn>) {
         if !conn.rbuf.is_empty() {
             return;
         }
@@ -399,7 +405,7 @@ impl UpstreamPool {
         idle.get(&addr).map_or(0, Vec::len)
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<Conn, SendError> {
+    async fn connect(&self, addr: SocketAddr) -> Result<Box<Conn>, SendError> {
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| {
@@ -407,12 +413,12 @@ impl UpstreamPool {
             })?
             .map_err(|e| SendError::Connect(e.to_string()))?;
         let _ = stream.set_nodelay(true);
-        Ok(Conn {
+        Ok(Box::new(Conn {
             stream,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: Vec::with_capacity(1024),
             timer: Box::pin(tokio::time::sleep(self.response_timeout)),
-        })
+        }))
     }
 
     /// Sends a request to `addr` on an idle connection or a new one, and returns the response
@@ -485,7 +491,7 @@ impl UpstreamPool {
     fn respond(
         self: &Arc<Self>,
         addr: SocketAddr,
-        mut conn: Conn,
+        mut conn: Box<Conn>,
         head: ResponseHead,
     ) -> UpstreamResponse {
         let (body, upgraded) = if head.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -528,7 +534,7 @@ impl UpstreamPool {
 /// it for `idle` has the connection closed and the body fails: the connection's timer is armed
 /// when a read has to wait (not per piece) and disarmed by the next bytes.
 pub(crate) struct UpstreamBody {
-    conn: Option<Conn>,
+    conn: Option<Box<Conn>>,
     pool: Option<(Arc<UpstreamPool>, SocketAddr)>,
     keep_alive: bool,
     decoder: BodyDecoder,
