@@ -73,28 +73,33 @@ impl RequestHead for http::request::Parts {
     }
 }
 
-/// A byte range within a buffer.
+/// A byte range within a buffer: 32-bit offsets, as a head is at most a few MiB (the
+/// configured limit) and a head's span list is half as large and its moves cheaper.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Span {
-    start: usize,
-    len: usize,
+    start: u32,
+    len: u32,
 }
 
 impl Span {
     pub(crate) fn new(start: usize, len: usize) -> Span {
+        let start = u32::try_from(start).expect("a head is far shorter than 4 GiB");
+        let len = u32::try_from(len).expect("a head is far shorter than 4 GiB");
         Span { start, len }
     }
 
     /// Where `part` lies within the buffer that starts at `base`.
     pub(crate) fn of(base: *const u8, part: &[u8]) -> Span {
-        Span {
-            start: part.as_ptr() as usize - base as usize,
-            len: part.len(),
-        }
+        Span::new(part.as_ptr() as usize - base as usize, part.len())
+    }
+
+    /// Where the range starts.
+    pub(crate) fn start(self) -> usize {
+        self.start as usize
     }
 
     pub(crate) fn range(self) -> std::ops::Range<usize> {
-        self.start..self.start + self.len
+        self.start as usize..self.start as usize + self.len as usize
     }
 }
 
@@ -105,8 +110,9 @@ pub(crate) struct RawRequest {
     method: Method,
     /// The origin-form target (`/path?query`), or `None` when `uri` holds another form.
     target: Option<Span>,
-    /// An absolute-form (or asterisk) target, parsed.
-    uri: Option<Uri>,
+    /// An absolute-form (or asterisk) target, parsed (boxed: rare, and the head is moved on
+    /// every request).
+    uri: Option<Box<Uri>>,
     fields: Vec<(Span, Span)>,
 }
 
@@ -126,7 +132,7 @@ impl RawRequest {
         if std::str::from_utf8(bytes).is_err() || bytes.iter().any(u8::is_ascii_control) {
             return Err(Uri::try_from(&b"\0"[..]).expect_err("NUL is not a URI"));
         }
-        let (target, uri) = if buf.get(target.start) == Some(&b'/') {
+        let (target, uri) = if buf.get(target.start()) == Some(&b'/') {
             (Some(target), None)
         } else {
             let uri = Uri::from_maybe_shared(buf.slice(target.range()))?;
@@ -138,7 +144,7 @@ impl RawRequest {
                 }
                 _ => uri,
             };
-            (None, Some(uri))
+            (None, Some(Box::new(uri)))
         };
         Ok(RawRequest {
             buf,
@@ -184,7 +190,7 @@ impl RequestHead for RawRequest {
 
     fn authority(&self) -> Option<&str> {
         self.uri
-            .as_ref()
+            .as_deref()
             .and_then(Uri::authority)
             .map(|a| a.as_str())
     }

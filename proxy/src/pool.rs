@@ -57,7 +57,8 @@ pub(crate) enum SendError {
 /// One keep-alive connection to a backend, with its read and write buffers. Always boxed
 /// (allocated once per connection, which the pool keeps): a response body holds it, and the
 /// response is moved several times on every request's way to the client, where a pointer
-/// copies cheaper than the connection's hundred bytes (`response_moves_stay_small`).
+/// copies cheaper than the connection's hundred bytes
+/// (`request_and_response_moves_stay_small`).
 struct Conn {
     stream: TcpStream,
     /// Bytes read from the backend and not yet consumed.
@@ -67,6 +68,11 @@ struct Conn {
     /// Bounds the wait for each response head, then for each piece of its body; one per
     /// connection, moved forward per request and whenever the body has to wait.
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// The backend's address: where the connection goes back to in the pool.
+    addr: SocketAddr,
+    /// How long the current response's body may send nothing (kept here, not in the body,
+    /// for the same reason as the box).
+    body_idle: Duration,
 }
 
 impl Conn {
@@ -324,7 +330,7 @@ pub(crate) struct UpstreamPool {
 pub(crate) struct UpstreamResponse {
     pub(crate) head: ResponseHead,
     pub(crate) body: UpstreamBody,
-    pub(crate) upgraded: Option<Upgraded>,
+    pub(crate) upgraded: Option<Box<Upgraded>>,
 }
 
 /// How a request body goes to the backend: not at all when it is empty (an explicit
@@ -418,6 +424,8 @@ impl UpstreamPool {
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: Vec::with_capacity(1024),
             timer: Box::pin(tokio::time::sleep(self.response_timeout)),
+            addr,
+            body_idle: self.body_timeout,
         }))
     }
 
@@ -475,7 +483,7 @@ impl UpstreamPool {
                 Ok(mut head) => {
                     // Part of the request body is still unsent: the connection is spent.
                     head.keep_alive &= !answered_early;
-                    return Ok(self.respond(addr, conn, head));
+                    return Ok(self.respond(conn, head));
                 }
                 Err(ReadError::ClosedEarly | ReadError::Io(_))
                     if retry(body_started) && idempotent(method) =>
@@ -488,15 +496,10 @@ impl UpstreamPool {
         }
     }
 
-    fn respond(
-        self: &Arc<Self>,
-        addr: SocketAddr,
-        mut conn: Box<Conn>,
-        head: ResponseHead,
-    ) -> UpstreamResponse {
+    fn respond(self: &Arc<Self>, mut conn: Box<Conn>, head: ResponseHead) -> UpstreamResponse {
         let (body, upgraded) = if head.status == StatusCode::SWITCHING_PROTOCOLS {
             let upgraded = Upgraded::new(std::mem::take(&mut conn.rbuf).freeze(), conn.stream);
-            (UpstreamBody::empty(), Some(upgraded))
+            (UpstreamBody::empty(), Some(Box::new(upgraded)))
         } else {
             let decoder = match head.framing {
                 ResponseFraming::Empty => BodyDecoder::Done,
@@ -504,17 +507,16 @@ impl UpstreamPool {
                 ResponseFraming::Chunked => BodyDecoder::chunked(),
                 ResponseFraming::Close => BodyDecoder::Close,
             };
-            let idle = if head.event_stream {
+            conn.body_idle = if head.event_stream {
                 self.sse_timeout
             } else {
                 self.body_timeout
             };
             let mut body = UpstreamBody {
                 conn: Some(conn),
-                pool: Some((self.clone(), addr)),
+                pool: Some(self.clone()),
                 keep_alive: head.keep_alive,
                 decoder,
-                idle,
                 armed: false,
             };
             if body.is_end_stream() {
@@ -531,14 +533,13 @@ impl UpstreamPool {
 }
 
 /// A response body read straight from the backend's connection. A backend that sends none of
-/// it for `idle` has the connection closed and the body fails: the connection's timer is armed
-/// when a read has to wait (not per piece) and disarmed by the next bytes.
+/// it for its idle limit has the connection closed and the body fails: the connection's timer
+/// is armed when a read has to wait (not per piece) and disarmed by the next bytes.
 pub(crate) struct UpstreamBody {
     conn: Option<Box<Conn>>,
-    pool: Option<(Arc<UpstreamPool>, SocketAddr)>,
+    pool: Option<Arc<UpstreamPool>>,
     keep_alive: bool,
     decoder: BodyDecoder,
-    idle: Duration,
     /// Whether the connection's timer counts down the current wait.
     armed: bool,
 }
@@ -550,7 +551,6 @@ impl UpstreamBody {
             pool: None,
             keep_alive: false,
             decoder: BodyDecoder::Done,
-            idle: Duration::ZERO,
             armed: false,
         }
     }
@@ -578,10 +578,10 @@ impl UpstreamBody {
     /// request.
     fn finish(&mut self) {
         self.decoder = BodyDecoder::Done;
-        if let (Some(conn), Some((pool, addr))) = (self.conn.take(), self.pool.as_ref())
+        if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.as_ref())
             && self.keep_alive
         {
-            pool.release(*addr, conn);
+            pool.release(conn.addr, conn);
         }
     }
 
@@ -640,12 +640,12 @@ impl Body for UpstreamBody {
                     }
                     Poll::Pending => {
                         if !this.armed {
-                            let deadline = tokio::time::Instant::now() + this.idle;
+                            let deadline = tokio::time::Instant::now() + conn.body_idle;
                             conn.timer.as_mut().reset(deadline);
                             this.armed = true;
                         }
                         ready!(conn.timer.as_mut().poll(cx));
-                        let idle = this.idle;
+                        let idle = conn.body_idle;
                         return Poll::Ready(Some(Err(this.fail_as(
                             io::ErrorKind::TimedOut,
                             format!("the backend sent no response body bytes for {idle:?}"),

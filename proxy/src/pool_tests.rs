@@ -567,14 +567,16 @@ async fn a_body_that_stalls_fails_after_the_body_timeout_and_its_connection_is_d
     );
 }
 
-/// A response with its body is moved several times per request on its way to the client
-/// (out of the pool, out of the request path, into the writer), and every move copies the
-/// whole value. With the backend connection held inline they were 264-304 bytes; boxing it
-/// saved 206 of 15,163 instructions per request (callgrind), which this bound keeps.
+/// A request head and a response with its body are moved several times per request on their
+/// way (out of the parser, out of the pool, out of the request path, into the writer), and
+/// every move copies the whole value: a `memcpy` call for each past 128 bytes, a few vector
+/// moves up to that. With the backend connection, the absolute-form URI and the upgraded
+/// connection held inline, and 64-bit spans, they were 136-304 bytes.
 #[test]
-fn response_moves_stay_small() {
+fn request_and_response_moves_stay_small() {
     use std::mem::size_of;
     let sizes = [
+        ("ParsedRequest", size_of::<crate::server::ParsedRequest>()),
         (
             "UpstreamResponse",
             size_of::<crate::pool::UpstreamResponse>(),
@@ -586,6 +588,6 @@ fn response_moves_stay_small() {
         ),
     ];
     for (name, size) in sizes {
-        assert!(size <= 224, "{name} is {size} bytes");
+        assert!(size <= 128, "{name} is {size} bytes");
     }
 }

@@ -424,7 +424,7 @@ where
                 Ok(client) => {
                     let (read, written) = (AtomicU64::new(0), AtomicU64::new(0));
                     let mut client = CountingIo::new(client, &read, &written);
-                    let mut upstream = upstream_io;
+                    let mut upstream = *upstream_io;
                     let copy = tokio::io::copy_bidirectional_with_sizes(
                         &mut client,
                         &mut upstream,
