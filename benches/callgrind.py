@@ -74,21 +74,16 @@ def main():
     ap.add_argument("--top", type=int, default=20, help="functions to list by own instructions")
     ap.add_argument("--out", help="keep callgrind's output here")
     args = ap.parse_args()
-    for tool in ("valgrind", "callgrind_control", "oha", "taskset"):
-        if shutil.which(tool) is None:
-            sys.exit(f"callgrind.py: {tool} not found: install valgrind (apt-get install "
-                     "valgrind), oha (cargo install oha --locked) and util-linux")
-    if not os.path.exists(args.hangar):
-        sys.exit(f"callgrind.py: no binary at {args.hangar}: run cargo build --release first")
+    load.require("callgrind.py", ("valgrind", "callgrind_control", "oha", "taskset"),
+                 "install valgrind (apt-get install valgrind), oha (cargo install oha --locked) "
+                 "and util-linux", args.hangar)
 
     work = tempfile.mkdtemp(prefix="hangar-callgrind-")
     out = os.path.join(work, "callgrind.out")
     api, proxy = load.free_port(), load.free_port()
     dev = subprocess.Popen(
         ["taskset", "-c", load.PROXY_CORE, "valgrind", "--tool=callgrind",
-         f"--callgrind-out-file={out}", args.hangar, "dev", "--api", f"127.0.0.1:{api}",
-         "--proxy", f"127.0.0.1:{proxy}", "--dns", "off", "--metrics", "off",
-         "--data-dir", os.path.join(work, "dev"), "--idle-timeout", "3600"],
+         f"--callgrind-out-file={out}", *load.dev_command(args.hangar, work, api, proxy)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         load.wait_port(api, timeout=120)

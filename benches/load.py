@@ -280,6 +280,36 @@ def make_cert(work):
     return cert, key, pem
 
 
+def stop(procs):
+    """Stops `procs` as their own shutdown does (SIGTERM: nginx's master then stops its
+    worker, which SIGKILL would leave running), killing any that take over 10 s."""
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def require(script, tools, hint, binary):
+    """Exits with what to do when one of `tools` or the release build `binary` is missing."""
+    for tool in tools:
+        if shutil.which(tool) is None:
+            sys.exit(f"{script}: {tool} not found: {hint}")
+    if not os.path.exists(binary):
+        sys.exit(f"{script}: no binary at {binary}: run cargo build --release first")
+
+
+def dev_command(binary, work, api, proxy, *extra):
+    """`hangar dev` as every proxy benchmark runs it: API and proxy on the given ports, no DNS
+    or metrics listener, its data in `work`, backends never idled out; `extra` arguments
+    added."""
+    return [binary, "dev", "--api", f"127.0.0.1:{api}", "--proxy", f"127.0.0.1:{proxy}",
+            *extra, "--dns", "off", "--metrics", "off", "--data-dir", os.path.join(work, "dev"),
+            "--idle-timeout", "3600"]
+
+
 def start_references(work, backend_port, certs, procs, pin=()):
     """Starts nginx and haproxy (configured by `nginx_conf` and `haproxy_conf`) in front of the
     backend at `backend_port`, each behind the command prefix `pin` (taskset, say), adding them
@@ -388,10 +418,9 @@ def main():
 
         api, proxy, https = free_port(), free_port(), free_port()
         dev = subprocess.Popen(
-            ["taskset", "-c", PROXY_CORE, args.hangar, "dev", "--api", f"127.0.0.1:{api}",
-             "--proxy", f"127.0.0.1:{proxy}", "--https", f"127.0.0.1:{https}",
-             "--tls-cert", cert, "--tls-key", key, "--dns", "off", "--metrics", "off",
-             "--data-dir", os.path.join(work, "dev"), "--idle-timeout", "3600"],
+            ["taskset", "-c", PROXY_CORE,
+             *dev_command(args.hangar, work, api, proxy, "--https", f"127.0.0.1:{https}",
+                          "--tls-cert", cert, "--tls-key", key)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(dev)
         wait_port(api)
@@ -638,13 +667,7 @@ def main():
                   + f"; hangar's p99 was the lowest in {lowest} of {rounds} rounds")
         print(f"\nnon-200 responses (or failed WebSockets) in all runs: {bad + seq_bad}")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
         shutil.rmtree(work, ignore_errors=True)
 
 
