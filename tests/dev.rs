@@ -190,6 +190,47 @@ async fn tokens_are_checked_and_errors_name_the_cause() {
         "token not forwarded: {headers}"
     );
 
+    // The token is verified now: the proxy finds it by its bytes. Around it, whitespace that is
+    // not ASCII's is trimmed as the value read as text always was; for another backend it is
+    // still that backend's refusal; and it never reaches the backend either way.
+    dev.wait_ready(b.backend_id.as_str()).await;
+    let nbsp = [b"Bearer ", a.token.as_bytes(), "\u{a0}".as_bytes()].concat();
+    for (what, host, value, status) in [
+        (
+            "cached",
+            id,
+            format!("Bearer {}", a.token).into_bytes(),
+            200,
+        ),
+        ("with a no-break space", id, nbsp, 200),
+        (
+            "for another backend",
+            b.backend_id.as_str(),
+            format!("Bearer {}", a.token).into_bytes(),
+            401,
+        ),
+    ] {
+        let r = dev
+            .http
+            .get(dev.proxy_url("/headers"))
+            .header("host", format!("{host}.hangar.localhost"))
+            .header(
+                "authorization",
+                reqwest::header::HeaderValue::from_bytes(&value).unwrap(),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{what}");
+        if status == 401 {
+            assert_eq!(r.headers()["x-hangar-error"], "token_wrong_backend");
+        } else {
+            let seen = r.text().await.unwrap();
+            assert!(!seen.contains("v1."), "{what}: token forwarded: {seen}");
+            assert!(seen.contains("x-hangar-user: alice"), "{what}: {seen}");
+        }
+    }
+
     // Unknown backend → 404; no backend named → 404.
     let r = dev
         .get_by_host("bnosuchbackend", &a.token, "/")

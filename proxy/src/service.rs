@@ -187,6 +187,23 @@ fn check_token<'h>(
     now: u64,
 ) -> Result<Verified<'h>, ProxyError> {
     let authorization = head.get("authorization");
+    // The usual request carries a bearer token verified before: it is looked up by its bytes,
+    // with no UTF-8 check (a cached token is ASCII, so bytes equal to one are that token, and
+    // the whole value is ASCII). Anything else takes the path below, which reads the value as
+    // text (and so trims any whitespace, not only ASCII's).
+    if let Some(t) = authorization
+        .and_then(|v| v.strip_prefix(b"Bearer "))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| t.starts_with(b"v1."))
+        && let Some(user) = shared.verified.get(t, backend, now)
+    {
+        check_revocation(shared, backend, &user, t)?;
+        return Ok(Verified {
+            user,
+            query_token: None,
+            authorization,
+        });
+    }
     let bearer = authorization
         .and_then(text)
         .and_then(|v| v.strip_prefix("Bearer "))
@@ -209,7 +226,7 @@ fn check_token<'h>(
     } else {
         return Err(ProxyError::Token(TokenError::Missing));
     };
-    let user = match shared.verified.get(token, backend, now) {
+    let user = match shared.verified.get(token.as_bytes(), backend, now) {
         Some(user) => user,
         None => {
             let claims = shared
@@ -224,23 +241,35 @@ fn check_token<'h>(
             user
         }
     };
-    {
-        let revoked = shared.revocations.load();
-        if !revoked.is_empty()
-            && revoked.is_revoked(
-                backend.as_str(),
-                &user,
-                hangar_core::token::token_id(token).unwrap_or_default(),
-            )
-        {
-            return Err(ProxyError::Token(TokenError::Revoked));
-        }
-    }
+    check_revocation(shared, backend, &user, token.as_bytes())?;
     Ok(Verified {
         user,
         query_token: (source == TokenSource::Query).then(|| token.to_string()),
         authorization: authorization.filter(|_| source == TokenSource::Bearer),
     })
+}
+
+/// Refuses a verified `token` of `user` for `backend` that has been revoked since.
+fn check_revocation(
+    shared: &Shared,
+    backend: &BackendId,
+    user: &str,
+    token: &[u8],
+) -> Result<(), ProxyError> {
+    let revoked = shared.revocations.load();
+    if !revoked.is_empty()
+        && revoked.is_revoked(
+            backend.as_str(),
+            user,
+            std::str::from_utf8(token)
+                .ok()
+                .and_then(hangar_core::token::token_id)
+                .unwrap_or_default(),
+        )
+    {
+        return Err(ProxyError::Token(TokenError::Revoked));
+    }
+    Ok(())
 }
 
 /// Re-evaluates `settle` on the current route table, and again on every publish, until it

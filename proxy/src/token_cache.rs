@@ -37,8 +37,8 @@ impl Default for VerifiedTokens {
 
 /// The slot of a token: FNV-1a over its last 16 bytes (the end of its HMAC signature, which is
 /// uniformly distributed for real tokens).
-fn slot_of(token: &str) -> usize {
-    let b = token.as_bytes();
+fn slot_of(token: &[u8]) -> usize {
+    let b = token;
     let tail = &b[b.len().saturating_sub(16)..];
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &x in tail {
@@ -50,12 +50,16 @@ fn slot_of(token: &str) -> usize {
 
 impl VerifiedTokens {
     /// The user of `token` if it was verified for `backend` and has not expired at `now`.
-    pub(crate) fn get(&self, token: &str, backend: &BackendId, now: u64) -> Option<Arc<str>> {
+    /// The user of `token` (its bytes: a request's value need not be read as text first) if
+    /// it was verified for `backend` and has not expired at `now`.
+    pub(crate) fn get(&self, token: &[u8], backend: &BackendId, now: u64) -> Option<Arc<str>> {
         let slot = self.slots[slot_of(token)]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         match &*slot {
-            Some(e) if now < e.expires_at && &*e.token == token && e.backend == *backend => {
+            Some(e)
+                if now < e.expires_at && e.token.as_bytes() == token && e.backend == *backend =>
+            {
                 Some(e.user.clone())
             }
             _ => None,
@@ -70,7 +74,7 @@ impl VerifiedTokens {
             user,
             expires_at,
         };
-        *self.slots[slot_of(token)]
+        *self.slots[slot_of(token.as_bytes())]
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(entry);
     }
@@ -88,21 +92,30 @@ mod tests {
         let b1 = BackendId::parse("b1").unwrap();
         let b2 = BackendId::parse("b2").unwrap();
         let token = key.sign("b1", "alice", 1000);
-        assert!(cache.get(&token, &b1, 10).is_none(), "nothing verified yet");
+        assert!(
+            cache.get(token.as_bytes(), &b1, 10).is_none(),
+            "nothing verified yet"
+        );
         cache.insert(&token, &b1, "alice".into(), 1000);
-        assert_eq!(cache.get(&token, &b1, 999).as_deref(), Some("alice"));
-        assert!(cache.get(&token, &b1, 1000).is_none(), "expired");
-        assert!(cache.get(&token, &b2, 10).is_none(), "other backend");
+        assert_eq!(
+            cache.get(token.as_bytes(), &b1, 999).as_deref(),
+            Some("alice")
+        );
+        assert!(cache.get(token.as_bytes(), &b1, 1000).is_none(), "expired");
+        assert!(
+            cache.get(token.as_bytes(), &b2, 10).is_none(),
+            "other backend"
+        );
         // The same payload with one signature character changed lands in another slot or
         // fails the comparison: it never hits.
         let mut forged = token.clone().into_bytes();
         let last = forged.len() - 1;
         forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
         let forged = String::from_utf8(forged).unwrap();
-        assert!(cache.get(&forged, &b1, 10).is_none());
+        assert!(cache.get(forged.as_bytes(), &b1, 10).is_none());
         // Another token for the same slot replaces the entry.
         let other = key.sign("b1", "bob", 1000);
         cache.insert(&other, &b1, "bob".into(), 1000);
-        assert_eq!(cache.get(&other, &b1, 10).as_deref(), Some("bob"));
+        assert_eq!(cache.get(other.as_bytes(), &b1, 10).as_deref(), Some("bob"));
     }
 }
