@@ -106,7 +106,15 @@ impl Conn {
             stream, rbuf, wbuf, ..
         } = self;
         if framing == RequestFraming::None || body.is_end_stream() {
-            // No body (the common case): the head alone, in one write.
+            // No body (the common case): the head alone, in one write. It is tried at once
+            // (a pooled connection is usually writable: no readiness poll, no waker) and
+            // waited for only if not all of it went.
+            let sent = match stream.try_write(wbuf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(WriteError::Upstream(e)),
+            };
+            wbuf.drain(..sent);
             flush(stream, wbuf).await.map_err(WriteError::Upstream)?;
             return Ok(false);
         }

@@ -35,8 +35,14 @@ struct Backend {
 
 /// Reads one request (head plus a content-length or chunked body) from `s`.
 async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
+    // Where the search for the head's end goes on from (a large head comes in many reads).
+    let mut from = 0;
     loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+        if let Some(end) = buf[from..]
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|i| i + from)
+        {
             let head = String::from_utf8(buf[..end + 4].to_vec()).unwrap();
             buf.drain(..end + 4);
             let lower = head.to_ascii_lowercase();
@@ -57,6 +63,7 @@ async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, V
             };
             return Some((head, body));
         }
+        from = buf.len().saturating_sub(3);
         read_more(s, buf).await?;
     }
 }
@@ -590,4 +597,44 @@ fn request_and_response_moves_stay_small() {
     for (name, size) in sizes {
         assert!(size <= 128, "{name} is {size} bytes");
     }
+}
+
+/// A head the socket cannot take at once (far more than its buffer) goes out in part when it
+/// is tried, and the rest once the backend reads: the backend gets all of it, in order, and
+/// the connection stays usable.
+#[tokio::test]
+async fn a_head_larger_than_the_socket_buffer_reaches_the_backend_whole() {
+    let b = backend(Box::new(|s: &Seen| {
+        let n = s.head.len().to_string();
+        let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{n}", n.len());
+        (answer.into_bytes(), false)
+    }));
+    let mut b = b.await;
+    let p = pool();
+    let big: String = (0..8 * 1024 * 1024)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let r = Request::get("/big")
+        .header("host", "b1.test")
+        .header("x-big", &big)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let (status, body) = exchange(&p, b.addr, r).await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = b.seen.recv().await.unwrap();
+    assert_eq!(body, seen.head.len().to_string().into_bytes());
+    assert!(
+        seen.head == format!("GET /big HTTP/1.1\r\nhost: b1.test\r\nx-big: {big}\r\n\r\n"),
+        "the head arrived whole and in order ({} bytes)",
+        seen.head.len()
+    );
+    assert_eq!(
+        exchange(&p, b.addr, req(Method::GET, "/after")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        b.accepted.load(Ordering::SeqCst),
+        1,
+        "one connection for both"
+    );
 }
