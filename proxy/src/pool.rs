@@ -393,9 +393,9 @@ impl UpstreamPool {
         None
     }
 
-    /// Keeps `conn` for the next request to `addr` (whether the backend has closed it since
-    /// is checked when it is taken out again).
-    fn release(&self, addr: SocketAddr, conn: Box<Conn>) {
+    /// Keeps `conn` for the next request to its backend (whether the backend has closed it
+    /// since is checked when it is taken out again).
+    fn release(&self, conn: Box<Conn>) {
         if !conn.rbuf.is_empty() {
             return;
         }
@@ -406,7 +406,7 @@ impl UpstreamPool {
                 !v.is_empty()
             });
         }
-        let list = idle.entry(addr).or_default();
+        let list = idle.entry(conn.addr).or_default();
         if list.len() < self.max_idle {
             list.push(conn);
         }
@@ -589,7 +589,7 @@ impl UpstreamBody {
         if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.as_ref())
             && self.keep_alive
         {
-            pool.release(conn.addr, conn);
+            pool.release(conn);
         }
     }
 

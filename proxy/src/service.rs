@@ -191,10 +191,11 @@ fn check_token<'h>(
     // with no UTF-8 check (a cached token is ASCII, so bytes equal to one are that token, and
     // the whole value is ASCII). Anything else takes the path below, which reads the value as
     // text (and so trims any whitespace, not only ASCII's).
-    if let Some(t) = authorization
+    let looked_up = authorization
         .and_then(|v| v.strip_prefix(b"Bearer "))
         .map(<[u8]>::trim_ascii)
-        .filter(|t| t.starts_with(b"v1."))
+        .filter(|t| t.starts_with(b"v1."));
+    if let Some(t) = looked_up
         && let Some(user) = shared.verified.get(t, backend, now)
     {
         check_revocation(shared, backend, &user, t)?;
@@ -226,7 +227,13 @@ fn check_token<'h>(
     } else {
         return Err(ProxyError::Token(TokenError::Missing));
     };
-    let user = match shared.verified.get(token.as_bytes(), backend, now) {
+    // A token the lookup above missed is not looked up again.
+    let cached = if looked_up == Some(token.as_bytes()) {
+        None
+    } else {
+        shared.verified.get(token.as_bytes(), backend, now)
+    };
+    let user = match cached {
         Some(user) => user,
         None => {
             let claims = shared

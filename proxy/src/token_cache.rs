@@ -38,8 +38,7 @@ impl Default for VerifiedTokens {
 /// The slot of a token: FNV-1a over its last 16 bytes (the end of its HMAC signature, which is
 /// uniformly distributed for real tokens).
 fn slot_of(token: &[u8]) -> usize {
-    let b = token;
-    let tail = &b[b.len().saturating_sub(16)..];
+    let tail = &token[token.len().saturating_sub(16)..];
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &x in tail {
         h ^= u64::from(x);
@@ -49,7 +48,6 @@ fn slot_of(token: &[u8]) -> usize {
 }
 
 impl VerifiedTokens {
-    /// The user of `token` if it was verified for `backend` and has not expired at `now`.
     /// The user of `token` (its bytes: a request's value need not be read as text first) if
     /// it was verified for `backend` and has not expired at `now`.
     pub(crate) fn get(&self, token: &[u8], backend: &BackendId, now: u64) -> Option<Arc<str>> {
