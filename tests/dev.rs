@@ -491,6 +491,42 @@ async fn graceful_shutdown_stops_backends_and_exits_zero() {
     );
 }
 
+/// On one core `hangar dev` runs on a current-thread runtime (see `main`): the whole path
+/// still works on that one thread (a backend started and waited for, requests proxied, one
+/// refused) and it shuts down cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_core_the_whole_path_runs_and_shuts_down_cleanly() {
+    let dir = scratch();
+    let mut dev = Dev::start_on_one_core(dir.path(), &[]);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", dev.pid())).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["Cpus_allowed_list:", "0"])),
+        "hangar dev is not pinned to one core:\n{status}"
+    );
+    let a = dev.connect_key("one-core").await;
+    let v = dev.wait_ready(a.backend_id.as_str()).await;
+    for n in 1..=3 {
+        assert_eq!(dev.count(&a).await, n);
+    }
+    let r = dev
+        .http
+        .get(dev.proxy_url("/count"))
+        .header("host", format!("{}.hangar.localhost", a.backend_id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["x-hangar-error"], "token_missing");
+    let status = dev.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        std::net::TcpStream::connect(v.address.unwrap()).is_err(),
+        "backend stopped with hangar dev"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_api_input_is_a_400_naming_the_field() {
     let dir = scratch();

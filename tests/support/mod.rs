@@ -87,6 +87,20 @@ impl Dev {
     /// Starts `role` like [`Dev::start`], inside network namespace `ns` when given (`ip netns
     /// exec`, which execs: the child is hangar itself).
     pub fn start_role_in(ns: Option<&str>, role: &str, data_dir: &Path, extra: &[&str]) -> Dev {
+        Self::start_command(command_in(ns), role, data_dir, extra)
+    }
+
+    /// Starts `hangar dev` like [`Dev::start`] on CPU 0 alone (`taskset -c 0`, which execs:
+    /// the child is hangar itself), as on a one-core machine.
+    pub fn start_on_one_core(data_dir: &Path, extra: &[&str]) -> Dev {
+        let mut taskset = Command::new("taskset");
+        taskset.args(["-c", "0", BIN]);
+        Self::start_command(taskset, "dev", data_dir, extra)
+    }
+
+    /// Starts `role` like [`Dev::start`] by `command` (the hangar binary, or a command that
+    /// execs it).
+    fn start_command(mut command: Command, role: &str, data_dir: &Path, extra: &[&str]) -> Dev {
         let dns_arg = extra.iter().position(|a| *a == "--dns");
         let default_dns: &[&str] = if dns_arg.is_some() {
             &[]
@@ -109,7 +123,7 @@ impl Dev {
             }
         }
         defaults.push("--data-dir");
-        let mut child = command_in(ns)
+        let mut child = command
             .args(&defaults)
             .arg(data_dir)
             .args(default_dns)
