@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
 use crate::activity::{ActivityGuard, ReceivedBytes};
-use crate::head::RequestHead;
+use crate::head::{Known, RequestHead};
 use crate::pool::UpstreamBody;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -397,8 +397,8 @@ pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
 
 /// True if the request asks to switch protocols (WebSocket and the like).
 pub(crate) fn is_upgrade(head: &impl RequestHead) -> bool {
-    head.get("upgrade").is_some()
-        && crate::h1::ConnectionOptions::parse(head.get_all("connection")).upgrade
+    head.known(Known::Upgrade).is_some()
+        && crate::h1::ConnectionOptions::parse(head.known_all(Known::Connection)).upgrade
 }
 
 #[cfg(test)]

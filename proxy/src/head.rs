@@ -26,6 +26,16 @@ pub(crate) trait RequestHead {
     /// Every field, as lower-case name and value, in the order the client sent them.
     fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])>;
 
+    /// The first value of a field the request path reads on every request (see [`Known`]).
+    fn known(&self, field: Known) -> Option<&[u8]> {
+        self.get(field.name())
+    }
+
+    /// Every value of a field the request path reads on every request.
+    fn known_all(&self, field: Known) -> impl Iterator<Item = &[u8]> {
+        self.get_all(field.name())
+    }
+
     /// The first value of field `name` (lower case).
     fn get(&self, name: &str) -> Option<&[u8]> {
         self.fields()
@@ -49,6 +59,119 @@ pub(crate) trait RequestHead {
     fn path(&self) -> &str {
         let t = self.target();
         t.split_once('?').map_or(t, |(p, _)| p)
+    }
+}
+
+/// Fields that the request path reads on every request (or that parsing a request head
+/// must see). An HTTP/1.1 head notes where the first of each lies as it is parsed, so that
+/// looking one up reads no other field, and a request without one (most have no `Connection`,
+/// `Upgrade` or `Cookie`) costs nothing to ask.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Known {
+    // Looked up after parsing (and so indexed): these come first.
+    Host,
+    Authorization,
+    ContentLength,
+    Connection,
+    Upgrade,
+    Cookie,
+    XForwardedFor,
+    HangarBackend,
+    // Read only while the head is parsed.
+    TransferEncoding,
+    Expect,
+}
+
+impl Known {
+    #[cfg(test)]
+    pub(crate) const ALL: [Known; 10] = [
+        Known::Host,
+        Known::Authorization,
+        Known::ContentLength,
+        Known::Connection,
+        Known::Upgrade,
+        Known::Cookie,
+        Known::XForwardedFor,
+        Known::HangarBackend,
+        Known::TransferEncoding,
+        Known::Expect,
+    ];
+
+    /// How many are indexed: the head is moved several times per request, so its index is
+    /// kept to a word.
+    const INDEXED: usize = 8;
+
+    /// The field's name, lower case.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Known::Host => "host",
+            Known::Authorization => "authorization",
+            Known::ContentLength => "content-length",
+            Known::TransferEncoding => "transfer-encoding",
+            Known::Connection => "connection",
+            Known::Upgrade => "upgrade",
+            Known::Cookie => "cookie",
+            Known::Expect => "expect",
+            Known::XForwardedFor => "x-forwarded-for",
+            Known::HangarBackend => hangar_core::route::BACKEND_HEADER,
+        }
+    }
+
+    /// The known field named `name` (lower case), if it is one.
+    pub(crate) fn of(name: &[u8]) -> Option<Known> {
+        Some(match name {
+            b"host" => Known::Host,
+            b"authorization" => Known::Authorization,
+            b"content-length" => Known::ContentLength,
+            b"transfer-encoding" => Known::TransferEncoding,
+            b"connection" => Known::Connection,
+            b"upgrade" => Known::Upgrade,
+            b"cookie" => Known::Cookie,
+            b"expect" => Known::Expect,
+            b"x-forwarded-for" => Known::XForwardedFor,
+            b"x-hangar-backend" => Known::HangarBackend,
+            _ => return None,
+        })
+    }
+}
+
+/// Where the first field of each [`Known`] name lies in a head's field list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FieldIndex {
+    /// The position of the first such field, or `u8::MAX` for none (a head has at most
+    /// [`crate::server::MAX_REQUEST_HEADERS`] fields).
+    first: [u8; Known::INDEXED],
+}
+
+impl Default for FieldIndex {
+    fn default() -> Self {
+        FieldIndex {
+            first: [u8::MAX; Known::INDEXED],
+        }
+    }
+}
+
+impl FieldIndex {
+    /// Notes field number `i`, named `name` (lower case): which known field it is, if any.
+    pub(crate) fn note(&mut self, i: usize, name: &[u8]) -> Option<Known> {
+        let known = Known::of(name)?;
+        if let Some(slot) = self.first.get_mut(known as usize)
+            && *slot == u8::MAX
+        {
+            *slot = u8::try_from(i).expect("a head has at most 100 fields");
+        }
+        Some(known)
+    }
+
+    /// The position of the first field of `known`, if there is one.
+    /// The position of the first field of `known`, if there is one; `Err` if the index does
+    /// not keep it (then the fields must be searched).
+    fn first(&self, known: Known) -> Result<Option<usize>, ()> {
+        match self.first.get(known as usize) {
+            Some(&u8::MAX) => Ok(None),
+            Some(&i) => Ok(Some(usize::from(i))),
+            None => Err(()),
+        }
     }
 }
 
@@ -108,32 +231,52 @@ impl Span {
 pub(crate) struct RawRequest {
     buf: Bytes,
     method: Method,
-    /// The origin-form target (`/path?query`), or `None` when `uri` holds another form.
-    target: Option<Span>,
+    /// The target as sent: in origin form (`/path?query`) unless `uri` holds it parsed.
+    target: Span,
     /// An absolute-form (or asterisk) target, parsed (boxed: rare, and the head is moved on
     /// every request).
     uri: Option<Box<Uri>>,
     fields: Vec<(Span, Span)>,
+    index: FieldIndex,
 }
 
 impl RawRequest {
     /// `buf` holds the head; `target` and `fields` are spans into it, names already lower case.
     /// A target that is not in origin form must parse as a URI.
+    #[cfg(test)]
     pub(crate) fn new(
         buf: Bytes,
         method: Method,
         target: Span,
         fields: Vec<(Span, Span)>,
     ) -> Result<Self, http::uri::InvalidUri> {
+        let mut index = FieldIndex::default();
+        for (i, (name, _)) in fields.iter().enumerate() {
+            index.note(i, &buf[name.range()]);
+        }
+        Self::indexed(buf, method, target, fields, index)
+    }
+
+    /// [`RawRequest::new`] for fields already noted in `index`.
+    pub(crate) fn indexed(
+        buf: Bytes,
+        method: Method,
+        target: Span,
+        fields: Vec<(Span, Span)>,
+        index: FieldIndex,
+    ) -> Result<Self, http::uri::InvalidUri> {
         // A target that is not UTF-8, or holds control bytes, is refused (400); one in UTF-8 is
         // forwarded as it came. Never rewritten: `target` used to make a target that is not
         // UTF-8 into `/`.
         let bytes = &buf[target.range()];
-        if std::str::from_utf8(bytes).is_err() || bytes.iter().any(u8::is_ascii_control) {
+        // (The ASCII check first: the usual target is ASCII, and it costs far less than
+        // `from_utf8`'s.)
+        let utf8 = bytes.is_ascii() || std::str::from_utf8(bytes).is_ok();
+        if !utf8 || bytes.iter().any(u8::is_ascii_control) {
             return Err(Uri::try_from(&b"\0"[..]).expect_err("NUL is not a URI"));
         }
-        let (target, uri) = if buf.get(target.start()) == Some(&b'/') {
-            (Some(target), None)
+        let uri = if buf.get(target.start()) == Some(&b'/') {
+            None
         } else {
             let uri = Uri::from_maybe_shared(buf.slice(target.range()))?;
             // An empty path (`http://h?q`) is `/` in origin form (RFC 9112 §3.2.1): the
@@ -144,7 +287,7 @@ impl RawRequest {
                 }
                 _ => uri,
             };
-            (None, Some(Box::new(uri)))
+            Some(Box::new(uri))
         };
         Ok(RawRequest {
             buf,
@@ -152,6 +295,7 @@ impl RawRequest {
             target,
             uri,
             fields,
+            index,
         })
     }
 
@@ -164,7 +308,10 @@ impl RawRequest {
 
     /// The origin-form target, checked once in [`RawRequest::new`].
     fn origin_target(&self) -> Option<&str> {
-        let bytes = &self.buf[self.target?.range()];
+        if self.uri.is_some() {
+            return None;
+        }
+        let bytes = &self.buf[self.target.range()];
         // SAFETY: `new` refused a target that is not UTF-8, and neither the bytes (`Bytes` is
         // immutable) nor the span change after it. The request path reads the target several
         // times per request; checking it again each time was 2% of the proxy's instructions.
@@ -199,6 +346,29 @@ impl RequestHead for RawRequest {
         self.fields
             .iter()
             .map(|&(n, v)| (&self.buf[n.range()], &self.buf[v.range()]))
+    }
+
+    fn known(&self, field: Known) -> Option<&[u8]> {
+        match self.index.first(field) {
+            Ok(at) => {
+                let (_, value) = self.fields[at?];
+                Some(&self.buf[value.range()])
+            }
+            Err(()) => self.get(field.name()),
+        }
+    }
+
+    fn known_all(&self, field: Known) -> impl Iterator<Item = &[u8]> {
+        // From the first such field on (none at all when there is none).
+        let from = match self.index.first(field) {
+            Ok(at) => at.unwrap_or(self.fields.len()),
+            Err(()) => 0,
+        };
+        let name = field.name().as_bytes();
+        self.fields[from..]
+            .iter()
+            .filter(move |(n, _)| &self.buf[n.range()] == name)
+            .map(|&(_, v)| &self.buf[v.range()])
     }
 }
 

@@ -7,7 +7,7 @@ use http::{Method, StatusCode, Version};
 use proptest::prelude::*;
 
 use crate::h1::{self, BodyDecoder, Decoded, ResponseFraming};
-use crate::head::{RequestHead as _, Span};
+use crate::head::{Known, RequestHead as _, Span};
 use crate::server::{BodyLength, parse_request};
 
 /// Field names the request parser gives a meaning to; the random fields avoid them.
@@ -219,6 +219,55 @@ proptest! {
         };
         prop_assert_eq!(head.framing, framing);
         prop_assert_eq!(head.keep_alive, framing != ResponseFraming::Close);
+    }
+
+    /// A parsed head's index of the fields the request path reads finds what a search of its
+    /// fields finds, for each such name: absent, once or repeated, anywhere, in any case.
+    #[test]
+    fn known_fields_are_found_as_a_search_finds_them(
+        picks in proptest::collection::vec((0usize..10, "[a-z0-9]{1,8}", any::<bool>()), 0..14),
+        host_at in any::<prop::sample::Index>(),
+        length_at in proptest::option::of(any::<prop::sample::Index>()),
+    ) {
+        const NAMES: [&str; 10] = [
+            "authorization", "cookie", "connection", "upgrade", "x-forwarded-for",
+            "x-hangar-backend", "accept", "x-other", "expect", "x-hangar-backend-x",
+        ];
+        let mut fields: Vec<(String, String)> = picks
+            .iter()
+            .map(|(n, v, upper)| {
+                let name = if *upper { NAMES[*n].to_ascii_uppercase() } else { NAMES[*n].to_string() };
+                (name, v.clone())
+            })
+            .collect();
+        fields.insert(host_at.index(fields.len() + 1), ("Host".into(), "h.test".into()));
+        if let Some(at) = length_at {
+            fields.insert(at.index(fields.len() + 1), ("Content-Length".into(), "0".into()));
+        }
+        let mut raw = String::from("GET / HTTP/1.1\r\n");
+        for (n, v) in &fields {
+            raw.push_str(&format!("{n}: {v}\r\n"));
+        }
+        raw.push_str("\r\n");
+        let mut buf = BytesMut::from(raw.as_bytes());
+        let parsed = parse_request(&mut buf, 64 * 1024, &mut Vec::new())
+            .unwrap()
+            .expect("a complete head");
+        for known in Known::ALL {
+            let name = known.name();
+            prop_assert_eq!(parsed.head.known(known), parsed.head.get(name), "{}", name);
+            prop_assert_eq!(
+                parsed.head.known_all(known).collect::<Vec<_>>(),
+                parsed.head.get_all(name).collect::<Vec<_>>(),
+                "{}", name
+            );
+            let sent: Vec<&[u8]> = fields
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_bytes())
+                .collect();
+            prop_assert_eq!(parsed.head.known_all(known).collect::<Vec<_>>(), sent, "{}", name);
+        }
     }
 
     /// The fuzz targets' properties on inputs that get far: well-formed requests with a body.

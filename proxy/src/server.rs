@@ -38,7 +38,7 @@ use crate::error::ProxyError;
 use crate::forward::{self, Prefixed};
 use crate::h1::{self, BodyDecoder, Decoded};
 use crate::h1_scan::{self, Scan};
-use crate::head::{ProxyResponse, RawRequest, RequestHead, Span};
+use crate::head::{FieldIndex, Known, ProxyResponse, RawRequest, RequestHead, Span};
 use crate::pool::{flush, next_frame};
 use crate::service::{ClientInfo, ClientIo, ClientUpgrade, Shared};
 
@@ -590,15 +590,17 @@ pub(crate) fn parse_request(
     let mut close = false;
     let mut keep_alive = false;
     let mut expect_continue = false;
-    for &(name, value) in spans.iter() {
+    // The fields the request path reads are noted as they go by (see `Known`).
+    let mut index = FieldIndex::default();
+    for (i, &(name, value)) in spans.iter().enumerate() {
         let value = &head[value.range()];
-        match &head[name.range()] {
-            b"content-length" => {
+        match index.note(i, &head[name.range()]) {
+            Some(Known::ContentLength) => {
                 length = Some(h1::content_length(value, length).map_err(|_| {
                     ProxyError::BadRequest("invalid or conflicting content-length")
                 })?);
             }
-            b"transfer-encoding" => {
+            Some(Known::TransferEncoding) => {
                 // Exactly `chunked`: another coding would be dropped on the way to the
                 // backend (nginx answers 501 too).
                 if !value.trim_ascii().eq_ignore_ascii_case(b"chunked") || chunked.is_some() {
@@ -608,13 +610,13 @@ pub(crate) fn parse_request(
                 }
                 chunked = Some(true);
             }
-            b"host" => hosts += 1,
-            b"connection" => {
+            Some(Known::Host) => hosts += 1,
+            Some(Known::Connection) => {
                 let o = h1::ConnectionOptions::parse([value]);
                 close |= o.close;
                 keep_alive |= o.keep_alive;
             }
-            b"expect" => expect_continue = value.eq_ignore_ascii_case(b"100-continue"),
+            Some(Known::Expect) => expect_continue = value.eq_ignore_ascii_case(b"100-continue"),
             _ => {}
         }
     }
@@ -646,7 +648,7 @@ pub(crate) fn parse_request(
     let keep_alive = !close && (version == Version::HTTP_11 || keep_alive);
     let expect_continue =
         expect_continue && version == Version::HTTP_11 && body != BodyLength::Length(0);
-    let head = RawRequest::new(head, method, target, std::mem::take(spans))
+    let head = RawRequest::indexed(head, method, target, std::mem::take(spans), index)
         .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
     // An absolute-form target names the host the request is routed by (and the backend's
     // Host); credentials in it are refused (RFC 9110 §4.2.4).
@@ -899,17 +901,26 @@ fn encode_head(
 ) {
     out.clear();
     let status = resp.status;
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    if status == StatusCode::OK {
+        // The usual status line in one copy.
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     out.extend_from_slice(&resp.fields);
     if !resp.has_date {
         write_date(out);
     }
     match framing {
-        Framing::Length(n) => h1::write_number_header(out, b"content-length", n),
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::None | Framing::Close => {}
     }

@@ -27,7 +27,7 @@ use crate::config::ProxyConfig;
 use crate::error::ProxyError;
 use crate::forward::{self, CountingBody, CountingIo, GuardedBody, is_upgrade};
 use crate::h1::{self, RequestFraming};
-use crate::head::{ProxyResponse, RequestHead};
+use crate::head::{Known, ProxyResponse, RequestHead};
 use crate::pool::{SendError, request_framing};
 use crate::route_table::RouteHandle;
 
@@ -120,14 +120,25 @@ pub(crate) fn error_response(e: &ProxyError) -> ProxyResponse {
 
 /// A field value as text (`None` if it is not UTF-8).
 fn text(v: &[u8]) -> Option<&str> {
-    std::str::from_utf8(v).ok()
+    if v.is_ascii() {
+        // SAFETY: ASCII is UTF-8. The usual value (a host name, a cookie) is ASCII, and this
+        // check is a few word-wide compares where `from_utf8`'s is a hundred instructions.
+        #[allow(unsafe_code)]
+        unsafe {
+            Some(std::str::from_utf8_unchecked(v))
+        }
+    } else {
+        std::str::from_utf8(v).ok()
+    }
 }
 
 /// Finds the route the request names. The authority of an absolute-form target (or an HTTP/2
 /// request's) names the host, ahead of any `Host` field (RFC 9112 §3.2.2, RFC 9113 §8.3.1).
 fn find_route(shared: &Shared, head: &impl RequestHead) -> Result<Route, ProxyError> {
     let domain = &shared.config.domain;
-    let host = head.authority().or_else(|| head.get("host").and_then(text));
+    let host = head
+        .authority()
+        .or_else(|| head.known(Known::Host).and_then(text));
     // A host that names a backend wins (see `route::resolve`): the header and cookies are
     // looked for only when it does not.
     // Requests rarely carry more than one Cookie header; more than eight are ignored.
@@ -137,7 +148,7 @@ fn find_route(shared: &Shared, head: &impl RequestHead) -> Result<Route, ProxyEr
         None => {
             let mut n = 0;
             for v in head
-                .get_all("cookie")
+                .known_all(Known::Cookie)
                 .filter_map(text)
                 .take(cookie_buf.len())
             {
@@ -147,7 +158,7 @@ fn find_route(shared: &Shared, head: &impl RequestHead) -> Result<Route, ProxyEr
             let names = RequestNames {
                 // It named no backend: not looked at again.
                 host: None,
-                header: head.get(route::BACKEND_HEADER).and_then(text),
+                header: head.known(Known::HangarBackend).and_then(text),
                 cookies: &cookie_buf[..n],
             };
             route::resolve(&names, domain)
@@ -186,7 +197,7 @@ fn check_token<'h>(
     backend: &BackendId,
     now: u64,
 ) -> Result<Verified<'h>, ProxyError> {
-    let authorization = head.get("authorization");
+    let authorization = head.known(Known::Authorization);
     // The usual request carries a bearer token verified before: it is looked up by its bytes,
     // with no UTF-8 check (a cached token is ASCII, so bytes equal to one are that token, and
     // the whole value is ASCII). Anything else takes the path below, which reads the value as
@@ -219,7 +230,7 @@ fn check_token<'h>(
     {
         (t, TokenSource::Query)
     } else if let Some(t) = head
-        .get_all("cookie")
+        .known_all(Known::Cookie)
         .filter_map(text)
         .find_map(|c| cookie_value(c, TOKEN_COOKIE))
     {
@@ -358,7 +369,7 @@ where
     // How the body goes to the backend, known from the head alone; a body announced larger
     // than the limit is refused before anything else is done for it (a chunked body is cut
     // off by `CountingBody` when it grows past the limit).
-    let framing = request_framing(&body, req.get("content-length").is_some());
+    let framing = request_framing(&body, req.known(Known::ContentLength).is_some());
     if let RequestFraming::Length(n) = framing
         && n > shared.config.max_body_bytes
     {
@@ -593,7 +604,7 @@ pub(crate) fn write_upstream_head(out: &mut Vec<u8>, req: &impl RequestHead, f: 
         _ => h1::write_request_line(out, req.method(), req.target()),
     }
 
-    let connection = h1::ConnectionOptions::parse(req.get_all("connection"));
+    let connection = h1::ConnectionOptions::parse(req.known_all(Known::Connection));
     let mut host = None;
     let mut forwarded_for = false;
     for (name, value) in req.fields() {
@@ -652,25 +663,31 @@ pub(crate) fn write_upstream_head(out: &mut Vec<u8>, req: &impl RequestHead, f: 
 
     // The authority of an absolute-form target replaces the Host field (RFC 9112 §3.2.2; the
     // target itself goes out in origin form); HTTP/2 clients name the host there too.
+    // The fields added below go out in as few pieces as they can: each run of constant text
+    // between two values (a line's end, the next name) is one copy.
     if let Some(host) = req.authority().map(str::as_bytes).or(host) {
-        h1::write_header(out, b"host", host);
-        h1::write_header(out, b"x-forwarded-host", host);
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(host);
+        out.extend_from_slice(b"\r\nx-forwarded-host: ");
+        out.extend_from_slice(host);
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"x-forwarded-for: ");
     if forwarded_for {
-        for prev in req.get_all("x-forwarded-for") {
+        for prev in req.known_all(Known::XForwardedFor) {
             out.extend_from_slice(prev);
             out.extend_from_slice(b", ");
         }
     }
     out.extend_from_slice(f.client.ip.as_bytes());
+    let proto: &[u8] = if f.client.tls {
+        b"\r\nx-forwarded-proto: https\r\nx-hangar-backend-id: "
+    } else {
+        b"\r\nx-forwarded-proto: http\r\nx-hangar-backend-id: "
+    };
+    out.extend_from_slice(proto);
+    out.extend_from_slice(f.backend.as_str().as_bytes());
     out.extend_from_slice(b"\r\n");
-    h1::write_header(
-        out,
-        b"x-forwarded-proto",
-        if f.client.tls { b"https" } else { b"http" },
-    );
-    h1::write_header(out, b"x-hangar-backend-id", f.backend.as_str().as_bytes());
     if !f.user.is_empty() && h1::is_header_value(f.user.as_bytes()) {
         h1::write_header(out, b"x-hangar-user", f.user.as_bytes());
     }
@@ -679,8 +696,11 @@ pub(crate) fn write_upstream_head(out: &mut Vec<u8>, req: &impl RequestHead, f: 
         && !key.is_empty()
         && h1::is_header_value(key.as_bytes())
     {
-        h1::write_header(out, b"x-hangar-key", key.as_bytes());
-        h1::write_number_header(out, b"x-hangar-epoch", f.epoch);
+        out.extend_from_slice(b"x-hangar-key: ");
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\r\nx-hangar-epoch: ");
+        out.extend_from_slice(itoa::Buffer::new().format(f.epoch).as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
 }
 
