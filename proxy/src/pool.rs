@@ -102,10 +102,8 @@ impl Conn {
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
-        let Conn {
-            stream, rbuf, wbuf, ..
-        } = self;
         if framing == RequestFraming::None || body.is_end_stream() {
+            let Conn { stream, wbuf, .. } = self;
             // No body (the common case): the head alone, in one write. It is tried at once
             // (a pooled connection is usually writable: no readiness poll, no waker) and
             // waited for only if not all of it went.
@@ -118,6 +116,27 @@ impl Conn {
             flush(stream, wbuf).await.map_err(WriteError::Upstream)?;
             return Ok(false);
         }
+        // Boxed: the body's writer and the watch for an early answer are most of this
+        // future's size, which every request's future would carry otherwise (a bodyless one,
+        // the usual, would then need the allocator's slower path for large blocks).
+        Box::pin(self.write_with_body(method, body, framing, started)).await
+    }
+
+    /// [`Conn::write_request`] for a request with a body.
+    async fn write_with_body<B>(
+        &mut self,
+        method: &Method,
+        body: &mut B,
+        framing: RequestFraming,
+        started: &mut bool,
+    ) -> Result<bool, WriteError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let Conn {
+            stream, rbuf, wbuf, ..
+        } = self;
         let (rd, mut wr) = stream.split();
         let write = write_body(&mut wr, wbuf, body, framing, started);
         tokio::pin!(write);
