@@ -10,7 +10,7 @@
 //! (`name: value\r\n`, hop-by-hop fields and framing already removed): the HTTP/1.1 server
 //! copies them out in one go; the HTTP/2 server encodes them into its header block.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::HeaderValue;
 use http::{Method, StatusCode, Uri};
 
@@ -229,7 +229,9 @@ impl Span {
 /// An HTTP/1.1 request head: the bytes the client sent (names lower-cased) and where its parts
 /// lie in them.
 pub(crate) struct RawRequest {
-    buf: Bytes,
+    /// The head's own buffer: the connection's read buffer taken whole when nothing followed
+    /// the head (the usual request), so that no shared owner is allocated for it.
+    buf: BytesMut,
     method: Method,
     /// The target as sent: in origin form (`/path?query`) unless `uri` holds it parsed.
     target: Span,
@@ -245,11 +247,12 @@ impl RawRequest {
     /// A target that is not in origin form must parse as a URI.
     #[cfg(test)]
     pub(crate) fn new(
-        buf: Bytes,
+        buf: impl Into<BytesMut>,
         method: Method,
         target: Span,
         fields: Vec<(Span, Span)>,
     ) -> Result<Self, http::uri::InvalidUri> {
+        let buf = buf.into();
         let mut index = FieldIndex::default();
         for (i, (name, _)) in fields.iter().enumerate() {
             index.note(i, &buf[name.range()]);
@@ -259,7 +262,7 @@ impl RawRequest {
 
     /// [`RawRequest::new`] for fields already noted in `index`.
     pub(crate) fn indexed(
-        buf: Bytes,
+        buf: BytesMut,
         method: Method,
         target: Span,
         fields: Vec<(Span, Span)>,
@@ -278,7 +281,7 @@ impl RawRequest {
         let uri = if buf.get(target.start()) == Some(&b'/') {
             None
         } else {
-            let uri = Uri::from_maybe_shared(buf.slice(target.range()))?;
+            let uri = Uri::try_from(bytes)?;
             // An empty path (`http://h?q`) is `/` in origin form (RFC 9112 §3.2.1): the
             // backend used to get `?q` as its request target (found by fuzzing).
             let uri = match (uri.scheme_str(), uri.authority(), uri.path_and_query()) {

@@ -377,24 +377,31 @@ async fn read_some<I: AsyncRead + Unpin>(io: &mut I, buf: &mut BytesMut) -> io::
     if buf.capacity() > 0 {
         return io.read_buf(buf).await;
     }
-    std::future::poll_fn(|cx| {
-        let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
-        let mut read = tokio::io::ReadBuf::uninit(&mut stack);
-        ready!(Pin::new(&mut *io).poll_read(cx, &mut read))?;
-        let got = read.filled();
-        if !got.is_empty() {
-            // A request head usually fits in a small block, which the allocator hands out
-            // faster than a large one; the buffer grows if more follows.
-            buf.reserve(if got.len() <= FIRST_READ / 2 {
-                FIRST_READ
-            } else {
-                READ_CHUNK
-            });
-            buf.extend_from_slice(got);
-        }
-        Poll::Ready(Ok(got.len()))
-    })
-    .await
+    std::future::poll_fn(|cx| poll_read_unallocated(io, cx, buf)).await
+}
+
+/// Reads into `buf`, which has no allocation, through the stack: `buf` is allocated only if
+/// bytes arrived.
+fn poll_read_unallocated<I: AsyncRead + Unpin>(
+    io: &mut I,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+    let mut read = tokio::io::ReadBuf::uninit(&mut stack);
+    ready!(Pin::new(&mut *io).poll_read(cx, &mut read))?;
+    let got = read.filled();
+    if !got.is_empty() {
+        // A request head usually fits in a small block, which the allocator hands out
+        // faster than a large one; the buffer grows if more follows.
+        buf.reserve(if got.len() <= FIRST_READ / 2 {
+            FIRST_READ
+        } else {
+            READ_CHUNK
+        });
+        buf.extend_from_slice(got);
+    }
+    Poll::Ready(Ok(got.len()))
 }
 
 /// Closes the connection after a response; if part of the request body was left unread, reads
@@ -582,7 +589,14 @@ pub(crate) fn parse_request(
     for (name, _) in spans.iter() {
         buf[name.range()].make_ascii_lowercase();
     }
-    let head = buf.split_to(used).freeze();
+    // The head keeps its bytes: the whole buffer when nothing follows it (no shared owner to
+    // allocate; the next read takes a new buffer, as it would after an idle wait anyway),
+    // else its part of it.
+    let head = if buf.len() == used {
+        std::mem::take(buf)
+    } else {
+        buf.split_to(used)
+    };
 
     let mut length: Option<u64> = None;
     let mut chunked = None;
@@ -783,17 +797,18 @@ async fn client_gone<I: AsyncRead + Unpin>(side: &Mutex<ClientSide<'_, I>>, limi
                 // Polled again whenever the request path makes progress (same task).
                 return Poll::Pending;
             }
-            // Room for what the client sends next (usually nothing until the response): the
-            // buffer a head arrived in has some left, and a larger one is taken only if it
-            // runs out.
-            if s.rbuf.capacity() - s.rbuf.len() < 64 {
-                s.rbuf.reserve(FIRST_READ);
-            }
-            match ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut *s.io),
-                cx,
-                &mut *s.rbuf
-            )) {
+            // Room for what the client sends next (usually nothing until the response): a
+            // buffer the head took whole is read into through the stack (allocated only if
+            // bytes come); one with some room left is read into, and grown when it runs out.
+            let read = if s.rbuf.capacity() == 0 {
+                poll_read_unallocated(&mut *s.io, cx, s.rbuf)
+            } else {
+                if s.rbuf.capacity() - s.rbuf.len() < 64 {
+                    s.rbuf.reserve(FIRST_READ);
+                }
+                tokio_util::io::poll_read_buf(Pin::new(&mut *s.io), cx, &mut *s.rbuf)
+            };
+            match ready!(read) {
                 Ok(0) | Err(_) => return Poll::Ready(()),
                 Ok(_) => {}
             }
