@@ -26,6 +26,12 @@ pub(crate) trait RequestHead {
     /// Every field, as lower-case name and value, in the order the client sent them.
     fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])>;
 
+    /// [`RequestHead::fields`], each with its whole line (`name: value\r\n`) when the head
+    /// holds it exactly so, lower-case name included: it can be forwarded in one copy.
+    fn field_lines(&self) -> impl Iterator<Item = (&[u8], &[u8], Option<&[u8]>)> {
+        self.fields().map(|(n, v)| (n, v, None))
+    }
+
     /// The first value of a field the request path reads on every request (see [`Known`]).
     fn known(&self, field: Known) -> Option<&[u8]> {
         self.get(field.name())
@@ -349,6 +355,17 @@ impl RequestHead for RawRequest {
         self.fields
             .iter()
             .map(|&(n, v)| (&self.buf[n.range()], &self.buf[v.range()]))
+    }
+
+    fn field_lines(&self) -> impl Iterator<Item = (&[u8], &[u8], Option<&[u8]>)> {
+        self.fields.iter().map(|&(n, v)| {
+            let (name_end, value_end) = (n.range().end, v.range().end);
+            let whole = v.start() == name_end + 2
+                && self.buf.get(name_end..name_end + 2) == Some(b": ")
+                && self.buf.get(value_end..value_end + 2) == Some(b"\r\n");
+            let line = whole.then(|| &self.buf[n.start()..value_end + 2]);
+            (&self.buf[n.range()], &self.buf[v.range()], line)
+        })
     }
 
     fn known(&self, field: Known) -> Option<&[u8]> {

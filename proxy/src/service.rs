@@ -607,7 +607,7 @@ pub(crate) fn write_upstream_head(out: &mut Vec<u8>, req: &impl RequestHead, f: 
     let connection = h1::ConnectionOptions::parse(req.known_all(Known::Connection));
     let mut host = None;
     let mut forwarded_for = false;
-    for (name, value) in req.fields() {
+    for (name, value, line) in req.field_lines() {
         match name {
             b"host" => {
                 host.get_or_insert(value);
@@ -655,7 +655,11 @@ pub(crate) fn write_upstream_head(out: &mut Vec<u8>, req: &impl RequestHead, f: 
             }
             continue;
         }
-        h1::write_header(out, name, value);
+        // A line that came as it goes out is copied whole.
+        match line {
+            Some(line) => out.extend_from_slice(line),
+            None => h1::write_header(out, name, value),
+        }
     }
     if f.upgrade {
         h1::write_header(out, b"connection", b"upgrade");
@@ -722,7 +726,65 @@ mod tests {
             client: &client,
             upgrade,
         };
-        String::from_utf8(upstream_head(&parts, &f)).unwrap()
+        let out = String::from_utf8(upstream_head(&parts, &f)).unwrap();
+        // The same request read off the wire (a `RawRequest`, whose lines that came as they
+        // go out are copied whole) gives the backend the same head.
+        if let Some(raw) = wire_head(&parts) {
+            let via_wire = String::from_utf8(upstream_head(&raw, &f)).unwrap();
+            assert_eq!(via_wire, out, "read off the wire");
+        }
+        out
+    }
+
+    /// `parts` as an HTTP/1.1 client would send it, parsed back; `None` if the parser refuses
+    /// it (no `Host`, say).
+    fn wire_head(parts: &http::request::Parts) -> Option<crate::head::RawRequest> {
+        let target = match parts.uri.authority() {
+            Some(_) => parts.uri.to_string(),
+            None => parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string(),
+        };
+        let mut raw = format!("{} {target} HTTP/1.1\r\n", parts.method).into_bytes();
+        for (n, v) in &parts.headers {
+            raw.extend_from_slice(n.as_str().as_bytes());
+            raw.extend_from_slice(b": ");
+            raw.extend_from_slice(v.as_bytes());
+            raw.extend_from_slice(b"\r\n");
+        }
+        raw.extend_from_slice(b"\r\n");
+        let mut buf = bytes::BytesMut::from(&raw[..]);
+        let parsed = crate::server::parse_request(&mut buf, 64 * 1024, &mut Vec::new()).ok()??;
+        Some(parsed.head)
+    }
+
+    /// Lines that came as they go out are copied whole; any other spacing goes out as
+    /// `name: value`, lower case, in the order the client sent them.
+    #[test]
+    fn fields_reach_the_backend_as_name_colon_space_value_however_they_came() {
+        let raw = "GET / HTTP/1.1\r\nX-A:1\r\nx-b:   2  \r\nHost: b1.hangar.test\r\nX-C: 3\r\nx-d:\t4\r\nx-e: 5\r\nx-f: 6  \r\nx-g: 7\t\r\n\r\n";
+        let mut buf = bytes::BytesMut::from(raw.as_bytes());
+        let parsed = crate::server::parse_request(&mut buf, 64 * 1024, &mut Vec::new())
+            .unwrap()
+            .unwrap();
+        let backend = BackendId::parse("b1").unwrap();
+        let client = ClientInfo::new("10.1.2.3:4567".parse().unwrap(), false);
+        let f = Forwarding {
+            backend: &backend,
+            user: "",
+            verified_authorization: None,
+            key: None,
+            epoch: 0,
+            client: &client,
+            upgrade: false,
+        };
+        let out = String::from_utf8(upstream_head(&parsed.head, &f)).unwrap();
+        assert!(
+            out.starts_with("GET / HTTP/1.1\r\nx-a: 1\r\nx-b: 2\r\nx-c: 3\r\nx-d: 4\r\nx-e: 5\r\nx-f: 6\r\nx-g: 7\r\nhost: b1.hangar.test\r\n"),
+            "{out}"
+        );
     }
 
     #[test]
