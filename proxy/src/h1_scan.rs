@@ -506,6 +506,12 @@ mod tests {
                     if at > 0 {
                         assert_eq!(find_special(&buf, at, low), Some(at));
                     }
+                    // A byte before where the search starts is never found.
+                    assert_eq!(find_special(&buf, at + 1, low), None, "past {len} {at}");
+                    let mut colon = vec![b'a'; len];
+                    colon[at] = b':';
+                    assert_eq!(find_byte(&colon, 0, b':'), Some(at), "{len} {at}");
+                    assert_eq!(find_byte(&colon, at + 1, b':'), None, "past {len} {at}");
                     if special == b' ' {
                         assert_eq!(find_special(&buf, 0, 0x20), None);
                         assert_eq!(swar(&buf, 0x20), None);
