@@ -604,7 +604,11 @@ pub(crate) fn write_upstream_head(out: &mut Vec<u8>, req: &impl RequestHead, f: 
         _ => h1::write_request_line(out, req.method(), req.target()),
     }
 
-    let connection = h1::ConnectionOptions::parse(req.known_all(Known::Connection));
+    // Read only when the request has a `Connection` field (most have none).
+    let connection = req
+        .known(Known::Connection)
+        .is_some()
+        .then(|| h1::ConnectionOptions::parse(req.known_all(Known::Connection)));
     let mut host = None;
     let mut forwarded_for = false;
     for (name, value, line) in req.field_lines() {
@@ -639,7 +643,9 @@ pub(crate) fn write_upstream_head(out: &mut Vec<u8>, req: &impl RequestHead, f: 
             }
             _ => {}
         }
-        if forward::is_hop_by_hop(name) || name.starts_with(b"x-hangar-") || connection.lists(name)
+        if forward::is_hop_by_hop(name)
+            || name.starts_with(b"x-hangar-")
+            || connection.as_ref().is_some_and(|c| c.lists(name))
         {
             continue;
         }
