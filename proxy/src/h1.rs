@@ -173,19 +173,23 @@ impl<'a> ConnectionOptions<'a> {
 }
 
 /// Parses a response head to the request `method` from the front of `buf`: `Ok(None)` if it is
-/// not complete yet, otherwise the head and how many bytes of `buf` it used.
+/// not complete yet, otherwise the head and how many bytes of `buf` it used. The field names
+/// in `buf` may be lower-cased in place.
 pub(crate) fn parse_response_head(
-    buf: &[u8],
+    buf: &mut [u8],
     method: &Method,
 ) -> Result<Option<(ResponseHead, usize)>, H1Error> {
     let mut places = FieldPlaces::new();
-    // The fast scan reads the usual head; what it does not expect, httparse decides on.
+    // The fast scan reads the usual head (lower-casing its field names as it goes); what it
+    // does not expect, httparse decides on.
+    let mut lowered = true;
     let (used, code, minor) =
         match h1_scan::response(buf, MAX_RESPONSE_HEADERS, |n, v| places.push(n, v)) {
             Scan::Complete(p) => (p.used, p.code, p.minor),
             Scan::Partial if buf.len() > MAX_RESPONSE_HEAD => return Err(H1Error::HeadTooLarge),
             Scan::Partial => return Ok(None),
             Scan::Other => {
+                lowered = false;
                 places = FieldPlaces::new();
                 let mut storage =
                     [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
@@ -247,7 +251,9 @@ pub(crate) fn parse_response_head(
             fields.extend_from_slice(&buf[name_at.range()]);
         }
         let name_len = name_end - name_at.start();
-        fields[start..start + name_len].make_ascii_lowercase();
+        if !lowered {
+            fields[start..start + name_len].make_ascii_lowercase();
+        }
         let name = &fields[start..start + name_len];
         match name {
             b"transfer-encoding" => chunked = Some(ends_chunked(value)),
@@ -623,7 +629,7 @@ mod tests {
     use super::*;
 
     fn head(raw: &str) -> ResponseHead {
-        parse_response_head(raw.as_bytes(), &Method::GET)
+        parse_response_head(&mut raw.as_bytes().to_vec(), &Method::GET)
             .unwrap()
             .unwrap()
             .0
@@ -634,20 +640,22 @@ mod tests {
         let raw = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-a: 1\r\nx-a: 2\r\n\r\nabc";
         for cut in 0..raw.len() - 3 {
             assert!(
-                parse_response_head(&raw[..cut], &Method::GET)
+                parse_response_head(&mut raw[..cut].to_vec(), &Method::GET)
                     .unwrap()
                     .is_none(),
                 "cut {cut}"
             );
         }
-        let (h, used) = parse_response_head(raw, &Method::GET).unwrap().unwrap();
+        let (h, used) = parse_response_head(&mut raw.to_vec(), &Method::GET)
+            .unwrap()
+            .unwrap();
         assert_eq!(used, raw.len() - 3);
         assert_eq!(h.status, StatusCode::OK);
         assert_eq!(
             h.fields, b"x-a: 1\r\nx-a: 2\r\n",
             "framing is the server's to add"
         );
-        let bad = |raw: &[u8]| parse_response_head(raw, &Method::GET).unwrap_err();
+        let bad = |raw: &[u8]| parse_response_head(&mut raw.to_vec(), &Method::GET).unwrap_err();
         assert!(matches!(bad(b"HTTP/1.1 2000 OK\r\n\r\n"), H1Error::Head(_)));
         assert!(matches!(bad(b"hello\r\n\r\n"), H1Error::Head(_)));
         let huge = format!(
@@ -668,7 +676,7 @@ mod tests {
     #[test]
     fn framing_follows_rfc_9112() {
         let f = |raw: &str, m: Method| {
-            parse_response_head(raw.as_bytes(), &m)
+            parse_response_head(&mut raw.as_bytes().to_vec(), &m)
                 .unwrap()
                 .unwrap()
                 .0
@@ -746,7 +754,7 @@ mod tests {
         let h = head(raw);
         assert_eq!(h.fields, b"date: today\r\nx-mixed: Case\r\n");
         assert!(h.has_date);
-        let (h, _) = parse_response_head(raw.as_bytes(), &Method::HEAD)
+        let (h, _) = parse_response_head(&mut raw.as_bytes().to_vec(), &Method::HEAD)
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -818,11 +826,13 @@ mod tests {
             &b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"[..],
             b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n",
         ] {
-            let (head, _) = parse_response_head(raw, &Method::GET).unwrap().unwrap();
+            let (head, _) = parse_response_head(&mut raw.to_vec(), &Method::GET)
+                .unwrap()
+                .unwrap();
             assert!(!head.keep_alive, "{}", String::from_utf8_lossy(raw));
         }
         let (head, _) = parse_response_head(
-            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            &mut b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec(),
             &Method::GET,
         )
         .unwrap()

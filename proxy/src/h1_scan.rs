@@ -78,9 +78,10 @@ static TOKEN: [bool; 256] = {
 };
 
 /// Scans a request head at the front of `buf`; the fields are appended to `fields` (cleared
-/// first), at most `max_fields` of them (a head with more is [`Scan::Other`]).
+/// first), at most `max_fields` of them (a head with more is [`Scan::Other`]). Field names are
+/// lower-cased in place as they are checked (see [`lower_token`]).
 pub(crate) fn request(
-    buf: &[u8],
+    buf: &mut [u8],
     fields: &mut Vec<(Span, Span)>,
     max_fields: usize,
 ) -> Scan<RequestParts> {
@@ -125,9 +126,10 @@ pub(crate) fn request(
 }
 
 /// Scans a response head at the front of `buf`, calling `field` with each field (at most
-/// `max_fields` of them: a head with more is [`Scan::Other`]).
+/// `max_fields` of them: a head with more is [`Scan::Other`]). Field names are lower-cased in
+/// place as they are checked (see [`lower_token`]).
 pub(crate) fn response(
-    buf: &[u8],
+    buf: &mut [u8],
     max_fields: usize,
     field: impl FnMut(Span, Span),
 ) -> Scan<ResponseParts> {
@@ -195,7 +197,7 @@ fn version(buf: &[u8], at: usize, then: &[u8]) -> Scan<(u8, usize)> {
 /// The header fields from `at` to the empty line that ends the head: calls `field` with each
 /// and returns the head's length.
 fn scan_fields(
-    buf: &[u8],
+    buf: &mut [u8],
     mut at: usize,
     max_fields: usize,
     mut field: impl FnMut(Span, Span),
@@ -212,7 +214,7 @@ fn scan_fields(
         // it checked whole (without a branch per byte): a line without one shows as bytes
         // that are not a token's.
         let i = match find_byte(buf, at, b':') {
-            Some(i) if i > at && is_token(&buf[at..i]) => i,
+            Some(i) if i > at && lower_token(&mut buf[at..i]) => i,
             None if is_token(&buf[at..]) => return Scan::Partial,
             _ => return Scan::Other,
         };
@@ -266,6 +268,31 @@ fn line_end(buf: &[u8], mut at: usize) -> Scan<(usize, usize)> {
 #[inline]
 fn is_token(name: &[u8]) -> bool {
     name.iter().fold(true, |ok, &b| ok & TOKEN[b as usize])
+}
+
+/// Each byte lower-cased, and whether it is a `tchar` (bit 8).
+static LOWER_TOKEN: [u16; 256] = {
+    let mut t = [0u16; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = (i as u8).to_ascii_lowercase() as u16 | ((TOKEN[i] as u16) << 8);
+        i += 1;
+    }
+    t
+};
+
+/// [`is_token`], lower-casing `name` in place in the same pass (the caller would do it next).
+/// Only ASCII letters change, whatever the answer: a name refused here is left to `httparse`,
+/// for which case makes no difference.
+#[inline]
+fn lower_token(name: &mut [u8]) -> bool {
+    let mut ok = 1;
+    for b in name {
+        let t = LOWER_TOKEN[*b as usize];
+        ok &= t >> 8;
+        *b = t as u8;
+    }
+    ok != 0
 }
 
 /// The first `byte` at or after `at`.
@@ -367,7 +394,12 @@ mod tests {
 
     fn req(s: &[u8]) -> Scan<Read> {
         let mut fields = Vec::new();
-        match request(s, &mut fields, 100) {
+        let mut buf = s.to_vec();
+        let scan = request(&mut buf, &mut fields, 100);
+        // Only the case of ASCII letters ever changes.
+        assert!(buf.eq_ignore_ascii_case(s));
+        let s = &buf[..];
+        match scan {
             Scan::Complete(p) => {
                 assert_eq!(p.used, s.len());
                 let text = |sp: Span| String::from_utf8(s[sp.range()].to_vec()).unwrap();
@@ -386,13 +418,13 @@ mod tests {
     #[test]
     fn a_plain_request_is_read_in_full() {
         let Scan::Complete((method, target, minor, fields)) = req(
-            b"GET /count?a=1 HTTP/1.1\r\nHost: x.example\r\nAccept:*/*\r\nx-e:\r\nx-t: a\tb \t\r\n\r\n",
+            b"GET /count?A=1 HTTP/1.1\r\nHost: X.example\r\nAccept:*/*\r\nx-e:\r\nX-T: A\tb \t\r\n\r\n",
         ) else {
             panic!("not complete")
         };
         assert_eq!(
             (method.as_str(), target.as_str(), minor),
-            ("GET", "/count?a=1", 1)
+            ("GET", "/count?A=1", 1)
         );
         let fields: Vec<_> = fields
             .iter()
@@ -401,10 +433,11 @@ mod tests {
         assert_eq!(
             fields,
             [
-                ("Host", "x.example"),
-                ("Accept", "*/*"),
+                // Names lower-cased in place; nothing else changes.
+                ("host", "X.example"),
+                ("accept", "*/*"),
                 ("x-e", ""),
-                ("x-t", "a\tb")
+                ("x-t", "A\tb")
             ]
         );
     }
@@ -449,13 +482,16 @@ mod tests {
         }
         head.extend_from_slice(b"\r\n");
         let mut fields = Vec::new();
-        assert!(matches!(request(&head, &mut fields, 3), Scan::Complete(_)));
-        assert_eq!(request(&head, &mut fields, 2), Scan::Other);
+        assert!(matches!(
+            request(&mut head.clone(), &mut fields, 3),
+            Scan::Complete(_)
+        ));
+        assert_eq!(request(&mut head, &mut fields, 2), Scan::Other);
     }
 
     #[test]
     fn a_response_head_is_read_with_its_status() {
-        let head = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\nbody";
+        let head = &mut b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\nbody".to_vec();
         let mut fields = Vec::new();
         let Scan::Complete(parts) = response(head, 10, |n, v| fields.push((n, v))) else {
             panic!("not complete")
@@ -468,7 +504,7 @@ mod tests {
         assert_eq!(&head[fields[0].1.range()], b"0");
         for n in 0..head.len() - 4 {
             assert_eq!(
-                response(&head[..n], 10, |_, _| {}),
+                response(&mut head[..n], 10, |_, _| {}),
                 Scan::Partial,
                 "{n} bytes"
             );
@@ -478,7 +514,7 @@ mod tests {
             b"HTTP/1.1 20x OK\r\n\r\n",
             b"HTTP/1.2 200 OK\r\n\r\n",
         ] {
-            assert_eq!(response(odd, 10, |_, _| {}), Scan::Other);
+            assert_eq!(response(&mut odd.to_vec(), 10, |_, _| {}), Scan::Other);
         }
     }
 

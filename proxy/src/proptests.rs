@@ -196,7 +196,7 @@ proptest! {
             raw.push_str(&format!("Content-Length: {n}\r\n"));
         }
         raw.push_str("\r\n");
-        let (head, used) = h1::parse_response_head(raw.as_bytes(), &Method::GET)
+        let (head, used) = h1::parse_response_head(&mut raw.as_bytes().to_vec(), &Method::GET)
             .unwrap()
             .expect("a complete head");
         prop_assert_eq!(used, raw.len());
@@ -348,11 +348,38 @@ fn scanned_fields<'a>(buf: &'a [u8], fields: &[(Span, Span)]) -> Vec<(&'a [u8], 
         .collect()
 }
 
-/// The fields httparse found, as (name, value).
-fn parsed_fields<'a>(headers: &[httparse::Header<'a>]) -> Vec<(&'a [u8], &'a [u8])> {
+/// The fields httparse found, as (lower-case name, value).
+fn parsed_fields<'a>(headers: &[httparse::Header<'a>]) -> Vec<(Vec<u8>, &'a [u8])> {
     headers
         .iter()
-        .map(|h| (h.name.as_bytes(), h.value))
+        .map(|h| (h.name.as_bytes().to_ascii_lowercase(), h.value))
+        .collect()
+}
+
+/// What the fast scan left in `scanned` (a copy of `original` it scanned): only the case of
+/// ASCII letters may change, and on a complete head exactly the field names are lower case.
+fn check_lowered(
+    original: &[u8],
+    scanned: &[u8],
+    complete: bool,
+    fields: &[(Span, Span)],
+) -> Result<(), TestCaseError> {
+    prop_assert!(scanned.eq_ignore_ascii_case(original));
+    if complete {
+        let mut want = original.to_vec();
+        for (name, _) in fields {
+            want[name.range()].make_ascii_lowercase();
+        }
+        prop_assert_eq!(scanned, &want[..]);
+    }
+    Ok(())
+}
+
+/// [`scanned_fields`] with owned names, to compare with [`parsed_fields`].
+fn scanned_owned<'a>(buf: &'a [u8], fields: &[(Span, Span)]) -> Vec<(Vec<u8>, &'a [u8])> {
+    scanned_fields(buf, fields)
+        .into_iter()
+        .map(|(n, v)| (n.to_vec(), v))
         .collect()
 }
 
@@ -364,17 +391,19 @@ proptest! {
     #[test]
     fn the_fast_request_scan_agrees_with_httparse(buf in request_like(), max in 0usize..6) {
         let mut fields = Vec::new();
-        let fast = crate::h1_scan::request(&buf, &mut fields, max);
+        let mut scanned = buf.clone();
+        let fast = crate::h1_scan::request(&mut scanned, &mut fields, max);
+        check_lowered(&buf, &scanned, matches!(fast, crate::h1_scan::Scan::Complete(_)), &fields)?;
         let mut headers = vec![httparse::EMPTY_HEADER; max];
         let mut req = httparse::Request::new(&mut headers);
         let slow = req.parse(&buf);
         match fast {
             crate::h1_scan::Scan::Complete(p) => {
                 prop_assert_eq!(slow, Ok(httparse::Status::Complete(p.used)));
-                prop_assert_eq!(req.method.unwrap().as_bytes(), &buf[p.method.range()]);
-                prop_assert_eq!(req.path.unwrap().as_bytes(), &buf[p.target.range()]);
+                prop_assert_eq!(req.method.unwrap().as_bytes(), &scanned[p.method.range()]);
+                prop_assert_eq!(req.path.unwrap().as_bytes(), &scanned[p.target.range()]);
                 prop_assert_eq!(req.version, Some(p.minor));
-                prop_assert_eq!(scanned_fields(&buf, &fields), parsed_fields(req.headers));
+                prop_assert_eq!(scanned_owned(&scanned, &fields), parsed_fields(req.headers));
             }
             crate::h1_scan::Scan::Partial => prop_assert_eq!(slow, Ok(httparse::Status::Partial)),
             crate::h1_scan::Scan::Other => {}
@@ -396,7 +425,9 @@ proptest! {
         let rest = rest.strip_prefix(b"GET / HTTP/1.1\r\n").unwrap_or(&rest);
         let buf = [&line[..], rest].concat();
         let mut fields = Vec::new();
-        let fast = crate::h1_scan::response(&buf, max, |n, v| fields.push((n, v)));
+        let mut scanned = buf.clone();
+        let fast = crate::h1_scan::response(&mut scanned, max, |n, v| fields.push((n, v)));
+        check_lowered(&buf, &scanned, matches!(fast, crate::h1_scan::Scan::Complete(_)), &fields)?;
         let mut headers = vec![httparse::EMPTY_HEADER; max];
         let mut resp = httparse::Response::new(&mut headers);
         let slow = resp.parse(&buf);
@@ -405,7 +436,7 @@ proptest! {
                 prop_assert_eq!(slow, Ok(httparse::Status::Complete(p.used)));
                 prop_assert_eq!(resp.code, Some(p.code));
                 prop_assert_eq!(resp.version, Some(p.minor));
-                prop_assert_eq!(scanned_fields(&buf, &fields), parsed_fields(resp.headers));
+                prop_assert_eq!(scanned_owned(&scanned, &fields), parsed_fields(resp.headers));
             }
             crate::h1_scan::Scan::Partial => prop_assert_eq!(slow, Ok(httparse::Status::Partial)),
             crate::h1_scan::Scan::Other => {}

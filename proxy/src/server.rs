@@ -548,16 +548,20 @@ pub(crate) fn parse_request(
     max_head: usize,
     spans: &mut Vec<(Span, Span)>,
 ) -> Result<Option<ParsedRequest>, ProxyError> {
-    // The fast scan reads the usual head; what it does not expect, httparse decides on.
-    let (used, method, target, minor) = match h1_scan::request(buf, spans, MAX_REQUEST_HEADERS) {
-        Scan::Complete(p) => (p.used, p.method, p.target, p.minor),
-        Scan::Partial if buf.len() >= max_head => return Err(ProxyError::HeadTooLarge(max_head)),
-        Scan::Partial => return Ok(None),
-        Scan::Other => match parse_with_httparse(buf, max_head, spans)? {
-            Some(parts) => parts,
-            None => return Ok(None),
-        },
-    };
+    // The fast scan reads the usual head (lower-casing its field names as it goes); what it
+    // does not expect, httparse decides on.
+    let ((used, method, target, minor), lowered) =
+        match h1_scan::request(buf, spans, MAX_REQUEST_HEADERS) {
+            Scan::Complete(p) => ((p.used, p.method, p.target, p.minor), true),
+            Scan::Partial if buf.len() >= max_head => {
+                return Err(ProxyError::HeadTooLarge(max_head));
+            }
+            Scan::Partial => return Ok(None),
+            Scan::Other => match parse_with_httparse(buf, max_head, spans)? {
+                Some(parts) => (parts, false),
+                None => return Ok(None),
+            },
+        };
     if used > max_head {
         return Err(ProxyError::HeadTooLarge(max_head));
     }
@@ -585,9 +589,11 @@ pub(crate) fn parse_request(
         Version::HTTP_11
     };
     // The scan (or httparse) checked that names are tokens and values hold no control
-    // characters.
-    for (name, _) in spans.iter() {
-        buf[name.range()].make_ascii_lowercase();
+    // characters; names httparse read are lower-cased here.
+    if !lowered {
+        for (name, _) in spans.iter() {
+            buf[name.range()].make_ascii_lowercase();
+        }
     }
     // The head keeps its bytes: the whole buffer when nothing follows it (no shared owner to
     // allocate; the next read takes a new buffer, as it would after an idle wait anyway),
