@@ -10,7 +10,7 @@
 //! (`name: value\r\n`, hop-by-hop fields and framing already removed): the HTTP/1.1 server
 //! copies them out in one go; the HTTP/2 server encodes them into its header block.
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use http::header::HeaderValue;
 use http::{Method, StatusCode, Uri};
 
@@ -321,8 +321,9 @@ impl RawRequest {
             return None;
         }
         let bytes = &self.buf[self.target.range()];
-        // SAFETY: `new` refused a target that is not UTF-8, and neither the bytes (`Bytes` is
-        // immutable) nor the span change after it. The request path reads the target several
+        // SAFETY: `indexed` refused a target that is not UTF-8, and neither the bytes (the
+        // buffer is private to the head, and nothing writes to it after `indexed`) nor the
+        // span change after it. The request path reads the target several
         // times per request; checking it again each time was 2% of the proxy's instructions.
         #[allow(unsafe_code)]
         unsafe {
@@ -439,6 +440,7 @@ pub(crate) fn with_date<R>(f: impl FnOnce(&HeaderValue) -> R) -> R {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     #[test]
     fn parsed_heads_find_each_field_their_fields_list() {
