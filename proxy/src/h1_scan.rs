@@ -9,8 +9,9 @@
 //!
 //! It is faster because it does less: it stops at the first byte it does not expect instead
 //! of classifying it, scans field values and request targets 16 bytes at a time for the
-//! bytes that end them (SSE2 on x86-64, eight bytes in a `u64` elsewhere), and writes where
-//! each part lies straight into the caller's list.
+//! bytes that end them (SSE2 on x86-64, eight bytes in a `u64` elsewhere), writes where
+//! each part lies straight into the caller's list, and lower-cases each field name in place
+//! in the same pass that checks it (the only change it makes to the buffer).
 
 use crate::head::Span;
 

@@ -169,7 +169,6 @@ impl FieldIndex {
         Some(known)
     }
 
-    /// The position of the first field of `known`, if there is one.
     /// The position of the first field of `known`, if there is one; `Err` if the index does
     /// not keep it (then the fields must be searched).
     fn first(&self, known: Known) -> Result<Option<usize>, ()> {
