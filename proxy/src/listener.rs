@@ -46,6 +46,7 @@ impl Proxy {
                 pool,
                 tasks,
                 revocations: arc_swap::ArcSwap::from_pointee(Default::default()),
+                revoked_any: Default::default(),
                 verified: Default::default(),
             }),
         }
@@ -58,7 +59,11 @@ impl Proxy {
 
     /// Replaces the set of revoked tokens (from the scheduler's feed).
     pub fn publish_revocations(&self, revocations: Arc<hangar_core::feed::Revocations>) {
+        let any = !revocations.is_empty();
         self.shared.revocations.store(revocations);
+        self.shared
+            .revoked_any
+            .store(any, std::sync::atomic::Ordering::Release);
     }
 
     /// Per-backend activity, reported to the scheduler for idle timeouts.

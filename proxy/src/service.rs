@@ -41,6 +41,9 @@ pub(crate) struct Shared {
     pub(crate) tasks: TaskTracker,
     /// Revoked tokens, replaced whole by the feed (checked only when non-empty).
     pub(crate) revocations: arc_swap::ArcSwap<hangar_core::feed::Revocations>,
+    /// Whether `revocations` holds any, set after each publish: a request reads the set only
+    /// when it does (most of the time none are revoked, and loading the set is dearer).
+    pub(crate) revoked_any: std::sync::atomic::AtomicBool,
     /// Tokens verified recently.
     pub(crate) verified: crate::token_cache::VerifiedTokens,
 }
@@ -274,6 +277,10 @@ fn check_revocation(
     user: &str,
     token: &[u8],
 ) -> Result<(), ProxyError> {
+    if !shared.revoked_any.load(Ordering::Acquire) {
+        // None revoked, or a publish this request came just before.
+        return Ok(());
+    }
     let revoked = shared.revocations.load();
     if !revoked.is_empty()
         && revoked.is_revoked(

@@ -743,3 +743,62 @@ async fn the_host_names_the_backend_first_then_the_header_then_the_cookie() {
         );
     }
 }
+
+/// A revocation published to the proxy refuses a token it has verified (and cached) before, at
+/// once; a set emptied again lets the token through. Requests skip the set while it is empty,
+/// so this checks that each publish is seen both ways.
+#[tokio::test]
+async fn a_published_revocation_refuses_a_cached_token_and_an_emptied_set_lets_it_through() {
+    use hangar_core::feed::{Revocation, Revocations};
+    let key = TokenKey::generate();
+    let r = start(ProxyConfig::new(DOMAIN, key.clone()), None).await;
+    // The test's route, with tokens checked.
+    let address = r.proxy.routes().load().get(ID).unwrap().address;
+    r.proxy.routes().publish(Arc::new(RouteTable::new(
+        2,
+        [Route {
+            address,
+            public: false,
+            ..Route::new(BackendId::parse(ID).unwrap(), RouteState::Ready)
+        }],
+    )));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = key.sign(ID, "alice", now + 3600);
+    let mut send = h2c_client(r.addr).await;
+    let mut ask = async |want: StatusCode, code: Option<&str>| {
+        let mut req = get("/");
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), want);
+        assert_eq!(
+            resp.headers()
+                .get("x-hangar-error")
+                .map(|v| v.to_str().unwrap()),
+            code
+        );
+    };
+    // Verified twice: the second is a cache hit.
+    ask(StatusCode::OK, None).await;
+    ask(StatusCode::OK, None).await;
+    let backend = BackendId::parse(ID).unwrap();
+    r.proxy
+        .publish_revocations(Arc::new(Revocations::new([Revocation::User {
+            backend: backend.clone(),
+            user: "alice".into(),
+        }])));
+    ask(StatusCode::UNAUTHORIZED, Some("token_revoked")).await;
+    // Another user's revocation leaves alice's token alone.
+    r.proxy
+        .publish_revocations(Arc::new(Revocations::new([Revocation::User {
+            backend,
+            user: "bob".into(),
+        }])));
+    ask(StatusCode::OK, None).await;
+    r.proxy
+        .publish_revocations(Arc::new(Revocations::default()));
+    ask(StatusCode::OK, None).await;
+}
