@@ -241,16 +241,10 @@ pub(crate) fn parse_response_head(
         // back if the field is not forwarded. A line as it is sent back (`name: value\r\n`,
         // the usual one) is copied whole, in one go.
         let start = fields.len();
-        let (name_end, value_end) = (name_at.range().end, value_at.range().end);
-        let whole = value_at.start() == name_end + 2
-            && buf.get(name_end..name_end + 2) == Some(b": ")
-            && buf.get(value_end..value_end + 2) == Some(b"\r\n");
-        if whole {
-            fields.extend_from_slice(&buf[name_at.start()..value_end + 2]);
-        } else {
-            fields.extend_from_slice(&buf[name_at.range()]);
-        }
-        let name_len = name_end - name_at.start();
+        let line = crate::head::whole_line(buf, name_at, value_at);
+        fields.extend_from_slice(line.unwrap_or(&buf[name_at.range()]));
+        let whole = line.is_some();
+        let name_len = name_at.range().len();
         if !lowered {
             fields[start..start + name_len].make_ascii_lowercase();
         }

@@ -231,6 +231,17 @@ impl Span {
     }
 }
 
+/// The whole line of the field whose name and value lie at `name` and `value` in `buf`, when
+/// it is exactly `name: value\r\n` (one space, nothing trailing): it can be forwarded in one
+/// copy.
+pub(crate) fn whole_line(buf: &[u8], name: Span, value: Span) -> Option<&[u8]> {
+    let (name_end, value_end) = (name.range().end, value.range().end);
+    let whole = value.start() == name_end + 2
+        && buf.get(name_end..name_end + 2) == Some(b": ")
+        && buf.get(value_end..value_end + 2) == Some(b"\r\n");
+    whole.then(|| &buf[name.start()..value_end + 2])
+}
+
 /// An HTTP/1.1 request head: the bytes the client sent (names lower-cased) and where its parts
 /// lie in them.
 pub(crate) struct RawRequest {
@@ -359,11 +370,7 @@ impl RequestHead for RawRequest {
 
     fn field_lines(&self) -> impl Iterator<Item = (&[u8], &[u8], Option<&[u8]>)> {
         self.fields.iter().map(|&(n, v)| {
-            let (name_end, value_end) = (n.range().end, v.range().end);
-            let whole = v.start() == name_end + 2
-                && self.buf.get(name_end..name_end + 2) == Some(b": ")
-                && self.buf.get(value_end..value_end + 2) == Some(b"\r\n");
-            let line = whole.then(|| &self.buf[n.start()..value_end + 2]);
+            let line = whole_line(&self.buf, n, v);
             (&self.buf[n.range()], &self.buf[v.range()], line)
         })
     }

@@ -726,18 +726,27 @@ mod tests {
     use super::*;
     use http::Request;
 
+    /// What a request from `client` for `backend` forwards with no user, key or upgrade.
+    fn plain<'a>(backend: &'a BackendId, client: &'a ClientInfo) -> Forwarding<'a> {
+        Forwarding {
+            backend,
+            user: "",
+            verified_authorization: None,
+            key: None,
+            epoch: 0,
+            client,
+            upgrade: false,
+        }
+    }
+
     fn head_for(req: Request<()>, user: &str, upgrade: bool) -> String {
         let (parts, ()) = req.into_parts();
         let backend = BackendId::parse("b1").unwrap();
         let client = ClientInfo::new("10.1.2.3:4567".parse().unwrap(), true);
         let f = Forwarding {
-            backend: &backend,
             user,
-            verified_authorization: None,
-            key: None,
-            epoch: 0,
-            client: &client,
             upgrade,
+            ..plain(&backend, &client)
         };
         let out = String::from_utf8(upstream_head(&parts, &f)).unwrap();
         // The same request read off the wire (a `RawRequest`, whose lines that came as they
@@ -784,15 +793,7 @@ mod tests {
             .unwrap();
         let backend = BackendId::parse("b1").unwrap();
         let client = ClientInfo::new("10.1.2.3:4567".parse().unwrap(), false);
-        let f = Forwarding {
-            backend: &backend,
-            user: "",
-            verified_authorization: None,
-            key: None,
-            epoch: 0,
-            client: &client,
-            upgrade: false,
-        };
+        let f = plain(&backend, &client);
         let out = String::from_utf8(upstream_head(&parsed.head, &f)).unwrap();
         assert!(
             out.starts_with("GET / HTTP/1.1\r\nx-a: 1\r\nx-b: 2\r\nx-c: 3\r\nx-d: 4\r\nx-e: 5\r\nx-f: 6\r\nx-g: 7\r\nhost: b1.hangar.test\r\n"),
@@ -868,15 +869,7 @@ mod tests {
         let client = ClientInfo::new("10.1.2.3:4567".parse().unwrap(), false);
         let backend = BackendId::parse("b1").unwrap();
         let (parts, ()) = req.into_parts();
-        let f = Forwarding {
-            backend: &backend,
-            user: "",
-            verified_authorization: None,
-            key: None,
-            epoch: 0,
-            client: &client,
-            upgrade: false,
-        };
+        let f = plain(&backend, &client);
         let head = String::from_utf8(upstream_head(&parts, &f)).unwrap();
         for gone in ["evil.example", "forwarded: for", "mallory", "x_other"] {
             assert!(!head.contains(gone), "{gone} was forwarded: {head}");
@@ -940,15 +933,7 @@ mod tests {
         let (parts, ()) = req.into_parts();
         let backend = BackendId::parse("b1").unwrap();
         let client = ClientInfo::new("10.1.2.3:4567".parse().unwrap(), false);
-        let f = Forwarding {
-            backend: &backend,
-            user: "",
-            verified_authorization: None,
-            key: None,
-            epoch: 0,
-            client: &client,
-            upgrade: false,
-        };
+        let f = plain(&backend, &client);
         let head = upstream_head(&parts, &f);
         let text = String::from_utf8_lossy(&head);
         assert!(!text.contains("v1."), "a token reached the backend: {text}");
@@ -980,13 +965,9 @@ mod tests {
         let values: Vec<&[u8]> = parts.get_all("authorization").collect();
         let head = |verified: Option<&[u8]>| {
             let f = Forwarding {
-                backend: &backend,
                 user: "alice",
                 verified_authorization: verified,
-                key: None,
-                epoch: 0,
-                client: &client,
-                upgrade: false,
+                ..plain(&backend, &client)
             };
             String::from_utf8(upstream_head(&parts, &f)).unwrap()
         };
@@ -1025,13 +1006,10 @@ mod tests {
         let client = ClientInfo::new("10.1.2.3:4567".parse().unwrap(), false);
         let head = |key: Option<&str>, epoch: u64| {
             let f = Forwarding {
-                backend: &backend,
                 user: "alice",
-                verified_authorization: None,
                 key,
                 epoch,
-                client: &client,
-                upgrade: false,
+                ..plain(&backend, &client)
             };
             String::from_utf8(upstream_head(&forged(), &f)).unwrap()
         };
