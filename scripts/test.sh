@@ -26,6 +26,11 @@ if ! command -v ip >/dev/null 2>&1 || ! command -v iptables >/dev/null 2>&1; the
     echo "scripts/test.sh: installing iproute2 and iptables" >&2
     apt-get update -qq && apt-get install -y -qq iproute2 iptables
 fi
+if ! command -v taskset >/dev/null 2>&1; then
+    # dev::on_one_core_the_whole_path_runs_and_shuts_down_cleanly pins hangar dev to one core.
+    echo "scripts/test.sh: installing util-linux (taskset)" >&2
+    apt-get update -qq && apt-get install -y -qq util-linux
+fi
 if ! command -v etcd >/dev/null 2>&1 || ! command -v protoc >/dev/null 2>&1; then
     # The etcd store's tests run real etcd processes (on ports of their own: the Debian package
     # may start a daemon on 2379/2380, which the tests neither use nor need), and etcd-client
