@@ -13,8 +13,6 @@ use crate::head::Span;
 
 /// The most header lines a backend's response may carry.
 const MAX_RESPONSE_HEADERS: usize = 128;
-/// Response fields whose places are kept on the stack while a head is parsed.
-const INLINE_FIELDS: usize = 24;
 /// The largest response head a backend may send, in bytes.
 pub(crate) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// The longest chunk-size or trailer line accepted in a chunked body.
@@ -179,18 +177,28 @@ pub(crate) fn parse_response_head(
     buf: &mut [u8],
     method: &Method,
 ) -> Result<Option<(ResponseHead, usize)>, H1Error> {
-    let mut places = FieldPlaces::new();
+    parse_response_head_with(buf, method, &mut Vec::new())
+}
+
+/// [`parse_response_head`] with a list for where each field lies, kept by the caller from one
+/// head to the next (a backend connection keeps one) so that its room is allocated once.
+pub(crate) fn parse_response_head_with(
+    buf: &mut [u8],
+    method: &Method,
+    places: &mut Vec<(Span, Span)>,
+) -> Result<Option<(ResponseHead, usize)>, H1Error> {
+    places.clear();
     // The fast scan reads the usual head (lower-casing its field names as it goes); what it
     // does not expect, httparse decides on.
     let mut lowered = true;
     let (used, code, minor) =
-        match h1_scan::response(buf, MAX_RESPONSE_HEADERS, |n, v| places.push(n, v)) {
+        match h1_scan::response(buf, MAX_RESPONSE_HEADERS, |n, v| places.push((n, v))) {
             Scan::Complete(p) => (p.used, p.code, p.minor),
             Scan::Partial if buf.len() > MAX_RESPONSE_HEAD => return Err(H1Error::HeadTooLarge),
             Scan::Partial => return Ok(None),
             Scan::Other => {
                 lowered = false;
-                places = FieldPlaces::new();
+                places.clear();
                 let mut storage =
                     [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
                 let mut resp = httparse::Response::new(&mut []);
@@ -209,7 +217,7 @@ pub(crate) fn parse_response_head(
                 };
                 let base = buf.as_ptr();
                 for h in resp.headers.iter() {
-                    places.push(Span::of(base, h.name.as_bytes()), Span::of(base, h.value));
+                    places.push((Span::of(base, h.name.as_bytes()), Span::of(base, h.value)));
                 }
                 let code = resp.code.ok_or(H1Error::Head(httparse::Error::Status))?;
                 (used, code, resp.version.unwrap_or(1))
@@ -311,49 +319,13 @@ pub(crate) fn parse_response_head(
     )))
 }
 
-/// Where each field of a response head lies: on the stack for the usual few, in a list past
-/// that.
-struct FieldPlaces {
-    inline: [(Span, Span); INLINE_FIELDS],
-    count: usize,
-    spilled: Vec<(Span, Span)>,
-}
-
-impl FieldPlaces {
-    fn new() -> Self {
-        FieldPlaces {
-            inline: [(Span::default(), Span::default()); INLINE_FIELDS],
-            count: 0,
-            spilled: Vec::new(),
-        }
-    }
-
-    fn push(&mut self, name: Span, value: Span) {
-        if self.count < INLINE_FIELDS {
-            self.inline[self.count] = (name, value);
-        } else {
-            if self.spilled.is_empty() {
-                self.spilled.extend_from_slice(&self.inline);
-            }
-            self.spilled.push((name, value));
-        }
-        self.count += 1;
-    }
-
-    fn as_slice(&self) -> &[(Span, Span)] {
-        if self.spilled.is_empty() {
-            &self.inline[..self.count]
-        } else {
-            &self.spilled
-        }
-    }
-}
-
 /// Whether a `content-type` value is `text/event-stream` (any parameters, any case).
 fn is_event_stream(value: &[u8]) -> bool {
     const SSE: &[u8] = b"text/event-stream";
     let v = value.trim_ascii_start();
     v.len() >= SSE.len()
+        // `text/e`: most types differ by then, and one byte costs less than the comparison.
+        && v[5].eq_ignore_ascii_case(&b'e')
         && v[..SSE.len()].eq_ignore_ascii_case(SSE)
         && matches!(v.get(SSE.len()), None | Some(b';' | b' ' | b'\t'))
 }
@@ -580,6 +552,22 @@ impl BodyDecoder {
 /// Reads a `content-length` field value (a list of equal lengths is allowed), which must agree
 /// with `seen`, the length of an earlier such field.
 pub(crate) fn content_length(value: &[u8], seen: Option<u64>) -> Result<u64, H1Error> {
+    // The usual value, a few digits and nothing else, is read in place (19 digits always fit
+    // a `u64`); anything else (a list, whitespace, a longer number) goes the general way.
+    if (1..=19).contains(&value.len()) && value.iter().all(u8::is_ascii_digit) {
+        let n = value
+            .iter()
+            .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        return match seen {
+            Some(l) if l != n => Err(H1Error::ContentLength),
+            _ => Ok(n),
+        };
+    }
+    content_length_list(value, seen)
+}
+
+/// [`content_length`] for any value: a comma-separated list of equal numbers.
+fn content_length_list(value: &[u8], seen: Option<u64>) -> Result<u64, H1Error> {
     let mut length = seen;
     for part in value.split(|&b| b == b',') {
         let part = part.trim_ascii();
@@ -621,6 +609,52 @@ pub(crate) fn take_bytes(buf: &mut BytesMut, n: usize, copy_below: usize) -> Byt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plain_length_is_read_as_the_list_reading_reads_it() {
+        let mut values: Vec<Vec<u8>> = Vec::new();
+        for digits in 1..=22 {
+            values.push(vec![b'9'; digits]);
+            values.push((0..digits).map(|i| b"0123456789"[i % 10]).collect());
+            values.push([&b"0"[..], &vec![b'7'; digits]].concat());
+        }
+        values.extend(
+            [
+                &b"0"[..],
+                b"18446744073709551615",
+                b"18446744073709551616",
+                b"",
+                b" 5",
+                b"5 ",
+                b"5, 5",
+                b"5,6",
+                b"+5",
+                b"-1",
+                b"5\xff",
+                b"0x10",
+                b"\xd9\xa3",
+            ]
+            .map(<[u8]>::to_vec),
+        );
+        for v in &values {
+            for seen in [None, Some(0), Some(5), Some(999_999_999), Some(u64::MAX)] {
+                let fast = content_length(v, seen).map_err(|e| e.to_string());
+                let list = content_length_list(v, seen).map_err(|e| e.to_string());
+                assert_eq!(
+                    fast,
+                    list,
+                    "{:?} after {seen:?}",
+                    String::from_utf8_lossy(v)
+                );
+            }
+        }
+        assert_eq!(content_length(b"1234", None).unwrap(), 1234);
+        assert_eq!(
+            content_length(b"9999999999999999999", Some(9_999_999_999_999_999_999)).unwrap(),
+            9_999_999_999_999_999_999
+        );
+        assert!(content_length(b"12", Some(13)).is_err());
+    }
 
     fn head(raw: &str) -> ResponseHead {
         parse_response_head(&mut raw.as_bytes().to_vec(), &Method::GET)

@@ -25,6 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::h1::{self, BodyDecoder, Decoded, RequestFraming, ResponseFraming, ResponseHead};
+use crate::head::Span;
 
 /// Idle entries are swept of closed connections when the map grows past this many addresses.
 const SWEEP_AT: usize = 1024;
@@ -63,6 +64,8 @@ struct Conn {
     stream: TcpStream,
     /// Bytes read from the backend and not yet consumed.
     rbuf: BytesMut,
+    /// Where each field of a response head lies while it is parsed (kept for the next).
+    places: Vec<(Span, Span)>,
     /// The request head (and small body pieces) being written.
     wbuf: Vec<u8>,
     /// Bounds the wait for each response head, then for each piece of its body; one per
@@ -181,6 +184,7 @@ impl Conn {
         let Conn {
             stream,
             rbuf,
+            places,
             timer,
             ..
         } = self;
@@ -190,7 +194,7 @@ impl Conn {
             let mut got_any = !rbuf.is_empty();
             loop {
                 if !rbuf.is_empty() {
-                    match h1::parse_response_head(rbuf, method) {
+                    match h1::parse_response_head_with(rbuf, method, places) {
                         Ok(Some((head, used))) => {
                             rbuf.advance(used);
                             if head.status.is_informational()
@@ -449,6 +453,7 @@ impl UpstreamPool {
         Ok(Box::new(Conn {
             stream,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
+            places: Vec::new(),
             wbuf: Vec::with_capacity(1024),
             timer: Box::pin(tokio::time::sleep(self.response_timeout)),
             addr,
