@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
@@ -261,6 +261,75 @@ pub(crate) fn arm(timer: Pin<&mut Sleep>, deadline: tokio::time::Instant) {
     }
 }
 
+/// Polls a connection's timer, or its shutdown signal, only when a poll can tell something
+/// new. Each stays registered with the waker it was last polled with until it fires, so a task
+/// that waits on it again and again (an idle connection, once per request) need not poll it
+/// each time: that cost two polls of tokio's bookkeeping per request (a waker comparison
+/// under a lock for the shutdown signal, a budget and waker check for the timer). It is
+/// polled through when the waker differs from the one noted (a pooled backend connection
+/// moves between client tasks), when the timer was moved to another deadline since (a timer
+/// that fired has let go of its waker, and moving it does not register one), and when it
+/// may have fired.
+#[derive(Default)]
+pub(crate) struct Watch {
+    /// The waker of the last poll that left it pending, and the timer's deadline then.
+    seen: Option<(Waker, Option<tokio::time::Instant>)>,
+}
+
+impl Watch {
+    /// Whether the last poll that left it pending used `cx`'s waker, for `deadline`.
+    fn current(&self, cx: &Context<'_>, deadline: Option<tokio::time::Instant>) -> bool {
+        self.seen
+            .as_ref()
+            .is_some_and(|(w, d)| *d == deadline && w.will_wake(cx.waker()))
+    }
+
+    /// Notes a poll that left it pending.
+    fn note(&mut self, cx: &Context<'_>, deadline: Option<tokio::time::Instant>) {
+        match &mut self.seen {
+            Some((w, d)) if w.will_wake(cx.waker()) => *d = deadline,
+            _ => self.seen = Some((cx.waker().clone(), deadline)),
+        }
+    }
+
+    /// [`Sleep`]'s poll, skipped while it is registered with this waker for this deadline
+    /// and has not fired.
+    pub(crate) fn poll_timer(
+        &mut self,
+        mut timer: Pin<&mut Sleep>,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        let deadline = Some(timer.deadline());
+        if self.current(cx, deadline) && !timer.is_elapsed() {
+            return Poll::Pending;
+        }
+        let polled = timer.as_mut().poll(cx);
+        match polled {
+            Poll::Pending => self.note(cx, deadline),
+            Poll::Ready(()) => self.seen = None,
+        }
+        polled
+    }
+
+    /// The shutdown signal's poll, skipped while it is registered with this waker and
+    /// `token` is not cancelled.
+    pub(crate) fn poll_cancelled(
+        &mut self,
+        cancelled: Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+        token: &tokio_util::sync::CancellationToken,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        if self.current(cx, None) && !token.is_cancelled() {
+            return Poll::Pending;
+        }
+        let polled = cancelled.poll(cx);
+        if polled.is_pending() {
+            self.note(cx, None);
+        }
+        polled
+    }
+}
+
 /// For a `timer` set by [`arm`] that has fired: whether the wait that ends at `deadline` is
 /// over; if not (it fired early), the timer is moved on to `deadline`.
 pub(crate) fn deadline_passed(timer: Pin<&mut Sleep>, deadline: tokio::time::Instant) -> bool {
@@ -404,6 +473,108 @@ pub(crate) fn is_upgrade(head: &impl RequestHead) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Waits on `timer` through `watch`, as an idle connection does.
+    async fn watched(watch: &mut Watch, timer: Pin<&mut Sleep>) {
+        let mut timer = timer;
+        std::future::poll_fn(|cx| watch.poll_timer(timer.as_mut(), cx)).await;
+    }
+
+    /// A timer waited on through a `Watch` fires when it should however it was moved
+    /// between the waits: kept, moved sooner, moved after it fired (it then has no waker, and a
+    /// wait that skipped the poll would never end), or waited on from another task.
+    #[tokio::test(start_paused = true)]
+    async fn a_watched_timer_fires_at_its_deadline_however_it_was_moved() {
+        use tokio::time::{Instant, sleep, timeout};
+        let t0 = Instant::now();
+        let timer = tokio::time::sleep(Duration::from_secs(100));
+        tokio::pin!(timer);
+        let mut watch = Watch::default();
+        // Many waits that end before the timer (the requests of a busy connection): the
+        // timer is polled once and then only looked at.
+        for _ in 0..5 {
+            tokio::select! {
+                biased;
+                () = sleep(Duration::from_secs(1)) => {}
+                () = watched(&mut watch, timer.as_mut()) => panic!("fired early"),
+            }
+        }
+        // Moved sooner while registered: fires then.
+        arm(timer.as_mut(), t0 + Duration::from_secs(20));
+        timeout(Duration::from_secs(60), watched(&mut watch, timer.as_mut()))
+            .await
+            .expect("a timer moved sooner fires");
+        assert_eq!(Instant::now(), t0 + Duration::from_secs(20));
+        // Registered through the watch, fired while nobody waited on it (a connection busy
+        // with a request), then moved on: its waker went with the firing, so the next wait
+        // must register it again.
+        arm(timer.as_mut(), Instant::now() + Duration::from_secs(2));
+        tokio::select! {
+            biased;
+            () = sleep(Duration::from_secs(1)) => {}
+            () = watched(&mut watch, timer.as_mut()) => panic!("fired early"),
+        }
+        sleep(Duration::from_secs(4)).await;
+        assert!(timer.is_elapsed());
+        timer.as_mut().reset(Instant::now() + Duration::from_secs(7));
+        for _ in 0..3 {
+            tokio::select! {
+                biased;
+                () = sleep(Duration::from_secs(1)) => {}
+                () = watched(&mut watch, timer.as_mut()) => panic!("fired early"),
+            }
+        }
+        timeout(Duration::from_secs(60), watched(&mut watch, timer.as_mut()))
+            .await
+            .expect("a timer moved after it fired fires again");
+        assert_eq!(Instant::now(), t0 + Duration::from_secs(32));
+        // Polled from one task, then waited on from another (a pooled connection changing
+        // hands): the other task is woken.
+        let mut timer = Box::pin(tokio::time::sleep(Duration::from_secs(5)));
+        let mut watch = Watch::default();
+        let start = Instant::now();
+        tokio::select! {
+            biased;
+            () = sleep(Duration::from_secs(1)) => {}
+            () = watched(&mut watch, timer.as_mut()) => panic!("fired early"),
+        }
+        let moved = tokio::spawn(async move {
+            timeout(Duration::from_secs(60), watched(&mut watch, timer.as_mut())).await
+        });
+        moved.await.unwrap().expect("the other task is woken");
+        assert_eq!(Instant::now(), start + Duration::from_secs(5));
+    }
+
+    /// The shutdown signal waited on through a `Watch` ends the wait when the token is
+    /// cancelled, though it is polled only once.
+    #[tokio::test(start_paused = true)]
+    async fn a_watched_shutdown_ends_the_wait_when_cancelled() {
+        use tokio::time::{Instant, sleep, timeout};
+        let token = tokio_util::sync::CancellationToken::new();
+        let cancelled = token.cancelled();
+        tokio::pin!(cancelled);
+        let mut watch = Watch::default();
+        for _ in 0..5 {
+            tokio::select! {
+                biased;
+                () = sleep(Duration::from_secs(1)) => {}
+                () = std::future::poll_fn(|cx| watch.poll_cancelled(cancelled.as_mut(), &token, cx)) => panic!("ended early"),
+            }
+        }
+        let t0 = Instant::now();
+        let canceller = token.clone();
+        tokio::spawn(async move {
+            sleep(Duration::from_secs(3)).await;
+            canceller.cancel();
+        });
+        timeout(
+            Duration::from_secs(60),
+            std::future::poll_fn(|cx| watch.poll_cancelled(cancelled.as_mut(), &token, cx)),
+        )
+        .await
+        .expect("the cancellation ends the wait");
+        assert_eq!(Instant::now(), t0 + Duration::from_secs(3));
+    }
 
     #[test]
     fn upgrades_need_both_upgrade_and_connection_upgrade() {

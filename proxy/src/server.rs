@@ -127,6 +127,9 @@ where
     tokio::pin!(timer);
     let cancelled = shutdown.token.cancelled();
     tokio::pin!(cancelled);
+    // Both are polled only when that can tell something new (see `forward::Watch`).
+    let (mut timer_watch, mut cancel_watch) =
+        (forward::Watch::default(), forward::Watch::default());
     let mut first = true;
     loop {
         // Read and parse the next request head.
@@ -198,8 +201,10 @@ where
                     Ok(0) | Err(_) => Wait::Closed,
                     Ok(_) => Wait::Read,
                 },
-                _ = &mut cancelled, if idle => Wait::Closed,
-                _ = &mut timer => if forward::deadline_passed(timer.as_mut(), deadline) {
+                () = std::future::poll_fn(|cx| {
+                    cancel_watch.poll_cancelled(cancelled.as_mut(), &shutdown.token, cx)
+                }), if idle => Wait::Closed,
+                () = std::future::poll_fn(|cx| timer_watch.poll_timer(timer.as_mut(), cx)) => if forward::deadline_passed(timer.as_mut(), deadline) {
                     Wait::TimedOut
                 } else {
                     Wait::Early
