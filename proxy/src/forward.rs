@@ -516,7 +516,9 @@ mod tests {
         }
         sleep(Duration::from_secs(4)).await;
         assert!(timer.is_elapsed());
-        timer.as_mut().reset(Instant::now() + Duration::from_secs(7));
+        timer
+            .as_mut()
+            .reset(Instant::now() + Duration::from_secs(7));
         for _ in 0..3 {
             tokio::select! {
                 biased;
