@@ -361,7 +361,7 @@ fn lower_name_sse2(buf: &mut [u8], at: usize) -> Option<usize> {
 
 /// The first `byte` at or after `at`.
 #[inline]
-fn find_byte(buf: &[u8], at: usize, byte: u8) -> Option<usize> {
+pub(crate) fn find_byte(buf: &[u8], at: usize, byte: u8) -> Option<usize> {
     #[cfg(target_arch = "x86_64")]
     let (i, found) = find_sse2(buf, at, Stop::At(byte));
     #[cfg(not(target_arch = "x86_64"))]

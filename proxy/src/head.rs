@@ -58,13 +58,17 @@ pub(crate) trait RequestHead {
 
     /// The query of the target, without the `?`.
     fn query(&self) -> Option<&str> {
-        self.target().split_once('?').map(|(_, q)| q)
+        let t = self.target();
+        // A byte search (16 at a time): `split_once`'s general one cost several times as
+        // much on a short target. The `?` is ASCII, so both sides of it are whole characters.
+        let at = crate::h1_scan::find_byte(t.as_bytes(), 0, b'?')?;
+        Some(&t[at + 1..])
     }
 
     /// The path of the target, without the query.
     fn path(&self) -> &str {
         let t = self.target();
-        t.split_once('?').map_or(t, |(p, _)| p)
+        crate::h1_scan::find_byte(t.as_bytes(), 0, b'?').map_or(t, |at| &t[..at])
     }
 }
 
@@ -474,6 +478,39 @@ mod tests {
         }
         assert_eq!(parts.get("authorization"), Some(&b"Bearer a"[..]));
         assert_eq!(parts.get("cookie"), None);
+    }
+
+    /// A target's path and query split where `split_once('?')` splits it, wherever the `?` is
+    /// (before, inside or after the 16-byte steps of the search) and whatever is around it.
+    #[test]
+    fn a_target_splits_at_its_first_question_mark() {
+        let mut targets = vec![
+            "/".to_string(),
+            "/?".into(),
+            "/a?b?c".into(),
+            "/é?ü=1".into(),
+        ];
+        for len in 1..50 {
+            for at in (1..len).step_by(3) {
+                let mut t: Vec<char> = std::iter::once('/')
+                    .chain((1..len).map(|i| char::from(b'a' + (i % 26) as u8)))
+                    .collect();
+                t[at] = '?';
+                if at + 2 < len {
+                    t[at + 2] = '?';
+                }
+                targets.push(t.into_iter().collect());
+            }
+            targets.push(format!("/{}", "ü".repeat(len)));
+        }
+        for target in targets {
+            let buf = Bytes::from(format!("GET {target} HTTP/1.1\r\n"));
+            let span = Span::new(4, target.len());
+            let raw = RawRequest::new(buf, Method::GET, span, Vec::new()).unwrap();
+            let want = target.split_once('?');
+            assert_eq!(raw.query(), want.map(|(_, q)| q), "{target}");
+            assert_eq!(raw.path(), want.map_or(&target[..], |(p, _)| p), "{target}");
+        }
     }
 
     #[test]
