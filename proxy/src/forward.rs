@@ -266,10 +266,10 @@ pub(crate) fn arm(timer: Pin<&mut Sleep>, deadline: tokio::time::Instant) {
 /// that waits on it again and again (an idle connection, once per request) need not poll it
 /// each time: that cost two polls of tokio's bookkeeping per request (a waker comparison
 /// under a lock for the shutdown signal, a budget and waker check for the timer). It is
-/// polled through when the waker differs from the one noted (a pooled backend connection
-/// moves between client tasks), when the timer was moved to another deadline since (a timer
-/// that fired has let go of its waker, and moving it does not register one), and when it
-/// may have fired.
+/// polled through when the waker differs from the one noted, when the timer was moved to
+/// another deadline since (a timer that fired has let go of its waker, and moving it does not
+/// register one), and when it may have fired. (Not for a pooled backend connection's timer:
+/// the connection moves between client tasks, and the waker differs nearly every time.)
 #[derive(Default)]
 pub(crate) struct Watch {
     /// The waker of the last poll that left it pending, and the timer's deadline then.
@@ -311,15 +311,15 @@ impl Watch {
         polled
     }
 
-    /// The shutdown signal's poll, skipped while it is registered with this waker and
-    /// `token` is not cancelled.
+    /// The shutdown signal's poll, skipped while it is registered with this waker and has not
+    /// `fired` (a flag set before the token is cancelled: the token's own check takes a lock).
     pub(crate) fn poll_cancelled(
         &mut self,
         cancelled: Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
-        token: &tokio_util::sync::CancellationToken,
+        fired: bool,
         cx: &mut Context<'_>,
     ) -> Poll<()> {
-        if self.current(cx, None) && !token.is_cancelled() {
+        if self.current(cx, None) && !fired {
             return Poll::Pending;
         }
         let polled = cancelled.poll(cx);
@@ -560,7 +560,7 @@ mod tests {
             tokio::select! {
                 biased;
                 () = sleep(Duration::from_secs(1)) => {}
-                () = std::future::poll_fn(|cx| watch.poll_cancelled(cancelled.as_mut(), &token, cx)) => panic!("ended early"),
+                () = std::future::poll_fn(|cx| watch.poll_cancelled(cancelled.as_mut(), token.is_cancelled(), cx)) => panic!("ended early"),
             }
         }
         let t0 = Instant::now();
@@ -571,7 +571,9 @@ mod tests {
         });
         timeout(
             Duration::from_secs(60),
-            std::future::poll_fn(|cx| watch.poll_cancelled(cancelled.as_mut(), &token, cx)),
+            std::future::poll_fn(|cx| {
+                watch.poll_cancelled(cancelled.as_mut(), token.is_cancelled(), cx)
+            }),
         )
         .await
         .expect("the cancellation ends the wait");

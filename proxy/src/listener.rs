@@ -127,7 +127,11 @@ impl Proxy {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
-                    Err(e) => return Err(ProxyRunError::Accept(e)),
+                    Err(e) => {
+                        // The connections close as on shutdown.
+                        stop.begin();
+                        return Err(ProxyRunError::Accept(e));
+                    }
                 },
             };
             let _ = stream.set_nodelay(true);

@@ -24,7 +24,6 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::forward::Watch;
 use crate::h1::{self, BodyDecoder, Decoded, RequestFraming, ResponseFraming, ResponseHead};
 use crate::head::Span;
 
@@ -72,8 +71,6 @@ struct Conn {
     /// Bounds the wait for each response head, then for each piece of its body; one per
     /// connection, moved forward per request and whenever the body has to wait.
     timer: Pin<Box<tokio::time::Sleep>>,
-    /// Whether the timer must be polled to be sure it is registered (see [`Watch`]).
-    timer_watch: Watch,
     /// The backend's address: where the connection goes back to in the pool.
     addr: SocketAddr,
     /// How long the current response's body may send nothing (kept here, not in the body,
@@ -189,7 +186,6 @@ impl Conn {
             rbuf,
             places,
             timer,
-            timer_watch,
             ..
         } = self;
         let deadline = tokio::time::Instant::now() + timeout;
@@ -231,7 +227,7 @@ impl Conn {
             tokio::select! {
                 biased;
                 r = &mut read => return r,
-                () = std::future::poll_fn(|cx| timer_watch.poll_timer(timer.as_mut(), cx)) => {
+                _ = timer.as_mut() => {
                     if crate::forward::deadline_passed(timer.as_mut(), deadline) {
                         return Err(ReadError::TimedOut);
                     }
@@ -460,7 +456,6 @@ impl UpstreamPool {
             places: Vec::new(),
             wbuf: Vec::with_capacity(1024),
             timer: Box::pin(tokio::time::sleep(self.response_timeout)),
-            timer_watch: Watch::default(),
             addr,
             body_idle: self.body_timeout,
         }))

@@ -65,13 +65,17 @@ const LINGER_BYTES: usize = 256 * 1024;
 const LINGER: Duration = Duration::from_secs(2);
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
-/// Shutdown as a connection sees it: a flag read after every response (an atomic load; the
-/// token's own check takes a lock shared by every connection) and the token, waited on while a
-/// connection is idle.
+/// Shutdown as a connection sees it: a flag read after every response and on every wake of
+/// an idle connection (an atomic load; the token's own check takes a lock shared by every
+/// connection), and a second token, cancelled once the flag is set, waited on while a
+/// connection is idle (so that the flag is set whenever that wait ends).
 #[derive(Clone)]
 pub(crate) struct Shutdown {
+    /// The server's token (HTTP/2 connections wait on it).
     pub(crate) token: CancellationToken,
     stopping: Arc<AtomicBool>,
+    /// Cancelled by [`Shutdown::begin`] after it sets `stopping`.
+    stopped: CancellationToken,
 }
 
 impl Shutdown {
@@ -79,12 +83,15 @@ impl Shutdown {
         Shutdown {
             token,
             stopping: Arc::new(AtomicBool::new(false)),
+            stopped: CancellationToken::new(),
         }
     }
 
-    /// Called once the token is cancelled: connections finish what is in flight and close.
+    /// Called once the token is cancelled (or the listener failed): connections finish what
+    /// is in flight and close; idle ones close now.
     pub(crate) fn begin(&self) {
         self.stopping.store(true, Ordering::Release);
+        self.stopped.cancel();
     }
 
     fn is_stopping(&self) -> bool {
@@ -125,7 +132,7 @@ where
     // One timer per connection, moved forward (cheaply) for each request.
     let timer = tokio::time::sleep(cfg.header_read_timeout);
     tokio::pin!(timer);
-    let cancelled = shutdown.token.cancelled();
+    let cancelled = shutdown.stopped.cancelled();
     tokio::pin!(cancelled);
     // Both are polled only when that can tell something new (see `forward::Watch`).
     let (mut timer_watch, mut cancel_watch) =
@@ -202,7 +209,7 @@ where
                     Ok(_) => Wait::Read,
                 },
                 () = std::future::poll_fn(|cx| {
-                    cancel_watch.poll_cancelled(cancelled.as_mut(), &shutdown.token, cx)
+                    cancel_watch.poll_cancelled(cancelled.as_mut(), shutdown.is_stopping(), cx)
                 }), if idle => Wait::Closed,
                 () = std::future::poll_fn(|cx| timer_watch.poll_timer(timer.as_mut(), cx)) => if forward::deadline_passed(timer.as_mut(), deadline) {
                     Wait::TimedOut

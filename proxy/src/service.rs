@@ -600,6 +600,8 @@ fn has_underscore(name: &[u8]) -> bool {
             return true;
         }
     }
+    // A loop over the last few bytes: `contains` is the general search again.
+    #[allow(clippy::manual_contains)]
     words.remainder().iter().any(|&b| b == b'_')
 }
 
