@@ -474,6 +474,15 @@ pub(crate) fn is_upgrade(head: &impl RequestHead) -> bool {
 mod tests {
     use super::*;
 
+    /// Asserts that `wait` has not ended a second later (the clock is paused).
+    async fn still_waiting_after_a_second(wait: impl Future<Output = ()>) {
+        tokio::select! {
+            biased;
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = wait => panic!("the wait ended early"),
+        }
+    }
+
     /// Waits on `timer` through `watch`, as an idle connection does.
     async fn watched(watch: &mut Watch, timer: Pin<&mut Sleep>) {
         let mut timer = timer;
@@ -493,11 +502,7 @@ mod tests {
         // Many waits that end before the timer (the requests of a busy connection): the
         // timer is polled once and then only looked at.
         for _ in 0..5 {
-            tokio::select! {
-                biased;
-                () = sleep(Duration::from_secs(1)) => {}
-                () = watched(&mut watch, timer.as_mut()) => panic!("fired early"),
-            }
+            still_waiting_after_a_second(watched(&mut watch, timer.as_mut())).await;
         }
         // Moved sooner while registered: fires then.
         arm(timer.as_mut(), t0 + Duration::from_secs(20));
@@ -509,22 +514,14 @@ mod tests {
         // with a request), then moved on: its waker went with the firing, so the next wait
         // must register it again.
         arm(timer.as_mut(), Instant::now() + Duration::from_secs(2));
-        tokio::select! {
-            biased;
-            () = sleep(Duration::from_secs(1)) => {}
-            () = watched(&mut watch, timer.as_mut()) => panic!("fired early"),
-        }
+        still_waiting_after_a_second(watched(&mut watch, timer.as_mut())).await;
         sleep(Duration::from_secs(4)).await;
         assert!(timer.is_elapsed());
         timer
             .as_mut()
             .reset(Instant::now() + Duration::from_secs(7));
         for _ in 0..3 {
-            tokio::select! {
-                biased;
-                () = sleep(Duration::from_secs(1)) => {}
-                () = watched(&mut watch, timer.as_mut()) => panic!("fired early"),
-            }
+            still_waiting_after_a_second(watched(&mut watch, timer.as_mut())).await;
         }
         timeout(Duration::from_secs(60), watched(&mut watch, timer.as_mut()))
             .await
@@ -535,11 +532,7 @@ mod tests {
         let mut timer = Box::pin(tokio::time::sleep(Duration::from_secs(5)));
         let mut watch = Watch::default();
         let start = Instant::now();
-        tokio::select! {
-            biased;
-            () = sleep(Duration::from_secs(1)) => {}
-            () = watched(&mut watch, timer.as_mut()) => panic!("fired early"),
-        }
+        still_waiting_after_a_second(watched(&mut watch, timer.as_mut())).await;
         let moved = tokio::spawn(async move {
             timeout(Duration::from_secs(60), watched(&mut watch, timer.as_mut())).await
         });
@@ -557,11 +550,10 @@ mod tests {
         tokio::pin!(cancelled);
         let mut watch = Watch::default();
         for _ in 0..5 {
-            tokio::select! {
-                biased;
-                () = sleep(Duration::from_secs(1)) => {}
-                () = std::future::poll_fn(|cx| watch.poll_cancelled(cancelled.as_mut(), token.is_cancelled(), cx)) => panic!("ended early"),
-            }
+            still_waiting_after_a_second(std::future::poll_fn(|cx| {
+                watch.poll_cancelled(cancelled.as_mut(), token.is_cancelled(), cx)
+            }))
+            .await;
         }
         let t0 = Instant::now();
         let canceller = token.clone();
