@@ -359,6 +359,27 @@ fn lower_name_sse2(buf: &mut [u8], at: usize) -> Option<usize> {
     }
 }
 
+/// Whether `buf` holds `byte`: eight bytes at a time, for the short slices a field name is,
+/// where [`find_byte`]'s 16-byte steps do not start and `contains`' general search costs more
+/// to set up than the search itself.
+#[inline]
+pub(crate) fn contains_byte(buf: &[u8], byte: u8) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    let bytes = u64::from_ne_bytes([byte; 8]);
+    let mut words = buf.chunks_exact(8);
+    for w in &mut words {
+        // A zero byte where `byte` was; the test for one is exact (no false hits).
+        let x = u64::from_ne_bytes(w.try_into().expect("eight bytes")) ^ bytes;
+        if x.wrapping_sub(ONES) & !x & HIGHS != 0 {
+            return true;
+        }
+    }
+    // A loop over the last few bytes: `contains` is the general search again.
+    #[allow(clippy::manual_contains)]
+    words.remainder().iter().any(|&b| b == byte)
+}
+
 /// The first `byte` at or after `at`.
 #[inline]
 pub(crate) fn find_byte(buf: &[u8], at: usize, byte: u8) -> Option<usize> {
@@ -642,6 +663,39 @@ mod tests {
             lower_name_sse2(&mut b": empty name here\r\n".to_vec(), 0),
             Some(0)
         );
+    }
+
+    #[test]
+    fn an_underscore_is_found_wherever_it_is() {
+        for len in 0..40 {
+            assert!(!contains_byte(&vec![b'a'; len], b'_'), "{len}");
+            for at in 0..len {
+                for (byte, want) in [
+                    (b'_', true),
+                    (b'^', false),
+                    (b'`', false),
+                    (0xdf, false),
+                    (0x5e, false),
+                ] {
+                    let mut name = vec![b'x'; len];
+                    name[at] = byte;
+                    assert_eq!(contains_byte(&name, b'_'), want, "{len} {at} {byte:#x}");
+                    // Every byte value elsewhere leaves the answer to the underscore alone.
+                    name[at] = b'_';
+                    for other in 0..=255u8 {
+                        name[(at + 1) % len.max(1)] = if (at + 1) % len.max(1) == at {
+                            b'_'
+                        } else {
+                            other
+                        };
+                        assert!(contains_byte(&name, b'_'));
+                    }
+                }
+            }
+        }
+        for other in (0..=255u8).filter(|&b| b != b'_') {
+            assert!(!contains_byte(&[other; 17], b'_'), "{other:#x}");
+        }
     }
 
     #[test]

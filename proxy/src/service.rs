@@ -586,25 +586,6 @@ fn carries_token_lossy(value: &[u8]) -> bool {
     scheme.eq_ignore_ascii_case("bearer") && hangar_core::token::looks_like_token(credential)
 }
 
-/// Whether `name` holds an underscore: eight bytes at a time, as a field name is a few words
-/// long and `contains`' general search cost more to set up than the search itself.
-fn has_underscore(name: &[u8]) -> bool {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
-    const UNDERSCORES: u64 = u64::from_ne_bytes([b'_'; 8]);
-    let mut words = name.chunks_exact(8);
-    for w in &mut words {
-        // A zero byte where an underscore was; the test for one is exact (no false hits).
-        let x = u64::from_ne_bytes(w.try_into().expect("eight bytes")) ^ UNDERSCORES;
-        if x.wrapping_sub(ONES) & !x & HIGHS != 0 {
-            return true;
-        }
-    }
-    // A loop over the last few bytes: `contains` is the general search again.
-    #[allow(clippy::manual_contains)]
-    words.remainder().iter().any(|&b| b == b'_')
-}
-
 /// The request head the backend gets, encoded directly (the client's head is read, never
 /// rebuilt): the client's method and origin-form target (without a `hangar_token` query
 /// parameter) and its end-to-end headers, minus hop-by-hop fields (RFC 9110 §7.6.1), inbound
@@ -660,7 +641,7 @@ pub(crate) fn write_upstream_head(out: &mut Vec<u8>, req: &impl RequestHead, f: 
             }
             // CGI, WSGI, Rack and PHP file `x-hangar_user` as `x-hangar-user`: names with
             // underscores are dropped, as nginx does by default.
-            n if has_underscore(n) => continue,
+            n if crate::h1_scan::contains_byte(n, b'_') => continue,
             b"upgrade" => {
                 if f.upgrade {
                     h1::write_header(out, name, value);
@@ -799,39 +780,6 @@ mod tests {
         let mut buf = bytes::BytesMut::from(&raw[..]);
         let parsed = crate::server::parse_request(&mut buf, 64 * 1024, &mut Vec::new()).ok()??;
         Some(parsed.head)
-    }
-
-    #[test]
-    fn an_underscore_is_found_wherever_it_is() {
-        for len in 0..40 {
-            assert!(!has_underscore(&vec![b'a'; len]), "{len}");
-            for at in 0..len {
-                for (byte, want) in [
-                    (b'_', true),
-                    (b'^', false),
-                    (b'`', false),
-                    (0xdf, false),
-                    (0x5e, false),
-                ] {
-                    let mut name = vec![b'x'; len];
-                    name[at] = byte;
-                    assert_eq!(has_underscore(&name), want, "{len} {at} {byte:#x}");
-                    // Every byte value elsewhere leaves the answer to the underscore alone.
-                    name[at] = b'_';
-                    for other in 0..=255u8 {
-                        name[(at + 1) % len.max(1)] = if (at + 1) % len.max(1) == at {
-                            b'_'
-                        } else {
-                            other
-                        };
-                        assert!(has_underscore(&name));
-                    }
-                }
-            }
-        }
-        for other in (0..=255u8).filter(|&b| b != b'_') {
-            assert!(!has_underscore(&[other; 17]), "{other:#x}");
-        }
     }
 
     /// Lines that came as they go out are copied whole; any other spacing goes out as
