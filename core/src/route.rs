@@ -121,10 +121,8 @@ fn in_shard(h: u64) -> u64 {
 struct Shard(hashbrown::HashTable<Arc<Route>>);
 
 impl Shard {
-    fn get(&self, h: u64, id: &str) -> Option<&Route> {
-        self.0
-            .find(in_shard(h), |r| r.backend.as_str() == id)
-            .map(|r| &**r)
+    fn get(&self, h: u64, id: &str) -> Option<&Arc<Route>> {
+        self.0.find(in_shard(h), |r| r.backend.as_str() == id)
     }
 
     /// Removes `id`; whether it was there.
@@ -160,7 +158,7 @@ impl Shard {
     /// The route this shard holds under `r`'s id, if any.
     fn find(&self, r: &Route) -> Option<&Route> {
         let id = r.backend.as_str();
-        self.get(hash_of(id), id)
+        self.get(hash_of(id), id).map(|r| &**r)
     }
 
     fn len(&self) -> usize {
@@ -283,6 +281,12 @@ impl RouteTable {
     }
 
     pub fn get(&self, backend: &str) -> Option<&Route> {
+        self.get_shared(backend).map(|r| &**r)
+    }
+
+    /// [`Self::get`], as the table holds it: a holder that keeps the route past the table
+    /// (the proxy, for a request) clones one `Arc`, not the route's four shared strings.
+    pub fn get_shared(&self, backend: &str) -> Option<&Arc<Route>> {
         let h = hash_of(backend);
         let (g, s) = place(h);
         self.groups[g][s].get(h, backend)
@@ -336,7 +340,7 @@ impl RouteTable {
         for r in upserts {
             let h = hash_of(r.backend.as_str());
             let (g, s) = place(h);
-            if groups[g][s].get(h, r.backend.as_str()) != Some(r)
+            if groups[g][s].get(h, r.backend.as_str()).map(|x| &**x) != Some(r)
                 && Arc::make_mut(&mut Arc::make_mut(&mut groups[g])[s]).upsert(h, r.clone())
             {
                 len += 1;

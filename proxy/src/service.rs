@@ -137,7 +137,7 @@ fn text(v: &[u8]) -> Option<&str> {
 
 /// Finds the route the request names. The authority of an absolute-form target (or an HTTP/2
 /// request's) names the host, ahead of any `Host` field (RFC 9112 §3.2.2, RFC 9113 §8.3.1).
-fn find_route(shared: &Shared, head: &impl RequestHead) -> Result<Route, ProxyError> {
+fn find_route(shared: &Shared, head: &impl RequestHead) -> Result<Arc<Route>, ProxyError> {
     let domain = &shared.config.domain;
     let host = head
         .authority()
@@ -175,7 +175,7 @@ fn find_route(shared: &Shared, head: &impl RequestHead) -> Result<Route, ProxyEr
     };
     shared.activity.count_request(Some(mode));
     let table = shared.routes.load();
-    match table.get(&name) {
+    match table.get_shared(&name) {
         Some(r) => Ok(r.clone()),
         None => Err(ProxyError::UnknownBackend(name.into_owned())),
     }
@@ -320,9 +320,9 @@ async fn wait_on_routes<T>(
 
 /// Waits (up to `unknown_grace`) for a route the table does not have yet: a remote proxy's
 /// feed may trail the scheduler by a moment after a connect.
-async fn wait_known(shared: &Shared, name: String) -> Result<Route, ProxyError> {
+async fn wait_known(shared: &Shared, name: String) -> Result<Arc<Route>, ProxyError> {
     let deadline = tokio::time::Instant::now() + shared.config.unknown_grace;
-    wait_on_routes(shared, deadline, |t| t.get(&name).cloned())
+    wait_on_routes(shared, deadline, |t| t.get_shared(&name).cloned())
         .await
         .ok_or(ProxyError::UnknownBackend(name))
 }
