@@ -310,6 +310,46 @@ def dev_command(binary, work, api, proxy, *extra):
             "--idle-timeout", "3600"]
 
 
+def start_h1_targets(script, binary, work, procs):
+    """`hangar dev` (pinned to the proxy core) with one ready backend, and nginx and haproxy
+    in front of that backend, as the per-request scripts (`syscalls.py`,
+    `kernel_profile.py`) start them. Returns the backend's host name and, for each HTTP/1.1
+    target (hangar, nginx, haproxy, floor), its port, the proxy's pids and the extra request
+    headers it needs (Hangar's bearer token)."""
+    certs = make_cert(work)
+    api, proxy = free_port(), free_port()
+    dev = subprocess.Popen(["taskset", "-c", PROXY_CORE, *dev_command(binary, work, api, proxy)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs.append(dev)
+    wait_port(api)
+    resp = json.load(urllib.request.urlopen(urllib.request.Request(
+        f"http://127.0.0.1:{api}/v1/connect", json.dumps({"key": {"name": "bench"}}).encode())))
+    deadline = time.time() + 20
+    while (view := json.load(urllib.request.urlopen(resp["status_url"])))["status"] != "ready":
+        if time.time() > deadline:
+            sys.exit(f"{script}: the backend never became ready: {view}")
+        time.sleep(0.05)
+    backend_port = int(view["address"].rsplit(":", 1)[1])
+    host = f"{resp['backend_id']}.hangar.localhost"
+    ports, pids = start_references(work, backend_port, certs, procs, pin=("taskset", "-c", PROXY_CORE))
+    return host, {
+        "hangar": (proxy, [dev.pid], [f"Authorization: Bearer {resp['token']}"]),
+        "nginx": (ports["nginx"]["h1"], pids["nginx"], []),
+        "haproxy": (ports["haproxy"]["h1"], pids["haproxy"], []),
+        "floor": (ports["haproxy"]["floor"], pids["haproxy"], []),
+    }
+
+
+def oha_h1(host, port, headers):
+    """oha on the load core against `port` as the per-request scripts run it: 50 connections,
+    Host routing, `headers` added; the URL is the second element."""
+    cmd = ["taskset", "-c", LOAD_CORE, "oha", "--no-tui", "-c", "50",
+           "-H", f"Host: {host}", "--connect-to", f"{host}:{port}:127.0.0.1:{port}"]
+    for h in headers:
+        cmd += ["-H", h]
+    return cmd, f"http://{host}:{port}/count"
+
+
 def start_references(work, backend_port, certs, procs, pin=()):
     """Starts nginx and haproxy (configured by `nginx_conf` and `haproxy_conf`) in front of the
     backend at `backend_port`, each behind the command prefix `pin` (taskset, say), adding them

@@ -17,14 +17,10 @@ nginx, haproxy, openssl and util-linux (taskset); run as root (tracepoints).
 """
 
 import argparse
-import json
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 
 import load
 
@@ -65,40 +61,12 @@ def main():
     work = tempfile.mkdtemp(prefix="hangar-syscalls-")
     procs = []
     try:
-        certs = load.make_cert(work)
-        api, proxy = load.free_port(), load.free_port()
-        dev = subprocess.Popen(
-            ["taskset", "-c", load.PROXY_CORE, *load.dev_command(args.hangar, work, api, proxy)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(dev)
-        load.wait_port(api)
-        resp = json.load(urllib.request.urlopen(urllib.request.Request(
-            f"http://127.0.0.1:{api}/v1/connect",
-            json.dumps({"key": {"name": "bench"}}).encode())))
-        deadline = time.time() + 20
-        while (view := json.load(urllib.request.urlopen(resp["status_url"])))["status"] != "ready":
-            if time.time() > deadline:
-                sys.exit(f"syscalls.py: the backend never became ready: {view}")
-            time.sleep(0.05)
-        backend_port = int(view["address"].rsplit(":", 1)[1])
-        host = f"{resp['backend_id']}.hangar.localhost"
-        ports, pids = load.start_references(work, backend_port, certs, procs,
-                                            pin=("taskset", "-c", load.PROXY_CORE))
-        targets = {
-            "hangar": (proxy, [dev.pid], [f"Authorization: Bearer {resp['token']}"]),
-            "nginx": (ports["nginx"]["h1"], pids["nginx"], []),
-            "haproxy": (ports["haproxy"]["h1"], pids["haproxy"], []),
-            "floor": (ports["haproxy"]["floor"], pids["haproxy"], []),
-        }
+        host, targets = load.start_h1_targets("syscalls.py", args.hangar, work, procs)
         print(f"system calls per request ({args.requests:,} requests over 50 connections)")
         print("| target | all | " + " | ".join(CALLS) + " | other |")
         print("| --- " * (len(CALLS) + 3) + "|")
         for name, (port, target_pids, headers) in targets.items():
-            cmd = ["taskset", "-c", load.LOAD_CORE, "oha", "--no-tui", "-c", "50",
-                   "-H", f"Host: {host}", "--connect-to", f"{host}:{port}:127.0.0.1:{port}"]
-            for h in headers:
-                cmd += ["-H", h]
-            url = f"http://{host}:{port}/count"
+            cmd, url = load.oha_h1(host, port, headers)
             subprocess.run(cmd + ["-n", "5000", url], check=True, capture_output=True)
             run = lambda: subprocess.run(  # noqa: E731
                 cmd + ["-n", str(args.requests), url], check=True, capture_output=True)
