@@ -25,8 +25,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 
 import load
 
@@ -87,14 +85,8 @@ def main():
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         load.wait_port(api, timeout=120)
-        body = json.dumps({"key": {"name": "bench"}}).encode()
-        resp = json.load(urllib.request.urlopen(urllib.request.Request(
-            f"http://127.0.0.1:{api}/v1/connect", body), timeout=60))
-        deadline = time.time() + 120
-        while json.load(urllib.request.urlopen(resp["status_url"], timeout=60))["status"] != "ready":
-            if time.time() > deadline:
-                sys.exit("callgrind.py: the backend never became ready")
-            time.sleep(0.1)
+        resp, _ = load.connect_ready("callgrind.py", api, timeout=120, poll=0.1,
+                                     request_timeout=60)
         host = f"{resp['backend_id']}.hangar.localhost"
         cmd = ["taskset", "-c", load.LOAD_CORE, "oha", "--no-tui",
                "--connect-to", f"{host}:{proxy}:127.0.0.1:{proxy}",

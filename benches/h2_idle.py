@@ -16,14 +16,12 @@ packages); the process may need `ulimit -n` above 2 x N + 100.
 """
 
 import argparse
-import json
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
-import urllib.request
 
 import load
 
@@ -83,16 +81,8 @@ def main():
     procs.append(dev)
     try:
         load.wait_port(api)
-        body = json.dumps({"key": {"name": "idle"}}).encode()
-        resp = json.load(urllib.request.urlopen(
-            urllib.request.Request(f"http://127.0.0.1:{api}/v1/connect", body)))
-        deadline = time.time() + 20
-        while json.load(urllib.request.urlopen(resp["status_url"]))["status"] != "ready":
-            if time.time() > deadline:
-                raise SystemExit("the backend never became ready")
-            time.sleep(0.05)
+        resp, view = load.connect_ready("h2_idle.py", api, name="idle")
         host = f"{resp['backend_id']}.hangar.localhost"
-        view = json.load(urllib.request.urlopen(resp["status_url"]))
         backend_port = int(view["address"].rsplit(":", 1)[1])
         ports, pids = load.start_references(work, backend_port, load.make_cert(work), procs)
         targets = {"hangar": (proxy, dev.pid),

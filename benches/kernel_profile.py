@@ -57,6 +57,12 @@ def profile(data, pids):
     return samples
 
 
+def split(per_request):
+    """(kernel, user space): the µs per request of one target's profile, summed."""
+    kernel = sum(v for s, v in per_request.items() if s.startswith("[k]"))
+    return kernel, sum(per_request.values()) - kernel
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, default=8, help="sampled seconds per target")
@@ -103,10 +109,9 @@ def main():
                 sys.exit(f"kernel_profile.py: {name} answered no request with 200")
             scale = 1e6 / FREQUENCY / answered
             per_request[name] = {s: n * scale for s, n in profile(data, pids).items()}
-            p = per_request[name]
-            kernel = sum(v for s, v in p.items() if s.startswith("[k]"))
+            kernel, user = split(per_request[name])
             print(f"{name}: {answered:,} requests in {args.seconds} s; sampled µs per request: "
-                  f"{kernel:.2f} kernel + {sum(p.values()) - kernel:.2f} user", flush=True)
+                  f"{kernel:.2f} kernel + {user:.2f} user", flush=True)
     finally:
         load.stop(procs)
         shutil.rmtree(work, ignore_errors=True)
@@ -119,16 +124,16 @@ def main():
     print(f"\nKernel functions, µs per request (largest differences from {args.against} first)")
     print(f"| function | {args.against} | " + " | ".join(f"{t} (diff)" for t in shown) + " |")
     print("| --- " * (len(shown) + 2) + "|")
+    def cell(value, against):
+        return f"{value:.2f} ({value - against:+.2f})"
+
     for s in sorted(kernel, key=lambda s: -diff[s])[:args.top]:
-        cells = " | ".join(f"{per_request[t].get(s, 0):.2f} ({per_request[t].get(s, 0) - base.get(s, 0):+.2f})"
-                           for t in shown)
+        cells = " | ".join(cell(per_request[t].get(s, 0), base.get(s, 0)) for t in shown)
         print(f"| {s[4:]} | {base.get(s, 0):.2f} | {cells} |")
-    totals = {t: (sum(v for s, v in p.items() if s.startswith("[k]")),
-                  sum(v for s, v in p.items() if not s.startswith("[k]")))
-              for t, p in per_request.items()}
+    totals = {t: split(p) for t, p in per_request.items()}
     for label, i in (("all kernel", 0), ("all user space", 1)):
         b = totals[args.against][i]
-        cells = " | ".join(f"{totals[t][i]:.2f} ({totals[t][i] - b:+.2f})" for t in shown)
+        cells = " | ".join(cell(totals[t][i], b) for t in shown)
         print(f"| **{label}** | {b:.2f} | {cells} |")
 
 

@@ -310,6 +310,21 @@ def dev_command(binary, work, api, proxy, *extra):
             "--idle-timeout", "3600"]
 
 
+def connect_ready(script, api, name="bench", timeout=20, poll=0.05, request_timeout=None):
+    """Connects key `name` through `hangar dev`'s API at port `api` and waits (up to `timeout`
+    seconds) until its backend is ready: the connect answer and the ready backend's view.
+    `request_timeout` bounds each HTTP call (a process under valgrind answers slowly)."""
+    kw = {} if request_timeout is None else {"timeout": request_timeout}
+    resp = json.load(urllib.request.urlopen(urllib.request.Request(
+        f"http://127.0.0.1:{api}/v1/connect", json.dumps({"key": {"name": name}}).encode()), **kw))
+    deadline = time.time() + timeout
+    while (view := json.load(urllib.request.urlopen(resp["status_url"], **kw)))["status"] != "ready":
+        if time.time() > deadline:
+            sys.exit(f"{script}: the backend never became ready: {view}")
+        time.sleep(poll)
+    return resp, view
+
+
 def start_h1_targets(script, binary, work, procs):
     """`hangar dev` (pinned to the proxy core) with one ready backend, and nginx and haproxy
     in front of that backend, as the per-request scripts (`syscalls.py`,
@@ -322,13 +337,7 @@ def start_h1_targets(script, binary, work, procs):
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs.append(dev)
     wait_port(api)
-    resp = json.load(urllib.request.urlopen(urllib.request.Request(
-        f"http://127.0.0.1:{api}/v1/connect", json.dumps({"key": {"name": "bench"}}).encode())))
-    deadline = time.time() + 20
-    while (view := json.load(urllib.request.urlopen(resp["status_url"])))["status"] != "ready":
-        if time.time() > deadline:
-            sys.exit(f"{script}: the backend never became ready: {view}")
-        time.sleep(0.05)
+    resp, view = connect_ready(script, api)
     backend_port = int(view["address"].rsplit(":", 1)[1])
     host = f"{resp['backend_id']}.hangar.localhost"
     ports, pids = start_references(work, backend_port, certs, procs, pin=("taskset", "-c", PROXY_CORE))
@@ -464,18 +473,8 @@ def main():
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(dev)
         wait_port(api)
-        body = json.dumps({"key": {"name": "bench"}}).encode()
-        resp = json.load(urllib.request.urlopen(
-            urllib.request.Request(f"http://127.0.0.1:{api}/v1/connect", body)))
+        resp, view = connect_ready("load.py", api)
         bid, token = resp["backend_id"], resp["token"]
-        deadline = time.time() + 20
-        while True:
-            view = json.load(urllib.request.urlopen(resp["status_url"]))
-            if view["status"] == "ready":
-                break
-            if time.time() > deadline:
-                sys.exit(f"backend never became ready: {view}")
-            time.sleep(0.05)
         backend_port = int(view["address"].rsplit(":", 1)[1])
         host = f"{bid}.hangar.localhost"
         auth = f"Authorization: Bearer {token}"
