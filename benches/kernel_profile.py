@@ -31,6 +31,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -51,12 +52,10 @@ def profile(data, pids):
     wanted = {str(p) for p in pids}
     samples = collections.Counter()
     for line in report.splitlines():
-        parts = line.split(None, 2)
-        # `  <samples>  <pid>:<comm>  [k] <symbol>`
-        if len(parts) < 3 or not parts[0].isdigit():
-            continue
-        if parts[1].split(":", 1)[0] in wanted:
-            samples[parts[2].strip()] += int(parts[0])
+        # `  <samples>  <pid>:<comm>  [k] <symbol>` (a comm may hold spaces: NSD's "server 1")
+        m = re.match(r"\s*(\d+)\s+(\d+):.*?\s(\[[k.]\] .*)$", line)
+        if m and m.group(2) in wanted:
+            samples[m.group(3).strip()] += int(m.group(1))
     return samples
 
 

@@ -274,6 +274,9 @@ async fn dns_refuses_other_zones_and_answers_over_tcp() {
             "::1",
             "--dns-ttl",
             "3",
+            // The batched UDP calls, end to end (the other tests run the default, a call per
+            // query).
+            "--dns-udp-batching",
         ],
     );
     let dns = dev.dns.expect("dns listening");

@@ -24,10 +24,17 @@ pub struct DnsConfig {
     pub ttl: u32,
     /// How long a TCP connection may stay idle between queries before it is closed.
     pub tcp_idle_timeout: Duration,
+    /// Read and answer UDP queries in batches (`recvmmsg`/`sendmmsg`, Linux only) instead of
+    /// a `recvfrom` and a `sendto` per query. Off by default: fewer system calls, but more
+    /// copying per query in the kernel, which measured 5-10% more CPU per query on this
+    /// project's test machines; it may pay where system calls cost more (page-table
+    /// isolation). Answers are the same either way.
+    pub udp_batching: bool,
 }
 
 impl DnsConfig {
-    /// A configuration with the defaults: TTL 5 s, TCP idle timeout 10 s.
+    /// A configuration with the defaults: TTL 5 s, TCP idle timeout 10 s, a system call per
+    /// UDP query.
     pub fn new(zone: impl Into<String>, proxy_addresses: Vec<IpAddr>) -> Self {
         DnsConfig {
             zone: zone.into(),
@@ -35,6 +42,7 @@ impl DnsConfig {
             nameserver_addresses: Vec::new(),
             ttl: 5,
             tcp_idle_timeout: Duration::from_secs(10),
+            udp_batching: false,
         }
     }
 

@@ -105,6 +105,7 @@ pub async fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError
 pub struct DnsServer {
     zone: Arc<Zone>,
     tcp_idle_timeout: Duration,
+    udp_io: udp::Io,
 }
 
 impl DnsServer {
@@ -114,6 +115,7 @@ impl DnsServer {
         Ok(DnsServer {
             zone: Arc::new(Zone::new(config)?),
             tcp_idle_timeout: config.tcp_idle_timeout,
+            udp_io: udp::Io::configured(config.udp_batching),
         })
     }
 
@@ -165,12 +167,13 @@ impl DnsServer {
         let stop = server.shutdown_token().clone();
         let done = server.block_until_done();
         tokio::pin!(done);
-        let udp = udp::serve(
+        let udp = udp::serve_with(
             udp,
             Handler {
                 zone: self.zone.clone(),
             },
             shutdown.clone(),
+            self.udp_io,
         );
         tokio::pin!(udp);
         tokio::select! {

@@ -1,10 +1,14 @@
-//! The UDP transport: one loop per socket that reads the datagrams waiting in batches,
-//! answers each in order and sends the batch's answers together, without a task, a channel or
-//! an allocation per query.
+//! The UDP transport: one loop per socket that reads the datagrams waiting, answers each in
+//! order and sends the answers, without a task, a channel or an allocation per query.
 //!
-//! On Linux a batch is read with one `recvmmsg` and its answers leave with one `sendmmsg`
-//! ([`Io::Batched`]); elsewhere, or on a kernel that refuses those calls, with a `recvfrom` and
-//! a `sendto` per datagram ([`Io::Single`]). The bytes sent are the same either way.
+//! By default each datagram is read with a `recvfrom` and answered with a `sendto`
+//! ([`Io::Single`]). With [`crate::DnsConfig::udp_batching`] (Linux only), a batch is read
+//! with one `recvmmsg` and its answers leave with one `sendmmsg` ([`Io::Batched`]): fewer
+//! system calls, but the kernel copies a message header and its iovec in and writes lengths
+//! back for every datagram, which on this project's test machines (Linux 6.18, AMD EPYC, no
+//! page-table isolation) cost more than the calls saved (`docs/benchmarks.md`). A kernel
+//! that refuses those calls falls back to [`Io::Single`]. The bytes sent are the same either
+//! way.
 //!
 //! A query is answered by the fast path (`fast`) when it is the common case, and otherwise
 //! the way hickory-server's UDP transport answers it, step for step: datagrams without a
@@ -54,10 +58,17 @@ pub(crate) enum Io {
     Single,
 }
 
-#[cfg(target_os = "linux")]
-const PREFERRED: Io = Io::Batched;
-#[cfg(not(target_os = "linux"))]
-const PREFERRED: Io = Io::Single;
+impl Io {
+    /// The calls a configuration asks for: batched only where the platform has them.
+    pub(crate) fn configured(batching: bool) -> Io {
+        #[cfg(target_os = "linux")]
+        if batching {
+            return Io::Batched;
+        }
+        let _ = batching;
+        Io::Single
+    }
+}
 
 /// Every way of moving datagrams this platform has; the tests run the loop with each.
 #[cfg(all(test, target_os = "linux"))]
@@ -87,16 +98,8 @@ impl FastCounters {
     }
 }
 
-/// Serves `socket` until `shutdown` fires. Fails only when the socket is gone.
-pub(crate) async fn serve(
-    socket: UdpSocket,
-    handler: Handler,
-    shutdown: CancellationToken,
-) -> Result<(), DnsError> {
-    serve_with(socket, handler, shutdown, PREFERRED).await
-}
-
-/// [`serve`] starting with the calls of `io` (tests run both).
+/// Serves `socket` until `shutdown` fires, starting with the calls of `io` (the tests run
+/// each). Fails only when the socket is gone.
 pub(crate) async fn serve_with(
     socket: UdpSocket,
     handler: Handler,
@@ -349,33 +352,31 @@ mod batched {
     }
 
     /// One `sendmmsg` without waiting of each answer to its destination (a batch at most):
-    /// returns how many left, or the error of the first when none did.
+    /// returns how many left, or the error of the first when none did. The message headers
+    /// are built for this batch's answers only: a batch is usually a few datagrams, and
+    /// headers for all [`BATCH`] (each with a 128-byte address) cost more than the call.
     pub(super) fn send(
         socket: &UdpSocket,
         answers: &[Vec<u8>],
         dsts: &[SocketAddr],
     ) -> io::Result<usize> {
         let count = answers.len().min(dsts.len()).min(BATCH);
-        let addrs: [Option<SocketAddrAny>; BATCH] =
-            std::array::from_fn(|i| dsts[..count].get(i).map(|&dst| SocketAddrAny::from(dst)));
-        let iovs: [[IoSlice<'_>; 1]; BATCH] =
-            std::array::from_fn(|i| [IoSlice::new(answers.get(i).map_or(&[], Vec::as_slice))]);
-        let mut controls: [SendAncillaryBuffer<'_, '_, '_>; BATCH] =
-            std::array::from_fn(|_| SendAncillaryBuffer::default());
-        let mut i = 0;
-        let mut messages = controls.each_mut().map(|control| {
-            let message = match &addrs[i] {
-                Some(addr) => MMsgHdr::new_with_addr(addr, &iovs[i], control),
-                None => MMsgHdr::new(&[], control),
-            };
-            i += 1;
-            message
-        });
-        Ok(sendmmsg(
-            socket,
-            &mut messages[..count],
-            SendFlags::DONTWAIT,
-        )?)
+        let addrs: Vec<SocketAddrAny> = dsts[..count]
+            .iter()
+            .map(|&dst| SocketAddrAny::from(dst))
+            .collect();
+        let iovs: Vec<[IoSlice<'_>; 1]> = answers[..count]
+            .iter()
+            .map(|answer| [IoSlice::new(answer)])
+            .collect();
+        let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> =
+            (0..count).map(|_| SendAncillaryBuffer::default()).collect();
+        let mut messages: Vec<MMsgHdr<'_>> = controls
+            .iter_mut()
+            .zip(addrs.iter().zip(&iovs))
+            .map(|(control, (addr, iov))| MMsgHdr::new_with_addr(addr, iov, control))
+            .collect();
+        Ok(sendmmsg(socket, &mut messages, SendFlags::DONTWAIT)?)
     }
 }
 

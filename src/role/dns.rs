@@ -42,6 +42,7 @@ pub fn validate(args: &DevArgs, domain: &str) -> anyhow::Result<Option<DnsSetup>
     };
     let mut dns = hangar_dns::DnsConfig::new(domain, proxy_addresses);
     dns.ttl = args.dns_ttl;
+    dns.udp_batching = args.dns_udp_batching;
     if !addr.ip().is_unspecified() {
         dns.nameserver_addresses = vec![addr.ip()];
     }

@@ -13,7 +13,7 @@ use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{ALL_IO, advance, general_answer, serve_with};
+use super::{ALL_IO, Io, advance, general_answer, serve_with};
 use crate::config::DnsConfig;
 use crate::fast::tests::Q;
 use crate::server::Handler;
@@ -212,4 +212,14 @@ fn sending_goes_on_past_what_left_and_past_a_failed_answer() {
     for (next, tried, want) in cases {
         assert_eq!(advance(next, &tried), want, "from {next} after {tried:?}");
     }
+}
+
+#[test]
+fn batching_is_off_unless_configured_and_only_where_the_calls_exist() {
+    assert_eq!(Io::configured(false), Io::Single);
+    #[cfg(target_os = "linux")]
+    assert_eq!(Io::configured(true), Io::Batched);
+    #[cfg(not(target_os = "linux"))]
+    assert_eq!(Io::configured(true), Io::Single);
+    assert!(!crate::DnsConfig::new("hangar.localhost", Vec::new()).udp_batching);
 }
