@@ -26,7 +26,7 @@ pub struct DnsConfig {
     pub tcp_idle_timeout: Duration,
     /// Read and answer UDP queries in batches (`recvmmsg`/`sendmmsg`, Linux only) instead of
     /// a `recvfrom` and a `sendto` per query. Off by default: fewer system calls, but more
-    /// copying per query in the kernel, which measured 5-10% more CPU per query on this
+    /// copying per query in the kernel, which measured 4-7% more CPU per query on this
     /// project's test machines; it may pay where system calls cost more (page-table
     /// isolation). Answers are the same either way.
     pub udp_batching: bool,
