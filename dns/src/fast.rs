@@ -12,16 +12,19 @@
 //! only ever declines, it never guesses. The `fast_path_matches_hickory` tests and the
 //! `dns_query` fuzz target check the equality.
 
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use arc_swap::cache::Cache;
+use hangar_core::route::RouteTable;
 use hickory_proto::op::ResponseCode;
 
-use crate::zone::Zone;
+use crate::zone::{TxtRecords, Zone};
 
 /// Header length.
 const HEADER: usize = 12;
 /// The longest name on the wire, root included (RFC 1035 section 2.3.4).
 const MAX_NAME: usize = 255;
-/// The most labels a name of [`MAX_NAME`] octets can have.
-const MAX_LABELS: usize = 127;
 /// The largest UDP answer without EDNS (RFC 1035 section 4.2.1).
 const PLAIN_UDP_PAYLOAD: u16 = 512;
 
@@ -45,17 +48,47 @@ fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
-/// Label bytes the fast path accepts: what backend ids, the zone and ACME names are made of.
-/// Anything else (dots or zero bytes inside a label, non-ASCII) takes the general path.
-fn plain_label_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+/// Each byte's lowercase form where the fast path accepts it in a label, 0 where it does not.
+/// It accepts what backend ids, the zone and ACME names are made of; anything else (dots or
+/// zero bytes inside a label, non-ASCII) takes the general path.
+const LABEL_BYTE: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric() || c == b'-' || c == b'_' {
+            table[b] = c.to_ascii_lowercase();
+        }
+        b += 1;
+    }
+    table
+};
+
+/// The zone's route table and TXT records as the fast path reads them, one per UDP loop:
+/// each an `Arc` taken again only when the zone has published a new one since the last
+/// query. Checking costs one pointer load, where an `ArcSwap` load per query costs two
+/// interlocked operations (and its guard's release two more).
+pub(crate) struct Views<'z> {
+    routes: Cache<&'z ArcSwap<RouteTable>, Arc<RouteTable>>,
+    txt: Cache<&'z ArcSwap<TxtRecords>, Arc<TxtRecords>>,
+}
+
+impl<'z> Views<'z> {
+    pub(crate) fn new(zone: &'z Zone) -> Views<'z> {
+        Views {
+            routes: Cache::new(&zone.routes),
+            txt: Cache::new(&zone.txt),
+        }
+    }
 }
 
 /// Answers `query` into `out` (cleared first) when it is the common case; `None` leaves `out`
 /// unspecified and the query to the general path. `udp_payload` is the largest answer the
-/// server sends over UDP with EDNS (the general path clamps the client's size to it).
+/// server sends over UDP with EDNS (the general path clamps the client's size to it). `views`
+/// are `zone`'s.
 pub(crate) fn answer(
     zone: &Zone,
+    views: &mut Views<'_>,
     query: &[u8],
     udp_payload: u16,
     out: &mut Vec<u8>,
@@ -73,9 +106,9 @@ pub(crate) fn answer(
     }
 
     // The question name: plain labels only (no compression pointers), at most 255 octets.
-    let mut lower = [0u8; MAX_NAME];
-    let mut label_starts = [0u8; MAX_LABELS];
-    let mut labels = 0;
+    // Where each label (and the root) starts, as bits by offset into the name, for finding
+    // the origin at a label boundary.
+    let mut label_starts = [0u64; MAX_NAME.div_ceil(64)];
     let mut at = HEADER;
     loop {
         let len = *query.get(at)? as usize;
@@ -84,24 +117,18 @@ pub(crate) fn answer(
         if end - HEADER > MAX_NAME || len > 63 {
             return None;
         }
-        lower[offset] = len as u8;
+        label_starts[offset / 64] |= 1 << (offset % 64);
         if len == 0 {
             at = end;
             break;
         }
         let label = query.get(at + 1..end)?;
-        if !label.iter().all(|&b| plain_label_byte(b)) {
+        if label.iter().any(|&b| LABEL_BYTE[usize::from(b)] == 0) {
             return None;
         }
-        for (i, b) in label.iter().enumerate() {
-            lower[offset + 1 + i] = b.to_ascii_lowercase();
-        }
-        label_starts[labels] = offset as u8;
-        labels += 1;
         at = end;
     }
-    let name_len = at - HEADER;
-    let lower = &lower[..name_len];
+    let name = &query[HEADER..at];
     let type_and_class = query.get(at..at + 4)?;
     let qtype = be16(type_and_class, 0);
     let qclass = be16(type_and_class, 2);
@@ -132,32 +159,47 @@ pub(crate) fn answer(
         return None;
     };
 
-    // In the zone: the name ends with the origin at a label boundary.
-    let depth = labels.checked_sub(zone.origin_labels)?;
+    // In the zone: the name ends with the origin (lowercase) at a label boundary, or is it.
+    // Length octets are below 64 and so never letters: comparing the wire forms without
+    // regard to ASCII case compares the names.
     let origin = zone.origin_wire.as_slice();
-    if lower[usize::from(label_starts[depth])..] != *origin {
+    let at_origin = name.len().checked_sub(origin.len())?;
+    let boundary = label_starts[at_origin / 64] & (1 << (at_origin % 64)) != 0;
+    if !boundary || !name[at_origin..].eq_ignore_ascii_case(origin) {
         return None;
     }
-    if zone.txt.load().relates_to(lower) {
-        return None;
+    let txt = views.txt.load();
+    if txt.is_related() {
+        let mut lower = [0u8; MAX_NAME];
+        for (l, &b) in lower.iter_mut().zip(name) {
+            *l = b.to_ascii_lowercase();
+        }
+        if txt.relates_to(&lower[..name.len()]) {
+            return None;
+        }
     }
     // The rest of `Zone::lookup` for names no TXT record touches: the apex, `ns`, a live
     // backend, or nothing.
-    let routes = zone.routes.load();
+    let routes = views.routes.load();
     let none: (bool, &[_], &[_]) = (false, &[], &[]);
-    let (exists, v4, v6) = match depth {
-        0 => (true, &zone.proxy_v4[..], &zone.proxy_v6[..]),
-        1 => {
-            let label = &lower[1..1 + usize::from(lower[0])];
-            if label == crate::NS_LABEL.as_bytes() {
-                (true, &zone.ns_v4[..], &zone.ns_v6[..])
-            } else if std::str::from_utf8(label).is_ok_and(|l| routes.is_live(l)) {
-                (true, &zone.proxy_v4[..], &zone.proxy_v6[..])
-            } else {
-                none
-            }
+    let (exists, v4, v6) = if at_origin == 0 {
+        (true, &zone.proxy_v4[..], &zone.proxy_v6[..])
+    } else if at_origin == 1 + usize::from(name[0]) {
+        // One label below the origin.
+        let mut lower = [0u8; 63];
+        let label = &mut lower[..usize::from(name[0])];
+        for (l, &b) in label.iter_mut().zip(&name[1..at_origin]) {
+            *l = LABEL_BYTE[usize::from(b)];
         }
-        _ => none,
+        if *label == *crate::NS_LABEL.as_bytes() {
+            (true, &zone.ns_v4[..], &zone.ns_v6[..])
+        } else if std::str::from_utf8(label).is_ok_and(|l| routes.is_live(l)) {
+            (true, &zone.proxy_v4[..], &zone.proxy_v6[..])
+        } else {
+            none
+        }
+    } else {
+        none
     };
     let count = if aaaa { v6.len() } else { v4.len() };
     let (rcode, rcode_bits) = if exists {
@@ -166,35 +208,36 @@ pub(crate) fn answer(
         (ResponseCode::NXDomain, 3)
     };
 
-    // Header: id; QR, the opcode (QUERY), AA and the request's RD; the request's CD and the
-    // RCODE; one question, the answers, the SOA when there are none, the OPT record.
+    // Header: the query's (its id, one question), then QR, the opcode (QUERY), AA and the
+    // request's RD; the request's CD and the RCODE; the answers, the SOA when there are none,
+    // the OPT record. Then the question as sent.
     out.clear();
-    out.extend_from_slice(&query[..2]);
-    out.push(0x80 | 0x04 | (query[2] & 0x01));
-    out.push((query[3] & 0x10) | rcode_bits);
-    out.extend_from_slice(&1u16.to_be_bytes());
-    out.extend_from_slice(&(count as u16).to_be_bytes());
-    out.extend_from_slice(&u16::from(count == 0).to_be_bytes());
-    out.extend_from_slice(&u16::from(edns_payload.is_some()).to_be_bytes());
-    out.extend_from_slice(&query[HEADER..question_end]);
+    out.extend_from_slice(&query[..question_end]);
+    out[2] = 0x80 | 0x04 | (query[2] & 0x01);
+    out[3] = (query[3] & 0x10) | rcode_bits;
+    out[6..8].copy_from_slice(&(count as u16).to_be_bytes());
+    out[8..10].copy_from_slice(&u16::from(count == 0).to_be_bytes());
+    out[10..12].copy_from_slice(&u16::from(edns_payload.is_some()).to_be_bytes());
 
     let ttl = zone.ttl.to_be_bytes();
     if count > 0 {
         // The first owner is the name as asked, in full (hickory's encoder does not compress
         // against the question); the others point at it.
         let first_owner = out.len();
-        let owner = &query[HEADER..HEADER + name_len];
         let rdata_len: u16 = if aaaa { 16 } else { 4 };
+        // Type, class, TTL and the data's length: the same for every answer.
+        let mut fixed = [0u8; 10];
+        fixed[0..2].copy_from_slice(&qtype.to_be_bytes());
+        fixed[2..4].copy_from_slice(&CLASS_IN.to_be_bytes());
+        fixed[4..8].copy_from_slice(&ttl);
+        fixed[8..10].copy_from_slice(&rdata_len.to_be_bytes());
         for i in 0..count {
             if i == 0 {
-                out.extend_from_slice(owner);
+                out.extend_from_slice(name);
             } else {
                 out.extend_from_slice(&(0xC000 | first_owner as u16).to_be_bytes());
             }
-            out.extend_from_slice(&qtype.to_be_bytes());
-            out.extend_from_slice(&CLASS_IN.to_be_bytes());
-            out.extend_from_slice(&ttl);
-            out.extend_from_slice(&rdata_len.to_be_bytes());
+            out.extend_from_slice(&fixed);
             if aaaa {
                 out.extend_from_slice(&v6[i].octets());
             } else {
@@ -232,10 +275,10 @@ pub(crate) fn answer(
         Some(payload) => {
             // Root owner, OPT, the payload size, extended RCODE 0, version 0, no flags, no
             // options.
-            out.push(0);
-            out.extend_from_slice(&TYPE_OPT.to_be_bytes());
-            out.extend_from_slice(&payload.to_be_bytes());
-            out.extend_from_slice(&[0; 6]);
+            let mut opt = [0u8; 11];
+            opt[1..3].copy_from_slice(&TYPE_OPT.to_be_bytes());
+            opt[3..5].copy_from_slice(&payload.to_be_bytes());
+            out.extend_from_slice(&opt);
             payload
         }
         None => PLAIN_UDP_PAYLOAD,

@@ -168,7 +168,15 @@ fn fuzz_message(data: &[u8]) {
     // Differential: whatever the UDP fast path answers, the general path (hickory's decoding
     // and encoding around the handler) answers with the same bytes.
     let mut fast = Vec::new();
-    if crate::fast::answer(zone(), data, EDNS_PAYLOAD, &mut fast).is_some() {
+    if crate::fast::answer(
+        zone(),
+        &mut crate::fast::Views::new(zone()),
+        data,
+        EDNS_PAYLOAD,
+        &mut fast,
+    )
+    .is_some()
+    {
         let handler = Handler {
             zone: zone().clone(),
         };

@@ -2,13 +2,13 @@
 //! order and sends the answers, without a task, a channel or an allocation per query.
 //!
 //! By default each datagram is read with a `recvfrom` and answered with a `sendto`
-//! ([`Io::Single`]). With [`crate::DnsConfig::udp_batching`] (Linux only), a batch is read
-//! with one `recvmmsg` and its answers leave with one `sendmmsg` ([`Io::Batched`]): fewer
-//! system calls, but the kernel copies a message header and its iovec in and writes lengths
-//! back for every datagram, which on this project's test machines (Linux 6.18, AMD EPYC, no
-//! page-table isolation) cost more than the calls saved (`docs/benchmarks.md`). A kernel
-//! that refuses those calls falls back to [`Io::Single`]. The bytes sent are the same either
-//! way.
+//! ([`Io::Single`]), made straight rather than through the C library's wrappers. With
+//! [`crate::DnsConfig::udp_batching`] (Linux only), a batch is read with one `recvmmsg` and
+//! its answers leave with one `sendmmsg` ([`Io::Batched`]): fewer system calls, but the
+//! kernel copies a message header and its iovec in and writes lengths back for every
+//! datagram, which on this project's test machines (Linux 6.18, AMD EPYC, no page-table
+//! isolation) cost more than the calls saved (`docs/benchmarks.md`). A kernel that refuses
+//! those calls falls back to [`Io::Single`]. The bytes sent are the same either way.
 //!
 //! A query is answered by the fast path (`fast`) when it is the common case, and otherwise
 //! the way hickory-server's UDP transport answers it, step for step: datagrams without a
@@ -28,7 +28,6 @@ use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncoder};
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::Request;
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Queries};
-#[cfg(target_os = "linux")]
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
@@ -76,25 +75,54 @@ pub(crate) const ALL_IO: &[Io] = &[Io::Batched, Io::Single];
 #[cfg(all(test, not(target_os = "linux")))]
 pub(crate) const ALL_IO: &[Io] = &[Io::Single];
 
-/// The query counter's handles for the fast path's four outcomes, looked up on first use
-/// (a registry lookup per query costs more than the rest of a fast answer).
+/// The query counter for the fast path's four outcomes: counted here per query and added to
+/// the registry's counters once per batch, an interlocked add per outcome rather than per
+/// query, through handles looked up on first use (a registry lookup per query costs more
+/// than the rest of a fast answer).
 #[derive(Default)]
-struct FastCounters([Option<::metrics::Counter>; 4]);
+struct FastCounters {
+    handles: [Option<::metrics::Counter>; 4],
+    pending: [u64; 4],
+}
 
 impl FastCounters {
-    fn count(&mut self, answered: Answered) {
+    /// Each slot's labels, in the order of [`Self::slot`].
+    const SLOTS: [(&'static str, ResponseCode); 4] = [
+        ("A", ResponseCode::NoError),
+        ("A", ResponseCode::NXDomain),
+        ("AAAA", ResponseCode::NoError),
+        ("AAAA", ResponseCode::NXDomain),
+    ];
+
+    fn slot(answered: Answered) -> usize {
         let nx = answered.rcode == ResponseCode::NXDomain;
-        let slot = usize::from(answered.aaaa) * 2 + usize::from(nx);
-        self.0[slot]
-            .get_or_insert_with(|| {
-                let qtype = if answered.aaaa { "AAAA" } else { "A" };
-                ::metrics::counter!(
-                    metrics::QUERIES_TOTAL,
-                    "type" => qtype,
-                    "rcode" => metrics::rcode_label(answered.rcode)
-                )
-            })
-            .increment(1);
+        usize::from(answered.aaaa) * 2 + usize::from(nx)
+    }
+
+    fn count(&mut self, answered: Answered) {
+        self.pending[Self::slot(answered)] += 1;
+    }
+
+    /// Adds what was counted since the last flush to the registry's counters.
+    fn flush(&mut self) {
+        for ((handle, pending), (qtype, rcode)) in self
+            .handles
+            .iter_mut()
+            .zip(&mut self.pending)
+            .zip(Self::SLOTS)
+        {
+            if *pending > 0 {
+                handle
+                    .get_or_insert_with(|| {
+                        ::metrics::counter!(
+                            metrics::QUERIES_TOTAL,
+                            "type" => qtype,
+                            "rcode" => metrics::rcode_label(rcode)
+                        )
+                    })
+                    .increment(std::mem::take(pending));
+            }
+        }
     }
 }
 
@@ -107,6 +135,7 @@ pub(crate) async fn serve_with(
     mut io: Io,
 ) -> Result<(), DnsError> {
     let mut round = Round::new();
+    let mut views = fast::Views::new(&handler.zone);
     loop {
         tokio::select! {
             biased;
@@ -129,7 +158,7 @@ pub(crate) async fn serve_with(
                     0
                 }
             };
-            let answers = round.answer(&handler, received);
+            let answers = round.answer(&handler, &mut views, received);
             round.send(&socket, &mut io, answers, &shutdown).await?;
             tokio::task::consume_budget().await;
             if shutdown.is_cancelled() {
@@ -180,7 +209,7 @@ impl Round {
             Io::Single => {
                 let mut received = 0;
                 for (buf, slot) in self.queries.iter_mut().zip(&mut self.received) {
-                    match socket.try_recv_from(buf) {
+                    match socket.try_io(Interest::READABLE, || single::receive(socket, buf)) {
                         Ok(datagram) => *slot = datagram,
                         Err(e) if received == 0 => return Err(e),
                         // An error after some datagrams ends the batch, as it does recvmmsg's.
@@ -200,7 +229,7 @@ impl Round {
 
     /// Answers the first `received` datagrams in order; returns how many answers there are
     /// (datagrams dropped have none).
-    fn answer(&mut self, handler: &Handler, received: usize) -> usize {
+    fn answer(&mut self, handler: &Handler, views: &mut fast::Views<'_>, received: usize) -> usize {
         let mut answers = 0;
         for (buf, &(len, src)) in self.queries.iter().zip(&self.received).take(received) {
             if !answerable(src) {
@@ -209,7 +238,7 @@ impl Round {
             }
             let query = &buf[..len];
             let out = &mut self.answers[answers];
-            match fast::answer(&handler.zone, query, EDNS_PAYLOAD, out) {
+            match fast::answer(&handler.zone, views, query, EDNS_PAYLOAD, out) {
                 Some(answered) => self.counters.count(answered),
                 None => match general_answer(handler, query, src) {
                     // Copied, so that the buffer keeps its room for the fast path.
@@ -223,6 +252,7 @@ impl Round {
             self.dsts[answers] = src;
             answers += 1;
         }
+        self.counters.flush();
         answers
     }
 
@@ -244,7 +274,9 @@ impl Round {
                 Io::Batched => {
                     socket.try_io(Interest::WRITABLE, || batched::send(socket, answers, dsts))
                 }
-                Io::Single => socket.try_send_to(&answers[0], dsts[0]).map(|_| 1),
+                Io::Single => socket.try_io(Interest::WRITABLE, || {
+                    single::send(socket, &answers[0], dsts[0]).map(|_| 1)
+                }),
             };
             if let Err(error) = &tried {
                 if unsupported(*io, error) {
@@ -291,6 +323,35 @@ fn unsupported(io: Io, e: &io::Error) -> bool {
 #[cfg(not(target_os = "linux"))]
 fn unsupported(_: Io, _: &io::Error) -> bool {
     false
+}
+
+/// `recvfrom` and `sendto`, through rustix: straight system calls. std's (and so tokio's)
+/// go through the C library's wrappers, which in a process with more than one thread mark
+/// each call as a cancellation point with two interlocked operations: 0.07 µs a query in a
+/// profile where the whole fast answer took 0.08 (`docs/benchmarks.md`).
+mod single {
+    use std::io;
+    use std::net::SocketAddr;
+
+    use rustix::net::{RecvFlags, SendFlags, recvfrom, sendto};
+    use tokio::net::UdpSocket;
+
+    use super::UNANSWERABLE;
+
+    /// One datagram into `buf` (cut to its length), with its source; `WouldBlock` when none
+    /// is waiting (the socket does not block).
+    pub(super) fn receive(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        let (len, _, src) = recvfrom(socket, buf, RecvFlags::empty())?;
+        let src = src
+            .and_then(|a| SocketAddr::try_from(a).ok())
+            .unwrap_or(UNANSWERABLE);
+        Ok((len, src))
+    }
+
+    /// Sends `answer` to `dst`; `WouldBlock` when the socket's buffer is full.
+    pub(super) fn send(socket: &UdpSocket, answer: &[u8], dst: SocketAddr) -> io::Result<usize> {
+        Ok(sendto(socket, answer, SendFlags::empty(), &dst)?)
+    }
 }
 
 /// The batched system calls, through nix (`recvmmsg`) and rustix (`sendmmsg`).

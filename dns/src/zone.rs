@@ -51,9 +51,14 @@ impl TxtRecords {
         self.by_name.keys().any(|k| k != name && name.zone_of(k))
     }
 
+    /// Whether any answer depends on the TXT records (there are some).
+    pub(crate) fn is_related(&self) -> bool {
+        !self.related_wire.is_empty()
+    }
+
     /// Whether the answer for `name` (lowercase wire form) depends on the TXT records.
     pub(crate) fn relates_to(&self, name: &[u8]) -> bool {
-        !self.related_wire.is_empty() && self.related_wire.contains(name)
+        self.is_related() && self.related_wire.contains(name)
     }
 }
 

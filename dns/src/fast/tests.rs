@@ -378,10 +378,11 @@ fn src() -> SocketAddr {
 fn fast_path_matches_the_general_path() {
     let zone = zone();
     let handler = Handler { zone: zone.clone() };
+    let mut views = super::Views::new(&zone);
     let mut out = Vec::new();
     for (what, query, fast) in cases() {
         let general = udp::general_answer(&handler, &query, src());
-        let answered = super::answer(&zone, &query, EDNS_PAYLOAD, &mut out);
+        let answered = super::answer(&zone, &mut views, &query, EDNS_PAYLOAD, &mut out);
         assert_eq!(answered.is_some(), fast, "{what}: fast path taken");
         if answered.is_some() {
             let general = general.unwrap_or_else(|| panic!("{what}: the general path is silent"));
@@ -407,7 +408,16 @@ fn answers_that_need_truncation_take_the_general_path() {
     let handler = Handler { zone: zone.clone() };
     let mut out = Vec::new();
     let plain = Q::new("bready.hangar.localhost", A).bytes();
-    assert_eq!(super::answer(&zone, &plain, EDNS_PAYLOAD, &mut out), None);
+    assert_eq!(
+        super::answer(
+            &zone,
+            &mut super::Views::new(&zone),
+            &plain,
+            EDNS_PAYLOAD,
+            &mut out
+        ),
+        None
+    );
     let truncated =
         Message::from_vec(&udp::general_answer(&handler, &plain, src()).unwrap()).unwrap();
     assert!(truncated.metadata.truncation);
@@ -415,7 +425,14 @@ fn answers_that_need_truncation_take_the_general_path() {
     let edns = Q::new("bready.hangar.localhost", A)
         .edns(1232, 0, 0, 0, &[])
         .bytes();
-    let answered = super::answer(&zone, &edns, EDNS_PAYLOAD, &mut out).unwrap();
+    let answered = super::answer(
+        &zone,
+        &mut super::Views::new(&zone),
+        &edns,
+        EDNS_PAYLOAD,
+        &mut out,
+    )
+    .unwrap();
     assert_eq!(answered.rcode, ResponseCode::NoError);
     assert_eq!(
         out,
@@ -433,13 +450,14 @@ fn random_variations_match_the_general_path() {
     let handler = Handler { zone: zone.clone() };
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xfa57);
     let seeds: Vec<Vec<u8>> = cases().into_iter().filter(|c| c.2).map(|c| c.1).collect();
+    let mut views = super::Views::new(&zone);
     let mut out = Vec::new();
     let mut fast = 0;
     for _ in 0..20_000 {
         let mut query = seeds[rng.random_range(0..seeds.len())].clone();
         let at = rng.random_range(0..query.len());
         query[at] = rng.random();
-        if super::answer(&zone, &query, EDNS_PAYLOAD, &mut out).is_some() {
+        if super::answer(&zone, &mut views, &query, EDNS_PAYLOAD, &mut out).is_some() {
             fast += 1;
             let general = udp::general_answer(&handler, &query, src());
             assert_eq!(Some(&out), general.as_ref(), "query {query:02x?}");
@@ -449,6 +467,80 @@ fn random_variations_match_the_general_path() {
         fast > 1_000,
         "the variations mostly leave the fast path: {fast}"
     );
+}
+
+#[test]
+fn the_origin_is_found_only_at_a_label_boundary() {
+    // The origin's first label is 48 octets long, so its length octet is b'0', a byte labels
+    // may hold: the name `a0<label>.test` ends with the origin's wire form from inside its
+    // first label, and is not in the zone.
+    let label = "l".repeat(48);
+    let origin = format!("{label}.test");
+    let mut config = DnsConfig::new(&origin, vec![IpAddr::from([127, 0, 0, 1])]);
+    config.nameserver_addresses = vec![IpAddr::from([127, 0, 0, 53])];
+    let zone = Zone::new(&config).unwrap();
+    let handler = Handler {
+        zone: Arc::new(zone),
+    };
+    let zone = &handler.zone;
+    let mut views = super::Views::new(zone);
+    let mut out = Vec::new();
+    let outside = Q::new(&format!("a0{label}.test"), A).bytes();
+    assert_eq!(
+        super::answer(zone, &mut views, &outside, EDNS_PAYLOAD, &mut out),
+        None
+    );
+    let general = Message::from_vec(&udp::general_answer(&handler, &outside, src()).unwrap());
+    assert_eq!(
+        general.unwrap().metadata.response_code,
+        ResponseCode::Refused
+    );
+    // The apex and a name below it are the zone's.
+    for (name, rcode) in [
+        (origin.clone(), ResponseCode::NoError),
+        (format!("ns.{origin}"), ResponseCode::NoError),
+        (format!("bnothere.{origin}"), ResponseCode::NXDomain),
+        (format!("a.b.{origin}"), ResponseCode::NXDomain),
+    ] {
+        let query = Q::new(&name, A).bytes();
+        let answered = super::answer(zone, &mut views, &query, EDNS_PAYLOAD, &mut out);
+        assert_eq!(answered.map(|a| a.rcode), Some(rcode), "{name}");
+        assert_eq!(
+            Some(&out),
+            udp::general_answer(&handler, &query, src()).as_ref()
+        );
+    }
+}
+
+#[test]
+fn views_follow_what_the_zone_publishes() {
+    // One set of views for the loop's life: each query sees the routes and TXT records
+    // published before it, as a load per query would.
+    let zone = zone();
+    let mut views = super::Views::new(&zone);
+    let mut out = Vec::new();
+    let rcode = |views: &mut super::Views<'_>, out: &mut Vec<u8>, name: &str| {
+        let query = Q::new(name, A).bytes();
+        super::answer(&zone, views, &query, EDNS_PAYLOAD, out).map(|a| a.rcode)
+    };
+    assert_eq!(
+        rcode(&mut views, &mut out, "bnew.hangar.localhost"),
+        Some(ResponseCode::NXDomain)
+    );
+    let route = |id: &str| Route::new(BackendId::parse(id).unwrap(), RouteState::Ready);
+    zone.publish_routes(Arc::new(RouteTable::new(9, [route("bnew")])));
+    assert_eq!(
+        rcode(&mut views, &mut out, "bnew.hangar.localhost"),
+        Some(ResponseCode::NoError)
+    );
+    assert_eq!(
+        rcode(&mut views, &mut out, "bready.hangar.localhost"),
+        Some(ResponseCode::NXDomain),
+        "a route the new table does not hold"
+    );
+    // A TXT record below the name turns it over to the general path.
+    zone.publish_txt([("_acme-challenge.bnew.hangar.localhost", "v")]);
+    assert_eq!(rcode(&mut views, &mut out, "bnew.hangar.localhost"), None);
 }
 
 /// hickory-server's UDP transport (`Server::register_socket`) with our handler: what the
