@@ -29,6 +29,7 @@ use hickory_server::net::xfer::Protocol;
 use hickory_server::server::Request;
 use hickory_server::zone_handler::{MessageResponse, MessageResponseBuilder, Queries};
 use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
@@ -134,17 +135,20 @@ pub(crate) async fn serve_with(
     shutdown: CancellationToken,
     mut io: Io,
 ) -> Result<(), DnsError> {
+    let serve_error = |e: io::Error| DnsError::Serve(e.to_string());
+    let mut socket =
+        Registered::new(socket.into_std().map_err(serve_error)?).map_err(serve_error)?;
     let mut round = Round::new();
     let mut views = fast::Views::new(&handler.zone);
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(()),
-            ready = socket.readable() => ready.map_err(|e| DnsError::Serve(e.to_string()))?,
+            ready = socket.fd().readable() => ready.map_err(serve_error)?.retain_ready(),
         }
         // Batches until the socket has nothing more to read.
         loop {
-            let received = match round.receive(&socket, io) {
+            let received = match round.receive(socket.fd(), io) {
                 Ok(received) => received,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if unsupported(io, &e) => {
@@ -159,7 +163,7 @@ pub(crate) async fn serve_with(
                 }
             };
             let answers = round.answer(&handler, &mut views, received);
-            round.send(&socket, &mut io, answers, &shutdown).await?;
+            round.send(&mut socket, &mut io, answers, &shutdown).await?;
             tokio::task::consume_budget().await;
             if shutdown.is_cancelled() {
                 return Ok(());
@@ -198,18 +202,18 @@ impl Round {
 
     /// Reads the datagrams waiting, up to a batch, without waiting; `WouldBlock` when there
     /// are none.
-    fn receive(&mut self, socket: &UdpSocket, io: Io) -> io::Result<usize> {
+    fn receive(&mut self, socket: &AsyncFd<std::net::UdpSocket>, io: Io) -> io::Result<usize> {
         match io {
             // `try_io` clears the socket's readiness when the call would block, so that the
             // loop then waits for the next datagram.
             #[cfg(target_os = "linux")]
-            Io::Batched => socket.try_io(Interest::READABLE, || {
+            Io::Batched => socket.try_io(Interest::READABLE, |socket| {
                 batched::receive(socket, &mut self.queries, &mut self.received)
             }),
             Io::Single => {
                 let mut received = 0;
                 for (buf, slot) in self.queries.iter_mut().zip(&mut self.received) {
-                    match socket.try_io(Interest::READABLE, || single::receive(socket, buf)) {
+                    match socket.try_io(Interest::READABLE, |socket| single::receive(socket, buf)) {
                         Ok(datagram) => *slot = datagram,
                         Err(e) if received == 0 => return Err(e),
                         // An error after some datagrams ends the batch, as it does recvmmsg's.
@@ -257,26 +261,25 @@ impl Round {
     }
 
     /// Sends the first `count` answers, waiting for room only when the socket's buffer is
-    /// full. An answer that cannot be sent is logged and skipped. Returns early, with answers
-    /// unsent, when `shutdown` fires while it waits.
+    /// full (registered for writability only while it waits). An answer that cannot be sent
+    /// is logged and skipped. Returns early, with answers unsent, when `shutdown` fires while
+    /// it waits.
     async fn send(
         &self,
-        socket: &UdpSocket,
+        socket: &mut Registered,
         io: &mut Io,
         count: usize,
         shutdown: &CancellationToken,
     ) -> Result<(), DnsError> {
+        let serve_error = |e: io::Error| DnsError::Serve(e.to_string());
         let mut next = 0;
         while next < count {
             let (answers, dsts) = (&self.answers[next..count], &self.dsts[next..count]);
+            // Straight calls: the registration has no writability to gate them on.
             let tried = match *io {
                 #[cfg(target_os = "linux")]
-                Io::Batched => {
-                    socket.try_io(Interest::WRITABLE, || batched::send(socket, answers, dsts))
-                }
-                Io::Single => socket.try_io(Interest::WRITABLE, || {
-                    single::send(socket, &answers[0], dsts[0]).map(|_| 1)
-                }),
+                Io::Batched => batched::send(socket.fd().get_ref(), answers, dsts),
+                Io::Single => single::send(socket.fd().get_ref(), &answers[0], dsts[0]).map(|_| 1),
             };
             if let Err(error) = &tried {
                 if unsupported(*io, error) {
@@ -290,15 +293,76 @@ impl Round {
             }
             match advance(next, &tried) {
                 Some(after) => next = after,
-                None => tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => return Ok(()),
-                    ready = socket.writable() => ready.map_err(|e| DnsError::Serve(e.to_string()))?,
-                },
+                None => {
+                    socket.set_writable(true).map_err(serve_error)?;
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return Ok(()),
+                        // Cleared before the next try, so that a try that finds no room
+                        // again waits for the next time room is made.
+                        ready = socket.fd().writable() => ready.map_err(serve_error)?.clear_ready(),
+                    }
+                }
             }
         }
+        socket.set_writable(false).map_err(serve_error)
+    }
+}
+
+/// The socket's registration with the runtime: for readability, and for writability only
+/// while an answer waits for room. Registered for both, a UDP socket is woken each time the
+/// kernel frees the buffer of an answer sent (an `EPOLLOUT` edge): at 20,000 queries a second
+/// that was a second `epoll_wait` for every one that brought a query (`docs/benchmarks.md`).
+struct Registered {
+    /// Always `Some` between calls; empty only inside [`Self::set_writable`], or after it
+    /// failed (and the loop ended with its error).
+    fd: Option<AsyncFd<std::net::UdpSocket>>,
+    writable: bool,
+}
+
+impl Registered {
+    fn new(socket: std::net::UdpSocket) -> io::Result<Registered> {
+        Ok(Registered {
+            fd: Some(register(socket, Interest::READABLE)?),
+            writable: false,
+        })
+    }
+
+    fn fd(&self) -> &AsyncFd<std::net::UdpSocket> {
+        self.fd.as_ref().expect("the dns socket is registered")
+    }
+
+    /// Registers the socket again, for writability too (`true`) or for readability only,
+    /// unless it is registered so already. Readiness is found anew: the kernel reports what
+    /// is ready when a descriptor is added, so a datagram waiting is not missed.
+    fn set_writable(&mut self, writable: bool) -> io::Result<()> {
+        if self.writable == writable {
+            return Ok(());
+        }
+        let socket = self
+            .fd
+            .take()
+            .expect("the dns socket is registered")
+            .into_inner();
+        let interest = if writable {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        self.fd = Some(register(socket, interest)?);
+        self.writable = writable;
         Ok(())
     }
+}
+
+#[allow(unsafe_code)]
+fn register(
+    socket: std::net::UdpSocket,
+    interest: Interest,
+) -> io::Result<AsyncFd<std::net::UdpSocket>> {
+    // SAFETY: the `AsyncFd` owns the socket, so its descriptor stays open and the same until
+    // the `AsyncFd` is dropped or hands the socket back (`into_inner`).
+    unsafe { AsyncFd::register_with_interest(socket, interest) }.map_err(|e| e.into_parts().1)
 }
 
 /// Where sending a batch's answers goes on after an attempt that started at answer `next`
@@ -334,13 +398,15 @@ mod single {
     use std::net::SocketAddr;
 
     use rustix::net::{RecvFlags, SendFlags, recvfrom, sendto};
-    use tokio::net::UdpSocket;
 
     use super::UNANSWERABLE;
 
     /// One datagram into `buf` (cut to its length), with its source; `WouldBlock` when none
     /// is waiting (the socket does not block).
-    pub(super) fn receive(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+    pub(super) fn receive(
+        socket: &std::net::UdpSocket,
+        buf: &mut [u8],
+    ) -> io::Result<(usize, SocketAddr)> {
         let (len, _, src) = recvfrom(socket, buf, RecvFlags::empty())?;
         let src = src
             .and_then(|a| SocketAddr::try_from(a).ok())
@@ -349,7 +415,11 @@ mod single {
     }
 
     /// Sends `answer` to `dst`; `WouldBlock` when the socket's buffer is full.
-    pub(super) fn send(socket: &UdpSocket, answer: &[u8], dst: SocketAddr) -> io::Result<usize> {
+    pub(super) fn send(
+        socket: &std::net::UdpSocket,
+        answer: &[u8],
+        dst: SocketAddr,
+    ) -> io::Result<usize> {
         Ok(sendto(socket, answer, SendFlags::empty(), &dst)?)
     }
 }
@@ -364,7 +434,6 @@ mod batched {
 
     use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
     use rustix::net::{MMsgHdr, SendAncillaryBuffer, SendFlags, SocketAddrAny, sendmmsg};
-    use tokio::net::UdpSocket;
 
     use super::{BATCH, RECEIVE_BUFFER, UNANSWERABLE};
 
@@ -382,7 +451,7 @@ mod batched {
     /// One `recvmmsg` without waiting: the datagrams go to `queries` in order, their lengths
     /// and sources to `received`; returns how many there are.
     pub(super) fn receive(
-        socket: &UdpSocket,
+        socket: &std::net::UdpSocket,
         queries: &mut [[u8; RECEIVE_BUFFER]; BATCH],
         received: &mut [(usize, SocketAddr); BATCH],
     ) -> io::Result<usize> {
@@ -417,7 +486,7 @@ mod batched {
     /// are built for this batch's answers only: a batch is usually a few datagrams, and
     /// headers for all [`BATCH`] (each with a 128-byte address) cost more than the call.
     pub(super) fn send(
-        socket: &UdpSocket,
+        socket: &std::net::UdpSocket,
         answers: &[Vec<u8>],
         dsts: &[SocketAddr],
     ) -> io::Result<usize> {

@@ -1,6 +1,7 @@
 //! The loop's batching on real sockets: bursts from several clients that fill batches with
 //! every kind of datagram, each answered (or not) exactly as the general path says and sent to
-//! its own source; shutdown under a flood; and the rule for going on after a failed send.
+//! its own source; shutdown under a flood; the rule for going on after a failed send; and the
+//! socket's registration, for writability only while an answer waits for room.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -13,7 +14,7 @@ use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{ALL_IO, Io, advance, general_answer, serve_with};
+use super::{ALL_IO, Io, Registered, advance, general_answer, serve_with};
 use crate::config::DnsConfig;
 use crate::fast::tests::Q;
 use crate::server::Handler;
@@ -212,6 +213,52 @@ fn sending_goes_on_past_what_left_and_past_a_failed_answer() {
     for (next, tried, want) in cases {
         assert_eq!(advance(next, &tried), want, "from {next} after {tried:?}");
     }
+}
+
+/// Whether `socket` is ready to write, as the runtime knows it after a turn of its driver.
+async fn known_writable(socket: &Registered) -> bool {
+    tokio::task::yield_now().await;
+    tokio::select! {
+        biased;
+        ready = socket.fd().writable() => {
+            ready.unwrap().retain_ready();
+            true
+        }
+        () = std::future::ready(()) => false,
+    }
+}
+
+#[tokio::test]
+async fn the_socket_is_registered_for_writability_only_while_an_answer_waits() {
+    let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let mut socket = Registered::new(server.into_std().unwrap()).unwrap();
+    // An idle socket has room, but a registration for reading only never says so: answers
+    // sent wake nothing.
+    assert!(!known_writable(&socket).await);
+    socket.set_writable(true).unwrap();
+    socket.fd().writable().await.unwrap().retain_ready();
+    assert!(known_writable(&socket).await);
+
+    // A datagram that arrives while registered for both, and is still waiting when the
+    // socket goes back to reading only, is found by the new registration.
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.send_to(b"query", addr).await.unwrap();
+    socket.set_writable(false).unwrap();
+    assert!(!known_writable(&socket).await);
+    let mut guard = socket.fd().readable().await.unwrap();
+    let mut buf = [0u8; 16];
+    let (len, from) = guard
+        .try_io(|s| s.get_ref().recv_from(&mut buf))
+        .expect("readable")
+        .unwrap();
+    assert_eq!(
+        (&buf[..len], from),
+        (&b"query"[..], client.local_addr().unwrap())
+    );
+    // Asking for what it has already changes nothing.
+    socket.set_writable(false).unwrap();
+    assert!(!known_writable(&socket).await);
 }
 
 #[test]
