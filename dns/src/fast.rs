@@ -48,27 +48,27 @@ fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
-/// Each byte's lowercase form where the fast path accepts it in a label, 0 where it does not.
-/// It accepts what backend ids, the zone and ACME names are made of; anything else (dots or
-/// zero bytes inside a label, non-ASCII) takes the general path.
-const LABEL_BYTE: [u8; 256] = {
-    let mut table = [0u8; 256];
-    let mut b = 0;
-    while b < 256 {
-        let c = b as u8;
-        if c.is_ascii_alphanumeric() || c == b'-' || c == b'_' {
-            table[b] = c.to_ascii_lowercase();
-        }
-        b += 1;
-    }
-    table
-};
+/// Label bytes the fast path accepts: what backend ids, the zone and ACME names are made of.
+/// Anything else (dots or zero bytes inside a label, non-ASCII) takes the general path.
+fn plain_label_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
 
-/// The zone's route table and TXT records as the fast path reads them, one per UDP loop:
-/// each an `Arc` taken again only when the zone has published a new one since the last
-/// query. Checking costs one pointer load, where an `ArcSwap` load per query costs two
-/// interlocked operations (and its guard's release two more).
+/// `src` in ASCII lowercase, in the start of `buf` (at least as long).
+fn lowercase<'b>(buf: &'b mut [u8], src: &[u8]) -> &'b [u8] {
+    let out = &mut buf[..src.len()];
+    for (l, &b) in out.iter_mut().zip(src) {
+        *l = b.to_ascii_lowercase();
+    }
+    out
+}
+
+/// A zone as the fast path reads it, one per UDP loop: its route table and TXT records each
+/// an `Arc` taken again only when the zone has published a new one since the last query.
+/// Checking costs one pointer load, where an `ArcSwap` load per query costs two interlocked
+/// operations (and its guard's release two more).
 pub(crate) struct Views<'z> {
+    zone: &'z Zone,
     routes: Cache<&'z ArcSwap<RouteTable>, Arc<RouteTable>>,
     txt: Cache<&'z ArcSwap<TxtRecords>, Arc<TxtRecords>>,
 }
@@ -76,6 +76,7 @@ pub(crate) struct Views<'z> {
 impl<'z> Views<'z> {
     pub(crate) fn new(zone: &'z Zone) -> Views<'z> {
         Views {
+            zone,
             routes: Cache::new(&zone.routes),
             txt: Cache::new(&zone.txt),
         }
@@ -84,15 +85,14 @@ impl<'z> Views<'z> {
 
 /// Answers `query` into `out` (cleared first) when it is the common case; `None` leaves `out`
 /// unspecified and the query to the general path. `udp_payload` is the largest answer the
-/// server sends over UDP with EDNS (the general path clamps the client's size to it). `views`
-/// are `zone`'s.
+/// server sends over UDP with EDNS (the general path clamps the client's size to it).
 pub(crate) fn answer(
-    zone: &Zone,
     views: &mut Views<'_>,
     query: &[u8],
     udp_payload: u16,
     out: &mut Vec<u8>,
 ) -> Option<Answered> {
+    let zone = views.zone;
     if query.len() < HEADER + 5 {
         return None;
     }
@@ -123,7 +123,7 @@ pub(crate) fn answer(
             break;
         }
         let label = query.get(at + 1..end)?;
-        if label.iter().any(|&b| LABEL_BYTE[usize::from(b)] == 0) {
+        if !label.iter().all(|&b| plain_label_byte(b)) {
             return None;
         }
         at = end;
@@ -169,14 +169,8 @@ pub(crate) fn answer(
         return None;
     }
     let txt = views.txt.load();
-    if txt.is_related() {
-        let mut lower = [0u8; MAX_NAME];
-        for (l, &b) in lower.iter_mut().zip(name) {
-            *l = b.to_ascii_lowercase();
-        }
-        if txt.relates_to(&lower[..name.len()]) {
-            return None;
-        }
+    if txt.is_related() && txt.relates_to(lowercase(&mut [0; MAX_NAME], name)) {
+        return None;
     }
     // The rest of `Zone::lookup` for names no TXT record touches: the apex, `ns`, a live
     // backend, or nothing.
@@ -186,12 +180,9 @@ pub(crate) fn answer(
         (true, &zone.proxy_v4[..], &zone.proxy_v6[..])
     } else if at_origin == 1 + usize::from(name[0]) {
         // One label below the origin.
-        let mut lower = [0u8; 63];
-        let label = &mut lower[..usize::from(name[0])];
-        for (l, &b) in label.iter_mut().zip(&name[1..at_origin]) {
-            *l = LABEL_BYTE[usize::from(b)];
-        }
-        if *label == *crate::NS_LABEL.as_bytes() {
+        let mut lower = [0; 63];
+        let label = lowercase(&mut lower, &name[1..at_origin]);
+        if label == crate::NS_LABEL.as_bytes() {
             (true, &zone.ns_v4[..], &zone.ns_v6[..])
         } else if std::str::from_utf8(label).is_ok_and(|l| routes.is_live(l)) {
             (true, &zone.proxy_v4[..], &zone.proxy_v6[..])

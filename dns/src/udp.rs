@@ -135,7 +135,6 @@ pub(crate) async fn serve_with(
     shutdown: CancellationToken,
     mut io: Io,
 ) -> Result<(), DnsError> {
-    let serve_error = |e: io::Error| DnsError::Serve(e.to_string());
     let mut socket =
         Registered::new(socket.into_std().map_err(serve_error)?).map_err(serve_error)?;
     let mut round = Round::new();
@@ -156,7 +155,7 @@ pub(crate) async fn serve_with(
                     io = Io::Single;
                     continue;
                 }
-                Err(e) if unrecoverable(&e) => return Err(DnsError::Serve(e.to_string())),
+                Err(e) if unrecoverable(&e) => return Err(serve_error(e)),
                 Err(error) => {
                     tracing::warn!(%error, "error receiving a dns query on udp");
                     0
@@ -242,7 +241,7 @@ impl Round {
             }
             let query = &buf[..len];
             let out = &mut self.answers[answers];
-            match fast::answer(&handler.zone, views, query, EDNS_PAYLOAD, out) {
+            match fast::answer(views, query, EDNS_PAYLOAD, out) {
                 Some(answered) => self.counters.count(answered),
                 None => match general_answer(handler, query, src) {
                     // Copied, so that the buffer keeps its room for the fast path.
@@ -271,7 +270,6 @@ impl Round {
         count: usize,
         shutdown: &CancellationToken,
     ) -> Result<(), DnsError> {
-        let serve_error = |e: io::Error| DnsError::Serve(e.to_string());
         let mut next = 0;
         while next < count {
             let (answers, dsts) = (&self.answers[next..count], &self.dsts[next..count]);
@@ -363,6 +361,11 @@ fn register(
     // SAFETY: the `AsyncFd` owns the socket, so its descriptor stays open and the same until
     // the `AsyncFd` is dropped or hands the socket back (`into_inner`).
     unsafe { AsyncFd::register_with_interest(socket, interest) }.map_err(|e| e.into_parts().1)
+}
+
+/// The loop's end on a socket error it cannot go on after.
+fn serve_error(e: io::Error) -> DnsError {
+    DnsError::Serve(e.to_string())
 }
 
 /// Where sending a batch's answers goes on after an attempt that started at answer `next`

@@ -58,7 +58,7 @@ impl TxtRecords {
 
     /// Whether the answer for `name` (lowercase wire form) depends on the TXT records.
     pub(crate) fn relates_to(&self, name: &[u8]) -> bool {
-        self.is_related() && self.related_wire.contains(name)
+        self.related_wire.contains(name)
     }
 }
 

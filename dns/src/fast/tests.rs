@@ -382,7 +382,7 @@ fn fast_path_matches_the_general_path() {
     let mut out = Vec::new();
     for (what, query, fast) in cases() {
         let general = udp::general_answer(&handler, &query, src());
-        let answered = super::answer(&zone, &mut views, &query, EDNS_PAYLOAD, &mut out);
+        let answered = super::answer(&mut views, &query, EDNS_PAYLOAD, &mut out);
         assert_eq!(answered.is_some(), fast, "{what}: fast path taken");
         if answered.is_some() {
             let general = general.unwrap_or_else(|| panic!("{what}: the general path is silent"));
@@ -410,7 +410,6 @@ fn answers_that_need_truncation_take_the_general_path() {
     let plain = Q::new("bready.hangar.localhost", A).bytes();
     assert_eq!(
         super::answer(
-            &zone,
             &mut super::Views::new(&zone),
             &plain,
             EDNS_PAYLOAD,
@@ -425,14 +424,8 @@ fn answers_that_need_truncation_take_the_general_path() {
     let edns = Q::new("bready.hangar.localhost", A)
         .edns(1232, 0, 0, 0, &[])
         .bytes();
-    let answered = super::answer(
-        &zone,
-        &mut super::Views::new(&zone),
-        &edns,
-        EDNS_PAYLOAD,
-        &mut out,
-    )
-    .unwrap();
+    let answered =
+        super::answer(&mut super::Views::new(&zone), &edns, EDNS_PAYLOAD, &mut out).unwrap();
     assert_eq!(answered.rcode, ResponseCode::NoError);
     assert_eq!(
         out,
@@ -457,7 +450,7 @@ fn random_variations_match_the_general_path() {
         let mut query = seeds[rng.random_range(0..seeds.len())].clone();
         let at = rng.random_range(0..query.len());
         query[at] = rng.random();
-        if super::answer(&zone, &mut views, &query, EDNS_PAYLOAD, &mut out).is_some() {
+        if super::answer(&mut views, &query, EDNS_PAYLOAD, &mut out).is_some() {
             fast += 1;
             let general = udp::general_answer(&handler, &query, src());
             assert_eq!(Some(&out), general.as_ref(), "query {query:02x?}");
@@ -487,7 +480,7 @@ fn the_origin_is_found_only_at_a_label_boundary() {
     let mut out = Vec::new();
     let outside = Q::new(&format!("a0{label}.test"), A).bytes();
     assert_eq!(
-        super::answer(zone, &mut views, &outside, EDNS_PAYLOAD, &mut out),
+        super::answer(&mut views, &outside, EDNS_PAYLOAD, &mut out),
         None
     );
     let general = Message::from_vec(&udp::general_answer(&handler, &outside, src()).unwrap());
@@ -503,7 +496,7 @@ fn the_origin_is_found_only_at_a_label_boundary() {
         (format!("a.b.{origin}"), ResponseCode::NXDomain),
     ] {
         let query = Q::new(&name, A).bytes();
-        let answered = super::answer(zone, &mut views, &query, EDNS_PAYLOAD, &mut out);
+        let answered = super::answer(&mut views, &query, EDNS_PAYLOAD, &mut out);
         assert_eq!(answered.map(|a| a.rcode), Some(rcode), "{name}");
         assert_eq!(
             Some(&out),
@@ -521,7 +514,7 @@ fn views_follow_what_the_zone_publishes() {
     let mut out = Vec::new();
     let rcode = |views: &mut super::Views<'_>, out: &mut Vec<u8>, name: &str| {
         let query = Q::new(name, A).bytes();
-        super::answer(&zone, views, &query, EDNS_PAYLOAD, out).map(|a| a.rcode)
+        super::answer(views, &query, EDNS_PAYLOAD, out).map(|a| a.rcode)
     };
     assert_eq!(
         rcode(&mut views, &mut out, "bnew.hangar.localhost"),
